@@ -1,0 +1,220 @@
+"""Fused per-token log-probs from logits, in Triton: never materializes the vocabulary softmax.
+
+Forward (one read of every row that has a label): online max / sum-exp in fp32 and the target
+logit, giving per row `stats = (m, l, t)` in base-2 units of x/T: the row max, log2 of the
+sum of 2^(x - m), and the target. `log-prob = ((t − m) − l)·ln 2`: `t − m` is exact when the
+target is (near) the max, so a confident row keeps its precision; `l ≥ 0` makes log-prob ≤ 0.
+Backward (one read + one write): `dlogits = coef · (onehot(label) − 2^((x − m) − l))`, `coef =
+upstream grad / T`; rows that are ignored or have a zero upstream grad (prompt tokens, masked
+positions) are zero-filled without being read.
+
+With a vocab-parallel shard the same kernels run on the local columns `[vocab_start, vocab_start +
+V_local)`; `spin_kernels.parallel` combines the per-rank stats with one collective, and the
+backward needs no communication because the combined (m, l) are global.
+
+Layers: kernels -> launchers -> torch.library custom ops (so torch.compile traces callers).
+The autograd wiring that picks this backend or the torch one lives in `spin_kernels.loss`.
+"""
+import torch
+import triton
+import triton.language as tl
+
+@triton.jit
+def _logprob_stats_kernel(
+    # pointers
+    logits_ptr,  # [B, T, V_local], any strides
+    labels_ptr,  # [N] int32/int64, N = B * T
+    stats_ptr,  # [3, N] fp32 out: max, log-sum, target (base 2)
+    # sizes
+    N,
+    T,
+    V_local,
+    vocab_start,
+    vocab_total,
+    ignore_index,
+    # strides
+    stride_b,
+    stride_t,
+    stride_v,
+    # scalars
+    inv_temperature,  # fp32 runtime argument: a new T never recompiles
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    if label == ignore_index:
+        tl.store(stats_ptr + row, 0.0)
+        tl.store(stats_ptr + N + row, 0.0)
+        tl.store(stats_ptr + 2 * N + row, 0.0)
+    else:
+        # int64 row offset: N * V passes 2**31 at N = 16,744 for V = 128256.
+        row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+        # Base 2: each element costs one multiply and one ex2.
+        scale = inv_temperature * 1.4426950408889634
+        m = float("-inf")
+        s = 0.0
+        for start in range(0, V_local, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(row_ptr + cols * stride_v, mask=cols < V_local, other=float("-inf"))
+            x = x.to(tl.float32) * scale
+            m_new = tl.maximum(m, tl.max(x, 0))
+            s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(x - m_new), 0)
+            m = m_new
+        # The target is converted exactly as the loop's elements were, so t ≤ m holds exactly.
+        # The masked load keeps a label outside this shard (or the vocabulary) in bounds.
+        local = label - vocab_start
+        in_shard = (local >= 0) & (local < V_local)
+        x_t = tl.load(row_ptr + local * stride_v, mask=in_shard, other=0.0)
+        t = tl.where(in_shard, x_t.to(tl.float32) * scale, 0.0)
+        # A label outside [0, vocab_total) poisons its log-prob instead of reading out of bounds.
+        t = tl.where((label < 0) | (label >= vocab_total), float("nan"), t)
+        tl.store(stats_ptr + row, m)
+        tl.store(stats_ptr + N + row, tl.log2(s))
+        tl.store(stats_ptr + 2 * N + row, t)
+
+
+@triton.jit
+def _logprob_grad_kernel(
+    # pointers
+    grad_ptr,  # [N] fp32, upstream grad of each log-prob
+    logits_ptr,  # [B, T, V_local], any strides
+    labels_ptr,  # [N]
+    stats_ptr,  # [3, N] fp32 from the forward (global under vocab parallelism)
+    dlogits_ptr,  # [B, T, V_local], any strides; may alias logits (inplace backward)
+    # sizes
+    N,
+    T,
+    V_local,
+    vocab_start,
+    ignore_index,
+    # strides
+    stride_b,
+    stride_t,
+    stride_v,
+    dstride_b,
+    dstride_t,
+    dstride_v,
+    # scalars
+    inv_temperature,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    coef = tl.load(grad_ptr + row).to(tl.float32) * inv_temperature
+    b = row // T
+    t = row % T
+    drow_ptr = dlogits_ptr + b * dstride_b + t * dstride_t
+    if (label == ignore_index) | (coef == 0.0):
+        # A masked row's gradient is exactly zero: write it without reading the logits.
+        for start in range(0, V_local, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
+            tl.store(drow_ptr + cols * dstride_v, zeros.to(dlogits_ptr.dtype.element_ty),
+                     mask=cols < V_local)
+    else:
+        row_ptr = logits_ptr + b * stride_b + t * stride_t
+        scale = inv_temperature * 1.4426950408889634
+        m = tl.load(stats_ptr + row)
+        log_sum = tl.load(stats_ptr + N + row)
+        local = label - vocab_start
+        for start in range(0, V_local, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(row_ptr + cols * stride_v, mask=cols < V_local, other=0.0)
+            # (x − m) first: exact near the max, so 1 − p keeps fp32 precision as p → 1.
+            p = tl.exp2((x.to(tl.float32) * scale - m) - log_sum)
+            # The target's "1 −" is folded in fp32 before the single store: for a confident row
+            # (p → 1) a bf16 p followed by a subtraction would lose all of 1 − p.
+            g = (tl.where(cols == local, 1.0, 0.0) - p) * coef
+            tl.store(drow_ptr + cols * dstride_v, g.to(dlogits_ptr.dtype.element_ty),
+                     mask=cols < V_local)
+
+
+def _launch_config(v_local: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps), from a threshold table measured with benchmarks/bench_loss.py --sweep."""
+    if v_local <= 2048:
+        return triton.next_power_of_2(v_local), 4
+    if v_local <= 8192:
+        return triton.next_power_of_2(v_local), 8
+    return 8192, 16
+
+
+def _rows_layout(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """(T, stride_b, stride_t, stride_v) of a [B, T, V] tensor."""
+    return x.shape[1], x.stride(0), x.stride(1), x.stride(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers, registered as custom ops. `logits` is always a 3-D [B, T, V_local] view and `labels`
+# a contiguous [B * T] vector (spin_kernels.loss normalizes the caller's shapes).
+
+
+@torch.library.custom_op("spin_kernels::logprob_stats", mutates_args=())
+def logprob_stats(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                  inv_temperature: float, vocab_start: int, vocab_total: int) -> torch.Tensor:
+    n = labels.numel()
+    stats = torch.empty(3, n, dtype=torch.float32, device=logits.device)
+    if n == 0:
+        return stats
+    v_local = logits.shape[-1]
+    block_v, num_warps = _launch_config(v_local)
+    T, stride_b, stride_t, stride_v = _rows_layout(logits)
+    _logprob_stats_kernel[(n,)](
+        logits, labels, stats,
+        n, T, v_local, vocab_start, vocab_total, ignore_index,
+        stride_b, stride_t, stride_v,
+        inv_temperature,
+        BLOCK_V=block_v, num_warps=num_warps,
+    )
+    return stats
+
+
+@logprob_stats.register_fake
+def _(logits, labels, ignore_index, inv_temperature, vocab_start, vocab_total):
+    return logits.new_empty((3, labels.numel()), dtype=torch.float32)
+
+
+def _launch_grad(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                 stats: torch.Tensor, out: torch.Tensor, ignore_index: int,
+                 inv_temperature: float, vocab_start: int) -> None:
+    n = labels.numel()
+    if n == 0:
+        return
+    v_local = logits.shape[-1]
+    block_v, num_warps = _launch_config(v_local)
+    T, stride_b, stride_t, stride_v = _rows_layout(logits)
+    _, dstride_b, dstride_t, dstride_v = _rows_layout(out)
+    _logprob_grad_kernel[(n,)](
+        grad, logits, labels, stats, out,
+        n, T, v_local, vocab_start, ignore_index,
+        stride_b, stride_t, stride_v,
+        dstride_b, dstride_t, dstride_v,
+        inv_temperature,
+        BLOCK_V=block_v, num_warps=num_warps,
+    )
+
+
+@torch.library.custom_op("spin_kernels::logprob_grad", mutates_args=())
+def logprob_grad(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                 stats: torch.Tensor, ignore_index: int, inv_temperature: float,
+                 vocab_start: int) -> torch.Tensor:
+    out = torch.empty_like(logits)
+    _launch_grad(grad, logits, labels, stats, out, ignore_index, inv_temperature, vocab_start)
+    return out
+
+
+@logprob_grad.register_fake
+def _(grad, logits, labels, stats, ignore_index, inv_temperature, vocab_start):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("spin_kernels::logprob_grad_inplace", mutates_args=("logits",))
+def logprob_grad_inplace(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                         stats: torch.Tensor, ignore_index: int, inv_temperature: float,
+                         vocab_start: int) -> None:
+    # Each block of a row is read before the same block is written, and rows never overlap.
+    _launch_grad(grad, logits, labels, stats, logits, ignore_index, inv_temperature, vocab_start)
+
+
+@logprob_grad_inplace.register_fake
+def _(grad, logits, labels, stats, ignore_index, inv_temperature, vocab_start):
+    return None

@@ -1,0 +1,28 @@
+"""Vocab-parallel reductions: combine per-shard log-prob statistics over a process group.
+
+Each rank holds a contiguous vocab shard `[rank·V_local, (rank+1)·V_local)` and computes, per
+row, the max and log-sum of its columns and the target logit if the label falls in its shard (0
+otherwise). One all-gather of those three numbers per row gives every rank the global values; the
+backward then needs no communication, since `exp(x − lse_global)` is local.
+"""
+import torch
+import torch.distributed as dist
+
+
+def shard_bounds(v_local: int, group) -> tuple[int, int]:
+    """(first vocab id of this rank's shard, total vocab size); the whole vocab without a group."""
+    if group is None:
+        return 0, v_local
+    return dist.get_rank(group) * v_local, dist.get_world_size(group) * v_local
+
+
+def combine_shard_stats(stats: torch.Tensor, group) -> torch.Tensor:
+    """Global stats [3, N] (max, log2-sum, target; base 2) from every rank's local ones, in one
+    collective."""
+    world = dist.get_world_size(group)
+    gathered = stats.new_empty((world * 3, stats.shape[1]))  # ranks concatenated along dim 0
+    dist.all_gather_into_tensor(gathered, stats.contiguous(), group=group)
+    m, log_sum, t = gathered.view(world, 3, -1).unbind(1)  # each [world, N]
+    m_all = m.max(dim=0).values
+    log_sum_all = torch.log2(torch.exp2((m - m_all) + log_sum).sum(dim=0))
+    return torch.stack([m_all, log_sum_all, t.sum(dim=0)])

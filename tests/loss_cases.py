@@ -1,0 +1,81 @@
+"""Shared helpers for the loss tests: (device, backend) cases, input makers, error measures."""
+import os
+
+import pytest
+import torch
+
+from spin_kernels.reference import naive_token_logprobs
+
+IGNORE = -100
+
+
+def backend_cases():
+    """Every (device, backend) pair that can run here; CUDA pairs carry the `cuda` mark."""
+    cases = [pytest.param("cpu", "torch", id="cpu-torch")]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        cases.append(pytest.param("cpu", "triton", id="cpu-triton-interpreter"))
+    cuda = pytest.mark.cuda
+    cases += [pytest.param("cuda", "triton", id="cuda-triton", marks=cuda),
+              pytest.param("cuda", "torch", id="cuda-torch", marks=cuda)]
+    return cases
+
+
+# (dtype, tolerance of the forward log-probs vs float64 on the same rounded inputs). The kernels
+# convert every input to fp32 at once, so the forward is fp32-accurate whatever the input dtype.
+DTYPES = [
+    pytest.param(torch.float32, 2e-5, id="fp32"),
+    pytest.param(torch.bfloat16, 2e-5, id="bf16"),
+    pytest.param(torch.float16, 2e-5, id="fp16"),
+]
+
+
+def make_logits(rows_shape, vocab, dtype, device, *, scale=3.0, seed=0, pad_vocab=0):
+    """Random logits; with `pad_vocab`, a [..., :vocab] slice of a wider tensor (row stride != V)."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn(*rows_shape, vocab + pad_vocab, generator=g) * scale
+    return wide.to(device=device, dtype=dtype)[..., :vocab]
+
+
+def make_labels(rows_shape, vocab, device, *, ignored=0.3, seed=1, dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, rows_shape, generator=g)
+    labels[torch.rand(rows_shape, generator=g) < ignored] = IGNORE
+    return labels.to(device=device, dtype=dtype)
+
+
+def make_confident(logits, labels, margin=40.0):
+    """Put each target `margin` above its row's max: p_target -> 1 within fp32 rounding."""
+    out = logits.float().clone()
+    rows = out.reshape(-1, out.shape[-1])
+    flat = labels.reshape(-1)
+    active = flat != IGNORE
+    idx = torch.arange(flat.numel(), device=flat.device)[active]
+    rows[idx, flat[active].long()] = rows[active].max(-1).values + margin
+    return out.to(logits.dtype)
+
+
+def oracle_logprobs(logits, labels, temperature=1.0):
+    return naive_token_logprobs(logits.cpu(), labels.cpu(), ignore_index=IGNORE,
+                                temperature=temperature, dtype=torch.float64)
+
+
+def rel_err(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp(min=1e-300)).item()
+
+
+def torch_same_dtype_grad(logits, labels, upstream, temperature=1.0):
+    """Gradient a user gets today: eager fp32 log_softmax on these logits, grad in their dtype."""
+    x = logits.detach().clone().requires_grad_()
+    logp = naive_token_logprobs(x, labels, ignore_index=IGNORE, temperature=temperature,
+                                dtype=torch.float32)
+    (logp * upstream.float()).sum().backward()
+    return x.grad
+
+
+def oracle_grad(logits, labels, upstream, temperature=1.0):
+    x = logits.detach().cpu().double().requires_grad_()
+    logp = naive_token_logprobs(x, labels.cpu(), ignore_index=IGNORE, temperature=temperature,
+                                dtype=torch.float64)
+    (logp * upstream.cpu().double()).sum().backward()
+    return x.grad
