@@ -1,0 +1,255 @@
+"""spin_trainer.generation: batched generation equals Hugging Face generate(), stops and caps right,
+is reproducible from its seed, and rejects bad prompts by index."""
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+transformers = pytest.importorskip("transformers")
+
+from spin_trainer.generation import (  # noqa: E402
+    GenerationStats,
+    SamplingConfig,
+    choose_backend,
+    generate_responses,
+    sample_next_tokens,
+)
+
+VOCAB = 97
+PAD = 0
+
+
+def tiny_llama(seed: int = 0, *, kv_heads: int = 2, dtype=torch.float32, device="cpu"):
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        # A wide init spreads the logits, so greedy choices are not decided by rounding noise.
+        initializer_range=0.3,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+# Lengths 1..11, unsorted, so batches of 2 mix lengths (padding) and sorting reorders them.
+PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [10], [40, 41, 42, 43, 44], [3] * 11, [90, 12]]
+
+
+def hf_greedy(model, prompt, max_new_tokens, eos_token_id=None):
+    """The oracle: Hugging Face greedy decoding of one unpadded prompt."""
+    ids = torch.tensor([prompt], device=model.device)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=PAD,
+        eos_token_id=eos_token_id,
+    )
+    return out[0, len(prompt):].tolist()
+
+
+def generate(model, prompts, sampling, *, eos=-1, max_length=64, batch_size=2, backend="static", stats=None):
+    return generate_responses(
+        model, prompts, sampling, eos_token_id=eos, pad_token_id=PAD, max_length=max_length,
+        batch_size=batch_size, progress=False, backend=backend, stats=stats,
+    )
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(model):
+    return [hf_greedy(model, p, 12) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("backend", ["static", "hf"])
+@pytest.mark.parametrize("batch_size", [2, 64])
+def test_greedy_equals_hf_generate(model, greedy_reference, backend, batch_size):
+    stats = GenerationStats()
+    got = generate(model, PROMPTS, SamplingConfig(max_new_tokens=12, do_sample=False), batch_size=batch_size, backend=backend, stats=stats)
+    assert got == greedy_reference
+    assert stats.backend == backend
+    assert stats.new_tokens == 12 * len(PROMPTS)
+    assert stats.batches == -(-len(PROMPTS) // batch_size)
+
+
+def test_greedy_equals_hf_generate_multi_query_attention():
+    mqa = tiny_llama(seed=3, kv_heads=1)
+    expected = [hf_greedy(mqa, p, 7) for p in PROMPTS]
+    assert generate(mqa, PROMPTS, SamplingConfig(max_new_tokens=7, do_sample=False), batch_size=4) == expected
+
+
+@pytest.mark.parametrize("backend", ["static", "hf"])
+def test_eos_ends_each_response_and_is_included(model, greedy_reference, backend):
+    # Pick a token that greedy decoding produces in the middle of some response.
+    eos = greedy_reference[1][4]
+    got = generate(model, PROMPTS, SamplingConfig(max_new_tokens=12, do_sample=False), eos=eos, backend=backend)
+    for reference, response in zip(greedy_reference, got):
+        if eos in reference:
+            assert response == reference[: reference.index(eos) + 1]
+        else:
+            assert response == reference
+    assert got[1][-1] == eos and len(got[1]) <= 5
+    # The oracle agrees when told the same EOS.
+    assert got == [hf_greedy(model, p, 12, eos_token_id=eos) for p in PROMPTS]
+
+
+def test_pad_equal_to_eos_is_handled(model, greedy_reference):
+    eos = greedy_reference[0][2]
+    got = generate_responses(
+        model, PROMPTS, SamplingConfig(max_new_tokens=12, do_sample=False),
+        eos_token_id=eos, pad_token_id=eos, max_length=64, batch_size=3, progress=False, backend="static",
+    )
+    for reference, response in zip(greedy_reference, got):
+        assert response == (reference[: reference.index(eos) + 1] if eos in reference else reference)
+
+
+@pytest.mark.parametrize("backend", ["static", "hf"])
+def test_length_capped_by_context_left(model, greedy_reference, backend):
+    max_length = 16  # prompts of 11 and 9 tokens leave 5 and 7
+    got = generate(model, PROMPTS, SamplingConfig(max_new_tokens=12, do_sample=False), max_length=max_length, backend=backend)
+    for prompt, reference, response in zip(PROMPTS, greedy_reference, got):
+        cap = min(12, max_length - len(prompt))
+        assert len(response) == cap
+        assert response == reference[:cap]
+
+
+def test_max_new_tokens_caps_sampled_responses(model):
+    got = generate(model, PROMPTS, SamplingConfig(max_new_tokens=3, seed=1))
+    assert [len(r) for r in got] == [3] * len(PROMPTS)
+    assert all(0 <= t < VOCAB for r in got for t in r)
+
+
+def test_sampling_is_deterministic_for_a_seed(model):
+    sampling = SamplingConfig(max_new_tokens=20, temperature=1.3, top_p=0.95, seed=7)
+    first = generate(model, PROMPTS, sampling)
+    assert generate(model, PROMPTS, sampling) == first
+    # Other global RNG activity must not matter: the generator is our own.
+    torch.manual_seed(12345)
+    torch.rand(100)
+    assert generate(model, PROMPTS, sampling) == first
+    assert generate(model, PROMPTS, SamplingConfig(max_new_tokens=20, temperature=1.3, top_p=0.95, seed=8)) != first
+    # Both decoders consume the generator identically, so they draw the same tokens.
+    assert generate(model, PROMPTS, sampling, backend="hf") == first
+
+
+def test_top_k_one_equals_greedy(model, greedy_reference):
+    got = generate(model, PROMPTS, SamplingConfig(max_new_tokens=12, temperature=0.7, top_k=1, seed=3))
+    assert got == greedy_reference
+
+
+def test_sample_next_tokens_respects_top_k_top_p_and_frequencies():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = probs.log().expand(40000, 4).contiguous()
+    generator = torch.Generator().manual_seed(0)
+    counts = lambda tokens: torch.bincount(tokens, minlength=4).double() / tokens.numel()  # noqa: E731
+    # Full distribution: frequencies within 5 standard errors (≤ 0.0125) of the probabilities.
+    full = counts(sample_next_tokens(logits, SamplingConfig(max_new_tokens=1), generator))
+    assert torch.allclose(full, probs.double(), atol=0.0125)
+    # top_p=0.7 keeps {1, 3} (0.5 + 0.3 reaches 0.7), renormalised to 0.625 / 0.375.
+    nucleus = counts(sample_next_tokens(logits, SamplingConfig(max_new_tokens=1, top_p=0.7), generator))
+    assert nucleus[0] == 0 and nucleus[2] == 0
+    assert abs(nucleus[1] - 0.625) < 0.0125
+    # top_k=3 drops the least likely token only.
+    top3 = counts(sample_next_tokens(logits, SamplingConfig(max_new_tokens=1, top_k=3), generator))
+    assert top3[0] == 0 and abs(top3[2] - 0.15 / 0.95) < 0.0125
+    # A low temperature sharpens towards the mode.
+    cold = counts(sample_next_tokens(logits, SamplingConfig(max_new_tokens=1, temperature=0.25), generator))
+    assert cold[1] > 0.85
+
+
+def test_bad_prompts_are_named_by_index(model):
+    sampling = SamplingConfig(max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"prompts\[2\].*max_length=10"):
+        generate(model, [[1, 2], [3], list(range(1, 11))], sampling, max_length=10)
+    with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
+        generate(model, [[1], []], sampling)
+    with pytest.raises(ValueError, match=r"prompts\[0\].*vocabulary"):
+        generate(model, [[1, VOCAB]], sampling)
+    with pytest.raises(TypeError, match=r"prompts\[0\]"):
+        generate(model, [["a", "b"]], sampling)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        generate_responses(model, [[1]], sampling, eos_token_id=2, pad_token_id=VOCAB, max_length=8, progress=False)
+    with pytest.raises(ValueError, match="backend"):
+        generate(model, [[1]], sampling, backend="fast")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 4, "temperature": 0.0}, "temperature"),
+        ({"max_new_tokens": 4, "top_p": 0.0}, "top_p"),
+        ({"max_new_tokens": 4, "top_k": -1}, "top_k"),
+    ],
+)
+def test_bad_sampling_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**kwargs)
+
+
+def test_empty_prompt_list_and_training_mode_restored(model):
+    model.train()
+    try:
+        assert generate(model, [], SamplingConfig(max_new_tokens=2)) == []
+        generate(model, [[1, 2]], SamplingConfig(max_new_tokens=2))
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_backend_choice_on_cpu(model):
+    assert choose_backend(model, "auto", torch.device("cpu")) == ("hf", [])
+    backend, reasons = choose_backend(model, "cuda_graph", torch.device("cpu"))
+    assert backend == "static" and "CUDA" in reasons[0]
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
+    backend, reasons = choose_backend(gpt2, "static", torch.device("cpu"))
+    assert backend == "hf" and "gpt2" in reasons[0]
+
+
+def test_hf_backend_runs_another_architecture_without_warnings():
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, initializer_range=0.3)
+    ).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = generate(gpt2, PROMPTS[:3], SamplingConfig(max_new_tokens=5, do_sample=False), backend="hf")
+    expected = [
+        gpt2.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=5,
+                      do_sample=False, pad_token_id=PAD, eos_token_id=None)[0, len(p):].tolist()
+        for p in PROMPTS[:3]
+    ]
+    assert got == expected
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decoder_matches_eager_and_hf():
+    gpu = tiny_llama(dtype=torch.float32, device="cuda")
+    greedy = SamplingConfig(max_new_tokens=40, do_sample=False)
+    stats = GenerationStats()
+    graphed = generate(gpu, PROMPTS, greedy, batch_size=4, backend="cuda_graph", stats=stats)
+    assert stats.backend == "cuda_graph" and stats.captures >= 1, stats
+    assert graphed == generate(gpu, PROMPTS, greedy, batch_size=4, backend="static")
+    assert graphed == [hf_greedy(gpu, p, 40) for p in PROMPTS]
+    sampling = SamplingConfig(max_new_tokens=40, top_p=0.9, seed=5)
+    assert generate(gpu, PROMPTS, sampling, backend="cuda_graph") == generate(gpu, PROMPTS, sampling, backend="static")
+    bf16 = tiny_llama(dtype=torch.bfloat16, device="cuda")
+    stats = GenerationStats()
+    responses = generate_responses(bf16, PROMPTS, SamplingConfig(max_new_tokens=30, seed=1), eos_token_id=-1,
+                                   pad_token_id=PAD, max_length=64, progress=False, stats=stats)
+    assert stats.backend == "cuda_graph" and [len(r) for r in responses] == [30] * len(PROMPTS)
