@@ -53,15 +53,16 @@ def _check_logits_labels(logits, labels, ignore_index: int, process_group) -> No
                          f"{tuple(labels.shape)}")
     if labels.device != logits.device:
         raise ValueError(f"logits are on {logits.device} but labels on {labels.device}")
-    # On the host the check is free of a device sync; on a GPU an out-of-range label is not
-    # checked here (that would stall the stream) and yields a NaN log-prob instead.
-    if labels.device.type == "cpu" and labels.numel() > 0:
+    # On the host the check costs no device sync; on a GPU an out-of-range label is not checked
+    # here (that would stall the stream) and yields a NaN log-prob instead. A compiled graph
+    # cannot branch on values, so it gets the NaN too.
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         _, vocab_total = shard_bounds(logits.shape[-1], process_group)
-        active = labels[labels != ignore_index]
-        if active.numel() and (int(active.min()) < 0 or int(active.max()) >= vocab_total):
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_total))
+        if bad.any():
             raise ValueError(f"labels must lie in [0, {vocab_total}) or equal ignore_index="
-                             f"{ignore_index}; found values in [{int(active.min())}, "
-                             f"{int(active.max())}]")
+                             f"{ignore_index}; found {labels[bad][:5].tolist()} at "
+                             f"{bad.nonzero()[:5].tolist()}")
 
 
 def _check_temperature(temperature) -> None:

@@ -1,0 +1,69 @@
+"""Every bad input of DESIGN.md gets an error that names what is wrong."""
+import pytest
+import torch
+
+from spin_kernels import sequence_logprobs, spin_loss, spin_loss_from_logps, token_logprobs
+
+V = 50
+
+
+def _ok():
+    return torch.randn(4, 6, V), torch.randint(0, V, (4, 6)), torch.randn(4)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x, y, r: token_logprobs(x, y[:, :5]), ValueError, r"labels must have the shape.*\(4, 6\)"),
+    (lambda x, y, r: token_logprobs(x, y.float()), TypeError, "labels must be an integer tensor"),
+    (lambda x, y, r: token_logprobs(x.long(), y), TypeError, "logits must be float32, bfloat16"),
+    (lambda x, y, r: token_logprobs(x, y.masked_fill(y == y[0, 0], V)), ValueError,
+     r"labels must lie in \[0, 50\)"),
+    (lambda x, y, r: token_logprobs(x, y.masked_fill(y == y[0, 0], -3)), ValueError,
+     "or equal ignore_index=-100"),
+    (lambda x, y, r: token_logprobs(x, y, temperature=0.0), ValueError, "temperature must be"),
+    (lambda x, y, r: token_logprobs(x, y, backend="cuda"), ValueError, "backend must be one of"),
+    (lambda x, y, r: token_logprobs(x[..., :0], y), ValueError, "V > 0"),
+    (lambda x, y, r: spin_loss(x[:3], y[:3], r[:3]), ValueError, "even, nonzero number of rows"),
+    (lambda x, y, r: spin_loss(x[0], y[0], r), ValueError, r"logits must be \[2B, T, V\]"),
+    (lambda x, y, r: spin_loss(x, y, r[:2]), ValueError, r"ref_logps must be \[4\] or \[4, 6\]"),
+    (lambda x, y, r: spin_loss(x, y, r, loss_type="ipo"), ValueError, "loss_type must be one of"),
+    (lambda x, y, r: spin_loss(x, y, r, beta=-1.0), ValueError, "beta must be"),
+    (lambda x, y, r: spin_loss(x, y, r, loss_mask=torch.ones(4, 5)), ValueError,
+     r"loss_mask must have the shape of labels \(4, 6\)"),
+    (lambda x, y, r: sequence_logprobs(x[0], y[0]), ValueError, r"logits must be \[S, T, V\]"),
+    (lambda x, y, r: spin_loss_from_logps(r[:3], r[:3]), ValueError, r"policy_logps must be \[2B\]"),
+    (lambda x, y, r: spin_loss_from_logps(r, r[:2]), ValueError, "ref_logps must match"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_input(call, error, match):
+    logits, labels, ref = _ok()
+    with pytest.raises(error, match=match):
+        call(logits, labels, ref)
+
+
+def test_ignore_index_is_allowed():
+    logits, labels, ref = _ok()
+    labels[0, :3] = -100
+    assert torch.isfinite(token_logprobs(logits, labels)).all()
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    logits, labels, _ = _ok()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        token_logprobs(logits, labels, backend="triton")
+
+
+def test_inplace_needs_a_viewable_layout():
+    logits = torch.randn(2, 3, 4, V).transpose(0, 1)  # 4-D, leading dims not viewable as one
+    labels = torch.randint(0, V, (3, 2, 4))
+    with pytest.raises(ValueError, match="inplace_backward=True needs logits"):
+        token_logprobs(logits.requires_grad_(), labels, inplace_backward=True)
+
+
+@pytest.mark.cuda
+def test_out_of_range_label_on_gpu_gives_nan_not_a_number():
+    # On the GPU the range check would need a host sync; the kernel poisons the row instead.
+    logits = torch.randn(2, 5, V, device="cuda")
+    labels = torch.randint(0, V, (2, 5), device="cuda")
+    labels[1, 2] = V + 7
+    out = token_logprobs(logits, labels)
+    assert torch.isnan(out[1, 2]) and torch.isfinite(out[0]).all()
