@@ -1,0 +1,91 @@
+"""Settings of a SPIN run (filled from the command line by python/train.py) and their validation.
+
+Error messages name the command-line option, since that is what the user typed.
+"""
+from dataclasses import dataclass
+
+REFERENCE_MODES = ("precompute", "swap", "resident")
+GENERATE_EVERY = ("iteration", "epoch")
+LOSS_TYPES = ("sigmoid", "hinge")
+
+
+def per_iteration(values, iterations, option):
+    """One value for every iteration: a single value is repeated; otherwise exactly `iterations`."""
+    values = [float(v) for v in values]
+    if len(values) == 1:
+        return values * iterations
+    if len(values) != iterations:
+        raise ValueError(f"{option}: give one value or one per iteration ({iterations}), got {len(values)}")
+    return values
+
+
+@dataclass
+class SpinConfig:
+    iterations: int = 2
+    epochs: int = 1
+    betas: tuple = (0.1,)
+    lrs: tuple = (5e-7,)
+    loss_type: str = "sigmoid"
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    generate_every: str = "iteration"
+    mix_previous: float = 0.0
+    reference: str = "precompute"
+    max_new_tokens: int = 128
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    gen_batch_size: int = 64
+    offload_optimizer: bool = False
+    max_length: int = 1024
+    seed: int = 0
+    save_every: int = 0
+    keep: int = 2
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.iterations < 1:
+            raise ValueError(f"--iterations must be >= 1, got {self.iterations}")
+        self.betas = per_iteration(self.betas, self.iterations, "--beta")
+        self.lrs = per_iteration(self.lrs, self.iterations, "--lr")
+
+    def mixed_pairs(self, num_examples):
+        return int(round(self.mix_previous * num_examples))
+
+    def pairs_in_iteration(self, iteration, num_examples):
+        return num_examples + (self.mixed_pairs(num_examples) if iteration > 0 else 0)
+
+    def validate(self, num_examples, ctx):
+        checks = [
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.micro_batch_size >= 1, f"--micro-batch-size must be >= 1, got {self.micro_batch_size}"),
+            (self.global_batch_size >= 1, f"--global-batch-size must be >= 1, got {self.global_batch_size}"),
+            (self.global_batch_size % (self.micro_batch_size * ctx.dp_size) == 0,
+             f"--global-batch-size {self.global_batch_size} must be a multiple of --micro-batch-size "
+             f"{self.micro_batch_size} x data-parallel size {ctx.dp_size}"),
+            (num_examples >= self.global_batch_size,
+             f"--global-batch-size {self.global_batch_size} is larger than the {num_examples} training prompts"),
+            (all(b > 0 for b in self.betas), f"--beta must be > 0, got {self.betas}"),
+            (all(lr >= 0 for lr in self.lrs), f"--lr must be >= 0, got {self.lrs}"),
+            (self.loss_type in LOSS_TYPES, f"--loss-type must be one of {LOSS_TYPES}, got {self.loss_type!r}"),
+            (self.reference in REFERENCE_MODES,
+             f"--reference must be one of {REFERENCE_MODES}, got {self.reference!r}"),
+            (self.generate_every in GENERATE_EVERY,
+             f"--generate-every must be one of {GENERATE_EVERY}, got {self.generate_every!r}"),
+            (0.0 <= self.mix_previous <= 1.0, f"--mix-previous must be in [0, 1], got {self.mix_previous}"),
+            (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}"),
+            (self.gen_batch_size >= 1, f"--gen-batch-size must be >= 1, got {self.gen_batch_size}"),
+            (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
+            (self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}"),
+            (self.keep >= 1, f"--keep must be >= 1, got {self.keep}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)

@@ -1,0 +1,101 @@
+"""Metrics: one JSON object per line (metrics.jsonl), the per-iteration table, curves.png.
+
+Records carry `kind` ("train" per optimizer step, "eval" per evaluation point) and `run` (e.g.
+"spin" or "sft"), so several runs of one demo share a file. Only rank 0 writes.
+"""
+import json
+import os
+
+TABLE_COLUMNS = (
+    ("iteration", "iter", "{:d}"), ("step", "step", "{:d}"), ("exact_match", "exact-match", "{:.3f}"),
+    ("val_sft_loss", "SFT val loss", "{:.4f}"), ("spin_acc", "SPIN acc", "{:.3f}"),
+    ("val_spin_acc", "val SPIN acc", "{:.3f}"), ("rewards_actual", "reward actual", "{:+.4f}"),
+    ("rewards_generated", "reward gen", "{:+.4f}"), ("gen_length", "gen length", "{:.2f}"),
+)
+
+
+class MetricsLog:
+    """Appends records to `path`; on resume, drops records past the checkpoint's step first."""
+
+    def __init__(self, path, enabled=True):
+        self.path = path
+        self.enabled = enabled
+        if enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(self, record):
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def truncate_after(self, run, step):
+        """Removes `run`'s records with step > `step` (written after the checkpoint we resume from)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        kept = [r for r in read_records(self.path) if r.get("run") != run or r.get("step", 0) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in kept:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)
+
+
+def read_records(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def format_table(rows, title):
+    """Plain-text table of eval rows (dicts); missing values print as '-'."""
+    header = [label for _, label, _ in TABLE_COLUMNS]
+    body = []
+    for row in rows:
+        cells = []
+        for key, _, fmt in TABLE_COLUMNS:
+            value = row.get(key)
+            cells.append("-" if value is None else fmt.format(value))
+        body.append(cells)
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    line = "  ".join(h.rjust(w) for h, w in zip(header, widths))
+    out = [title, line, "-" * len(line)]
+    out += ["  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in body]
+    return "\n".join(out)
+
+
+def eval_rows(records, run):
+    return [r for r in records if r.get("kind") == "eval" and r.get("run") == run]
+
+
+def plot_curves(records, path, runs):
+    """curves.png: held-out exact match and SFT validation loss per run, SPIN loss and acc per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    panels = ((axes[0][0], "eval", "exact_match", "held-out exact match"),
+              (axes[0][1], "eval", "val_sft_loss", "SFT validation loss"),
+              (axes[1][0], "train", "loss", "training loss"),
+              (axes[1][1], "train", "acc", "SPIN acc (actual preferred)"))
+    for ax, kind, key, title in panels:
+        for run in runs:
+            points = [(r["step"], r[key]) for r in records
+                      if r.get("kind") == kind and r.get("run") == run and r.get(key) is not None]
+            if kind == "train" and key == "loss":
+                points = [(r["step"], r.get("loss", r.get("sft_loss"))) for r in records
+                          if r.get("kind") == "train" and r.get("run") == run]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if kind == "eval" else None, label=run)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

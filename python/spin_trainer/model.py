@@ -1,0 +1,133 @@
+"""The policy model and its tokenizer: the built-in tiny default, or any local HF causal-LM directory.
+
+The default is built locally (no download) and saved in Hugging Face format, so that everything
+downstream (loading, tensor parallelism, export) takes the same path as a real model.
+"""
+import importlib.util
+import json
+import os
+
+import torch
+
+ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+# Chat template of the tiny tokenizer, so that {"messages"} data works on the default model too.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+)
+
+
+def build_char_tokenizer(alphabet):
+    """A character-level PreTrainedTokenizerFast over `alphabet` (plus pad/bos/eos/unk)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = [PAD, BOS, EOS, UNK] + sorted(set(alphabet))
+    vocab = {symbol: i for i, symbol in enumerate(symbols)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, bos_token=BOS,
+                                        eos_token=EOS, unk_token=UNK)
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_llama(vocab_size, *, pad_token_id, bos_token_id, eos_token_id, hidden_size=64,
+                     num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+                     max_position_embeddings=64, seed=0):
+    """A randomly initialised Llama small enough to train in seconds on a CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
+        pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+        tie_word_embeddings=False, attention_dropout=0.0, initializer_range=0.05)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def create_default_model(out_dir, *, alphabet="0123456789+=", vocab_multiple=4, seed=0, **model_kwargs):
+    """Builds the tiny tokenizer + Llama and saves both to `out_dir` (HF format); returns out_dir.
+
+    The vocabulary is padded to a multiple of `vocab_multiple` so that it shards evenly under
+    tensor parallelism (the extra ids are never produced by the tokenizer).
+    """
+    tokenizer = build_char_tokenizer(alphabet)
+    vocab_size = -(-len(tokenizer) // vocab_multiple) * vocab_multiple
+    model = build_tiny_llama(vocab_size, pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, seed=seed, **model_kwargs)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def choose_attention(requested, device):
+    """flash_attention_2 when asked (or "auto") and usable on CUDA, else PyTorch SDPA."""
+    if requested not in ATTENTION_CHOICES:
+        raise ValueError(f"--attn must be one of {ATTENTION_CHOICES}, got {requested!r}")
+    flash_usable = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if flash_usable else "sdpa"
+    if requested == "flash_attention_2" and not flash_usable:
+        raise ValueError("--attn flash_attention_2 needs a CUDA device and the flash_attn package; "
+                         "use --attn sdpa or --attn auto")
+    return requested
+
+
+def check_model_dir(path):
+    """A clear error for a --model that is not a local Hugging Face causal-LM directory."""
+    if not os.path.isdir(path):
+        raise ValueError(f"--model {path!r}: no such directory (a local Hugging Face model directory "
+                         f"with config.json, weights and tokenizer files is expected)")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"--model {path!r}: config.json not found; is this a Hugging Face model directory?")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--model {path!r}: config.json is not valid JSON ({exc})") from exc
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    check_model_dir(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--model {path!r}: the tokenizer could not be loaded ({exc})") from exc
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"--model {path!r}: the tokenizer has no EOS token; responses must end with one")
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out everywhere, so any id will do; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path, *, attention="auto", dtype="float32", device=torch.device("cpu")):
+    """Loads a causal LM from a local directory with the chosen attention kernel."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_model_dir(path)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    attn_implementation = choose_attention(attention, device)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+                                                     attn_implementation=attn_implementation)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"--model {path!r}: could not load a causal LM ({exc})") from exc
+    assert model.config.model_type == config.model_type
+    return model.to(device)

@@ -1,0 +1,80 @@
+"""Tensor-parallel plan of Llama-family models, written as data for `parallelize_module`.
+
+Attention: q/k/v column-parallel (each rank owns heads/tp heads), o_proj row-parallel. MLP:
+gate/up column-parallel, down row-parallel. LM head column-parallel over the vocabulary with its
+output kept as the local shard [B, T, V/tp]: `spin_loss(process_group=tp_group)` consumes that
+shard directly, so the full [B, T, V] logits never exist on any rank. Embeddings and norms stay
+replicated (their gradients arrive complete on every rank through the column-parallel inputs).
+"""
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def llama_tp_plan(num_layers):
+    """{module FQN: ParallelStyle} for a HF *ForCausalLM of the Llama family."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {}
+    for layer in range(num_layers):
+        prefix = f"model.layers.{layer}."
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            plan[prefix + name] = ColwiseParallel()
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            plan[prefix + name] = RowwiseParallel()
+    plan["lm_head"] = ColwiseParallel(use_local_output=True)
+    return plan
+
+
+def check_tensor_parallel(config, tp):
+    """ValueError naming --tp when the model cannot be split `tp` ways by the plan."""
+    if tp == 1:
+        return
+    if config.model_type not in LLAMA_FAMILY:
+        raise ValueError(f"--tp {tp}: model type {config.model_type!r} has no tensor-parallel plan "
+                         f"(supported: {', '.join(LLAMA_FAMILY)}); use --tp 1")
+    sizes = {"num_attention_heads": config.num_attention_heads,
+             "num_key_value_heads": getattr(config, "num_key_value_heads", config.num_attention_heads),
+             "vocab_size": config.vocab_size, "intermediate_size": config.intermediate_size}
+    for name, size in sizes.items():
+        if size % tp != 0:
+            raise ValueError(f"--tp {tp} does not divide the model's {name} ({size})")
+    if getattr(config, "tie_word_embeddings", False):
+        raise ValueError(f"--tp {tp}: the model ties its LM head to the input embeddings "
+                         f"(tie_word_embeddings=True), which the vocab-sharded LM head cannot keep; use --tp 1")
+
+
+def apply_tensor_parallel(model, ctx):
+    """Shards `model` in place over ctx.tp_mesh (no-op when tp == 1); returns the model."""
+    if ctx.tp_size == 1:
+        return model
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    check_tensor_parallel(model.config, ctx.tp_size)
+    plan = llama_tp_plan(model.config.num_hidden_layers)
+    modules = dict(model.named_modules())
+    for name in plan:
+        assert isinstance(modules.get(name), torch.nn.Linear), f"plan entry {name} is not a Linear of the model"
+    return parallelize_module(model, ctx.tp_mesh, plan)
+
+
+@contextmanager
+def full_vocab_logits(model, ctx):
+    """Inside, the LM head returns full-vocabulary logits (all-gathered shards), e.g. for sampling."""
+    if ctx.tp_size == 1:
+        yield model
+        return
+
+    def gather_shards(module, inputs, output):
+        shards = [torch.empty_like(output) for _ in range(ctx.tp_size)]
+        dist.all_gather(shards, output.contiguous(), group=ctx.tp_group)
+        return torch.cat(shards, dim=-1)
+
+    handle = model.get_output_embeddings().register_forward_hook(gather_shards)
+    try:
+        yield model
+    finally:
+        handle.remove()
