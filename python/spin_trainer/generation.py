@@ -137,9 +137,7 @@ def _model_device(model) -> torch.device:
 
 
 def _is_tensor_parallel(model) -> bool:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and torch.distributed.get_world_size() > 1:
-        return True
+    # Data parallelism alone leaves each rank a whole model, which the static decoder can run.
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
@@ -192,10 +190,15 @@ def _left_padded(batch: list, pad_token_id: int, device: torch.device) -> tuple[
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _decode_batch(decoder, batch, limits, sampling, generator, eos_token_id, pad_token_id, device) -> list[list[int]]:
+def _decode_batch(decoder, batch, limits, sampling, generator, eos_token_id, pad_token_id, device, vocab_size) -> list[list[int]]:
     input_ids, attention_mask = _left_padded(batch, pad_token_id, device)
     max_steps = max(limits)
     logits = decoder.start(input_ids, attention_mask, max_steps)
+    if vocab_size is not None and logits.shape[-1] < vocab_size:
+        raise ValueError(
+            f"model: the LM head returned {logits.shape[-1]} logit columns for a vocabulary of {vocab_size}; "
+            "under tensor parallelism it must return a DTensor (use_local_output=False) or replicated logits"
+        )
     limit = torch.tensor(limits, device=device)
     finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
     tokens = torch.full((len(batch), max_steps), pad_token_id, dtype=torch.long, device=device)
@@ -275,7 +278,7 @@ def generate_responses(
                 indices = order[start:start + batch_size]
                 batch = [list(prompts[i]) for i in indices]
                 limits = [min(sampling.max_new_tokens, max_length - len(p)) for p in batch]
-                outputs = _decode_batch(decoder, batch, limits, sampling, generator, eos_token_id, pad_token_id, device)
+                outputs = _decode_batch(decoder, batch, limits, sampling, generator, eos_token_id, pad_token_id, device, vocab_size)
                 for index, output in zip(indices, outputs):
                     responses[index] = output
                 stats.new_tokens += sum(len(o) for o in outputs)
