@@ -22,6 +22,11 @@ def _row_chunks(logits: torch.Tensor):
     """Yield (first_row, [rows, V] view) over a [B, T, V] tensor, without copying it."""
     B, T, V = logits.shape
     chunk = max(1, _CHUNK_ELEMENTS // max(V, 1))
+    if B == 1 or logits.stride(0) == T * logits.stride(1):  # rows evenly spaced: one [N, V] view
+        flat = logits.flatten(0, 1)  # a view under this condition
+        for start in range(0, B * T, chunk):
+            yield start, flat[start:start + chunk]
+        return
     for b in range(B):
         for t0 in range(0, T, chunk):
             yield b * T + t0, logits[b, t0:t0 + chunk]

@@ -1,0 +1,249 @@
+"""SPIN loss from logits: spin_kernels against what users run today, measured in one process.
+
+For each vocab size: forward+backward and no-grad forward of the SPIN loss on N = 16384 rows
+(8 sequences x 2048 tokens, the first 30 % of each a prompt), bf16 logits. Baselines: eager fp32
+log_softmax + gather (NeMo-Aligner, the SPIN paper's code), torch.compile of it, and Liger-Kernel's
+cross_entropy(reduction="none") when importable. The same run measures the device copy bandwidth
+(bytes read + written) that defines the floors: 3 passes over the logits for forward+backward
+(read, read, write), 1 for the no-grad forward.
+
+    python benchmarks/bench_loss.py                       # full table (GPU)
+    python benchmarks/bench_loss.py --vocab 128256 --sweep   # also time kernel launch configs
+Writes benchmarks/results/loss.json and loss.md.
+"""
+import argparse
+import json
+import pathlib
+import statistics
+import time
+
+import torch
+
+from spin_kernels import spin_loss
+from spin_kernels.ops import logprobs as triton_ops
+from spin_kernels.reference import naive_spin_loss
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+GIB = 2**30
+BETA = 0.1
+
+
+def bench_ms(fn, reps: int) -> float:
+    """Median wall time of fn in ms, measured with CUDA events (or the host clock on CPU)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes read + written per second of a large device-to-device copy."""
+    src = torch.empty(2 * GIB if device.type == "cuda" else 64 * 2**20, dtype=torch.uint8,
+                      device=device).random_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), reps=20)
+    return 2 * src.numel() / (ms / 1e3)
+
+
+def make_batch(n_seq, seq_len, vocab, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = (torch.randn(n_seq, seq_len, vocab, device=device, generator=g) * 2).bfloat16()
+    labels = torch.randint(0, vocab, (n_seq, seq_len), device=device, generator=g)
+    loss_mask = torch.ones(n_seq, seq_len, dtype=torch.bool, device=device)
+    loss_mask[:, : int(0.3 * seq_len)] = False
+    ref = torch.randn(n_seq, device=device, generator=g) - seq_len * 8
+    return logits, labels, loss_mask, ref
+
+
+def liger_loss_fn():
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+    except ImportError as err:
+        print(f"Liger-Kernel not importable ({err}): its rows are skipped")
+        return None
+
+    def loss(logits, labels, loss_mask, ref):
+        masked = labels.masked_fill(~loss_mask, -100)
+        nll = liger_cross_entropy(logits.view(-1, logits.shape[-1]), masked.view(-1),
+                                  reduction="none")
+        policy = -nll.view(labels.shape).float().sum(-1)
+        half = policy.shape[0] // 2
+        margin = BETA * ((policy[:half] - ref[:half]) - (policy[half:] - ref[half:]))
+        return -torch.nn.functional.logsigmoid(margin).mean()
+
+    return loss
+
+
+def implementations(vocab, compile_vocabs):
+    def eager(logits, labels, loss_mask, ref):
+        return naive_spin_loss(logits, labels, ref, loss_mask=loss_mask, beta=BETA)[0]
+
+    impls = {"eager fp32 log_softmax (NeMo-Aligner, SPIN paper)": eager}
+    if vocab in compile_vocabs:
+        impls["torch.compile(eager)"] = torch.compile(eager)
+    liger = liger_loss_fn()
+    if liger is not None:
+        impls["Liger cross_entropy(reduction=none)"] = liger
+    impls["spin_kernels"] = lambda x, y, m, r: spin_loss(x, y, r, loss_mask=m, beta=BETA).loss
+    impls["spin_kernels inplace_backward"] = lambda x, y, m, r: spin_loss(
+        x, y, r, loss_mask=m, beta=BETA, inplace_backward=True).loss
+    return impls
+
+
+def gradient_error(impl, vocab, device) -> float:
+    """Relative error of dlogits vs float64 autograd, on 2 x 512 rows of the same kind."""
+    logits, labels, loss_mask, ref = make_batch(2, 512, vocab, device, seed=1)
+    x = logits.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(impl(x, labels, loss_mask, ref), x)
+    xd = logits.double().requires_grad_()
+    want = naive_spin_loss(xd, labels, ref, loss_mask=loss_mask, beta=BETA, dtype=torch.float64)[0]
+    (want_grad,) = torch.autograd.grad(want, xd)
+    return ((grad.double() - want_grad).norm() / want_grad.norm()).item()
+
+
+def measure(name, impl, batch, reps, device):
+    logits, labels, loss_mask, ref = batch
+    x = logits.clone().requires_grad_()
+
+    # autograd.grad hands the gradient back as a model's lm_head backward would receive it
+    # (no accumulation into a .grad, which could add a copy of an in-place gradient).
+    def step():
+        return torch.autograd.grad(impl(x, labels, loss_mask, ref), x)
+
+    def forward_only():
+        with torch.no_grad():
+            impl(x, labels, loss_mask, ref)
+
+    row = {"impl": name}
+    try:
+        row["fwd_bwd_ms"] = bench_ms(step, reps)
+        row["no_grad_ms"] = bench_ms(forward_only, reps)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            row["extra_gib"] = (torch.cuda.max_memory_allocated() - base) / GIB
+        if not name.startswith("torch.compile"):  # the same arithmetic as eager; spare a recompile
+            row["grad_rel_err"] = gradient_error(impl, logits.shape[-1], device)
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+    del x
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def sweep(batch, reps):
+    """Time spin_kernels forward+backward over (BLOCK_V, num_warps) launch configurations."""
+    logits, labels, loss_mask, ref = batch
+    default = triton_ops._launch_config
+    rows = []
+    try:
+        for block_v in (2048, 4096, 8192, 16384):
+            for warps in (4, 8, 16, 32):
+                if block_v // (32 * warps) < 4:
+                    continue  # fewer than 4 elements per thread: not a serious candidate
+                triton_ops._launch_config = lambda v, b=block_v, w=warps: (b, w)
+                x = logits.clone().requires_grad_()
+
+                def step():
+                    return torch.autograd.grad(
+                        spin_loss(x, labels, ref, loss_mask=loss_mask, beta=BETA).loss, x)
+
+                def fwd():
+                    with torch.no_grad():
+                        spin_loss(x, labels, ref, loss_mask=loss_mask, beta=BETA)
+
+                rows.append({"block_v": block_v, "num_warps": warps,
+                             "fwd_bwd_ms": bench_ms(step, reps), "no_grad_ms": bench_ms(fwd, reps)})
+                print(f"  sweep BLOCK_V={block_v:6d} warps={warps:2d}: "
+                      f"fwd+bwd {rows[-1]['fwd_bwd_ms']:.3f} ms, no-grad {rows[-1]['no_grad_ms']:.3f} ms",
+                      flush=True)
+                del x
+    finally:
+        triton_ops._launch_config = default
+    return rows
+
+
+def markdown(results) -> str:
+    lines = [f"Device: {results['device']}; torch {results['torch']}, triton {results['triton']}; "
+             f"copy bandwidth {results['copy_tb_s']:.2f} TB/s (read + write)", ""]
+    for table in results["tables"]:
+        n, v = table["rows"], table["vocab"]
+        ours = next(r for r in table["impls"] if r["impl"] == "spin_kernels")
+        lines += [f"### V = {v}, N = {n} rows, bf16, 30 % masked; floor: fwd+bwd "
+                  f"{table['floor_ms']:.2f} ms (3 passes), no-grad {table['floor_fwd_ms']:.2f} ms (1 pass)",
+                  "", "| impl | fwd+bwd ms | x floor | x spin_kernels | no-grad ms | x floor | "
+                  "extra GiB | dlogits rel. err vs fp64 |", "|---|---|---|---|---|---|---|---|"]
+        for r in table["impls"]:
+            if "error" in r:
+                lines.append(f"| {r['impl']} | {r['error']} | | | | | | |")
+                continue
+            extra = f"{r['extra_gib']:.2f}" if "extra_gib" in r else "n/a"
+            err = f"{r['grad_rel_err']:.1e}" if "grad_rel_err" in r else "as eager"
+            lines.append(
+                f"| {r['impl']} | {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_ms'] / table['floor_ms']:.2f} | "
+                f"{r['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f} | {r['no_grad_ms']:.2f} | "
+                f"{r['no_grad_ms'] / table['floor_fwd_ms']:.2f} | {extra} | {err} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256, 151936])
+    parser.add_argument("--seqs", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--compile-vocab", type=int, nargs="*", default=[128256],
+                        help="vocab sizes that also time torch.compile (each compiles anew)")
+    parser.add_argument("--sweep", action="store_true", help="time launch configs at the first vocab")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "loss")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        print("No GPU: timing the torch backend on the CPU (for a smoke run; the tables are GPU numbers)")
+    import triton
+
+    bandwidth = copy_bandwidth(device)
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "triton": triton.__version__,
+               "copy_tb_s": bandwidth / 1e12, "tables": []}
+    print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
+    for vocab in args.vocab:
+        batch = make_batch(args.seqs, args.seq_len, vocab, device)
+        n = args.seqs * args.seq_len
+        logit_bytes = n * vocab * 2
+        table = {"vocab": vocab, "rows": n, "floor_ms": 3 * logit_bytes / bandwidth * 1e3,
+                 "floor_fwd_ms": logit_bytes / bandwidth * 1e3, "impls": []}
+        if args.sweep and vocab == args.vocab[0] and device.type == "cuda":
+            table["sweep"] = sweep(batch, args.reps)
+        for name, impl in implementations(vocab, args.compile_vocab).items():
+            row = measure(name, impl, batch, args.reps, device)
+            print(f"V={vocab} {name}: {row}", flush=True)
+            table["impls"].append(row)
+        results["tables"].append(table)
+        del batch
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    text = markdown(results)
+    args.out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

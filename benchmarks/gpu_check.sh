@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU check, in one call: the `cuda` tests, then the benchmark tables (about 7 minutes on one
+# H100/H200). For a GPU machine whose python3 has torch + triton and no network:
+#   bash benchmarks/gpu_check.sh            # logs and tables go to $OUT (if set) and benchmarks/results/
+# Optional wheels (e.g. Liger-Kernel for its baseline rows) are installed from .whl/ when present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+LOG_DIR=${OUT:-benchmarks/results}
+mkdir -p "$LOG_DIR" benchmarks/results
+status=0
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on failure
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s) ==="
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$LOG_DIR/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc in $((SECONDS - t0))s ==="
+  [ "$rc" = 0 ] || status=1
+}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+step build 180 $PY setup.py build_ext --inplace
+step tests 240 $PY -m pytest -q -x -m cuda tests -p no:cacheprovider
+step bench_loss 200 $PY benchmarks/bench_loss.py --sweep
+step bench_swap 150 $PY benchmarks/bench_swap.py
+step bench_e2e 170 $PY benchmarks/bench_e2e.py
+cp benchmarks/results/*.md benchmarks/results/*.json "$LOG_DIR"/ 2>/dev/null
+for f in benchmarks/results/*.md; do echo "----- $f"; cat "$f"; done
+exit $status
