@@ -1,9 +1,11 @@
 """Data: JSONL reading and validation, one prompt template, exact masks, padded batches.
 
 Token alignment (the one every log-prob in the trainer uses): a sequence is
-`prompt_ids + response_ids`, where `response_ids` ends with EOS. After the causal shift,
-position t of `labels`/`loss_mask` scores token t + 1 of the sequence, so the mask is 1 exactly
-on the response tokens, EOS included, and 0 on every prompt token and on padding.
+`prompt_ids + response_ids`, where `response_ids` ends with EOS. Position t of `labels` /
+`loss_mask` holds token t + 1 of the sequence (the one logits[t] scores), so the mask is 1
+exactly on the response tokens, EOS included, and 0 on every prompt token and on padding. The
+last position has no next token: its label is IGNORE_INDEX, which lets the full [S, T, V] logits
+go to spin_kernels.loss as they are (no `logits[:, :-1]` slice, hence no strided copy).
 (NeMo-Aligner's mask is shifted by one: it drops the EOS and counts the last prompt token.)
 """
 import json
@@ -27,8 +29,8 @@ class Example:
 class Batch:
     input_ids: torch.Tensor       # [S, T] right-padded
     attention_mask: torch.Tensor  # [S, T] 1 on real tokens
-    labels: torch.Tensor          # [S, T-1] input_ids[:, 1:], IGNORE_INDEX where loss_mask is 0
-    loss_mask: torch.Tensor       # [S, T-1] 1 on response tokens (EOS included)
+    labels: torch.Tensor          # [S, T] input_ids shifted left by one, IGNORE_INDEX where loss_mask is 0
+    loss_mask: torch.Tensor       # [S, T] 1 on response tokens (EOS included); last column 0
 
     def to(self, device):
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.loss_mask)))
@@ -133,8 +135,8 @@ def load_examples(path, tokenizer, *, max_length, template=DEFAULT_PROMPT_TEMPLA
 
 
 def response_mask(prompt_length, response_length, padded_length):
-    """[padded_length - 1] mask over shifted positions: 1 exactly where the label is a response token."""
-    mask = torch.zeros(padded_length - 1, dtype=torch.float32)
+    """[padded_length] mask over shifted positions: 1 exactly where the label is a response token."""
+    mask = torch.zeros(padded_length, dtype=torch.float32)
     mask[prompt_length - 1:prompt_length - 1 + response_length] = 1.0
     return mask
 
@@ -146,14 +148,15 @@ def collate(sequences, pad_token_id):
     assert length >= 2, "a sequence needs a prompt token and a response token"
     input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    loss_mask = torch.zeros((len(sequences), length - 1), dtype=torch.float32)
+    loss_mask = torch.zeros((len(sequences), length), dtype=torch.float32)
     for row, (prompt, response) in enumerate(sequences):
         assert len(prompt) >= 1, "a prompt needs at least one token (the response is scored from it)"
         n = len(prompt) + len(response)
         input_ids[row, :n] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
         attention_mask[row, :n] = 1
         loss_mask[row] = response_mask(len(prompt), len(response), length)
-    labels = input_ids[:, 1:].clone()
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
     labels[loss_mask == 0] = IGNORE_INDEX
     return Batch(input_ids, attention_mask, labels, loss_mask)
 

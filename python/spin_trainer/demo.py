@@ -22,7 +22,7 @@ from .sft import run_sft
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data", "arith")
 MAX_LENGTH = 16
-WARMUP_STEPS = 150
+WARMUP_STEPS = 300
 SPIN_PROMPTS = 256
 
 
@@ -71,7 +71,7 @@ def run_demo(args):
         print(f"SFT warm-up: {WARMUP_STEPS} steps, held-out exact match {warm[-1]['exact_match']:.3f}")
         start_state = full_state_dict(model)
 
-        config = SpinConfig(iterations=3, epochs=1, betas=(0.1,), lrs=(1e-3,), micro_batch_size=16,
+        config = SpinConfig(iterations=3, epochs=1, betas=(0.1,), lrs=(2e-4,), micro_batch_size=16,
                             global_batch_size=16, max_new_tokens=6, do_sample=True, temperature=1.0,
                             gen_batch_size=256, max_length=MAX_LENGTH, seed=args.seed, keep=1, progress=progress)
         spin_prompts = data["train"][:SPIN_PROMPTS]

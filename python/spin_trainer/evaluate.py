@@ -30,7 +30,7 @@ def sft_loss(model, examples, ctx, *, micro_batch_size, pad_token_id):
         for i in range(start, end, micro_batch_size):
             batch = collate_sft(examples[i:min(i + micro_batch_size, end)], pad_token_id).to(ctx.device)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           use_cache=False).logits[:, :-1]
+                           use_cache=False).logits
             token_logps = token_logprobs(logits, batch.labels, process_group=ctx.tp_group)
             totals[0] -= (token_logps * batch.loss_mask).sum().double()
             totals[1] += batch.loss_mask.sum().double()

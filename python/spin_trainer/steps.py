@@ -15,9 +15,9 @@ SPIN_METRICS = ("loss", "acc", "rewards_actual_mean", "rewards_generated_mean", 
 
 
 def shifted_logits(model, batch):
-    """[S, T-1, V or V/tp] logits aligned with batch.labels (position t scores token t + 1)."""
+    """[S, T, V or V/tp] logits aligned with batch.labels (position t scores token t + 1)."""
     output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    return output.logits[:, :-1]
+    return output.logits
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def spin_micro_loss(model, batch, ref_logps, *, beta, loss_type, weight, ctx):
 def sft_micro_loss(model, batch, *, total_tokens, ctx):
     """Token-level negative log-likelihood of the responses, as a share of the global batch."""
     logits = shifted_logits(model, batch)
-    token_logps = token_logprobs(logits, batch.labels, process_group=ctx.tp_group)  # [S, T-1]
+    token_logps = token_logprobs(logits, batch.labels, process_group=ctx.tp_group)  # [S, T]
     loss = -(token_logps * batch.loss_mask).sum() / total_tokens
     return loss, {"sft_loss": loss.detach()}
 
