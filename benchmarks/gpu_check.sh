@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check, in one call: the `cuda` tests, then the benchmark tables (about 7 minutes on one
 # H100/H200). For a GPU machine whose python3 has torch + triton and no network:
-#   bash benchmarks/gpu_check.sh            # logs and tables go to $OUT (if set) and benchmarks/results/
+#   bash benchmarks/gpu_check.sh   # tables in benchmarks/results/, logs in benchmarks/results/logs/;
+#                                  # with $OUT set, all of it also as $OUT/gpu_check.tgz
 # Optional wheels (e.g. Liger-Kernel for its baseline rows) are installed from .whl/ when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-LOG_DIR=${OUT:-benchmarks/results}
-mkdir -p "$LOG_DIR" benchmarks/results
+LOG_DIR=benchmarks/results/logs
+mkdir -p "$LOG_DIR"
 status=0
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on failure
@@ -28,11 +29,11 @@ export PYTHONPATH=$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-step build 180 $PY setup.py build_ext --inplace
-step tests 240 $PY -m pytest -q -x -m cuda tests -p no:cacheprovider
-step bench_loss 200 $PY benchmarks/bench_loss.py --sweep
-step bench_swap 150 $PY benchmarks/bench_swap.py
-step bench_e2e 170 $PY benchmarks/bench_e2e.py
-cp benchmarks/results/*.md benchmarks/results/*.json "$LOG_DIR"/ 2>/dev/null
+step build 120 $PY setup.py build_ext --inplace
+step tests 150 $PY -m pytest -q -x -m cuda tests -p no:cacheprovider
+step bench_loss 170 $PY benchmarks/bench_loss.py --sweep
+step bench_swap 100 $PY benchmarks/bench_swap.py
+step bench_e2e 150 $PY benchmarks/bench_e2e.py
+[ -n "${OUT:-}" ] && tar czf "$OUT/gpu_check.tgz" benchmarks/results
 for f in benchmarks/results/*.md; do echo "----- $f"; cat "$f"; done
 exit $status
