@@ -1,0 +1,118 @@
+"""SIGTERM writes a checkpoint; --resume reproduces the uninterrupted run; a corrupt latest
+checkpoint is reported and the previous one used."""
+import json
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+
+from test_trainer_fixtures import tiny_setup, train_args
+
+import train as train_cli
+from spin_trainer.checkpoint import list_checkpoints
+from spin_trainer.loop import TrainingStopped
+
+# 2 iterations x 4 steps; SIGTERM after step 3 stops mid-iteration 1, with periodic saves at 2.
+EXTRA = ["--save-every", "2", "--keep", "3", "--mix-previous", "0.25", "--top-k", "8"]
+STOP_AFTER_STEP = 3
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_setup(str(tmp_path_factory.mktemp("resume")))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("full") / "run")
+    train_cli.main(train_args(*tiny, out, *EXTRA))
+    return out
+
+
+def outcome(out):
+    from safetensors.torch import load_file
+
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    return records, load_file(os.path.join(out, "final", "model.safetensors"))
+
+
+def assert_same_run(out, reference_out):
+    records, weights = outcome(out)
+    expected_records, expected_weights = outcome(reference_out)
+    assert records == expected_records
+    assert weights.keys() == expected_weights.keys()
+    for name in weights:
+        assert torch.equal(weights[name], expected_weights[name]), name
+
+
+def stop_at(step):
+    def on_step(record):
+        if record["step"] == step:
+            signal.raise_signal(signal.SIGTERM)
+    return on_step
+
+
+@pytest.fixture(scope="module")
+def stopped(tiny, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("stopped") / "run")
+    with pytest.raises(TrainingStopped) as info:
+        train_cli.main(train_args(*tiny, out, *EXTRA), on_step=stop_at(STOP_AFTER_STEP))
+    return out, str(info.value)
+
+
+def test_sigterm_writes_a_checkpoint_and_stops(stopped):
+    out, path = stopped
+    names = [os.path.basename(p) for p in list_checkpoints(os.path.join(out, "checkpoints", "spin"))]
+    assert names == ["step-00000002", "step-00000003"]
+    assert os.path.basename(path) == "step-00000003"
+    assert not os.path.exists(os.path.join(out, "final"))
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        steps = [json.loads(line)["step"] for line in f if '"train"' in line]
+    assert steps == [1, 2, 3]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the handler is uninstalled again
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny, stopped, uninterrupted, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(stopped[0], out)
+    train_cli.main(train_args(*tiny, out, *EXTRA, "--resume"))
+    assert_same_run(out, uninterrupted)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny, stopped, uninterrupted, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(stopped[0], out)
+    latest = os.path.join(out, "checkpoints", "spin", "step-00000003", "rank00000.pt")
+    with open(latest, "r+b") as f:
+        f.truncate(os.path.getsize(latest) // 2)
+    # A half-written checkpoint (never renamed into place) is ignored as well.
+    os.makedirs(os.path.join(out, "checkpoints", "spin", ".tmp-step-00000004"))
+    train_cli.main(train_args(*tiny, out, *EXTRA, "--resume"))
+    printed = capsys.readouterr().out
+    assert "step-00000003 is corrupt or incomplete: rank00000.pt has" in printed
+    assert "resumed from" in printed and "step-00000002" in printed
+    assert_same_run(out, uninterrupted)
+
+
+def test_flipped_bytes_and_missing_manifest_are_detected(stopped, tmp_path):
+    from spin_trainer.checkpoint import checkpoint_problem
+    from spin_trainer.distributed import ParallelContext
+
+    ctx = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
+    root = str(tmp_path / "ckpts")
+    shutil.copytree(os.path.join(stopped[0], "checkpoints", "spin"), root)
+    first, second = list_checkpoints(root)
+    assert checkpoint_problem(first, ctx) is None
+    shared = os.path.join(first, "shared.pt")
+    data = bytearray(open(shared, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(shared, "wb").write(bytes(data))
+    assert "does not match its SHA-256" in checkpoint_problem(first, ctx)
+    os.remove(os.path.join(second, "manifest.json"))
+    assert "manifest.json is missing" in checkpoint_problem(second, ctx)
+    wrong_world = ParallelContext(0, 2, 2, 1, 0, 0, torch.device("cpu"))
+    shutil.copytree(os.path.join(stopped[0], "checkpoints", "spin", "step-00000002"), str(tmp_path / "c"))
+    assert "written by 1 processes with --tp 1" in checkpoint_problem(str(tmp_path / "c"), wrong_world)
