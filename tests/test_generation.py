@@ -212,12 +212,14 @@ def test_empty_prompt_list_and_training_mode_restored(model):
 
 
 def test_backend_choice_on_cpu(model):
-    assert choose_backend(model, "auto", torch.device("cpu")) == ("hf", [])
+    assert choose_backend(model, "auto", torch.device("cpu")) == ("static", [])
+    assert choose_backend(model, "auto", torch.device("cuda")) == ("cuda_graph", [])
     backend, reasons = choose_backend(model, "cuda_graph", torch.device("cpu"))
     assert backend == "static" and "CUDA" in reasons[0]
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
     backend, reasons = choose_backend(gpt2, "static", torch.device("cpu"))
     assert backend == "hf" and "gpt2" in reasons[0]
+    assert choose_backend(gpt2, "auto", torch.device("cpu")) == ("hf", [])
 
 
 def test_hf_backend_runs_another_architecture_without_warnings():

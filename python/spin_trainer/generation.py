@@ -10,7 +10,8 @@ Backends (`backend=`):
   "cuda_graph"  our static-KV-cache decoder with the decode step replayed as a CUDA graph (fast path)
   "static"      the same decoder run eagerly (CPU, or where graph capture is unwanted)
   "hf"          the model's own forward with its default cache (any causal LM; tensor parallel)
-  "auto"        cuda_graph on a single CUDA device for Llama-family models, else hf
+  "auto"        for Llama-family models cuda_graph on CUDA, static elsewhere; hf for other models
+                and for tensor-parallel (DTensor) models
 A capture failure falls back to the eager decoder with a warning.
 """
 
@@ -154,9 +155,9 @@ def choose_backend(model, backend: str, device: torch.device) -> tuple[str, list
             reasons.append(f"static decoder unavailable: {unsupported}")
         return "hf", reasons
     if backend == "auto":
-        if device.type != "cuda" or _is_tensor_parallel(model):
+        if _is_tensor_parallel(model):
             return "hf", reasons
-        return "cuda_graph", reasons
+        return ("cuda_graph" if device.type == "cuda" else "static"), reasons
     if backend == "cuda_graph" and device.type != "cuda":
         reasons.append(f"CUDA graphs need a CUDA device, the model is on {device}")
         return "static", reasons
