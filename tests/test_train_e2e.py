@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from test_trainer_fixtures import ROOT, tiny_setup, train_args
+from test_trainer_fixtures import one_thread, ROOT, tiny_setup, train_args  # noqa: F401 (autouse fixture)
 
 import train as train_cli
 

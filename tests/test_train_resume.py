@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from test_trainer_fixtures import tiny_setup, train_args
+from test_trainer_fixtures import one_thread, tiny_setup, train_args  # noqa: F401 (autouse fixture)
 
 import train as train_cli
 from spin_trainer.checkpoint import list_checkpoints
