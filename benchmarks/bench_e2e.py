@@ -174,10 +174,10 @@ def release_optimizer(optimizer) -> None:
 def paper_step(model, reference, optimizer, input_ids, labels, beta):
     # In the order of uclaml/SPIN (TRL's DPOTrainer): the policy's fp32 log-probs first, so their
     # fp32 log_softmax is held while the reference runs forward.
-    logits = model(input_ids=input_ids).logits[:, :-1]  # [2P, T-1, V] bf16
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]  # [2P, T-1, V] bf16
     policy_logps = naive_token_logprobs(logits, labels).sum(-1)  # fp32 log_softmax + gather
     with torch.no_grad():
-        ref_logits = reference(input_ids=input_ids).logits[:, :-1]
+        ref_logits = reference(input_ids=input_ids, use_cache=False).logits[:, :-1]
         ref_logps = naive_token_logprobs(ref_logits, labels).sum(-1)
         del ref_logits
     loss = spin_loss_from_logps(policy_logps, ref_logps, beta=beta).loss  # -logsigmoid(beta * margin)
@@ -188,7 +188,7 @@ def paper_step(model, reference, optimizer, input_ids, labels, beta):
 
 
 def response_logits(model, input_ids, prompt_len):
-    hidden = model.model(input_ids=input_ids).last_hidden_state  # [2P, T, H]
+    hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state  # [2P, T, H]
     # Only positions that score a response token go through the LM head (prompt rows need none).
     return model.lm_head(hidden[:, prompt_len - 1:-1])  # [2P, T-prompt_len, V]
 
@@ -255,7 +255,7 @@ def bench_train(model, args, device):
     # Both implementations must score the same tokens: the paper's masked full-sequence sums equal
     # ours over the response positions (same weights; bf16 logits from differently shaped matmuls).
     with torch.no_grad():
-        paper_logps = naive_token_logprobs(model(input_ids=input_ids).logits[:, :-1], labels).sum(-1)
+        paper_logps = naive_token_logprobs(model(input_ids=input_ids, use_cache=False).logits[:, :-1], labels).sum(-1)
     assert torch.allclose(paper_logps, ref_logps, rtol=1e-3, atol=1e-2), (paper_logps, ref_logps)
     del paper_logps
 
