@@ -14,8 +14,9 @@ fallback has the same behaviour with torch's pinned allocator and one `copy_` pe
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Mapping
 
+import torch
 from torch import nn
 
 from spin_kernels.streamed import streamed_reference_forward
@@ -27,7 +28,7 @@ backend: str = live_backend()
 
 
 @contextlib.contextmanager
-def swapped(model: nn.Module, bank: WeightBank) -> Iterator[nn.Module]:
+def swapped(model: nn.Module | Mapping[str, torch.Tensor], bank: WeightBank) -> Iterator[nn.Module]:
     """NeMo-Aligner's `cpu_weight_swap`: inside the block `model` computes with the bank's weights;
     on exit (also on an exception) it has its own again, bit for bit.
 

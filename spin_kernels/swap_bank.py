@@ -88,15 +88,16 @@ class WeightBank:
     """Named tensors snapshotted into one host arena. Build with `from_module`, `from_tensors` or
     `load`; the tensors are owned by the bank (later changes to the sources do not reach it)."""
 
-    def __init__(self, arena: torch.Tensor, slots: dict[str, Slot], engine: CopyEngine):
+    def __init__(self, arena: torch.Tensor, slots: dict[str, Slot], engine: CopyEngine, pinned: bool):
         assert arena.dtype == torch.uint8 and arena.device.type == "cpu"
         self._arena = arena
+        self._pinned = pinned
         self._slots = slots
         self._engine = engine
         self._tensors = {name: view_slot(arena, slot) for name, slot in slots.items()}
-        # Event of the last asynchronous transfer that reads or writes the arena (None: nothing
-        # in flight). The CPU waits for it before it touches the arena itself.
-        self._pending: torch.cuda.Event | None = None
+        # Events of the asynchronous transfers that read or write the arena and may still run
+        # (one per device). The CPU waits for them before it touches the arena itself.
+        self._pending: list[torch.cuda.Event] = []
         self._stash: WeightBank | None = None
         self.swap_active = False
 
@@ -109,7 +110,7 @@ class WeightBank:
         engine = resolve_engine(backend)
         slots, nbytes = plan_layout(specs)
         pinned = default_pinning() if pin_memory is None else bool(pin_memory)
-        return cls(engine.alloc_host(nbytes, pinned), slots, engine)
+        return cls(engine.alloc_host(nbytes, pinned), slots, engine, pinned)
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], *, backend: str | None = None,
@@ -154,7 +155,8 @@ class WeightBank:
 
     @property
     def is_pinned(self) -> bool:
-        return bool(self._arena.is_pinned())
+        """Whether the arena is page-locked (asked for by default when CUDA is available)."""
+        return self._pinned
 
     @property
     def backend(self) -> str:
@@ -195,8 +197,9 @@ class WeightBank:
 
     def synchronize(self) -> None:
         """Wait until no transfer reads or writes the arena, so the CPU may touch it."""
-        wait_host(self._pending)
-        self._pending = None
+        for event in self._pending:
+            wait_host(event)
+        self._pending = []
 
     # -- transfers --------------------------------------------------------------------------------
 
@@ -208,7 +211,8 @@ class WeightBank:
         self.synchronize()
         for device, indices in _group_by_device(dsts, srcs).items():
             event = self._engine.copy_batch([dsts[i] for i in indices], [srcs[i] for i in indices], device)
-            self._pending = event if event is not None else self._pending
+            if event is not None:
+                self._pending.append(event)
         if self._engine.use_extension:
             bump_versions(dsts)
 
@@ -270,7 +274,8 @@ class WeightBank:
                                                 [stash._tensors[names[i]] for i in indices],
                                                 [self._tensors[names[i]] for i in indices], device)
             if event is not None:
-                self._pending = stash._pending = event
+                self._pending.append(event)
+                stash._pending.append(event)
         if self._engine.use_extension:
             bump_versions(live)
         self.swap_active = True
@@ -288,7 +293,7 @@ class WeightBank:
         `release_stash`)."""
         if self._stash is None:
             arena = self._engine.alloc_host(self._arena.numel(), self.is_pinned)
-            self._stash = WeightBank(arena, self._slots, self._engine)
+            self._stash = WeightBank(arena, self._slots, self._engine, self._pinned)
         return self._stash
 
     def release_stash(self) -> None:
