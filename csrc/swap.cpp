@@ -80,8 +80,11 @@ void free_host(void* ptr, bool pinned) {
   }
 #ifdef WITH_CUDA
   if (pinned) {
-    // A deleter must not throw; at interpreter exit the runtime may already be unloaded, and then
-    // the process is releasing the memory anyway.
+    // A DMA on some stream may still read or write the block: drain the device first (freeing a
+    // multi-GB arena is rare, a freed block under a running copy is memory corruption). A deleter
+    // must not throw; at interpreter exit the runtime may already be unloaded, and then the process
+    // is releasing the memory anyway.
+    cudaDeviceSynchronize();
     cudaFreeHost(ptr);
     cudaGetLastError();
     return;
