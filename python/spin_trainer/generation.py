@@ -18,6 +18,7 @@ A capture failure falls back to the eager decoder with a warning.
 from __future__ import annotations
 
 import inspect
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -168,7 +169,7 @@ def _validate_prompts(prompts, max_length: int, vocab_size: int | None) -> None:
     if not isinstance(prompts, (list, tuple)):
         raise TypeError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
     for index, prompt in enumerate(prompts):
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
             raise TypeError(f"prompts[{index}] must be a list of int token ids")
         if len(prompt) == 0:
             raise ValueError(f"prompts[{index}] is empty; a response needs at least one prompt token")
@@ -186,7 +187,7 @@ def _left_padded(batch: list, pad_token_id: int, device: torch.device) -> tuple[
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, prompt in enumerate(batch):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        input_ids[row, width - len(prompt):] = torch.tensor([int(t) for t in prompt], dtype=torch.long)
         attention_mask[row, width - len(prompt):] = 1
     return input_ids.to(device), attention_mask.to(device)
 
