@@ -238,6 +238,22 @@ def test_hf_backend_runs_another_architecture_without_warnings():
     assert got == expected
 
 
+def test_failed_graph_capture_falls_back_to_eager_with_a_warning(model, greedy_reference, monkeypatch):
+    import spin_trainer.generation as generation
+    from spin_trainer.decode_graph import StaticKVDecoder
+
+    def refuse_capture(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StaticKVDecoder, "_capture", refuse_capture)
+    monkeypatch.setattr(generation, "choose_backend", lambda model, backend, device: ("cuda_graph", []))
+    stats = GenerationStats()
+    with pytest.warns(RuntimeWarning, match="capture of the decode step failed"):
+        got = generate(model, PROMPTS, SamplingConfig(max_new_tokens=12, do_sample=False), stats=stats)
+    assert got == greedy_reference
+    assert stats.backend == "static" and stats.fallback_reasons == ["CUDA graph capture failed"]
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_decoder_matches_eager_and_hf():

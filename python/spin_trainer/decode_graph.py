@@ -252,7 +252,8 @@ class StaticKVDecoder:
             except Exception as error:  # any capture failure: the eager step computes the same thing
                 self._graph = self._graph_logits = None
                 self.use_cuda_graph = False
-                torch.cuda.synchronize(self.step_tokens.device)
+                if self.step_tokens.is_cuda:
+                    torch.cuda.synchronize(self.step_tokens.device)
                 warnings.warn(f"CUDA graph capture of the decode step failed ({error!r}); decoding eagerly", RuntimeWarning)
         if self._graph is not None:
             self._graph.replay()
