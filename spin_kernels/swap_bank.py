@@ -207,9 +207,12 @@ class WeightBank:
         self._transfer([self._tensors[n] for n in sources], list(sources.values()))
 
     def _transfer(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
-        """One batch per device; the bank's host side is always one end of each copy."""
-        self.synchronize()
+        """One batch per device; the bank's host side is always one end of each copy. Device batches
+        need no host wait: they all start after and end before the current stream, which orders them
+        against every earlier batch."""
         for device, indices in _group_by_device(dsts, srcs).items():
+            if device is None:
+                self.synchronize()  # the CPU itself is about to read or write the arena
             event = self._engine.copy_batch([dsts[i] for i in indices], [srcs[i] for i in indices], device)
             if event is not None:
                 self._pending.append(event)
@@ -266,10 +269,11 @@ class WeightBank:
             raise ValueError("swapped: this bank is already swapped into a model (nested swap of one bank)")
         targets = self.match(module)
         stash = self.stash()
-        self.synchronize()
-        stash.synchronize()
         names, live = list(targets), list(targets.values())
         for device, indices in _group_by_device(live, live).items():
+            if device is None:
+                self.synchronize()
+                stash.synchronize()
             event = self._engine.stash_and_load([live[i] for i in indices],
                                                 [stash._tensors[names[i]] for i in indices],
                                                 [self._tensors[names[i]] for i in indices], device)

@@ -13,8 +13,8 @@ BACKENDS = [pytest.param("ext", marks=pytest.mark.skipif(os.environ.get("SPIN_KE
             "torch"]
 
 
-def _llama(seed, tied=False, layers=3, dtype=torch.float32):
-    config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+def _llama(seed, tied=False, layers=3, dtype=torch.float32, vocab=97):
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                       tie_word_embeddings=tied)
     torch.manual_seed(seed)
@@ -69,6 +69,17 @@ def test_streamed_forward_with_padding_mask():
     with torch.no_grad():
         expected = reference(ids, attention_mask=mask).logits
     assert torch.equal(streamed_reference_forward(policy, bank, ids, attention_mask=mask), expected)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 4])
+def test_streamed_forward_with_a_head_copied_in_pieces(layers):
+    # A 4 MB LM head goes over in 1 MB pieces spread over the last layers' copies.
+    reference, policy = _llama(10, layers=layers, vocab=32768), _llama(11, layers=layers, vocab=32768)
+    bank = WeightBank.from_module(reference)
+    ids = torch.randint(0, 32768, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    assert torch.equal(streamed_reference_forward(policy, bank, ids), expected)
 
 
 def test_streamed_forward_of_a_one_layer_model():
