@@ -92,6 +92,25 @@ def test_greedy_equals_hf_generate_multi_query_attention():
     assert generate(mqa, PROMPTS, SamplingConfig(max_new_tokens=7, do_sample=False), batch_size=4) == expected
 
 
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "llama3_rope"])
+def test_static_decoder_equals_hf_generate_on_other_llama_family_models(family):
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3)
+    config = {
+        "qwen2": lambda: transformers.Qwen2Config(**shape),  # q/k/v projections with bias
+        "mistral": lambda: transformers.MistralConfig(sliding_window=None, **shape),
+        "llama3_rope": lambda: transformers.LlamaConfig(rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}, **shape),
+    }[family]()
+    torch.manual_seed(0)
+    other = transformers.AutoModelForCausalLM.from_config(config).eval()
+    stats = GenerationStats()
+    got = generate(other, PROMPTS, SamplingConfig(max_new_tokens=10, do_sample=False), batch_size=4, stats=stats)
+    assert stats.backend == "static"
+    assert got == [hf_greedy(other, p, 10) for p in PROMPTS]
+
+
 @pytest.mark.parametrize("backend", ["static", "hf"])
 def test_eos_ends_each_response_and_is_included(model, greedy_reference, backend):
     # Pick a token that greedy decoding produces in the middle of some response.
