@@ -200,7 +200,8 @@ class SpinTrainer:
         p["step"] += 1
         p["global_step"] += 1
         record = {"kind": "train", "run": self.run, "iteration": p["iteration"] + 1, "epoch": p["epoch"],
-                  "step": p["global_step"], "beta": beta, **metrics}
+                  "step": p["global_step"], "beta": beta,
+                  "generated_at_epoch": self.cache["generated_epoch"], **metrics}
         self.cache["history"].append(record)
         self.metrics.write(record)
         return record

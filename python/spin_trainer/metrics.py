@@ -67,8 +67,12 @@ def eval_rows(records, run):
     return [r for r in records if r.get("kind") == "eval" and r.get("run") == run]
 
 
-def plot_curves(records, path, runs):
-    """curves.png: held-out exact match and SFT validation loss per run, SPIN loss and acc per step."""
+def plot_curves(records, path, runs, offsets=None):
+    """curves.png: held-out exact match and SFT validation loss per run, SPIN loss and acc per step.
+
+    `offsets` shifts a run's steps (e.g. runs that start where a warm-up ended) on the x axis.
+    """
+    offsets = offsets or {}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,10 +85,11 @@ def plot_curves(records, path, runs):
               (axes[1][1], "train", "acc", "SPIN acc (actual preferred)"))
     for ax, kind, key, title in panels:
         for run in runs:
-            points = [(r["step"], r[key]) for r in records
+            shift = offsets.get(run, 0)
+            points = [(r["step"] + shift, r[key]) for r in records
                       if r.get("kind") == kind and r.get("run") == run and r.get(key) is not None]
             if kind == "train" and key == "loss":
-                points = [(r["step"], r.get("loss", r.get("sft_loss"))) for r in records
+                points = [(r["step"] + shift, r.get("loss", r.get("sft_loss"))) for r in records
                           if r.get("kind") == "train" and r.get("run") == run]
             if points:
                 xs, ys = zip(*points)
