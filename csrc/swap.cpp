@@ -1,6 +1,6 @@
 // Host-memory extension of spin_kernels (see DESIGN.md, "Swap design").
 //
-// Three functions, the same in the CPU and the CUDA build:
+// Three functions, the same in the CPU and the CUDA build (and `device_view`, CUDA only):
 //   alloc_host(nbytes, pinned)        one exact-size host allocation as a uint8 tensor; every view
 //                                     of it keeps it alive, the last one frees it.
 //   copy_batch(dsts, srcs, stream, device)
@@ -238,6 +238,27 @@ void stash_and_load(const std::vector<torch::Tensor>& live, const std::vector<to
   }
 }
 
+// A CUDA tensor that reads the pinned host memory of `host` in place: kernels fetch exactly the bytes
+// they touch over the bus (a gather of a few embedding rows instead of a copy of the whole table).
+torch::Tensor device_view(const torch::Tensor& host, int64_t device) {
+  TORCH_CHECK(host.is_cpu(), "device_view: expected a CPU tensor in pinned memory, got one on ", host.device());
+  TORCH_CHECK(device >= 0, "device_view: device must be a CUDA device index, got ", device);
+#ifdef WITH_CUDA
+  DeviceGuard guard(device);
+  char* base = static_cast<char*>(host.storage().data_ptr().get());
+  void* mapped = nullptr;
+  check_cuda(cudaHostGetDevicePointer(&mapped, base, 0),
+             "cudaHostGetDevicePointer (the tensor must live in memory from cudaHostAlloc)");
+  const int64_t offset = static_cast<char*>(host.data_ptr()) - base;
+  torch::Tensor keep_alive = host;  // the host allocation lives as long as the view
+  return torch::from_blob(static_cast<char*>(mapped) + offset, host.sizes(), host.strides(),
+                          [keep_alive](void*) {},
+                          host.options().device(torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(device))));
+#else
+  TORCH_CHECK(false, "device_view: spin_kernels._swap_ext was built without CUDA");
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -254,4 +275,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("live"), pybind11::arg("stash"), pybind11::arg("bank"), pybind11::arg("d2h_stream") = 0,
         pybind11::arg("h2d_stream") = 0, pybind11::arg("device") = -1,
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("device_view", &device_view, "A CUDA tensor reading the pinned host memory of `host` in place",
+        pybind11::arg("host"), pybind11::arg("device"));
 }

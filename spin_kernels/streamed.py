@@ -182,14 +182,19 @@ class _LayerPipeline:
             self.wait(self.tail_ready)
         return _views(self.tail, self.tail_buffer)
 
-    def embed(self, embed_host: torch.Tensor, flat_ids: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """Rows of the host embedding table for the ids, on the device (gathered on the host: only
-        B*T rows cross the bus, not the [V, H] table)."""
+    def embed(self, embed_host: torch.Tensor, flat_ids: torch.Tensor, shape: tuple[int, ...],
+              device: torch.device) -> torch.Tensor:
+        """Rows of the host embedding table for the ids, on the device: only B*T rows cross the bus,
+        not the [V, H] table. Pinned by the extension, the table is read in place by the gather
+        kernel; otherwise the rows are gathered on the host and copied."""
         hidden = embed_host.shape[1]
-        device = self.ring[0].device if self.ring else self.tail_buffer.device
         out = torch.empty((*shape, hidden), dtype=embed_host.dtype, device=device)
         if not self.on_cuda:
             torch.index_select(embed_host, 0, flat_ids, out=out.view(-1, hidden))
+            return out
+        table = self.engine.device_view(embed_host, device)
+        if table is not None:
+            torch.index_select(table, 0, flat_ids.to(device), out=out.view(-1, hidden))
             return out
         staging = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
         torch.index_select(embed_host, 0, flat_ids, out=staging.view(-1, hidden))
@@ -254,7 +259,7 @@ def streamed_reference_forward(model: nn.Module, bank: WeightBank, input_ids: to
     try:
         rest_ready = pipeline.copy_stage(rest, rest_buffer)
         pipeline.start()
-        embeds = pipeline.embed(embed_host, flat_ids, tuple(input_ids.shape))
+        embeds = pipeline.embed(embed_host, flat_ids, tuple(input_ids.shape), embed.weight.device)
         if len(layers) > 1:
             pipeline.issue_layer(1)
 

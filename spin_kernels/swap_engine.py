@@ -70,6 +70,16 @@ class CopyEngine:
             return 1 << max(nbytes - 1, 0).bit_length()  # CachingHostAllocator: next power of two
         return nbytes
 
+    def device_view(self, host: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """A CUDA tensor that reads pinned `host` memory in place (kernels fetch only the bytes they
+        touch over the bus), or None where this engine cannot make one."""
+        if not (self.use_extension and _swap_ext.with_cuda and device.type == "cuda"):
+            return None
+        try:
+            return _swap_ext.device_view(host, _index(device))
+        except RuntimeError:  # not in memory from cudaHostAlloc, or mapped for another device
+            return None
+
     # -- streams ----------------------------------------------------------------------------------
 
     def side_stream(self, device: torch.device, lane: int = 0) -> torch.cuda.Stream:

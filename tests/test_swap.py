@@ -28,6 +28,23 @@ def test_backend_is_the_extension_when_it_was_built():
         assert swap.backend == "cpu-ext"
 
 
+def test_cpu_build_refuses_cuda_only_calls_clearly():
+    if swap.backend != "cpu-ext":
+        pytest.skip("needs the CPU build of the extension")
+    from spin_kernels import _swap_ext
+
+    with pytest.raises(RuntimeError, match="built without CUDA"):
+        _swap_ext.device_view(torch.zeros(4), 0)
+    with pytest.raises(RuntimeError, match="pinned memory needs the CUDA build"):
+        _swap_ext.alloc_host(16, True)
+    with pytest.raises(RuntimeError, match=r"copy #1: shape mismatch, dst is \[3\] and src is \[4\]"):
+        _swap_ext.copy_batch([torch.zeros(4), torch.zeros(3)], [torch.ones(4), torch.ones(4)])
+    with pytest.raises(RuntimeError, match="copy #0: dtype mismatch"):
+        _swap_ext.copy_batch([torch.zeros(4)], [torch.ones(4, dtype=torch.float64)])
+    with pytest.raises(RuntimeError, match="contiguous"):
+        _swap_ext.copy_batch([torch.zeros(4, 4).t()], [torch.ones(4, 4)])
+
+
 def test_torch_fallback_is_live_without_the_extension():
     script = (
         "import sys, torch\n"

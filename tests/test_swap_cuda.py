@@ -44,6 +44,16 @@ def test_arena_is_pinned_and_exactly_sized():
     assert rounded.is_pinned and rounded.arena_nbytes >= rounded.arena.numel()
 
 
+def test_device_view_reads_pinned_memory_in_place():
+    source = torch.randn(1000, 64, device="cuda").to(torch.bfloat16)
+    bank = WeightBank.from_tensors({"a": torch.zeros(3), "table": source}, backend="ext")
+    view = bank._engine.device_view(bank["table"], torch.device("cuda"))
+    assert view is not None and view.is_cuda and view.shape == source.shape
+    rows = torch.tensor([0, 999, 17, 17], device="cuda")
+    assert torch.equal(view.index_select(0, rows), source.index_select(0, rows))
+    assert bank._engine.device_view(torch.zeros(4), torch.device("cuda")) is None  # pageable memory
+
+
 def test_swapped_on_the_gpu_is_bit_exact():
     reference, policy = _llama(1), _llama(2)
     bank = WeightBank.from_module(reference)
