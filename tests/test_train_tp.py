@@ -1,6 +1,7 @@
 """2 gloo processes: a tensor-parallel (tp=2) and a data-parallel (dp=2) SPIN step equal the
-1-process step (log-probs, loss, updated parameters; fp32, 1e-5), and sharded optimizer state
-survives a checkpoint round trip."""
+1-process step (log-probs, loss, updated parameters; fp32, 1e-5), sharded optimizer state
+survives a checkpoint round trip, and the whole loop under --tp 2 (generation with gathered vocab
+shards, sharded checkpoints, export) gives the 1-process run's results."""
 import os
 import socket
 from datetime import timedelta
@@ -10,7 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from test_trainer_fixtures import arith_records, one_thread  # noqa: F401 (autouse fixture)
+from test_trainer_fixtures import arith_records, one_thread, tiny_setup, train_args  # noqa: F401 (autouse fixture)
+
+import train as train_cli
 
 from spin_trainer.checkpoint import (full_state_dict, load_local_state, load_optimizer_local_state, local_state,
                                      optimizer_local_state)
@@ -77,7 +80,10 @@ def spin_steps(model_dir, tp):
             "after2_resumed": full_state_dict(model)}
 
 
-def _worker(rank, world_size, port, model_dir, out_path):
+LOOP_ARGS = ("--iterations", "1", "--greedy", "--save-every", "2")
+
+
+def _worker(rank, world_size, port, model_dir, out_path, setup, loop_out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -86,7 +92,8 @@ def _worker(rank, world_size, port, model_dir, out_path):
     if rank == 0:
         torch.save(results, out_path)
     dist.barrier()
-    dist.destroy_process_group()
+    # Last: the trainer tears the process group down when it is done.
+    train_cli.main(train_args(*setup, loop_out, "--tp", "2", *LOOP_ARGS))
 
 
 def free_port():
@@ -101,10 +108,18 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_process_results(model_dir, tmp_path_factory):
-    out_path = str(tmp_path_factory.mktemp("tp_out") / "results.pt")
-    mp.spawn(_worker, args=(2, free_port(), model_dir, out_path), nprocs=2, join=True)
-    return torch.load(out_path, weights_only=False)
+def loop_setup(tmp_path_factory):
+    return tiny_setup(str(tmp_path_factory.mktemp("tp_loop")))
+
+
+@pytest.fixture(scope="module")
+def two_process_results(model_dir, loop_setup, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("tp_out")
+    out_path, loop_out = str(out_dir / "results.pt"), str(out_dir / "loop")
+    mp.spawn(_worker, args=(2, free_port(), model_dir, out_path, loop_setup, loop_out), nprocs=2, join=True)
+    results = torch.load(out_path, weights_only=False)
+    results["loop_out"] = loop_out
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +154,31 @@ def test_sharded_optimizer_state_survives_a_checkpoint_round_trip(two_process_re
     got = two_process_results[layout]
     for name, tensor in got["after2"].items():
         assert torch.equal(got["after2_resumed"][name], tensor), name
+
+
+def test_whole_loop_under_tp_matches_one_process(two_process_results, loop_setup, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from spin_trainer.checkpoint import list_checkpoints
+
+    single = str(tmp_path / "single")
+    train_cli.main(train_args(*loop_setup, single, *LOOP_ARGS))
+    sharded = two_process_results["loop_out"]
+    checkpoint = list_checkpoints(os.path.join(sharded, "checkpoints", "spin"))[-1]
+    assert {"rank00000.pt", "rank00001.pt", "shared.pt", "manifest.json"} <= set(os.listdir(checkpoint))
+
+    def eval_rows(out):
+        with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+            return [r for r in map(json.loads, f) if r["kind"] == "eval"]
+
+    for got, want in zip(eval_rows(sharded), eval_rows(single), strict=True):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            if isinstance(value, float):
+                assert abs(got[key] - value) <= 1e-5 * (1 + abs(value)), key
+            else:
+                assert got[key] == value, key
+    assert_states_close(load_file(os.path.join(sharded, "final", "model.safetensors")),
+                        load_file(os.path.join(single, "final", "model.safetensors")))

@@ -4,8 +4,6 @@ Tensor-parallel ranks of one data-parallel slot process the same prompts; the LM
 shards are gathered while sampling (spin_trainer.tp_plan.full_vocab_logits), and
 generate_responses is deterministic for a seed and identical on every tensor-parallel rank.
 """
-from contextlib import nullcontext
-
 import torch
 
 from .data import collate_pairs
@@ -49,12 +47,8 @@ def greedy(max_new_tokens):
 
 
 @torch.no_grad()
-def pair_logps(model, examples, generated, ctx, *, micro_batch_size, pad_token_id, reference=None):
-    """[P, 2] float32 (actual, generated) response log-prob sums under `model`, on every rank.
-
-    `reference` is a context manager factory (e.g. the swapped-in reference weights) entered
-    around each forward; None uses the model as it is.
-    """
+def pair_logps(model, examples, generated, ctx, *, micro_batch_size, pad_token_id):
+    """[P, 2] float32 (actual, generated) response log-prob sums under `model`, on every rank."""
     start, end = shard_range(len(examples), ctx.dp_rank, ctx.dp_size)
     was_training = model.training
     model.eval()
@@ -63,8 +57,7 @@ def pair_logps(model, examples, generated, ctx, *, micro_batch_size, pad_token_i
         for i in range(start, end, micro_batch_size):
             j = min(i + micro_batch_size, end)
             batch = collate_pairs(examples[i:j], generated[i:j], pad_token_id).to(ctx.device)
-            with (reference() if reference is not None else nullcontext()):
-                logps = sequence_logps(model, batch, ctx).float().cpu()
+            logps = sequence_logps(model, batch, ctx).float().cpu()
             b = j - i
             rows.extend(torch.stack([logps[:b], logps[b:]], dim=1).tolist())
     finally:

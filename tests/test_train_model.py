@@ -1,0 +1,62 @@
+"""Attention selection (flash_attention_2 when usable on CUDA, else SDPA), the tiny default model,
+and the trainer on a GPU (marked `cuda`)."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from test_trainer_fixtures import one_thread, tiny_setup, train_args  # noqa: F401 (autouse fixture)
+
+import train as train_cli
+from spin_trainer.model import choose_attention, create_default_model, load_model, load_tokenizer
+
+
+def test_attention_choice(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert choose_attention("auto", cpu) == "sdpa"
+    assert choose_attention("eager", cpu) == "eager"
+    with pytest.raises(ValueError, match="--attn flash_attention_2 needs a CUDA device"):
+        choose_attention("flash_attention_2", cpu)
+    with pytest.raises(ValueError, match="--attn must be one of"):
+        choose_attention("flash", cpu)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    assert choose_attention("auto", cuda) == "flash_attention_2"
+    assert choose_attention("sdpa", cuda) == "sdpa"
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a))
+    assert choose_attention("auto", cuda) == "sdpa"
+
+
+def test_tiny_default_loads_with_the_chosen_attention_and_round_trips_text(tmp_path):
+    from transformers import AutoTokenizer
+
+    model_dir = create_default_model(str(tmp_path / "m"), hidden_size=32, intermediate_size=64)
+    eager = load_model(model_dir, attention="eager")
+    sdpa = load_model(model_dir, attention="auto")
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    ids = torch.tensor([[1, 6, 7, 4, 8, 9, 15]])
+    with torch.no_grad():
+        torch.testing.assert_close(eager(ids).logits, sdpa(ids).logits, rtol=1e-5, atol=1e-5)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer.decode(tokenizer("98+7=105", add_special_tokens=False)["input_ids"]) == "98+7=105"
+    assert load_tokenizer(model_dir).eos_token_id == eager.config.eos_token_id
+    assert eager.config.vocab_size % 4 == 0 and eager.config.vocab_size >= len(tokenizer)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trainer_runs_on_cuda_in_bf16(tmp_path):
+    setup = tiny_setup(str(tmp_path))
+    out = str(tmp_path / "run")
+    rows = train_cli.main(train_args(*setup, out, "--device", "cuda", "--dtype", "bfloat16",
+                                     "--reference", "swap", "--offload-optimizer"))
+    assert [r["step"] for r in rows] == [0, 4, 8]
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        losses = [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]
+    assert len(losses) == 8 and all(0 < loss < 10 for loss in losses)
+    expected = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+    assert choose_attention("auto", torch.device("cuda")) == expected
