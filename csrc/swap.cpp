@@ -251,9 +251,11 @@ torch::Tensor device_view(const torch::Tensor& host, int64_t device) {
              "cudaHostGetDevicePointer (the tensor must live in memory from cudaHostAlloc)");
   const int64_t offset = static_cast<char*>(host.data_ptr()) - base;
   torch::Tensor keep_alive = host;  // the host allocation lives as long as the view
-  return torch::from_blob(static_cast<char*>(mapped) + offset, host.sizes(), host.strides(),
-                          [keep_alive](void*) {},
-                          host.options().device(torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(device))));
+  const torch::Device target(torch::kCUDA, static_cast<c10::DeviceIndex>(device));
+  // The device is given, not inferred from the pointer (which names the device that was current
+  // when the host memory was allocated).
+  return at::from_blob(static_cast<char*>(mapped) + offset, host.sizes(), host.strides(),
+                       [keep_alive](void*) {}, host.options().device(target), target);
 #else
   TORCH_CHECK(false, "device_view: spin_kernels._swap_ext was built without CUDA");
 #endif

@@ -251,8 +251,8 @@ def streamed_reference_forward(model: nn.Module, bank: WeightBank, input_ids: to
     # Whatever else the bank holds for this model (e.g. a persistent rotary buffer) stays resident.
     rest = _make_stage([b for b in _bindings(model, names_by_id, slots) if id(b[0][b[1]]) not in staged])
 
-    pipeline = _LayerPipeline(bank, embed.weight.device, layer_stages, tail)
     rest_buffer = torch.empty(rest.nbytes, dtype=torch.uint8, device=embed.weight.device)
+    pipeline = _LayerPipeline(bank, embed.weight.device, layer_stages, tail)
     resident_saved: list = []  # whole forward: tensors outside layers, norm and head
     stage_saved: list = []     # one layer (or the norm, or the head) at a time
     hooks = []
