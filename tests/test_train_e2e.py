@@ -65,6 +65,8 @@ def test_micro_batches_with_accumulation_equal_one_big_batch(tiny, tmp_path):
     (["--global-batch-size", "64"], "--global-batch-size 64 is larger than the 32 training prompts"),
     (["--beta", "0.1", "0.2", "0.3"], "--beta: give one value or one per iteration (2), got 3"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--model", "/nonexistent/model"], "--model '/nonexistent/model': no such directory"),
+    (["--val-data", "/nonexistent/val.jsonl"], "--val-data '/nonexistent/val.jsonl': no such file"),
 ])
 def test_bad_options_name_the_option(tiny, tmp_path, extra, expected):
     with pytest.raises(ValueError) as info:

@@ -124,12 +124,10 @@ class SpinTrainer:
                         progress=self.config.progress, optimizer=self.optimizer,
                         offload_optimizer=self.config.offload_optimizer)
 
-    def reference_logps(self, examples, generated, swap_in):
-        kwargs = dict(micro_batch_size=self.config.micro_batch_size, pad_token_id=self.tokenizer.pad_token_id)
-        if swap_in:
-            with self.reference_weights():
-                return pair_logps(self.model, examples, generated, self.ctx, **kwargs)
-        return pair_logps(self.model, examples, generated, self.ctx, **kwargs)
+    def reference_logps(self, examples, generated):
+        """Log-probs under the model as it is now: callers make sure that is the reference θ_t."""
+        return pair_logps(self.model, examples, generated, self.ctx, micro_batch_size=self.config.micro_batch_size,
+                          pad_token_id=self.tokenizer.pad_token_id)
 
     def iteration_pairs(self, iteration, generated):
         examples, generated = list(self.examples), list(generated)
@@ -141,13 +139,17 @@ class SpinTrainer:
             generated += [prev_generated[i] for i in picks]
         return examples, generated
 
-    def prepare_epoch_data(self, iteration, epoch, swap_in):
-        """Generations for the training and validation prompts, and their reference log-probs."""
+    def prepare_epoch_data(self, iteration, epoch):
+        """Generations for the training and validation prompts, and their reference log-probs.
+
+        Called while the model holds θ_t: at the start of an iteration (the policy is θ_t) or with
+        the reference swapped in (per-epoch regeneration).
+        """
         generated = self.generate_for(self.examples, iteration, epoch)
         examples, generated = self.iteration_pairs(iteration, generated)
-        ref = self.reference_logps(examples, generated, swap_in) if self.config.reference == "precompute" else None
+        ref = self.reference_logps(examples, generated) if self.config.reference == "precompute" else None
         val_generated = self.generate_for(self.val_examples, iteration, epoch + 10_000)
-        val_ref = self.reference_logps(self.val_examples, val_generated, swap_in)
+        val_ref = self.reference_logps(self.val_examples, val_generated)
         lengths = [len(g) for g in generated[:len(self.examples)]]
         return {"examples": examples, "generated": generated, "ref_logps": ref, "val_generated": val_generated,
                 "val_ref_logps": val_ref, "generated_epoch": epoch, "history": [],
@@ -155,13 +157,13 @@ class SpinTrainer:
 
     def begin_iteration(self, iteration):
         self.snapshot_reference()
-        self.cache = self.prepare_epoch_data(iteration, 0, swap_in=False)
+        self.cache = self.prepare_epoch_data(iteration, 0)
 
     def regenerate(self, iteration, epoch):
         """Per-epoch regeneration (NeMo-Aligner's mode): the reference θ_t is swapped in to sample."""
         history = self.cache["history"]
         with self.reference_weights():
-            self.cache = self.prepare_epoch_data(iteration, epoch, swap_in=False)
+            self.cache = self.prepare_epoch_data(iteration, epoch)
         self.cache["history"] = history
 
     # ---- one optimizer step ----------------------------------------------------------------------
