@@ -7,6 +7,7 @@ table and the verdict says which ended with the higher held-out exact-match accu
 """
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -75,8 +76,11 @@ def run_demo(args):
         data = demo_data(tokenizer)
         model = load_model(base_dir, attention=args.attn)
         metrics = MetricsLog(os.path.join(out, "metrics.jsonl"))
+        # The demo always starts from scratch: a previous demo's metrics and checkpoints would mix
+        # with this run's (and a stale later step would outrank the new checkpoints when pruning).
         if os.path.exists(metrics.path):
-            os.remove(metrics.path)   # the demo always starts from scratch
+            os.remove(metrics.path)
+        shutil.rmtree(os.path.join(out, "checkpoints", "spin"), ignore_errors=True)
         held_out = HeldOut(data["test"], data["val"], ctx, tokenizer=tokenizer, max_length=MAX_LENGTH,
                            max_new_tokens=6, batch_size=256, micro_batch_size=64)
         progress = not args.no_progress
