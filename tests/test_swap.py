@@ -45,6 +45,21 @@ def test_cpu_build_refuses_cuda_only_calls_clearly():
         _swap_ext.copy_batch([torch.zeros(4, 4).t()], [torch.ones(4, 4)])
 
 
+@pytest.mark.skipif(EXTENSION_SKIPPED, reason="SPIN_KERNELS_NO_EXT=1")
+def test_large_host_copies_are_split_across_threads_exactly():
+    from spin_kernels import _swap_ext
+
+    # 8 MB chunks: 3 whole chunks and a ragged tail, plus a small tensor in the same batch.
+    big = torch.randint(0, 256, ((3 << 23) + 12345,), dtype=torch.uint8)
+    small = torch.randn(7)
+    arena = _swap_ext.alloc_host(big.numel() + 64, False)
+    assert arena.numel() == big.numel() + 64 and arena.data_ptr() % _swap_ext.host_alignment == 0
+    start = (big.numel() + 31) // 32 * 32
+    small_dst = arena[start:start + 28].view(torch.float32)
+    _swap_ext.copy_batch([arena[:big.numel()], small_dst], [big, small])
+    assert torch.equal(arena[:big.numel()], big) and torch.equal(small_dst, small)
+
+
 def test_torch_fallback_is_live_without_the_extension():
     script = (
         "import sys, torch\n"
