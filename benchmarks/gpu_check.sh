@@ -30,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 step build 120 $PY setup.py build_ext --inplace
-step tests 150 $PY -m pytest -q -x -m cuda tests -p no:cacheprovider
+step tests 150 $PY -m pytest -q -m cuda tests -p no:cacheprovider --durations=8
 step bench_loss 170 $PY benchmarks/bench_loss.py --sweep
 step bench_swap 100 $PY benchmarks/bench_swap.py
 step bench_e2e 150 $PY benchmarks/bench_e2e.py
