@@ -25,6 +25,9 @@ def test_attention_choice(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
     assert choose_attention("auto", cuda) == "flash_attention_2"
+    assert choose_attention("auto", cuda, torch.float32) == "sdpa"     # flash-attn has no fp32 kernels
+    with pytest.raises(ValueError, match="--dtype bfloat16 or float16"):
+        choose_attention("flash_attention_2", cuda, torch.float32)
     assert choose_attention("sdpa", cuda) == "sdpa"
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a))
@@ -59,4 +62,4 @@ def test_trainer_runs_on_cuda_in_bf16(tmp_path):
         losses = [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]
     assert len(losses) == 8 and all(0 < loss < 10 for loss in losses)
     expected = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
-    assert choose_attention("auto", torch.device("cuda")) == expected
+    assert choose_attention("auto", torch.device("cuda"), torch.bfloat16) == expected

@@ -71,16 +71,17 @@ def create_default_model(out_dir, *, alphabet="0123456789+=", vocab_multiple=4, 
     return out_dir
 
 
-def choose_attention(requested, device):
-    """flash_attention_2 when asked (or "auto") and usable on CUDA, else PyTorch SDPA."""
+def choose_attention(requested, device, dtype=torch.bfloat16):
+    """flash_attention_2 when asked (or "auto") and usable (CUDA, 16-bit weights), else PyTorch SDPA."""
     if requested not in ATTENTION_CHOICES:
         raise ValueError(f"--attn must be one of {ATTENTION_CHOICES}, got {requested!r}")
-    flash_usable = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    flash_usable = (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+                    and importlib.util.find_spec("flash_attn") is not None)
     if requested == "auto":
         return "flash_attention_2" if flash_usable else "sdpa"
     if requested == "flash_attention_2" and not flash_usable:
-        raise ValueError("--attn flash_attention_2 needs a CUDA device and the flash_attn package; "
-                         "use --attn sdpa or --attn auto")
+        raise ValueError("--attn flash_attention_2 needs a CUDA device, --dtype bfloat16 or float16 and the "
+                         "flash_attn package; use --attn sdpa or --attn auto")
     return requested
 
 
@@ -122,7 +123,7 @@ def load_model(path, *, attention="auto", dtype="float32", device=torch.device("
     check_model_dir(path)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    attn_implementation = choose_attention(attention, device)
+    attn_implementation = choose_attention(attention, device, DTYPES[dtype])
     try:
         config = AutoConfig.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
