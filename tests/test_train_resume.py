@@ -116,3 +116,11 @@ def test_flipped_bytes_and_missing_manifest_are_detected(stopped, tmp_path):
     wrong_world = ParallelContext(0, 2, 2, 1, 0, 0, torch.device("cpu"))
     shutil.copytree(os.path.join(stopped[0], "checkpoints", "spin", "step-00000002"), str(tmp_path / "c"))
     assert "written by 1 processes with --tp 1" in checkpoint_problem(str(tmp_path / "c"), wrong_world)
+
+
+def test_resume_with_other_settings_is_refused(tiny, stopped, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(stopped[0], out)
+    with pytest.raises(ValueError, match=r"--resume: .*step-00000003 was written with reference = 'precompute', "
+                                         r"this run has 'swap'"):
+        train_cli.main(train_args(*tiny, out, *EXTRA, "--resume", "--reference", "swap"))

@@ -2,7 +2,7 @@
 
 Error messages name the command-line option, since that is what the user typed.
 """
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 REFERENCE_MODES = ("precompute", "swap", "resident")
 GENERATE_EVERY = ("iteration", "epoch")
@@ -52,6 +52,11 @@ class SpinConfig:
             raise ValueError(f"--iterations must be >= 1, got {self.iterations}")
         self.betas = per_iteration(self.betas, self.iterations, "--beta")
         self.lrs = per_iteration(self.lrs, self.iterations, "--lr")
+
+    def resume_settings(self):
+        """The settings a resumed run must share with the checkpoint to reproduce the run."""
+        ignored = ("progress", "keep", "save_every", "offload_optimizer")
+        return {name: value for name, value in asdict(self).items() if name not in ignored}
 
     def mixed_pairs(self, num_examples):
         return int(round(self.mix_previous * num_examples))

@@ -235,7 +235,8 @@ class SpinTrainer:
                       "reference": self.reference_state() if self.cache is not None else None,
                       "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-        shared_state = {"position": dict(self.position), "scheduler": self.scheduler.state_dict(),
+        shared_state = {"settings": self.config.resume_settings(), "position": dict(self.position),
+                        "scheduler": self.scheduler.state_dict(),
                         "cache": self.cache, "previous_pairs": self.previous_pairs, "eval_rows": self.eval_rows}
         return save_checkpoint(self.checkpoint_root, self.position["global_step"], rank_state, shared_state,
                                self.ctx, keep=self.config.keep)
@@ -247,6 +248,10 @@ class SpinTrainer:
                 self.report(f"--resume: no usable checkpoint under {self.checkpoint_root}; starting from the beginning")
             return False
         path, rank_state, shared = found
+        for name, value in self.config.resume_settings().items():
+            if shared["settings"].get(name) != value:
+                raise ValueError(f"--resume: {path} was written with {name} = {shared['settings'].get(name)!r}, "
+                                 f"this run has {value!r}; resume with the same settings or use another --out")
         load_local_state(self.model, rank_state["policy"])
         load_optimizer_local_state(self.optimizer, rank_state["optimizer"])
         self.scheduler.load_state_dict(shared["scheduler"])
