@@ -29,5 +29,9 @@ def test_verdict_names_the_winner_only_beyond_the_noise():
     assert "SPIN did better" in clear and "0.600" in clear and "0.200" in clear
     assert "continued SFT did better" in verdict(rows(0.20), rows(0.60), num_test=256)
     close = verdict(rows(0.25), rows(0.26), num_test=256)
-    assert "continued SFT ended higher, but by less than two standard errors" in close
+    assert "continued SFT ended higher on exact match, but by less than two standard errors" in close
+    assert "SPIN has the lower SFT validation loss" in verdict(rows(0.3, loss=0.7), rows(0.3, loss=0.9), num_test=256)
+    assert "Both have the same SFT validation loss" in close
+    assert "continued SFT has the lower SFT validation loss" in verdict(rows(0.3, loss=0.9), rows(0.3, loss=0.7),
+                                                                        num_test=256)
     assert "Neither did better" in verdict(rows(0.3), rows(0.3), num_test=256)

@@ -51,13 +51,16 @@ def verdict(spin_rows, sft_rows, num_test):
                f"continued SFT {b:.3f} ({num_test} test problems, standard error of the difference {noise:.3f}); "
                f"SFT validation loss SPIN {spin_final['val_sft_loss']:.4f} vs continued SFT "
                f"{sft_final['val_sft_loss']:.4f}.")
+    loss_a, loss_b = spin_final["val_sft_loss"], sft_final["val_sft_loss"]
+    loss_note = (" Both have the same SFT validation loss." if loss_a == loss_b else
+                 f" {'SPIN' if loss_a < loss_b else 'continued SFT'} has the lower SFT validation loss.")
     if a == b:
-        return summary + " Neither did better on exact match in this run."
+        return summary + " Neither did better on exact match in this run." + loss_note
     winner = "SPIN" if a > b else "continued SFT"
     if abs(a - b) < 2 * noise:
-        return summary + (f" {winner} ended higher, but by less than two standard errors: "
-                          f"on this run the two are not distinguishable.")
-    return summary + f" {winner} did better on exact match in this run (one seed, tiny model)."
+        return summary + (f" {winner} ended higher on exact match, but by less than two standard errors: "
+                          f"on this run the two are not distinguishable.") + loss_note
+    return summary + f" {winner} did better on exact match in this run (one seed, tiny model)." + loss_note
 
 
 def run_demo(args):
