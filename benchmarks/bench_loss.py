@@ -8,7 +8,7 @@ cross_entropy(reduction="none") when importable. The same run measures the devic
 (read, read, write), 1 for the no-grad forward.
 
     python benchmarks/bench_loss.py                       # full table (GPU)
-    python benchmarks/bench_loss.py --vocab 128256 --sweep   # also time kernel launch configs
+    python benchmarks/bench_loss.py --sweep               # first pick each kernel's launch config
 Writes benchmarks/results/loss.json and loss.md.
 """
 import argparse
@@ -146,50 +146,61 @@ def measure(name, impl, batch, reps, device):
     return row
 
 
+SWEEP_CONFIGS = [(block_v, warps) for block_v in (1024, 2048, 4096, 8192, 16384)
+                 for warps in (2, 4, 8, 16, 32) if 4 <= block_v // (32 * warps) <= 32]
+
+
 def sweep(batch, reps):
-    """Time spin_kernels forward+backward over (BLOCK_V, num_warps) launch configurations."""
-    logits, labels, loss_mask, ref = batch
-    default = triton_ops._launch_config
-    rows = []
-    try:
-        for block_v in (2048, 4096, 8192, 16384):
-            for warps in (4, 8, 16, 32):
-                if not 4 <= block_v // (32 * warps) <= 32:
-                    continue  # elements per thread: too few to hide latency, or too many registers
-                triton_ops._launch_config = lambda v, b=block_v, w=warps: (b, w)
-                x = logits.clone().requires_grad_()
+    """Time each kernel alone over launch configs; returns the rows and the best per kernel.
 
-                def step():
-                    return torch.autograd.grad(
-                        spin_loss(x, labels, ref, loss_mask=loss_mask, beta=BETA).loss, x)
-
-                def fwd():
-                    with torch.no_grad():
-                        spin_loss(x, labels, ref, loss_mask=loss_mask, beta=BETA)
-
-                rows.append({"block_v": block_v, "num_warps": warps,
-                             "fwd_bwd_ms": bench_ms(step, reps), "no_grad_ms": bench_ms(fwd, reps)})
-                print(f"  sweep BLOCK_V={block_v:6d} warps={warps:2d}: "
-                      f"fwd+bwd {rows[-1]['fwd_bwd_ms']:.3f} ms, no-grad {rows[-1]['no_grad_ms']:.3f} ms",
-                      flush=True)
-                del x
-    finally:
-        triton_ops._launch_config = default
-    return rows
+    (BLOCK_V, num_warps) first at 3 pipeline stages, then the best three at 1, 2 and 4 stages.
+    """
+    logits, labels, loss_mask, _ = batch
+    labels = labels.masked_fill(~loss_mask, -100).reshape(-1)
+    vocab = logits.shape[-1]
+    stats = triton_ops.logprob_stats(logits, labels, -100, 1.0, 0, vocab)
+    grad = torch.randn(labels.shape, device=logits.device)
+    calls = {
+        "stats": ("_stats_config", lambda: triton_ops.logprob_stats(logits, labels, -100, 1.0, 0, vocab)),
+        "grad": ("_grad_config", lambda: triton_ops.logprob_grad(grad, logits, labels, stats, -100, 1.0, 0)),
+    }
+    rows, best = [], {}
+    for kernel, (attr, call) in calls.items():
+        default = getattr(triton_ops, attr)
+        timed = {}
+        try:
+            def time_config(config):
+                setattr(triton_ops, attr, lambda v: config)
+                timed[config] = bench_ms(call, reps)
+                rows.append({"kernel": kernel, "config": config, "ms": timed[config]})
+            for block_v, warps in SWEEP_CONFIGS:
+                time_config((block_v, warps, 3))
+            for block_v, warps, _ in sorted(timed, key=timed.get)[:3]:
+                for stages in (1, 2, 4):
+                    time_config((block_v, warps, stages))
+        finally:
+            setattr(triton_ops, attr, default)
+        best[kernel] = min(timed, key=timed.get)
+        print(f"  sweep V={vocab} {kernel}: best (BLOCK_V, num_warps, num_stages) = {best[kernel]}, "
+              f"{timed[best[kernel]]:.3f} ms; default {default(vocab)}: "
+              f"{timed.get(default(vocab), float('nan')):.3f} ms", flush=True)
+    return rows, best
 
 
 def markdown(results) -> str:
     lines = [f"Device: {results['device']}; torch {results['torch']}, triton {results['triton']}; "
              f"copy bandwidth {results['copy_tb_s']:.2f} TB/s (read + write)", ""]
-    if "launch_config" in results:
-        lines += [f"Launch config for V > 8192 (sweep winner): BLOCK_V, num_warps = "
-                  f"{tuple(results['launch_config'])}", ""]
     for table in results["tables"]:
         n, v = table["rows"], table["vocab"]
         ours = next(r for r in table["impls"] if r["impl"] == "spin_kernels")
         lines += [f"### V = {v}, N = {n} rows, bf16, 30 % masked; floor: fwd+bwd "
                   f"{table['floor_ms']:.2f} ms (3 passes), no-grad {table['floor_fwd_ms']:.2f} ms (1 pass)",
-                  "", "| impl | fwd+bwd ms | x floor | x spin_kernels | no-grad ms | x floor | "
+                  ""]
+        if "launch_config" in table:
+            lines += [f"Launch configs (BLOCK_V, num_warps, num_stages), sweep winners: forward "
+                      f"{tuple(table['launch_config']['stats'])}, backward "
+                      f"{tuple(table['launch_config']['grad'])}", ""]
+        lines += [ "| impl | fwd+bwd ms | x floor | x spin_kernels | no-grad ms | x floor | "
                   "extra GiB | dlogits rel. err vs fp64 |", "|---|---|---|---|---|---|---|---|"]
         for r in table["impls"]:
             if "error" in r:
@@ -213,7 +224,8 @@ def main():
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--compile-vocab", type=int, nargs="*", default=[128256],
                         help="vocab sizes that also time torch.compile (each compiles anew)")
-    parser.add_argument("--sweep", action="store_true", help="time launch configs at the first vocab")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time each kernel's launch configs at every vocab and use the winners")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "loss")
     args = parser.parse_args()
 
@@ -227,20 +239,20 @@ def main():
                "torch": torch.__version__, "triton": triton.__version__,
                "copy_tb_s": bandwidth / 1e12, "tables": []}
     print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
+    committed_configs = (triton_ops._stats_config, triton_ops._grad_config)
     for vocab in args.vocab:
         batch = make_batch(args.seqs, args.seq_len, vocab, device)
         n = args.seqs * args.seq_len
         logit_bytes = n * vocab * 2
         table = {"vocab": vocab, "rows": n, "floor_ms": 3 * logit_bytes / bandwidth * 1e3,
                  "floor_fwd_ms": logit_bytes / bandwidth * 1e3, "impls": []}
-        if args.sweep and vocab == args.vocab[0] and device.type == "cuda":
-            table["sweep"] = sweep(batch, max(5, args.reps // 2))
-            best = min(table["sweep"], key=lambda r: r["fwd_bwd_ms"])
-            results["launch_config"] = (best["block_v"], best["num_warps"])
-            default = triton_ops._launch_config
-            # The winner serves every vocab past the table's small-V rows for the rest of the run.
-            triton_ops._launch_config = lambda v: (results["launch_config"] if v > 8192 else default(v))
-            print(f"sweep winner for V > 8192: BLOCK_V, num_warps = {results['launch_config']}")
+        if args.sweep and device.type == "cuda":
+            triton_ops._stats_config, triton_ops._grad_config = committed_configs
+            table["sweep"], best = sweep(batch, max(5, args.reps // 2))
+            table["launch_config"] = best
+            # This vocab's table runs with the winners (they become the defaults when committed).
+            triton_ops._stats_config = lambda v, c=best["stats"]: c
+            triton_ops._grad_config = lambda v, c=best["grad"]: c
         for name, impl in implementations(vocab, args.compile_vocab).items():
             row = measure(name, impl, batch, args.reps, device)
             print(f"V={vocab} {name}: {row}", flush=True)

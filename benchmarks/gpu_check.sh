@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, in one call: the `cuda` tests, then the benchmark tables (about 7 minutes on one
 # H100/H200). For a GPU machine whose python3 has torch + triton and no network:
-#   bash benchmarks/gpu_check.sh   # tables in benchmarks/results/, logs in benchmarks/results/logs/;
-#                                  # with $OUT set, all of it also as $OUT/gpu_check.tgz
+#   bash benchmarks/gpu_check.sh                          # every step
+#   bash benchmarks/gpu_check.sh build tests bench_loss   # only these steps
+# Tables go to benchmarks/results/, logs to benchmarks/results/logs/; with $OUT set, all of it also
+# comes back as $OUT/gpu_check.tgz.
 # Optional wheels (e.g. Liger-Kernel for its baseline rows) are installed from .whl/ when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,8 +13,10 @@ LOG_DIR=benchmarks/results/logs
 mkdir -p "$LOG_DIR"
 status=0
 
+steps=" ${*:-build tests bench_loss bench_swap bench_e2e} "
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on failure
   local name=$1 limit=$2; shift 2
+  [[ $steps == *" $name "* ]] || return 0
   echo "=== $name (limit ${limit}s) ==="
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee "$LOG_DIR/$name.log"
@@ -35,5 +39,8 @@ step bench_loss 170 $PY benchmarks/bench_loss.py --sweep
 step bench_swap 100 $PY benchmarks/bench_swap.py
 step bench_e2e 150 $PY benchmarks/bench_e2e.py
 [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_check.tgz" benchmarks/results
-for f in benchmarks/results/*.md; do echo "----- $f"; cat "$f"; done
+for name in $steps; do
+  f=benchmarks/results/${name#bench_}.md
+  [ -f "$f" ] && { echo "----- $f"; cat "$f"; }
+done
 exit $status

@@ -18,18 +18,22 @@ LOG2E = math.log2(math.e)
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def _row_chunks(logits: torch.Tensor):
-    """Yield (first_row, [rows, V] view) over a [B, T, V] tensor, without copying it."""
-    B, T, V = logits.shape
+def _row_chunks(*tensors: torch.Tensor):
+    """Yield (first_row, [rows, V] views) over same-shaped [B, T, V] tensors, without copies.
+
+    The views of every tensor cover the same rows, whatever their strides.
+    """
+    B, T, V = tensors[0].shape
     chunk = max(1, _CHUNK_ELEMENTS // max(V, 1))
-    if B == 1 or logits.stride(0) == T * logits.stride(1):  # rows evenly spaced: one [N, V] view
-        flat = logits.flatten(0, 1)  # a view under this condition
+    # Rows evenly spaced in every tensor: walk one [N, V] view of each.
+    if all(B == 1 or t.stride(0) == T * t.stride(1) for t in tensors):
+        flats = [t.flatten(0, 1) for t in tensors]  # views under this condition
         for start in range(0, B * T, chunk):
-            yield start, flat[start:start + chunk]
+            yield start, [f[start:start + chunk] for f in flats]
         return
     for b in range(B):
         for t0 in range(0, T, chunk):
-            yield b * T + t0, logits[b, t0:t0 + chunk]
+            yield b * T + t0, [t[b, t0:t0 + chunk] for t in tensors]
 
 
 def _local_targets(labels: torch.Tensor, vocab_start: int, v_local: int):
@@ -48,7 +52,7 @@ def logprob_stats(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
     n, v_local = labels.numel(), logits.shape[-1]
     stats = torch.zeros(3, n, dtype=torch.float32, device=logits.device)
     scale = inv_temperature * LOG2E
-    for start, rows in _row_chunks(logits):
+    for start, (rows,) in _row_chunks(logits):
         end = start + rows.shape[0]
         lab = labels[start:end]
         x = rows.float() * scale
@@ -73,9 +77,7 @@ def logprob_grad(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
         out = torch.empty_like(logits)
     v_local = logits.shape[-1]
     scale = inv_temperature * LOG2E
-    out_chunks = _row_chunks(out)
-    for start, rows in _row_chunks(logits):
-        _, out_rows = next(out_chunks)
+    for start, (rows, out_rows) in _row_chunks(logits, out):
         end = start + rows.shape[0]
         lab = labels[start:end]
         coef = grad[start:end].float() * inv_temperature

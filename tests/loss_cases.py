@@ -36,6 +36,18 @@ def make_logits(rows_shape, vocab, dtype, device, *, scale=3.0, seed=0, pad_voca
     return wide.to(device=device, dtype=dtype)[..., :vocab]
 
 
+def as_grad_input(logits):
+    """A differentiable tensor with the values *and strides* of `logits`: for a view (a shifted or
+    vocab-sliced slice), a view of a fresh leaf, so that the op under test sees the strides.
+    Take its gradient with torch.autograd.grad."""
+    if logits._base is None:
+        return logits.detach().clone().requires_grad_()
+    base = logits._base.detach().clone().requires_grad_()
+    view = base.as_strided(logits.shape, logits.stride(), logits.storage_offset())
+    assert view.stride() == logits.stride() and not view.is_contiguous()
+    return view
+
+
 def make_labels(rows_shape, vocab, device, *, ignored=0.3, seed=1, dtype=torch.int64):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, vocab, rows_shape, generator=g)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from loss_cases import (DTYPES, IGNORE, backend_cases, make_confident, make_labels, make_logits,
+from loss_cases import (DTYPES, IGNORE, as_grad_input, backend_cases, make_confident, make_labels, make_logits,
                         oracle_grad, oracle_logprobs, rel_err, torch_same_dtype_grad)
 from spin_kernels import token_logprobs
 from spin_kernels.reference import naive_token_logprobs
@@ -28,15 +28,15 @@ def test_odd_shape_several_vocab_blocks(device, backend, dtype, tol):
     full = make_logits((2, 78), 32001, dtype, device)
     logits = full[:, :-1]
     labels = make_labels((2, 77), 32001, device)
-    x = logits.detach().clone().requires_grad_()
+    x = as_grad_input(logits)
     got = token_logprobs(x, labels, backend=backend)
     assert got.dtype == torch.float32 and got.shape == labels.shape
     torch.testing.assert_close(got.double().cpu(), oracle_logprobs(logits, labels), atol=tol * 10,
                                rtol=tol)
     upstream = torch.randn(labels.shape, device=device)
-    (got * upstream).sum().backward()
-    _check_grad(logits, labels, upstream, x.grad, dtype)
-    assert torch.all(x.grad[labels == IGNORE] == 0)
+    (grad,) = torch.autograd.grad((got * upstream).sum(), x)
+    _check_grad(logits, labels, upstream, grad, dtype)
+    assert torch.all(grad[labels == IGNORE] == 0)
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
@@ -45,13 +45,13 @@ def test_sliced_vocab_and_temperature(device, backend, dtype, tol, temperature):
     # A [..., :V] slice of a wider tensor: row stride V + 5; int32 labels.
     logits = make_logits((3, 9), 1000, dtype, device, pad_vocab=5, seed=3)
     labels = make_labels((3, 9), 1000, device, seed=4, dtype=torch.int32)
-    x = logits.detach().clone().requires_grad_()
+    x = as_grad_input(logits)
     got = token_logprobs(x, labels, temperature=temperature, backend=backend)
     want = oracle_logprobs(logits, labels, temperature)
     torch.testing.assert_close(got.double().cpu(), want, atol=tol * 10, rtol=tol)
     upstream = torch.randn(labels.shape, device=device)
-    (got * upstream).sum().backward()
-    _check_grad(logits, labels, upstream, x.grad, dtype, temperature)
+    (grad,) = torch.autograd.grad((got * upstream).sum(), x)
+    _check_grad(logits, labels, upstream, grad, dtype, temperature)
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loss_cases import IGNORE, backend_cases, make_labels, make_logits, rel_err
+from loss_cases import IGNORE, as_grad_input, backend_cases, make_labels, make_logits, rel_err
 from spin_kernels import SpinLoss, sequence_logprobs, spin_loss, spin_loss_from_logps
 from spin_kernels.reference import naive_spin_loss, naive_token_logprobs
 
@@ -13,7 +13,8 @@ B, T, V = 3, 13, 1500
 
 
 def _batch(device, dtype=torch.float32, seed=0):
-    logits = make_logits((2 * B, T), V, dtype, device, seed=seed)
+    # The shifted slice a causal LM's caller passes: logits[:, :-1] (rows not evenly spaced).
+    logits = make_logits((2 * B, T + 1), V, dtype, device, seed=seed)[:, :-1]
     labels = make_labels((2 * B, T), V, device, seed=seed + 1)
     g = torch.Generator().manual_seed(seed + 2)
     loss_mask = (torch.rand(2 * B, T, generator=g) > 0.25).to(device)
@@ -33,10 +34,10 @@ def test_loss_and_gradient_match_float64(device, backend, loss_type, per_token_r
     counted = (labels != IGNORE) & loss_mask
     ref = ref_tok if per_token_ref else (ref_tok * counted).sum(-1)
     beta = 0.5
-    x = logits.detach().clone().requires_grad_()
+    x = as_grad_input(logits)
     out = spin_loss(x, labels, ref, loss_mask=loss_mask, beta=beta, loss_type=loss_type,
                     backend=backend)
-    out.loss.backward()
+    (grad,) = torch.autograd.grad(out.loss, x)
 
     xd = logits.detach().cpu().double().requires_grad_()
     want, policy = naive_spin_loss(xd, labels.cpu(), ref.cpu(), loss_mask=loss_mask.cpu(),
@@ -44,8 +45,8 @@ def test_loss_and_gradient_match_float64(device, backend, loss_type, per_token_r
     want.backward()
     torch.testing.assert_close(out.loss.double().cpu(), want.detach(), atol=1e-5, rtol=1e-5)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of each gradient value
-    assert rel_err(x.grad, xd.grad) < tol
-    assert torch.all(x.grad[~counted] == 0)
+    assert rel_err(grad, xd.grad) < tol
+    assert torch.all(grad[~counted] == 0)
 
 
 def test_metrics(device, backend):
@@ -80,12 +81,12 @@ def test_metrics(device, backend):
 def test_all_masked_sequence(device, backend):
     logits, labels, loss_mask = _batch(device, seed=20)
     loss_mask[1] = False  # an actual response with no counted token
-    x = logits.detach().clone().requires_grad_()
+    x = as_grad_input(logits)
     out = spin_loss(x, labels, torch.zeros(2 * B, device=device), loss_mask=loss_mask,
                     backend=backend)
-    out.loss.backward()
-    assert torch.isfinite(out.loss) and torch.isfinite(x.grad).all()
-    assert torch.all(x.grad[1] == 0)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    assert torch.all(grad[1] == 0)
     seq = sequence_logprobs(logits, labels, loss_mask, average=True, backend=backend)
     assert seq[1] == 0
     counted = (labels != IGNORE) & loss_mask

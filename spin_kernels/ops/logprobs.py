@@ -129,13 +129,22 @@ def _logprob_grad_kernel(
                      mask=cols < V_local)
 
 
-def _launch_config(v_local: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps), from a threshold table measured with benchmarks/bench_loss.py --sweep."""
+# Launch configurations, (BLOCK_V, num_warps, num_stages) by V_local, one table per kernel:
+# measured with `benchmarks/bench_loss.py --sweep` (see benchmarks/results/loss.md).
+def _stats_config(v_local: int) -> tuple[int, int, int]:
     if v_local <= 2048:
-        return triton.next_power_of_2(v_local), 4
+        return triton.next_power_of_2(v_local), 4, 3
     if v_local <= 8192:
-        return triton.next_power_of_2(v_local), 8
-    return 8192, 16
+        return triton.next_power_of_2(v_local), 8, 3
+    return 8192, 8, 3
+
+
+def _grad_config(v_local: int) -> tuple[int, int, int]:
+    if v_local <= 2048:
+        return triton.next_power_of_2(v_local), 4, 3
+    if v_local <= 8192:
+        return triton.next_power_of_2(v_local), 8, 3
+    return 2048, 4, 3
 
 
 def _rows_layout(x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -156,14 +165,18 @@ def logprob_stats(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
     if n == 0:
         return stats
     v_local = logits.shape[-1]
-    block_v, num_warps = _launch_config(v_local)
+    block_v, num_warps, num_stages = _stats_config(v_local)
     T, stride_b, stride_t, stride_v = _rows_layout(logits)
     _logprob_stats_kernel[(n,)](
         logits, labels, stats,
         n, T, v_local, vocab_start, vocab_total, ignore_index,
         stride_b, stride_t, stride_v,
         inv_temperature,
-        BLOCK_V=block_v, num_warps=num_warps,
+        BLOCK_V=block_v, num_warps=num_warps, num_stages=num_stages,
+        # No fused multiply-add: x·scale − m must round x·scale exactly as the stored target t
+        # was rounded, so that the max element contributes exactly 2^0 (else confident rows
+        # lose ~1e-6 of log-prob to the product's rounding residue).
+        enable_fp_fusion=False,
     )
     return stats
 
@@ -180,7 +193,7 @@ def _launch_grad(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
     if n == 0:
         return
     v_local = logits.shape[-1]
-    block_v, num_warps = _launch_config(v_local)
+    block_v, num_warps, num_stages = _grad_config(v_local)
     T, stride_b, stride_t, stride_v = _rows_layout(logits)
     _, dstride_b, dstride_t, dstride_v = _rows_layout(out)
     _logprob_grad_kernel[(n,)](
@@ -189,7 +202,8 @@ def _launch_grad(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
         stride_b, stride_t, stride_v,
         dstride_b, dstride_t, dstride_v,
         inv_temperature,
-        BLOCK_V=block_v, num_warps=num_warps,
+        BLOCK_V=block_v, num_warps=num_warps, num_stages=num_stages,
+        enable_fp_fusion=False,  # as in the forward: 1 − p of a confident row stays exact
     )
 
 
