@@ -28,11 +28,16 @@ GIB = 2**30
 BETA = 0.1
 
 
-def bench_ms(fn, reps: int) -> float:
-    """Median wall time of fn in ms, measured with CUDA events (or the host clock on CPU)."""
+def bench_ms(fn, reps: int, setup=None) -> float:
+    """Median time of fn in ms, with CUDA events (or the host clock on CPU); `setup` runs
+    untimed before each call."""
+    if setup is not None:
+        setup()
     fn()
     times = []
     for _ in range(reps):
+        if setup is not None:
+            setup()
         if torch.cuda.is_available():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -125,10 +130,12 @@ def measure(name, impl, batch, reps, device):
         with torch.no_grad():
             impl(x, labels, loss_mask, ref)
 
+    # An in-place backward overwrites the logits with their gradient: restore them, untimed.
+    restore = (lambda: x.detach().copy_(logits)) if "inplace" in name else None
     row = {"impl": name}
     try:
-        row["fwd_bwd_ms"] = bench_ms(step, reps)
-        row["no_grad_ms"] = bench_ms(forward_only, reps)
+        row["fwd_bwd_ms"] = bench_ms(step, reps, setup=restore)
+        row["no_grad_ms"] = bench_ms(forward_only, reps, setup=restore)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -35,7 +35,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 step build 120 $PY setup.py build_ext --inplace
 step tests 150 $PY -m pytest -q -m cuda tests -p no:cacheprovider --durations=8
-step bench_loss 170 $PY benchmarks/bench_loss.py --sweep
+step bench_loss 170 $PY benchmarks/bench_loss.py ${LOSS_SWEEP:+--sweep}  # LOSS_SWEEP=1: re-tune launch configs
 step bench_swap 100 $PY benchmarks/bench_swap.py
 step bench_e2e 150 $PY benchmarks/bench_e2e.py
 [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_check.tgz" benchmarks/results

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
 
 # Rows per chunk of the torch backend: 2**24 fp32 elements (64 MiB) of working memory.
 _CHUNK_ELEMENTS = 1 << 24
@@ -82,10 +83,13 @@ def logprob_grad(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
         lab = labels[start:end]
         coef = grad[start:end].float() * inv_temperature
         coef = coef.masked_fill(lab == ignore_index, 0.0)
-        m, log_sum = stats[0, start:end, None], stats[1, start:end, None]
+        m, log_sum, t = (stats[i, start:end, None] for i in range(3))
         g = torch.exp2((rows.float() * scale - m) - log_sum).neg_()
+        # The target's 1 − p from the exact (t − m), as the Triton kernel does: accurate as p → 1.
         local, in_shard = _local_targets(lab, vocab_start, v_local)
-        g.scatter_add_(-1, local[:, None], in_shard[:, None].float())
+        target_grad = -torch.expm1(((t - m) - log_sum) * LN2)
+        kept = g.gather(-1, local[:, None])
+        g.scatter_(-1, local[:, None], torch.where(in_shard[:, None], target_grad, kept))
         g.mul_(coef[:, None])
         # Zero (not 0 * inf) where no gradient flows, as the Triton kernel does.
         g.masked_fill_((coef == 0)[:, None], 0.0)

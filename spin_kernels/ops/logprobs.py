@@ -5,7 +5,7 @@ logit, giving per row `stats = (m, l, t)` in base-2 units of x/T: the row max, l
 sum of 2^(x - m), and the target. `log-prob = ((t − m) − l)·ln 2`: `t − m` is exact when the
 target is (near) the max, so a confident row keeps its precision; `l ≥ 0` makes log-prob ≤ 0.
 Backward (one read + one write): `dlogits = coef · (onehot(label) − 2^((x − m) − l))`, `coef =
-upstream grad / T`; rows that are ignored or have a zero upstream grad (prompt tokens, masked
+upstream grad / T`, the target's `1 − p` taken once per row from `(t − m) − l`; rows that are ignored or have a zero upstream grad (prompt tokens, masked
 positions) are zero-filled without being read.
 
 With a vocab-parallel shard the same kernels run on the local columns `[vocab_start, vocab_start +
@@ -18,6 +18,26 @@ The autograd wiring that picks this backend or the torch one lives in `spin_kern
 import torch
 import triton
 import triton.language as tl
+
+@triton.jit
+def _log2_near_one(s):
+    """log2(s) for s >= 1, accurate to fp32 rounding where s is close to 1.
+
+    There (a confident row) the log-prob is tiny and tl.log2's ~2e-7 absolute error on a GPU
+    (lg2.approx) would dominate it; ln(1 + r) = r − r²/2 + … + r⁷/7 is exact to 1e-8 for r < 1/8.
+    """
+    r = s - 1.0  # exact for s in [1, 2]
+    ln1p = r * (1.0 - r * (0.5 - r * (1.0 / 3 - r * (0.25 - r * (0.2 - r * (1.0 / 6 - r / 7))))))
+    return tl.where(r < 0.125, ln1p * 1.4426950408889634, tl.log2(s))
+
+
+@triton.jit
+def _one_minus_exp2(u):
+    """1 − 2^u for u <= 0, accurate to fp32 rounding near u = 0, where 1 − 2^u is tiny."""
+    z = u * 0.6931471805599453  # 1 − e^z = −z − z²/2 − … − z⁶/720: exact to 1e-9 for |z| < 1/8
+    neg_expm1 = -z * (1.0 + z * (0.5 + z * (1.0 / 6 + z * (1.0 / 24 + z * (1.0 / 120 + z / 720)))))
+    return tl.where(z > -0.125, neg_expm1, 1.0 - tl.exp2(u))
+
 
 @triton.jit
 def _logprob_stats_kernel(
@@ -69,7 +89,7 @@ def _logprob_stats_kernel(
         # A label outside [0, vocab_total) poisons its log-prob instead of reading out of bounds.
         t = tl.where((label < 0) | (label >= vocab_total), float("nan"), t)
         tl.store(stats_ptr + row, m)
-        tl.store(stats_ptr + N + row, tl.log2(s))
+        tl.store(stats_ptr + N + row, _log2_near_one(s))
         tl.store(stats_ptr + 2 * N + row, t)
 
 
@@ -116,27 +136,34 @@ def _logprob_grad_kernel(
         scale = inv_temperature * 1.4426950408889634
         m = tl.load(stats_ptr + row)
         log_sum = tl.load(stats_ptr + N + row)
+        t = tl.load(stats_ptr + 2 * N + row)
+        # The target's 1 − p, once per row from the forward's exact (t − m): for a confident row
+        # (p → 1) the subtraction 1 − p in the loop would keep only its rounding error.
+        target_grad = _one_minus_exp2((t - m) - log_sum)
         local = label - vocab_start
         for start in range(0, V_local, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             x = tl.load(row_ptr + cols * stride_v, mask=cols < V_local, other=0.0)
-            # (x − m) first: exact near the max, so 1 − p keeps fp32 precision as p → 1.
+            # (x − m) first: exact near the max, so that p keeps fp32 precision.
             p = tl.exp2((x.to(tl.float32) * scale - m) - log_sum)
-            # The target's "1 −" is folded in fp32 before the single store: for a confident row
-            # (p → 1) a bf16 p followed by a subtraction would lose all of 1 − p.
-            g = (tl.where(cols == local, 1.0, 0.0) - p) * coef
+            # Folded in fp32 before the single store in the logits' dtype.
+            g = tl.where(cols == local, target_grad, -p) * coef
             tl.store(drow_ptr + cols * dstride_v, g.to(dlogits_ptr.dtype.element_ty),
                      mask=cols < V_local)
 
 
-# Launch configurations, (BLOCK_V, num_warps, num_stages) by V_local, one table per kernel:
-# measured with `benchmarks/bench_loss.py --sweep` (see benchmarks/results/loss.md).
+# Launch configurations, (BLOCK_V, num_warps, num_stages) by V_local, one table per kernel.
+# Rows past 8192 are the winners of `benchmarks/bench_loss.py --sweep` on an H200 (bf16, 16384
+# rows; V = 32000 for the middle row, V = 128256 and 151936 for the last); rows up to 8192 keep
+# the whole row in one block and are not tuned.
 def _stats_config(v_local: int) -> tuple[int, int, int]:
     if v_local <= 2048:
         return triton.next_power_of_2(v_local), 4, 3
     if v_local <= 8192:
         return triton.next_power_of_2(v_local), 8, 3
-    return 8192, 8, 3
+    if v_local <= 65536:
+        return 2048, 2, 2
+    return 4096, 4, 3
 
 
 def _grad_config(v_local: int) -> tuple[int, int, int]:
@@ -144,7 +171,9 @@ def _grad_config(v_local: int) -> tuple[int, int, int]:
         return triton.next_power_of_2(v_local), 4, 3
     if v_local <= 8192:
         return triton.next_power_of_2(v_local), 8, 3
-    return 2048, 4, 3
+    if v_local <= 65536:
+        return 1024, 8, 4
+    return 16384, 32, 3
 
 
 def _rows_layout(x: torch.Tensor) -> tuple[int, int, int, int]:
