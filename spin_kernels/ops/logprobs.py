@@ -136,10 +136,10 @@ def _logprob_grad_kernel(
         scale = inv_temperature * 1.4426950408889634
         m = tl.load(stats_ptr + row)
         log_sum = tl.load(stats_ptr + N + row)
-        t = tl.load(stats_ptr + 2 * N + row)
+        target = tl.load(stats_ptr + 2 * N + row)
         # The target's 1 − p, once per row from the forward's exact (t − m): for a confident row
         # (p → 1) the subtraction 1 − p in the loop would keep only its rounding error.
-        target_grad = _one_minus_exp2((t - m) - log_sum)
+        target_grad = _one_minus_exp2((target - m) - log_sum)
         local = label - vocab_start
         for start in range(0, V_local, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
