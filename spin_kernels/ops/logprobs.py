@@ -20,15 +20,16 @@ import triton
 import triton.language as tl
 
 @triton.jit
-def _log2_near_one(s):
-    """log2(s) for s >= 1, accurate to fp32 rounding where s is close to 1.
+def _log2_1p(rest):
+    """log2(1 + rest) for rest >= 0, accurate to fp32 rounding for small rest.
 
-    There (a confident row) the log-prob is tiny and tl.log2's ~2e-7 absolute error on a GPU
-    (lg2.approx) would dominate it; ln(1 + r) = r − r²/2 + … + r⁷/7 is exact to 1e-8 for r < 1/8.
+    Small rest is a confident row, whose log-prob −log(1 + rest) is tiny: rounding 1 + rest, or
+    tl.log2's ~2e-7 absolute error on a GPU (lg2.approx), would dominate it. ln(1 + r) = r − r²/2
+    + … + r⁷/7 is exact to 1e-8 for r < 1/8.
     """
-    r = s - 1.0  # exact for s in [1, 2]
+    r = rest
     ln1p = r * (1.0 - r * (0.5 - r * (1.0 / 3 - r * (0.25 - r * (0.2 - r * (1.0 / 6 - r / 7))))))
-    return tl.where(r < 0.125, ln1p * 1.4426950408889634, tl.log2(s))
+    return tl.where(r < 0.125, ln1p * 1.4426950408889634, tl.log2(1.0 + r))
 
 
 @triton.jit
@@ -72,13 +73,19 @@ def _logprob_stats_kernel(
         # Base 2: each element costs one multiply and one ex2.
         scale = inv_temperature * 1.4426950408889634
         m = float("-inf")
-        s = 0.0
+        # Σ 2^(x − m) = 1 + rest: `rest` leaves out one instance of the max, whose term is exactly
+        # 1, so that the small terms of a confident row are never rounded against a 1.
+        rest = 0.0
         for start in range(0, V_local, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             x = tl.load(row_ptr + cols * stride_v, mask=cols < V_local, other=float("-inf"))
             x = x.to(tl.float32) * scale
             m_new = tl.maximum(m, tl.max(x, 0))
-            s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(x - m_new), 0)
+            is_max = x == m_new
+            small = tl.sum(tl.where(is_max, 0.0, tl.exp2(x - m_new)), 0)
+            n_max = tl.sum(is_max.to(tl.float32), 0)  # elements worth exactly 1
+            rest = small + tl.where(m_new > m, (1.0 + rest) * tl.exp2(m - m_new) + (n_max - 1.0),
+                                    rest + n_max)
             m = m_new
         # The target is converted exactly as the loop's elements were, so t ≤ m holds exactly.
         # The masked load keeps a label outside this shard (or the vocabulary) in bounds.
@@ -89,7 +96,7 @@ def _logprob_stats_kernel(
         # A label outside [0, vocab_total) poisons its log-prob instead of reading out of bounds.
         t = tl.where((label < 0) | (label >= vocab_total), float("nan"), t)
         tl.store(stats_ptr + row, m)
-        tl.store(stats_ptr + N + row, _log2_near_one(s))
+        tl.store(stats_ptr + N + row, _log2_1p(rest))
         tl.store(stats_ptr + 2 * N + row, t)
 
 
