@@ -8,16 +8,13 @@ STAMP   := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 TRITON_CPU := triton==3.7.1
 
-.PHONY: test demo bench clean
+.PHONY: test demo clean
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests benchmarks/test_bench_loss.py --benchmark-disable
 
 demo: $(STAMP)
 	$(PY) python/train.py --demo --out runs/demo
-
-bench: $(STAMP)
-	$(PY) benchmarks/bench_loss.py
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp)
 	@if $(PYTHON3) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
