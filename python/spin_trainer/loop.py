@@ -79,10 +79,17 @@ class SpinTrainer:
     def snapshot_reference(self):
         """The policy becomes the reference θ_t (the end of one iteration is the start of the next)."""
         if self.needs_bank():
-            from spin_kernels.swap import WeightBank
-            self.bank = WeightBank.from_module(self.model)
+            self._snapshot_into_bank()
         if self.config.reference == "resident":
             self.reference_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def _snapshot_into_bank(self):
+        # Each iteration reuses the pinned arena (and its swap stash) instead of allocating anew.
+        if self.bank is None:
+            from spin_kernels.swap import WeightBank
+            self.bank = WeightBank.from_module(self.model)
+        else:
+            self.bank.update_from(self.model)
 
     @contextmanager
     def reference_weights(self):
@@ -105,10 +112,9 @@ class SpinTrainer:
             self.reference_model = copy.deepcopy(self.model).eval().requires_grad_(False)
             load_local_state(self.reference_model, state, what="reference")
         if self.needs_bank():
-            from spin_kernels.swap import WeightBank
             policy = local_state(self.model)
             load_local_state(self.model, state, what="reference")
-            self.bank = WeightBank.from_module(self.model)
+            self._snapshot_into_bank()
             load_local_state(self.model, policy)
 
     # ---- generation and reference log-probs --------------------------------------------------
