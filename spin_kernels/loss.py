@@ -210,17 +210,20 @@ def spin_loss_from_logps(policy_logps: torch.Tensor, ref_logps: torch.Tensor, *,
         loss = -F.logsigmoid(margin).mean()
     else:
         loss = F.relu(1 - margin).mean()
-    with torch.no_grad():
-        rewards, margin, policy = rewards.detach(), margin.detach(), policy_logps.detach()
+    with torch.no_grad():  # few, batched ops: a training step pays their launch overhead
+        rewards, margin = rewards.detach(), margin.detach()
+        rewards_std, rewards_mean = torch.std_mean(rewards, correction=0)
+        rewards_by_half = rewards.view(2, half).mean(1)  # [actual, generated]
+        logps_by_half = policy_logps.detach().view(2, half).mean(1)
         metrics = {
             "acc": (margin > 0).float().mean(),
-            "rewards_actual_mean": rewards[:half].mean(),
-            "rewards_generated_mean": rewards[half:].mean(),
-            "rewards_all_mean": rewards.mean(),
-            "rewards_all_std": rewards.std(unbiased=False),
+            "rewards_actual_mean": rewards_by_half[0],
+            "rewards_generated_mean": rewards_by_half[1],
+            "rewards_all_mean": rewards_mean,
+            "rewards_all_std": rewards_std,
             "margin_mean": margin.mean(),
-            "logps_actual_mean": policy[:half].mean(),
-            "logps_generated_mean": policy[half:].mean(),
+            "logps_actual_mean": logps_by_half[0],
+            "logps_generated_mean": logps_by_half[1],
         }
     return SpinLossOutput(loss, metrics)
 
