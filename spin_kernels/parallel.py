@@ -16,12 +16,16 @@ def shard_bounds(v_local: int, group) -> tuple[int, int]:
     return dist.get_rank(group) * v_local, dist.get_world_size(group) * v_local
 
 
+# torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; 2.11 has only the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def combine_shard_stats(stats: torch.Tensor, group) -> torch.Tensor:
     """Global stats [3, N] (max, log2-sum, target; base 2) from every rank's local ones, in one
     collective."""
     world = dist.get_world_size(group)
     gathered = stats.new_empty((world * 3, stats.shape[1]))  # ranks concatenated along dim 0
-    dist.all_gather_into_tensor(gathered, stats.contiguous(), group=group)
+    _all_gather_single(gathered, stats.contiguous(), group=group)
     m, log_sum, t = gathered.view(world, 3, -1).unbind(1)  # each [world, N]
     m_all = m.max(dim=0).values
     log_sum_all = torch.log2(torch.exp2((m - m_all) + log_sum).sum(dim=0))
