@@ -6,8 +6,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from loss_cases import make_labels, make_logits
+from loss_cases import make_confident, make_labels, make_logits, oracle_logprobs
 from spin_kernels import spin_loss, token_logprobs
+from spin_kernels.reference import naive_token_logprobs
 
 WORLD, B, T, V = 2, 2, 9, 1202  # V_local = 601: odd, more than one block of the smallest config
 
@@ -40,6 +41,15 @@ def _worker(rank, store_path, backends):
             torch.testing.assert_close(shard.grad,
                                        full.grad[..., rank * v_local:(rank + 1) * v_local],
                                        atol=1e-7, rtol=1e-5)
+
+            # Confident rows (targets 12 above the max, in either shard): as precise as eager fp32.
+            sure = make_confident(logits, labels, margin=12.0)
+            got = token_logprobs(sure[..., rank * v_local:(rank + 1) * v_local], labels,
+                                 process_group=dist.group.WORLD, backend=backend)
+            want = oracle_logprobs(sure, labels)
+            eager = naive_token_logprobs(sure, labels, dtype=torch.float32)
+            err, eager_err = [(v.double() - want).abs().max().item() for v in (got, eager)]
+            assert err <= 1.5 * eager_err + 1e-9, (backend, err, eager_err)
     finally:
         dist.destroy_process_group()
 
