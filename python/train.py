@@ -22,8 +22,19 @@ from spin_trainer.model import ATTENTION_CHOICES, DTYPES  # noqa: E402
 STOPPED_BY_SIGTERM = 143
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each option's default where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        no_default = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not no_default and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     add = parser.add_argument
     add("--demo", action="store_true", help="run the built-in end-to-end demo (tiny model, arithmetic task)")
     add("--out", required=True, help="output directory (metrics, checkpoints, final model)")
@@ -33,37 +44,38 @@ def build_parser():
     add("--test-data", help="JSONL of held-out records for exact-match accuracy (default: --val-data)")
     add("--prompt-template", default="{prompt}", help="template of {prompt,response} records' prompts")
     add("--max-length", type=int, default=1024, help="context length: prompt + response tokens")
-    add("--iterations", type=int, default=2)
+    add("--iterations", type=int, default=2, help="SPIN iterations (θ_t → θ_t+1)")
     add("--epochs", type=int, default=1, help="epochs over the iteration's pairs")
     add("--beta", type=float, nargs="+", default=[0.1], help="one value, or one per iteration")
     add("--lr", type=float, nargs="+", default=[5e-7], help="one value, or one per iteration")
-    add("--loss-type", choices=LOSS_TYPES, default="sigmoid")
+    add("--loss-type", choices=LOSS_TYPES, default="sigmoid", help="sigmoid (the paper) or hinge")
     add("--micro-batch-size", type=int, default=1, help="pairs per forward on each rank")
     add("--global-batch-size", type=int, default=8, help="pairs per optimizer step, all ranks together")
     add("--warmup-steps", type=int, default=0, help="linear warm-up at the start of each iteration")
-    add("--weight-decay", type=float, default=0.0)
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     add("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
     add("--generate-every", choices=GENERATE_EVERY, default="iteration",
         help="iteration: once from θ_t; epoch: every epoch with the reference swapped in")
     add("--mix-previous", type=float, default=0.0, help="fraction of the previous iteration's pairs mixed in")
     add("--reference", choices=REFERENCE_MODES, default="precompute",
         help="reference log-probs: precomputed per iteration, swapped in per batch, or a resident copy")
-    add("--max-new-tokens", type=int, default=128)
+    add("--max-new-tokens", type=int, default=128, help="capped by the context left after each prompt")
     add("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    add("--temperature", type=float, default=1.0)
-    add("--top-p", type=float, default=1.0)
-    add("--top-k", type=int, default=0)
-    add("--gen-batch-size", type=int, default=64)
+    add("--temperature", type=float, default=1.0, help="sampling temperature")
+    add("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    add("--top-k", type=int, default=0, help="top-k sampling (0: off)")
+    add("--gen-batch-size", type=int, default=64, help="prompts per generation batch")
     add("--offload-optimizer", action="store_true", help="optimizer state in host memory while generating")
     add("--tp", type=int, default=1, help="tensor-parallel size (torchrun --nproc_per_node a multiple of it)")
     add("--device", default="auto", help="auto, cpu or cuda")
     add("--attn", choices=ATTENTION_CHOICES, default="auto", help="auto: flash_attention_2 if usable, else sdpa")
-    add("--dtype", choices=sorted(DTYPES), default="float32")
-    add("--seed", type=int, default=0)
+    add("--dtype", choices=sorted(DTYPES), default="float32",
+        help="weights and compute; bfloat16 on GPUs (float16 has no loss scaling here)")
+    add("--seed", type=int, default=0, help="data order, sampling and initialization")
     add("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (and every iteration)")
     add("--keep", type=int, default=2, help="checkpoints kept")
     add("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
-    add("--no-progress", action="store_true")
+    add("--no-progress", action="store_true", help="no progress bars (e.g. for logs)")
     return parser
 
 

@@ -113,9 +113,11 @@ def test_flipped_bytes_and_missing_manifest_are_detected(stopped, tmp_path):
     assert "does not match its SHA-256" in checkpoint_problem(first, ctx)
     os.remove(os.path.join(second, "manifest.json"))
     assert "manifest.json is missing" in checkpoint_problem(second, ctx)
+    # Another process count or --tp is not corruption: resume refuses instead of starting over.
     wrong_world = ParallelContext(0, 2, 2, 1, 0, 0, torch.device("cpu"))
     shutil.copytree(os.path.join(stopped[0], "checkpoints", "spin", "step-00000002"), str(tmp_path / "c"))
-    assert "written by 1 processes with --tp 1" in checkpoint_problem(str(tmp_path / "c"), wrong_world)
+    with pytest.raises(ValueError, match="written by 1 processes with --tp 1.*resume with the same"):
+        checkpoint_problem(str(tmp_path / "c"), wrong_world)
 
 
 def test_resume_with_other_settings_is_refused(tiny, stopped, tmp_path):

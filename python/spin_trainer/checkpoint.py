@@ -102,8 +102,11 @@ def checkpoint_problem(path, ctx):
     except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
         return f"manifest.json is unreadable ({exc})"
     if manifest.get("world_size") != ctx.world_size or manifest.get("tp_size") != ctx.tp_size:
-        return (f"it was written by {manifest.get('world_size')} processes with --tp {manifest.get('tp_size')}, "
-                f"this run has {ctx.world_size} with --tp {ctx.tp_size}")
+        # Not corrupt, only sharded another way: refuse rather than fall back and start over
+        # (which, with --keep, would end by deleting the run's progress).
+        raise ValueError(f"--resume: checkpoint {path} was written by {manifest.get('world_size')} processes "
+                         f"with --tp {manifest.get('tp_size')}, this run has {ctx.world_size} with --tp "
+                         f"{ctx.tp_size}; resume with the same torchrun --nproc_per_node and --tp")
     for name in (rank_file(ctx.rank), "shared.pt"):
         full = os.path.join(path, name)
         if name not in files or not os.path.isfile(full):

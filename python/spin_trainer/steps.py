@@ -94,6 +94,12 @@ def optimizer_step(model, optimizer, scheduler, micro_items, micro_loss, *, ctx,
     parameters = [p for p in model.parameters() if p.requires_grad]
     sync_data_parallel_gradients(parameters, ctx)
     grad_norm = clip_gradients(parameters, max_grad_norm, ctx)
+    if not torch.isfinite(grad_norm):
+        # Stop before the update: a NaN step would poison every weight and every later checkpoint.
+        raise ValueError(f"training diverged: the gradient norm is {float(grad_norm)} (loss "
+                         f"{ {k: float(v) for k, v in totals.items() if 'loss' in k} }); the last "
+                         "checkpoint is intact. With --dtype float16 (no loss scaling) use bfloat16 or "
+                         "float32, or lower --lr")
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
