@@ -23,7 +23,7 @@ TINY_CHAT_TEMPLATE = (
 
 def build_char_tokenizer(alphabet):
     """A character-level PreTrainedTokenizerFast over `alphabet` (plus pad/bos/eos/unk)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     symbols = [PAD, BOS, EOS, UNK] + sorted(set(alphabet))
@@ -31,6 +31,10 @@ def build_char_tokenizer(alphabet):
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
+    # BOS first, as Llama tokenizers do: `tokenizer("13+54=")` then prompts the exported model the
+    # way training did (the trainer itself encodes with add_special_tokens=False and adds BOS).
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, bos_token=BOS,
                                         eos_token=EOS, unk_token=UNK)
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
