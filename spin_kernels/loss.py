@@ -136,16 +136,15 @@ class _TokenLogprobs(torch.autograd.Function):
         rows = _as_rows(logits)
         grad = grad.reshape(-1).float().contiguous()
         args = (grad, rows, flat_labels, stats, ignore_index, inv_temperature, vocab_start)
-        if backend == "triton":
-            if inplace:
+        no_grads = (None,) * 6  # labels and the five non-tensor arguments
+        if inplace:
+            if backend == "triton":
                 _triton_ops.logprob_grad_inplace(*args)
-                return logits, None, None, None, None, None, None
-            dlogits = _triton_ops.logprob_grad(*args)
-        else:
-            dlogits = reference.logprob_grad(*args, out=rows if inplace else None)
-            if inplace:
-                return logits, None, None, None, None, None, None
-        return dlogits.reshape(logits.shape), None, None, None, None, None, None
+            else:
+                reference.logprob_grad(*args, out=rows)
+            return (logits,) + no_grads
+        ops = _triton_ops if backend == "triton" else reference
+        return (ops.logprob_grad(*args).reshape(logits.shape),) + no_grads
 
 
 # ------------------------------------------------------------------------------ public API
