@@ -179,6 +179,10 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, loss_mask=None
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits must be [S, T, V], got {shape}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(logits.shape[:2]):
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be [S, T] = {tuple(logits.shape[:2])} for logits "
+                         f"{tuple(logits.shape)}, got {shape}")
     labels = _masked_labels(labels, loss_mask, ignore_index)
     tok = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
                          process_group=process_group, backend=backend,

@@ -30,6 +30,8 @@ def _ok():
     (lambda x, y, r: spin_loss(x, y, r, loss_mask=torch.ones(4, 5)), ValueError,
      r"loss_mask must have the shape of labels \(4, 6\)"),
     (lambda x, y, r: sequence_logprobs(x[0], y[0]), ValueError, r"logits must be \[S, T, V\]"),
+    (lambda x, y, r: spin_loss(x, y[..., None], r, loss_mask=torch.ones(4, 6)), ValueError,
+     r"labels must be \[S, T\] = \(4, 6\).*got \(4, 6, 1\)"),
     (lambda x, y, r: spin_loss_from_logps(r[:3], r[:3]), ValueError, r"policy_logps must be \[2B\]"),
     (lambda x, y, r: spin_loss_from_logps(r, r[:2]), ValueError, "ref_logps must match"),
 ], ids=lambda v: v if isinstance(v, str) else None)
