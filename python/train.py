@@ -164,8 +164,9 @@ def cli():
     try:
         main()
     except TrainingStopped as stopped:
-        print(f"stopped by SIGTERM; checkpoint written to {stopped}; rerun with --resume to continue",
-              file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # once per run, not once per torchrun process
+            print(f"stopped by SIGTERM; checkpoint written to {stopped}; rerun with --resume to continue",
+                  file=sys.stderr)
         sys.exit(STOPPED_BY_SIGTERM)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
