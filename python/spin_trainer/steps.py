@@ -30,8 +30,9 @@ def sequence_logps(model, batch, ctx):
 def spin_micro_loss(model, batch, ref_logps, *, beta, loss_type, weight, ctx):
     """(weighted loss, weighted metric tensors) of one [2b]-row pair batch."""
     logits = shifted_logits(model, batch)
+    # Nothing else reads the logits after the loss: their gradient can take their memory.
     out = spin_loss(logits, batch.labels, ref_logps, loss_mask=batch.loss_mask, beta=beta,
-                    loss_type=loss_type, process_group=ctx.tp_group)
+                    loss_type=loss_type, process_group=ctx.tp_group, inplace_backward=True)
     metrics = {"loss": out.loss.detach() * weight}
     metrics.update({name: value.detach().float() * weight for name, value in out.metrics.items()})
     return out.loss * weight, metrics
