@@ -76,13 +76,30 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp(min=1e-300)).item()
 
 
-def torch_same_dtype_grad(logits, labels, upstream, temperature=1.0):
-    """Gradient a user gets today: eager fp32 log_softmax on these logits, grad in their dtype."""
-    x = logits.detach().clone().requires_grad_()
+def torch_same_dtype_grad(logits, labels, upstream, temperature=1.0, *, truncating_store=False):
+    """Gradient a user gets today: eager fp32 log_softmax on these logits, grad in their dtype.
+
+    `truncating_store`: round to bfloat16 by truncation, as the Triton interpreter's stores do
+    (a GPU rounds to nearest even), so that kernel and baseline are held to the same rounding.
+    """
+    x = logits.detach().float().clone().requires_grad_()
     logp = naive_token_logprobs(x, labels, ignore_index=IGNORE, temperature=temperature,
                                 dtype=torch.float32)
     (logp * upstream.float()).sum().backward()
-    return x.grad
+    grad = x.grad
+    if truncating_store and logits.dtype == torch.bfloat16:
+        grad = (grad.view(torch.int32) & ~0xFFFF).view(torch.float32)  # exact in bfloat16
+    return grad.to(logits.dtype)
+
+
+def interpreted(device, backend):
+    """True where the kernels run under the Triton interpreter (CPU tensors, triton backend)."""
+    return backend == "triton" and torch.device(device).type == "cpu"
+
+
+def make_upstream(shape, device, seed=7):
+    """A fixed random upstream gradient (the global RNG would make the inputs depend on test order)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def oracle_grad(logits, labels, upstream, temperature=1.0):
