@@ -1,12 +1,14 @@
 """Fused per-token log-probs from logits, in Triton: never materializes the vocabulary softmax.
 
 Forward (one read of every row that has a label): online max / sum-exp in fp32 and the target
-logit, giving per row `stats = (m, l, t)` in base-2 units of x/T: the row max, log2 of the
-sum of 2^(x - m), and the target. `log-prob = ((t − m) − l)·ln 2`: `t − m` is exact when the
-target is (near) the max, so a confident row keeps its precision; `l ≥ 0` makes log-prob ≤ 0.
-Backward (one read + one write): `dlogits = coef · (onehot(label) − 2^((x − m) − l))`, `coef =
-upstream grad / T`, the target's `1 − p` taken once per row from `(t − m) − l`; rows that are ignored or have a zero upstream grad (prompt tokens, masked
-positions) are zero-filled without being read.
+logit, giving per row `stats = (m, l, t)` in base-2 units of x/T: the row max, l = log2 of the
+sum of 2^(x − m) (kept as 1 + rest, the max's exact 1 apart), and the target.
+`log-prob = ((t − m) − l)·ln 2`: `t − m` is exact when the target is (near) the max, so a
+confident row keeps its precision; `l ≥ 0` makes log-prob ≤ 0.
+Backward (one read + one write): `dlogits = coef · (onehot(label) − 2^((x − m) − l))`,
+`coef = upstream grad / T`, the target's `1 − p` taken once per row from `(t − m) − l`; rows
+that are ignored or have a zero upstream grad (prompt tokens, masked positions) are zero-filled
+without being read.
 
 With a vocab-parallel shard the same kernels run on the local columns `[vocab_start, vocab_start +
 V_local)`; `spin_kernels.parallel` combines the per-rank stats with one collective, and the
@@ -18,6 +20,7 @@ The autograd wiring that picks this backend or the torch one lives in `spin_kern
 import torch
 import triton
 import triton.language as tl
+
 
 @triton.jit
 def _log2_1p(rest):
