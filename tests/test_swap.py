@@ -304,28 +304,17 @@ def test_update_from_refreshes_without_reallocating():
         assert _bits_equal(tensor, net.state_dict()[name])
 
 
-def test_dtensor_parameters_use_their_local_shard(tmp_path):
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    from torch.distributed.device_mesh import init_device_mesh
+def test_dtensor_parameters_use_their_local_shard(one_rank_mesh):
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-    if dist.is_initialized():
-        pytest.skip("another test left a default process group in this process")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        layer = nn.Linear(4, 6)
-        layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(0)]))
-        bank = WeightBank.from_module(layer)
-        assert bank["weight"].shape == layer.weight.to_local().shape
-        wrapper = layer.weight
-        expected = layer.weight.to_local().clone()
-        with torch.no_grad():
-            layer.weight._local_tensor.zero_()
-        bank.load_into(layer)
-        assert layer.weight is wrapper and isinstance(layer.weight, DTensor)
-        assert torch.equal(layer.weight.to_local(), expected)
-    finally:
-        dist.destroy_process_group()
+    layer = nn.Linear(4, 6)
+    layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), one_rank_mesh, [Shard(0)]))
+    bank = WeightBank.from_module(layer)
+    assert bank["weight"].shape == layer.weight.to_local().shape
+    wrapper = layer.weight
+    expected = layer.weight.to_local().clone()
+    with torch.no_grad():
+        layer.weight._local_tensor.zero_()
+    bank.load_into(layer)
+    assert layer.weight is wrapper and isinstance(layer.weight, DTensor)
+    assert torch.equal(layer.weight.to_local(), expected)

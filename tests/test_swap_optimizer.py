@@ -94,42 +94,32 @@ def test_offload_of_an_optimizer_without_state_is_harmless():
     _train(model, optimizer, 1, seed=0)
 
 
-def test_dtensor_state_comes_back_as_dtensor(tmp_path):
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    if dist.is_initialized():
-        pytest.skip("another test left a default process group in this process")
-    from torch.distributed.device_mesh import init_device_mesh
+def test_dtensor_state_comes_back_as_dtensor(one_rank_mesh):
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        torch.manual_seed(0)
-        layer = nn.Linear(4, 6, bias=False)
-        layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(0)]))
-        optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
-        def step():
-            layer(distribute_tensor(torch.randn(3, 4), mesh, [Replicate()])).sum().backward()
-            optimizer.step()
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 6, bias=False)
+    layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), one_rank_mesh, [Shard(0)]))
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
 
-        step()
-        step()
-        state = optimizer.state[layer.weight]
-        was_dtensor = {k: isinstance(v, DTensor) for k, v in state.items()}
-        assert was_dtensor["exp_avg"]
-        before = {k: v.to_local().clone() if was_dtensor[k] else v.clone() for k, v in state.items()}
-        offload_optimizer(optimizer)
-        assert not isinstance(optimizer.state[layer.weight]["exp_avg"], DTensor)  # a host view of the shard
-        onload_optimizer(optimizer)
-        after = optimizer.state[layer.weight]
-        for key, value in before.items():
-            assert isinstance(after[key], DTensor) == was_dtensor[key], key
-            restored = after[key].to_local() if was_dtensor[key] else after[key]
-            assert torch.equal(restored, value), key
-        assert after["exp_avg"].placements == layer.weight.placements
-        assert after["exp_avg"].shape == layer.weight.shape
-        step()
-    finally:
-        dist.destroy_process_group()
+    def step():
+        layer(distribute_tensor(torch.randn(3, 4), one_rank_mesh, [Replicate()])).sum().backward()
+        optimizer.step()
+
+    step()
+    step()
+    state = optimizer.state[layer.weight]
+    was_dtensor = {k: isinstance(v, DTensor) for k, v in state.items()}
+    assert was_dtensor["exp_avg"]
+    before = {k: v.to_local().clone() if was_dtensor[k] else v.clone() for k, v in state.items()}
+    offload_optimizer(optimizer)
+    assert not isinstance(optimizer.state[layer.weight]["exp_avg"], DTensor)  # a host view of the shard
+    onload_optimizer(optimizer)
+    after = optimizer.state[layer.weight]
+    for key, value in before.items():
+        assert isinstance(after[key], DTensor) == was_dtensor[key], key
+        restored = after[key].to_local() if was_dtensor[key] else after[key]
+        assert torch.equal(restored, value), key
+    assert after["exp_avg"].placements == layer.weight.placements
+    assert after["exp_avg"].shape == layer.weight.shape
+    step()
