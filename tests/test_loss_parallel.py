@@ -50,6 +50,11 @@ def _worker(rank, store_path, backends):
             eager = naive_token_logprobs(sure, labels, dtype=torch.float32)
             err, eager_err = [(v.double() - want).abs().max().item() for v in (got, eager)]
             assert err <= 1.5 * eager_err + 1e-9, (backend, err, eager_err)
+
+        # Labels are global ids: valid up to V on every shard (above), out of range from V on.
+        with pytest.raises(ValueError, match=rf"\[0, {V}\)"):
+            token_logprobs(shard.detach(), labels.masked_fill(labels == labels[0, 0], V),
+                           process_group=dist.group.WORLD)
     finally:
         dist.destroy_process_group()
 
@@ -57,10 +62,3 @@ def _worker(rank, store_path, backends):
 def test_two_rank_vocab_parallel_equals_unsharded(tmp_path):
     backends = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
     mp.spawn(_worker, args=(str(tmp_path / "store"), backends), nprocs=WORLD)
-
-
-def test_label_range_is_checked_against_the_global_vocab(tmp_path):
-    # Without a group, a label in [V_local, V) is out of range for the shard alone.
-    logits = make_logits((1, 4), 10, torch.float32, "cpu")
-    with pytest.raises(ValueError, match=r"\[0, 10\)"):
-        token_logprobs(logits, torch.tensor([[1, 2, 3, 15]]))
