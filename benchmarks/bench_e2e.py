@@ -2,7 +2,7 @@
 
 (a) One SPIN training step, 4 pairs x 1024 tokens, bf16, AdamW:
     paper  uclaml/SPIN style: a resident reference copy run forward every step, fp32 log_softmax
-           + gather over the full vocabulary (spin_kernels.reference.naive_token_logprobs), torch AdamW.
+           + gather over the full vocabulary (spin_kernels.loss.reference.naive_token_logprobs), torch AdamW.
     ours   reference log-probs precomputed once per iteration (timed separately and reported),
            hidden states from model.model with the LM head applied to response positions only,
            spin_kernels.loss.spin_loss(inplace_backward=True), fused AdamW stepped inside the backward
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT))  # the package itself, when it is not installed
 
 from spin_kernels.loss import sequence_logprobs, spin_loss, spin_loss_from_logps  # noqa: E402
-from spin_kernels.reference import naive_token_logprobs  # noqa: E402
+from spin_kernels.loss.reference import naive_token_logprobs  # noqa: E402
 from spin_trainer.generation import GenerationStats, SamplingConfig, generate_responses  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -20,8 +20,8 @@ import time
 import torch
 
 from spin_kernels import spin_loss
-from spin_kernels.ops import logprobs as triton_ops
-from spin_kernels.reference import naive_spin_loss
+from spin_kernels.loss.ops import logprobs as triton_ops
+from spin_kernels.loss.reference import naive_spin_loss
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 GIB = 2**30

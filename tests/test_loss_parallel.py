@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from loss_cases import make_confident, make_labels, make_logits, oracle_logprobs
 from spin_kernels import spin_loss, token_logprobs
-from spin_kernels.reference import naive_token_logprobs
+from spin_kernels.loss.reference import naive_token_logprobs
 
 WORLD, B, T, V = 2, 2, 9, 1202  # V_local = 601: odd, more than one block of the smallest config
 

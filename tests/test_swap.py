@@ -9,7 +9,7 @@ from torch import nn
 
 from spin_kernels import swap
 from spin_kernels.swap import WeightBank, swapped
-from spin_kernels.swap_engine import ARENA_ALIGNMENT
+from spin_kernels.swap.engine import ARENA_ALIGNMENT
 
 EXTENSION_SKIPPED = os.environ.get("SPIN_KERNELS_NO_EXT") == "1"
 BACKENDS = [pytest.param("ext", marks=pytest.mark.skipif(EXTENSION_SKIPPED, reason="SPIN_KERNELS_NO_EXT=1")),

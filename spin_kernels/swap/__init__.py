@@ -10,6 +10,11 @@ model or streamed through it, and optimizer state parked in host memory (DESIGN.
 
 Every function takes `backend=` ("auto", "ext" or "torch") where it creates host memory; the torch
 fallback has the same behaviour with torch's pinned allocator and one `copy_` per tensor.
+
+    bank.py       WeightBank: the arena, its layout and its transfers
+    engine.py     the copy engine (C++ extension or torch): allocation, batched copies, streams
+    optimizer.py  optimizer-state offload
+    streamed.py   the layer-streamed reference forward
 """
 from __future__ import annotations
 
@@ -19,10 +24,10 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
-from spin_kernels.streamed import streamed_reference_forward
-from spin_kernels.swap_bank import WeightBank
-from spin_kernels.swap_engine import live_backend
-from spin_kernels.swap_optimizer import OptimizerOffload, offload_optimizer, onload_optimizer
+from spin_kernels.swap.streamed import streamed_reference_forward
+from spin_kernels.swap.bank import WeightBank
+from spin_kernels.swap.engine import live_backend
+from spin_kernels.swap.optimizer import OptimizerOffload, offload_optimizer, onload_optimizer
 
 backend: str = live_backend()
 

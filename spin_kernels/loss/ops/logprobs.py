@@ -11,11 +11,11 @@ that are ignored or have a zero upstream grad (prompt tokens, masked positions) 
 without being read.
 
 With a vocab-parallel shard the same kernels run on the local columns `[vocab_start, vocab_start +
-V_local)`; `spin_kernels.parallel` combines the per-rank stats with one collective, and the
+V_local)`; `spin_kernels.loss.parallel` combines the per-rank stats with one collective, and the
 backward needs no communication because the combined (m, l) are global.
 
 Layers: kernels -> launchers -> torch.library custom ops (so torch.compile traces callers).
-The autograd wiring that picks this backend or the torch one lives in `spin_kernels.loss`.
+The autograd wiring that picks this backend or the torch one lives in `spin_kernels.loss.logits`.
 """
 import torch
 import triton

@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from spin_kernels.swap_bank import WeightBank, local_tensor
+from spin_kernels.swap.bank import WeightBank, local_tensor
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """Pure-PyTorch SPIN log-probs: the CPU backend, the test oracle and the benchmark baseline.
 
 - `logprob_stats` / `logprob_grad`: the torch backend. Same contract as the Triton ops in
-  `spin_kernels.ops.logprobs`, computed over chunks of rows so that the extra memory is
+  `spin_kernels.loss.ops.logprobs`, computed over chunks of rows so that the extra memory is
   O(chunk x V), never an fp32 copy of all the logits.
 - `naive_token_logprobs` / `naive_spin_loss`: the textbook formulas with a full `log_softmax` in
   a chosen dtype. In float64 they are the oracle of the tests; in float32 they are what

@@ -16,8 +16,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from spin_kernels.swap_bank import Slot, WeightBank, module_tensors
-from spin_kernels.swap_engine import ARENA_ALIGNMENT, align_up
+from spin_kernels.swap.bank import Slot, WeightBank, module_tensors
+from spin_kernels.swap.engine import ARENA_ALIGNMENT, align_up
 
 
 @dataclasses.dataclass

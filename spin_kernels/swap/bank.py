@@ -16,7 +16,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
-from spin_kernels.swap_engine import CopyEngine, align_up, bump_versions, resolve_engine, wait_host
+from spin_kernels.swap.engine import CopyEngine, align_up, bump_versions, resolve_engine, wait_host
 
 _NAMES_METADATA_KEY = "spin_kernels.names"
 

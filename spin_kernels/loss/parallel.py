@@ -5,12 +5,10 @@ row, the max and log-sum of its columns and the target logit if the label falls 
 otherwise). One all-gather of those three numbers per row gives every rank the global values; the
 backward then needs no communication, since `exp(x − lse_global)` is local.
 """
-import math
-
 import torch
 import torch.distributed as dist
 
-_LN2 = math.log(2.0)
+from spin_kernels.loss.reference import LN2
 
 
 def shard_bounds(v_local: int, group) -> tuple[int, int]:
@@ -35,6 +33,6 @@ def combine_shard_stats(stats: torch.Tensor, group) -> torch.Tensor:
     # Σ_r 2^(m_r − M + l_r) = 1 + rest, with the exact 1 of (one) max rank kept out of the sum,
     # as the kernels do within a rank: a confident row's tiny log-prob keeps its precision.
     is_max = m == m_all
-    terms = torch.where(is_max, torch.expm1(log_sum * _LN2), torch.exp2((m - m_all) + log_sum))
+    terms = torch.where(is_max, torch.expm1(log_sum * LN2), torch.exp2((m - m_all) + log_sum))
     rest = terms.sum(dim=0) + (is_max.sum(dim=0) - 1)
-    return torch.stack([m_all, torch.log1p(rest) / _LN2, t.sum(dim=0)])
+    return torch.stack([m_all, torch.log1p(rest) / LN2, t.sum(dim=0)])

@@ -1,0 +1,154 @@
+"""Masked per-token log-probs and the SPIN loss, straight from logits.
+
+    r(y) = Σ_t mask_t · (log π_θ(y_t | ·) − log π_ref(y_t | ·))
+    loss = mean_i −log σ(β · (r(y_actual_i) − r(y_generated_i)))      (or hinge: relu(1 − β·margin))
+
+Alignment: `labels[..., t]` is the token that `logits[..., t, :]` scores; callers shift (for a
+Hugging Face model: `logits[:, :-1]` with `input_ids[:, 1:]`). Backends: "triton" (fused kernels,
+`spin_kernels.loss.ops.logprobs`; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "torch"
+(chunked PyTorch, `spin_kernels.loss.reference`), "auto" (Triton for CUDA tensors, torch otherwise).
+"""
+import torch
+
+from spin_kernels.loss import reference
+from spin_kernels.loss.pair import SpinLossOutput, spin_loss_from_logps
+from spin_kernels.loss.parallel import combine_shard_stats, shard_bounds
+from spin_kernels.loss.reference import LN2
+from spin_kernels.loss.validation import (check_logits_labels, check_temperature, masked_labels,
+                                          resolve_backend, shape_of, triton_ops)
+
+
+def _as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """A [B, T, V] view of [..., V] logits (a copy only for >3-D logits that cannot be viewed)."""
+    if logits.dim() <= 3:
+        return logits.reshape((1,) * (3 - logits.dim()) + tuple(logits.shape))
+    try:
+        return logits.view(-1, logits.shape[-2], logits.shape[-1])
+    except RuntimeError:
+        return logits.reshape(-1, logits.shape[-2], logits.shape[-1])
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, temperature, process_group, backend,
+                inplace_backward):
+        rows = _as_rows(logits)
+        if inplace_backward and rows.data_ptr() != logits.data_ptr():
+            raise ValueError("inplace_backward=True needs logits whose leading dims can be viewed "
+                             f"as one; got shape {tuple(logits.shape)}, strides {logits.stride()}")
+        flat_labels = labels.reshape(-1).contiguous()
+        vocab_start, vocab_total = shard_bounds(rows.shape[-1], process_group)
+        ops = triton_ops if backend == "triton" else reference
+        stats = ops.logprob_stats(rows, flat_labels, ignore_index, 1.0 / temperature,
+                                  vocab_start, vocab_total)
+        if process_group is not None:
+            stats = combine_shard_stats(stats, process_group)
+        m, log_sum, t = stats.unbind(0)
+        logp = torch.where(flat_labels == ignore_index, 0.0, ((t - m) - log_sum) * LN2)
+        ctx.save_for_backward(logits, flat_labels, stats)
+        ctx.config = (ignore_index, 1.0 / temperature, vocab_start, backend, inplace_backward)
+        return logp.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, flat_labels, stats = ctx.saved_tensors
+        ignore_index, inv_temperature, vocab_start, backend, inplace = ctx.config
+        rows = _as_rows(logits)
+        grad = grad.reshape(-1).float().contiguous()
+        args = (grad, rows, flat_labels, stats, ignore_index, inv_temperature, vocab_start)
+        no_grads = (None,) * 6  # labels and the five non-tensor arguments
+        if inplace:
+            if backend == "triton":
+                triton_ops.logprob_grad_inplace(*args)
+            else:
+                reference.logprob_grad(*args, out=rows)
+            return (logits,) + no_grads
+        ops = triton_ops if backend == "triton" else reference
+        return (ops.logprob_grad(*args).reshape(logits.shape),) + no_grads
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+                   temperature: float = 1.0, process_group=None, backend: str = "auto",
+                   inplace_backward: bool = False) -> torch.Tensor:
+    """log softmax(logits / T)[label] per position, float32 `[...]`; 0 where label == ignore_index.
+
+    logits `[..., V]` (float32/bfloat16/float16, any strides); labels `[...]` integer. With
+    `process_group`, logits is this rank's contiguous vocab shard and labels are global ids.
+    `inplace_backward=True` writes the gradient into the logits' storage (saves a logits-sized
+    buffer; the logits are then overwritten).
+    """
+    check_logits_labels(logits, labels, ignore_index, process_group)
+    check_temperature(temperature)
+    backend = resolve_backend(backend, logits.device)
+    return _TokenLogprobs.apply(logits, labels, ignore_index, float(temperature), process_group,
+                                backend, bool(inplace_backward))
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, loss_mask=None, *,
+                      average: bool = False, ignore_index: int = -100, temperature: float = 1.0,
+                      process_group=None, backend: str = "auto",
+                      inplace_backward: bool = False) -> torch.Tensor:
+    """Masked sum (or, with `average`, mean over the mask) of the log-probs of each sequence.
+
+    logits `[S, T, V]`, labels `[S, T]`, loss_mask `[S, T]` (nonzero = counted). Returns `[S]`;
+    a sequence with no counted position gives 0.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(f"logits must be [S, T, V], got {shape_of(logits)}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"labels must be [S, T] = {tuple(logits.shape[:2])} for logits "
+                         f"{tuple(logits.shape)}, got {shape_of(labels)}")
+    labels = masked_labels(labels, loss_mask, ignore_index)
+    tok = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
+                         process_group=process_group, backend=backend,
+                         inplace_backward=inplace_backward)
+    total = tok.sum(-1)
+    if average:
+        total = total / (labels != ignore_index).sum(-1).clamp(min=1)
+    return total
+
+
+def spin_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor, *,
+              loss_mask=None, beta=0.1, loss_type: str = "sigmoid", ignore_index: int = -100,
+              temperature: float = 1.0, process_group=None, backend: str = "auto",
+              inplace_backward: bool = False) -> SpinLossOutput:
+    """SPIN loss from logits `[2B, T, V]`: rows [0, B) actual, rows [B, 2B) generated.
+
+    `ref_logps` is `[2B]` (per-sequence masked sums) or `[2B, T]` (per-token, masked here the
+    same way as the policy's). Rewards in the metrics include β: `β·(π − ref)`.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(f"logits must be [2B, T, V], got {shape_of(logits)}")
+    rows, T = logits.shape[0], logits.shape[1]
+    if rows == 0 or rows % 2:
+        raise ValueError(f"logits need an even, nonzero number of rows (B actual, then B generated), "
+                         f"got {rows}")
+    if not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) not in ((rows,), (rows, T)):
+        raise ValueError(f"ref_logps must be [{rows}] or [{rows}, {T}] for logits "
+                         f"{tuple(logits.shape)}, got {shape_of(ref_logps)}")
+    policy = sequence_logprobs(logits, labels, loss_mask, ignore_index=ignore_index,
+                               temperature=temperature, process_group=process_group,
+                               backend=backend, inplace_backward=inplace_backward)
+    if ref_logps.dim() == 2:
+        counted = masked_labels(labels, loss_mask, ignore_index) != ignore_index
+        ref_logps = (ref_logps.float() * counted).sum(-1)
+    return spin_loss_from_logps(policy, ref_logps, beta=beta, loss_type=loss_type)
+
+
+class SpinLoss(torch.nn.Module):
+    """`spin_loss` as a module; `beta` may be reassigned between SPIN iterations."""
+
+    def __init__(self, beta=0.1, loss_type: str = "sigmoid", *, ignore_index: int = -100,
+                 temperature: float = 1.0, process_group=None, backend: str = "auto",
+                 inplace_backward: bool = False):
+        super().__init__()
+        self.beta, self.loss_type = beta, loss_type
+        self.ignore_index, self.temperature = ignore_index, temperature
+        self.process_group, self.backend = process_group, backend
+        self.inplace_backward = inplace_backward
+
+    def forward(self, logits, labels, ref_logps, loss_mask=None) -> SpinLossOutput:
+        return spin_loss(logits, labels, ref_logps, loss_mask=loss_mask, beta=self.beta,
+                         loss_type=self.loss_type, ignore_index=self.ignore_index,
+                         temperature=self.temperature, process_group=self.process_group,
+                         backend=self.backend, inplace_backward=self.inplace_backward)

@@ -1,0 +1,58 @@
+"""The SPIN pair loss from per-sequence log-probs, and its metrics.
+
+    rewards = β·(π − ref)                     per sequence, [2B]: rows [0, B) actual, [B, 2B) generated
+    margin  = rewards_actual − rewards_generated
+    loss    = mean −log σ(margin)  (sigmoid, the paper)   or   mean relu(1 − margin)  (hinge)
+
+Every entry point (logits, hidden states) ends here, so the loss and the metrics are one code.
+"""
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "hinge")
+
+
+class SpinLossOutput(NamedTuple):
+    loss: torch.Tensor  # scalar, differentiable
+    metrics: dict[str, torch.Tensor]  # detached scalars; reading them is the caller's host sync
+
+
+def spin_loss_from_logps(policy_logps: torch.Tensor, ref_logps: torch.Tensor, *,
+                         beta=0.1, loss_type: str = "sigmoid") -> SpinLossOutput:
+    """SPIN loss from per-sequence log-probs `[2B]`: rows [0, B) actual, [B, 2B) generated."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if isinstance(beta, (int, float)) and not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if policy_logps.dim() != 1 or policy_logps.shape[0] % 2 or policy_logps.shape[0] == 0:
+        raise ValueError("policy_logps must be [2B] (B actual rows, then B generated rows), got "
+                         f"shape {tuple(policy_logps.shape)}")
+    if tuple(ref_logps.shape) != tuple(policy_logps.shape):
+        raise ValueError(f"ref_logps must match policy_logps {tuple(policy_logps.shape)}, got "
+                         f"{tuple(ref_logps.shape)}")
+    half = policy_logps.shape[0] // 2
+    rewards = beta * (policy_logps - ref_logps.detach().to(policy_logps.dtype))  # [2B]
+    margin = rewards[:half] - rewards[half:]  # [B]
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(margin).mean()
+    else:
+        loss = F.relu(1 - margin).mean()
+    with torch.no_grad():  # few, batched ops: a training step pays their launch overhead
+        rewards, margin = rewards.detach(), margin.detach()
+        rewards_std, rewards_mean = torch.std_mean(rewards, correction=0)
+        rewards_by_half = rewards.view(2, half).mean(1)  # [actual, generated]
+        logps_by_half = policy_logps.detach().view(2, half).mean(1)
+        metrics = {
+            "acc": (margin > 0).float().mean(),
+            "rewards_actual_mean": rewards_by_half[0],
+            "rewards_generated_mean": rewards_by_half[1],
+            "rewards_all_mean": rewards_mean,
+            "rewards_all_std": rewards_std,
+            "margin_mean": margin.mean(),
+            "logps_actual_mean": logps_by_half[0],
+            "logps_generated_mean": logps_by_half[1],
+        }
+    return SpinLossOutput(loss, metrics)

@@ -1,0 +1,89 @@
+"""Argument checks shared by every entry point of `spin_kernels.loss`, and the backend choice.
+
+Errors name the argument, the shapes and the expectation (`ValueError`/`TypeError`): a user's
+mistake never reaches a kernel, where it could read out of bounds or return a wrong number.
+"""
+import math
+import os
+
+import torch
+
+from spin_kernels.loss.parallel import shard_bounds
+
+try:
+    from spin_kernels.loss.ops import logprobs as triton_ops
+except ImportError:  # triton is optional: without it the torch backend serves every call
+    triton_ops = None
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BACKENDS = ("auto", "triton", "torch")
+
+
+def shape_of(value) -> object:
+    """The shape of a tensor, or the type name of anything else (for error messages)."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def check_logits_labels(logits, labels, ignore_index: int, process_group) -> None:
+    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError(f"logits and labels must be tensors, got {type(logits).__name__} and "
+                        f"{type(labels).__name__}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [..., V] with V > 0, got shape {tuple(logits.shape)}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"labels must have the shape of logits without its last dim: logits "
+                         f"{tuple(logits.shape)} needs labels {tuple(logits.shape[:-1])}, got "
+                         f"{tuple(labels.shape)}")
+    check_labels(labels, logits.device, logits.shape[-1], ignore_index, process_group)
+
+
+def check_labels(labels: torch.Tensor, device: torch.device, v_local: int, ignore_index: int,
+                 process_group) -> None:
+    """Integer labels on `device`, each in [0, V) or ignore_index (V: the whole vocabulary)."""
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device}, the scores they index on {device}")
+    # On the host the check costs no device sync; on a GPU an out-of-range label is not checked
+    # here (that would stall the stream) and yields a NaN log-prob instead. A compiled graph
+    # cannot branch on values, so it gets the NaN too.
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        _, vocab_total = shard_bounds(v_local, process_group)
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_total))
+        if bad.any():
+            raise ValueError(f"labels must lie in [0, {vocab_total}) or equal ignore_index="
+                             f"{ignore_index}; found {labels[bad][:5].tolist()} at "
+                             f"{bad.nonzero()[:5].tolist()}")
+
+
+def check_temperature(temperature) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_ops is not None else "torch"
+    if backend == "triton":
+        if triton_ops is None:
+            raise ValueError("backend='triton' needs the triton package, which is not importable")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend='triton' needs CUDA tensors (got {device}), or "
+                             "TRITON_INTERPRET=1 set before triton is imported to run the kernels "
+                             "on the CPU")
+    return backend
+
+
+def masked_labels(labels: torch.Tensor, loss_mask, ignore_index: int) -> torch.Tensor:
+    """Labels with positions outside `loss_mask` set to ignore_index (so kernels skip them)."""
+    if loss_mask is None:
+        return labels
+    if not isinstance(loss_mask, torch.Tensor) or tuple(loss_mask.shape) != tuple(labels.shape):
+        raise ValueError(f"loss_mask must have the shape of labels {tuple(labels.shape)}, got "
+                         f"{shape_of(loss_mask)}")
+    return labels.masked_fill(loss_mask == 0, ignore_index)
