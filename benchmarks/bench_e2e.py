@@ -34,14 +34,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
-sys.path.insert(0, str(ROOT))  # the package itself, when it is not installed
 
 from spin_kernels.loss import sequence_logprobs, spin_loss, spin_loss_from_logps  # noqa: E402
 from spin_kernels.loss.reference import naive_token_logprobs  # noqa: E402
 from spin_trainer.generation import GenerationStats, SamplingConfig, generate_responses  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_recompute import configure_recompute  # noqa: E402
 
 FULL_SHAPE = dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256,

@@ -21,10 +21,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from spin_kernels import swap  # noqa: E402
-from spin_kernels.swap import WeightBank, streamed_reference_forward, swapped  # noqa: E402
+from spin_kernels import swap
+from spin_kernels.swap import WeightBank, streamed_reference_forward, swapped
 
 GB = 1e9
 

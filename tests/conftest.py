@@ -1,4 +1,5 @@
-"""Runs the Triton kernels under the interpreter when there is no GPU (how CI tests them)."""
+"""Runs the Triton kernels under the interpreter when there is no GPU (how CI tests them); one
+intra-op thread per test module; the `one_rank_mesh` fixture."""
 import os
 
 import pytest
@@ -16,6 +17,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
+    spin-waiting makes each small matmul ~100x slower; restored after the module."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

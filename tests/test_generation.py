@@ -1,18 +1,14 @@
 """spin_trainer.generation: batched generation equals Hugging Face generate(), stops and caps right,
 is reproducible from its seed, and rejects bad prompts by index."""
 
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-
 transformers = pytest.importorskip("transformers")
 
-from spin_trainer.generation import (  # noqa: E402
+from spin_trainer.generation import (
     GenerationStats,
     SamplingConfig,
     choose_backend,

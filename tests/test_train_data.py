@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from test_trainer_fixtures import one_thread, tiny_setup, write_jsonl  # noqa: F401 (autouse fixture)
+from trainer_cases import tiny_setup, write_jsonl
 
 from spin_trainer.data import IGNORE_INDEX, collate_pairs, collate_sft, load_examples
 from spin_trainer.model import load_model, load_tokenizer

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from test_trainer_fixtures import ARITH, ROOT
+from trainer_cases import ARITH, ROOT
 
 from spin_trainer.demo import verdict
 

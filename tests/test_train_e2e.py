@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from test_trainer_fixtures import one_thread, ROOT, tiny_setup, train_args  # noqa: F401 (autouse fixture)
+from trainer_cases import ROOT, tiny_setup, train_args
 
-import train as train_cli
+from spin_trainer import cli as train_cli
 
 
 @pytest.fixture(scope="module")

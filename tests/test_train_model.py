@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from test_trainer_fixtures import one_thread, tiny_setup, train_args  # noqa: F401 (autouse fixture)
+from trainer_cases import tiny_setup, train_args
 
-import train as train_cli
+from spin_trainer import cli as train_cli
 from spin_trainer.model import choose_attention, create_default_model, load_model, load_tokenizer
 
 

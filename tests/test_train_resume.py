@@ -8,9 +8,9 @@ import signal
 import pytest
 import torch
 
-from test_trainer_fixtures import one_thread, tiny_setup, train_args  # noqa: F401 (autouse fixture)
+from trainer_cases import tiny_setup, train_args
 
-import train as train_cli
+from spin_trainer import cli as train_cli
 from spin_trainer.checkpoint import list_checkpoints
 from spin_trainer.loop import TrainingStopped
 

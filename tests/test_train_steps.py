@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from test_trainer_fixtures import one_thread  # noqa: F401 (autouse fixture)
 from spin_trainer.distributed import ParallelContext
 from spin_trainer.steps import make_optimizer, make_scheduler, optimizer_step
 

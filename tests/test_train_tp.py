@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from test_trainer_fixtures import arith_records, one_thread, tiny_setup, train_args  # noqa: F401 (autouse fixture)
+from trainer_cases import arith_records, tiny_setup, train_args
 
-import train as train_cli
+from spin_trainer import cli as train_cli
 
 from spin_trainer.checkpoint import (full_state_dict, load_local_state, load_optimizer_local_state, local_state,
                                      optimizer_local_state)

@@ -1,24 +1,9 @@
 """Shared set-up of the trainer tests (no tests here): a tiny model directory and small data files."""
 import json
 import os
-import sys
-
-import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "python"))
 ARITH = os.path.join(ROOT, "data", "arith")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
-    spin-waiting makes each small matmul ~100x slower; restored after the module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def write_jsonl(path, records):

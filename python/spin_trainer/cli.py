@@ -1,0 +1,175 @@
+"""SPIN (Self-Play Fine-Tuning) trainer: one CPU, one GPU, or tensor parallel under torchrun.
+
+    spin-train --demo --out runs/demo          # built-in tiny model + task, no download
+    spin-train --model PATH --train-data train.jsonl --val-data val.jsonl --out runs/x
+    torchrun --nproc_per_node 8 python/train.py --tp 4 --model PATH ...   # 2-way data x 4-way tensor parallel
+
+`spin-train` and `python python/train.py` are the same command.
+
+Data: JSONL records {"prompt", "response"} or chat {"messages": [..., {"role": "assistant", ...}]}.
+Writes OUT/metrics.jsonl, OUT/curves.png, OUT/checkpoints/, and the final model to OUT/final.
+SIGTERM writes a checkpoint and exits with status 143; --resume continues from the newest intact one.
+"""
+import argparse
+import os
+import sys
+
+from spin_trainer.config import GENERATE_EVERY, LOSS_TYPES, REFERENCE_MODES, SpinConfig
+from spin_trainer.model import ATTENTION_CHOICES, DTYPES
+
+STOPPED_BY_SIGTERM = 143
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each option's default where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        no_default = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not no_default and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    add = parser.add_argument
+    add("--demo", action="store_true", help="run the built-in end-to-end demo (tiny model, arithmetic task)")
+    add("--out", required=True, help="output directory (metrics, checkpoints, final model)")
+    add("--model", help="local Hugging Face causal-LM directory")
+    add("--train-data", help="JSONL of training prompts and gold responses")
+    add("--val-data", help="JSONL of held-out records: SFT validation loss and SPIN acc on held-out pairs")
+    add("--test-data", help="JSONL of held-out records for exact-match accuracy (default: --val-data)")
+    add("--prompt-template", default="{prompt}", help="template of {prompt,response} records' prompts")
+    add("--max-length", type=int, default=1024, help="context length: prompt + response tokens")
+    add("--iterations", type=int, default=2, help="SPIN iterations (θ_t → θ_t+1)")
+    add("--epochs", type=int, default=1, help="epochs over the iteration's pairs")
+    add("--beta", type=float, nargs="+", default=[0.1], help="one value, or one per iteration")
+    add("--lr", type=float, nargs="+", default=[5e-7], help="one value, or one per iteration")
+    add("--loss-type", choices=LOSS_TYPES, default="sigmoid", help="sigmoid (the paper) or hinge")
+    add("--micro-batch-size", type=int, default=1, help="pairs per forward on each rank")
+    add("--global-batch-size", type=int, default=8, help="pairs per optimizer step, all ranks together")
+    add("--warmup-steps", type=int, default=0, help="linear warm-up at the start of each iteration")
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    add("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    add("--generate-every", choices=GENERATE_EVERY, default="iteration",
+        help="iteration: once from θ_t; epoch: every epoch with the reference swapped in")
+    add("--mix-previous", type=float, default=0.0, help="fraction of the previous iteration's pairs mixed in")
+    add("--reference", choices=REFERENCE_MODES, default="precompute",
+        help="reference log-probs: precomputed per iteration, swapped in per batch, or a resident copy")
+    add("--max-new-tokens", type=int, default=128, help="capped by the context left after each prompt")
+    add("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    add("--temperature", type=float, default=1.0, help="sampling temperature")
+    add("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    add("--top-k", type=int, default=0, help="top-k sampling (0: off)")
+    add("--gen-batch-size", type=int, default=64, help="prompts per generation batch")
+    add("--offload-optimizer", action="store_true", help="optimizer state in host memory while generating")
+    add("--tp", type=int, default=1, help="tensor-parallel size (torchrun --nproc_per_node a multiple of it)")
+    add("--device", default="auto", help="auto, cpu or cuda")
+    add("--attn", choices=ATTENTION_CHOICES, default="auto", help="auto: flash_attention_2 if usable, else sdpa")
+    add("--dtype", choices=sorted(DTYPES), default="float32",
+        help="weights and compute; bfloat16 on GPUs (float16 has no loss scaling here)")
+    add("--seed", type=int, default=0, help="data order, sampling and initialization")
+    add("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (and every iteration)")
+    add("--keep", type=int, default=2, help="checkpoints kept")
+    add("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
+    add("--no-progress", action="store_true", help="no progress bars (e.g. for logs)")
+    return parser
+
+
+def spin_config(args):
+    return SpinConfig(
+        iterations=args.iterations, epochs=args.epochs, betas=args.beta, lrs=args.lr, loss_type=args.loss_type,
+        micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        generate_every=args.generate_every, mix_previous=args.mix_previous, reference=args.reference,
+        max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, gen_batch_size=args.gen_batch_size,
+        offload_optimizer=args.offload_optimizer, max_length=args.max_length, seed=args.seed,
+        save_every=args.save_every, keep=args.keep, progress=not args.no_progress)
+
+
+def check_output_dir(out, resume, runs):
+    """Refuses to start over checkpoints a previous run left (they would be overwritten)."""
+    from spin_trainer.checkpoint import list_checkpoints
+
+    for run in runs:
+        if not resume and list_checkpoints(os.path.join(out, "checkpoints", run)):
+            raise ValueError(f"--out {out!r} already holds checkpoints of a run; pass --resume to continue it "
+                             f"or choose another --out")
+
+
+def train(args, on_step=None):
+    """The general path: --model + data files. Returns the SPIN eval rows."""
+    from transformers import AutoConfig
+
+    from spin_trainer.checkpoint import export_hf
+    from spin_trainer.data import load_examples
+    from spin_trainer.distributed import setup_parallel, teardown_parallel
+    from spin_trainer.evaluate import HeldOut
+    from spin_trainer.loop import SpinTrainer
+    from spin_trainer.metrics import MetricsLog, format_table, plot_curves, read_records
+    from spin_trainer.model import check_model_dir, load_model, load_tokenizer
+    from spin_trainer.tp_plan import apply_tensor_parallel, check_tensor_parallel
+
+    for option, value in (("--model", args.model), ("--train-data", args.train_data)):
+        if not value:
+            raise ValueError(f"{option} is required (or use --demo)")
+    config = spin_config(args)
+    check_model_dir(args.model)
+    check_tensor_parallel(AutoConfig.from_pretrained(args.model), args.tp)
+    tokenizer = load_tokenizer(args.model)
+    kwargs = dict(max_length=args.max_length, template=args.prompt_template)
+    train_examples = load_examples(args.train_data, tokenizer, option="--train-data", **kwargs)
+    val_examples = load_examples(args.val_data, tokenizer, option="--val-data", **kwargs) if args.val_data else []
+    test_examples = (load_examples(args.test_data, tokenizer, option="--test-data", **kwargs)
+                     if args.test_data else val_examples)
+    check_output_dir(args.out, args.resume, ["spin"])
+
+    ctx = setup_parallel(args.tp, args.device)
+    try:
+        config.validate(len(train_examples), ctx)
+        model = load_model(args.model, attention=args.attn, dtype=args.dtype, device=ctx.device)
+        apply_tensor_parallel(model, ctx)
+        metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), enabled=ctx.is_main)
+        held_out = HeldOut(test_examples, val_examples, ctx, tokenizer=tokenizer, max_length=args.max_length,
+                           max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size,
+                           micro_batch_size=args.micro_batch_size)
+        trainer = SpinTrainer(model, tokenizer, train_examples, val_examples, test_examples, config, ctx,
+                              out_dir=args.out, held_out=held_out, metrics=metrics)
+        rows = trainer.train(resume=args.resume, on_step=on_step)
+        export_hf(model, tokenizer, os.path.join(args.out, "final"), ctx)
+        if ctx.is_main:
+            print(format_table(rows, "SPIN, per iteration (iteration 0 = the starting model)"))
+            plot_curves(read_records(metrics.path), os.path.join(args.out, "curves.png"), ["spin"])
+            print(f"final model: {os.path.join(args.out, 'final')}")
+        return rows
+    finally:
+        teardown_parallel(ctx)
+
+
+def main(argv=None, on_step=None):
+    args = build_parser().parse_args(argv)
+    if args.demo:
+        from spin_trainer.demo import run_demo
+        return run_demo(args)
+    return train(args, on_step=on_step)
+
+
+def cli():
+    from spin_trainer.loop import TrainingStopped
+
+    try:
+        main()
+    except TrainingStopped as stopped:
+        if os.environ.get("RANK", "0") == "0":  # once per run, not once per torchrun process
+            print(f"stopped by SIGTERM; checkpoint written to {stopped}; rerun with --resume to continue",
+                  file=sys.stderr)
+        sys.exit(STOPPED_BY_SIGTERM)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
