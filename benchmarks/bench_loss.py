@@ -14,8 +14,6 @@ Writes benchmarks/results/loss.json and loss.md.
 import argparse
 import json
 import pathlib
-import statistics
-import time
 
 import torch
 
@@ -23,33 +21,10 @@ from spin_kernels import spin_loss
 from spin_kernels.loss.ops import logprobs as triton_ops
 from spin_kernels.loss.reference import naive_spin_loss
 
+from timing import GIB, PeakMemory, median_ms
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-GIB = 2**30
 BETA = 0.1
-
-
-def bench_ms(fn, reps: int, setup=None) -> float:
-    """Median time of fn in ms, with CUDA events (or the host clock on CPU); `setup` runs
-    untimed before each call."""
-    if setup is not None:
-        setup()
-    fn()
-    times = []
-    for _ in range(reps):
-        if setup is not None:
-            setup()
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def copy_bandwidth(device) -> float:
@@ -57,7 +32,7 @@ def copy_bandwidth(device) -> float:
     src = torch.empty(2 * GIB if device.type == "cuda" else 64 * 2**20, dtype=torch.uint8,
                       device=device).random_()
     dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src), reps=20)
+    ms = median_ms(lambda: dst.copy_(src), device, reps=20)
     return 2 * src.numel() / (ms / 1e3)
 
 
@@ -134,15 +109,12 @@ def measure(name, impl, batch, reps, device):
     restore = (lambda: x.detach().copy_(logits)) if "inplace" in name else None
     row = {"impl": name}
     try:
-        row["fwd_bwd_ms"] = bench_ms(step, reps, setup=restore)
-        row["no_grad_ms"] = bench_ms(forward_only, reps, setup=restore)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+        row["fwd_bwd_ms"] = median_ms(step, device, reps, setup=restore)
+        row["no_grad_ms"] = median_ms(forward_only, device, reps, setup=restore)
+        with PeakMemory(device) as peak:
             step()
-            torch.cuda.synchronize()
-            row["extra_gib"] = (torch.cuda.max_memory_allocated() - base) / GIB
+        if peak.extra_gib is not None:
+            row["extra_gib"] = peak.extra_gib
         if not name.startswith("torch.compile"):  # the same arithmetic as eager; spare a recompile
             row["grad_rel_err"] = gradient_error(impl, logits.shape[-1], device)
     except torch.OutOfMemoryError:
@@ -178,7 +150,7 @@ def sweep(batch, reps):
         try:
             def time_config(config):
                 setattr(triton_ops, attr, lambda v: config)
-                timed[config] = bench_ms(call, reps)
+                timed[config] = median_ms(call, logits.device, reps)
                 rows.append({"kernel": kernel, "config": config, "ms": timed[config]})
             for block_v, warps in SWEEP_CONFIGS:
                 time_config((block_v, warps, 3))

@@ -15,14 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 from spin_kernels import swap
 from spin_kernels.swap import WeightBank, streamed_reference_forward, swapped
+from spin_trainer.model import build_tiny_llama
+
+from timing import GIB, PeakMemory, median_ms
 
 GB = 1e9
 
@@ -47,23 +48,6 @@ def parse_args(argv=None):
         args.gbytes, args.tensors, args.repeats = 0.004, 20, 2
         args.hidden, args.intermediate, args.layers, args.vocab, args.batch, args.seq = 64, 128, 3, 512, 2, 32
     return args
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn, device, repeats):
-    """Wall-clock median over `repeats` runs after one warm-up, the device drained around each."""
-    times = []
-    for _ in range(repeats + 1):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[1:])
 
 
 def pinned_footprint(nbytes):
@@ -149,17 +133,11 @@ def chunked_logprobs(logits, labels, rows=4096):
 
 
 def build_llama(args, device, seed):
-    import transformers
-
-    config = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                                      intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                                      num_attention_heads=max(args.hidden // 64, 1),
-                                      num_key_value_heads=max(args.hidden // 256, 1),
-                                      max_position_embeddings=max(args.seq, 128), tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    return model
+    return build_tiny_llama(args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                            num_layers=args.layers, num_heads=max(args.hidden // 64, 1),
+                            num_kv_heads=max(args.hidden // 256, 1),
+                            max_position_embeddings=max(args.seq, 128), seed=seed, dtype=torch.bfloat16,
+                            device=device).eval()
 
 
 def bench_reference_logprobs(args, device):
@@ -200,15 +178,11 @@ def bench_reference_logprobs(args, device):
         for name, fn in variants:
             # Same weights, same kernels: every variant must give the resident reference's numbers.
             max_diff = (fn() - expected).abs().max().item()
-            sync(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-            ms = median_ms(fn, device, args.repeats)
-            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else 0.0
-            results[name] = {"ms": ms, "tokens/s": tokens / (ms / 1e3), "peak_extra_GiB": peak,
+            with PeakMemory(device) as peak:
+                ms = median_ms(fn, device, args.repeats)
+            results[name] = {"ms": ms, "tokens/s": tokens / (ms / 1e3), "peak_extra_GiB": peak.extra_gib or 0.0,
                              "max_abs_diff_vs_resident": max_diff}
-    weights_gib = sum(p.numel() * p.element_size() for p in reference.parameters()) / 2**30
+    weights_gib = sum(p.numel() * p.element_size() for p in reference.parameters()) / GIB
     return {"params": params, "tokens": tokens, "reference_weights_GiB": weights_gib, "rows": results}
 
 

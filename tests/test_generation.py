@@ -15,25 +15,16 @@ from spin_trainer.generation import (
     generate_responses,
     sample_next_tokens,
 )
+from spin_trainer.model import build_tiny_llama
 
 VOCAB = 97
 PAD = 0
 
 
 def tiny_llama(seed: int = 0, *, kv_heads: int = 2, dtype=torch.float32, device="cpu"):
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=256,
-        # A wide init spreads the logits, so greedy choices are not decided by rounding noise.
-        initializer_range=0.3,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    # A wide init spreads the logits, so greedy choices are not decided by rounding noise.
+    return build_tiny_llama(VOCAB, num_kv_heads=kv_heads, max_position_embeddings=256, initializer_range=0.3,
+                            seed=seed, dtype=dtype, device=device).eval()
 
 
 # Lengths 1..11, unsorted, so batches of 2 mix lengths (padding) and sorting reorders them.

@@ -12,13 +12,12 @@ pytestmark = pytest.mark.cuda
 
 
 def _llama(seed, layers=3, hidden=64, intermediate=96, vocab=128, heads=4, kv_heads=2):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                                      num_hidden_layers=layers, num_attention_heads=heads,
-                                      num_key_value_heads=kv_heads, max_position_embeddings=4096)
-    torch.manual_seed(seed)
-    with torch.device("cuda"):
-        return transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    pytest.importorskip("transformers")
+    from spin_trainer.model import build_tiny_llama
+
+    return build_tiny_llama(vocab, hidden_size=hidden, intermediate_size=intermediate, num_layers=layers,
+                            num_heads=heads, num_kv_heads=kv_heads, max_position_embeddings=4096, seed=seed,
+                            dtype=torch.bfloat16, device="cuda").eval()
 
 
 def test_the_cuda_extension_is_live():

@@ -6,7 +6,8 @@ import torch
 
 from spin_kernels.swap import WeightBank, streamed_reference_forward
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+from spin_trainer.model import build_tiny_llama  # noqa: E402
 
 BACKENDS = [pytest.param("ext", marks=pytest.mark.skipif(os.environ.get("SPIN_KERNELS_NO_EXT") == "1",
                                                          reason="SPIN_KERNELS_NO_EXT=1")),
@@ -14,11 +15,8 @@ BACKENDS = [pytest.param("ext", marks=pytest.mark.skipif(os.environ.get("SPIN_KE
 
 
 def _llama(seed, tied=False, layers=3, dtype=torch.float32, vocab=97):
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=tied)
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    model = build_tiny_llama(vocab, hidden_size=32, intermediate_size=48, num_layers=layers, tie_word_embeddings=tied,
+                             seed=seed, dtype=dtype).eval()
     with torch.no_grad():  # random-init norms are all ones: make them matter
         for name, param in model.named_parameters():
             if "norm" in name:

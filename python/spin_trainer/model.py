@@ -41,21 +41,30 @@ def build_char_tokenizer(alphabet):
     return tokenizer
 
 
-def build_tiny_llama(vocab_size, *, pad_token_id, bos_token_id, eos_token_id, hidden_size=64,
-                     num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                     max_position_embeddings=64, seed=0):
-    """A randomly initialised Llama small enough to train in seconds on a CPU."""
+def build_tiny_llama(vocab_size, *, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                     intermediate_size=128, max_position_embeddings=64, pad_token_id=None, bos_token_id=None,
+                     eos_token_id=None, seed=0, dtype=torch.float32, device="cpu", **config):
+    """A randomly initialised Llama, by default small enough to train in seconds on a CPU: the one
+    builder of the default model, the tests and the benchmarks.
+
+    The weights depend only on `seed` (and the device's generator): the global RNG state is left as
+    it was. `config` sets any other `LlamaConfig` field (tie_word_embeddings, initializer_range,
+    rope_scaling, attention_dropout, ...).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    config = {"tie_word_embeddings": False, "attention_dropout": 0.0, "initializer_range": 0.05, **config}
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
-        pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-        tie_word_embeddings=False, attention_dropout=0.0, initializer_range=0.05)
-    with torch.random.fork_rng(devices=[]):
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings, pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id, eos_token_id=eos_token_id, **config)
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
+        with device:
+            model = LlamaForCausalLM(config)
+    return model.to(dtype)
 
 
 def create_default_model(out_dir, *, alphabet="0123456789+=", vocab_multiple=4, seed=0, **model_kwargs):

@@ -1,0 +1,77 @@
+"""The benchmark scripts run end to end in their tiny CPU mode and report what they must (the GPU
+tables come from benchmarks/gpu_check.sh); their shared timing helper times what it says."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def run_script(name, *args):
+    result = subprocess.run([sys.executable, os.path.join(BENCHMARKS, name), *args], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def timing():
+    spec = importlib.util.spec_from_file_location("timing", os.path.join(BENCHMARKS, "timing.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_median_ms_times_only_fn_after_a_warm_up(timing, monkeypatch):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
+    calls = []
+
+    def setup():
+        clock["now"] += 100.0  # seconds that must not be counted
+
+    def fn():
+        calls.append(len(calls))
+        clock["now"] += 10.0 if len(calls) == 1 else [0.001, 0.003, 0.002][len(calls) - 2]
+
+    assert timing.median_ms(fn, torch.device("cpu"), reps=3, setup=setup) == pytest.approx(2.0)
+    assert len(calls) == 4
+    with pytest.raises(ValueError, match="reps"):
+        timing.median_ms(fn, torch.device("cpu"), reps=0)
+    with timing.PeakMemory(torch.device("cpu")) as peak:
+        torch.ones(1000)
+    assert peak.extra_bytes is None and peak.extra_gib is None
+
+
+def test_bench_swap_tiny_run_reports_exact_reference_logprobs(tmp_path):
+    run_script("bench_swap.py", "--tiny", "--out", str(tmp_path / "swap"))
+    report = json.loads((tmp_path / "swap.json").read_text())
+    impls = [row["impl"] for row in report["transfers"]["rows"]]
+    assert any(impl.startswith("WeightBank.load_into") for impl in impls)
+    assert all(row["ms"] > 0 for row in report["transfers"]["rows"])
+    rows = report["reference_logprobs"]["rows"]
+    assert set(rows) == {"resident reference model", "NeMo-Aligner style swap + forward", "swapped() + forward",
+                         "streamed_reference_forward"}
+    # Same weights, same kernels: swapping or streaming the reference changes no bit.
+    assert all(row["max_abs_diff_vs_resident"] == 0 for row in rows.values())
+    assert (tmp_path / "swap.md").read_text().startswith("# bench_swap on cpu")
+
+
+def test_bench_loss_tiny_run_reports_gradient_errors(tmp_path):
+    run_script("bench_loss.py", "--vocab", "101", "--seqs", "2", "--seq-len", "16", "--reps", "2",
+               "--compile-vocab", "--out", str(tmp_path / "loss"))
+    report = json.loads((tmp_path / "loss.json").read_text())
+    (table,) = report["tables"]
+    assert table["vocab"] == 101 and table["rows"] == 32
+    rows = {row["impl"]: row for row in table["impls"]}
+    assert {"spin_kernels", "spin_kernels inplace_backward"} <= set(rows)
+    for row in rows.values():
+        assert row["fwd_bwd_ms"] > 0 and row["no_grad_ms"] > 0
+        # dlogits come back in bf16: each element is within 2^-8 (bf16's unit roundoff) of the exact
+        # value, so the norm of the error is too.
+        assert 0 < row["grad_rel_err"] <= 2**-8
