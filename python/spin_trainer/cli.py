@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from spin_trainer.config import GENERATE_EVERY, LOSS_TYPES, REFERENCE_MODES, SpinConfig
+from spin_trainer.config import GENERATE_EVERY, LOSS_TYPES, REFERENCE_MODES, SpinConfig, sampling_config
 from spin_trainer.model import ATTENTION_CHOICES, DTYPES
 
 STOPPED_BY_SIGTERM = 143
@@ -83,8 +83,9 @@ def spin_config(args):
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         generate_every=args.generate_every, mix_previous=args.mix_previous, reference=args.reference,
-        max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
-        top_p=args.top_p, top_k=args.top_k, gen_batch_size=args.gen_batch_size,
+        sampling=sampling_config(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
+                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
+        gen_batch_size=args.gen_batch_size,
         offload_optimizer=args.offload_optimizer, max_length=args.max_length, seed=args.seed,
         save_every=args.save_every, keep=args.keep, progress=not args.no_progress)
 
@@ -135,7 +136,7 @@ def train(args, on_step=None):
         held_out = HeldOut(test_examples, val_examples, ctx, tokenizer=tokenizer, max_length=args.max_length,
                            max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size,
                            micro_batch_size=args.micro_batch_size)
-        trainer = SpinTrainer(model, tokenizer, train_examples, val_examples, test_examples, config, ctx,
+        trainer = SpinTrainer(model, tokenizer, train_examples, val_examples, config, ctx,
                               out_dir=args.out, held_out=held_out, metrics=metrics)
         rows = trainer.train(resume=args.resume, on_step=on_step)
         export_hf(model, tokenizer, os.path.join(args.out, "final"), ctx)

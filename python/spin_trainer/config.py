@@ -2,7 +2,9 @@
 
 Error messages name the command-line option, since that is what the user typed.
 """
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+
+from .generation import SamplingConfig
 
 REFERENCE_MODES = ("precompute", "swap", "resident")
 GENERATE_EVERY = ("iteration", "epoch")
@@ -17,6 +19,21 @@ def per_iteration(values, iterations, option):
     if len(values) != iterations:
         raise ValueError(f"{option}: give one value or one per iteration ({iterations}), got {len(values)}")
     return values
+
+
+def sampling_config(*, max_new_tokens, do_sample, temperature, top_p, top_k):
+    """SamplingConfig of the command-line options, checked first so that errors name the option."""
+    checks = [
+        (max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {max_new_tokens}"),
+        (temperature > 0, f"--temperature must be > 0, got {temperature}"),
+        (0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
+        (top_k >= 0, f"--top-k must be >= 0, got {top_k}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    return SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                          top_p=top_p, top_k=top_k)
 
 
 @dataclass
@@ -34,11 +51,8 @@ class SpinConfig:
     generate_every: str = "iteration"
     mix_previous: float = 0.0
     reference: str = "precompute"
-    max_new_tokens: int = 128
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    # How θ_t answers the prompts; the seed is set per iteration and epoch (rollouts.sampling_seed).
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=128))
     gen_batch_size: int = 64
     offload_optimizer: bool = False
     max_length: int = 1024
@@ -65,6 +79,7 @@ class SpinConfig:
         return num_examples + (self.mixed_pairs(num_examples) if iteration > 0 else 0)
 
     def validate(self, num_examples, ctx):
+        """Called once, by the command line, before the model is loaded."""
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.micro_batch_size >= 1, f"--micro-batch-size must be >= 1, got {self.micro_batch_size}"),
@@ -82,10 +97,6 @@ class SpinConfig:
             (self.generate_every in GENERATE_EVERY,
              f"--generate-every must be one of {GENERATE_EVERY}, got {self.generate_every!r}"),
             (0.0 <= self.mix_previous <= 1.0, f"--mix-previous must be in [0, 1], got {self.mix_previous}"),
-            (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
-            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
-            (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}"),
             (self.gen_batch_size >= 1, f"--gen-batch-size must be >= 1, got {self.gen_batch_size}"),
             (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
             (self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}"),

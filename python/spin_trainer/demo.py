@@ -17,6 +17,7 @@ from .config import SpinConfig
 from .data import load_examples
 from .distributed import setup_parallel, teardown_parallel
 from .evaluate import HeldOut
+from .generation import SamplingConfig
 from .loop import SpinTrainer
 from .metrics import MetricsLog, format_table, plot_curves, read_records
 from .model import create_default_model, load_model, load_tokenizer
@@ -95,11 +96,11 @@ def run_demo(args):
         start_state = full_state_dict(model)
 
         config = SpinConfig(iterations=SPIN_ITERATIONS, epochs=1, betas=(SPIN_BETA,), lrs=(SPIN_LR,),
-                            micro_batch_size=SPIN_BATCH, global_batch_size=SPIN_BATCH, max_new_tokens=6,
-                            do_sample=True, temperature=1.0,
+                            micro_batch_size=SPIN_BATCH, global_batch_size=SPIN_BATCH,
+                            sampling=SamplingConfig(max_new_tokens=6, do_sample=True, temperature=1.0),
                             gen_batch_size=256, max_length=MAX_LENGTH, seed=args.seed, keep=1, progress=progress)
         spin_prompts = data["train"][:SPIN_PROMPTS]
-        trainer = SpinTrainer(model, tokenizer, spin_prompts, data["val"], data["test"], config, ctx,
+        trainer = SpinTrainer(model, tokenizer, spin_prompts, data["val"], config, ctx,
                               out_dir=out, held_out=held_out, metrics=metrics)
         spin_rows = trainer.train()
         export_hf(model, tokenizer, os.path.join(out, "final"), ctx)

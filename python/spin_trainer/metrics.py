@@ -63,10 +63,6 @@ def format_table(rows, title):
     return "\n".join(out)
 
 
-def eval_rows(records, run):
-    return [r for r in records if r.get("kind") == "eval" and r.get("run") == run]
-
-
 def plot_curves(records, path, runs, offsets=None):
     """curves.png: held-out exact match and SFT validation loss per run, SPIN loss and acc per step.
 

@@ -1,0 +1,43 @@
+"""What the SPIN loop carries between steps: where it is, and the current iteration's data.
+
+Both are saved in every checkpoint (as plain dicts of their fields), so that a resumed run
+continues mid-iteration with the same generations and reference log-probs.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LoopPosition:
+    iteration: int = 0     # 0-based: iteration t trains θ_t -> θ_t+1
+    epoch: int = 0         # within the iteration
+    step: int = 0          # optimizer steps done in this epoch
+    global_step: int = 0   # optimizer steps done in the run
+
+    def state(self):
+        return dict(vars(self))
+
+    @classmethod
+    def from_state(cls, state):
+        return cls(**state)
+
+
+@dataclass
+class IterationData:
+    """The iteration's pairs, θ_t's generations and the reference log-probs, made while the model held θ_t."""
+    examples: list                      # the prompts' Examples, then the pairs mixed in from the previous iteration
+    generated: list                     # θ_t's response ids, one per example
+    ref_logps: torch.Tensor | None      # [P, 2] (actual, generated) reference sums; precompute mode only
+    val_generated: list                 # θ_t's responses to the validation prompts
+    val_ref_logps: torch.Tensor | None  # [V, 2]
+    generated_epoch: int                # the epoch these generations were sampled at
+    train_gen_length: float             # mean length of the responses to the training prompts
+    history: list = field(default_factory=list)   # the iteration's per-step training records
+
+    def state(self):
+        return dict(vars(self))   # shallow: the Examples stay Examples
+
+    @classmethod
+    def from_state(cls, state):
+        return None if state is None else cls(**state)

@@ -1,0 +1,120 @@
+"""The reference modes: each gives θ_t's log-probs after the policy has moved on, keeps its weights
+across iterations in the same storage, and round-trips θ_t through state() / load_state()."""
+import pytest
+import torch
+
+from trainer_cases import arith_records, tiny_setup, train_args
+
+from spin_trainer import cli as train_cli
+
+from spin_trainer.data import Example, collate_pairs
+from spin_trainer.distributed import ParallelContext
+from spin_trainer.model import create_default_model, load_model, load_tokenizer
+from spin_trainer.reference_modes import make_reference
+from spin_trainer.steps import sequence_logps
+
+CTX = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return create_default_model(str(tmp_path_factory.mktemp("ref") / "model"), hidden_size=32, intermediate_size=64)
+
+
+def pair_batch(tokenizer):
+    examples, generated = [], []
+    for record in arith_records("train", 3):
+        prompt = [tokenizer.bos_token_id] + tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+        response = tokenizer(record["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append(Example(tuple(prompt), tuple(response)))
+        generated.append(response[:1])
+    return collate_pairs(examples, generated, tokenizer.pad_token_id)
+
+
+def perturb(model, scale):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+def snapshot(model):
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", ["swap", "resident"])
+def test_reference_holds_theta_t_while_the_policy_moves(model_dir, mode):
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, attention="eager")
+    batch = pair_batch(tokenizer)
+    reference = make_reference(mode, model, CTX, generate_every_epoch=False)
+    torch.manual_seed(0)
+    for _ in range(2):   # two iterations: θ_t is refreshed in place from the policy
+        reference.begin_iteration()
+        theta_t, expected = snapshot(model), sequence_logps(model, batch, CTX)
+        storage = reference.bank.arena.data_ptr() if mode == "swap" else id(reference.copy)
+        perturb(model, 0.05)
+        policy = snapshot(model)
+        got = reference.batch_logps(batch, None)
+        assert torch.equal(got, expected)
+        assert not torch.allclose(sequence_logps(model, batch, CTX), expected)   # the policy did move
+        for name, tensor in snapshot(model).items():   # ... and is its own again after the reference forward
+            assert torch.equal(tensor, policy[name]), name
+        with reference.weights() as module:
+            for name, tensor in module.state_dict().items():
+                assert torch.equal(tensor, theta_t[name]), name
+    # The second iteration reused the first one's storage (no new pinned arena, no new copy).
+    assert storage == (reference.bank.arena.data_ptr() if mode == "swap" else id(reference.copy))
+
+
+@pytest.mark.parametrize("mode", ["precompute", "swap", "resident"])
+def test_state_round_trip_into_a_fresh_reference(model_dir, mode):
+    model = load_model(model_dir, attention="eager")
+    reference = make_reference(mode, model, CTX, generate_every_epoch=True)
+    reference.begin_iteration()
+    theta_t = snapshot(model)
+    with reference.state() as module:
+        saved = snapshot(module)
+    perturb(model, 0.05)
+    policy = snapshot(model)
+
+    fresh_model = load_model(model_dir, attention="eager")
+    perturb(fresh_model, 0.05)
+    fresh_policy = snapshot(fresh_model)
+    fresh = make_reference(mode, fresh_model, CTX, generate_every_epoch=True)
+    with fresh.load_state() as module:
+        module.load_state_dict(saved)
+    with fresh.weights() as module:
+        for name, tensor in module.state_dict().items():
+            assert torch.equal(tensor, theta_t[name]), name
+    for name, tensor in snapshot(fresh_model).items():   # loading θ_t left the policy alone
+        assert torch.equal(tensor, fresh_policy[name]), name
+    assert not torch.equal(policy["lm_head.weight"], theta_t["lm_head.weight"])
+
+
+def test_precompute_reads_the_cached_rows_and_keeps_no_weights(model_dir):
+    model = load_model(model_dir, attention="eager")
+    batch = pair_batch(load_tokenizer(model_dir))
+    reference = make_reference("precompute", model, CTX, generate_every_epoch=False)
+    reference.begin_iteration()
+    rows = torch.tensor([[-1.0, -2.0], [-3.0, -4.0], [-5.0, -6.0]])
+    assert torch.equal(reference.batch_logps(batch, rows), torch.tensor([-1.0, -3.0, -5.0, -2.0, -4.0, -6.0]))
+    with reference.state() as module:
+        assert module is None
+
+
+def test_the_loop_pins_one_bank_for_the_whole_run(tmp_path, monkeypatch):
+    """Two iterations in swap mode allocate one WeightBank; the next iterations refill it."""
+    from spin_kernels.swap import WeightBank
+
+    allocated = []
+    original = WeightBank.from_module.__func__
+
+    def counting(cls, module, **kwargs):
+        allocated.append(module)
+        return original(cls, module, **kwargs)
+
+    monkeypatch.setattr(WeightBank, "from_module", classmethod(counting))
+    setup = tiny_setup(str(tmp_path))
+    rows = train_cli.main(train_args(*setup, str(tmp_path / "run"), "--reference", "swap", "--greedy"))
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert len(allocated) == 1
