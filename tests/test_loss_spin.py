@@ -64,7 +64,7 @@ def test_metrics(device, backend):
         "rewards_actual_mean": rewards[:B].mean(),
         "rewards_generated_mean": rewards[B:].mean(),
         "rewards_all_mean": rewards.mean(),
-        "rewards_all_std": rewards.std(unbiased=False),
+        "rewards_all_std": rewards.std(),  # Bessel-corrected, as NeMo-Aligner logs it
         "margin_mean": margin.mean(),
         "logps_actual_mean": policy[:B].mean(),
         "logps_generated_mean": policy[B:].mean(),
@@ -76,6 +76,14 @@ def test_metrics(device, backend):
         torch.testing.assert_close(got.double().cpu(), value, atol=1e-4, rtol=1e-5, msg=name)
     torch.testing.assert_close(out.loss.double().cpu(), -F.logsigmoid(margin).mean(), atol=1e-5,
                                rtol=1e-5)
+
+
+def test_rewards_all_std_is_bessel_corrected(device, backend):
+    # rewards 0.5 * ([3, 1, -1, 1] - 0) = [1.5, 0.5, -0.5, 0.5]: mean 0.5, Σ(r - mean)² = 2, / (4 - 1)
+    out = spin_loss_from_logps(torch.tensor([3.0, 1.0, -1.0, 1.0], device=device), torch.zeros(4, device=device),
+                               beta=0.5)
+    torch.testing.assert_close(out.metrics["rewards_all_std"].cpu(), torch.tensor((2 / 3) ** 0.5))
+    torch.testing.assert_close(out.metrics["rewards_all_mean"].cpu(), torch.tensor(0.5))
 
 
 def test_all_masked_sequence(device, backend):

@@ -22,7 +22,15 @@ class SpinLossOutput(NamedTuple):
 
 def spin_loss_from_logps(policy_logps: torch.Tensor, ref_logps: torch.Tensor, *,
                          beta=0.1, loss_type: str = "sigmoid") -> SpinLossOutput:
-    """SPIN loss from per-sequence log-probs `[2B]`: rows [0, B) actual, [B, 2B) generated."""
+    """SPIN loss from per-sequence log-probs `[2B]`: rows [0, B) actual, [B, 2B) generated.
+
+    Metrics (0-dim float tensors of this call's batch, no host sync): `acc` (fraction of pairs with
+    margin > 0), `rewards_actual_mean`, `rewards_generated_mean`, `rewards_all_mean`,
+    `rewards_all_std`, `margin_mean`, `logps_actual_mean`, `logps_generated_mean`. Rewards include β.
+    `rewards_all_std` is the Bessel-corrected (correction=1, as `torch.std`) standard deviation of
+    all 2B rewards, as NeMo-Aligner logs it; a trainer that splits a batch into micro-batches takes
+    it from the whole batch's sums (Σr, Σr², count), not as a mean of per-call values.
+    """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if isinstance(beta, (int, float)) and not (math.isfinite(beta) and beta > 0):
@@ -42,7 +50,7 @@ def spin_loss_from_logps(policy_logps: torch.Tensor, ref_logps: torch.Tensor, *,
         loss = F.relu(1 - margin).mean()
     with torch.no_grad():  # few, batched ops: a training step pays their launch overhead
         rewards, margin = rewards.detach(), margin.detach()
-        rewards_std, rewards_mean = torch.std_mean(rewards, correction=0)
+        rewards_std, rewards_mean = torch.std_mean(rewards, correction=1)
         rewards_by_half = rewards.view(2, half).mean(1)  # [actual, generated]
         logps_by_half = policy_logps.detach().view(2, half).mean(1)
         metrics = {
