@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from loss_cases import backend_cases, make_labels, make_logits
-from spin_kernels import spin_loss
+from spin_kernels import spin_loss, spin_loss_from_logps
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
@@ -28,3 +28,21 @@ def test_fullgraph_compile_matches_eager(device, backend):
     torch.testing.assert_close(loss_comp, loss_eager)
     torch.testing.assert_close(acc_comp, acc_eager)
     torch.testing.assert_close(x_comp.grad, x_eager.grad)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_fullgraph_compile_takes_a_tensor_beta_without_reading_it(device):
+    # β as a graph input: a new value does not recompile, and the check cannot read it on the host
+    # inside the graph (fullgraph would fail on the graph break); a bad β gives a NaN loss.
+    policy = torch.randn(6, device=device)
+    ref = torch.randn(6, device=device)
+
+    def loss_fn(beta):
+        return spin_loss_from_logps(policy, ref, beta=beta).loss
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    for value in (0.2, 0.5):
+        beta = torch.tensor(value, device=device)
+        torch.testing.assert_close(compiled(beta), loss_fn(value))
+    assert torch.isnan(compiled(torch.tensor(-0.5, device=device)))
+    assert torch.isnan(compiled(torch.tensor(float("inf"), device=device)))

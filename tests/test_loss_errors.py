@@ -1,4 +1,5 @@
 """Every bad input of DESIGN.md gets an error that names what is wrong."""
+import numpy as np
 import pytest
 import torch
 
@@ -39,6 +40,59 @@ def test_bad_input(call, error, match):
     logits, labels, ref = _ok()
     with pytest.raises(error, match=match):
         call(logits, labels, ref)
+
+
+@pytest.mark.parametrize("beta,error,match", [
+    (torch.tensor(-0.1), ValueError, r"beta must be a finite number > 0, got -0.1"),
+    (torch.tensor(0.0), ValueError, "beta must be a finite number > 0"),
+    (torch.tensor(float("inf")), ValueError, "beta must be a finite number > 0"),
+    (torch.tensor(float("nan")), ValueError, "beta must be a finite number > 0"),
+    (np.float32(-0.5), ValueError, "beta must be a finite number > 0"),
+    (np.array(float("inf")), ValueError, "beta must be a finite number > 0"),
+    (float("nan"), ValueError, "beta must be a finite number > 0"),
+    (torch.tensor([0.1, 0.2]), ValueError, r"beta must be a number or a 0-dim tensor.*\(2,\)"),
+    (np.array([0.1]), ValueError, r"beta must be a number or a 0-dim tensor/array.*\(1,\)"),
+    ("0.1", TypeError, "beta must be a number .* got str '0.1'"),
+    (None, TypeError, "beta must be a number"),
+    (True, TypeError, "beta must be a number"),
+    (torch.tensor(True), TypeError, "beta must be a real number"),
+], ids=repr)
+@pytest.mark.parametrize("entry", ["spin_loss", "spin_loss_from_logps"])
+def test_bad_beta(entry, beta, error, match):
+    logits, labels, ref = _ok()
+    with pytest.raises(error, match=match):
+        if entry == "spin_loss":
+            spin_loss(logits, labels, ref, beta=beta)
+        else:
+            spin_loss_from_logps(ref, ref.flip(0), beta=beta)
+
+
+@pytest.mark.parametrize("beta", [0.3, 3, np.float64(0.3), np.float32(0.3), np.array(0.3), torch.tensor(0.3),
+                                  torch.tensor(0.3, dtype=torch.float64)], ids=repr)
+def test_beta_as_number_array_or_tensor_gives_the_same_loss(beta):
+    logits, labels, ref = _ok()
+    want = spin_loss(logits, labels, ref, beta=float(beta))
+    got = spin_loss(logits, labels, ref, beta=beta)
+    assert got.loss.dtype == torch.float32
+    torch.testing.assert_close(got.loss, want.loss)
+    for name in want.metrics:
+        torch.testing.assert_close(got.metrics[name], want.metrics[name])
+
+
+@pytest.mark.cuda
+def test_beta_on_the_gpu_is_checked_without_a_host_sync():
+    # Reading a CUDA β on the host would stall the stream each step: a bad one gives NaN instead.
+    policy, ref = torch.randn(4, device="cuda"), torch.randn(4, device="cuda")
+    want = spin_loss_from_logps(policy, ref, beta=0.2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        good = spin_loss_from_logps(policy, ref, beta=torch.tensor(0.2, device="cuda"))
+        bad = spin_loss_from_logps(policy, ref, beta=torch.tensor(-0.2, device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(good.loss, want.loss)
+    assert torch.isnan(bad.loss) and torch.isnan(bad.metrics["rewards_all_mean"])
 
 
 def test_ignore_index_is_allowed():

@@ -14,8 +14,8 @@ from spin_kernels.loss import reference
 from spin_kernels.loss.pair import SpinLossOutput, spin_loss_from_logps
 from spin_kernels.loss.parallel import combine_shard_stats, shard_bounds
 from spin_kernels.loss.reference import LN2
-from spin_kernels.loss.validation import (check_logits_labels, check_temperature, masked_labels,
-                                          resolve_backend, shape_of, triton_ops)
+from spin_kernels.loss.validation import (check_beta, check_logits_labels, check_temperature,
+                                          masked_labels, resolve_backend, shape_of, triton_ops)
 
 
 def _as_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -119,6 +119,7 @@ def spin_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tenso
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         raise ValueError(f"logits must be [2B, T, V], got {shape_of(logits)}")
+    beta = check_beta(beta)  # before any work
     rows, T = logits.shape[0], logits.shape[1]
     if rows == 0 or rows % 2:
         raise ValueError(f"logits need an even, nonzero number of rows (B actual, then B generated), "

@@ -6,11 +6,12 @@
 
 Every entry point (logits, hidden states) ends here, so the loss and the metrics are one code.
 """
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from spin_kernels.loss.validation import check_beta
 
 LOSS_TYPES = ("sigmoid", "hinge")
 
@@ -27,14 +28,14 @@ def spin_loss_from_logps(policy_logps: torch.Tensor, ref_logps: torch.Tensor, *,
     Metrics (0-dim float tensors of this call's batch, no host sync): `acc` (fraction of pairs with
     margin > 0), `rewards_actual_mean`, `rewards_generated_mean`, `rewards_all_mean`,
     `rewards_all_std`, `margin_mean`, `logps_actual_mean`, `logps_generated_mean`. Rewards include β.
+    `beta`: a number or a 0-dim tensor, > 0 (see `validation.check_beta` for a tensor on a device).
     `rewards_all_std` is the Bessel-corrected (correction=1, as `torch.std`) standard deviation of
     all 2B rewards, as NeMo-Aligner logs it; a trainer that splits a batch into micro-batches takes
     it from the whole batch's sums (Σr, Σr², count), not as a mean of per-call values.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if isinstance(beta, (int, float)) and not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    beta = check_beta(beta)
     if policy_logps.dim() != 1 or policy_logps.shape[0] % 2 or policy_logps.shape[0] == 0:
         raise ValueError("policy_logps must be [2B] (B actual rows, then B generated rows), got "
                          f"shape {tuple(policy_logps.shape)}")

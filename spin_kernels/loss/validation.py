@@ -4,8 +4,10 @@ Errors name the argument, the shapes and the expectation (`ValueError`/`TypeErro
 mistake never reaches a kernel, where it could read out of bounds or return a wrong number.
 """
 import math
+import numbers
 import os
 
+import numpy as np
 import torch
 
 from spin_kernels.loss.parallel import shard_bounds
@@ -62,6 +64,39 @@ def check_temperature(temperature) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
             math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def check_beta(beta):
+    """β as a float, or as the caller's 0-dim tensor (kept a tensor: a compiled graph then takes it
+    as an input and a new value does not recompile).
+
+    A Python or numpy number, a 0-dim numpy array and a 0-dim CPU tensor are checked here (finite,
+    > 0). A tensor on a device, or any tensor inside a compiled graph, is not read on the host
+    (that would stall the stream or break the graph): an invalid value there turns into NaN, so
+    the loss and the metrics come out NaN, never a silently reversed or zero loss.
+    """
+    if isinstance(beta, np.ndarray):
+        if beta.ndim != 0:
+            raise ValueError(f"beta must be a number or a 0-dim tensor/array, got an array of shape "
+                             f"{beta.shape}")
+        beta = beta[()]
+    if isinstance(beta, torch.Tensor):
+        if beta.dim() != 0:
+            raise ValueError(f"beta must be a number or a 0-dim tensor, got a tensor of shape "
+                             f"{tuple(beta.shape)}")
+        if beta.dtype == torch.bool or beta.dtype.is_complex:
+            raise TypeError(f"beta must be a real number, got a {beta.dtype} tensor")
+        if beta.device.type != "cpu" or torch.compiler.is_compiling():
+            return torch.where(torch.isfinite(beta) & (beta > 0), beta, math.nan)
+        value = beta.item()
+    elif isinstance(beta, numbers.Real) and not isinstance(beta, (bool, np.bool_)):
+        value = beta = float(beta)
+    else:
+        raise TypeError(f"beta must be a number (float, int, numpy scalar) or a 0-dim tensor, got "
+                        f"{type(beta).__name__} {beta!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {value!r}")
+    return beta
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
