@@ -292,6 +292,41 @@ def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["bank.safetensors"]
 
 
+def _data_offset(path, name):
+    """Byte offset in a safetensors file where tensor `name`'s data begins."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + header_len])
+    return 8 + header_len + header[name]["data_offsets"][0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_detects_a_flipped_byte_and_names_the_file_and_tensor(tmp_path, backend):
+    bank = WeightBank.from_tensors({"embed": torch.randn(7, 5), "head": torch.randn(3, 5).bfloat16()},
+                                   backend=backend)
+    path = tmp_path / "ref.safetensors"
+    bank.save(path)
+    raw = bytearray(path.read_bytes())
+    raw[_data_offset(path, "head") + 3] ^= 0x10  # one bit of one bf16 value
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"ref\.safetensors.*tensor 'head' does not match the checksum"):
+        WeightBank.load(path, backend=backend)
+
+
+def test_load_names_a_folder_or_an_unreadable_file(tmp_path):
+    with pytest.raises(ValueError, match=f"{tmp_path.name}.* is a directory; pass the .safetensors file"):
+        WeightBank.load(tmp_path)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"junk\.safetensors' is not a readable safetensors file"):
+        WeightBank.load(junk)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        WeightBank.load(tmp_path / "missing.safetensors")
+
+
 def test_update_from_refreshes_without_reallocating():
     net = _Net()
     _randomize(net, 6)

@@ -103,6 +103,15 @@ def test_bad_data_names_the_file_record_and_problem(tokenizer, tmp_path, content
     assert message.startswith("--train-data") and str(path) in message and expected in message, message
 
 
+def test_invalid_utf8_names_the_file_and_line(tokenizer, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "1+1=", "response": "2"}\n{"prompt": "caf\u00e9 1+1=", "response": "2"}\n'
+                     .encode("latin-1"))
+    with pytest.raises(ValueError) as info:
+        load_examples(str(path), tokenizer, max_length=16, option="--train-data")
+    assert str(info.value) == f"--train-data {path}:2: not valid UTF-8 (byte 0xe9 at column 16)"
+
+
 def test_bad_prompt_template(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+2", "response": "3"}])
     with pytest.raises(ValueError, match="--prompt-template"):

@@ -41,8 +41,13 @@ def read_jsonl(path, option):
     if not os.path.isfile(path):
         raise ValueError(f"{option} {path!r}: no such file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes, decoded line by line, so that a decoding error has a line
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{option} {path}:{line_no}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} "
+                                 f"at column {exc.start + 1})") from exc
             if not line.strip():
                 continue
             try:

@@ -9,16 +9,14 @@ references stay valid.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 
+from spin_kernels.swap.bank_file import TensorFileReader, write_tensor_file
 from spin_kernels.swap.engine import CopyEngine, align_up, bump_versions, resolve_engine, wait_host
-
-_NAMES_METADATA_KEY = "spin_kernels.names"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,60 +308,20 @@ class WeightBank:
     # -- files ------------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file atomically: a temporary file beside it, fsync, rename."""
-        from safetensors.torch import save_file
-
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        tensors = self.tensors()
-        try:
-            save_file(tensors, tmp, metadata={_NAMES_METADATA_KEY: json.dumps(self.names)})
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        """Write a safetensors file atomically, with the arena order and a SHA-256 per tensor
+        (bank_file.py)."""
+        write_tensor_file(path, self.tensors())
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, backend: str | None = None,
              pin_memory: bool | None = None) -> "WeightBank":
         """Read a file written by `save` (or any safetensors file) into a new bank, one tensor at a
-        time (no second full copy in memory)."""
-        from safetensors import safe_open
-
-        with safe_open(os.fspath(path), framework="pt") as handle:
-            names = list(handle.keys())
-            recorded = (handle.metadata() or {}).get(_NAMES_METADATA_KEY)
-            if recorded is not None and sorted(json.loads(recorded)) == sorted(names):
-                names = json.loads(recorded)
-            specs = {}
-            for name in names:
-                part = handle.get_slice(name)
-                specs[name] = (tuple(part.get_shape()), _safetensors_dtype(part.get_dtype()))
-            bank = cls.allocate(specs, backend=backend, pin_memory=pin_memory)
-            for name in names:
-                bank._tensors[name].copy_(handle.get_tensor(name))
+        time (no second full copy in memory); ValueError naming the file when it is a directory,
+        unreadable, or fails a checksum recorded by `save`."""
+        with TensorFileReader(path) as reader:
+            bank = cls.allocate(reader.specs, backend=backend, pin_memory=pin_memory)
+            reader.read_into(bank._tensors)
         return bank
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-}
-
-
-def _safetensors_dtype(code: str) -> torch.dtype:
-    if code not in _SAFETENSORS_DTYPES:
-        raise ValueError(f"WeightBank.load: unsupported safetensors dtype {code!r}")
-    return _SAFETENSORS_DTYPES[code]
 
 
 def _is_non_persistent(module: nn.Module, name: str) -> bool:
