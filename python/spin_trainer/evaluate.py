@@ -52,13 +52,18 @@ def spin_pair_accuracy(model, examples, generated, ref_logps, ctx, *, beta, micr
 
 
 class HeldOut:
-    """held_out(model) -> {exact_match, gen_length, val_sft_loss}: the numbers every table row shows."""
+    """held_out(model) -> {exact_match, gen_length, val_sft_loss}: the numbers every table row shows.
+
+    With `val_exact_match=True` also the exact match on the validation prompts ("val_exact_match"),
+    which is what a learning rate or β may be chosen by (the test split never is).
+    """
 
     def __init__(self, test_examples, val_examples, ctx, *, tokenizer, max_length, max_new_tokens,
-                 batch_size, micro_batch_size):
+                 batch_size, micro_batch_size, val_exact_match=False):
         self.test_examples, self.val_examples, self.ctx = test_examples, val_examples, ctx
         self.tokenizer, self.max_length, self.max_new_tokens = tokenizer, max_length, max_new_tokens
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
+        self.val_exact_match = val_exact_match
 
     def __call__(self, model):
         accuracy, length = exact_match(model, self.test_examples, self.ctx, tokenizer=self.tokenizer,
@@ -66,4 +71,9 @@ class HeldOut:
                                        batch_size=self.batch_size)
         loss = sft_loss(model, self.val_examples, self.ctx, micro_batch_size=self.micro_batch_size,
                         pad_token_id=self.tokenizer.pad_token_id)
-        return {"exact_match": accuracy, "gen_length": length, "val_sft_loss": loss}
+        row = {"exact_match": accuracy, "gen_length": length, "val_sft_loss": loss}
+        if self.val_exact_match:
+            row["val_exact_match"], _ = exact_match(model, self.val_examples, self.ctx, tokenizer=self.tokenizer,
+                                                    max_length=self.max_length, max_new_tokens=self.max_new_tokens,
+                                                    batch_size=self.batch_size)
+        return row

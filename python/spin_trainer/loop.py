@@ -23,6 +23,7 @@ from .checkpoint import (load_latest_checkpoint, load_local_state, load_optimize
                          optimizer_local_state, save_checkpoint)
 from .config import SpinConfig
 from .data import collate_pairs
+from .diagnostics import fraction_equal_to_gold, iteration_diagnostics
 from .evaluate import spin_pair_accuracy
 from .loop_state import IterationData, LoopPosition
 from .reference_modes import make_reference
@@ -107,7 +108,8 @@ class SpinTrainer:
         lengths = [len(g) for g in generated[:len(self.examples)]]
         return IterationData(examples=examples, generated=generated, ref_logps=ref, val_generated=val_generated,
                              val_ref_logps=self.logps_of(model, self.val_examples, val_generated),
-                             generated_epoch=epoch, train_gen_length=sum(lengths) / len(lengths))
+                             generated_epoch=epoch, train_gen_length=sum(lengths) / len(lengths),
+                             gen_equals_gold=fraction_equal_to_gold(self.examples, generated[:len(self.examples)]))
 
     def begin_iteration(self, iteration):
         self.reference.begin_iteration()
@@ -167,6 +169,8 @@ class SpinTrainer:
             beta=self.config.betas[p.iteration], micro_batch_size=self.config.micro_batch_size,
             pad_token_id=self.tokenizer.pad_token_id)
         row["train_gen_length"] = data.train_gen_length
+        row["gen_equals_gold"] = data.gen_equals_gold
+        row.update(iteration_diagnostics(history))
         self.metrics.write(row)
         self.eval_rows.append(row)
         self.previous_pairs = (data.examples[:len(self.examples)], data.generated[:len(self.examples)])

@@ -34,6 +34,7 @@ class IterationData:
     generated_epoch: int                # the epoch these generations were sampled at
     train_gen_length: float             # mean length of the responses to the training prompts
     history: list = field(default_factory=list)   # the iteration's per-step training records
+    gen_equals_gold: float | None = None          # fraction of training prompts answered exactly (no gradient)
 
     def state(self):
         return dict(vars(self))   # shallow: the Examples stay Examples

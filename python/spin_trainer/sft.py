@@ -14,10 +14,12 @@ from .steps import make_optimizer, make_scheduler, optimizer_step, sft_micro_los
 
 def run_sft(model, tokenizer, examples, ctx, *, steps, lr, micro_batch_size, global_batch_size, seed,
             metrics, run, held_out=None, eval_at=(), warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            progress=True):
+            progress=True, stop=None):
     """`steps` optimizer steps over reshuffled epochs of `examples`; evaluates after each step in `eval_at`.
 
     Returns the eval rows (row i is written after step eval_at[i - 1]; row 0 is the start).
+    `stop(row) -> bool` is called with each eval row after a step; True ends training there
+    (early stopping: spin_trainer.diagnostics.EarlyStopping).
     """
     if global_batch_size % (micro_batch_size * ctx.dp_size) != 0:
         raise ValueError(f"--global-batch-size {global_batch_size} must be a multiple of --micro-batch-size "
@@ -59,5 +61,7 @@ def run_sft(model, tokenizer, examples, ctx, *, steps, lr, micro_batch_size, glo
         bar.set_postfix(loss=f"{record['sft_loss']:.4f}")
         if held_out is not None and step + 1 in eval_at:
             evaluate(list(eval_at).index(step + 1) + 1, step + 1)
+            if stop is not None and stop(rows[-1]):
+                break
     bar.close()
     return rows

@@ -1,0 +1,104 @@
+"""Iteration diagnostics (generations equal to gold, SPIN acc and margin at an iteration's start and
+end) and early stopping of SFT on the validation loss."""
+import json
+import os
+
+import pytest
+import torch
+
+from trainer_cases import tiny_setup, train_args
+
+from spin_trainer import cli as train_cli
+from spin_trainer.data import Example
+from spin_trainer.diagnostics import EarlyStopping, fraction_equal_to_gold, iteration_diagnostics
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_setup(str(tmp_path_factory.mktemp("diagnostics")))
+
+
+def test_fraction_equal_to_gold_compares_whole_responses_eos_included():
+    examples = [Example((1, 5), (7, 8, 2)), Example((1, 6), (9, 2)), Example((1, 4), (3, 2)), Example((1,), (4, 2))]
+    generated = [[7, 8, 2], [9], [3, 2, 2], (4, 2)]
+    assert fraction_equal_to_gold(examples, generated) == 0.5
+    assert fraction_equal_to_gold([], []) is None
+
+
+def test_iteration_diagnostics_average_the_first_and_last_quarter_of_steps():
+    history = [{"acc": a, "margin_mean": m} for a, m in
+               [(0.0, 0.0), (0.25, 0.5), (0.5, 1.0), (0.5, 1.5), (0.75, 2.0), (1.0, 3.0), (1.0, 4.0)]]
+    got = iteration_diagnostics(history)   # 7 steps: quarters of ceil(7 / 4) = 2 steps
+    assert got == {"spin_acc_start": 0.125, "spin_acc_end": 1.0, "margin_start": 0.25, "margin_end": 3.5}
+    one = iteration_diagnostics(history[:1])
+    assert one["spin_acc_start"] == one["spin_acc_end"] == 0.0
+    assert iteration_diagnostics([])["margin_end"] is None
+
+
+def test_early_stopping_waits_patience_evaluations_and_keeps_the_best_weights():
+    model = torch.nn.Linear(2, 1)
+    stop = EarlyStopping(model, patience=2)
+    decisions = []
+    for step, loss in [(0, 1.0), (10, 0.5), (20, 0.7), (30, 0.4), (40, 0.4), (50, 0.6)]:
+        with torch.no_grad():
+            model.weight.fill_(step)
+        decisions.append(stop({"step": step, "val_sft_loss": loss}))
+    # 0.4 at step 40 ties the best (no improvement); 50 is the second evaluation without one.
+    assert decisions == [False, False, False, False, False, True]
+    assert stop.best_step == 30 and stop.best_loss == 0.4
+    assert torch.equal(stop.best_state["weight"], torch.full((1, 2), 30.0))
+    with pytest.raises(ValueError, match="patience must be >= 1"):
+        EarlyStopping(model, patience=0)
+
+
+def test_run_sft_stops_where_the_hook_says(tiny, tmp_path):
+    from spin_trainer.data import load_examples
+    from spin_trainer.distributed import setup_parallel, teardown_parallel
+    from spin_trainer.evaluate import HeldOut
+    from spin_trainer.metrics import MetricsLog, read_records
+    from spin_trainer.model import load_model, load_tokenizer
+    from spin_trainer.sft import run_sft
+
+    model_dir, train_path, val_path, test_path = tiny
+    tokenizer = load_tokenizer(model_dir)
+    train, val = (load_examples(p, tokenizer, max_length=16) for p in (train_path, val_path))
+    ctx = setup_parallel(1, "cpu")
+    try:
+        model = load_model(model_dir, device=ctx.device)
+        metrics = MetricsLog(str(tmp_path / "metrics.jsonl"))
+        held_out = HeldOut(val, val, ctx, tokenizer=tokenizer, max_length=16, max_new_tokens=4, batch_size=8,
+                           micro_batch_size=8, val_exact_match=True)
+        calls = []
+        rows = run_sft(model, tokenizer, train, ctx, steps=20, lr=1e-3, micro_batch_size=8, global_batch_size=8,
+                       seed=0, metrics=metrics, run="sft", held_out=held_out, eval_at=(2, 4, 6, 8), progress=False,
+                       stop=lambda row: calls.append(row["step"]) or len(calls) == 2)
+    finally:
+        teardown_parallel(ctx)
+    assert calls == [2, 4] and [r["step"] for r in rows] == [0, 2, 4]
+    assert all(0.0 <= r["val_exact_match"] <= 1.0 for r in rows)
+    assert max(r["step"] for r in read_records(metrics.path) if r["kind"] == "train") == 4
+
+
+def test_spin_rows_carry_the_iteration_diagnostics(tiny, tmp_path, monkeypatch):
+    import spin_trainer.loop as loop
+
+    real_generate = loop.generate
+
+    def half_gold(model, examples, *args, **kwargs):
+        """Every other response is the gold one; the rest are the gold one without its EOS."""
+        real_generate(model, examples, *args, **kwargs)
+        return [list(e.response_ids) if i % 2 == 0 else list(e.response_ids)[:-1] for i, e in enumerate(examples)]
+
+    monkeypatch.setattr(loop, "generate", half_gold)
+    steps = []
+    out = str(tmp_path / "run")
+    rows = train_cli.main(train_args(*tiny, out, "--iterations", "1"), on_step=steps.append)
+    assert len(steps) == 4   # 32 prompts / 8: quarters of one step
+    row = rows[1]
+    assert row["gen_equals_gold"] == 0.5
+    assert row["spin_acc_start"] == steps[0]["acc"] and row["spin_acc_end"] == steps[-1]["acc"]
+    assert row["margin_start"] == steps[0]["margin_mean"] and row["margin_end"] == steps[-1]["margin_mean"]
+    # At the first step the policy is the reference: no margin yet.
+    assert abs(row["margin_start"]) < 1e-4 and row["spin_acc_start"] == 0.0
+    logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
+    assert [r["gen_equals_gold"] for r in logged if r["kind"] == "eval" and r["iteration"] == 1] == [0.5]
