@@ -46,11 +46,14 @@ def test_arena_is_pinned_and_exactly_sized():
 def test_device_view_reads_pinned_memory_in_place():
     source = torch.randn(1000, 64, device="cuda").to(torch.bfloat16)
     bank = WeightBank.from_tensors({"a": torch.zeros(3), "table": source}, backend="ext")
-    view = bank._engine.device_view(bank["table"], torch.device("cuda"))
+    view = bank.device_view("table", torch.device("cuda"))
     assert view is not None and view.is_cuda and view.shape == source.shape
     rows = torch.tensor([0, 999, 17, 17], device="cuda")
     assert torch.equal(view.index_select(0, rows), source.index_select(0, rows))
-    assert bank._engine.device_view(torch.zeros(4), torch.device("cuda")) is None  # pageable memory
+    pageable = WeightBank.from_tensors({"table": source}, backend="ext", pin_memory=False)
+    assert pageable.device_view("table", torch.device("cuda")) is None
+    rounded = WeightBank.from_tensors({"table": source}, backend="torch")  # torch's pinned allocator
+    assert rounded.device_view("table", torch.device("cuda")) is None
 
 
 def test_swapped_on_the_gpu_is_bit_exact():
@@ -83,7 +86,7 @@ def test_optimizer_offload_frees_device_memory_and_restores_bits():
     torch.cuda.synchronize()
     assert before - torch.cuda.memory_allocated() >= device_state_bytes
     assert record.bank.is_pinned
-    onload_optimizer(optimizer)
+    onload_optimizer(record)
     for p, s in optimizer.state.items():
         for k, v in s.items():
             assert v.device == state[(id(p), k)].device and torch.equal(v, state[(id(p), k)]), k

@@ -54,7 +54,7 @@ def test_offload_in_the_middle_of_training_changes_nothing(backend, make_optimiz
                               for v in host_views)
     with torch.no_grad():
         offloaded(torch.randn(2, 8))  # "generation" while the state is parked
-    onload_optimizer(optimizer)
+    onload_optimizer(record)
     after = _state_bits(optimizer)
     for old, new in zip(before, after):
         assert old.keys() == new.keys()
@@ -65,22 +65,31 @@ def test_offload_in_the_middle_of_training_changes_nothing(backend, make_optimiz
 
     for p, q in zip(plain.parameters(), offloaded.parameters()):
         assert torch.equal(p, q)
-    # A second offload reuses the host arena (pinning gigabytes is slow).
-    assert offload_optimizer(optimizer, backend=backend).bank.arena.data_ptr() == arena.data_ptr()
-    onload_optimizer(optimizer, keep_host_buffer=False)
+    # A second offload handed the first one's record reuses its host arena (pinning gigabytes is slow).
+    again = offload_optimizer(optimizer, backend=backend, reuse=record)
+    assert again is record and record.bank.arena.data_ptr() == arena.data_ptr()
+    onload_optimizer(record, keep_host_buffer=False)
+    assert record.bank is None
     _train(offloaded, optimizer, 1, seed=3)
+    # ... and without the record there is nothing global that keeps an arena alive
+    assert offload_optimizer(optimizer, backend=backend).bank.arena.data_ptr() != arena.data_ptr()
 
 
 def test_offload_and_onload_errors():
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters())
-    with pytest.raises(ValueError, match="not offloaded"):
+    with pytest.raises(TypeError, match="takes the OptimizerOffload that offload_optimizer returned"):
         onload_optimizer(optimizer)
     _train(model, optimizer, 1, seed=0)
-    offload_optimizer(optimizer)
+    record = offload_optimizer(optimizer)
     with pytest.raises(ValueError, match="already offloaded"):
-        offload_optimizer(optimizer)
-    onload_optimizer(optimizer)
+        offload_optimizer(optimizer, reuse=record)
+    onload_optimizer(record)
+    with pytest.raises(ValueError, match="not offloaded"):
+        onload_optimizer(record)
+    other = torch.optim.AdamW(_model().parameters())
+    with pytest.raises(ValueError, match="same optimizer"):
+        offload_optimizer(other, reuse=record)
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         offload_optimizer(model)
 
@@ -90,7 +99,7 @@ def test_offload_of_an_optimizer_without_state_is_harmless():
     optimizer = torch.optim.AdamW(model.parameters())
     record = offload_optimizer(optimizer)
     assert record.bank.nbytes == 0
-    onload_optimizer(optimizer)
+    onload_optimizer(record)
     _train(model, optimizer, 1, seed=0)
 
 
@@ -112,9 +121,9 @@ def test_dtensor_state_comes_back_as_dtensor(one_rank_mesh):
     was_dtensor = {k: isinstance(v, DTensor) for k, v in state.items()}
     assert was_dtensor["exp_avg"]
     before = {k: v.to_local().clone() if was_dtensor[k] else v.clone() for k, v in state.items()}
-    offload_optimizer(optimizer)
+    record = offload_optimizer(optimizer)
     assert not isinstance(optimizer.state[layer.weight]["exp_avg"], DTensor)  # a host view of the shard
-    onload_optimizer(optimizer)
+    onload_optimizer(record)
     after = optimizer.state[layer.weight]
     for key, value in before.items():
         assert isinstance(after[key], DTensor) == was_dtensor[key], key

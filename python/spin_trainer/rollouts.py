@@ -26,7 +26,7 @@ def generate(model, examples, sampling, ctx, *, tokenizer, max_length, batch_siz
     offload = offload_optimizer and optimizer is not None and len(optimizer.state) > 0
     if offload:
         from spin_kernels.swap import offload_optimizer as offload_state, onload_optimizer as onload_state
-        offload_state(optimizer)
+        offloaded = offload_state(optimizer)
     was_training = model.training
     model.eval()
     try:
@@ -38,7 +38,7 @@ def generate(model, examples, sampling, ctx, *, tokenizer, max_length, batch_siz
     finally:
         model.train(was_training)
         if offload:
-            onload_state(optimizer)
+            onload_state(offloaded)
     return gather_objects([list(r) for r in responses], ctx.dp_group, ctx.dp_size)
 
 

@@ -8,6 +8,7 @@ references stay valid.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Iterator, Mapping
@@ -96,8 +97,8 @@ class WeightBank:
         # Events of the asynchronous transfers that read or write the arena and may still run
         # (one per device). The CPU waits for them before it touches the arena itself.
         self._pending: list[torch.cuda.Event] = []
-        self._stash: WeightBank | None = None
-        self.swap_active = False
+        self._stash: WeightBank | None = None  # a second arena, lent to `swapped` (lend_stash)
+        self._stash_lent = False
 
     # -- construction -----------------------------------------------------------------------------
 
@@ -260,13 +261,11 @@ class WeightBank:
             raise ValueError("WeightBank does not match the target: " + "; ".join(problems))
         return matched
 
-    def swap_in(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """Stash the module's tensors in `stash()`, then load the bank's into them (per tensor: the
-        load waits only for that tensor's stash). Returns the targets for `swap_out`."""
-        if self.swap_active:
-            raise ValueError("swapped: this bank is already swapped into a model (nested swap of one bank)")
-        targets = self.match(module)
-        stash = self.stash()
+    def stash_and_load(self, targets: Mapping[str, torch.Tensor], stash: "WeightBank") -> None:
+        """stash[name] <- targets[name], then targets[name] <- self[name], for the targets `match`
+        returned; per tensor the load waits only for that tensor's stash, and on CUDA the two
+        directions run on two streams, so both directions of the bus work at once."""
+        assert stash._slots == self._slots
         names, live = list(targets), list(targets.values())
         for device, indices in _group_by_device(live, live).items():
             if device is None:
@@ -280,30 +279,53 @@ class WeightBank:
                 stash._pending.append(event)
         if self._engine.use_extension:
             bump_versions(live)
-        self.swap_active = True
-        return targets
 
-    def swap_out(self, targets: dict[str, torch.Tensor]) -> None:
-        """Give the module back the tensors `swap_in` stashed."""
-        assert self.swap_active and self._stash is not None
-        stash = self._stash
-        stash._transfer(list(targets.values()), [stash._tensors[n] for n in targets])
-        self.swap_active = False
-
-    def stash(self) -> "WeightBank":
-        """A second arena with this bank's layout, kept for `swapped` (its pinned memory is freed by
-        `release_stash`)."""
+    @contextlib.contextmanager
+    def lend_stash(self) -> Iterator["WeightBank"]:
+        """A second arena with this bank's layout, lent to one user at a time (`swapped` keeps the
+        model's own tensors in it); kept after the block for the next one (allocating pinned memory
+        costs more than the copies), freed by `release_stash`."""
+        assert not self._stash_lent, "the stash is lent already"
         if self._stash is None:
             arena = self._engine.alloc_host(self._arena.numel(), self.is_pinned)
             self._stash = WeightBank(arena, self._slots, self._engine, self._pinned)
-        return self._stash
+        self._stash_lent = True
+        try:
+            yield self._stash
+        finally:
+            self._stash_lent = False
+
+    @property
+    def swap_active(self) -> bool:
+        """Whether the stash is lent right now (inside a `swapped` block of this bank)."""
+        return self._stash_lent
 
     def release_stash(self) -> None:
-        if self.swap_active:
+        if self._stash_lent:
             raise ValueError("release_stash: the bank is swapped into a model right now")
         if self._stash is not None:
             self._stash.synchronize()
             self._stash = None
+
+    # -- for callers that order their own copies (the streamed forward) --------------------------
+
+    def side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """A CUDA stream of this bank's copy engine that the bank's own transfers do not use."""
+        return self._engine.side_stream(device, lane=2)
+
+    def copy_ranges(self, dsts: list[torch.Tensor], ranges: list[tuple[int, int]],
+                    stream: torch.cuda.Stream | None) -> None:
+        """dsts[i] (uint8) <- the arena's bytes [offset, offset + nbytes) of ranges[i], issued on
+        `stream` (None: synchronously) with no ordering of their own: the caller orders the stream
+        against its compute and keeps the CPU off the arena until the copies are done."""
+        srcs = [self._arena[offset:offset + nbytes] for offset, nbytes in ranges]
+        self._engine.issue(dsts, srcs, stream, stream.device.index if stream is not None else -1)
+
+    def device_view(self, name: str, device: torch.device) -> torch.Tensor | None:
+        """A CUDA tensor that reads the bank's tensor `name` in place from pinned host memory (kernels
+        fetch only the bytes they touch over the bus), or None where the engine cannot map it (the
+        torch backend, pageable memory, a CPU device)."""
+        return self._engine.device_view(self._tensors[name], device)
 
     # -- files ------------------------------------------------------------------------------------
 

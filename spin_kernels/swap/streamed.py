@@ -6,8 +6,8 @@ views of the buffer, and they are put back right after.
 
 Costs, for a 1.2 B Llama shape on an H200 (121 MB per layer at ~55 GB/s: 2.2 ms of copy against
 ~4 ms of compute at 16k tokens): the first layer's copy is not hidden; the LM head (525 MB) is
-spread over the bus's idle gaps between the last layers' copies. The input embedding is gathered on the host (only B·T rows cross the
-bus, not the [V, H] table).
+spread over the bus's idle gaps between the last layers' copies. The input embedding is gathered on
+the host (only B·T rows cross the bus, not the [V, H] table).
 """
 from __future__ import annotations
 
@@ -103,12 +103,10 @@ class _LayerPipeline:
     CPU, where copies are synchronous)."""
 
     def __init__(self, bank: WeightBank, device: torch.device, layer_stages: list[_Stage], tail: _Stage):
-        self.engine = bank._engine
-        self.arena = bank.arena
+        self.bank = bank
         self.on_cuda = device.type == "cuda"
         self.compute = torch.cuda.current_stream(device) if self.on_cuda else None
-        self.copier = self.engine.side_stream(device, lane=2) if self.on_cuda else None
-        self.device_index = device.index if self.on_cuda else -1
+        self.copier = bank.side_stream(device) if self.on_cuda else None
         self.layer_stages = layer_stages
         self.tail = tail
         ring_bytes = max([stage.nbytes for stage in layer_stages], default=0)
@@ -142,8 +140,8 @@ class _LayerPipeline:
     def copy_stage(self, stage: _Stage, buffer: torch.Tensor, after: torch.cuda.Event | None = None):
         if after is not None:
             self.copier.wait_event(after)
-        self.engine.issue([buffer[b:b + n] for _, n, b in stage.runs],
-                          [self.arena[a:a + n] for a, n, _ in stage.runs], self.copier, self.device_index)
+        self.bank.copy_ranges([buffer[b:b + n] for _, n, b in stage.runs], [(a, n) for a, n, _ in stage.runs],
+                              self.copier)
         return self.event_on(self.copier)
 
     def issue_layer(self, i: int) -> None:
@@ -155,8 +153,8 @@ class _LayerPipeline:
         """Copy the tail pieces up to `upto` (all of them by the last layer's copy)."""
         pieces = self.tail_pieces[self.tail_issued:max(upto, 0)]
         if pieces:
-            self.engine.issue([self.tail_buffer[b:b + n] for _, n, b in pieces],
-                              [self.arena[a:a + n] for a, n, _ in pieces], self.copier, self.device_index)
+            self.bank.copy_ranges([self.tail_buffer[b:b + n] for _, n, b in pieces], [(a, n) for a, n, _ in pieces],
+                                  self.copier)
             self.tail_issued += len(pieces)
         if self.tail_issued == len(self.tail_pieces) and self.tail_ready is None:
             self.tail_ready = self.event_on(self.copier) if self.on_cuda else True
@@ -182,17 +180,16 @@ class _LayerPipeline:
             self.wait(self.tail_ready)
         return _views(self.tail, self.tail_buffer)
 
-    def embed(self, embed_host: torch.Tensor, flat_ids: torch.Tensor, shape: tuple[int, ...],
-              device: torch.device) -> torch.Tensor:
+    def embed(self, embed_host: torch.Tensor, table: torch.Tensor | None, flat_ids: torch.Tensor,
+              shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """Rows of the host embedding table for the ids, on the device: only B*T rows cross the bus,
-        not the [V, H] table. Pinned by the extension, the table is read in place by the gather
-        kernel; otherwise the rows are gathered on the host and copied."""
+        not the [V, H] table. With `table` (the bank's device view of the pinned host table) the
+        gather kernel reads it in place; otherwise the rows are gathered on the host and copied."""
         hidden = embed_host.shape[1]
         out = torch.empty((*shape, hidden), dtype=embed_host.dtype, device=device)
         if not self.on_cuda:
             torch.index_select(embed_host, 0, flat_ids, out=out.view(-1, hidden))
             return out
-        table = self.engine.device_view(embed_host, device)
         if table is not None:
             torch.index_select(table, 0, flat_ids.to(device), out=out.view(-1, hidden))
             return out
@@ -234,7 +231,8 @@ def streamed_reference_forward(model: nn.Module, bank: WeightBank, input_ids: to
         raise ValueError("model has DTensor (tensor-parallel) parameters; stream a plain model or use swapped()")
     names_by_id = {id(t): name for name, t in tensors.items() if name in bank}
     slots = bank.slots
-    embed_host = bank[names_by_id[id(embed.weight)]]
+    embed_name = names_by_id[id(embed.weight)]
+    embed_host = bank[embed_name]
     flat_ids = input_ids.reshape(-1).to("cpu")
     if flat_ids.numel() and (int(flat_ids.min()) < 0 or int(flat_ids.max()) >= embed_host.shape[0]):
         raise ValueError(f"input_ids must lie in [0, {embed_host.shape[0]}), got values in "
@@ -259,7 +257,8 @@ def streamed_reference_forward(model: nn.Module, bank: WeightBank, input_ids: to
     try:
         rest_ready = pipeline.copy_stage(rest, rest_buffer)
         pipeline.start()
-        embeds = pipeline.embed(embed_host, flat_ids, tuple(input_ids.shape), embed.weight.device)
+        table = bank.device_view(embed_name, embed.weight.device)
+        embeds = pipeline.embed(embed_host, table, flat_ids, tuple(input_ids.shape), embed.weight.device)
         if len(layers) > 1:
             pipeline.issue_layer(1)
 
