@@ -14,6 +14,7 @@ import shutil
 
 import torch
 import torch.distributed as dist
+from spin_kernels.dtensor import is_dtensor, local_tensor
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
@@ -179,7 +180,6 @@ def export_hf(model, tokenizer, out_dir, ctx):
 
 def local_state(module):
     """{name: CPU copy of this rank's shard} of a module's parameters and buffers."""
-    from .distributed import local_tensor
 
     with torch.no_grad():
         return {name: local_tensor(t).detach().to("cpu", copy=True) for name, t in module.state_dict().items()}
@@ -187,7 +187,6 @@ def local_state(module):
 
 def load_local_state(module, state, what="policy"):
     """Copies `state` (from local_state) into the module's existing tensors, in place."""
-    from .distributed import local_tensor
 
     current = module.state_dict()
     if set(current) != set(state):
@@ -205,7 +204,6 @@ def load_local_state(module, state, what="policy"):
 
 def optimizer_local_state(optimizer):
     """optimizer.state_dict() with DTensor states replaced by CPU copies of the local shards."""
-    from .distributed import local_tensor
 
     state_dict = optimizer.state_dict()
     state_dict["state"] = {
@@ -220,7 +218,7 @@ def load_optimizer_local_state(optimizer, state_dict):
     optimizer.load_state_dict(state_dict)
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if not hasattr(p, "device_mesh"):
+            if not is_dtensor(p):
                 continue
             from torch.distributed.tensor import DTensor
 

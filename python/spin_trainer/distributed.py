@@ -103,6 +103,3 @@ def shard_range(count, rank, size):
     return start, start + base + (1 if rank < extra else 0)
 
 
-def local_tensor(tensor):
-    """The rank-local data of a DTensor, or the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

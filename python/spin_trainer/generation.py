@@ -24,6 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from spin_kernels.dtensor import is_dtensor
 from tqdm.auto import tqdm
 
 from spin_trainer.decode_graph import StaticKVDecoder, gather_full_logits, static_decoder_unsupported_reason
@@ -140,7 +141,7 @@ def _model_device(model) -> torch.device:
 
 def _is_tensor_parallel(model) -> bool:
     # Data parallelism alone leaves each rank a whole model, which the static decoder can run.
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def choose_backend(model, backend: str, device: torch.device) -> tuple[str, list[str]]:

@@ -6,9 +6,10 @@ response tokens for SFT) and the gradients are summed over micro-batches and dat
 so the update is the same for any micro-batch size, accumulation and data-parallel width.
 """
 import torch
+from spin_kernels.dtensor import is_dtensor, local_tensor
 from spin_kernels.loss import sequence_logprobs, spin_loss, token_logprobs
 
-from .distributed import all_reduce_sum, local_tensor
+from .distributed import all_reduce_sum
 
 SPIN_METRICS = ("loss", "acc", "rewards_actual_mean", "rewards_generated_mean", "rewards_all_mean",
                 "rewards_all_std", "margin_mean", "logps_actual_mean", "logps_generated_mean")
@@ -66,8 +67,7 @@ def clip_gradients(parameters, max_norm, ctx):
                 continue
             grad = local_tensor(p.grad)
             grads.append(grad)
-            placements = getattr(p.grad, "placements", ())
-            if any(placement.is_shard() for placement in placements):
+            if is_dtensor(p.grad) and any(placement.is_shard() for placement in p.grad.placements):
                 sharded_sq += grad.float().pow(2).sum()
             else:
                 replicated_sq += grad.float().pow(2).sum()

@@ -16,6 +16,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
+from spin_kernels.dtensor import local_tensor
 from spin_kernels.swap.bank_file import TensorFileReader, write_tensor_file
 from spin_kernels.swap.engine import CopyEngine, align_up, bump_versions, resolve_engine, wait_host
 
@@ -27,12 +28,6 @@ class Slot:
     nbytes: int
     shape: tuple[int, ...]
     dtype: torch.dtype
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor that holds this rank's data: a DTensor's local shard, else the tensor itself."""
-    local = getattr(tensor, "_local_tensor", None)
-    return local if isinstance(local, torch.Tensor) else tensor
 
 
 def module_tensors(module: nn.Module, include_non_persistent_buffers: bool = False) -> dict[str, torch.Tensor]:

@@ -14,7 +14,8 @@ import dataclasses
 
 import torch
 
-from spin_kernels.swap.bank import WeightBank, local_tensor
+from spin_kernels.dtensor import is_dtensor, local_tensor
+from spin_kernels.swap.bank import WeightBank
 
 
 @dataclasses.dataclass
@@ -62,7 +63,7 @@ def _state_tensors(optimizer) -> dict[str, tuple[dict, str, torch.Tensor]]:
 
 
 def _dtensor_spec(tensor: torch.Tensor) -> tuple | None:
-    if local_tensor(tensor) is tensor:
+    if not is_dtensor(tensor):
         return None
     return (tensor.device_mesh, tensor.placements, tensor.shape, tensor.stride())
 

@@ -16,6 +16,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from spin_kernels.dtensor import is_dtensor
 from spin_kernels.swap.bank import Slot, WeightBank, module_tensors
 from spin_kernels.swap.engine import ARENA_ALIGNMENT, align_up
 
@@ -227,7 +228,7 @@ def streamed_reference_forward(model: nn.Module, bank: WeightBank, input_ids: to
         raise ValueError("model has no output embedding (LM head): pass return_hidden=True")
     bank.match(model)  # ValueError naming every mismatch
     tensors = module_tensors(model, include_non_persistent_buffers=True)
-    if any(getattr(t, "_local_tensor", None) is not None for t in tensors.values()):
+    if any(is_dtensor(t) for t in tensors.values()):
         raise ValueError("model has DTensor (tensor-parallel) parameters; stream a plain model or use swapped()")
     names_by_id = {id(t): name for name, t in tensors.items() if name in bank}
     slots = bank.slots

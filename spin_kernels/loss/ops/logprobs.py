@@ -21,6 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
+from spin_kernels.loss.reference import LN2, LOG2E
+
+# The package's one ln 2 and log2(e) (reference.py), as the compile-time constants a kernel may read.
+_LN2 = tl.constexpr(LN2)
+_LOG2E = tl.constexpr(LOG2E)
+
 
 @triton.jit
 def _log2_1p(rest):
@@ -32,13 +38,13 @@ def _log2_1p(rest):
     """
     r = rest
     ln1p = r * (1.0 - r * (0.5 - r * (1.0 / 3 - r * (0.25 - r * (0.2 - r * (1.0 / 6 - r / 7))))))
-    return tl.where(r < 0.125, ln1p * 1.4426950408889634, tl.log2(1.0 + r))
+    return tl.where(r < 0.125, ln1p * _LOG2E, tl.log2(1.0 + r))
 
 
 @triton.jit
 def _one_minus_exp2(u):
     """1 − 2^u for u <= 0, accurate to fp32 rounding near u = 0, where 1 − 2^u is tiny."""
-    z = u * 0.6931471805599453  # 1 − e^z = −z − z²/2 − … − z⁶/720: exact to 1e-9 for |z| < 1/8
+    z = u * _LN2  # 1 − e^z = −z − z²/2 − … − z⁶/720: exact to 1e-9 for |z| < 1/8
     neg_expm1 = -z * (1.0 + z * (0.5 + z * (1.0 / 6 + z * (1.0 / 24 + z * (1.0 / 120 + z / 720)))))
     return tl.where(z > -0.125, neg_expm1, 1.0 - tl.exp2(u))
 
@@ -74,7 +80,7 @@ def _logprob_stats_kernel(
         # int64 row offset: N * V passes 2**31 at N = 16,744 for V = 128256.
         row_ptr = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
         # Base 2: each element costs one multiply and one ex2.
-        scale = inv_temperature * 1.4426950408889634
+        scale = inv_temperature * _LOG2E
         m = float("-inf")
         # Σ 2^(x − m) = 1 + rest: `rest` leaves out one instance of the max, whose term is exactly
         # 1, so that the small terms of a confident row are never rounded against a 1.
@@ -143,7 +149,7 @@ def _logprob_grad_kernel(
                      mask=cols < V_local)
     else:
         row_ptr = logits_ptr + b * stride_b + t * stride_t
-        scale = inv_temperature * 1.4426950408889634
+        scale = inv_temperature * _LOG2E
         m = tl.load(stats_ptr + row)
         log_sum = tl.load(stats_ptr + N + row)
         target = tl.load(stats_ptr + 2 * N + row)
