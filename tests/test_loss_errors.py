@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from spin_kernels import sequence_logprobs, spin_loss, spin_loss_from_logps, token_logprobs
+from spin_kernels import (linear_sequence_logprobs, linear_spin_loss, linear_token_logprobs,
+                          sequence_logprobs, spin_loss, spin_loss_from_logps, token_logprobs)
 
 V = 50
 
@@ -57,12 +58,14 @@ def test_bad_input(call, error, match):
     (True, TypeError, "beta must be a number"),
     (torch.tensor(True), TypeError, "beta must be a real number"),
 ], ids=repr)
-@pytest.mark.parametrize("entry", ["spin_loss", "spin_loss_from_logps"])
+@pytest.mark.parametrize("entry", ["spin_loss", "spin_loss_from_logps", "linear_spin_loss"])
 def test_bad_beta(entry, beta, error, match):
     logits, labels, ref = _ok()
     with pytest.raises(error, match=match):
         if entry == "spin_loss":
             spin_loss(logits, labels, ref, beta=beta)
+        elif entry == "linear_spin_loss":
+            linear_spin_loss(torch.randn(4, 6, 8), torch.randn(V, 8), labels, ref, beta=beta)
         else:
             spin_loss_from_logps(ref, ref.flip(0), beta=beta)
 
@@ -93,6 +96,59 @@ def test_beta_on_the_gpu_is_checked_without_a_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(good.loss, want.loss)
     assert torch.isnan(bad.loss) and torch.isnan(bad.metrics["rewards_all_mean"])
+
+
+H = 8
+
+
+def _head():
+    """hidden [4, 6, H], weight [V, H], bias [V], labels [4, 6], ref [4]."""
+    return torch.randn(4, 6, H), torch.randn(V, H), torch.randn(V), torch.randint(0, V, (4, 6)), \
+        torch.randn(4)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda h, w, b, y, r: linear_token_logprobs(h, w[:, :5], y), ValueError,
+     r"same width H: hidden \(4, 6, 8\), weight \(50, 5\)"),
+    (lambda h, w, b, y, r: linear_token_logprobs(h, w.bfloat16(), y), TypeError,
+     r"weight must have the dtype of hidden \(torch.float32\), got torch.bfloat16"),
+    (lambda h, w, b, y, r: linear_token_logprobs(h.double(), w.double(), y), TypeError,
+     "hidden must be float32, bfloat16 or float16"),
+    (lambda h, w, b, y, r: linear_token_logprobs(h, w, y, bias=b[:7]), ValueError,
+     r"bias must be \[V\] = \(50,\).*got \(7,\)"),
+    (lambda h, w, b, y, r: linear_token_logprobs(h, w, y, bias=b.half()), TypeError,
+     "bias must be a torch.float32 tensor"),
+    (lambda h, w, b, y, r: linear_token_logprobs(h, w[0], y), ValueError, r"weight must be \[V, H\]"),
+    (lambda h, w, b, y, r: linear_token_logprobs(h, w, y[:, :5]), ValueError,
+     r"labels must have the shape of hidden without its last dim.*\(4, 6\)"),
+    (lambda h, w, b, y, r: linear_token_logprobs(h, w, y.float()), TypeError,
+     "labels must be an integer tensor"),
+    (lambda h, w, b, y, r: linear_token_logprobs(h, w, y.masked_fill(y == y[0, 0], V)), ValueError,
+     r"labels must lie in \[0, 50\)"),
+    (lambda h, w, b, y, r: linear_token_logprobs(h, w, y, temperature=-1.0), ValueError,
+     "temperature must be"),
+    (lambda h, w, b, y, r: linear_token_logprobs(h, w, y, backend="cuda"), ValueError,
+     "backend must be one of"),
+    (lambda h, w, b, y, r: linear_token_logprobs(h, "w", y), TypeError, "weight must be a tensor"),
+    (lambda h, w, b, y, r: linear_sequence_logprobs(h[0], w, y[0]), ValueError,
+     r"hidden must be \[S, T, H\]"),
+    (lambda h, w, b, y, r: linear_sequence_logprobs(h, w, y, torch.ones(4, 5)), ValueError,
+     r"loss_mask must have the shape of labels \(4, 6\)"),
+    (lambda h, w, b, y, r: linear_spin_loss(h[:3], w, y[:3], r[:3]), ValueError,
+     "even, nonzero number of rows"),
+    (lambda h, w, b, y, r: linear_spin_loss(h, w, y, r[:2]), ValueError,
+     r"ref_logps must be \[4\] or \[4, 6\]"),
+    (lambda h, w, b, y, r: linear_spin_loss(h, w, y, r, loss_type="ipo"), ValueError,
+     "loss_type must be one of"),
+    (lambda h, w, b, y, r: linear_spin_loss(h, w, y, r, beta=float("nan")), ValueError,
+     "beta must be"),
+    (lambda h, w, b, y, r: linear_spin_loss(h, w.half(), y, r), TypeError,
+     "weight must have the dtype of hidden"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_head_input(call, error, match):
+    hidden, weight, bias, labels, ref = _head()
+    with pytest.raises(error, match=match):
+        call(hidden.requires_grad_(), weight.requires_grad_(), bias, labels, ref)
 
 
 def test_ignore_index_is_allowed():

@@ -1,4 +1,5 @@
-"""Vocab-parallel log-probs and SPIN loss: 2 gloo processes equal the unsharded computation."""
+"""Vocab-parallel log-probs and SPIN loss, from logits and from hidden states (a column-parallel
+LM head): 2 gloo processes equal the unsharded computation."""
 import os
 
 import pytest
@@ -6,8 +7,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from head_cases import leaves, make_head
 from loss_cases import make_confident, make_labels, make_logits, oracle_logprobs
-from spin_kernels import spin_loss, token_logprobs
+from spin_kernels import linear_spin_loss, linear_token_logprobs, spin_loss, token_logprobs
+from spin_kernels.loss import head_chunks
 from spin_kernels.loss.reference import naive_token_logprobs
 
 WORLD, B, T, V = 2, 2, 9, 1202  # V_local = 601: odd, more than one block of the smallest config
@@ -51,12 +54,49 @@ def _worker(rank, store_path, backends):
             err, eager_err = [(v.double() - want).abs().max().item() for v in (got, eager)]
             assert err <= 1.5 * eager_err + 1e-9, (backend, err, eager_err)
 
+            _check_fused_head(rank, backend)
+
         # Labels are global ids: valid up to V on every shard (above), out of range from V on.
         with pytest.raises(ValueError, match=rf"\[0, {V}\)"):
             token_logprobs(shard.detach(), labels.masked_fill(labels == labels[0, 0], V),
                            process_group=dist.group.WORLD)
     finally:
         dist.destroy_process_group()
+
+
+def _check_fused_head(rank, backend):
+    """Each rank holds rows [r·V_local, (r+1)·V_local) of the LM head (weight and bias) and the
+    whole hidden states: the log-probs, loss and metrics equal the unsharded head's; d weight and
+    d bias are the unsharded ones' rows; d hidden is summed over the ranks."""
+    hidden, weight, bias = make_head((2 * B, T), 13, V, torch.float32, "cpu", seed=6)
+    labels = make_labels((2 * B, T), V, "cpu", seed=7)
+    ref = torch.randn(2 * B, generator=torch.Generator().manual_seed(8)) - 40
+    mine = slice(rank * (V // WORLD), (rank + 1) * (V // WORLD))
+    group = dist.group.WORLD
+    head_chunks.CHUNK_BYTES = 20 * (V // WORLD) * 4  # pairs of ~12 rows: chunks of whole pairs
+    for use in ("spin", "token"):
+        full, shard = leaves(hidden, weight, bias), leaves(hidden, weight[mine], bias[mine])
+        if use == "spin":
+            want = linear_spin_loss(*full[:2], labels, ref, bias=full[2], beta=0.4, backend="torch")
+            got = linear_spin_loss(*shard[:2], labels, ref, bias=shard[2], beta=0.4,
+                                   process_group=group, backend=backend)
+            for name in want.metrics:
+                torch.testing.assert_close(got.metrics[name], want.metrics[name], atol=1e-5,
+                                           rtol=1e-5)
+            want, got = want.loss, got.loss
+        else:
+            upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(9))
+            want = linear_token_logprobs(*full[:2], labels, bias=full[2], backend="torch")
+            got = linear_token_logprobs(*shard[:2], labels, bias=shard[2], process_group=group,
+                                        backend=backend)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            want, got = (want * upstream).sum(), (got * upstream).sum()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        want.backward()
+        got.backward()
+        torch.testing.assert_close(shard[0].grad, full[0].grad, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(shard[1].grad, full[1].grad[mine], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(shard[2].grad, full[2].grad[mine], atol=1e-6, rtol=1e-5)
 
 
 def test_two_rank_vocab_parallel_equals_unsharded(tmp_path):

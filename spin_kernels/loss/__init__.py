@@ -2,18 +2,26 @@
 materializing the vocabulary softmax.
 
     logits.py      token_logprobs, sequence_logprobs, spin_loss, SpinLoss (from logits [..., V])
+    linear.py      linear_token_logprobs, linear_sequence_logprobs, linear_spin_loss (from hidden
+                   states [..., H] and the LM head, never materializing the logits); its chunk
+                   loop in head_chunks.py, its custom ops in head_ops.py
     pair.py        spin_loss_from_logps, SpinLossOutput (the pair loss and its metrics)
     validation.py  argument checks and the backend choice shared by every entry point
     reference.py   pure PyTorch: the CPU backend, the float64 test oracle, the eager baselines
     parallel.py    the vocab-parallel combine of per-shard statistics
     ops/           the Triton kernels, one op a file
 """
+from spin_kernels.loss.linear import (linear_sequence_logprobs, linear_spin_loss,
+                                      linear_token_logprobs)
 from spin_kernels.loss.logits import SpinLoss, sequence_logprobs, spin_loss, token_logprobs
 from spin_kernels.loss.pair import SpinLossOutput, spin_loss_from_logps
 
 __all__ = [
     "SpinLoss",
     "SpinLossOutput",
+    "linear_sequence_logprobs",
+    "linear_spin_loss",
+    "linear_token_logprobs",
     "sequence_logprobs",
     "spin_loss",
     "spin_loss_from_logps",

@@ -1,0 +1,225 @@
+"""Log-probs and the SPIN loss straight from hidden states and the LM head, never materializing
+the logits `[..., V]`.
+
+    linear_token_logprobs(hidden, weight, labels)      = token_logprobs(hidden @ weight.T + bias, labels)
+    linear_sequence_logprobs(hidden, weight, labels)   = sequence_logprobs(...)
+    linear_spin_loss(hidden, weight, labels, ref)      = spin_loss(...)   (same loss, same metrics)
+
+How (`head_chunks.py`, `head_ops.py`): rows whose label is `ignore_index` (or outside the loss
+mask) are compacted away first, so a prompt token costs nothing. The labelled rows go through in
+chunks: a cuBLAS matmul writes a chunk's logits into one reused buffer, the logits path's own fold
+(`ops/logprobs.py` for "triton", `reference.py` for "torch") reduces them to per-row stats, and
+for a gradient the fold's backward kernel overwrites the buffer with dlogits, which two more
+matmuls turn into d hidden rows and an fp32-accumulated d weight. The backends differ only in the
+fold. One host sync per op call counts the labelled rows; none happens inside the chunk loop.
+
+Cost, with N labelled rows (times H·V_local multiply-adds of 2 FLOPs each):
+- `linear_spin_loss`: 6·N·H·V FLOPs. The pair loss of a chunk of whole pairs (sequence i with
+  B + i) is known as soon as the chunk is folded, so its gradients are formed in the forward, from
+  the logits still in the buffer: logits (2), d hidden (2), d weight (2). The backward only scales
+  them by the upstream gradient (a trainer weights the loss for gradient accumulation). A single
+  pair longer than a chunk is folded first and its logits computed again for the gradient (8).
+- `linear_token_logprobs` / `linear_sequence_logprobs`: 2·N·H·V in the forward (reference
+  log-probs under no_grad cost just that), and 6·N·H·V in the backward, which recomputes the
+  logits because the upstream gradient of each log-prob is unknown until then: 8 in all.
+Extra memory (beyond inputs, outputs and gradients), independent of N:
+- the logits buffer: one chunk, at most `head_chunks.CHUNK_BYTES` (1 GiB);
+- for a bf16/fp16 weight, the fp32 accumulator of d weight, 4·V_local·H bytes (2 GiB at
+  V = 128256, H = 4096): forming d weight chunk by chunk and accumulating it in fp32 cannot avoid
+  it, and an fp32 weight's gradient is its own accumulator;
+- a chunk's hidden rows and d hidden rows, and fp32 d bias;
+- the torch backend: up to four fp32 copies of a block of min(chunk, 2^24 / V_local) rows
+  (reference.py), and on the CPU fp32 copies of the chunk for the d weight product;
+- O(N) bookkeeping under 100 bytes per row (row ids, per-row stats; the hidden states themselves
+  take 2·H bytes a row). `tests/test_loss_linear_memory.py` measures this bound on the CPU.
+`linear_spin_loss` holds its preformed gradients from the forward to the backward (they are the
+gradients, allocated where the logits path allocates dlogits); the backward's upstream scale rounds
+a bf16 d weight a second time unless the scale is a power of two.
+
+With `process_group`, `weight` (and `bias`) is this rank's contiguous vocab shard, as a
+column-parallel LM head holds it, and `hidden` is replicated: the result equals the unsharded one
+on every rank, d weight is the local shard's, and d hidden is summed over the group.
+`linear_spin_loss` gathers three numbers per row once per chunk; the per-token functions once per
+call.
+"""
+import torch
+import torch.distributed as dist
+
+from spin_kernels.loss import head_ops
+from spin_kernels.loss.pair import LOSS_TYPES, SpinLossOutput, spin_loss_from_logps
+from spin_kernels.loss.parallel import combine_shard_stats, shard_bounds
+from spin_kernels.loss.reference import LN2
+from spin_kernels.loss.validation import (LOGIT_DTYPES, check_beta, check_labels,
+                                          check_temperature, masked_labels, resolve_backend,
+                                          shape_of)
+
+
+def _check_head(hidden, weight, bias, labels, ignore_index, temperature, process_group,
+                backend) -> str:
+    """Validates the fused head's arguments; returns the resolved backend."""
+    for name, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+    if hidden.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"weight must be [V, H] with V > 0, got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden [..., H] and weight [V, H] must have the same width H: hidden "
+                         f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must be a {hidden.dtype} tensor like hidden, got "
+                            f"{getattr(bias, 'dtype', type(bias).__name__)}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be [V] = ({weight.shape[0]},) for weight "
+                             f"{tuple(weight.shape)}, got {tuple(bias.shape)}")
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is not None and value.device != hidden.device:
+            raise ValueError(f"{name} is on {value.device}, hidden on {hidden.device}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels must have the shape of hidden without its last dim: hidden "
+                         f"{tuple(hidden.shape)} needs labels {tuple(hidden.shape[:-1])}, got "
+                         f"{tuple(labels.shape)}")
+    check_labels(labels, hidden.device, weight.shape[0], ignore_index, process_group)
+    check_temperature(temperature)
+    return resolve_backend(backend, hidden.device)
+
+
+def _needs_grad(*tensors) -> tuple[bool, ...]:
+    enabled = torch.is_grad_enabled()
+    return tuple(enabled and t is not None and t.requires_grad for t in tensors)
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, temperature, process_group,
+                backend):
+        vocab_start, vocab_total = shard_bounds(weight.shape[0], process_group)
+        stats = head_ops.linear_logprob_stats(hidden, weight, bias, labels, ignore_index,
+                                              1.0 / temperature, vocab_start, vocab_total, backend)
+        if process_group is not None:
+            stats = combine_shard_stats(stats, process_group)
+        m, log_sum, t = stats.unbind(0)
+        flat_labels = labels.reshape(-1)
+        logp = torch.where(flat_labels == ignore_index, 0.0, ((t - m) - log_sum) * LN2)
+        ctx.save_for_backward(hidden, weight, bias, labels, stats)
+        ctx.config = (ignore_index, 1.0 / temperature, vocab_start, process_group, backend)
+        return logp.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, labels, stats = ctx.saved_tensors
+        ignore_index, inv_temperature, vocab_start, process_group, backend = ctx.config
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        d_hidden, d_weight, d_bias = head_ops.linear_logprob_grad(
+            grad.contiguous(), hidden, weight, bias, labels, stats, ignore_index, inv_temperature,
+            vocab_start, backend, need_hidden, need_weight, need_bias and bias is not None)
+        if need_hidden and process_group is not None:
+            dist.all_reduce(d_hidden, group=process_group)
+        return (d_hidden if need_hidden else None, d_weight if need_weight else None,
+                d_bias if need_bias else None) + (None,) * 5
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                          bias=None, ignore_index: int = -100, temperature: float = 1.0,
+                          process_group=None, backend: str = "auto") -> torch.Tensor:
+    """log softmax((hidden @ weight.T + bias) / T)[label] per position, float32 `[...]`; 0 where
+    label == ignore_index. Differentiable in hidden, weight and bias (recomputing backward).
+
+    hidden `[..., H]` (float32/bfloat16/float16, any strides), weight `[V or V_local, H]` and bias
+    `[V or V_local]` of the same dtype, labels `[...]` integer (global ids under `process_group`).
+    """
+    backend = _check_head(hidden, weight, bias, labels, ignore_index, temperature, process_group,
+                          backend)
+    return _LinearTokenLogprobs.apply(hidden, weight, bias, labels, ignore_index,
+                                      float(temperature), process_group, backend)
+
+
+def linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             loss_mask=None, *, bias=None, average: bool = False,
+                             ignore_index: int = -100, temperature: float = 1.0,
+                             process_group=None, backend: str = "auto") -> torch.Tensor:
+    """Masked sum (or, with `average`, mean over the mask) of the log-probs of each sequence, from
+    hidden `[S, T, H]`, labels `[S, T]`, loss_mask `[S, T]`. Returns `[S]`; positions outside the
+    mask are compacted away before any matmul."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise ValueError(f"hidden must be [S, T, H], got {shape_of(hidden)}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"labels must be [S, T] = {tuple(hidden.shape[:2])} for hidden "
+                         f"{tuple(hidden.shape)}, got {shape_of(labels)}")
+    labels = masked_labels(labels, loss_mask, ignore_index)
+    tok = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                temperature=temperature, process_group=process_group,
+                                backend=backend)
+    total = tok.sum(-1)
+    if average:
+        total = total / (labels != ignore_index).sum(-1).clamp(min=1)
+    return total
+
+
+class _PreformedGrads(torch.autograd.Function):
+    """Passes the loss through; its gradients w.r.t. hidden, weight and bias were formed in the
+    forward, so the backward only scales them by the upstream gradient (in place: a second
+    backward through the same graph raises autograd's in-place error instead of scaling twice)."""
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, bias, d_hidden, d_weight, d_bias):
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = []
+        for preformed, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[1:4]):
+            if needed:
+                head_ops.scale_grad_(preformed, grad.float())
+            grads.append(preformed if needed else None)
+        return (None, *grads, None, None, None)
+
+
+def linear_spin_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                     ref_logps: torch.Tensor, *, bias=None, loss_mask=None, beta=0.1,
+                     loss_type: str = "sigmoid", ignore_index: int = -100,
+                     temperature: float = 1.0, process_group=None,
+                     backend: str = "auto") -> SpinLossOutput:
+    """SPIN loss from hidden states `[2B, T, H]` (rows [0, B) actual, [B, 2B) generated) and the LM
+    head `weight [V or V_local, H]` (+ `bias`): the loss and metrics of
+    `spin_loss(hidden @ weight.T + bias, labels, ref_logps, ...)`, with the gradients of hidden,
+    weight and bias formed in the forward (6·N·H·V FLOPs over the N labelled rows).
+
+    `ref_logps` is `[2B]` (per-sequence masked sums) or `[2B, T]` (per-token, masked here the same
+    way as the policy's). Rewards in the metrics include β.
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise ValueError(f"hidden must be [2B, T, H], got {shape_of(hidden)}")
+    beta = check_beta(beta)  # before any work
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    rows, T = hidden.shape[0], hidden.shape[1]
+    if rows == 0 or rows % 2:
+        raise ValueError(f"hidden needs an even, nonzero number of rows (B actual, then B "
+                         f"generated), got {rows}")
+    if not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) not in ((rows,), (rows, T)):
+        raise ValueError(f"ref_logps must be [{rows}] or [{rows}, {T}] for hidden "
+                         f"{tuple(hidden.shape)}, got {shape_of(ref_logps)}")
+    backend = _check_head(hidden, weight, bias, labels, ignore_index, temperature, process_group,
+                          backend)
+    labels = masked_labels(labels, loss_mask, ignore_index)
+    if ref_logps.dim() == 2:
+        ref_logps = (ref_logps.float() * (labels != ignore_index)).sum(-1)
+    vocab_start, vocab_total = shard_bounds(weight.shape[0], process_group)
+    needs = _needs_grad(hidden, weight, bias)
+    beta_tensor = torch.as_tensor(beta, dtype=torch.float32, device=hidden.device).detach()
+    policy, d_hidden, d_weight, d_bias = head_ops.linear_spin_forward(
+        hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels,
+        ref_logps.detach().float(), beta_tensor, loss_type, ignore_index, 1.0 / float(temperature),
+        vocab_start, vocab_total, "" if process_group is None else process_group.group_name,
+        backend, *needs)
+    out = spin_loss_from_logps(policy, ref_logps, beta=beta, loss_type=loss_type)
+    if not any(needs):
+        return out
+    loss = _PreformedGrads.apply(out.loss, hidden, weight, bias, d_hidden, d_weight, d_bias)
+    return SpinLossOutput(loss, out.metrics)
