@@ -2,6 +2,7 @@
 is reproducible from its seed, and rejects bad prompts by index."""
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -31,13 +32,14 @@ def tiny_llama(seed: int = 0, *, kv_heads: int = 2, dtype=torch.float32, device=
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [10], [40, 41, 42, 43, 44], [3] * 11, [90, 12]]
 
 
-def hf_greedy(model, prompt, max_new_tokens, eos_token_id=None):
+def hf_greedy(model, prompt, max_new_tokens, eos_token_id=None, min_new_tokens=0):
     """The oracle: Hugging Face greedy decoding of one unpadded prompt."""
     ids = torch.tensor([prompt], device=model.device)
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
         do_sample=False,
         pad_token_id=PAD,
         eos_token_id=eos_token_id,
@@ -45,10 +47,11 @@ def hf_greedy(model, prompt, max_new_tokens, eos_token_id=None):
     return out[0, len(prompt):].tolist()
 
 
-def generate(model, prompts, sampling, *, eos=-1, max_length=64, batch_size=2, backend="static", stats=None):
+def generate(model, prompts, sampling, *, eos=-1, max_length=64, batch_size=2, backend="static", stats=None,
+             example_ids=None):
     return generate_responses(
         model, prompts, sampling, eos_token_id=eos, pad_token_id=PAD, max_length=max_length,
-        batch_size=batch_size, progress=False, backend=backend, stats=stats,
+        batch_size=batch_size, progress=False, backend=backend, stats=stats, example_ids=example_ids,
     )
 
 
@@ -113,6 +116,76 @@ def test_eos_ends_each_response_and_is_included(model, greedy_reference, backend
     assert got == [hf_greedy(model, p, 12, eos_token_id=eos) for p in PROMPTS]
 
 
+@pytest.mark.parametrize("backend", ["static", "hf"])
+def test_every_eos_id_of_a_list_ends_a_response(model, greedy_reference, backend):
+    eos = [greedy_reference[1][4], greedy_reference[3][2]]
+    assert eos[0] != eos[1]
+    got = generate(model, PROMPTS, SamplingConfig(max_new_tokens=12, do_sample=False), eos=eos, backend=backend)
+    assert got == [hf_greedy(model, p, 12, eos_token_id=eos) for p in PROMPTS]
+    assert got[1][-1] == eos[0] and got[3][-1] == eos[1]
+    # Truncated: cut at the cap (12 tokens) without an EOS at the end; an EOS ended the others.
+    assert got.truncated == [r[-1] not in eos for r in got]
+    assert all(len(r) == 12 for r, cut in zip(got, got.truncated) if cut)
+
+
+def test_eos_at_the_length_cap_is_not_truncated(model, greedy_reference):
+    eos = greedy_reference[0][4]
+    cap = greedy_reference[0].index(eos) + 1
+    got = generate(model, PROMPTS, SamplingConfig(max_new_tokens=cap, do_sample=False), eos=eos)
+    assert got[0] == greedy_reference[0][:cap] and not got.truncated[0]
+    for reference, response, cut in zip(greedy_reference, got, got.truncated):
+        assert cut == (eos not in reference[:cap])
+        assert response == (reference[:cap] if cut else reference[:reference.index(eos) + 1])
+
+
+@pytest.mark.parametrize("backend", ["static", "hf"])
+def test_a_stop_sequence_ends_a_response_and_is_kept(model, greedy_reference, backend):
+    stop = greedy_reference[1][2:4]
+    got = generate(model, PROMPTS, SamplingConfig(max_new_tokens=12, do_sample=False, stop_sequences=[stop]),
+                   backend=backend)
+    for reference, response, cut in zip(greedy_reference, got, got.truncated):
+        ends = [i + 2 for i in range(len(reference) - 1) if reference[i:i + 2] == stop]
+        assert response == reference[:ends[0]] if ends else response == reference
+        assert cut == (not ends)
+    assert got[1] == greedy_reference[1][:4]
+
+
+@pytest.mark.parametrize("backend", ["static", "hf"])
+def test_min_new_tokens_masks_eos_and_stop_ids_like_hf(model, greedy_reference, backend):
+    eos = greedy_reference[1][1]
+    sampling = SamplingConfig(max_new_tokens=12, min_new_tokens=3, do_sample=False)
+    got = generate(model, PROMPTS, sampling, eos=eos, backend=backend)
+    assert got == [hf_greedy(model, p, 12, eos_token_id=eos, min_new_tokens=3) for p in PROMPTS]
+    assert got[1] != greedy_reference[1][:2] and all(len(r) > 3 for r in got)
+    # A one-token stop sequence is an extra EOS id: masked the same way.
+    as_stop = replace(sampling, stop_sequences=[[eos]])
+    assert generate(model, PROMPTS, as_stop, backend=backend) == got
+
+
+def test_a_prompt_samples_the_same_response_in_any_batch_and_order(model):
+    sampling = SamplingConfig(max_new_tokens=16, temperature=1.2, top_p=0.95, seed=3)
+    everything = generate(model, PROMPTS, sampling, batch_size=len(PROMPTS))
+    for batch_size in (1, 3):
+        assert generate(model, PROMPTS, sampling, batch_size=batch_size) == everything
+    order = [4, 1, 5, 0, 3, 2]
+    shuffled = generate(model, [PROMPTS[i] for i in order], sampling, batch_size=4, example_ids=order)
+    assert shuffled == [everything[i] for i in order]
+    # A data-parallel shard (examples 2..4 of the dataset, as rank 1 of 2 would get them) too.
+    assert generate(model, PROMPTS[2:5], sampling, example_ids=[2, 3, 4]) == everything[2:5]
+    # Without the dataset indices the same prompts are other examples: other draws.
+    assert generate(model, PROMPTS[2:5], sampling) != everything[2:5]
+
+
+def test_example_ids_must_fit_the_prompts(model):
+    sampling = SamplingConfig(max_new_tokens=2)
+    with pytest.raises(ValueError, match="example_ids must hold one int >= 0 per prompt"):
+        generate(model, PROMPTS[:2], sampling, example_ids=[0])
+    with pytest.raises(ValueError, match="example_ids"):
+        generate(model, PROMPTS[:2], sampling, example_ids=[0, -1])
+    with pytest.raises(TypeError, match="eos_token_id must be an int or a list of ints"):
+        generate(model, PROMPTS[:2], sampling, eos=[1, "2"])
+
+
 def test_pad_equal_to_eos_is_handled(model, greedy_reference):
     eos = greedy_reference[0][2]
     got = generate_responses(
@@ -143,12 +216,12 @@ def test_sampling_is_deterministic_for_a_seed(model):
     sampling = SamplingConfig(max_new_tokens=20, temperature=1.3, top_p=0.95, seed=7)
     first = generate(model, PROMPTS, sampling)
     assert generate(model, PROMPTS, sampling) == first
-    # Other global RNG activity must not matter: the generator is our own.
+    # Other global RNG activity must not matter: the noise is a hash, not an RNG stream.
     torch.manual_seed(12345)
     torch.rand(100)
     assert generate(model, PROMPTS, sampling) == first
     assert generate(model, PROMPTS, SamplingConfig(max_new_tokens=20, temperature=1.3, top_p=0.95, seed=8)) != first
-    # Both decoders consume the generator identically, so they draw the same tokens.
+    # Both decoders see the same logits and the same noise, so they draw the same tokens.
     assert generate(model, PROMPTS, sampling, backend="hf") == first
 
 
@@ -160,20 +233,20 @@ def test_top_k_one_equals_greedy(model, greedy_reference):
 def test_sample_next_tokens_respects_top_k_top_p_and_frequencies():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
     logits = probs.log().expand(40000, 4).contiguous()
-    generator = torch.Generator().manual_seed(0)
+    examples, step = torch.arange(40000), torch.tensor(0)
     counts = lambda tokens: torch.bincount(tokens, minlength=4).double() / tokens.numel()  # noqa: E731
     # Full distribution: frequencies within 5 standard errors (≤ 0.0125) of the probabilities.
-    full = counts(sample_next_tokens(logits, SamplingConfig(max_new_tokens=1), generator))
+    full = counts(sample_next_tokens(logits, SamplingConfig(max_new_tokens=1), examples, step))
     assert torch.allclose(full, probs.double(), atol=0.0125)
     # top_p=0.7 keeps {1, 3} (0.5 + 0.3 reaches 0.7), renormalised to 0.625 / 0.375.
-    nucleus = counts(sample_next_tokens(logits, SamplingConfig(max_new_tokens=1, top_p=0.7), generator))
+    nucleus = counts(sample_next_tokens(logits, SamplingConfig(max_new_tokens=1, top_p=0.7), examples, step))
     assert nucleus[0] == 0 and nucleus[2] == 0
     assert abs(nucleus[1] - 0.625) < 0.0125
     # top_k=3 drops the least likely token only.
-    top3 = counts(sample_next_tokens(logits, SamplingConfig(max_new_tokens=1, top_k=3), generator))
+    top3 = counts(sample_next_tokens(logits, SamplingConfig(max_new_tokens=1, top_k=3), examples, step))
     assert top3[0] == 0 and abs(top3[2] - 0.15 / 0.95) < 0.0125
     # A low temperature sharpens towards the mode.
-    cold = counts(sample_next_tokens(logits, SamplingConfig(max_new_tokens=1, temperature=0.25), generator))
+    cold = counts(sample_next_tokens(logits, SamplingConfig(max_new_tokens=1, temperature=0.25), examples, step))
     assert cold[1] > 0.85
 
 

@@ -1,10 +1,16 @@
 """Response generation for SPIN: the policy answers every training prompt once per iteration.
 
 Prompts are sorted by length (less padding) and run in left-padded batches. Sampling (greedy,
-temperature, top-k, top-p) happens on the device from a `torch.Generator` seeded by the caller, so
-the same call gives the same tokens on every run and on every tensor-parallel rank (all ranks see
-the same full logits and draw the same numbers); no per-rank global RNG state is touched. The host
-looks at the tokens only every `EOS_CHECK_INTERVAL` steps, to stop a batch whose rows all ended.
+temperature, top-k, top-p; sampling.py) happens on the device with noise that is a hash of (seed,
+example index, step, vocab id): a prompt gets the same response whatever the batch it lands in, the
+batch size, the prompts' order or the number of data-parallel ranks, and every tensor-parallel rank
+draws the same tokens (all see the same full logits); no RNG state is touched. The host looks at
+the tokens only every `EOS_CHECK_INTERVAL` steps, to stop a batch whose rows all ended.
+
+A response ends at the first EOS id (any of `eos_token_id`, an int or a list as chat models have),
+or at the end of a stop sequence (`sampling.stop_sequences`), both included in it, but not before
+`sampling.min_new_tokens` tokens. Otherwise it is cut at its length cap, min(max_new_tokens,
+max_length - prompt length), and reported `truncated`.
 
 Backends (`backend=`):
   "cuda_graph"  our static-KV-cache decoder with the decode step replayed as a CUDA graph (fast path)
@@ -28,33 +34,15 @@ from spin_kernels.dtensor import is_dtensor
 from tqdm.auto import tqdm
 
 from spin_trainer.decode_graph import StaticKVDecoder, gather_full_logits, static_decoder_unsupported_reason
+from spin_trainer.sampling import SamplingConfig, sample_next_tokens
+
+__all__ = ["GenerationStats", "Responses", "SamplingConfig", "choose_backend", "generate_responses",
+           "sample_next_tokens"]
 
 BACKENDS = ("auto", "cuda_graph", "static", "hf")
 # Stopping a batch early needs the host to read the `finished` flags (a device sync); every 16
 # steps costs at most 15 wasted steps at the end of a batch and no sync on the other steps.
 EOS_CHECK_INTERVAL = 16
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    max_new_tokens: int
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-
-    def __post_init__(self):
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
 
 
 @dataclass
@@ -70,27 +58,13 @@ class GenerationStats:
     fallback_reasons: list[str] = field(default_factory=list)
 
 
-def sample_next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
-    """logits [B, V] -> token ids [B], on the logits' device, without a host sync."""
-    if not sampling.do_sample:
-        return logits.argmax(dim=-1)
-    scores = logits.float() / sampling.temperature
-    vocab = scores.shape[-1]
-    if 0 < sampling.top_k < vocab:
-        kth_best = torch.topk(scores, sampling.top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth_best, float("-inf"))
-    if sampling.top_p < 1.0:
-        ordered, order = scores.sort(dim=-1, descending=True)
-        probs = ordered.softmax(dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p: a token goes when the mass before it
-        # already does (the best token is always kept).
-        drop = (probs.cumsum(dim=-1) - probs) >= sampling.top_p
-        scores = scores.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-    probs = scores.softmax(dim=-1)
-    # Exponential race (argmax p_i / E_i with E_i ~ Exp(1)) draws from `probs` exactly like
-    # multinomial; the clamp keeps a zero draw from turning a zero-probability token into 0/0.
-    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(torch.float32).tiny)
-    return (probs / race).argmax(dim=-1)
+class Responses(list):
+    """Response token ids in prompt order (a list of lists); `truncated[i]`: response i was cut at its
+    length cap, without an EOS or stop sequence at its end."""
+
+    def __init__(self, responses, truncated):
+        super().__init__(responses)
+        self.truncated = list(truncated)
 
 
 class HFDecoder:
@@ -193,7 +167,19 @@ def _left_padded(batch: list, pad_token_id: int, device: torch.device) -> tuple[
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _decode_batch(decoder, batch, limits, sampling, generator, eos_token_id, pad_token_id, device, vocab_size) -> list[list[int]]:
+def _stop_hits(tokens: torch.Tensor, step: int, stops: list[torch.Tensor]) -> torch.Tensor | None:
+    """[B] bool: the response ends with one of `stops` after token `step` (None: none fits yet)."""
+    hits = None
+    for stop in stops:
+        if step + 1 < len(stop):
+            continue
+        hit = (tokens[:, step + 1 - len(stop):step + 1] == stop).all(dim=-1)
+        hits = hit if hits is None else hits | hit
+    return hits
+
+
+def _decode_batch(decoder, batch, examples, limits, sampling, eos_ids, pad_token_id, device, vocab_size):
+    """(responses, truncated) of one batch; `examples`: the rows' example indices (sampling keys)."""
     input_ids, attention_mask = _left_padded(batch, pad_token_id, device)
     max_steps = max(limits)
     logits = decoder.start(input_ids, attention_mask, max_steps)
@@ -202,28 +188,45 @@ def _decode_batch(decoder, batch, limits, sampling, generator, eos_token_id, pad
             f"model: the LM head returned {logits.shape[-1]} logit columns for a vocabulary of {vocab_size}; "
             "under tensor parallelism it must return a DTensor (use_local_output=False) or replicated logits"
         )
+    rows = len(batch)
     limit = torch.tensor(limits, device=device)
-    finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
-    tokens = torch.full((len(batch), max_steps), pad_token_id, dtype=torch.long, device=device)
+    example_keys = torch.tensor(examples, dtype=torch.long, device=device)
+    step_key = torch.zeros((), dtype=torch.long, device=device)  # a device counter: no host value per step
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    stops = [torch.tensor(stop, dtype=torch.long, device=device) for stop in sampling.stop_sequences]
+    # Ids that cannot be drawn before min_new_tokens: EOS and one-token stop sequences.
+    early_ban = sorted({t for t in eos_ids if 0 <= t < logits.shape[-1]}
+                       | {s[0] for s in sampling.stop_sequences if len(s) == 1 and s[0] < logits.shape[-1]})
+    early_ban = torch.tensor(early_ban, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    stopped = torch.zeros(rows, dtype=torch.bool, device=device)  # ended by EOS or a stop sequence
+    lengths = limit.clone()
+    tokens = torch.full((rows, max_steps), pad_token_id, dtype=torch.long, device=device)
     steps_run = max_steps
     for step in range(max_steps):
         if step > 0:
             logits = decoder.step(next_tokens)
-        next_tokens = sample_next_tokens(logits, sampling, generator)
+        started = step >= sampling.min_new_tokens
+        if not started and early_ban.numel():
+            logits = logits.index_fill(-1, early_ban, float("-inf"))
+        next_tokens = sample_next_tokens(logits, sampling, example_keys, step_key)
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
         tokens[:, step] = next_tokens
-        finished |= (next_tokens == eos_token_id) | (limit <= step + 1)
+        ends = torch.isin(next_tokens, eos) if started else torch.zeros_like(finished)
+        hits = _stop_hits(tokens, step, stops) if started else None
+        if hits is not None:
+            ends |= hits
+        ends &= ~finished
+        stopped |= ends
+        lengths = torch.where(ends, step + 1, lengths)
+        finished |= ends | (limit <= step + 1)
+        step_key += 1
         if (step + 1) % EOS_CHECK_INTERVAL == 0 and step + 1 < max_steps and bool(finished.all()):
             steps_run = step + 1
             break
-    rows = tokens[:, :steps_run].tolist()
-    responses = []
-    for row, row_limit in zip(rows, limits):
-        row = row[:row_limit]
-        if eos_token_id in row:
-            row = row[: row.index(eos_token_id) + 1]
-        responses.append(row)
-    return responses
+    token_rows = tokens[:, :steps_run].tolist()
+    responses = [row[:length] for row, length in zip(token_rows, lengths.tolist())]
+    return responses, (~stopped).tolist()
 
 
 def generate_responses(
@@ -231,25 +234,37 @@ def generate_responses(
     prompts: list[list[int]],
     sampling: SamplingConfig,
     *,
-    eos_token_id: int,
+    eos_token_id: int | list[int],
     pad_token_id: int,
     max_length: int,
     batch_size: int = 64,
     progress: bool = True,
     backend: str = "auto",
     stats: GenerationStats | None = None,
-) -> list[list[int]]:
-    """Each prompt's response token ids (prompt excluded; ends with EOS when one was produced).
+    example_ids: list[int] | None = None,
+) -> Responses:
+    """Each prompt's response token ids (prompt excluded; ends with its EOS or stop sequence when
+    one was produced), with `.truncated` flags.
 
-    A response has at most min(sampling.max_new_tokens, max_length - len(prompt)) tokens. An
-    `eos_token_id` the model cannot produce (e.g. -1) disables stopping. The model's train/eval
-    mode is restored afterwards.
+    A response has at most min(sampling.max_new_tokens, max_length - len(prompt)) tokens.
+    `eos_token_id`: one id or a list (any of them ends a response); ids the model cannot produce
+    (e.g. -1) or an empty list disable stopping on EOS. `example_ids[i]`: the index of prompt i in
+    the whole dataset (default: i); it keys the sampling noise, so a prompt's response does not
+    depend on the other prompts of the call. The model's train/eval mode is restored afterwards.
     """
     if not isinstance(sampling, SamplingConfig):
         raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
-    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id), ("max_length", max_length), ("batch_size", batch_size)):
+    for name, value in (("pad_token_id", pad_token_id), ("max_length", max_length), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {value!r}")
+    eos_ids = [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) else list(eos_token_id)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in eos_ids):
+        raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    if example_ids is None:
+        example_ids = list(range(len(prompts)))
+    elif len(example_ids) != len(prompts) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in example_ids):
+        raise ValueError(f"example_ids must hold one int >= 0 per prompt ({len(prompts)}), got {example_ids!r}")
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     if batch_size < 1:
@@ -261,17 +276,16 @@ def generate_responses(
     _validate_prompts(prompts, max_length, vocab_size)
     stats = stats if stats is not None else GenerationStats()
     if len(prompts) == 0:
-        return []
+        return Responses([], [])
 
     device = _model_device(model)
     chosen, reasons = choose_backend(model, backend, device)
     for reason in reasons:
         warnings.warn(f"generate_responses: backend {backend!r} -> {chosen!r}: {reason}", RuntimeWarning)
     decoder = HFDecoder(model) if chosen == "hf" else StaticKVDecoder(model, use_cuda_graph=chosen == "cuda_graph")
-    generator = torch.Generator(device=device)
-    generator.manual_seed(sampling.seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     responses: list[list[int] | None] = [None] * len(prompts)
+    truncated: list[bool | None] = [None] * len(prompts)
     began = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -281,9 +295,10 @@ def generate_responses(
                 indices = order[start:start + batch_size]
                 batch = [list(prompts[i]) for i in indices]
                 limits = [min(sampling.max_new_tokens, max_length - len(p)) for p in batch]
-                outputs = _decode_batch(decoder, batch, limits, sampling, generator, eos_token_id, pad_token_id, device, vocab_size)
-                for index, output in zip(indices, outputs):
-                    responses[index] = output
+                outputs, cut = _decode_batch(decoder, batch, [example_ids[i] for i in indices], limits, sampling,
+                                             eos_ids, pad_token_id, device, vocab_size)
+                for index, output, was_cut in zip(indices, outputs, cut):
+                    responses[index], truncated[index] = output, was_cut
                 stats.new_tokens += sum(len(o) for o in outputs)
                 stats.batches += 1
                 bar.update(len(indices))
@@ -300,4 +315,4 @@ def generate_responses(
     stats.fallback_reasons.extend(reasons)
     stats.seconds += time.perf_counter() - began
     assert all(r is not None for r in responses)
-    return responses
+    return Responses(responses, truncated)
