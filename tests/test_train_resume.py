@@ -1,5 +1,5 @@
 """SIGTERM writes a checkpoint; --resume reproduces the uninterrupted run; a corrupt latest
-checkpoint is reported and the previous one used."""
+checkpoint is reported, moved aside and the previous one used."""
 import json
 import os
 import shutil
@@ -85,16 +85,19 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, stopped, uninterrupted, t
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny, stopped, uninterrupted, tmp_path, capsys):
     out = str(tmp_path / "run")
     shutil.copytree(stopped[0], out)
-    latest = os.path.join(out, "checkpoints", "spin", "step-00000003", "rank00000.pt")
+    latest = os.path.join(out, "checkpoints", "spin", "step-00000003", "model", "__0_0.distcp")
     with open(latest, "r+b") as f:
         f.truncate(os.path.getsize(latest) // 2)
     # A half-written checkpoint (never renamed into place) is ignored as well.
     os.makedirs(os.path.join(out, "checkpoints", "spin", ".tmp-step-00000004"))
     train_cli.main(train_args(*tiny, out, *EXTRA, "--resume"))
     printed = capsys.readouterr().out
-    assert "step-00000003 is corrupt or incomplete: rank00000.pt has" in printed
+    assert "step-00000003 is corrupt or incomplete: model/__0_0.distcp has" in printed
     assert "resumed from" in printed and "step-00000002" in printed
     assert_same_run(out, uninterrupted)
+    # Kept for inspection under another name, and not counted among the --keep 3 kept ones.
+    names = sorted(os.listdir(os.path.join(out, "checkpoints", "spin")))
+    assert names == ["step-00000003.corrupt", "step-00000006", "step-00000008", "step-00000009"]
 
 
 def test_flipped_bytes_and_missing_manifest_are_detected(stopped, tmp_path):
@@ -106,18 +109,34 @@ def test_flipped_bytes_and_missing_manifest_are_detected(stopped, tmp_path):
     shutil.copytree(os.path.join(stopped[0], "checkpoints", "spin"), root)
     first, second = list_checkpoints(root)
     assert checkpoint_problem(first, ctx) is None
-    shared = os.path.join(first, "shared.pt")
-    data = bytearray(open(shared, "rb").read())
+    loop_file = os.path.join(first, "loop.pt")
+    data = bytearray(open(loop_file, "rb").read())
     data[len(data) // 2] ^= 0xFF
-    open(shared, "wb").write(bytes(data))
-    assert "does not match its SHA-256" in checkpoint_problem(first, ctx)
-    os.remove(os.path.join(second, "manifest.json"))
+    open(loop_file, "wb").write(bytes(data))
+    assert "loop.pt does not match its SHA-256" in checkpoint_problem(first, ctx)
+    manifest = os.path.join(second, "manifest.json")
+    for broken in ("null", "[]", '{"files": null}', '{"files": {"loop.pt": null}}', "{"):
+        with open(manifest, "w", encoding="utf-8") as f:
+            f.write(broken)
+        assert "manifest.json is unreadable" in checkpoint_problem(second, ctx), broken
+    os.remove(manifest)
     assert "manifest.json is missing" in checkpoint_problem(second, ctx)
-    # Another process count or --tp is not corruption: resume refuses instead of starting over.
-    wrong_world = ParallelContext(0, 2, 2, 1, 0, 0, torch.device("cpu"))
-    shutil.copytree(os.path.join(stopped[0], "checkpoints", "spin", "step-00000002"), str(tmp_path / "c"))
-    with pytest.raises(ValueError, match="written by 1 processes with --tp 1.*resume with the same"):
-        checkpoint_problem(str(tmp_path / "c"), wrong_world)
+
+
+def test_max_steps_stops_at_an_iteration_end_and_resume_finishes_the_same_run(tiny, uninterrupted, tmp_path,
+                                                                                capsys):
+    out = str(tmp_path / "run")
+    rows = train_cli.main(train_args(*tiny, out, *EXTRA, "--max-steps", "4"))
+    assert [r["step"] for r in rows] == [0, 4]   # iteration 1 ended, with its evaluation
+    printed = capsys.readouterr().out
+    assert "stopped after 4 of 9 optimizer steps (--max-steps 4); checkpoint: " in printed
+    assert "step-00000004; rerun with --resume" in printed
+    assert not os.path.exists(os.path.join(out, "final"))
+    # Resuming with the same limit stops again at once; without one, the run finishes.
+    train_cli.main(train_args(*tiny, out, *EXTRA, "--max-steps", "4", "--resume"))
+    assert "stopped after 4 of 9" in capsys.readouterr().out
+    train_cli.main(train_args(*tiny, out, *EXTRA, "--resume"))
+    assert_same_run(out, uninterrupted)
 
 
 def test_resume_with_other_settings_is_refused(tiny, stopped, tmp_path):
@@ -126,3 +145,24 @@ def test_resume_with_other_settings_is_refused(tiny, stopped, tmp_path):
     with pytest.raises(ValueError, match=r"--resume: .*step-00000003 was written with reference = 'precompute', "
                                          r"this run has 'swap'"):
         train_cli.main(train_args(*tiny, out, *EXTRA, "--resume", "--reference", "swap"))
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_tensor(tmp_path):
+    from spin_trainer.checkpoint import check_fits, save_train_state
+    from spin_trainer.distributed import ParallelContext
+    from spin_trainer.model import create_default_model, load_model
+
+    ctx = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
+    small = dict(hidden_size=32, intermediate_size=64)
+    model = load_model(create_default_model(str(tmp_path / "a"), **small))
+    directory = str(tmp_path / "ckpt")
+    save_train_state(directory, model, torch.optim.AdamW(model.parameters()), ctx)
+    check_fits(directory, model, "model")
+    other_vocab = load_model(create_default_model(str(tmp_path / "b"), vocab_multiple=12, **small))
+    with pytest.raises(ValueError, match=r"model tensor model.embed_tokens.weight has shape \[16, 32\] there and "
+                                         r"\[24, 32\] here \(another vocabulary"):
+        check_fits(directory, other_vocab, "model")
+    deeper = load_model(create_default_model(str(tmp_path / "c"), num_layers=3, **small))
+    with pytest.raises(ValueError, match=r"holds another model's model weights: 9 tensor\(s\) of this model are not "
+                                         r"in it \(e.g. \['model.layers.2"):
+        check_fits(directory, deeper, "model")

@@ -1,6 +1,6 @@
 """2 gloo processes: a tensor-parallel (tp=2) and a data-parallel (dp=2) SPIN step equal the
 1-process step (log-probs, loss, updated parameters; fp32, 1e-5), sharded optimizer state
-survives a checkpoint round trip, and the whole loop under --tp 2 (generation with gathered vocab
+survives a torch.distributed.checkpoint round trip, and the whole loop under --tp 2 (generation with gathered vocab
 shards, sharded checkpoints, export) gives the 1-process run's results."""
 import os
 import socket
@@ -15,8 +15,8 @@ from trainer_cases import arith_records, tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
 
-from spin_trainer.checkpoint import (full_state_dict, load_local_state, load_optimizer_local_state, local_state,
-                                     optimizer_local_state)
+from spin_trainer.checkpoint import load_train_state, save_train_state
+from spin_trainer.export import full_state_dict
 from spin_trainer.data import collate_pairs
 from spin_trainer.distributed import setup_parallel
 from spin_trainer.model import create_default_model, load_model, load_tokenizer
@@ -42,7 +42,7 @@ def fixed_pairs(tokenizer):
     return examples, generated
 
 
-def spin_steps(model_dir, tp):
+def spin_steps(model_dir, tp, checkpoint_dir):
     """Log-probs, two optimizer steps and a checkpoint round trip; returns full (unsharded) results."""
     ctx = setup_parallel(tp, "cpu")
     tokenizer = load_tokenizer(model_dir)
@@ -67,12 +67,12 @@ def spin_steps(model_dir, tp):
 
     step1 = optimizer_step(model, optimizer, scheduler, items(), micro_loss, ctx=ctx, max_grad_norm=1.0)
     after1 = full_state_dict(model)
-    saved = (local_state(model), optimizer_local_state(optimizer), scheduler.state_dict())
+    save_train_state(checkpoint_dir, model, optimizer, ctx)
+    scheduler_state = scheduler.state_dict()
     step2 = optimizer_step(model, optimizer, scheduler, items(), micro_loss, ctx=ctx, max_grad_norm=1.0)
     after2 = full_state_dict(model)
-    load_local_state(model, saved[0])
-    load_optimizer_local_state(optimizer, saved[1])
-    scheduler.load_state_dict(saved[2])
+    load_train_state(checkpoint_dir, model, optimizer, ctx)
+    scheduler.load_state_dict(scheduler_state)
     optimizer_step(model, optimizer, scheduler, items(), micro_loss, ctx=ctx, max_grad_norm=1.0)
     head = model.get_output_embeddings().weight
     return {"lm_head_rows_here": tuple(getattr(head, "to_local", lambda: head)().shape)[0],
@@ -88,7 +88,9 @@ def _worker(rank, world_size, port, model_dir, out_path, setup, loop_out):
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
-    results = {"tp": spin_steps(model_dir, tp=2), "dp": spin_steps(model_dir, tp=1)}
+    scratch = os.path.dirname(out_path)
+    results = {"tp": spin_steps(model_dir, tp=2, checkpoint_dir=os.path.join(scratch, "tp_ckpt")),
+               "dp": spin_steps(model_dir, tp=1, checkpoint_dir=os.path.join(scratch, "dp_ckpt"))}
     if rank == 0:
         torch.save(results, out_path)
     dist.barrier()
@@ -123,8 +125,8 @@ def two_process_results(model_dir, loop_setup, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_process_results(model_dir):
-    return spin_steps(model_dir, tp=1)
+def one_process_results(model_dir, tmp_path_factory):
+    return spin_steps(model_dir, tp=1, checkpoint_dir=str(tmp_path_factory.mktemp("tp_one") / "ckpt"))
 
 
 def assert_states_close(actual, expected):
@@ -167,7 +169,8 @@ def test_whole_loop_under_tp_matches_one_process(two_process_results, loop_setup
     train_cli.main(train_args(*loop_setup, single, *LOOP_ARGS))
     sharded = two_process_results["loop_out"]
     checkpoint = list_checkpoints(os.path.join(sharded, "checkpoints", "spin"))[-1]
-    assert {"rank00000.pt", "rank00001.pt", "shared.pt", "manifest.json"} <= set(os.listdir(checkpoint))
+    assert {"model", "loop.pt", "manifest.json"} <= set(os.listdir(checkpoint))
+    assert {"__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(os.path.join(checkpoint, "model")))
 
     def eval_rows(out):
         with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:

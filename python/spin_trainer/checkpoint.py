@@ -1,25 +1,72 @@
-"""Checkpoints and the final Hugging Face export, never half-written.
+"""Checkpoints through torch.distributed.checkpoint: never half-written, resumable onto another
+number of processes or another --tp.
 
-A checkpoint is a directory `step-00000042/` holding one `rank00000.pt` per process (this rank's
-local shards of policy, reference and optimizer, and its RNG states), `shared.pt` (loop position,
-scheduler, cached generations and reference log-probs) and `manifest.json` (sizes and SHA-256 of
-every file). It is written into a temporary directory, fsynced, and renamed into place only when
-complete; the last `keep` are kept. On load, a checkpoint whose manifest is missing or does not
-match its files, or that fails to load, is reported and the previous one is used.
+A checkpoint is a directory `step-00000042/`:
+
+    model/          DCP: {"model", "optimizer"} from `get_state_dict` (each rank writes its shards)
+    reference/      DCP: θ_t's weights, where the reference mode keeps them (swap, resident, or
+                    per-epoch regeneration) and an iteration is in progress
+    loop.pt         rank 0: the loop's non-tensor state (position, cached generations and reference
+                    log-probs, previous pairs, scheduler, eval rows, settings, fingerprints, and
+                    every rank's RNG states)
+    manifest.json   sizes and SHA-256 of every file
+
+It is written into `.tmp-step-00000042/`, every file fsynced, and renamed into place only when
+complete. On load each rank checks a share of the files against the manifest; a checkpoint with a
+missing, unreadable or mismatching manifest or file is reported, moved aside to
+`step-00000042.corrupt` (never deleted, never counted among the `--keep` kept ones) and the
+previous one is used. Pruning keeps the newest `--keep`, always including the one just written.
+
+Resharding is PyTorch's: DCP stores each tensor's global shape and the offsets of every shard,
+and `set_state_dict` loads them into whatever layout the model has now (another process count,
+another --tp). We write no resharding code. A checkpoint whose tensors do not fit this model
+(another model, another vocabulary) is refused before anything is loaded, naming the tensor.
+
+What a resume onto another world size reproduces:
+- exactly: the weights, the optimizer state, the scheduler, the position, the iteration's cached
+  generations and reference log-probs, θ_t, the previous pairs, the evaluation rows;
+- not bit for bit: the steps after the resume add gradients in another order (the data-parallel
+  all-reduce over another number of ranks, tensor-parallel matmuls split another way), so the
+  weights move apart by float rounding (float32: relative differences of order 1e-6 after a few
+  steps); the global RNG streams carry over rank by rank at the same world size, and otherwise rank
+  r takes saved rank r mod N (the loop itself draws no global random numbers: the batch order and
+  the sampling noise come from their own seeded generators); generations sampled after the resume
+  use per-data-parallel-rank noise (rollouts.sampling_seed), so with sampling on, another
+  data-parallel size draws other responses (greedy decoding does not depend on it).
+At the same world size and --tp a resumed run reproduces the uninterrupted one bit for bit.
 """
 import hashlib
 import json
 import os
+import random
 import shutil
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from spin_kernels.dtensor import is_dtensor, local_tensor
 
 PREFIX = "step-"
+CORRUPT_SUFFIX = ".corrupt"
 MANIFEST = "manifest.json"
+LOOP_FILE = "loop.pt"
+TRAIN_DIR = "model"
+REFERENCE_DIR = "reference"
 
 
+@dataclass
+class Checkpoint:
+    """An intact checkpoint found for --resume: its path and its non-tensor loop state."""
+    path: str
+    loop_state: dict
+
+    @property
+    def has_reference(self):
+        return os.path.isdir(os.path.join(self.path, REFERENCE_DIR))
+
+
+# ---- files -----------------------------------------------------------------------------------------
 def _sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -29,55 +76,40 @@ def _sha256(path):
 
 
 def _fsync(path):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def _save(obj, path):
-    torch.save(obj, path)
-    _fsync(path)
+def _files_under(directory):
+    """Relative paths of every file under `directory`, sorted."""
+    found = []
+    for parent, _, names in os.walk(directory):
+        found += [os.path.relpath(os.path.join(parent, n), directory) for n in names]
+    return sorted(found)
 
 
-def rank_file(rank):
-    return f"rank{rank:05d}.pt"
+def _all_ranks(items, ctx):
+    """Every rank's list of picklable items, concatenated in rank order, on every rank."""
+    if ctx.world_size == 1:
+        return list(items)
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]
+
+
+def _step_of(name):
+    return int(name[len(PREFIX):])
 
 
 def list_checkpoints(root):
-    """Complete-looking checkpoint directories under `root`, oldest first."""
+    """Checkpoint directories under `root` (corrupt ones moved aside excluded), oldest first."""
     if not os.path.isdir(root):
         return []
     names = [n for n in os.listdir(root) if n.startswith(PREFIX) and n[len(PREFIX):].isdigit()]
-    return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[len(PREFIX):]))]
-
-
-def save_checkpoint(root, step, rank_state, shared_state, ctx, *, keep):
-    """Writes checkpoint `step` atomically (all ranks call this); returns its path."""
-    final = os.path.join(root, f"{PREFIX}{step:08d}")
-    tmp = os.path.join(root, f".tmp-{PREFIX}{step:08d}")
-    if ctx.is_main:
-        os.makedirs(root, exist_ok=True)
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-    ctx.barrier()
-    _save(rank_state, os.path.join(tmp, rank_file(ctx.rank)))
-    if ctx.is_main:
-        _save(shared_state, os.path.join(tmp, "shared.pt"))
-    ctx.barrier()
-    if ctx.is_main:
-        files = sorted(os.listdir(tmp))
-        manifest = {"step": step, "world_size": ctx.world_size, "tp_size": ctx.tp_size,
-                    "files": {n: {"bytes": os.path.getsize(os.path.join(tmp, n)),
-                                  "sha256": _sha256(os.path.join(tmp, n))} for n in files}}
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        replace_directory(tmp, final)
-        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    ctx.barrier()
-    return final
+    return [os.path.join(root, n) for n in sorted(names, key=_step_of)]
 
 
 def replace_directory(new, final):
@@ -87,39 +119,171 @@ def replace_directory(new, final):
         previous = f"{final}.previous-{os.getpid()}"
         os.rename(final, previous)
     os.rename(new, final)
+    _fsync(os.path.dirname(os.path.abspath(final)))
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
 
 
-def checkpoint_problem(path, ctx):
-    """None if this rank's files of checkpoint `path` are intact, else what is wrong."""
+# ---- saving --------------------------------------------------------------------------------------------
+@contextmanager
+def single_process_quiet(ctx):
+    """DCP warns on every call of a run without a process group that it assumes one process:
+    that is what a one-process run means, so the warning says nothing."""
+    with warnings.catch_warnings():
+        if ctx.world_size == 1:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def dcp_save(state_dict, directory, ctx):
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
+    with single_process_quiet(ctx):
+        save(state_dict, storage_writer=FileSystemWriter(directory, sync_files=True), no_dist=ctx.world_size == 1)
+
+
+def dcp_load(state_dict, directory, ctx):
+    """Loads `directory` into `state_dict`'s tensors in place (their layout: this run's)."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    with single_process_quiet(ctx):
+        load(state_dict, storage_reader=FileSystemReader(directory), no_dist=ctx.world_size == 1)
+
+
+def train_state(model, optimizer):
+    """{"model", "optimizer"} state dicts for DCP; an optimizer that has not stepped yet has no
+    state to save (asking DCP for it would initialise it with a zero step and change the run)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if not optimizer.state:
+        return {"model": get_model_state_dict(model)}
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def save_train_state(directory, model, optimizer, ctx):
+    dcp_save(train_state(model, optimizer), directory, ctx)
+
+
+def load_train_state(directory, model, optimizer, ctx):
+    """Loads model and (if saved) optimizer state from `directory`, resharded to this run's layout."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                         set_state_dict)
+
+    saved = FileSystemReader(directory).read_metadata().state_dict_metadata
+    if any(key.startswith("optimizer.") for key in saved):
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp_load(state, directory, ctx)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    else:
+        state = {"model": get_model_state_dict(model)}
+        dcp_load(state, directory, ctx)
+        set_model_state_dict(model, state["model"])
+
+
+def save_checkpoint(root, step, *, model, optimizer, reference, loop_state, ctx, keep):
+    """Writes checkpoint `step` atomically (all ranks call this); returns its path.
+
+    `reference`: None, or a function returning a context manager that yields the module holding θ_t
+    (or None where the mode keeps no weights).
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    final = os.path.join(root, f"{PREFIX}{step:08d}")
+    tmp = os.path.join(root, f".tmp-{PREFIX}{step:08d}")
+    if ctx.is_main:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    ctx.barrier()
+    save_train_state(os.path.join(tmp, TRAIN_DIR), model, optimizer, ctx)
+    if reference is not None:
+        with reference() as module:
+            if module is not None:
+                dcp_save(get_model_state_dict(module), os.path.join(tmp, REFERENCE_DIR), ctx)
+    rng = _all_ranks([{"torch": torch.get_rng_state(), "python": random.getstate(),
+                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}], ctx)
+    if ctx.is_main:
+        torch.save({**loop_state, "rng": rng}, os.path.join(tmp, LOOP_FILE))
+        _fsync(os.path.join(tmp, LOOP_FILE))
+    ctx.barrier()
+    files = _files_under(tmp) if ctx.is_main else None
+    files = _broadcast(files, ctx)
+    mine = [(name, os.path.getsize(os.path.join(tmp, name)), _sha256(os.path.join(tmp, name)))
+            for name in files[ctx.rank::ctx.world_size]]
+    entries = _all_ranks(mine, ctx)
+    if ctx.is_main:
+        manifest = {"step": step, "world_size": ctx.world_size, "tp_size": ctx.tp_size,
+                    "files": {name: {"bytes": size, "sha256": digest} for name, size, digest in sorted(entries)}}
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        for parent, _, _ in os.walk(tmp):
+            _fsync(parent)
+        replace_directory(tmp, final)
+        prune(root, keep=keep, newest=final)
+    ctx.barrier()
+    return final
+
+
+def prune(root, *, keep, newest):
+    """Deletes all but `keep` checkpoints: `newest` (just written) and the keep - 1 latest others."""
+    others = [path for path in list_checkpoints(root) if os.path.abspath(path) != os.path.abspath(newest)]
+    for old in others[:max(0, len(others) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _broadcast(obj, ctx):
+    if ctx.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---- loading -------------------------------------------------------------------------------------------
+def read_manifest(path):
+    """(manifest, None) or (None, what is wrong with it)."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
-        return "manifest.json is missing (half-written)"
+        return None, "manifest.json is missing (half-written)"
     try:
         with open(manifest_path, encoding="utf-8") as f:
             manifest = json.load(f)
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
-        return f"manifest.json is unreadable ({exc})"
-    if manifest.get("world_size") != ctx.world_size or manifest.get("tp_size") != ctx.tp_size:
-        # Not corrupt, only sharded another way: refuse rather than fall back and start over
-        # (which, with --keep, would end by deleting the run's progress).
-        raise ValueError(f"--resume: checkpoint {path} was written by {manifest.get('world_size')} processes "
-                         f"with --tp {manifest.get('tp_size')}, this run has {ctx.world_size} with --tp "
-                         f"{ctx.tp_size}; resume with the same torchrun --nproc_per_node and --tp")
-    for name in (rank_file(ctx.rank), "shared.pt"):
-        full = os.path.join(path, name)
-        if name not in files or not os.path.isfile(full):
-            return f"{name} is missing"
-        if os.path.getsize(full) != files[name]["bytes"]:
-            return f"{name} has {os.path.getsize(full)} bytes, the manifest says {files[name]['bytes']}"
-        if _sha256(full) != files[name]["sha256"]:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return None, f"manifest.json is unreadable ({exc})"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+            for e in files.values()):
+        return None, "manifest.json is unreadable (no table of files with sizes and SHA-256)"
+    return manifest, None
+
+
+def checkpoint_problem(path, ctx):
+    """None if this rank's share of checkpoint `path`'s files is intact, else what is wrong."""
+    manifest, problem = read_manifest(path)
+    if problem is not None:
+        return problem
+    listed = sorted(manifest["files"])
+    present = set(_files_under(path)) - {MANIFEST}
+    missing = [name for name in listed if name not in present]
+    if missing or LOOP_FILE not in listed:
+        return f"{(missing or [LOOP_FILE])[0]} is missing"
+    for name in listed[ctx.rank::ctx.world_size]:
+        full, expected = os.path.join(path, name), manifest["files"][name]
+        if os.path.getsize(full) != expected["bytes"]:
+            return f"{name} has {os.path.getsize(full)} bytes, the manifest says {expected['bytes']}"
+        if _sha256(full) != expected["sha256"]:
             return f"{name} does not match its SHA-256 in the manifest"
     return None
 
 
-def _agree(problem, ctx):
+def _any_rank(problem, ctx):
     """True on every rank if any rank found a problem (all ranks must fall back together)."""
     if ctx.world_size == 1:
         return problem is not None
@@ -128,102 +292,87 @@ def _agree(problem, ctx):
     return bool(flag.item())
 
 
-def load_latest_checkpoint(root, ctx, report=print):
-    """(path, rank_state, shared_state) of the newest intact checkpoint, or None if there is none."""
+def move_aside(path):
+    """step-N -> step-N.corrupt (or .corrupt-2, ...): kept for inspection, out of the rotation."""
+    target, n = path + CORRUPT_SUFFIX, 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{path}{CORRUPT_SUFFIX}-{n}"
+    os.rename(path, target)
+    return target
+
+
+def find_latest_checkpoint(root, ctx, report=print):
+    """The newest intact Checkpoint under `root` (all ranks call this), or None if there is none."""
     for path in reversed(list_checkpoints(root)):
         problem = checkpoint_problem(path, ctx)
-        rank_state = shared_state = None
+        loop_state = None
         if problem is None:
             try:
-                # Our own files (RNG states and Python lists inside), hence weights_only=False.
-                rank_state = torch.load(os.path.join(path, rank_file(ctx.rank)), map_location="cpu",
-                                        weights_only=False)
-                shared_state = torch.load(os.path.join(path, "shared.pt"), map_location="cpu", weights_only=False)
+                # Our own file (Examples, RNG states and Python lists inside), hence weights_only=False.
+                loop_state = torch.load(os.path.join(path, LOOP_FILE), map_location="cpu", weights_only=False)
             except Exception as exc:  # any unpickling failure means the same thing: unusable
-                problem = f"it cannot be loaded ({type(exc).__name__}: {exc})"
-        if _agree(problem, ctx):
+                problem = f"{LOOP_FILE} cannot be loaded ({type(exc).__name__}: {exc})"
+        if _any_rank(problem, ctx):
             if ctx.is_main or problem is not None:
                 report(f"warning: checkpoint {path} is corrupt or incomplete: {problem or 'another rank failed'}; "
                        f"falling back to the previous checkpoint")
+            ctx.barrier()
+            if ctx.is_main:
+                report(f"moved {path} aside to {move_aside(path)}")
+            ctx.barrier()
             continue
-        return path, rank_state, shared_state
+        return Checkpoint(path, loop_state)
     return None
 
 
-def full_state_dict(model):
-    """CPU state dict with every DTensor gathered to its full tensor (a collective: all ranks call it)."""
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        state[name] = tensor.detach().to("cpu", copy=True)
-    return state
+def check_fits(directory, module, what):
+    """ValueError naming the first tensor that cannot be loaded into `module` from DCP `directory`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    prefix = "model." if what == "model" else ""
+    saved = {key[len(prefix):]: tuple(meta.size)
+             for key, meta in FileSystemReader(directory).read_metadata().state_dict_metadata.items()
+             if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+    here = {name: tuple(tensor.shape) for name, tensor in get_model_state_dict(module).items()}
+    missing, unexpected = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
+    if missing or unexpected:
+        raise ValueError(f"--resume: {directory} holds another model's {what} weights: {len(missing)} tensor(s) of "
+                         f"this model are not in it (e.g. {missing[:3]}), {len(unexpected)} of its tensor(s) are "
+                         f"not in this model (e.g. {unexpected[:3]}); resume with the --model it was written with")
+    for name, shape in here.items():
+        if saved[name] != shape:
+            hint = (" (another vocabulary: another tokenizer or --model?)"
+                    if ("embed" in name or "lm_head" in name) and saved[name][1:] == shape[1:] else "")
+            raise ValueError(f"--resume: {directory} cannot be loaded into this model: {what} tensor {name} has "
+                             f"shape {list(saved[name])} there and {list(shape)} here{hint}; resume with the "
+                             f"--model it was written with")
 
 
-def export_hf(model, tokenizer, out_dir, ctx):
-    """Saves the full model + tokenizer to `out_dir` in HF format, atomically (all ranks call it)."""
-    state = full_state_dict(model)
-    if ctx.is_main:
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".tmp-export-{os.path.basename(out_dir)}")
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        model.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-        for name in os.listdir(tmp):
-            _fsync(os.path.join(tmp, name))
-        replace_directory(tmp, out_dir)
-    ctx.barrier()
-    return out_dir
+def load_checkpoint(checkpoint, *, model, optimizer, reference, ctx):
+    """Loads the tensors of `checkpoint` (resharded to this run); `reference()` is a context manager
+    yielding the module to load θ_t into (called only when the checkpoint holds θ_t)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    train_dir = os.path.join(checkpoint.path, TRAIN_DIR)
+    check_fits(train_dir, model, "model")
+    load_train_state(train_dir, model, optimizer, ctx)
+    if checkpoint.has_reference:
+        with reference() as module:
+            assert module is not None, "the checkpoint holds θ_t but this reference mode keeps no weights"
+            directory = os.path.join(checkpoint.path, REFERENCE_DIR)
+            check_fits(directory, module, "reference")
+            state = get_model_state_dict(module)
+            dcp_load(state, directory, ctx)
+            set_model_state_dict(module, state)
 
 
-def local_state(module):
-    """{name: CPU copy of this rank's shard} of a module's parameters and buffers."""
-
-    with torch.no_grad():
-        return {name: local_tensor(t).detach().to("cpu", copy=True) for name, t in module.state_dict().items()}
-
-
-def load_local_state(module, state, what="policy"):
-    """Copies `state` (from local_state) into the module's existing tensors, in place."""
-
-    current = module.state_dict()
-    if set(current) != set(state):
-        missing, extra = sorted(set(current) - set(state)), sorted(set(state) - set(current))
-        raise ValueError(f"checkpoint {what} weights do not match the model: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]} (was it written for another --model?)")
-    with torch.no_grad():
-        for name, tensor in current.items():
-            target = local_tensor(tensor)
-            if target.shape != state[name].shape:
-                raise ValueError(f"checkpoint {what} tensor {name} has shape {tuple(state[name].shape)}, "
-                                 f"the model's is {tuple(target.shape)}")
-            target.copy_(state[name])
-
-
-def optimizer_local_state(optimizer):
-    """optimizer.state_dict() with DTensor states replaced by CPU copies of the local shards."""
-
-    state_dict = optimizer.state_dict()
-    state_dict["state"] = {
-        index: {k: (local_tensor(v).detach().to("cpu", copy=True) if torch.is_tensor(v) else v)
-                for k, v in param_state.items()}
-        for index, param_state in state_dict["state"].items()}
-    return state_dict
-
-
-def load_optimizer_local_state(optimizer, state_dict):
-    """Inverse of optimizer_local_state: loads, then re-wraps states of DTensor parameters."""
-    optimizer.load_state_dict(state_dict)
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if not is_dtensor(p):
-                continue
-            from torch.distributed.tensor import DTensor
-
-            param_state = optimizer.state.get(p, {})
-            for k, v in list(param_state.items()):
-                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.dim() > 0:
-                    param_state[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements,
-                                                        run_check=False)
+def restore_rng(states, ctx):
+    """This rank's saved RNG states (rank r mod N when the world size changed)."""
+    state = states[ctx.rank % len(states)]
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

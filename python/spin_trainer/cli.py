@@ -8,12 +8,15 @@
 
 Data: JSONL records {"prompt", "response"} or chat {"messages": [..., {"role": "assistant", ...}]}.
 Writes OUT/metrics.jsonl, OUT/curves.png, OUT/checkpoints/, and the final model to OUT/final.
-SIGTERM writes a checkpoint and exits with status 143; --resume continues from the newest intact one.
+SIGTERM writes a checkpoint and exits with status 143; --max-steps N stops after N optimizer steps
+with a checkpoint; --resume continues from the newest intact one, also on another process count or
+--tp (checkpoints reshard through torch.distributed.checkpoint).
 """
 import argparse
 import os
 import sys
 
+from spin_trainer.export import EXPORT_DTYPES
 from spin_trainer.config import GENERATE_EVERY, LOSS_TYPES, REFERENCE_MODES, SpinConfig, sampling_config
 from spin_trainer.model import ATTENTION_CHOICES, DTYPES
 
@@ -72,7 +75,13 @@ def build_parser():
     add("--seed", type=int, default=0, help="data order, sampling and initialization")
     add("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (and every iteration)")
     add("--keep", type=int, default=2, help="checkpoints kept")
-    add("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
+    add("--max-steps", type=int, default=0,
+        help="stop after N optimizer steps of the run (counted across resumes) with a checkpoint, without "
+             "exporting; --resume continues (0: no limit)")
+    add("--resume", action="store_true",
+        help="continue from the newest intact checkpoint in --out, also with another process count or --tp")
+    add("--export-dtype", choices=EXPORT_DTYPES, default="auto",
+        help="dtype of the final Hugging Face model; auto: the input model's config.torch_dtype")
     add("--no-progress", action="store_true", help="no progress bars (e.g. for logs)")
     return parser
 
@@ -87,7 +96,7 @@ def spin_config(args):
                                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
         gen_batch_size=args.gen_batch_size,
         offload_optimizer=args.offload_optimizer, max_length=args.max_length, seed=args.seed,
-        save_every=args.save_every, keep=args.keep, progress=not args.no_progress)
+        save_every=args.save_every, keep=args.keep, max_steps=args.max_steps, progress=not args.no_progress)
 
 
 def check_output_dir(out, resume, runs):
@@ -100,14 +109,32 @@ def check_output_dir(out, resume, runs):
                              f"or choose another --out")
 
 
+def resume_checkpoint(out, config, ctx):
+    """The newest intact checkpoint of the run in `out` (None: start over), its settings checked."""
+    from spin_trainer.checkpoint import find_latest_checkpoint
+
+    root = os.path.join(out, "checkpoints", "spin")
+    found = find_latest_checkpoint(root, ctx)
+    if found is None:
+        if ctx.is_main:
+            print(f"--resume: no usable checkpoint under {root}; starting from the beginning")
+        return None
+    saved = found.loop_state["settings"]
+    for name, value in config.resume_settings().items():
+        if saved.get(name) != value:
+            raise ValueError(f"--resume: {found.path} was written with {name} = {saved.get(name)!r}, "
+                             f"this run has {value!r}; resume with the same settings or use another --out")
+    return found
+
+
 def train(args, on_step=None):
     """The general path: --model + data files. Returns the SPIN eval rows."""
     from transformers import AutoConfig
 
-    from spin_trainer.checkpoint import export_hf
     from spin_trainer.data import load_examples
     from spin_trainer.distributed import setup_parallel, teardown_parallel
     from spin_trainer.evaluate import HeldOut
+    from spin_trainer.export import export_hf, resolve_export_dtype
     from spin_trainer.loop import SpinTrainer
     from spin_trainer.metrics import MetricsLog, format_table, plot_curves, read_records
     from spin_trainer.model import check_model_dir, load_model, load_tokenizer
@@ -118,7 +145,9 @@ def train(args, on_step=None):
             raise ValueError(f"{option} is required (or use --demo)")
     config = spin_config(args)
     check_model_dir(args.model)
-    check_tensor_parallel(AutoConfig.from_pretrained(args.model), args.tp)
+    source_config = AutoConfig.from_pretrained(args.model)
+    check_tensor_parallel(source_config, args.tp)
+    export_dtype = resolve_export_dtype(args.export_dtype, source_config)
     tokenizer = load_tokenizer(args.model)
     kwargs = dict(max_length=args.max_length, template=args.prompt_template)
     train_examples = load_examples(args.train_data, tokenizer, option="--train-data", **kwargs)
@@ -130,6 +159,7 @@ def train(args, on_step=None):
     ctx = setup_parallel(args.tp, args.device)
     try:
         config.validate(len(train_examples), ctx)
+        checkpoint = resume_checkpoint(args.out, config, ctx) if args.resume else None
         model = load_model(args.model, attention=args.attn, dtype=args.dtype, device=ctx.device)
         apply_tensor_parallel(model, ctx)
         metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), enabled=ctx.is_main)
@@ -138,8 +168,14 @@ def train(args, on_step=None):
                            micro_batch_size=args.micro_batch_size)
         trainer = SpinTrainer(model, tokenizer, train_examples, val_examples, config, ctx,
                               out_dir=args.out, held_out=held_out, metrics=metrics)
-        rows = trainer.train(resume=args.resume, on_step=on_step)
-        export_hf(model, tokenizer, os.path.join(args.out, "final"), ctx)
+        rows = trainer.train(resume=checkpoint, on_step=on_step)
+        if trainer.stopped_early:
+            if ctx.is_main:
+                print(f"stopped after {trainer.position.global_step} of {sum(trainer.steps_per_iteration)} optimizer "
+                      f"steps (--max-steps {config.max_steps}); checkpoint: {trainer.stopped_early}; rerun with "
+                      f"--resume and a larger --max-steps (or none) to finish; no final model was exported")
+            return rows
+        export_hf(model, tokenizer, os.path.join(args.out, "final"), ctx, dtype=export_dtype)
         if ctx.is_main:
             print(format_table(rows, "SPIN, per iteration (iteration 0 = the starting model)"))
             plot_curves(read_records(metrics.path), os.path.join(args.out, "curves.png"), ["spin"])

@@ -59,6 +59,7 @@ class SpinConfig:
     seed: int = 0
     save_every: int = 0
     keep: int = 2
+    max_steps: int = 0          # 0: no limit
     progress: bool = True
 
     def __post_init__(self):
@@ -68,8 +69,11 @@ class SpinConfig:
         self.lrs = per_iteration(self.lrs, self.iterations, "--lr")
 
     def resume_settings(self):
-        """The settings a resumed run must share with the checkpoint to reproduce the run."""
-        ignored = ("progress", "keep", "save_every", "offload_optimizer")
+        """The settings a resumed run must share with the checkpoint to reproduce the run. Batch sizes
+        per forward may change (e.g. to fit another data-parallel size): they change no result
+        beyond float rounding."""
+        ignored = ("progress", "keep", "save_every", "offload_optimizer", "max_steps", "micro_batch_size",
+                   "gen_batch_size")
         return {name: value for name, value in asdict(self).items() if name not in ignored}
 
     def mixed_pairs(self, num_examples):
@@ -101,6 +105,7 @@ class SpinConfig:
             (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
             (self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}"),
             (self.keep >= 1, f"--keep must be >= 1, got {self.keep}"),
+            (self.max_steps >= 0, f"--max-steps must be >= 0, got {self.max_steps}"),
         ]
         for ok, message in checks:
             if not ok:

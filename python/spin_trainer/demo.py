@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .checkpoint import export_hf, full_state_dict
+from .export import export_hf, full_state_dict
 from .config import SpinConfig
 from .data import load_examples
 from .distributed import setup_parallel, teardown_parallel

@@ -13,7 +13,7 @@
 """
 import math
 
-from .checkpoint import full_state_dict
+from .export import full_state_dict
 
 
 def fraction_equal_to_gold(examples, generated):

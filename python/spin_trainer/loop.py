@@ -19,8 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import (load_latest_checkpoint, load_local_state, load_optimizer_local_state, local_state,
-                         optimizer_local_state, save_checkpoint)
+from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from .config import SpinConfig
 from .data import collate_pairs
 from .diagnostics import fraction_equal_to_gold, iteration_diagnostics
@@ -75,6 +74,8 @@ class SpinTrainer:
         self.previous_pairs = None   # (examples, generated) of the last iteration, for mixing
         self.stop_requested = False
         self.eval_rows = []
+        self.last_checkpoint = None   # (step, path) of the newest checkpoint written or resumed from
+        self.stopped_early = None     # the checkpoint's path when --max-steps ended the run early
 
     # ---- generation and reference log-probs --------------------------------------------------
     def generate_for(self, model, examples, iteration, epoch):
@@ -178,50 +179,41 @@ class SpinTrainer:
         p.iteration, p.epoch, p.step = p.iteration + 1, 0, 0
 
     # ---- checkpoints -----------------------------------------------------------------------------
-    def save(self):
-        reference = None
-        if self.data is not None:
-            with self.reference.state() as module:
-                reference = local_state(module) if module is not None else None
-        rank_state = {"policy": local_state(self.model), "optimizer": optimizer_local_state(self.optimizer),
-                      "reference": reference,
-                      "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-        shared_state = {"settings": self.config.resume_settings(), "position": self.position.state(),
-                        "scheduler": self.scheduler.state_dict(),
-                        "data": self.data.state() if self.data is not None else None,
-                        "previous_pairs": self.previous_pairs, "eval_rows": self.eval_rows}
-        return save_checkpoint(self.checkpoint_root, self.position.global_step, rank_state, shared_state,
-                               self.ctx, keep=self.config.keep)
+    def loop_state(self):
+        """Everything of the run that is not a tensor of the model, optimizer or reference."""
+        return {"settings": self.config.resume_settings(), "position": self.position.state(),
+                "scheduler": self.scheduler.state_dict(), "data": self.data.state() if self.data else None,
+                "previous_pairs": self.previous_pairs, "eval_rows": self.eval_rows,
+                "world": {"world_size": self.ctx.world_size, "tp_size": self.ctx.tp_size}}
 
-    def restore(self):
-        found = load_latest_checkpoint(self.checkpoint_root, self.ctx, report=self.report)
-        if found is None:
-            if self.ctx.is_main:
-                self.report(f"--resume: no usable checkpoint under {self.checkpoint_root}; starting from the beginning")
-            return False
-        path, rank_state, shared = found
-        for name, value in self.config.resume_settings().items():
-            if shared["settings"].get(name) != value:
-                raise ValueError(f"--resume: {path} was written with {name} = {shared['settings'].get(name)!r}, "
-                                 f"this run has {value!r}; resume with the same settings or use another --out")
-        load_local_state(self.model, rank_state["policy"])
-        load_optimizer_local_state(self.optimizer, rank_state["optimizer"])
-        self.scheduler.load_state_dict(shared["scheduler"])
-        self.position = LoopPosition.from_state(shared["position"])
-        self.data = IterationData.from_state(shared["data"])
-        self.previous_pairs, self.eval_rows = shared["previous_pairs"], shared["eval_rows"]
-        if self.data is not None and rank_state["reference"] is not None:
-            with self.reference.load_state() as module:
-                load_local_state(module, rank_state["reference"], what="reference")
-        torch.set_rng_state(rank_state["rng"]["torch"])
-        random.setstate(rank_state["rng"]["python"])
-        if rank_state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rank_state["rng"]["cuda"])
+    def save(self):
+        """Writes a checkpoint of the current step (once per step); returns its path."""
+        step = self.position.global_step
+        if self.last_checkpoint is None or self.last_checkpoint[0] != step:
+            path = save_checkpoint(self.checkpoint_root, step, model=self.model, optimizer=self.optimizer,
+                                   reference=self.reference.state if self.data is not None else None,
+                                   loop_state=self.loop_state(), ctx=self.ctx, keep=self.config.keep)
+            self.last_checkpoint = (step, path)
+        return self.last_checkpoint[1]
+
+    def restore(self, checkpoint):
+        """Continues from `checkpoint` (found, and its settings checked, by the caller)."""
+        state = checkpoint.loop_state
+        load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer, reference=self.reference.load_state,
+                        ctx=self.ctx)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.position = LoopPosition.from_state(state["position"])
+        self.data = IterationData.from_state(state["data"])
+        self.previous_pairs, self.eval_rows = state["previous_pairs"], state["eval_rows"]
+        restore_rng(state["rng"], self.ctx)
+        self.last_checkpoint = (self.position.global_step, checkpoint.path)
         if self.ctx.is_main:
-            p = self.position
-            self.report(f"resumed from {path} (iteration {p.iteration + 1}, epoch {p.epoch}, step {p.global_step})")
-        return True
+            p, world = self.position, state["world"]
+            moved = (f"; written by {world['world_size']} process(es) with --tp {world['tp_size']}, resharded to "
+                     f"{self.ctx.world_size} with --tp {self.ctx.tp_size}"
+                     if (world["world_size"], world["tp_size"]) != (self.ctx.world_size, self.ctx.tp_size) else "")
+            self.report(f"resumed from {checkpoint.path} (iteration {p.iteration + 1}, epoch {p.epoch}, "
+                        f"step {p.global_step}{moved})")
 
     @contextmanager
     def stop_on_sigterm(self):
@@ -248,13 +240,50 @@ class SpinTrainer:
             raise TrainingStopped(path)
 
     # ---- the loop --------------------------------------------------------------------------------
-    def train(self, resume=False, on_step=None):
-        """Runs (or resumes) every iteration; returns the eval rows. `on_step(record)` after each step."""
+    def max_steps_reached(self):
+        return bool(self.config.max_steps) and self.position.global_step >= self.config.max_steps
+
+    def run_iteration(self, bar, on_step):
+        """The current iteration from where the position is; False if --max-steps stopped it midway."""
+        c, p = self.config, self.position
+        t = p.iteration
+        if self.data is None:
+            self.begin_iteration(t)
+            self.check_stop()
+        while p.epoch < c.epochs:
+            if c.generate_every == "epoch" and self.data.generated_epoch < p.epoch:
+                self.regenerate(t, p.epoch)
+            while p.step < self.steps_per_epoch[t]:
+                record = self.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['acc']:.2f}")
+                if on_step is not None:
+                    on_step(record)
+                last_of_iteration = p.epoch == c.epochs - 1 and p.step == self.steps_per_epoch[t]
+                if c.save_every and p.global_step % c.save_every == 0 and not last_of_iteration:
+                    self.save()
+                self.check_stop()
+                if self.max_steps_reached() and not last_of_iteration:
+                    return False
+            p.epoch += 1
+            p.step = 0
+        self.end_iteration()
+        self.save()
+        self.check_stop()
+        return True
+
+    def train(self, resume=None, on_step=None):
+        """Runs every iteration, or continues from the Checkpoint `resume`; returns the eval rows.
+
+        `on_step(record)` after each step. With --max-steps, stops after that many optimizer steps
+        of the run with a checkpoint: `self.stopped_early` is then its path.
+        """
         c = self.config
-        resumed = self.restore() if resume else False
+        if resume is not None:
+            self.restore(resume)
         p = self.position
-        self.metrics.truncate_after(self.run, p.global_step if resumed else -1)
-        if not resumed:
+        self.metrics.truncate_after(self.run, p.global_step if resume is not None else -1)
+        if resume is None:
             row = {"kind": "eval", "run": self.run, "iteration": 0, "step": 0, **self.held_out(self.model)}
             self.metrics.write(row)
             self.eval_rows.append(row)
@@ -262,28 +291,9 @@ class SpinTrainer:
         bar = tqdm(total=total, initial=p.global_step, desc=f"{self.run} steps",
                    disable=not (c.progress and self.ctx.is_main))
         with self.stop_on_sigterm():
-            while p.iteration < c.iterations:
-                t = p.iteration
-                if self.data is None:
-                    self.begin_iteration(t)
-                    self.check_stop()
-                while p.epoch < c.epochs:
-                    if c.generate_every == "epoch" and self.data.generated_epoch < p.epoch:
-                        self.regenerate(t, p.epoch)
-                    while p.step < self.steps_per_epoch[t]:
-                        record = self.train_step()
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['acc']:.2f}")
-                        if on_step is not None:
-                            on_step(record)
-                        last_of_iteration = p.epoch == c.epochs - 1 and p.step == self.steps_per_epoch[t]
-                        if c.save_every and p.global_step % c.save_every == 0 and not last_of_iteration:
-                            self.save()
-                        self.check_stop()
-                    p.epoch += 1
-                    p.step = 0
-                self.end_iteration()
-                self.save()
-                self.check_stop()
+            while p.iteration < c.iterations and not self.max_steps_reached():
+                self.run_iteration(bar, on_step)
         bar.close()
+        if p.iteration < c.iterations:
+            self.stopped_early = self.save()
         return self.eval_rows

@@ -1,0 +1,114 @@
+"""The final model in Hugging Face format, consolidated on one rank, tensor by tensor.
+
+Every rank writes its own shards of the model's state dict in safetensors format (PyTorch's
+`HuggingFaceStorageWriter` through `torch.distributed.checkpoint`); rank 0 then consolidates them
+into full tensors, copying from the shard files tensor by tensor, so no rank gathers the whole
+model in memory. Output files hold at most `MAX_FILE_BYTES` each (HF's `model-0000i-of-0000n`
+layout with `model.safetensors.index.json`). config.json (with the export dtype), the generation
+config and the tokenizer are written beside them. The directory appears atomically: it is built
+in a temporary directory and renamed into place.
+
+Memory: a dtype conversion (e.g. fp32 master weights exported as bfloat16) makes one converted
+copy of this rank's local shards on their device before they are written.
+"""
+import json
+import os
+import shutil
+
+import torch
+from spin_kernels.dtensor import is_dtensor
+
+from .checkpoint import replace_directory, single_process_quiet
+
+EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+MAX_FILE_BYTES = 5 * 1024 ** 3   # HF's usual shard size
+
+
+def resolve_export_dtype(requested, source_config):
+    """torch dtype of `--export-dtype`; "auto" is the input model's `config.torch_dtype` (float32 if unset)."""
+    if requested not in EXPORT_DTYPES:
+        raise ValueError(f"--export-dtype must be one of {EXPORT_DTYPES}, got {requested!r}")
+    if requested != "auto":
+        return getattr(torch, requested)
+    dtype = getattr(source_config, "dtype", None) or getattr(source_config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"--export-dtype auto: the input model's config.torch_dtype is {dtype}; "
+                         f"choose --export-dtype from {EXPORT_DTYPES[1:]}")
+    return dtype
+
+
+def file_index(state_dict, dtype, max_bytes=MAX_FILE_BYTES):
+    """{name: output file number (1-based)}: tensors in order, a new file once one would pass `max_bytes`."""
+    mapping, index, used = {}, 1, 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for name, tensor in state_dict.items():
+        size = tensor.numel() * itemsize
+        if used and used + size > max_bytes:
+            index, used = index + 1, 0
+        mapping[name] = index
+        used += size
+    return mapping
+
+
+def full_state_dict(model):
+    """CPU state dict with every DTensor gathered to its full tensor, on every rank (a collective):
+    for comparing and copying small models, not for export."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if is_dtensor(tensor):
+            tensor = tensor.full_tensor()
+        state[name] = tensor.detach().to("cpu", copy=True)
+    return state
+
+
+def single_file(directory):
+    """One output file is named model.safetensors, without an index, as transformers writes it."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    with open(index, encoding="utf-8") as f:
+        files = set(json.load(f)["weight_map"].values())
+    if len(files) == 1:
+        os.replace(os.path.join(directory, files.pop()), os.path.join(directory, "model.safetensors"))
+        os.remove(index)
+
+
+def export_hf(model, tokenizer, out_dir, ctx, *, dtype=torch.float32, max_file_bytes=MAX_FILE_BYTES):
+    """Saves the full model in `dtype` + tokenizer to `out_dir` in HF format (all ranks call it)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    tmp = os.path.join(parent, f".tmp-export-{os.path.basename(os.path.abspath(out_dir))}")
+    if ctx.is_main:
+        os.makedirs(parent, exist_ok=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    ctx.barrier()
+    with torch.no_grad():
+        state = {name: tensor.detach().to(dtype) for name, tensor in get_model_state_dict(model).items()}
+    writer = HuggingFaceStorageWriter(tmp, fqn_to_index_mapping=file_index(state, dtype, max_file_bytes),
+                                      save_distributed=True, enable_consolidation=True)
+    with single_process_quiet(ctx):
+        save(state, storage_writer=writer, no_dist=ctx.world_size == 1)
+    del state
+    if ctx.is_main:
+        shutil.rmtree(writer.path)   # the per-rank shards, now consolidated
+        single_file(tmp)
+        compute_dtype, model.config.dtype = model.config.dtype, dtype
+        try:
+            model.config.save_pretrained(tmp)
+        finally:
+            model.config.dtype = compute_dtype
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for parent_dir, _, names in os.walk(tmp):
+            for name in names:
+                fd = os.open(os.path.join(parent_dir, name), os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+        replace_directory(tmp, out_dir)
+    ctx.barrier()
+    return out_dir
