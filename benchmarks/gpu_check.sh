@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_check.sh build tests bench_loss   # only these steps
 # Tables go to benchmarks/results/, logs to benchmarks/results/logs/; with $OUT set, all of it also
 # comes back as $OUT/gpu_check.tgz.
-# Optional wheels (e.g. Liger-Kernel for its baseline rows) are installed from .whl/ when present.
+# Optional wheels (the peers' rows: Liger-Kernel, Cut Cross-Entropy, TRL) are installed from .whl/
+# when present; benchmarks/fetch_wheels.sh downloads them on a machine with network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -13,7 +14,7 @@ LOG_DIR=benchmarks/results/logs
 mkdir -p "$LOG_DIR"
 status=0
 
-steps=" ${*:-build tests bench_loss bench_swap bench_e2e} "
+steps=" ${*:-build tests bench_loss bench_head bench_swap bench_e2e} "
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on failure
   local name=$1 limit=$2; shift 2
   [[ $steps == *" $name "* ]] || return 0
@@ -36,6 +37,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 step build 120 $PY setup.py build_ext --inplace
 step tests 150 $PY -m pytest -q -m cuda tests -p no:cacheprovider --durations=8
 step bench_loss 170 $PY benchmarks/bench_loss.py ${LOSS_SWEEP:+--sweep}  # LOSS_SWEEP=1: re-tune launch configs
+step bench_head 180 $PY benchmarks/bench_head.py  # 3 shapes x 6 rows; Liger's torch.compile per shape
 step bench_swap 100 $PY benchmarks/bench_swap.py
 step bench_e2e 150 $PY benchmarks/bench_e2e.py
 [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_check.tgz" benchmarks/results

@@ -75,3 +75,24 @@ def test_bench_loss_tiny_run_reports_gradient_errors(tmp_path):
         # dlogits come back in bf16: each element is within 2^-8 (bf16's unit roundoff) of the exact
         # value, so the norm of the error is too.
         assert 0 < row["grad_rel_err"] <= 2**-8
+
+
+def test_bench_head_tiny_run_reports_every_row(tmp_path):
+    run_script("bench_head.py", "--tiny", "--out", str(tmp_path / "head"))
+    report = json.loads((tmp_path / "head.json").read_text())
+    (table,) = report["tables"]
+    assert (table["hidden"], table["vocab"]) == (32, 512) and table["labelled"] == 4 * (32 - 9)
+    rows = {row["impl"]: row for row in table["impls"]}
+    assert len(rows) == 6
+    ours, eager = rows["spin_kernels linear_spin_loss"], rows["eager: HF head + fp32 log_softmax"]
+    for row in rows.values():  # a peer missing here (or unable to run on a CPU) says why
+        if "error" in row:
+            assert not row["impl"].startswith(("spin_kernels", "eager", "HF head")), row
+            assert len(row["error"]) > 10, row
+            continue
+        assert row["fwd_bwd_ms"] > 0 and row["x_floor"] > 0
+        assert 0 < row["d_hidden_rel_err"] < 0.05 and 0 < row["d_weight_rel_err"] < 0.05
+    # Same loss, same bf16 logits: our gradients are as close to float64 as the eager head's.
+    for key in ("d_hidden_rel_err", "d_weight_rel_err"):
+        assert ours[key] <= 1.5 * eager[key], (key, ours[key], eager[key])
+    assert (tmp_path / "head.md").read_text().startswith("# bench_head on cpu")
