@@ -151,6 +151,15 @@ def test_bad_head_input(call, error, match):
         call(hidden.requires_grad_(), weight.requires_grad_(), bias, labels, ref)
 
 
+def test_head_refuses_a_dtensor_weight(one_rank_mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    hidden, weight, _, labels, _ = _head()
+    sharded = distribute_tensor(weight, one_rank_mesh, [Shard(0)])
+    with pytest.raises(TypeError, match=r"weight is a DTensor: pass its local shard"):
+        linear_token_logprobs(hidden, sharded, labels)
+
+
 def test_ignore_index_is_allowed():
     logits, labels, ref = _ok()
     labels[0, :3] = -100

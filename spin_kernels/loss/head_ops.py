@@ -15,7 +15,6 @@ op's one host sync (none inside the chunk loop). `backend` picks the fold of the
 from typing import Optional
 
 import torch
-from torch.distributed.distributed_c10d import _resolve_process_group
 
 from spin_kernels.loss.head_chunks import ChunkedHead, labelled_rows, pair_groups, token_chunks
 from spin_kernels.loss.pair import LOSS_TYPES
@@ -127,7 +126,10 @@ def linear_spin_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
     its pairs' loss slopes are then known, and the chunk's logits buffer turns into dlogits in
     place. `ref_logps` are per-sequence sums [2B] (fp32); `beta` a 0-d fp32 tensor.
     """
-    group = _resolve_process_group(group_name) if group_name else None
+    group = None
+    if group_name:  # a custom op takes the group by name, as torch's functional collectives do
+        from torch.distributed.distributed_c10d import _resolve_process_group
+        group = _resolve_process_group(group_name)
     two_b, T = labels.shape
     half = two_b // 2
     head = ChunkedHead(hidden, weight, bias, backend=backend, ignore_index=ignore_index,

@@ -12,6 +12,10 @@ chunks: a cuBLAS matmul writes a chunk's logits into one reused buffer, the logi
 for a gradient the fold's backward kernel overwrites the buffer with dlogits, which two more
 matmuls turn into d hidden rows and an fp32-accumulated d weight. The backends differ only in the
 fold. One host sync per op call counts the labelled rows; none happens inside the chunk loop.
+Chunks are of rows, each with the whole (local) vocabulary, rather than of vocabulary tiles: a
+row's dlogits need its complete log-sum-exp, so forming the gradient in the forward needs all of
+a row's logits at once; vocabulary tiles would mean recomputing them, or summing d hidden over the
+tiles in an fp32 [N, H] buffer that grows with N.
 
 Cost, with N labelled rows (times H·V_local multiply-adds of 2 FLOPs each):
 - `linear_spin_loss`: 6·N·H·V FLOPs. The pair loss of a chunk of whole pairs (sequence i with
@@ -33,8 +37,8 @@ Extra memory (beyond inputs, outputs and gradients), independent of N:
 - O(N) bookkeeping under 100 bytes per row (row ids, per-row stats; the hidden states themselves
   take 2·H bytes a row). `tests/test_loss_linear_memory.py` measures this bound on the CPU.
 `linear_spin_loss` holds its preformed gradients from the forward to the backward (they are the
-gradients, allocated where the logits path allocates dlogits); the backward's upstream scale rounds
-a bf16 d weight a second time unless the scale is a power of two.
+gradients themselves, only allocated at the end of the forward rather than in the backward); the
+backward's upstream scale rounds a bf16 d weight a second time unless the scale is a power of two.
 
 With `process_group`, `weight` (and `bias`) is this rank's contiguous vocab shard, as a
 column-parallel LM head holds it, and `hidden` is replicated: the result equals the unsharded one
@@ -45,6 +49,7 @@ call.
 import torch
 import torch.distributed as dist
 
+from spin_kernels.dtensor import is_dtensor
 from spin_kernels.loss import head_ops
 from spin_kernels.loss.pair import LOSS_TYPES, SpinLossOutput, spin_loss_from_logps
 from spin_kernels.loss.parallel import combine_shard_stats, shard_bounds
@@ -60,6 +65,11 @@ def _check_head(hidden, weight, bias, labels, ignore_index, temperature, process
     for name, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+    for name, value in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if is_dtensor(value):
+            raise TypeError(f"{name} is a DTensor: pass its local shard ({name}.to_local(), which "
+                            "keeps the gradient flowing) with process_group= for a column-parallel "
+                            "head, or the full tensor")
     if hidden.dtype not in LOGIT_DTYPES:
         raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
