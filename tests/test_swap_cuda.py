@@ -1,7 +1,6 @@
 """GPU checks of the host-memory extension: pinned exact-size arenas, device round trips, freed
-optimizer memory, and copies that overlap compute in the streamed forward."""
-import statistics
-
+optimizer memory and the streamed forward. (Whether copies overlap compute is a speed claim:
+benchmarks/bench_swap.py measures it.)"""
 import pytest
 import torch
 
@@ -101,34 +100,3 @@ def test_streamed_forward_on_the_gpu_equals_the_resident_forward():
     with torch.no_grad():
         expected = reference(ids).logits
     assert torch.equal(streamed_reference_forward(policy, bank, ids), expected)
-
-
-def _median_ms(fn, repeats=3):
-    times = []
-    for _ in range(repeats + 1):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times[1:])
-
-
-def test_copies_overlap_compute():
-    # Layers of 354 MB (copy ~6.5 ms at 55 GB/s) against ~5 ms of compute for 8192 tokens: run one
-    # after the other they would take the sum; streamed, the copies hide behind the compute.
-    model = _llama(6, layers=4, hidden=4096, intermediate=11008, vocab=1024, heads=32, kv_heads=8)
-    bank = WeightBank.from_module(model)
-    ids = torch.randint(0, 1024, (4, 2048), device="cuda")
-    layer_names = [n for n in bank.names if ".layers." in n]
-    device_copy = {n: torch.empty(bank.slots[n].shape, dtype=bank.slots[n].dtype, device="cuda") for n in layer_names}
-    layers_only = WeightBank.from_tensors({n: bank[n] for n in layer_names})
-
-    with torch.no_grad():
-        resident_ms = _median_ms(lambda: model(ids).logits)
-        copy_ms = _median_ms(lambda: layers_only.load_into(device_copy))
-        streamed_ms = _median_ms(lambda: streamed_reference_forward(model, bank, ids))
-    serial_ms = resident_ms + copy_ms
-    assert streamed_ms < 0.85 * serial_ms, (
-        f"streamed {streamed_ms:.1f} ms vs resident {resident_ms:.1f} ms + copies {copy_ms:.1f} ms: no overlap")

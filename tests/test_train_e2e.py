@@ -1,5 +1,6 @@
 """A short end-to-end run of python/train.py, the HF export, and the errors of bad options."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,6 +11,22 @@ import torch
 from trainer_cases import ROOT, tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
+
+
+LN2 = math.log(2.0)
+
+
+def independent_logps(model, prompt_ids, response_ids):
+    """Σ log p(response | prompt) by a plain Hugging Face forward and log_softmax (no spin_kernels)."""
+    ids = torch.tensor([list(prompt_ids) + list(response_ids)])
+    logits = model(ids).logits[0, len(prompt_ids) - 1:-1].double()
+    return logits.log_softmax(-1).gather(-1, torch.tensor(response_ids)[:, None]).sum()
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +41,43 @@ def test_end_to_end_run_exports_a_loadable_model(tiny, tmp_path):
     rows = train_cli.main(train_args(*tiny, out, "--beta", "0.1", "0.2", "--mix-previous", "0.25"))
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert [r["step"] for r in rows] == [0, 4, 9]   # 32 prompts / 8; then 32 + 8 mixed pairs / 8
-    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
+    records = read_metrics(out)
     train_records = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_records] == list(range(1, 10))
-    assert {r["beta"] for r in train_records if r["iteration"] == 2} == {0.2}
-    for record in train_records:
-        assert 0.0 <= record["acc"] <= 1.0 and record["loss"] > 0
-        assert record["grad_norm"] > 0
-    for row in rows[1:]:
-        assert 0.0 <= row["val_spin_acc"] <= 1.0 and row["train_gen_length"] >= 1
-    assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
+    assert [r["beta"] for r in train_records] == [0.1] * 4 + [0.2] * 5
+    assert all(r["lr"] == 1e-3 for r in train_records)
+    for record in train_records:  # the metrics of one batch hang together
+        assert record["margin_mean"] == pytest.approx(record["rewards_actual_mean"] - record["rewards_generated_mean"],
+                                                      abs=1e-6)
+        assert record["rewards_all_mean"] == pytest.approx(
+            (record["rewards_actual_mean"] + record["rewards_generated_mean"]) / 2, abs=1e-6)
+    # An iteration's first step: the policy is still θ_t, the reference, so every reward is 0, the
+    # loss is ln 2 and no pair is won; also for the previous iteration's pairs mixed in.
+    for first in (train_records[0], train_records[4]):
+        assert first["loss"] == pytest.approx(LN2, abs=1e-6) and first["acc"] == 0.0
+        for name in ("rewards_actual_mean", "rewards_generated_mean", "margin_mean", "rewards_all_std"):
+            assert first[name] == 0.0, name
+    assert rows[1]["spin_acc_start"] == 0.0 and rows[1]["margin_start"] == 0.0
+
+    # Independent recomputation from the starting model θ_0: the validation SFT loss of the
+    # iteration-0 row (NLL per response token, EOS included) and step 1's mean log-prob of the
+    # gold responses of its batch (the first 8 of the epoch's order).
+    from spin_trainer.data import load_examples
+    from spin_trainer.loop import epoch_order
+    from transformers import AutoTokenizer
+
+    start = AutoModelForCausalLM.from_pretrained(tiny[0])
+    tokenizer = AutoTokenizer.from_pretrained(tiny[0])
+    with torch.no_grad():
+        val = load_examples(tiny[2], tokenizer, max_length=16, option="--val-data")
+        nll = -sum(independent_logps(start, e.prompt_ids, e.response_ids) for e in val)
+        assert rows[0]["val_sft_loss"] == pytest.approx(nll.item() / sum(len(e.response_ids) for e in val), rel=1e-5)
+        train = load_examples(tiny[1], tokenizer, max_length=16)
+        batch = [train[k] for k in epoch_order(len(train), 0, 0, 0)[:8]]
+        gold = sum(independent_logps(start, e.prompt_ids, e.response_ids) for e in batch) / 8
+        assert train_records[0]["logps_actual_mean"] == pytest.approx(gold.item(), rel=1e-5)
+    with open(os.path.join(out, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
     final = os.path.join(out, "final")
     model = AutoModelForCausalLM.from_pretrained(final)
@@ -43,20 +87,56 @@ def test_end_to_end_run_exports_a_loadable_model(tiny, tmp_path):
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size) and torch.isfinite(logits).all()
     # The export is the trained policy, not the starting model.
-    start = AutoModelForCausalLM.from_pretrained(tiny[0])
     assert not torch.equal(start.lm_head.weight, model.lm_head.weight)
 
 
 def test_micro_batches_with_accumulation_equal_one_big_batch(tiny, tmp_path):
     from safetensors.torch import load_file
 
-    weights = []
+    weights, steps = [], []
     for micro in ("8", "2"):
         out = str(tmp_path / f"micro{micro}")
         train_cli.main(train_args(*tiny, out, "--iterations", "1", "--micro-batch-size", micro, "--greedy"))
         weights.append(load_file(os.path.join(out, "final", "model.safetensors")))
+        steps.append([r for r in read_metrics(out) if r["kind"] == "train"])
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+    for ours, theirs in zip(*steps):
+        for name in ("loss", "acc", "grad_norm", "logps_actual_mean", "logps_generated_mean", "margin_mean"):
+            assert ours[name] == pytest.approx(theirs[name], rel=1e-5, abs=1e-7), name
+
+
+def test_first_step_equals_an_independent_recomputation(tiny, tmp_path):
+    """Step 1 of a greedy run recomputed by hand from θ_0: plain HF forwards, log_softmax, the SPIN
+    loss formula and autograd, on the step's 8 pairs (gold responses and θ_0's greedy ones)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spin_trainer.data import load_examples
+    from spin_trainer.generation import SamplingConfig, generate_responses
+    from spin_trainer.loop import epoch_order
+
+    out = str(tmp_path / "run")
+    train_cli.main(train_args(*tiny, out, "--iterations", "1", "--greedy", "--beta", "0.3", "--max-grad-norm", "0"))
+    first = next(r for r in read_metrics(out) if r["kind"] == "train")
+
+    start = AutoModelForCausalLM.from_pretrained(tiny[0]).float()
+    tokenizer = AutoTokenizer.from_pretrained(tiny[0])
+    train = load_examples(tiny[1], tokenizer, max_length=16)
+    generated = generate_responses(start, [list(e.prompt_ids) for e in train], SamplingConfig(max_new_tokens=5, do_sample=False),
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                   max_length=16, progress=False)
+    batch = epoch_order(len(train), 0, 0, 0)[:8]
+    actual = torch.stack([independent_logps(start, train[k].prompt_ids, train[k].response_ids) for k in batch])
+    sampled = torch.stack([independent_logps(start, train[k].prompt_ids, generated[k]) for k in batch])
+    # The reference is θ_0 itself: the same numbers, held constant.
+    margin = 0.3 * ((actual - actual.detach()) - (sampled - sampled.detach()))
+    loss = -torch.nn.functional.logsigmoid(margin).mean()
+    loss.backward()
+    grad_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in start.parameters()))
+    assert first["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert first["logps_actual_mean"] == pytest.approx(actual.mean().item(), rel=1e-5)
+    assert first["logps_generated_mean"] == pytest.approx(sampled.mean().item(), rel=1e-5)
+    assert first["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("extra, expected", [
