@@ -2,9 +2,9 @@
 process and at 4 (2 data-parallel x --tp 2) and finishes where the uninterrupted 1-process run does.
 
 The stop (step 3) falls inside iteration 1, whose generations, reference log-probs and θ_t (the
-swap mode's bank) come from the checkpoint; iteration 2 generates after the resume, at the new
-world size. Greedy decoding: sampled noise is drawn per data-parallel rank (rollouts.sampling_seed),
-so sampled responses would differ with the data-parallel size. Tolerance: the resumed runs add
+swap mode's bank) come from the checkpoint; iteration 2 samples after the resume, at the new
+world size (the sampling noise is keyed by each prompt's index, not by the rank that generates
+it). Tolerance: the resumed runs add
 gradients in another order (tensor-parallel matmul splits, data-parallel all-reduce), so metrics
 and weights agree with the 1-process run to float32 rounding, checked at 1e-5 (relative + absolute).
 """
@@ -21,7 +21,7 @@ from trainer_cases import tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
 
-EXTRA = ("--reference", "swap", "--mix-previous", "0.25", "--greedy", "--keep", "5")
+EXTRA = ("--reference", "swap", "--mix-previous", "0.25", "--keep", "5")
 STOP_AT = 3   # iteration 1 has 4 steps (32 prompts / 8), iteration 2 has 5 (32 + 8 mixed)
 TOLERANCE = 1e-5
 

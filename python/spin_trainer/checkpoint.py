@@ -30,9 +30,9 @@ What a resume onto another world size reproduces:
   weights move apart by float rounding (float32: relative differences of order 1e-6 after a few
   steps); the global RNG streams carry over rank by rank at the same world size, and otherwise rank
   r takes saved rank r mod N (the loop itself draws no global random numbers: the batch order and
-  the sampling noise come from their own seeded generators); generations sampled after the resume
-  use per-data-parallel-rank noise (rollouts.sampling_seed), so with sampling on, another
-  data-parallel size draws other responses (greedy decoding does not depend on it).
+  the sampling noise come from their own seeds). Sampled generations after the resume are the
+  same responses (unless that rounding flips a token at a near-tie): the noise is keyed by each prompt's index in the dataset,
+  not by the rank that generates it (rollouts.sampling_seed).
 At the same world size and --tp a resumed run reproduces the uninterrupted one bit for bit.
 """
 import hashlib

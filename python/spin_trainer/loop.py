@@ -79,7 +79,7 @@ class SpinTrainer:
 
     # ---- generation and reference log-probs --------------------------------------------------
     def generate_for(self, model, examples, iteration, epoch):
-        sampling = replace(self.config.sampling, seed=sampling_seed(self.config.seed, iteration, epoch, self.ctx.dp_rank))
+        sampling = replace(self.config.sampling, seed=sampling_seed(self.config.seed, iteration, epoch))
         return generate(model, examples, sampling, self.ctx, tokenizer=self.tokenizer,
                         max_length=self.config.max_length, batch_size=self.config.gen_batch_size,
                         progress=self.config.progress, optimizer=self.optimizer,

@@ -13,9 +13,11 @@ from .steps import sequence_logps
 from .tp_plan import full_vocab_logits
 
 
-def sampling_seed(base_seed, iteration, epoch, dp_rank):
-    """A distinct, reproducible seed per (iteration, epoch, data-parallel rank)."""
-    return (base_seed * 1_000_003 + iteration * 10_007 + epoch * 101 + dp_rank) % (2 ** 31 - 1)
+def sampling_seed(base_seed, iteration, epoch):
+    """A distinct, reproducible seed per (iteration, epoch). The noise is keyed by the seed and each
+    prompt's index in the dataset (`generate` passes it), so a response does not depend on the
+    data-parallel layout: a run resumed on another number of processes samples the same responses."""
+    return (base_seed * 1_000_003 + iteration * 10_007 + epoch * 101) % (2 ** 31 - 1)
 
 
 def generate(model, examples, sampling, ctx, *, tokenizer, max_length, batch_size, progress,
@@ -34,7 +36,7 @@ def generate(model, examples, sampling, ctx, *, tokenizer, max_length, batch_siz
             responses = generate_responses(
                 model, prompts, sampling, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id, max_length=max_length, batch_size=batch_size,
-                progress=progress and ctx.is_main) if prompts else []
+                progress=progress and ctx.is_main, example_ids=list(range(start, end))) if prompts else []
     finally:
         model.train(was_training)
         if offload:
