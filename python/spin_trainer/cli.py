@@ -15,9 +15,11 @@ with a checkpoint; --resume continues from the newest intact one, also on anothe
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from spin_trainer.export import EXPORT_DTYPES
-from spin_trainer.config import GENERATE_EVERY, LOSS_TYPES, REFERENCE_MODES, SpinConfig, sampling_config
+from spin_trainer.config import (GENERATE_EVERY, LOSS_TYPES, REFERENCE_MODES, SpinConfig, sampling_config,
+                                 stop_sequences)
 from spin_trainer.model import ATTENTION_CHOICES, DTYPES
 
 STOPPED_BY_SIGTERM = 143
@@ -60,7 +62,17 @@ def build_parser():
     add("--mix-previous", type=float, default=0.0, help="fraction of the previous iteration's pairs mixed in")
     add("--reference", choices=REFERENCE_MODES, default="precompute",
         help="reference log-probs: precomputed per iteration, swapped in per batch, or a resident copy")
-    add("--max-new-tokens", type=int, default=128, help="capped by the context left after each prompt")
+    add("--max-new-tokens", type=int, default=None,
+        help="default: half of --max-length (as NeMo-Aligner); always capped by the context left after each "
+             "prompt. A response cut there is trained on as sampled, without an EOS (see --drop-truncated)")
+    add("--min-new-tokens", type=int, default=0, help="tokens before a response may end (EOS and stops masked)")
+    add("--stop", nargs="+", default=[], metavar="TEXT",
+        help="strings that end a response besides the EOS ids (matched as the tokens of the string alone; "
+             "kept in the response)")
+    add("--stop-ids", nargs="+", type=int, default=[], metavar="ID", help="token ids that end a response, as --stop")
+    add("--drop-truncated", action="store_true",
+        help="leave out of training the pairs whose generation was cut at --max-new-tokens (their slots go "
+             "to other pairs of the iteration)")
     add("--greedy", action="store_true", help="greedy decoding instead of sampling")
     add("--temperature", type=float, default=1.0, help="sampling temperature")
     add("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
@@ -86,15 +98,21 @@ def build_parser():
     return parser
 
 
+def max_new_tokens(args):
+    """--max-new-tokens, by default half the context (each prompt's cap is what is left after it)."""
+    return args.max_new_tokens if args.max_new_tokens is not None else max(1, args.max_length // 2)
+
+
 def spin_config(args):
     return SpinConfig(
         iterations=args.iterations, epochs=args.epochs, betas=args.beta, lrs=args.lr, loss_type=args.loss_type,
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         generate_every=args.generate_every, mix_previous=args.mix_previous, reference=args.reference,
-        sampling=sampling_config(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
-        gen_batch_size=args.gen_batch_size,
+        sampling=sampling_config(max_new_tokens=max_new_tokens(args), do_sample=not args.greedy,
+                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                 min_new_tokens=args.min_new_tokens),
+        gen_batch_size=args.gen_batch_size, drop_truncated=args.drop_truncated,
         offload_optimizer=args.offload_optimizer, max_length=args.max_length, seed=args.seed,
         save_every=args.save_every, keep=args.keep, max_steps=args.max_steps, progress=not args.no_progress)
 
@@ -149,6 +167,7 @@ def train(args, on_step=None):
     check_tensor_parallel(source_config, args.tp)
     export_dtype = resolve_export_dtype(args.export_dtype, source_config)
     tokenizer = load_tokenizer(args.model)
+    config.sampling = replace(config.sampling, stop_sequences=stop_sequences(args.stop, args.stop_ids, tokenizer))
     kwargs = dict(max_length=args.max_length, template=args.prompt_template)
     train_examples = load_examples(args.train_data, tokenizer, option="--train-data", **kwargs)
     val_examples = load_examples(args.val_data, tokenizer, option="--val-data", **kwargs) if args.val_data else []
@@ -164,7 +183,7 @@ def train(args, on_step=None):
         apply_tensor_parallel(model, ctx)
         metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), enabled=ctx.is_main)
         held_out = HeldOut(test_examples, val_examples, ctx, tokenizer=tokenizer, max_length=args.max_length,
-                           max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size,
+                           max_new_tokens=config.sampling.max_new_tokens, batch_size=args.gen_batch_size,
                            micro_batch_size=args.micro_batch_size)
         trainer = SpinTrainer(model, tokenizer, train_examples, val_examples, config, ctx,
                               out_dir=args.out, held_out=held_out, metrics=metrics)

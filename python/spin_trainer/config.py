@@ -21,10 +21,12 @@ def per_iteration(values, iterations, option):
     return values
 
 
-def sampling_config(*, max_new_tokens, do_sample, temperature, top_p, top_k):
+def sampling_config(*, max_new_tokens, do_sample, temperature, top_p, top_k, min_new_tokens=0):
     """SamplingConfig of the command-line options, checked first so that errors name the option."""
     checks = [
         (max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {max_new_tokens}"),
+        (0 <= min_new_tokens <= max_new_tokens,
+         f"--min-new-tokens must be in [0, --max-new-tokens {max_new_tokens}], got {min_new_tokens}"),
         (temperature > 0, f"--temperature must be > 0, got {temperature}"),
         (0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
         (top_k >= 0, f"--top-k must be >= 0, got {top_k}"),
@@ -33,7 +35,24 @@ def sampling_config(*, max_new_tokens, do_sample, temperature, top_p, top_k):
         if not ok:
             raise ValueError(message)
     return SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                          top_p=top_p, top_k=top_k)
+                          top_p=top_p, top_k=top_k, min_new_tokens=min_new_tokens)
+
+
+def stop_sequences(strings, ids, tokenizer):
+    """Token-id sequences of --stop strings (each tokenized alone, no special tokens) and --stop-ids
+    (one token each). A string is matched as that token sequence; where the tokenizer merges it
+    with the text before it differently, the stop is missed."""
+    sequences = []
+    for text in strings:
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise ValueError(f"--stop {text!r}: the tokenizer gives no tokens for it")
+        sequences.append(tuple(tokens))
+    for token in ids:
+        if not 0 <= token < len(tokenizer):
+            raise ValueError(f"--stop-ids {token}: not a token id of the tokenizer [0, {len(tokenizer)})")
+        sequences.append((token,))
+    return tuple(sequences)
 
 
 @dataclass
@@ -54,6 +73,7 @@ class SpinConfig:
     # How θ_t answers the prompts; the seed is set per iteration and epoch (rollouts.sampling_seed).
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=128))
     gen_batch_size: int = 64
+    drop_truncated: bool = False  # leave out pairs whose generation was cut at the length cap
     offload_optimizer: bool = False
     max_length: int = 1024
     seed: int = 0

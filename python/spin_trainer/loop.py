@@ -26,7 +26,7 @@ from .diagnostics import fraction_equal_to_gold, iteration_diagnostics
 from .evaluate import spin_pair_accuracy
 from .loop_state import IterationData, LoopPosition
 from .reference_modes import make_reference
-from .rollouts import generate, pair_logps, sampling_seed
+from .rollouts import drop_truncated, generate, pair_logps, sampling_seed
 from .steps import make_optimizer, make_scheduler, optimizer_step, spin_micro_loss
 
 
@@ -90,7 +90,10 @@ class SpinTrainer:
                           pad_token_id=self.tokenizer.pad_token_id)
 
     def iteration_pairs(self, iteration, generated):
-        examples, generated = list(self.examples), list(generated)
+        examples = list(self.examples)
+        if self.config.drop_truncated:
+            examples, generated = drop_truncated(examples, generated, seed=self.config.seed * 37 + iteration)
+        generated = list(generated)
         n_mix = self.config.mixed_pairs(len(self.examples)) if iteration > 0 else 0
         if n_mix and self.previous_pairs is not None:
             prev_examples, prev_generated = self.previous_pairs

@@ -2,13 +2,18 @@
 
 Tensor-parallel ranks of one data-parallel slot process the same prompts; the LM head's vocab
 shards are gathered while sampling (spin_trainer.tp_plan.full_vocab_logits), and
-generate_responses is deterministic for a seed and identical on every tensor-parallel rank.
+generate_responses is deterministic for a seed and identical on every tensor-parallel rank. Each
+prompt's sampling noise is keyed by its index in the dataset and one seed per (iteration, epoch),
+never by rank or batch: a run on any number of processes (or resumed on another) samples the same
+responses.
 """
+import random
+
 import torch
 
 from .data import collate_pairs
 from .distributed import gather_objects, shard_range
-from .generation import SamplingConfig, generate_responses
+from .generation import Responses, SamplingConfig, generate_responses
 from .steps import sequence_logps
 from .tp_plan import full_vocab_logits
 
@@ -20,9 +25,31 @@ def sampling_seed(base_seed, iteration, epoch):
     return (base_seed * 1_000_003 + iteration * 10_007 + epoch * 101) % (2 ** 31 - 1)
 
 
+def eos_token_ids(model, tokenizer):
+    """Every id that ends a response: the tokenizer's EOS and each id of the model's generation
+    config `eos_token_id` (a list for chat models, e.g. end of text and end of turn)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *configured] if i is not None))
+
+
+def drop_truncated(examples, generated, seed):
+    """The pairs whose generation ended (EOS or a stop sequence) rather than being cut at the
+    length cap (`generated.truncated`); each cut one's slot goes to a finished pair drawn with
+    `seed`, so the iteration keeps its number of pairs and its step schedule."""
+    kept = [i for i, cut in enumerate(generated.truncated) if not cut]
+    if not kept:
+        raise ValueError(f"--drop-truncated: all {len(examples)} generated responses were cut at "
+                         "--max-new-tokens (or the context); raise --max-new-tokens or drop the option")
+    fill = random.Random(seed)
+    picks = [i if not cut else fill.choice(kept) for i, cut in enumerate(generated.truncated)]
+    return [examples[i] for i in picks], [generated[i] for i in picks]
+
+
 def generate(model, examples, sampling, ctx, *, tokenizer, max_length, batch_size, progress,
              optimizer=None, offload_optimizer=False):
-    """Response ids (EOS included when produced) for every example's prompt, on every rank."""
+    """Response ids (EOS or stop sequence included when produced) for every example's prompt, on
+    every rank, with `.truncated` flags; example i's sampling noise is keyed by i."""
     start, end = shard_range(len(examples), ctx.dp_rank, ctx.dp_size)
     prompts = [list(e.prompt_ids) for e in examples[start:end]]
     offload = offload_optimizer and optimizer is not None and len(optimizer.state) > 0
@@ -34,14 +61,17 @@ def generate(model, examples, sampling, ctx, *, tokenizer, max_length, batch_siz
     try:
         with full_vocab_logits(model, ctx), torch.no_grad():
             responses = generate_responses(
-                model, prompts, sampling, eos_token_id=tokenizer.eos_token_id,
+                model, prompts, sampling, eos_token_id=eos_token_ids(model, tokenizer),
                 pad_token_id=tokenizer.pad_token_id, max_length=max_length, batch_size=batch_size,
-                progress=progress and ctx.is_main, example_ids=list(range(start, end))) if prompts else []
+                progress=progress and ctx.is_main, example_ids=list(range(start, end))
+            ) if prompts else Responses([], [])
     finally:
         model.train(was_training)
         if offload:
             onload_state(offloaded)
-    return gather_objects([list(r) for r in responses], ctx.dp_group, ctx.dp_size)
+    gathered = gather_objects([(list(r), cut) for r, cut in zip(responses, responses.truncated)],
+                              ctx.dp_group, ctx.dp_size)
+    return Responses([r for r, _ in gathered], [cut for _, cut in gathered])
 
 
 def greedy(max_new_tokens):
