@@ -2,6 +2,7 @@
 checkpoint is reported, moved aside and the previous one used."""
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -13,6 +14,7 @@ from trainer_cases import tiny_setup, train_args
 from spin_trainer import cli as train_cli
 from spin_trainer.checkpoint import list_checkpoints
 from spin_trainer.loop import TrainingStopped
+from spin_trainer.metrics import TIMING_KEYS
 
 # 2 iterations x 4 steps; SIGTERM after step 3 stops mid-iteration 1, with periodic saves at 2.
 EXTRA = ["--save-every", "2", "--keep", "3", "--mix-previous", "0.25", "--top-k", "8"]
@@ -32,10 +34,11 @@ def uninterrupted(tiny, tmp_path_factory):
 
 
 def outcome(out):
+    """(metrics records without their wall-clock timings, final weights) of a run."""
     from safetensors.torch import load_file
 
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        records = [json.loads(line) for line in f]
+        records = [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in f]
     return records, load_file(os.path.join(out, "final", "model.safetensors"))
 
 
@@ -139,12 +142,108 @@ def test_max_steps_stops_at_an_iteration_end_and_resume_finishes_the_same_run(ti
     assert_same_run(out, uninterrupted)
 
 
-def test_resume_with_other_settings_is_refused(tiny, stopped, tmp_path):
+@pytest.mark.parametrize("extra, expected", [
+    (["--reference", "swap"], "was written with --reference 'precompute', this run has --reference 'swap'"),
+    (["--lr", "2e-3"], "was written with --lr [0.001, 0.001], this run has --lr [0.002, 0.002]"),
+    (["--greedy"], "was written with --greedy False, this run has --greedy True"),
+])
+def test_resume_with_other_settings_is_refused_naming_the_option(tiny, stopped, tmp_path, extra, expected):
     out = str(tmp_path / "run")
     shutil.copytree(stopped[0], out)
-    with pytest.raises(ValueError, match=r"--resume: .*step-00000003 was written with reference = 'precompute', "
-                                         r"this run has 'swap'"):
-        train_cli.main(train_args(*tiny, out, *EXTRA, "--resume", "--reference", "swap"))
+    with pytest.raises(ValueError, match=r"--resume: .*step-00000003 " + re.escape(expected)):
+        train_cli.main(train_args(*tiny, out, *EXTRA, "--resume", *extra))
+
+
+def test_resume_with_other_inputs_is_refused_naming_the_option(tiny, stopped, tmp_path):
+    from spin_trainer.model import create_default_model
+
+    model_dir, train_path, val_path, test_path = tiny
+    out = str(tmp_path / "run")
+    shutil.copytree(stopped[0], out)
+    other_data = str(tmp_path / "train.jsonl")
+    with open(train_path, encoding="utf-8") as f:
+        lines = f.readlines()
+    with open(other_data, "w", encoding="utf-8") as f:
+        f.writelines(lines[:-1])   # one prompt fewer: the run would end at another step
+    with pytest.raises(ValueError, match=r"--resume: .*step-00000003 was written with another --train-data: "):
+        train_cli.main(train_args(model_dir, other_data, val_path, test_path, out, *EXTRA, "--resume"))
+
+    other_model = create_default_model(str(tmp_path / "other_model"), seed=1, hidden_size=32, intermediate_size=64)
+    with pytest.raises(ValueError, match=r"--resume: .*step-00000003 was written from another --model: in "
+                                         r"'.*other_model', model.safetensors differ\(s\)"):
+        train_cli.main(train_args(other_model, train_path, val_path, test_path, out, *EXTRA, "--resume"))
+
+    retokenized = str(tmp_path / "retokenized")
+    shutil.copytree(model_dir, retokenized)
+    config_path = os.path.join(retokenized, "tokenizer_config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["chat_template"] = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    for name in os.listdir(retokenized):
+        if name.endswith(".jinja"):
+            os.remove(os.path.join(retokenized, name))
+    with pytest.raises(ValueError, match=r"--resume: .*step-00000003 was written with another tokenizer"):
+        train_cli.main(train_args(retokenized, train_path, val_path, test_path, out, *EXTRA, "--resume"))
+    # A copy of the same inputs elsewhere resumes: only content counts.
+    same_model = str(tmp_path / "same_model")
+    shutil.copytree(model_dir, same_model)
+    train_cli.main(train_args(same_model, train_path, val_path, test_path, out, *EXTRA, "--resume"))
+
+
+def test_keep_1_after_a_corrupt_newest_checkpoint_keeps_the_new_ones(tiny, stopped, uninterrupted, tmp_path):
+    """The corrupt checkpoint is ahead of the new ones: it is moved aside, never pruned in their
+    place, and the checkpoint SIGTERM reports exists and resumes."""
+    out = str(tmp_path / "run")
+    shutil.copytree(stopped[0], out)
+    root = os.path.join(out, "checkpoints", "spin")
+    os.rename(os.path.join(root, "step-00000003"), os.path.join(root, "step-00000005"))
+    os.remove(os.path.join(root, "step-00000005", "loop.pt"))
+    keep_1 = [*EXTRA[:EXTRA.index("--keep")], "--keep", "1", *EXTRA[EXTRA.index("--keep") + 2:]]
+    args = train_args(*tiny, out, *keep_1, "--resume")
+    with pytest.raises(TrainingStopped) as info:
+        train_cli.main(args, on_step=stop_at(3))
+    assert os.path.basename(str(info.value)) == "step-00000003" and os.path.isdir(str(info.value))
+    assert sorted(os.listdir(root)) == ["step-00000003", "step-00000005.corrupt"]
+    train_cli.main(args)
+    assert sorted(os.listdir(root)) == ["step-00000005.corrupt", "step-00000009"]
+    assert_same_run(out, uninterrupted)
+
+
+def test_a_cut_short_last_metrics_line_is_dropped_with_a_warning(tiny, stopped, uninterrupted, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(stopped[0], out)
+    metrics = os.path.join(out, "metrics.jsonl")
+    with open(metrics, "a", encoding="utf-8") as f:
+        f.write('{"kind": "train", "run": "spin", "st')   # killed while writing step 4's record
+    train_cli.main(train_args(*tiny, out, *EXTRA, "--resume"))
+    assert f"warning: {metrics}:" in capsys.readouterr().out
+    assert_same_run(out, uninterrupted)
+
+
+def test_a_non_finite_update_never_reaches_a_checkpoint(tiny, tmp_path, monkeypatch):
+    import spin_trainer.loop
+
+    real_step = spin_trainer.loop.optimizer_step
+
+    def poisoned_at_step_2(model, *args, **kwargs):
+        metrics = real_step(model, *args, **kwargs)
+        if poisoned_at_step_2.calls == 1:
+            with torch.no_grad():
+                model.lm_head.weight[0, 0] = float("nan")   # as an update of lr = inf would
+        poisoned_at_step_2.calls += 1
+        return metrics
+
+    poisoned_at_step_2.calls = 0
+    monkeypatch.setattr(spin_trainer.loop, "optimizer_step", poisoned_at_step_2)
+    out = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"training diverged: after step 2 the weights hold non-finite values "
+                                         r"\(NaN or inf\), so no checkpoint was written for it; the newest "
+                                         r"checkpoint, .*step-00000001 \(step 1\), is intact"):
+        train_cli.main(train_args(*tiny, out, "--save-every", "1"))
+    assert [os.path.basename(p) for p in list_checkpoints(os.path.join(out, "checkpoints", "spin"))] == \
+        ["step-00000001"]
 
 
 def test_a_checkpoint_of_another_model_is_refused_naming_the_tensor(tmp_path):

@@ -39,14 +39,17 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     add = parser.add_argument
-    add("--demo", action="store_true", help="run the built-in end-to-end demo (tiny model, arithmetic task)")
+    add("--demo", action="store_true",
+        help="run the built-in end-to-end demo (tiny model, arithmetic task, no download); it takes no model, "
+             "data or training options: only --out, --seed, --attn and --no-progress")
     add("--out", required=True, help="output directory (metrics, checkpoints, final model)")
     add("--model", help="local Hugging Face causal-LM directory")
     add("--train-data", help="JSONL of training prompts and gold responses")
     add("--val-data", help="JSONL of held-out records: SFT validation loss and SPIN acc on held-out pairs")
     add("--test-data", help="JSONL of held-out records for exact-match accuracy (default: --val-data)")
     add("--prompt-template", default="{prompt}", help="template of {prompt,response} records' prompts")
-    add("--max-length", type=int, default=1024, help="context length: prompt + response tokens")
+    add("--max-length", type=int, default=1024,
+        help="context length: prompt + response tokens (at most the model's max_position_embeddings)")
     add("--iterations", type=int, default=2, help="SPIN iterations (θ_t → θ_t+1)")
     add("--epochs", type=int, default=1, help="epochs over the iteration's pairs")
     add("--beta", type=float, nargs="+", default=[0.1], help="one value, or one per iteration")
@@ -85,7 +88,12 @@ def build_parser():
     add("--dtype", choices=sorted(DTYPES), default="float32",
         help="weights and compute; bfloat16 on GPUs (float16 has no loss scaling here)")
     add("--seed", type=int, default=0, help="data order, sampling and initialization")
-    add("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (and every iteration)")
+    add("--save-every", type=int, default=0,
+        help="a checkpoint every N optimizer steps besides the one at each iteration's end (0: at iteration "
+             "ends only)")
+    add("--val-every", type=int, default=0,
+        help="validation (held-out exact match, SFT loss, SPIN acc) every N optimizer steps besides each "
+             "iteration's end (0: at iteration ends only)")
     add("--keep", type=int, default=2, help="checkpoints kept")
     add("--max-steps", type=int, default=0,
         help="stop after N optimizer steps of the run (counted across resumes) with a checkpoint, without "
@@ -114,7 +122,8 @@ def spin_config(args):
                                  min_new_tokens=args.min_new_tokens),
         gen_batch_size=args.gen_batch_size, drop_truncated=args.drop_truncated,
         offload_optimizer=args.offload_optimizer, max_length=args.max_length, seed=args.seed,
-        save_every=args.save_every, keep=args.keep, max_steps=args.max_steps, progress=not args.no_progress)
+        save_every=args.save_every, keep=args.keep, max_steps=args.max_steps, val_every=args.val_every,
+        progress=not args.no_progress)
 
 
 def check_output_dir(out, resume, runs):
@@ -127,9 +136,40 @@ def check_output_dir(out, resume, runs):
                              f"or choose another --out")
 
 
-def resume_checkpoint(out, config, ctx):
-    """The newest intact checkpoint of the run in `out` (None: start over), its settings checked."""
+def check_output_path(out):
+    """--out must be a directory this process can write (it is created if missing)."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {out!r} is a file, not a directory")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {out!r} lies under {existing!r}, which is a file")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise ValueError(f"--out {out!r} is not writable ({exc.strerror or exc})") from exc
+
+
+def check_context_length(max_length, model_config):
+    """--max-length within the positions the model has (every generation is capped by it)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        limit = getattr(model_config, name, None)
+        if isinstance(limit, int) and max_length > limit:
+            raise ValueError(f"--max-length {max_length} is beyond the model's {name} ({limit}): prompts plus "
+                             f"generated responses would not fit; use --max-length {limit} or less")
+
+
+def resume_checkpoint(out, config, ctx, fingerprints, *, model_dir, train_data):
+    """The newest intact checkpoint of the run in `out` (None: start over), its settings and inputs
+    checked against this run's."""
     from spin_trainer.checkpoint import find_latest_checkpoint
+    from spin_trainer.fingerprint import check_fingerprints
 
     root = os.path.join(out, "checkpoints", "spin")
     found = find_latest_checkpoint(root, ctx)
@@ -138,10 +178,12 @@ def resume_checkpoint(out, config, ctx):
             print(f"--resume: no usable checkpoint under {root}; starting from the beginning")
         return None
     saved = found.loop_state["settings"]
-    for name, value in config.resume_settings().items():
-        if saved.get(name) != value:
-            raise ValueError(f"--resume: {found.path} was written with {name} = {saved.get(name)!r}, "
-                             f"this run has {value!r}; resume with the same settings or use another --out")
+    for option, value in config.resume_settings().items():
+        if saved.get(option) != value:
+            raise ValueError(f"--resume: {found.path} was written with {option} {saved.get(option)!r}, this run has "
+                             f"{option} {value!r}; resume with the same options or use another --out")
+    check_fingerprints(found.loop_state["fingerprints"], fingerprints, found.path, model_dir=model_dir,
+                       train_data=train_data)
     return found
 
 
@@ -153,6 +195,7 @@ def train(args, on_step=None):
     from spin_trainer.distributed import setup_parallel, teardown_parallel
     from spin_trainer.evaluate import HeldOut
     from spin_trainer.export import export_hf, resolve_export_dtype
+    from spin_trainer.fingerprint import run_fingerprints
     from spin_trainer.loop import SpinTrainer
     from spin_trainer.metrics import MetricsLog, format_table, plot_curves, read_records
     from spin_trainer.model import check_model_dir, load_model, load_tokenizer
@@ -161,9 +204,13 @@ def train(args, on_step=None):
     for option, value in (("--model", args.model), ("--train-data", args.train_data)):
         if not value:
             raise ValueError(f"{option} is required (or use --demo)")
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    check_output_path(args.out)
     config = spin_config(args)
     check_model_dir(args.model)
     source_config = AutoConfig.from_pretrained(args.model)
+    check_context_length(args.max_length, source_config)
     check_tensor_parallel(source_config, args.tp)
     export_dtype = resolve_export_dtype(args.export_dtype, source_config)
     tokenizer = load_tokenizer(args.model)
@@ -174,11 +221,13 @@ def train(args, on_step=None):
     test_examples = (load_examples(args.test_data, tokenizer, option="--test-data", **kwargs)
                      if args.test_data else val_examples)
     check_output_dir(args.out, args.resume, ["spin"])
+    fingerprints = run_fingerprints(args.model, tokenizer, args.train_data)
 
     ctx = setup_parallel(args.tp, args.device)
     try:
         config.validate(len(train_examples), ctx)
-        checkpoint = resume_checkpoint(args.out, config, ctx) if args.resume else None
+        checkpoint = (resume_checkpoint(args.out, config, ctx, fingerprints, model_dir=args.model,
+                                        train_data=args.train_data) if args.resume else None)
         model = load_model(args.model, attention=args.attn, dtype=args.dtype, device=ctx.device)
         apply_tensor_parallel(model, ctx)
         metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), enabled=ctx.is_main)
@@ -186,7 +235,7 @@ def train(args, on_step=None):
                            max_new_tokens=config.sampling.max_new_tokens, batch_size=args.gen_batch_size,
                            micro_batch_size=args.micro_batch_size)
         trainer = SpinTrainer(model, tokenizer, train_examples, val_examples, config, ctx,
-                              out_dir=args.out, held_out=held_out, metrics=metrics)
+                              out_dir=args.out, held_out=held_out, metrics=metrics, fingerprints=fingerprints)
         rows = trainer.train(resume=checkpoint, on_step=on_step)
         if trainer.stopped_early:
             if ctx.is_main:

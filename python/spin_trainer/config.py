@@ -2,9 +2,17 @@
 
 Error messages name the command-line option, since that is what the user typed.
 """
+import math
 from dataclasses import asdict, dataclass, field
 
 from .generation import SamplingConfig
+
+# Fields whose command-line option is not "--" + the field's name with dashes.
+FIELD_OPTIONS = {"betas": "--beta", "lrs": "--lr"}
+# Settings a resumed run may change: they change no result (batch sizes per forward: no result
+# beyond float rounding, and another data-parallel size may need another micro-batch size).
+FREE_ON_RESUME = ("progress", "keep", "save_every", "offload_optimizer", "max_steps", "val_every",
+                  "micro_batch_size", "gen_batch_size")
 
 REFERENCE_MODES = ("precompute", "swap", "resident")
 GENERATE_EVERY = ("iteration", "epoch")
@@ -27,7 +35,7 @@ def sampling_config(*, max_new_tokens, do_sample, temperature, top_p, top_k, min
         (max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {max_new_tokens}"),
         (0 <= min_new_tokens <= max_new_tokens,
          f"--min-new-tokens must be in [0, --max-new-tokens {max_new_tokens}], got {min_new_tokens}"),
-        (temperature > 0, f"--temperature must be > 0, got {temperature}"),
+        (math.isfinite(temperature) and temperature > 0, f"--temperature must be finite and > 0, got {temperature}"),
         (0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
         (top_k >= 0, f"--top-k must be >= 0, got {top_k}"),
     ]
@@ -80,6 +88,7 @@ class SpinConfig:
     save_every: int = 0
     keep: int = 2
     max_steps: int = 0          # 0: no limit
+    val_every: int = 0          # 0: validation at iteration ends only
     progress: bool = True
 
     def __post_init__(self):
@@ -89,12 +98,21 @@ class SpinConfig:
         self.lrs = per_iteration(self.lrs, self.iterations, "--lr")
 
     def resume_settings(self):
-        """The settings a resumed run must share with the checkpoint to reproduce the run. Batch sizes
-        per forward may change (e.g. to fit another data-parallel size): they change no result
-        beyond float rounding."""
-        ignored = ("progress", "keep", "save_every", "offload_optimizer", "max_steps", "micro_batch_size",
-                   "gen_batch_size")
-        return {name: value for name, value in asdict(self).items() if name not in ignored}
+        """{command-line option: value} that a resumed run must share with the checkpoint."""
+        settings = {}
+        for name, value in vars(self).items():
+            if name in FREE_ON_RESUME:
+                continue
+            if name != "sampling":
+                settings[FIELD_OPTIONS.get(name, "--" + name.replace("_", "-"))] = (
+                    list(value) if isinstance(value, tuple) else value)
+                continue
+            for sampling_name, sampling_value in asdict(value).items():
+                if sampling_name == "do_sample":
+                    settings["--greedy"] = not sampling_value
+                elif sampling_name != "seed":   # set per iteration and epoch from --seed
+                    settings["--" + sampling_name.replace("_", "-")] = sampling_value
+        return settings
 
     def mixed_pairs(self, num_examples):
         return int(round(self.mix_previous * num_examples))
@@ -113,8 +131,12 @@ class SpinConfig:
              f"{self.micro_batch_size} x data-parallel size {ctx.dp_size}"),
             (num_examples >= self.global_batch_size,
              f"--global-batch-size {self.global_batch_size} is larger than the {num_examples} training prompts"),
-            (all(b > 0 for b in self.betas), f"--beta must be > 0, got {self.betas}"),
-            (all(lr >= 0 for lr in self.lrs), f"--lr must be >= 0, got {self.lrs}"),
+            (all(math.isfinite(b) and b > 0 for b in self.betas), f"--beta must be finite and > 0, got {self.betas}"),
+            (all(math.isfinite(lr) and lr >= 0 for lr in self.lrs), f"--lr must be finite and >= 0, got {self.lrs}"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"--weight-decay must be finite and >= 0, got {self.weight_decay}"),
+            (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
+             f"--max-grad-norm must be finite and >= 0 (0: no clipping), got {self.max_grad_norm}"),
             (self.loss_type in LOSS_TYPES, f"--loss-type must be one of {LOSS_TYPES}, got {self.loss_type!r}"),
             (self.reference in REFERENCE_MODES,
              f"--reference must be one of {REFERENCE_MODES}, got {self.reference!r}"),
@@ -126,6 +148,7 @@ class SpinConfig:
             (self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}"),
             (self.keep >= 1, f"--keep must be >= 1, got {self.keep}"),
             (self.max_steps >= 0, f"--max-steps must be >= 0, got {self.max_steps}"),
+            (self.val_every >= 0, f"--val-every must be >= 0, got {self.val_every}"),
         ]
         for ok, message in checks:
             if not ok:

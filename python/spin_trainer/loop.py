@@ -12,11 +12,13 @@ import os
 import random
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+from spin_kernels.dtensor import local_tensor
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
@@ -56,10 +58,11 @@ class SpinTrainer:
     """The SPIN loop over a validated SpinConfig (the command line calls `config.validate` first)."""
 
     def __init__(self, model, tokenizer, train_examples, val_examples, config: SpinConfig, ctx, *, out_dir,
-                 held_out, metrics, run="spin", report=print):
+                 held_out, metrics, run="spin", report=print, fingerprints=None):
         self.model, self.tokenizer, self.config, self.ctx = model, tokenizer, config, ctx
         self.examples, self.val_examples = train_examples, val_examples
         self.held_out, self.metrics, self.run, self.report = held_out, metrics, run, report
+        self.fingerprints = fingerprints or {}   # of the inputs, kept in checkpoints (fingerprint.py)
         self.checkpoint_root = os.path.join(out_dir, "checkpoints", run)
         self.steps_per_epoch = [config.pairs_in_iteration(t, len(train_examples)) // config.global_batch_size
                                 for t in range(config.iterations)]
@@ -128,13 +131,15 @@ class SpinTrainer:
 
     # ---- one optimizer step ----------------------------------------------------------------------
     def micro_items(self, indices):
+        """(pair batch, its reference log-probs, pairs, generated tokens) per micro-batch."""
         c, data = self.config, self.data
         for i in range(0, len(indices), c.micro_batch_size):
             chunk = indices[i:i + c.micro_batch_size]
-            batch = collate_pairs([data.examples[k] for k in chunk], [data.generated[k] for k in chunk],
+            generated = [data.generated[k] for k in chunk]
+            batch = collate_pairs([data.examples[k] for k in chunk], generated,
                                   self.tokenizer.pad_token_id).to(self.ctx.device)
             rows = data.ref_logps[chunk] if data.ref_logps is not None else None
-            yield batch, self.reference.batch_logps(batch, rows), len(chunk)
+            yield batch, self.reference.batch_logps(batch, rows), len(chunk), sum(len(g) for g in generated)
 
     def train_step(self):
         c, p = self.config, self.position
@@ -144,34 +149,53 @@ class SpinTrainer:
         beta = c.betas[p.iteration]
 
         def micro_loss(item):
-            batch, ref, pairs = item
-            return spin_micro_loss(self.model, batch, ref, beta=beta, loss_type=c.loss_type,
-                                   weight=pairs / c.global_batch_size, ctx=self.ctx)
+            batch, ref, pairs, generated_tokens = item
+            loss, metrics = spin_micro_loss(self.model, batch, ref, beta=beta, loss_type=c.loss_type,
+                                            weight=pairs / c.global_batch_size, ctx=self.ctx)
+            # Summed over micro-batches and data-parallel ranks by optimizer_step, like the loss.
+            metrics["tokens"] = batch.attention_mask.sum().float()
+            metrics["generated_length_mean"] = torch.tensor(generated_tokens / c.global_batch_size,
+                                                            device=self.ctx.device)
+            return loss, metrics
 
+        started = time.perf_counter()
         metrics = optimizer_step(self.model, self.optimizer, self.scheduler,
                                  self.micro_items(order[start:start + per_rank]), micro_loss,
                                  ctx=self.ctx, max_grad_norm=c.max_grad_norm)
+        step_time = time.perf_counter() - started   # optimizer_step ends reading its metrics: synchronized
         p.step += 1
         p.global_step += 1
         record = {"kind": "train", "run": self.run, "iteration": p.iteration + 1, "epoch": p.epoch,
-                  "step": p.global_step, "beta": beta, "generated_at_epoch": self.data.generated_epoch, **metrics}
+                  "step": p.global_step, "beta": beta, "generated_at_epoch": self.data.generated_epoch, **metrics,
+                  "step_time": step_time, "consumed_samples": p.global_step * c.global_batch_size,
+                  "tokens_per_second": metrics["tokens"] / step_time}
         self.data.history.append(record)
         self.metrics.write(record)
         return record
 
     # ---- evaluation ------------------------------------------------------------------------------
-    def end_iteration(self):
+    def validation_row(self, kind):
+        """The held-out numbers, and SPIN acc and margin of the policy on the validation pairs."""
         p, data = self.position, self.data
-        row = {"kind": "eval", "run": self.run, "iteration": p.iteration + 1, "step": p.global_step}
-        row.update(self.held_out(self.model))
-        history = data.history
-        for key, name in (("acc", "spin_acc"), ("rewards_actual_mean", "rewards_actual"),
-                          ("rewards_generated_mean", "rewards_generated"), ("loss", "spin_loss")):
-            row[name] = sum(r[key] for r in history) / len(history) if history else None
+        row = {"kind": kind, "run": self.run, "iteration": p.iteration + 1, "step": p.global_step,
+               **self.held_out(self.model)}
         row["val_spin_acc"], row["val_margin"] = spin_pair_accuracy(
             self.model, self.val_examples, data.val_generated, data.val_ref_logps, self.ctx,
             beta=self.config.betas[p.iteration], micro_batch_size=self.config.micro_batch_size,
             pad_token_id=self.tokenizer.pad_token_id)
+        return row
+
+    def validate(self):
+        """--val-every: a "val" record mid-iteration (the per-iteration table keeps "eval" rows)."""
+        self.metrics.write(self.validation_row("val"))
+
+    def end_iteration(self):
+        p, data = self.position, self.data
+        row = self.validation_row("eval")
+        history = data.history
+        for key, name in (("acc", "spin_acc"), ("rewards_actual_mean", "rewards_actual"),
+                          ("rewards_generated_mean", "rewards_generated"), ("loss", "spin_loss")):
+            row[name] = sum(r[key] for r in history) / len(history) if history else None
         row["train_gen_length"] = data.train_gen_length
         row["gen_equals_gold"] = data.gen_equals_gold
         row.update(iteration_diagnostics(history))
@@ -184,15 +208,30 @@ class SpinTrainer:
     # ---- checkpoints -----------------------------------------------------------------------------
     def loop_state(self):
         """Everything of the run that is not a tensor of the model, optimizer or reference."""
-        return {"settings": self.config.resume_settings(), "position": self.position.state(),
+        return {"settings": self.config.resume_settings(), "fingerprints": self.fingerprints,
+                "position": self.position.state(),
                 "scheduler": self.scheduler.state_dict(), "data": self.data.state() if self.data else None,
                 "previous_pairs": self.previous_pairs, "eval_rows": self.eval_rows,
                 "world": {"world_size": self.ctx.world_size, "tp_size": self.ctx.tp_size}}
+
+    def check_finite_weights(self):
+        """A non-finite update must never reach a checkpoint (or the export): stop with a true message."""
+        finite = torch.stack([torch.isfinite(local_tensor(p)).all() for p in self.model.parameters()]).all()
+        flag = (~finite).to(torch.int32).reshape(1)
+        if self.ctx.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            newest = (f"the newest checkpoint, {self.last_checkpoint[1]} (step {self.last_checkpoint[0]}), is intact"
+                      if self.last_checkpoint is not None else "no checkpoint had been written yet")
+            raise ValueError(f"training diverged: after step {self.position.global_step} the weights hold non-finite "
+                             f"values (NaN or inf), so no checkpoint was written for it; {newest}. Lower --lr (with "
+                             f"--dtype float16, which has no loss scaling here, use bfloat16 or float32)")
 
     def save(self):
         """Writes a checkpoint of the current step (once per step); returns its path."""
         step = self.position.global_step
         if self.last_checkpoint is None or self.last_checkpoint[0] != step:
+            self.check_finite_weights()
             path = save_checkpoint(self.checkpoint_root, step, model=self.model, optimizer=self.optimizer,
                                    reference=self.reference.state if self.data is not None else None,
                                    loop_state=self.loop_state(), ctx=self.ctx, keep=self.config.keep)
@@ -263,6 +302,8 @@ class SpinTrainer:
                 if on_step is not None:
                     on_step(record)
                 last_of_iteration = p.epoch == c.epochs - 1 and p.step == self.steps_per_epoch[t]
+                if c.val_every and p.global_step % c.val_every == 0 and not last_of_iteration:
+                    self.validate()
                 if c.save_every and p.global_step % c.save_every == 0 and not last_of_iteration:
                     self.save()
                 self.check_stop()

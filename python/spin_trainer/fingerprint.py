@@ -1,0 +1,69 @@
+"""Fingerprints of a run's inputs, kept in every checkpoint, so that --resume refuses other inputs.
+
+    --model      config.json and the weight files of the model directory
+    tokenizer    what the tokenizer maps: its vocabulary, special tokens and chat template
+    --train-data the training file
+
+A file of at most FULL_HASH_BYTES is hashed whole (SHA-256). A larger one is fingerprinted by its
+size and a hash of SAMPLES evenly spaced blocks of SAMPLE_BYTES (4 MiB read per file, whatever its
+size): another model or data set of the same size differs in the sampled blocks unless the change
+is local. Only content counts, not paths or modification times, so a copy of the same files on
+another machine resumes.
+"""
+import hashlib
+import json
+import os
+
+FULL_HASH_BYTES = 64 << 20
+SAMPLES = 64
+SAMPLE_BYTES = 64 << 10
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def file_fingerprint(path):
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+            return f"sha256 {digest.hexdigest()}"
+        for i in range(SAMPLES):
+            f.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+            digest.update(f.read(SAMPLE_BYTES))
+    return f"{size} bytes, sampled sha256 {digest.hexdigest()}"
+
+
+def model_fingerprint(directory):
+    """{file name: fingerprint} of config.json and the weight files of a HF model directory."""
+    names = sorted(n for n in os.listdir(directory)
+                   if n == "config.json" or (n.endswith(WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(directory, n))))
+    return {name: file_fingerprint(os.path.join(directory, name)) for name in names}
+
+
+def tokenizer_fingerprint(tokenizer):
+    mapping = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.special_tokens_map,
+               "chat_template": getattr(tokenizer, "chat_template", None),
+               "ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]}
+    return "sha256 " + hashlib.sha256(json.dumps(mapping, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_fingerprints(model_dir, tokenizer, train_data):
+    return {"--model": model_fingerprint(model_dir), "tokenizer": tokenizer_fingerprint(tokenizer),
+            "--train-data": file_fingerprint(train_data)}
+
+
+def check_fingerprints(saved, current, checkpoint_path, *, model_dir, train_data):
+    """ValueError naming the option whose input differs from the one the checkpoint was written with."""
+    again = "resume with the inputs it was written with, or use another --out"
+    if saved.get("--model") != current["--model"]:
+        before, now = saved.get("--model") or {}, current["--model"]
+        changed = sorted(n for n in set(before) | set(now) if before.get(n) != now.get(n))
+        raise ValueError(f"--resume: {checkpoint_path} was written from another --model: in {model_dir!r}, "
+                         f"{', '.join(changed)} differ(s) from the model it was written from; {again}")
+    if saved.get("tokenizer") != current["tokenizer"]:
+        raise ValueError(f"--resume: {checkpoint_path} was written with another tokenizer (the vocabulary, special "
+                         f"tokens or chat template of --model {model_dir!r} changed); {again}")
+    if saved.get("--train-data") != current["--train-data"]:
+        raise ValueError(f"--resume: {checkpoint_path} was written with another --train-data: {train_data!r} has "
+                         f"{current['--train-data']}, the run's data had {saved.get('--train-data')}; {again}")

@@ -1,0 +1,89 @@
+"""metrics.jsonl: per-step timing, samples, tokens and generated lengths that add up to what the
+run processed; validation every --val-every steps from the weights of that step; strict JSON,
+each record fsynced."""
+import json
+import os
+
+import pytest
+import torch
+
+from trainer_cases import tiny_setup, train_args
+
+from spin_trainer import cli as train_cli
+from spin_trainer.metrics import TIMING_KEYS, MetricsLog
+
+PROMPTS, BATCH = 32, 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_setup(str(tmp_path_factory.mktemp("logging")))
+
+
+def read(out):
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_step_records_add_up_and_validation_runs_every_n_steps(tiny, tmp_path):
+    from spin_trainer.checkpoint import load_train_state
+    from spin_trainer.data import load_examples
+    from spin_trainer.distributed import ParallelContext
+    from spin_trainer.evaluate import sft_loss
+    from spin_trainer.model import load_model, load_tokenizer
+
+    model_dir, train_path, val_path, _ = tiny
+    out = str(tmp_path / "run")
+    common = ["--iterations", "1"]
+    train_cli.main(train_args(*tiny, out, *common, "--val-every", "2", "--save-every", "2"))
+    records = read(out)
+    train = [r for r in records if r["kind"] == "train"]
+    end = next(r for r in records if r["kind"] == "eval" and r["step"] == 4)
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for record in train:
+        assert record["consumed_samples"] == record["step"] * BATCH
+        assert record["step_time"] > 0
+        assert record["tokens_per_second"] * record["step_time"] == pytest.approx(record["tokens"], rel=1e-12)
+    # One epoch is every pair once: the steps' generated lengths and tokens add up to the iteration's.
+    assert sum(r["generated_length_mean"] for r in train) * BATCH == pytest.approx(end["train_gen_length"] * PROMPTS)
+    tokenizer = load_tokenizer(model_dir)
+    examples = load_examples(train_path, tokenizer, max_length=16)
+    gold_tokens = sum(2 * len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    assert sum(r["tokens"] for r in train) == pytest.approx(gold_tokens + end["train_gen_length"] * PROMPTS)
+
+    # Validation at step 2 (step 4 ends the iteration: its "eval" row), from step 2's weights.
+    validations = [r for r in records if r["kind"] == "val"]
+    assert [r["step"] for r in validations] == [2]
+    ctx = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
+    model = load_model(model_dir)
+    load_train_state(os.path.join(out, "checkpoints", "spin", "step-00000002", "model"), model,
+                     torch.optim.AdamW(model.parameters()), ctx)
+    val_examples = load_examples(val_path, tokenizer, max_length=16, option="--val-data")
+    expected = sft_loss(model, val_examples, ctx, micro_batch_size=4, pad_token_id=tokenizer.pad_token_id)
+    assert validations[0]["val_sft_loss"] == pytest.approx(expected, abs=1e-6)
+    assert validations[0]["val_sft_loss"] != end["val_sft_loss"]
+    assert 0.0 <= validations[0]["val_spin_acc"] <= 1.0
+
+    # Validating changes nothing in training.
+    plain = str(tmp_path / "plain")
+    train_cli.main(train_args(*tiny, plain, *common))
+    strip = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in train]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read(plain) if r["kind"] == "train"]
+
+
+def test_records_are_strict_json_and_each_is_fsynced(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    log = MetricsLog(str(tmp_path / "metrics.jsonl"))
+    log.write({"loss": float("nan"), "grad_norm": float("inf"), "nested": [1.0, float("-inf")], "step": 1})
+    log.write({"loss": 0.5, "step": 2})
+    assert len(synced) == 2
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    with open(log.path, encoding="utf-8") as f:
+        first, second = (json.loads(line, parse_constant=refuse) for line in f)
+    assert first == {"loss": None, "grad_norm": None, "nested": [1.0, None], "step": 1}
+    assert second == {"loss": 0.5, "step": 2}
