@@ -124,6 +124,15 @@ def test_flipped_bytes_and_missing_manifest_are_detected(stopped, tmp_path):
         assert "manifest.json is unreadable" in checkpoint_problem(second, ctx), broken
     os.remove(manifest)
     assert "manifest.json is missing" in checkpoint_problem(second, ctx)
+    # A checkpoint of the layout before DCP is not corrupt: refused, not moved aside and replaced.
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("rank00000.pt", "shared.pt"):
+        (old / name).write_bytes(b"x")
+    (old / "manifest.json").write_text(json.dumps(
+        {"files": {n: {"bytes": 1, "sha256": "0" * 64} for n in ("rank00000.pt", "shared.pt")}}), encoding="utf-8")
+    with pytest.raises(ValueError, match="written by an older spin_trainer"):
+        checkpoint_problem(str(old), ctx)
 
 
 def test_max_steps_stops_at_an_iteration_end_and_resume_finishes_the_same_run(tiny, uninterrupted, tmp_path,

@@ -270,6 +270,12 @@ def checkpoint_problem(path, ctx):
     if problem is not None:
         return problem
     listed = sorted(manifest["files"])
+    if "shared.pt" in listed and LOOP_FILE not in listed:
+        # Intact, only of the layout before torch.distributed.checkpoint: refuse rather than move
+        # it aside and start the run over.
+        raise ValueError(f"--resume: {path} was written by an older spin_trainer (rank*.pt files, no "
+                         f"torch.distributed.checkpoint); this version cannot resume it: finish that run with "
+                         f"the version that wrote it, or start a new one in another --out")
     present = set(_files_under(path)) - {MANIFEST}
     missing = [name for name in listed if name not in present]
     if missing or LOOP_FILE not in listed:
