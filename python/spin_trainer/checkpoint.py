@@ -205,7 +205,8 @@ def save_checkpoint(root, step, *, model, optimizer, reference, loop_state, ctx,
             if module is not None:
                 dcp_save(get_model_state_dict(module), os.path.join(tmp, REFERENCE_DIR), ctx)
     rng = _all_ranks([{"torch": torch.get_rng_state(), "python": random.getstate(),
-                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}], ctx)
+                       # this process's device only: another machine may see another number of GPUs
+                       "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}], ctx)
     if ctx.is_main:
         torch.save({**loop_state, "rng": rng}, os.path.join(tmp, LOOP_FILE))
         _fsync(os.path.join(tmp, LOOP_FILE))
@@ -381,4 +382,4 @@ def restore_rng(states, ctx):
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
