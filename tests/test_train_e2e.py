@@ -218,3 +218,35 @@ def test_reference_modes_and_per_epoch_regeneration_agree(tiny, tmp_path):
     assert [r["generated_at_epoch"] for r in records if r["kind"] == "train"] == [0] * 4 + [1] * 4
     regenerated = load_file(os.path.join(out, "final", "model.safetensors"))
     assert not torch.equal(regenerated["lm_head.weight"], weights["precompute"]["lm_head.weight"])
+
+
+class _FirstStep(Exception):
+    pass
+
+
+def test_dropout_is_off_so_step_one_loss_is_ln2_in_every_reference_mode(tiny, tmp_path):
+    """At step 1 the policy is the reference: with dropout off the loss is exactly ln 2 (with the
+    model's attention_dropout=0.3 active it was 0.6925 / 0.6869 / 0.6947)."""
+    import math
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model_dir = str(tmp_path / "dropout_model")
+    shutil.copytree(tiny[0], model_dir)
+    config_path = os.path.join(model_dir, "config.json")
+    config = json.load(open(config_path, encoding="utf-8"))
+    config["attention_dropout"] = 0.3
+    json.dump(config, open(config_path, "w", encoding="utf-8"))
+    raw = AutoModelForCausalLM.from_pretrained(model_dir).train()
+    ids = torch.tensor([[1, 6, 7, 4, 8, 9, 15, 5]])
+    with torch.no_grad():
+        assert not torch.equal(raw(ids).logits, raw(ids).logits)   # the dropout is really there
+
+    def stop(record):
+        raise _FirstStep(record["loss"])
+
+    for mode in ("precompute", "swap", "resident"):
+        with pytest.raises(_FirstStep) as info:
+            train_cli.main(train_args(model_dir, *tiny[1:], str(tmp_path / mode), "--reference", mode), on_step=stop)
+        assert abs(info.value.args[0] - math.log(2)) < 1e-5, (mode, info.value.args[0])

@@ -11,7 +11,7 @@ from spin_trainer.data import Example, collate_pairs
 from spin_trainer.distributed import ParallelContext
 from spin_trainer.model import create_default_model, load_model, load_tokenizer
 from spin_trainer.reference_modes import make_reference
-from spin_trainer.steps import sequence_logps
+from spin_trainer.logprobs import sequence_logps
 
 CTX = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
 

@@ -16,8 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from test_train_tp import free_port
-from trainer_cases import tiny_setup, train_args
+from trainer_cases import free_port, tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
 from spin_trainer.metrics import TIMING_KEYS

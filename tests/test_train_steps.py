@@ -1,17 +1,44 @@
-"""optimizer_step: the update of plain AdamW on the accumulated, clipped gradient; a non-finite
-update is refused instead of writing NaN into every weight."""
+"""One optimizer step in one process: the update of plain AdamW on the accumulated, clipped gradient;
+a non-finite update is refused instead of writing NaN into every weight; the LM head on labelled
+positions scores exactly what the full logits score; the logged rewards std is the global batch's
+at any micro-batch size; recompute changes no gradient; optimizer-in-backward is refused where
+invalid."""
 import copy
+import math
 
 import pytest
 import torch
 
+from trainer_cases import fixed_pairs, tiny_setup, train_args
+
+from spin_trainer import cli as train_cli
+from spin_trainer.config import SpinConfig
+from spin_trainer.data import collate_pairs
 from spin_trainer.distributed import ParallelContext
-from spin_trainer.steps import make_optimizer, make_scheduler, optimizer_step
+from spin_trainer.logprobs import labelled_logps
+from spin_trainer.model import load_model, load_tokenizer
+from spin_trainer.optim import make_optimizer
+from spin_trainer.parallelize import decoder_layers
+from spin_trainer.recompute import apply_recompute
+from spin_trainer.schedule import make_scheduler
+from spin_trainer.steps import optimizer_step, spin_micro_loss
 
 CTX = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
+PAIRS = 8
 
 
-def _setup():
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_setup(str(tmp_path_factory.mktemp("steps")))
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny):
+    tokenizer = load_tokenizer(tiny[0])
+    return tokenizer, *fixed_pairs(tokenizer, PAIRS)
+
+
+def _linear_setup():
     model = torch.nn.Linear(3, 2)
     optimizer = make_optimizer(model, weight_decay=0.0, ctx=CTX)
     return model, optimizer, make_scheduler(optimizer, lambda step: 1e-2)
@@ -55,14 +82,143 @@ def test_steps_equal_plain_torch_adamw_on_the_same_gradients():
 
 
 def test_a_nan_loss_stops_before_the_update():
-    model, optimizer, scheduler = _setup()
+    model, optimizer, scheduler = _linear_setup()
     before = model.weight.detach().clone()
 
     def micro_loss(x):
         loss = model(x).sum() * float("nan")
         return loss, {"loss": loss.detach()}
 
-    with pytest.raises(ValueError, match="training diverged.*--dtype float16"):
+    with pytest.raises(ValueError, match="training diverged.*no update was made.*--dtype float16"):
         optimizer_step(model, optimizer, scheduler, [torch.randn(4, 3)], micro_loss, ctx=CTX,
                        max_grad_norm=1.0)
     assert torch.equal(model.weight, before)
+
+
+def test_head_on_labelled_positions_scores_what_the_full_logits_score(tiny, pairs):
+    from spin_kernels.loss import sequence_logprobs
+
+    tokenizer, examples, generated = pairs
+    model = load_model(tiny[0])
+    batch = collate_pairs(examples[:3], generated[:3], tokenizer.pad_token_id)
+    calls = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, out: calls.append(out.shape))
+    with torch.no_grad():
+        ours = labelled_logps(model, batch, CTX)
+        full = sequence_logprobs(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                                 batch.labels, batch.loss_mask)
+    handle.remove()
+    labelled = int(batch.loss_mask.sum())
+    # The head ran on the labelled positions only: fewer rows than the batch's positions.
+    assert calls[0] == (labelled, model.config.vocab_size) and labelled < batch.labels.numel()
+    assert ours.token_logps.shape == (labelled,) and bool((ours.token_logps < 0).all())
+    torch.testing.assert_close(ours.sequence_sums(), full, rtol=1e-6, atol=1e-5)
+
+
+def _spin_step(model_dir, pairs, micro_batch_size, *, recompute="none"):
+    tokenizer, examples, generated = pairs
+    torch.manual_seed(0)
+    model = load_model(model_dir)
+    apply_recompute(decoder_layers(model), recompute)
+    optimizer = make_optimizer(model, ctx=CTX)
+    scheduler = make_scheduler(optimizer, lambda step: 1e-3)
+    reference = torch.linspace(-9.0, -5.0, 2 * PAIRS).reshape(PAIRS, 2)
+    grads = {}
+
+    def items():
+        for i in range(0, PAIRS, micro_batch_size):
+            batch = collate_pairs(examples[i:i + micro_batch_size], generated[i:i + micro_batch_size],
+                                  tokenizer.pad_token_id)
+            yield batch, torch.cat([reference[i:i + micro_batch_size, 0], reference[i:i + micro_batch_size, 1]])
+
+    def micro_loss(item):
+        batch, ref = item
+        return spin_micro_loss(model, batch, ref, beta=0.5, loss_type="sigmoid",
+                               weight=batch.input_ids.shape[0] / 2 / PAIRS, ctx=CTX)
+
+    def keep_grads(optimizer, args, kwargs):
+        grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    with torch.no_grad():
+        rewards = torch.cat([0.5 * (labelled_logps(model, batch, CTX).sequence_sums() - ref) for batch, ref in items()])
+    hook = optimizer.register_step_pre_hook(keep_grads)
+    metrics = optimizer_step(model, optimizer, scheduler, items(), micro_loss, ctx=CTX, max_grad_norm=1.0)
+    hook.remove()
+    return metrics, grads, rewards
+
+
+def test_rewards_std_is_the_global_batch_std_at_any_micro_batch_size(tiny, pairs):
+    results = {micro: _spin_step(tiny[0], pairs, micro) for micro in (1, 4, 8)}
+    rewards = results[8][2]
+    assert rewards.shape == (2 * PAIRS,)
+    expected = float(rewards.double().std())   # Bessel-corrected, over all 16 rewards of the batch
+    assert expected > 0.05
+    for micro, (metrics, _, _) in results.items():
+        assert abs(metrics["rewards_all_std"] - expected) <= 1e-5 * expected, (micro, metrics["rewards_all_std"])
+        assert abs(metrics["rewards_all_mean"] - float(rewards.mean())) <= 1e-6
+
+
+def _saved_activation_bytes(model_dir, pairs, recompute):
+    """Bytes autograd keeps for the backward of one forward (what recompute exists to cut)."""
+    tokenizer, examples, generated = pairs
+    model = load_model(model_dir)
+    apply_recompute(decoder_layers(model), recompute)
+    batch = collate_pairs(examples[:4], generated[:4], tokenizer.pad_token_id)
+    kept = {}
+
+    def pack(tensor):
+        kept[(tensor.data_ptr(), tuple(tensor.shape))] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    parameters = {p.data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        labelled_logps(model, batch, CTX).sequence_sums().sum()
+    return sum(size for (pointer, _), size in kept.items() if pointer not in parameters)
+
+
+def test_recompute_keeps_fewer_activations(tiny, pairs):
+    plain, elementwise, full = (_saved_activation_bytes(tiny[0], pairs, mode) for mode in ("none", "elementwise", "full"))
+    assert full < elementwise < plain
+
+
+@pytest.mark.parametrize("mode", ["elementwise", "full"])
+def test_recompute_changes_no_gradient(tiny, pairs, mode):
+    metrics, grads, _ = _spin_step(tiny[0], pairs, 4, recompute=mode)
+    plain_metrics, plain_grads, _ = _spin_step(tiny[0], pairs, 4)
+    assert grads.keys() == plain_grads.keys() and len(grads) > 10
+    for name, grad in plain_grads.items():
+        assert torch.equal(grads[name], grad), name
+    assert metrics == plain_metrics
+
+
+def test_rewards_std_is_bessel_corrected_over_every_reward():
+    from spin_trainer.steps import rewards_std
+
+    rewards = torch.tensor([0.3, -0.1, 0.7, 0.2, -0.4, 0.05], dtype=torch.float64)
+    sums = {"rewards_count": 6.0, "rewards_sum": float(rewards.sum()), "rewards_sq_sum": float(rewards.square().sum())}
+    assert math.isclose(rewards_std(sums), float(rewards.std()), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--max-grad-norm", "0"], "--optimizer-in-backward needs one micro-batch per step on each rank, but "
+                               "--global-batch-size 8 = 2 x --micro-batch-size 4"),
+    (["--micro-batch-size", "8"], "--optimizer-in-backward cannot clip"),
+])
+def test_optimizer_in_backward_is_refused_before_any_model_is_loaded(tiny, tmp_path, monkeypatch, extra, expected):
+    import spin_trainer.model
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(spin_trainer.model, "load_model", no_loading)
+    with pytest.raises(ValueError) as info:
+        train_cli.main(train_args(*tiny, str(tmp_path / "run"), "--optimizer-in-backward", *extra))
+    assert expected in str(info.value) and "drop --optimizer-in-backward" in str(info.value)
+
+
+def test_optimizer_in_backward_is_refused_with_replicated_data_parallelism():
+    config = SpinConfig(micro_batch_size=4, global_batch_size=8, max_grad_norm=0.0, optimizer_in_backward=True)
+    replicated = ParallelContext(0, 2, 1, 2, 0, 0, torch.device("cpu"), dp_shard=False)
+    with pytest.raises(ValueError, match="--optimizer-in-backward with --no-dp-shard"):
+        config.validate(32, replicated)
+    config.validate(32, ParallelContext(0, 2, 1, 2, 0, 0, torch.device("cpu"), dp_shard=True))

@@ -150,6 +150,15 @@ def dcp_load(state_dict, directory, ctx):
         load(state_dict, storage_reader=FileSystemReader(directory), no_dist=ctx.world_size == 1)
 
 
+def _flat_optimizer_options():
+    """The optimizer's state and hyperparameters keyed by parameter name, not by parameter-group
+    index: the groups follow the device meshes (spin_trainer.optim), so another process count or
+    --tp has another number of groups."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def train_state(model, optimizer):
     """{"model", "optimizer"} state dicts for DCP; an optimizer that has not stepped yet has no
     state to save (asking DCP for it would initialise it with a zero step and change the run)."""
@@ -157,7 +166,7 @@ def train_state(model, optimizer):
 
     if not optimizer.state:
         return {"model": get_model_state_dict(model)}
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_flat_optimizer_options())
     return {"model": model_state, "optimizer": optimizer_state}
 
 
@@ -173,10 +182,11 @@ def load_train_state(directory, model, optimizer, ctx):
 
     saved = FileSystemReader(directory).read_metadata().state_dict_metadata
     if any(key.startswith("optimizer.") for key in saved):
-        model_state, optimizer_state = get_state_dict(model, optimizer)
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=_flat_optimizer_options())
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp_load(state, directory, ctx)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=_flat_optimizer_options())
     else:
         state = {"model": get_model_state_dict(model)}
         dcp_load(state, directory, ctx)

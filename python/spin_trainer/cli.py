@@ -2,7 +2,7 @@
 
     spin-train --demo --out runs/demo          # built-in tiny model + task, no download
     spin-train --model PATH --train-data train.jsonl --val-data val.jsonl --out runs/x
-    torchrun --nproc_per_node 8 python/train.py --tp 4 --model PATH ...   # 2-way data x 4-way tensor parallel
+    torchrun --nproc_per_node 8 python/train.py --tp 4 --model PATH ...   # 2-way FSDP x 4-way tensor parallel
 
 `spin-train` and `python python/train.py` are the same command.
 
@@ -20,7 +20,11 @@ from dataclasses import replace
 from spin_trainer.export import EXPORT_DTYPES
 from spin_trainer.config import (GENERATE_EVERY, LOSS_TYPES, REFERENCE_MODES, SpinConfig, sampling_config,
                                  stop_sequences)
-from spin_trainer.model import ATTENTION_CHOICES, DTYPES
+from spin_trainer.model import ATTENTION_CHOICES
+from spin_trainer.optim import OPTIMIZERS
+from spin_trainer.precision import DTYPES, Precision
+from spin_trainer.recompute import RECOMPUTE_MODES
+from spin_trainer.schedule import LR_SCHEDULES
 
 STOPPED_BY_SIGTERM = 143
 
@@ -57,9 +61,19 @@ def build_parser():
     add("--loss-type", choices=LOSS_TYPES, default="sigmoid", help="sigmoid (the paper) or hinge")
     add("--micro-batch-size", type=int, default=1, help="pairs per forward on each rank")
     add("--global-batch-size", type=int, default=8, help="pairs per optimizer step, all ranks together")
-    add("--warmup-steps", type=int, default=0, help="linear warm-up at the start of each iteration")
-    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    add("--optimizer", choices=OPTIMIZERS, default="adamw", help="the SPIN paper's recipe uses rmsprop")
+    add("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("BETA1", "BETA2"), help="AdamW betas")
+    add("--adam-eps", type=float, default=1e-8, help="epsilon of AdamW and of RMSprop")
+    add("--weight-decay", type=float, default=0.0, help="weight decay (AdamW: decoupled; RMSprop: L2)")
+    add("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+        help="shape of each iteration's learning rate after the warm-up (it restarts every iteration; "
+             "the paper: linear with --warmup-ratio 0.1)")
+    add("--warmup-ratio", type=float, default=0.0, help="linear warm-up over this fraction of each iteration's steps")
+    add("--warmup-steps", type=int, default=0, help="warm-up steps per iteration; when > 0 it overrides --warmup-ratio")
     add("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    add("--optimizer-in-backward", action="store_true",
+        help="update each parameter as soon as its gradient is complete, freeing it (needs one micro-batch per "
+             "step and --max-grad-norm 0)")
     add("--generate-every", choices=GENERATE_EVERY, default="iteration",
         help="iteration: once from θ_t; epoch: every epoch with the reference swapped in")
     add("--mix-previous", type=float, default=0.0, help="fraction of the previous iteration's pairs mixed in")
@@ -83,10 +97,19 @@ def build_parser():
     add("--gen-batch-size", type=int, default=64, help="prompts per generation batch")
     add("--offload-optimizer", action="store_true", help="optimizer state in host memory while generating")
     add("--tp", type=int, default=1, help="tensor-parallel size (torchrun --nproc_per_node a multiple of it)")
+    add("--dp-shard", action=argparse.BooleanOptionalAction, default=None,
+        help="FSDP2 on the data-parallel axis: parameters, gradients and optimizer state sharded (default: on "
+             "with more than one data-parallel rank); --no-dp-shard keeps a full replica on every rank")
+    add("--recompute", choices=RECOMPUTE_MODES, default="none",
+        help="activation recompute of the decoder layers: elementwise (norms, SwiGLU product) or full layers")
     add("--device", default="auto", help="auto, cpu or cuda")
     add("--attn", choices=ATTENTION_CHOICES, default="auto", help="auto: flash_attention_2 if usable, else sdpa")
     add("--dtype", choices=sorted(DTYPES), default="float32",
-        help="weights and compute; bfloat16 on GPUs (float16 has no loss scaling here)")
+        help="compute dtype; bfloat16 on GPUs: bf16 compute with fp32 master weights, fp32 gradient reduction "
+             "and fp32 optimizer state (float16 has no loss scaling here)")
+    add("--pure-low-precision", action="store_true",
+        help="keep the parameters, gradients and optimizer state themselves in --dtype (half the weight memory; "
+             "updates smaller than a weight's rounding step, e.g. at lr 5e-7 in bf16, are lost)")
     add("--seed", type=int, default=0, help="data order, sampling and initialization")
     add("--save-every", type=int, default=0,
         help="a checkpoint every N optimizer steps besides the one at each iteration's end (0: at iteration "
@@ -116,6 +139,9 @@ def spin_config(args):
         iterations=args.iterations, epochs=args.epochs, betas=args.beta, lrs=args.lr, loss_type=args.loss_type,
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        optimizer=args.optimizer, adam_betas=args.adam_betas, adam_eps=args.adam_eps,
+        lr_schedule=args.lr_schedule, warmup_ratio=args.warmup_ratio,
+        optimizer_in_backward=args.optimizer_in_backward,
         generate_every=args.generate_every, mix_previous=args.mix_previous, reference=args.reference,
         sampling=sampling_config(max_new_tokens=max_new_tokens(args), do_sample=not args.greedy,
                                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -199,7 +225,8 @@ def train(args, on_step=None):
     from spin_trainer.loop import SpinTrainer
     from spin_trainer.metrics import MetricsLog, format_table, plot_curves, read_records
     from spin_trainer.model import check_model_dir, load_model, load_tokenizer
-    from spin_trainer.tp_plan import apply_tensor_parallel, check_tensor_parallel
+    from spin_trainer.parallelize import parallelize_model
+    from spin_trainer.tp_plan import check_tensor_parallel
 
     for option, value in (("--model", args.model), ("--train-data", args.train_data)):
         if not value:
@@ -208,6 +235,7 @@ def train(args, on_step=None):
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
     check_output_path(args.out)
     config = spin_config(args)
+    precision = Precision(args.dtype, pure=args.pure_low_precision)
     check_model_dir(args.model)
     source_config = AutoConfig.from_pretrained(args.model)
     check_context_length(args.max_length, source_config)
@@ -223,13 +251,14 @@ def train(args, on_step=None):
     check_output_dir(args.out, args.resume, ["spin"])
     fingerprints = run_fingerprints(args.model, tokenizer, args.train_data)
 
-    ctx = setup_parallel(args.tp, args.device)
+    ctx = setup_parallel(args.tp, args.device, dp_shard=args.dp_shard, precision=precision)
     try:
         config.validate(len(train_examples), ctx)
         checkpoint = (resume_checkpoint(args.out, config, ctx, fingerprints, model_dir=args.model,
                                         train_data=args.train_data) if args.resume else None)
-        model = load_model(args.model, attention=args.attn, dtype=args.dtype, device=ctx.device)
-        apply_tensor_parallel(model, ctx)
+        model = load_model(args.model, attention=args.attn, dtype=precision.param_dtype_name,
+                           compute_dtype=args.dtype, device=ctx.device)
+        parallelize_model(model, ctx, recompute=args.recompute)
         metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), enabled=ctx.is_main)
         held_out = HeldOut(test_examples, val_examples, ctx, tokenizer=tokenizer, max_length=args.max_length,
                            max_new_tokens=config.sampling.max_new_tokens, batch_size=args.gen_batch_size,

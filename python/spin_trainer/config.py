@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .generation import SamplingConfig
+from .optim import OPTIMIZERS
+from .schedule import LR_SCHEDULES, check_batch_sizes, micro_batches_per_step
 
 # Fields whose command-line option is not "--" + the field's name with dashes.
 FIELD_OPTIONS = {"betas": "--beta", "lrs": "--lr"}
@@ -75,6 +77,12 @@ class SpinConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    optimizer: str = "adamw"
+    adam_betas: tuple = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    lr_schedule: str = "constant"
+    warmup_ratio: float = 0.0
+    optimizer_in_backward: bool = False
     generate_every: str = "iteration"
     mix_previous: float = 0.0
     reference: str = "precompute"
@@ -94,8 +102,18 @@ class SpinConfig:
     def __post_init__(self):
         if self.iterations < 1:
             raise ValueError(f"--iterations must be >= 1, got {self.iterations}")
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
         self.betas = per_iteration(self.betas, self.iterations, "--beta")
         self.lrs = per_iteration(self.lrs, self.iterations, "--lr")
+
+    def optimizer_options(self):
+        """make_optimizer's keyword arguments."""
+        return dict(name=self.optimizer, weight_decay=self.weight_decay, betas=tuple(self.adam_betas),
+                    eps=self.adam_eps, in_backward=self.optimizer_in_backward)
+
+    def schedule_options(self):
+        """learning_rate_schedule's keyword arguments."""
+        return dict(shape=self.lr_schedule, warmup_ratio=self.warmup_ratio, warmup_steps=self.warmup_steps)
 
     def resume_settings(self):
         """{command-line option: value} that a resumed run must share with the checkpoint."""
@@ -122,15 +140,10 @@ class SpinConfig:
 
     def validate(self, num_examples, ctx):
         """Called once, by the command line, before the model is loaded."""
+        check_batch_sizes(self.global_batch_size, self.micro_batch_size, ctx.dp_size, num_examples,
+                          "training prompts")
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.micro_batch_size >= 1, f"--micro-batch-size must be >= 1, got {self.micro_batch_size}"),
-            (self.global_batch_size >= 1, f"--global-batch-size must be >= 1, got {self.global_batch_size}"),
-            (self.global_batch_size % (self.micro_batch_size * ctx.dp_size) == 0,
-             f"--global-batch-size {self.global_batch_size} must be a multiple of --micro-batch-size "
-             f"{self.micro_batch_size} x data-parallel size {ctx.dp_size}"),
-            (num_examples >= self.global_batch_size,
-             f"--global-batch-size {self.global_batch_size} is larger than the {num_examples} training prompts"),
             (all(math.isfinite(b) and b > 0 for b in self.betas), f"--beta must be finite and > 0, got {self.betas}"),
             (all(math.isfinite(lr) and lr >= 0 for lr in self.lrs), f"--lr must be finite and >= 0, got {self.lrs}"),
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
@@ -149,7 +162,33 @@ class SpinConfig:
             (self.keep >= 1, f"--keep must be >= 1, got {self.keep}"),
             (self.max_steps >= 0, f"--max-steps must be >= 0, got {self.max_steps}"),
             (self.val_every >= 0, f"--val-every must be >= 0, got {self.val_every}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+            (len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+             f"--adam-betas must be two values in [0, 1), got {list(self.adam_betas)}"),
+            (self.adam_eps > 0, f"--adam-eps must be > 0, got {self.adam_eps}"),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"--lr-schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"),
+            (0.0 <= self.warmup_ratio <= 1.0, f"--warmup-ratio must be in [0, 1], got {self.warmup_ratio}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.optimizer_in_backward:
+            self.check_optimizer_in_backward(ctx)
+
+    def check_optimizer_in_backward(self, ctx):
+        """The optimizer steps inside the backward only where one backward makes a step's whole gradient."""
+        micro = micro_batches_per_step(self.global_batch_size, self.micro_batch_size, ctx.dp_size)
+        if micro != 1:
+            raise ValueError(
+                f"--optimizer-in-backward needs one micro-batch per step on each rank, but --global-batch-size "
+                f"{self.global_batch_size} = {micro} x --micro-batch-size {self.micro_batch_size} x data-parallel "
+                f"size {ctx.dp_size} accumulates {micro}; set --micro-batch-size "
+                f"{self.global_batch_size // ctx.dp_size} or drop --optimizer-in-backward")
+        if self.max_grad_norm > 0:
+            raise ValueError(f"--optimizer-in-backward cannot clip (each parameter is updated before the global "
+                             f"gradient norm is known); pass --max-grad-norm 0 (it is {self.max_grad_norm}) or drop "
+                             f"--optimizer-in-backward")
+        if ctx.dp_size > 1 and not ctx.dp_shard:
+            raise ValueError("--optimizer-in-backward with --no-dp-shard: the replicas' gradients are summed only "
+                             "after the backward; use --dp-shard (FSDP) or drop --optimizer-in-backward")

@@ -1,13 +1,19 @@
-"""Process groups of one run: a 2-D (dp, tp) device mesh under torchrun, nothing when alone.
+"""Process groups of one run: one 2-D (dp, tp) DeviceMesh under torchrun, nothing when alone.
 
-NCCL on GPUs, gloo on CPUs. The data-parallel axis gets its gradients summed by hand (one
-all-reduce per parameter after accumulation), which keeps the tensor-parallel DTensors untouched.
+NCCL on GPUs, gloo on CPUs. The tensor-parallel plan works on the `tp` axis; on the `dp` axis
+FSDP2 shards parameters, gradients and optimizer state (`--dp-shard`, the default with more than
+one data-parallel rank), or, with `--no-dp-shard`, every rank keeps a replica and the gradients are
+summed by hand (one all-reduce per parameter after accumulation). spin_trainer.parallelize applies
+both; the context says which one runs and in what precision.
 """
 import os
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from .precision import Precision
 
 
 @dataclass
@@ -22,10 +28,19 @@ class ParallelContext:
     tp_mesh: object = None    # 1-D DeviceMesh of this rank's tensor-parallel group (None when tp == 1)
     tp_group: object = None   # ProcessGroup handed to spin_loss(process_group=...)
     dp_group: object = None
+    dp_mesh: object = None    # 1-D DeviceMesh of the data-parallel axis (None when dp == 1)
+    dp_shard: bool = False    # FSDP2 on the dp axis (else replicas with a by-hand gradient sum)
+    precision: Precision = field(default_factory=Precision)
 
     @property
     def is_main(self):
         return self.rank == 0
+
+    def compute(self):
+        """The forward's precision context: autocast where FSDP does not cast the weights itself."""
+        if self.dp_shard:
+            return nullcontext()   # FSDP's MixedPrecisionPolicy casts the gathered weights
+        return self.precision.autocast(self.device.type)
 
     def barrier(self):
         if self.world_size > 1:
@@ -42,37 +57,56 @@ def choose_device(requested):
     return requested
 
 
-def setup_parallel(tp, device_type="auto"):
-    """Initialises the process group (under torchrun) and the (dp, tp) mesh."""
-    device_type = choose_device(device_type)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if tp < 1:
-        raise ValueError(f"--tp must be >= 1, got {tp}")
+def check_layout(world_size, tp):
+    """ValueError naming --tp when the processes cannot be split into (dp, tp)."""
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"--tp must be an integer >= 1, got {tp!r}")
     if world_size % tp != 0:
         raise ValueError(f"--tp {tp} does not divide the number of processes ({world_size}); "
                          f"launch with torchrun --nproc_per_node a multiple of --tp")
+
+
+def setup_parallel(tp, device_type="auto", *, dp_shard=None, precision=None):
+    """Initialises the process group (under torchrun) and the (dp, tp) mesh.
+
+    `dp_shard`: FSDP on the data-parallel axis; None means on whenever there is more than one
+    data-parallel rank.
+    """
+    device_type = choose_device(device_type)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    check_layout(world_size, tp)
     if device_type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    precision = precision or Precision()
     if world_size == 1:
-        return ParallelContext(0, 1, 1, 1, 0, 0, device)
-
-    from torch.distributed.device_mesh import init_device_mesh
-
+        return ParallelContext(0, 1, 1, 1, 0, 0, device, precision=precision)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return mesh_context(rank, world_size, tp, device, dp_shard=dp_shard, precision=precision)
+
+
+def mesh_context(rank, world_size, tp, device, *, dp_shard=None, precision=None):
+    """The context of `rank` on a (world_size / tp, tp) mesh of an initialised process group.
+
+    Needs nothing but the process group: `--plan` builds it on PyTorch's fake process group.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    check_layout(world_size, tp)
     dp = world_size // tp
-    mesh = init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
+    mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
     tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
     return ParallelContext(
         rank=rank, world_size=world_size, tp_size=tp, dp_size=dp,
         tp_rank=tp_mesh.get_local_rank(), dp_rank=dp_mesh.get_local_rank(), device=device,
         tp_mesh=tp_mesh if tp > 1 else None, tp_group=tp_mesh.get_group() if tp > 1 else None,
-        dp_group=dp_mesh.get_group() if dp > 1 else None)
+        dp_group=dp_mesh.get_group() if dp > 1 else None, dp_mesh=dp_mesh if dp > 1 else None,
+        dp_shard=dp > 1 and dp_shard is not False, precision=precision or Precision())
 
 
 def teardown_parallel(ctx):

@@ -1,9 +1,10 @@
 """Validation: held-out exact match (greedy), SFT loss on gold responses, SPIN acc on held-out pairs."""
 import torch
-from spin_kernels.loss import token_logprobs
 
 from .data import collate_sft
 from .distributed import all_reduce_sum, shard_range
+from .logprobs import labelled_logps
+from .modes import evaluating
 from .rollouts import generate, greedy, pair_logps
 
 
@@ -23,19 +24,13 @@ def sft_loss(model, examples, ctx, *, micro_batch_size, pad_token_id):
     if not examples:
         return None
     start, end = shard_range(len(examples), ctx.dp_rank, ctx.dp_size)
-    was_training = model.training
-    model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-    try:
+    with evaluating(model):
         for i in range(start, end, micro_batch_size):
             batch = collate_sft(examples[i:min(i + micro_batch_size, end)], pad_token_id).to(ctx.device)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           use_cache=False).logits
-            token_logps = token_logprobs(logits, batch.labels, process_group=ctx.tp_group)
-            totals[0] -= (token_logps * batch.loss_mask).sum().double()
-            totals[1] += batch.loss_mask.sum().double()
-    finally:
-        model.train(was_training)
+            token_logps = labelled_logps(model, batch, ctx).token_logps
+            totals[0] -= token_logps.sum().double()
+            totals[1] += token_logps.numel()
     all_reduce_sum(totals, ctx.dp_group)
     return float(totals[0] / totals[1])
 

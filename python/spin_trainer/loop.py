@@ -27,31 +27,15 @@ from .data import collate_pairs
 from .diagnostics import fraction_equal_to_gold, iteration_diagnostics
 from .evaluate import spin_pair_accuracy
 from .loop_state import IterationData, LoopPosition
+from .optim import make_optimizer
 from .reference_modes import make_reference
 from .rollouts import drop_truncated, generate, pair_logps, sampling_seed
-from .steps import make_optimizer, make_scheduler, optimizer_step, spin_micro_loss
+from .schedule import epoch_order, learning_rate_schedule, make_scheduler
+from .steps import optimizer_step, spin_micro_loss
 
 
 class TrainingStopped(Exception):
     """Raised after SIGTERM once the checkpoint is written; carries its path."""
-
-
-def epoch_order(count, seed, iteration, epoch):
-    generator = torch.Generator().manual_seed(seed * 7919 + iteration * 104_729 + epoch)
-    return torch.randperm(count, generator=generator).tolist()
-
-
-def learning_rate_schedule(lrs, steps_per_iteration, warmup_steps):
-    """step -> lr: each iteration's rate, linearly warmed up over its first `warmup_steps` steps."""
-    def lr_at(step):
-        start = 0
-        for lr, steps in zip(lrs, steps_per_iteration):
-            if step < start + steps:
-                k = step - start
-                return lr * min(1.0, (k + 1) / warmup_steps) if warmup_steps > 0 else lr
-            start += steps
-        return lrs[-1]
-    return lr_at
 
 
 class SpinTrainer:
@@ -67,9 +51,9 @@ class SpinTrainer:
         self.steps_per_epoch = [config.pairs_in_iteration(t, len(train_examples)) // config.global_batch_size
                                 for t in range(config.iterations)]
         self.steps_per_iteration = [s * config.epochs for s in self.steps_per_epoch]
-        self.optimizer = make_optimizer(model, weight_decay=config.weight_decay, ctx=ctx)
+        self.optimizer = make_optimizer(model, ctx=ctx, **config.optimizer_options())
         self.scheduler = make_scheduler(self.optimizer, learning_rate_schedule(
-            config.lrs, self.steps_per_iteration, config.warmup_steps))
+            config.lrs, self.steps_per_iteration, **config.schedule_options()))
         self.reference = make_reference(config.reference, model, ctx,
                                         generate_every_epoch=config.generate_every == "epoch")
         self.position = LoopPosition()

@@ -9,8 +9,12 @@ import os
 
 import torch
 
+from .precision import DTYPES
+
 ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Dropout rates that models keep as plain attributes instead of nn.Dropout modules (Llama, Mistral,
+# Qwen: `attention_dropout`, read in the attention call while training).
+DROPOUT_ATTRIBUTES = ("attention_dropout", "dropout", "attn_dropout", "resid_dropout")
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # Chat template of the tiny tokenizer, so that {"messages"} data works on the default model too.
@@ -129,14 +133,32 @@ def load_tokenizer(path):
     return tokenizer
 
 
-def load_model(path, *, attention="auto", dtype="float32", device=torch.device("cpu")):
-    """Loads a causal LM from a local directory with the chosen attention kernel."""
+def disable_dropout(model):
+    """Sets every dropout of `model` to 0, as the SPIN paper's code does for the policy and the
+    reference: with dropout, the policy at step 1 (which *is* the reference) scores a pair
+    differently from the reference and the loss starts away from ln 2. Returns the model."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name in DROPOUT_ATTRIBUTES:
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return model
+
+
+def load_model(path, *, attention="auto", dtype="float32", device=torch.device("cpu"), compute_dtype=None):
+    """Loads a causal LM from a local directory with the chosen attention kernel and no dropout.
+
+    `dtype` is what the parameters are stored in; `compute_dtype` (default: the same) what the
+    forward computes in, which decides whether flash-attention can run.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_model_dir(path)
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    attn_implementation = choose_attention(attention, device, DTYPES[dtype])
+    for value in (dtype, compute_dtype or dtype):
+        if value not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {value!r}")
+    attn_implementation = choose_attention(attention, device, DTYPES[compute_dtype or dtype])
     try:
         config = AutoConfig.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
@@ -144,4 +166,4 @@ def load_model(path, *, attention="auto", dtype="float32", device=torch.device("
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"--model {path!r}: could not load a causal LM ({exc})") from exc
     assert model.config.model_type == config.model_type
-    return model.to(device)
+    return disable_dropout(model).to(device)

@@ -27,12 +27,12 @@ mode. The bank persists across iterations (`update_from` refills the same arena)
 pinning a new one per iteration. The resident copy is a copy of the policy module, so it also
 holds the parameter dtype, in device memory (no pinned memory).
 """
-import copy
 from contextlib import contextmanager
 
 import torch
 
-from .steps import sequence_logps
+from .logprobs import sequence_logps
+from .parallelize import copy_local_tensors, frozen_copy, sharded
 
 
 @contextmanager
@@ -50,11 +50,12 @@ class SwappedReference:
         self.bank = None
 
     def begin_iteration(self):
-        if self.bank is None:
-            from spin_kernels.swap import WeightBank
-            self.bank = WeightBank.from_module(self.model)
-        else:
-            self.bank.update_from(self.model)
+        with sharded(self.model):   # the bank holds local shards (FSDP may have left some gathered)
+            if self.bank is None:
+                from spin_kernels.swap import WeightBank
+                self.bank = WeightBank.from_module(self.model)
+            else:
+                self.bank.update_from(self.model)
 
     def batch_logps(self, batch, rows):
         with self.weights() as model:
@@ -65,7 +66,8 @@ class SwappedReference:
         from spin_kernels.swap import swapped
 
         assert self.bank is not None, "begin_iteration (or load_state) first"
-        with swapped(self.model, self.bank):
+        # The swap writes local shards; weights FSDP gathered before it, or while θ_t was in, are dropped.
+        with sharded(self.model), swapped(self.model, self.bank):
             yield self.model
 
     def state(self):
@@ -76,11 +78,12 @@ class SwappedReference:
         """Inside, the policy's tensors take θ_t; after, the bank holds them and the policy its own."""
         from spin_kernels.swap import WeightBank, swapped
 
-        if self.bank is None:   # the layout only: every value is replaced below
-            self.bank = WeightBank.from_module(self.model)
-        with swapped(self.model, self.bank):
-            yield self.model
-            self.bank.update_from(self.model)
+        with sharded(self.model):
+            if self.bank is None:   # the layout only: every value is replaced below
+                self.bank = WeightBank.from_module(self.model)
+            with swapped(self.model, self.bank):
+                yield self.model
+                self.bank.update_from(self.model)
 
 
 class PrecomputedReference:
@@ -120,15 +123,14 @@ class ResidentReference:
 
     def _ensure_copy(self):
         if self.copy is None:
-            self.copy = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.copy = frozen_copy(self.model, self.ctx)   # parallelized like the policy
         return self.copy
 
     def begin_iteration(self):
         if self.copy is None:
             self._ensure_copy()
         else:
-            with torch.no_grad():
-                self.copy.load_state_dict(self.model.state_dict())
+            copy_local_tensors(self.copy, self.model)
 
     def batch_logps(self, batch, rows):
         return sequence_logps(self.copy, batch, self.ctx)

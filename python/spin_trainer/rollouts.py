@@ -6,6 +6,8 @@ generate_responses is deterministic for a seed and identical on every tensor-par
 prompt's sampling noise is keyed by its index in the dataset and one seed per (iteration, epoch),
 never by rank or batch: a run on any number of processes (or resumed on another) samples the same
 responses.
+Under FSDP the weights are gathered for the whole generation (spin_trainer.parallelize.full_weights)
+and freed after it; generation computes in the run's precision (bf16 for --dtype bfloat16).
 """
 import random
 
@@ -14,7 +16,9 @@ import torch
 from .data import collate_pairs
 from .distributed import gather_objects, shard_range
 from .generation import Responses, SamplingConfig, generate_responses
-from .steps import sequence_logps
+from .logprobs import sequence_logps
+from .modes import evaluating
+from .parallelize import full_weights
 from .tp_plan import full_vocab_logits
 
 
@@ -56,17 +60,14 @@ def generate(model, examples, sampling, ctx, *, tokenizer, max_length, batch_siz
     if offload:
         from spin_kernels.swap import offload_optimizer as offload_state, onload_optimizer as onload_state
         offloaded = offload_state(optimizer)
-    was_training = model.training
-    model.eval()
     try:
-        with full_vocab_logits(model, ctx), torch.no_grad():
+        with evaluating(model), full_weights(model), full_vocab_logits(model, ctx), ctx.compute(), torch.no_grad():
             responses = generate_responses(
                 model, prompts, sampling, eos_token_id=eos_token_ids(model, tokenizer),
                 pad_token_id=tokenizer.pad_token_id, max_length=max_length, batch_size=batch_size,
                 progress=progress and ctx.is_main, example_ids=list(range(start, end))
             ) if prompts else Responses([], [])
     finally:
-        model.train(was_training)
         if offload:
             onload_state(offloaded)
     gathered = gather_objects([(list(r), cut) for r, cut in zip(responses, responses.truncated)],
@@ -82,17 +83,13 @@ def greedy(max_new_tokens):
 def pair_logps(model, examples, generated, ctx, *, micro_batch_size, pad_token_id):
     """[P, 2] float32 (actual, generated) response log-prob sums under `model`, on every rank."""
     start, end = shard_range(len(examples), ctx.dp_rank, ctx.dp_size)
-    was_training = model.training
-    model.eval()
     rows = []
-    try:
+    with evaluating(model):
         for i in range(start, end, micro_batch_size):
             j = min(i + micro_batch_size, end)
             batch = collate_pairs(examples[i:j], generated[i:j], pad_token_id).to(ctx.device)
             logps = sequence_logps(model, batch, ctx).float().cpu()
             b = j - i
             rows.extend(torch.stack([logps[:b], logps[b:]], dim=1).tolist())
-    finally:
-        model.train(was_training)
     gathered = gather_objects(rows, ctx.dp_group, ctx.dp_size)
     return torch.tensor(gathered, dtype=torch.float32).reshape(len(examples), 2)

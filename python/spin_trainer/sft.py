@@ -8,26 +8,24 @@ from tqdm.auto import tqdm
 
 from .data import collate_sft
 from .distributed import all_reduce_sum
-from .loop import epoch_order
-from .steps import make_optimizer, make_scheduler, optimizer_step, sft_micro_loss
+from .optim import make_optimizer
+from .schedule import check_batch_sizes, epoch_order, learning_rate_schedule, make_scheduler
+from .steps import optimizer_step, sft_micro_loss
 
 
 def run_sft(model, tokenizer, examples, ctx, *, steps, lr, micro_batch_size, global_batch_size, seed,
             metrics, run, held_out=None, eval_at=(), warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            progress=True, stop=None):
+            progress=True, stop=None, optimizer="adamw", lr_schedule="constant", warmup_ratio=0.0):
     """`steps` optimizer steps over reshuffled epochs of `examples`; evaluates after each step in `eval_at`.
 
     Returns the eval rows (row i is written after step eval_at[i - 1]; row 0 is the start).
     `stop(row) -> bool` is called with each eval row after a step; True ends training there
     (early stopping: spin_trainer.diagnostics.EarlyStopping).
     """
-    if global_batch_size % (micro_batch_size * ctx.dp_size) != 0:
-        raise ValueError(f"--global-batch-size {global_batch_size} must be a multiple of --micro-batch-size "
-                         f"{micro_batch_size} x data-parallel size {ctx.dp_size}")
-    if len(examples) < global_batch_size:
-        raise ValueError(f"--global-batch-size {global_batch_size} is larger than the {len(examples)} examples")
-    optimizer = make_optimizer(model, weight_decay=weight_decay, ctx=ctx)
-    scheduler = make_scheduler(optimizer, lambda s: lr * min(1.0, (s + 1) / warmup_steps) if warmup_steps else lr)
+    check_batch_sizes(global_batch_size, micro_batch_size, ctx.dp_size, len(examples), "examples")
+    optimizer = make_optimizer(model, ctx=ctx, name=optimizer, weight_decay=weight_decay)
+    scheduler = make_scheduler(optimizer, learning_rate_schedule(
+        [lr], [steps], shape=lr_schedule, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps))
     per_rank = global_batch_size // ctx.dp_size
     steps_per_epoch = len(examples) // global_batch_size
     rows = []

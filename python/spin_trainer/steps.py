@@ -1,54 +1,62 @@
 """One optimizer step of SPIN or SFT: micro-batches with gradient accumulation, the data-parallel
-gradient sum, tensor-parallel-aware clipping, the update. Every log-prob comes from spin_kernels.loss.
+gradient sum, clipping by the global norm, the update. Every log-prob comes from
+spin_trainer.logprobs (the LM head on labelled positions only) and spin_kernels.loss.
 
 Scaling: each micro-batch's loss is weighted by its share of the global batch (pairs for SPIN,
-response tokens for SFT) and the gradients are summed over micro-batches and data-parallel ranks,
-so the update is the same for any micro-batch size, accumulation and data-parallel width.
+response tokens for SFT) and the gradients are summed over micro-batches and data-parallel ranks
+(FSDP's reduce-scatter set to a plain sum, spin_trainer.parallelize; or the by-hand all-reduce of
+--no-dp-shard), so the update is the same for any micro-batch size, accumulation and
+data-parallel width.
+
+Metrics are global: the weighted means sum to the global batch's means, and the rewards' std is
+taken from the global Σr, Σr² and count (Bessel-corrected, as NeMo-Aligner logs
+`rewards_all.std()`), never as an average of per-micro-batch stds.
 """
+import math
+
 import torch
-from spin_kernels.dtensor import is_dtensor, local_tensor
-from spin_kernels.loss import sequence_logprobs, spin_loss, token_logprobs
+from spin_kernels.dtensor import local_tensor
+from spin_kernels.loss import spin_loss_from_logps
 
 from .distributed import all_reduce_sum
+from .logprobs import labelled_logps
+from .optim import global_grad_norm
 
-SPIN_METRICS = ("loss", "acc", "rewards_actual_mean", "rewards_generated_mean", "rewards_all_mean",
-                "rewards_all_std", "margin_mean", "logps_actual_mean", "logps_generated_mean")
-
-
-def shifted_logits(model, batch):
-    """[S, T, V or V/tp] logits aligned with batch.labels (position t scores token t + 1)."""
-    output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    return output.logits
-
-
-@torch.no_grad()
-def sequence_logps(model, batch, ctx):
-    """[S] masked sums of the response log-probs (EOS included), float32, no gradient."""
-    logits = shifted_logits(model, batch)
-    return sequence_logprobs(logits, batch.labels, batch.loss_mask, process_group=ctx.tp_group)
+REWARD_SUMS = ("rewards_sum", "rewards_sq_sum", "rewards_count")
 
 
 def spin_micro_loss(model, batch, ref_logps, *, beta, loss_type, weight, ctx):
-    """(weighted loss, weighted metric tensors) of one [2b]-row pair batch."""
-    logits = shifted_logits(model, batch)
+    """(weighted loss, metric tensors) of one [2b]-row pair batch."""
     # Nothing else reads the logits after the loss: their gradient can take their memory.
-    out = spin_loss(logits, batch.labels, ref_logps, loss_mask=batch.loss_mask, beta=beta,
-                    loss_type=loss_type, process_group=ctx.tp_group, inplace_backward=True)
+    policy = labelled_logps(model, batch, ctx, inplace_backward=True).sequence_sums()
+    out = spin_loss_from_logps(policy, ref_logps, beta=beta, loss_type=loss_type)
     metrics = {"loss": out.loss.detach() * weight}
-    metrics.update({name: value.detach().float() * weight for name, value in out.metrics.items()})
+    metrics.update({name: value.detach().float() * weight for name, value in out.metrics.items()
+                    if name != "rewards_all_std"})
+    rewards = beta * (policy.detach().double() - ref_logps.detach().double())
+    metrics.update(rewards_sum=rewards.sum(), rewards_sq_sum=rewards.square().sum(),
+                   rewards_count=torch.tensor(float(rewards.numel()), dtype=torch.float64, device=rewards.device))
     return out.loss * weight, metrics
 
 
 def sft_micro_loss(model, batch, *, total_tokens, ctx):
     """Token-level negative log-likelihood of the responses, as a share of the global batch."""
-    logits = shifted_logits(model, batch)
-    token_logps = token_logprobs(logits, batch.labels, process_group=ctx.tp_group)  # [S, T]
-    loss = -(token_logps * batch.loss_mask).sum() / total_tokens
+    token_logps = labelled_logps(model, batch, ctx).token_logps   # [N]
+    loss = -token_logps.sum() / total_tokens
     return loss, {"sft_loss": loss.detach()}
 
 
+def rewards_std(sums):
+    """Bessel-corrected std from global sums (count, Σr, Σr²); 0 for a single reward."""
+    count, total, squares = sums["rewards_count"], sums["rewards_sum"], sums["rewards_sq_sum"]
+    if count < 2:
+        return 0.0
+    return math.sqrt(max(0.0, (squares - total * total / count) / (count - 1)))
+
+
 def sync_data_parallel_gradients(parameters, ctx):
-    if ctx.dp_group is None:
+    """--no-dp-shard: sums the replicas' gradients (FSDP reduce-scatters its own)."""
+    if ctx.dp_group is None or ctx.dp_shard:
         return
     with torch.no_grad():
         for p in parameters:
@@ -56,26 +64,16 @@ def sync_data_parallel_gradients(parameters, ctx):
                 all_reduce_sum(local_tensor(p.grad), ctx.dp_group)
 
 
-def clip_gradients(parameters, max_norm, ctx):
-    """Global gradient norm (shards summed over the tp group, replicas counted once); clips if > 0."""
-    sharded_sq = torch.zeros((), dtype=torch.float32, device=ctx.device)
-    replicated_sq = torch.zeros((), dtype=torch.float32, device=ctx.device)
-    grads = []
+def clip_gradients(parameters, max_norm):
+    """The global gradient norm; scales the gradients to `max_norm` when it is larger (> 0)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
     with torch.no_grad():
-        for p in parameters:
-            if p.grad is None:
-                continue
-            grad = local_tensor(p.grad)
-            grads.append(grad)
-            if is_dtensor(p.grad) and any(placement.is_shard() for placement in p.grad.placements):
-                sharded_sq += grad.float().pow(2).sum()
-            else:
-                replicated_sq += grad.float().pow(2).sum()
-        norm = (replicated_sq + all_reduce_sum(sharded_sq, ctx.tp_group)).sqrt()
+        norm = global_grad_norm(grads)
         if max_norm > 0:
             scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for grad in grads:
-                grad.mul_(scale.to(grad.dtype))
+                local = local_tensor(grad)
+                local.mul_(scale.to(local.dtype))
     return norm
 
 
@@ -83,8 +81,12 @@ def optimizer_step(model, optimizer, scheduler, micro_items, micro_loss, *, ctx,
     """Accumulates `micro_loss(item) -> (loss, metrics)` over `micro_items`, then one update.
 
     Returns the metrics summed over micro-batches and data-parallel ranks (each already weighted
-    by its share, so the sums are global means), plus grad_norm and lr, as Python floats.
+    by its share, so the sums are global means; REWARD_SUMS become `rewards_all_std`), plus
+    grad_norm and lr, as Python floats. With an optimizer-in-backward the update happened in the
+    backward (spin_trainer.optim.InBackwardOptimizer).
     """
+    in_backward = getattr(optimizer, "in_backward", False)
+    lr = optimizer.param_groups[0]["lr"]
     model.train()
     totals = {}
     for item in micro_items:
@@ -92,35 +94,32 @@ def optimizer_step(model, optimizer, scheduler, micro_items, micro_loss, *, ctx,
         loss.backward()
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + value
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    sync_data_parallel_gradients(parameters, ctx)
-    grad_norm = clip_gradients(parameters, max_grad_norm, ctx)
+    if in_backward:
+        grad_norm = optimizer.take_grad_norm()
+    else:
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        sync_data_parallel_gradients(parameters, ctx)
+        grad_norm = clip_gradients(parameters, max_grad_norm)
     if not torch.isfinite(grad_norm):
+        losses = {k: float(v) for k, v in totals.items() if "loss" in k}
+        applied = ("; the update was applied inside the backward (--optimizer-in-backward), so the weights in "
+                   "memory are not usable, but" if in_backward else "; no update was made and")
         # Stop before the update: a NaN step would poison every weight and every later checkpoint.
-        raise ValueError(f"training diverged: the gradient norm is {float(grad_norm)} (loss "
-                         f"{ {k: float(v) for k, v in totals.items() if 'loss' in k} }); the last "
-                         "checkpoint is intact. With --dtype float16 (no loss scaling) use bfloat16 or "
+        raise ValueError(f"training diverged: the gradient norm is {float(grad_norm)} (loss {losses}){applied} "
+                         "the last checkpoint is intact. With --dtype float16 (no loss scaling) use bfloat16 or "
                          "float32, or lower --lr")
-    lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
 
     names = sorted(totals)
-    stacked = torch.stack([totals[name].float().reshape(()) for name in names])
+    stacked = torch.stack([totals[name].double().reshape(()) for name in names])
     all_reduce_sum(stacked, ctx.dp_group)
     result = dict(zip(names, stacked.tolist()))
+    if "rewards_count" in result:
+        result["rewards_all_std"] = rewards_std(result)
+        for name in REWARD_SUMS:
+            del result[name]
     result["grad_norm"] = float(grad_norm)
     result["lr"] = float(lr)
     return result
-
-
-def make_optimizer(model, *, weight_decay, ctx, betas=(0.9, 0.999)):
-    """AdamW whose learning rate is driven entirely by the scheduler (base lr 1.0)."""
-    # foreach kernels cannot mix DTensor and plain-tensor parameters in one list.
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.0, betas=betas,
-                             weight_decay=weight_decay, foreach=False if ctx.tp_size > 1 else None)
-
-
-def make_scheduler(optimizer, learning_rate_at):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_at)

@@ -1,0 +1,144 @@
+"""Applies the run's parallelism to a model, in torchtitan's order:
+
+    1. tensor parallelism on the mesh's `tp` axis: the plan as data (spin_trainer.tp_plan), the LM
+       head sharded over the vocabulary, its output the local shard for the vocab-parallel loss;
+    2. activation recompute of the decoder layers (spin_trainer.recompute);
+    3. FSDP2 `fully_shard` of each decoder layer, then of the root (embeddings, final norm, LM
+       head), on the `dp` axis, with the precision's MixedPrecisionPolicy.
+
+Parameters that tensor parallelism sharded end up as DTensors on the 2-D (dp, tp) mesh, the others
+(norms, embeddings) on the 1-D dp mesh; optimizer and clipping handle both (spin_trainer.optim,
+spin_trainer.steps). Nothing here touches a device or reads data: `parallelize_model` runs on a
+model on the meta device with a fake process group as well (`--plan`).
+
+FSDP keeps the root's parameters gathered after a forward (the backward needs them at once), and a
+decoder layer's only between its forward and backward. Code that reads or writes the local shards
+outside FSDP's own forward and backward (the reference bank, a resident copy) therefore runs
+inside `sharded(model)`; generation runs inside `full_weights(model)`.
+"""
+import copy
+from contextlib import contextmanager
+
+import torch
+from spin_kernels.dtensor import local_tensor
+
+from .recompute import apply_recompute
+from .tp_plan import apply_tensor_parallel
+
+
+def decoder_layers(model):
+    """The repeated blocks of a Hugging Face model (its `_no_split_modules` classes), in order."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names or
+              any(base.__name__ in names for base in type(m).__mro__[1:2])]
+    if not layers:
+        raise ValueError(f"model: cannot find the decoder layers of {type(model).__name__} "
+                         f"(no module of its _no_split_modules {sorted(names)})")
+    return layers
+
+
+def fsdp_modules(model):
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def apply_fsdp(model, ctx, *, root_reshards_after_forward=False):
+    """fully_shard each decoder layer, then the root, on ctx.dp_mesh."""
+    from torch.distributed.fsdp import fully_shard
+
+    policy = ctx.precision.mp_policy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=ctx.dp_mesh, mp_policy=policy)
+    fully_shard(model, mesh=ctx.dp_mesh, mp_policy=policy, reshard_after_forward=root_reshards_after_forward)
+    for module in fsdp_modules(model):
+        # Every micro-batch loss is already its share of the global batch (spin_trainer.steps), so
+        # the update is the SUM of the gradients over micro-batches and data-parallel ranks. FSDP2
+        # divides by the dp size by default (ReduceOp.AVG); a divide factor of 1 with sum-only
+        # collectives makes its reduce-scatter a plain sum (exact, and no PREMUL_SUM, which gloo
+        # lacks), the same arithmetic as the replicated all-reduce and as one process.
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def parallelize_model(model, ctx, *, recompute="none"):
+    """Tensor parallelism, activation recompute, then FSDP, as ctx says; returns the model."""
+    apply_tensor_parallel(model, ctx)
+    apply_recompute(decoder_layers(model), recompute)
+    if ctx.dp_shard:
+        apply_fsdp(model, ctx)
+    return model
+
+
+def reshard(model):
+    """Frees every gathered FSDP parameter: the module holds its local shards again."""
+    for module in fsdp_modules(model):
+        module.reshard()
+
+
+@contextmanager
+def sharded(model):
+    """Inside, the model's parameters are its local shards (and gathered copies made inside are
+    dropped on the way out, so a forward after it gathers the shards as they are then)."""
+    reshard(model)
+    try:
+        yield model
+    finally:
+        reshard(model)
+
+
+@contextmanager
+def full_weights(model):
+    """Inside, every FSDP module holds its full (all-gathered) weights and keeps them across
+    forwards, for generation: Hugging Face's decoder and the static/CUDA-graph decoder both read
+    them as plain (or tensor-parallel) parameters. The memory is freed on the way out, and FSDP's
+    training behaviour is restored (layers reshard after their forward, the root does not)."""
+    modules = fsdp_modules(model)
+    for module in modules:
+        module.unshard()
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.set_reshard_after_forward(module is not model, recurse=False)
+        reshard(model)
+
+
+def copy_local_tensors(target, source):
+    """Copies `source`'s parameters and buffers into `target`'s, in place, local shard by local shard
+    (two models parallelized the same way)."""
+    def tensors(module):
+        return list(module.named_parameters()) + list(module.named_buffers())
+
+    with torch.no_grad(), sharded(target), sharded(source):
+        pairs = list(zip(tensors(target), tensors(source), strict=True))
+        for (name, dst), (source_name, src) in pairs:
+            assert name == source_name, (name, source_name)
+            local_tensor(dst).copy_(local_tensor(src))
+
+
+def frozen_copy(model, ctx):
+    """A frozen, eval-mode copy of the policy, parallelized like it (the resident reference).
+
+    FSDP modules cannot be deep-copied: under FSDP the copy is built on the meta device from the
+    model's config, parallelized, materialised and filled with the policy's local shards; its root
+    reshards after each forward, so no gathered copy of its embeddings and LM head stays behind.
+    """
+    if not ctx.dp_shard:
+        return copy.deepcopy(model).eval().requires_grad_(False)
+    from transformers import AutoModelForCausalLM
+
+    from .model import disable_dropout
+
+    dtype = local_tensor(next(model.parameters())).dtype
+    with torch.device("meta"):
+        twin = AutoModelForCausalLM.from_config(model.config, attn_implementation=model.config._attn_implementation)
+    twin.to(dtype)
+    disable_dropout(twin)
+    apply_tensor_parallel(twin, ctx)
+    apply_fsdp(twin, ctx, root_reshards_after_forward=True)
+    twin.to_empty(device=ctx.device)
+    copy_local_tensors(twin, model)
+    return twin.eval().requires_grad_(False)

@@ -1,0 +1,69 @@
+"""Numeric precision of a run: what the parameters are stored in and what the forward computes in.
+
+`--dtype bfloat16` (or float16) is mixed precision, the standard way: fp32 master weights, fp32
+gradient reduction and fp32 optimizer state, compute in the low-precision dtype. A SPIN update at
+lr 5e-7 is far below a bf16 weight's rounding step (2^-8 relative), so a bf16 weight mostly keeps
+its old value: 10 AdamW steps at 5e-7 on a bf16 Linear(2048, 2048) changed 1.1 % of the weights,
+99.98 % in fp32 (ANCHORS.md).
+
+- With FSDP (`--dp-shard`, more than one data-parallel rank) the cast is FSDP2's
+  `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: the all-gathered weights are bf16,
+  gradients are reduced in fp32 into the fp32 shards.
+- Without FSDP (one process, `--no-dp-shard`, or tensor parallelism alone) the fp32 parameters are
+  read through `torch.autocast` (what torchtitan does without FSDP and what Hugging Face Trainer's
+  `bf16: true` does).
+- float32 is the plain path: no autocast, no casts.
+
+`--pure-low-precision` keeps the parameters, gradients and optimizer state themselves in --dtype
+(the old behaviour: half the memory of the weights, but updates below a weight's rounding step are
+lost).
+"""
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    dtype: str = "float32"   # compute dtype (--dtype)
+    pure: bool = False       # --pure-low-precision: parameters and optimizer state in `dtype` too
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.pure and self.dtype == "float32":
+            raise ValueError("--pure-low-precision needs --dtype bfloat16 or float16 (float32 is already pure)")
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def param_dtype_name(self):
+        """The dtype the parameters (and so gradients and optimizer state) are stored in."""
+        return self.dtype if self.pure else "float32"
+
+    @property
+    def param_dtype(self):
+        return DTYPES[self.param_dtype_name]
+
+    @property
+    def mixed(self):
+        return self.compute_dtype != self.param_dtype
+
+    def mp_policy(self):
+        """FSDP2's policy: all-gather in the compute dtype, reduce gradients in fp32 (mixed only)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if not self.mixed:
+            return MixedPrecisionPolicy()
+        return MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+
+    def autocast(self, device_type):
+        """The forward's context where nothing else casts the fp32 parameters (no FSDP)."""
+        if not self.mixed:
+            return nullcontext()
+        return torch.autocast(device_type, dtype=self.compute_dtype)

@@ -1,0 +1,223 @@
+"""Sharded runs equal one process: 2 and 4 gloo processes against the 1-process run, fp32.
+
+2 processes: tensor parallel (tp=2); FSDP (dp=2); replicated (dp=2, --no-dp-shard); FSDP with the
+optimizer stepped in the backward; FSDP in bf16 mixed precision; the whole loop on FSDP with the
+reference swapped in from a bank of local shards and the optimizer state offloaded while generating.
+4 processes: FSDP x TP (dp=2 x tp=2) for the same steps, and the whole loop with a resident reference.
+
+Steps: log-probs, loss and metrics (rewards_all_std from the global sums included) within 1e-5,
+updated parameters within 1e-5 (fp32: sums in another order differ by a few ulps, which AdamW's
+first steps, ~lr·sign(g), do not amplify), and a checkpoint round trip of the sharded state.
+Loops: per-step losses within 1e-4, evaluation rows within 1e-5, final weights within 1e-5.
+"""
+import json
+import os
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from trainer_cases import fixed_pairs, free_port, tiny_setup, train_args
+
+from spin_trainer import cli as train_cli
+
+from spin_trainer.checkpoint import load_train_state, save_train_state
+from spin_trainer.data import collate_pairs
+from spin_trainer.distributed import setup_parallel
+from spin_trainer.export import full_state_dict
+from spin_trainer.model import load_model, load_tokenizer
+from spin_trainer.optim import make_optimizer
+from spin_trainer.parallelize import parallelize_model
+from spin_trainer.precision import Precision
+from spin_trainer.rollouts import pair_logps
+from spin_trainer.schedule import make_scheduler
+from spin_trainer.steps import optimizer_step, spin_micro_loss
+
+PAIRS = 4
+BETA = 0.1
+METRICS = ("loss", "acc", "margin_mean", "rewards_actual_mean", "rewards_generated_mean", "rewards_all_std",
+           "grad_norm")
+
+
+def spin_steps(model_dir, tp, checkpoint_dir, *, dp_shard=None, dtype="float32", in_backward=False,
+               accumulate=True):
+    """Log-probs, three optimizer steps with a torch.distributed.checkpoint round trip between the
+    2nd and the 3rd; returns full (unsharded) results. One micro-batch per pair with clipping, or (`accumulate`
+    False, as optimizer-in-backward needs) one per rank without clipping."""
+    accumulate = accumulate and not in_backward
+    precision = Precision(dtype)
+    ctx = setup_parallel(tp, "cpu", dp_shard=dp_shard, precision=precision)
+    tokenizer = load_tokenizer(model_dir)
+    model = parallelize_model(load_model(model_dir, attention="sdpa", dtype=precision.param_dtype_name,
+                                         compute_dtype=dtype), ctx)
+    examples, generated = fixed_pairs(tokenizer, PAIRS)
+    logps = pair_logps(model, examples, generated, ctx, micro_batch_size=2, pad_token_id=tokenizer.pad_token_id)
+    reference = logps - torch.linspace(-0.5, 0.5, PAIRS * 2).reshape(PAIRS, 2)   # a reference != policy
+    optimizer = make_optimizer(model, ctx=ctx, weight_decay=0.01, in_backward=in_backward)
+    scheduler = make_scheduler(optimizer, lambda step: 1e-2)
+    per_rank = PAIRS // ctx.dp_size
+    micro = 1 if accumulate else per_rank
+    start = ctx.dp_rank * per_rank
+
+    def items():
+        for i in range(start, start + per_rank, micro):
+            batch = collate_pairs(examples[i:i + micro], generated[i:i + micro], tokenizer.pad_token_id)
+            yield batch, torch.cat([reference[i:i + micro, 0], reference[i:i + micro, 1]]), micro
+
+    def micro_loss(item):
+        batch, ref, pairs = item
+        return spin_micro_loss(model, batch, ref, beta=BETA, loss_type="sigmoid", weight=pairs / PAIRS, ctx=ctx)
+
+    def step():
+        return optimizer_step(model, optimizer, scheduler, items(), micro_loss, ctx=ctx,
+                              max_grad_norm=1.0 if accumulate else 0.0)
+
+    before = full_state_dict(model)
+    step1 = step()
+    after1 = full_state_dict(model)
+    save_train_state(checkpoint_dir, model, optimizer, ctx)
+    scheduler_state = scheduler.state_dict()
+    step2 = step()
+    after2 = full_state_dict(model)
+    load_train_state(checkpoint_dir, model, optimizer, ctx)
+    scheduler.load_state_dict(scheduler_state)
+    step()
+    head = model.get_output_embeddings().weight
+    return {"lm_head_local": tuple(getattr(head, "to_local", lambda: head)().shape),
+            "param_dtypes": {str(p.dtype) for p in model.parameters()},
+            "logps": logps, "before": before, "step1": step1, "step2": step2, "after1": after1, "after2": after2,
+            "after2_resumed": full_state_dict(model)}
+
+
+LOOP_ARGS = {2: ("--iterations", "1", "--greedy", "--save-every", "2", "--reference", "swap",
+                 "--offload-optimizer"),
+             4: ("--iterations", "1", "--greedy", "--reference", "resident")}
+LOOP_TP = {2: 1, 4: 2}
+STEP_LAYOUTS = {2: {"tp": dict(tp=2), "dp": dict(tp=1), "dp_replicated": dict(tp=1, dp_shard=False),
+                    "dp_in_backward": dict(tp=1, in_backward=True), "dp_bf16": dict(tp=1, dtype="bfloat16")},
+                4: {"dp2_tp2": dict(tp=2)}}
+
+
+def _worker(rank, world_size, port, model_dir, out_path, setup, loop_out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=180))
+    scratch = os.path.dirname(out_path)
+    results = {name: spin_steps(model_dir, checkpoint_dir=os.path.join(scratch, name), **kwargs)
+               for name, kwargs in STEP_LAYOUTS[world_size].items()}
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.barrier()
+    # Last: the trainer tears the process group down when it is done.
+    train_cli.main(train_args(*setup, loop_out, *LOOP_ARGS[world_size], "--tp", str(LOOP_TP[world_size])))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_setup(str(tmp_path_factory.mktemp("parallel")))
+
+
+def spawn(world_size, setup, out_dir):
+    out_path, loop_out = str(out_dir / "results.pt"), str(out_dir / "loop")
+    mp.spawn(_worker, args=(world_size, free_port(), setup[0], out_path, setup, loop_out), nprocs=world_size,
+             join=True)
+    results = torch.load(out_path, weights_only=False)
+    results["loop_out"] = loop_out
+    return results
+
+
+@pytest.fixture(scope="module")
+def runs(setup, tmp_path_factory):
+    """{world size: results}; 1 is this process."""
+    results = {world: spawn(world, setup, tmp_path_factory.mktemp(f"world{world}")) for world in (2, 4)}
+    scratch = tmp_path_factory.mktemp("world1")
+    results[1] = {name: spin_steps(setup[0], 1, str(scratch / name), **kwargs) for name, kwargs in
+                  (("single", {}), ("single_one_micro", dict(accumulate=False)),
+                   ("single_in_backward", dict(in_backward=True)))}
+    return results
+
+
+def assert_states_close(actual, expected, tolerance=1e-5):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=tolerance, atol=tolerance, msg=name)
+
+
+def assert_metrics_close(got, want, tolerance=1e-5, names=METRICS):
+    for step in ("step1", "step2"):
+        for name in names:
+            assert abs(got[step][name] - want[step][name]) <= tolerance * (1 + abs(want[step][name])), \
+                (step, name, got[step][name], want[step][name])
+
+
+@pytest.mark.parametrize("world, layout", [(2, "tp"), (2, "dp"), (2, "dp_replicated"), (4, "dp2_tp2")])
+def test_sharded_steps_equal_one_process(runs, world, layout):
+    got, want = runs[world][layout], runs[1]["single"]
+    tp = 2 if "tp" in layout else 1
+    # Under tp=2 each rank really holds half of the vocabulary rows of the LM head; under FSDP half
+    # of those again.
+    vocab, hidden = want["lm_head_local"]
+    shards = tp * (2 if layout in ("dp", "dp2_tp2") else 1)
+    assert got["lm_head_local"] == (vocab // shards, hidden)
+    torch.testing.assert_close(got["logps"], want["logps"], rtol=1e-5, atol=1e-5)
+    assert_metrics_close(got, want)
+    assert_states_close(got["after1"], want["after1"])
+    assert_states_close(got["after2"], want["after2"])
+    # The steps moved the weights well beyond the tolerance, so the comparison has teeth.
+    assert (want["after2"]["lm_head.weight"] - want["after1"]["lm_head.weight"]).abs().max() > 1e-3
+    # The sharded parameters and optimizer state survive a checkpoint round trip bit for bit.
+    for name, tensor in got["after2"].items():
+        assert torch.equal(got["after2_resumed"][name], tensor), name
+
+
+def test_optimizer_in_backward_equals_the_plain_step(runs):
+    want = runs[1]["single_one_micro"]
+    for got in (runs[1]["single_in_backward"], runs[2]["dp_in_backward"]):
+        assert_metrics_close(got, want)
+        assert_states_close(got["after1"], want["after1"])
+        assert_states_close(got["after2"], want["after2"])
+        for name, tensor in got["after2"].items():
+            assert torch.equal(got["after2_resumed"][name], tensor), name
+
+
+def test_fsdp_mixed_precision_keeps_fp32_master_weights(runs):
+    got, want = runs[2]["dp_bf16"], runs[1]["single"]
+    assert got["param_dtypes"] == {"torch.float32"}
+    # bf16 compute: the same numbers to bf16's precision, and the same update direction.
+    torch.testing.assert_close(got["logps"], want["logps"], rtol=2e-2, atol=5e-2)
+    assert_metrics_close(got, want, tolerance=3e-2, names=("loss", "acc"))
+    for name in want["before"]:
+        delta_got = (got["after2"][name] - got["before"][name]).flatten()
+        delta_want = (want["after2"][name] - want["before"][name]).flatten()
+        assert torch.nn.functional.cosine_similarity(delta_got, delta_want, dim=0) > 0.9, name
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_whole_loop_matches_one_process(runs, setup, world, tmp_path):
+    from safetensors.torch import load_file
+
+    single = str(tmp_path / "single")
+    train_cli.main(train_args(*setup, single, *LOOP_ARGS[world]))
+    sharded = runs[world]["loop_out"]
+
+    def records(out, kind):
+        with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+            return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+    train_got, train_want = records(sharded, "train"), records(single, "train")
+    assert [r["step"] for r in train_got] == [r["step"] for r in train_want] == [1, 2, 3, 4]
+    for got, want in zip(train_got, train_want):
+        assert abs(got["loss"] - want["loss"]) <= 1e-4, (got["step"], got["loss"], want["loss"])
+        assert abs(got["rewards_all_std"] - want["rewards_all_std"]) <= 1e-4 * (1 + want["rewards_all_std"])
+    for got, want in zip(records(sharded, "eval"), records(single, "eval"), strict=True):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            if isinstance(value, float):
+                assert abs(got[key] - value) <= 1e-5 * (1 + abs(value)), key
+            else:
+                assert got[key] == value, key
+    assert_states_close(load_file(os.path.join(sharded, "final", "model.safetensors")),
+                        load_file(os.path.join(single, "final", "model.safetensors")))

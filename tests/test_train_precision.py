@@ -1,0 +1,88 @@
+"""--dtype bfloat16 keeps SPIN-sized updates (fp32 master weights, bf16 compute by autocast); the old
+pure-bf16 mode (--pure-low-precision) loses them, and the same check says so."""
+import pytest
+import torch
+
+from trainer_cases import fixed_pairs, tiny_setup
+
+from spin_trainer.data import collate_pairs
+from spin_trainer.distributed import ParallelContext
+from spin_trainer.model import load_model, load_tokenizer
+from spin_trainer.optim import make_optimizer
+from spin_trainer.precision import Precision
+from spin_trainer.schedule import make_scheduler
+from spin_trainer.steps import optimizer_step, spin_micro_loss
+
+LR = 5e-7   # the SPIN paper's learning rate
+STEPS = 3
+PAIRS = 4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_setup(str(tmp_path_factory.mktemp("precision")))[0]
+
+
+def weight_updates(model_dir, precision):
+    """{name: fp32 (after − before)} of STEPS AdamW steps at LR on fixed pairs."""
+    ctx = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"), precision=precision)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype=precision.param_dtype_name, compute_dtype=precision.dtype)
+    examples, generated = fixed_pairs(tokenizer, PAIRS)
+    batch = collate_pairs(examples, generated, tokenizer.pad_token_id)
+    reference = torch.linspace(-9.0, -5.0, 2 * PAIRS)
+    optimizer = make_optimizer(model, ctx=ctx)
+    scheduler = make_scheduler(optimizer, lambda step: LR)
+    before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+    def micro_loss(item):
+        return spin_micro_loss(model, item, reference, beta=0.1, loss_type="sigmoid", weight=1.0, ctx=ctx)
+
+    for _ in range(STEPS):
+        optimizer_step(model, optimizer, scheduler, [batch], micro_loss, ctx=ctx, max_grad_norm=1.0)
+    assert {p.dtype for p in model.parameters()} == {precision.param_dtype}
+    return {n: (p.detach().float() - before[n]).flatten() for n, p in model.named_parameters()}
+
+
+def problems_against(updates, reference):
+    """What differs from the fp32 run's updates: direction (cosine > 0.95), size (norm ratio within
+    [0.85, 1.15]; AdamW's first steps are ~lr·sign(g), so a bf16 gradient changes the size only where
+    a small gradient component flips sign) and coverage (> 90 % of the weights the fp32 run moved
+    moved too; the fp32 run moves every weight with a gradient)."""
+    found = []
+    for name, want in reference.items():
+        got = updates[name]
+        cosine = float(torch.nn.functional.cosine_similarity(got, want, dim=0))
+        ratio = float(got.norm() / want.norm())
+        moved = float(((got != 0) & (want != 0)).sum() / (want != 0).sum())
+        if cosine < 0.95 or not 0.85 <= ratio <= 1.15 or moved < 0.9:
+            found.append(f"{name}: cosine {cosine:.3f}, norm ratio {ratio:.3f}, moved {moved:.1%}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def fp32_updates(model_dir):
+    updates = weight_updates(model_dir, Precision("float32"))
+    # Every weight matrix moves in fp32 (the embedding only in the rows of tokens the batch holds).
+    assert all(float((u != 0).float().mean()) > (0.5 if "embed" in n else 0.99) for n, u in updates.items())
+    return updates
+
+
+def test_bf16_with_fp32_master_weights_moves_as_fp32_does(model_dir, fp32_updates):
+    assert problems_against(weight_updates(model_dir, Precision("bfloat16")), fp32_updates) == []
+
+
+def test_pure_bf16_loses_the_updates(model_dir, fp32_updates):
+    problems = problems_against(weight_updates(model_dir, Precision("bfloat16", pure=True)), fp32_updates)
+    # Every weight matrix fails: at lr 5e-7 nearly all bf16 weights keep their old value.
+    assert len(problems) >= len(fp32_updates) - 1, problems
+
+
+def test_precision_options():
+    assert Precision("bfloat16").param_dtype == torch.float32 and Precision("bfloat16").mixed
+    assert Precision("bfloat16", pure=True).param_dtype == torch.bfloat16
+    assert not Precision("float32").mixed
+    with pytest.raises(ValueError, match="--pure-low-precision needs --dtype bfloat16 or float16"):
+        Precision("float32", pure=True)
+    with pytest.raises(ValueError, match="--dtype must be one of"):
+        Precision("fp8")
