@@ -51,13 +51,17 @@ def test_end_to_end_run_exports_a_loadable_model(tiny, tmp_path):
                                                       abs=1e-6)
         assert record["rewards_all_mean"] == pytest.approx(
             (record["rewards_actual_mean"] + record["rewards_generated_mean"]) / 2, abs=1e-6)
-    # An iteration's first step: the policy is still θ_t, the reference, so every reward is 0, the
-    # loss is ln 2 and no pair is won; also for the previous iteration's pairs mixed in.
+    # An iteration's first step: the policy is still θ_t, the reference, so every reward is 0 and the
+    # loss is ln 2; also for the previous iteration's pairs mixed in. To float rounding, not bit for
+    # bit: the LM head runs on the labelled positions of each micro-batch, and the reference pass
+    # (iteration order) and the training pass (epoch order) group the sequences differently, so the
+    # head's matmuls have other row counts (a 1-ulp difference in a log-prob sum is ~5e-7). Which
+    # pairs count as "won" (margin > 0) at that step is therefore rounding noise.
     for first in (train_records[0], train_records[4]):
-        assert first["loss"] == pytest.approx(LN2, abs=1e-6) and first["acc"] == 0.0
+        assert first["loss"] == pytest.approx(LN2, abs=1e-6)
         for name in ("rewards_actual_mean", "rewards_generated_mean", "margin_mean", "rewards_all_std"):
-            assert first[name] == 0.0, name
-    assert rows[1]["spin_acc_start"] == 0.0 and rows[1]["margin_start"] == 0.0
+            assert abs(first[name]) <= 1e-6, name
+    assert abs(rows[1]["margin_start"]) <= 1e-6
 
     # Independent recomputation from the starting model θ_0: the validation SFT loss of the
     # iteration-0 row (NLL per response token, EOS included) and step 1's mean log-prob of the
@@ -102,8 +106,12 @@ def test_micro_batches_with_accumulation_equal_one_big_batch(tiny, tmp_path):
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-5, atol=1e-5, msg=name)
     for ours, theirs in zip(*steps):
-        for name in ("loss", "acc", "grad_norm", "logps_actual_mean", "logps_generated_mean", "margin_mean"):
+        for name in ("loss", "grad_norm", "logps_actual_mean", "logps_generated_mean", "margin_mean"):
             assert ours[name] == pytest.approx(theirs[name], rel=1e-5, abs=1e-7), name
+        # acc counts margins > 0; at step 1 every margin is 0 up to rounding (the policy is the
+        # reference), so there it is rounding noise.
+        if ours["step"] > 1:
+            assert ours["acc"] == theirs["acc"]
 
 
 def test_first_step_equals_an_independent_recomputation(tiny, tmp_path):
