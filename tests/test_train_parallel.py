@@ -221,3 +221,32 @@ def test_whole_loop_matches_one_process(runs, setup, world, tmp_path):
                 assert got[key] == value, key
     assert_states_close(load_file(os.path.join(sharded, "final", "model.safetensors")),
                         load_file(os.path.join(single, "final", "model.safetensors")))
+
+
+def test_parallelize_runs_on_the_meta_device_with_a_fake_process_group():
+    """What `--plan` builds on: the same FSDP x TP application on a model that has no memory, for a
+    64-rank layout, in this one process."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from spin_trainer.distributed import mesh_context
+
+    if dist.is_initialized():
+        pytest.skip("another test left a default process group in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=5, world_size=64)
+    try:
+        ctx = mesh_context(5, 64, 8, torch.device("cpu"), precision=Precision("bfloat16"))
+        config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                             num_key_value_heads=8, vocab_size=1024, tie_word_embeddings=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        parallelize_model(model, ctx, recompute="full")
+        optimizer = make_optimizer(model, ctx=ctx)
+        params = dict(model.named_parameters())
+        assert all(p.is_meta for p in params.values()) and len(optimizer.param_groups) == 2
+        # The q projection is split 8 ways by TP and 8 ways by FSDP; the norms only by FSDP.
+        assert params["model.layers.0.self_attn.q_proj.weight"].to_local().shape == (256 // 64, 256)
+        assert params["model.norm.weight"].to_local().shape == (256 // 8,)
+        assert params["model.norm.weight"].device_mesh.mesh_dim_names == ("dp",)
+    finally:
+        dist.destroy_process_group()

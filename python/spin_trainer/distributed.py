@@ -100,6 +100,10 @@ def mesh_context(rank, world_size, tp, device, *, dp_shard=None, precision=None)
     check_layout(world_size, tp)
     dp = world_size // tp
     mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+    if dp > 1 and tp > 1:
+        # A reduction over both axes (the gradient norm of FSDP x TP weights) then takes one
+        # collective on the flattened group instead of one per axis.
+        mesh[("dp", "tp")]._flatten("dp_tp")
     tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
     return ParallelContext(
         rank=rank, world_size=world_size, tp_size=tp, dp_size=dp,

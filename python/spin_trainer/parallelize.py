@@ -17,6 +17,7 @@ outside FSDP's own forward and backward (the reference bank, a resident copy) th
 inside `sharded(model)`; generation runs inside `full_weights(model)`.
 """
 import copy
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -46,6 +47,12 @@ def fsdp_modules(model):
 def apply_fsdp(model, ctx, *, root_reshards_after_forward=False):
     """fully_shard each decoder layer, then the root, on ctx.dp_mesh."""
     from torch.distributed.fsdp import fully_shard
+
+    # Under TP the LM head returns its local vocab shard, a view (DTensor.to_local), which FSDP
+    # warns about in case the caller modifies it in place in the forward. The trainer never does:
+    # the loss's in-place write (inplace_backward) is its own gradient, in the backward, where
+    # FSDP's pre-backward hook has already run on it.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
 
     policy = ctx.precision.mp_policy()
     for layer in decoder_layers(model):
