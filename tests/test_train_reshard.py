@@ -1,5 +1,6 @@
 """Resume onto another world size: a run stopped by --max-steps at 2 processes (--tp 2) resumes at 1
-process and at 4 (2 data-parallel x --tp 2) and finishes where the uninterrupted 1-process run does.
+process and at 4 (2 data-parallel ranks, FSDP-sharded by default, x --tp 2) and finishes where the
+uninterrupted 1-process run does.
 
 The stop (step 3) falls inside iteration 1, whose generations, reference log-probs and θ_t (the
 swap mode's bank) come from the checkpoint; iteration 2 samples after the resume, at the new
