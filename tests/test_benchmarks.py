@@ -96,3 +96,22 @@ def test_bench_head_tiny_run_reports_every_row(tmp_path):
     for key in ("d_hidden_rel_err", "d_weight_rel_err"):
         assert ours[key] <= 1.5 * eager[key], (key, ours[key], eager[key])
     assert (tmp_path / "head.md").read_text().startswith("# bench_head on cpu")
+
+
+def test_bench_e2e_tiny_run_goes_through_the_trainer_with_the_flags_it_names(tmp_path):
+    from spin_trainer.cli import build_parser
+
+    run_script("bench_e2e.py", "--tiny", "--steps", "1", "--gen-repeats", "0", "--out", str(tmp_path / "e2e"))
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    train = report["train"]
+    assert train["tokens_per_step"] == 2 * 2 * 64 and "fp32 weights, bf16 compute" in train["precision"]
+    impls = [row["impl"] for row in train["rows"]]
+    assert impls[0].startswith("baseline") and impls[1:-1] == ["ours"] * 4 and impls[-1].startswith("pure bf16")
+    for row in train["rows"][1:]:
+        # Each row's flags are what a user passes to spin-train to get that step.
+        args = build_parser().parse_args(["--out", str(tmp_path / "x"), *row["flags"].split()])
+        assert args.dtype == "bfloat16" and args.pure_low_precision == row["impl"].startswith("pure")
+        assert row["s_per_step"] > 0 and row["tokens_per_s_with_precompute"] < row["tokens_per_s"]
+    assert [row["impl"] for row in report["generate"]["rows"]] == ["HF generate(), dynamic cache", "generate_responses"]
+    assert report["failed_parts"] == []
+    assert "| ours | `--dtype bfloat16 --optimizer-in-backward" in (tmp_path / "e2e.md").read_text()
