@@ -86,3 +86,30 @@ def test_precision_options():
         Precision("float32", pure=True)
     with pytest.raises(ValueError, match="--dtype must be one of"):
         Precision("fp8")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fast_path_trains_like_the_plain_bf16_step(tmp_path):
+    """On a GPU, --dtype bfloat16 (fp32 master weights, autocast, generation's CUDA-graph decoder
+    under autocast) with the optimizer stepped in the backward (fused AdamW per parameter) and whole
+    layers recomputed gives the plain step's losses, to bf16 rounding."""
+    import json
+    import os
+
+    from trainer_cases import train_args
+
+    from spin_trainer import cli as train_cli
+
+    setup = tiny_setup(str(tmp_path))
+    losses = {}
+    for name, extra in (("plain", ["--max-grad-norm", "0"]),
+                        ("fast", ["--optimizer-in-backward", "--max-grad-norm", "0", "--recompute", "full"])):
+        out = str(tmp_path / name)
+        train_cli.main(train_args(*setup, out, "--device", "cuda", "--dtype", "bfloat16", "--greedy",
+                                  "--iterations", "1", "--micro-batch-size", "8", *extra))
+        with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+            losses[name] = [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]
+    assert len(losses["fast"]) == len(losses["plain"]) == 4
+    for fast, plain in zip(losses["fast"], losses["plain"]):
+        assert abs(fast - plain) <= 2e-2 * plain, (losses["fast"], losses["plain"])
