@@ -2,7 +2,7 @@
 a non-finite update is refused instead of writing NaN into every weight; the LM head on labelled
 positions scores exactly what the full logits score; the logged rewards std is the global batch's
 at any micro-batch size; recompute changes no gradient; optimizer-in-backward is refused where
-invalid."""
+invalid; the optimizer offload around generation reuses one host arena."""
 import copy
 import math
 
@@ -222,3 +222,26 @@ def test_optimizer_in_backward_is_refused_with_replicated_data_parallelism():
     with pytest.raises(ValueError, match="--optimizer-in-backward with --no-dp-shard"):
         config.validate(32, replicated)
     config.validate(32, ParallelContext(0, 2, 1, 2, 0, 0, torch.device("cpu"), dp_shard=True))
+
+
+def test_parked_optimizer_reuses_one_host_arena_and_restores_the_state_bit_for_bit():
+    from spin_trainer.rollouts import ParkedOptimizer
+
+    model = torch.nn.Linear(5, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    parked = ParkedOptimizer(optimizer)
+    with parked.parked():   # no state before the first step: nothing to move
+        assert parked.record is None
+    arenas = []
+    for _ in range(3):
+        model(torch.randn(4, 5)).square().sum().backward()
+        optimizer.step()
+        expected = {k: v.clone() for k, v in optimizer.state[model.weight].items()}
+        with parked.parked():
+            arena = parked.record.bank.arena   # the state now lives in views of the host arena
+            assert optimizer.state[model.weight]["exp_avg"].untyped_storage().data_ptr() == \
+                arena.untyped_storage().data_ptr()
+            arenas.append(arena)
+        for key, value in expected.items():
+            assert torch.equal(optimizer.state[model.weight][key], value), key
+    assert arenas[0] is arenas[1] is arenas[2]

@@ -29,7 +29,7 @@ from .evaluate import spin_pair_accuracy
 from .loop_state import IterationData, LoopPosition
 from .optim import make_optimizer
 from .reference_modes import make_reference
-from .rollouts import drop_truncated, generate, pair_logps, sampling_seed
+from .rollouts import ParkedOptimizer, drop_truncated, generate, pair_logps, sampling_seed
 from .schedule import epoch_order, learning_rate_schedule, make_scheduler
 from .steps import optimizer_step, spin_micro_loss
 
@@ -59,6 +59,7 @@ class SpinTrainer:
         self.position = LoopPosition()
         self.data = None             # IterationData of the current iteration (None between iterations)
         self.previous_pairs = None   # (examples, generated) of the last iteration, for mixing
+        self.parked_optimizer = ParkedOptimizer(self.optimizer) if config.offload_optimizer else None
         self.stop_requested = False
         self.eval_rows = []
         self.last_checkpoint = None   # (step, path) of the newest checkpoint written or resumed from
@@ -69,8 +70,7 @@ class SpinTrainer:
         sampling = replace(self.config.sampling, seed=sampling_seed(self.config.seed, iteration, epoch))
         return generate(model, examples, sampling, self.ctx, tokenizer=self.tokenizer,
                         max_length=self.config.max_length, batch_size=self.config.gen_batch_size,
-                        progress=self.config.progress, optimizer=self.optimizer,
-                        offload_optimizer=self.config.offload_optimizer)
+                        progress=self.config.progress, parked_optimizer=self.parked_optimizer)
 
     def logps_of(self, model, examples, generated):
         return pair_logps(model, examples, generated, self.ctx, micro_batch_size=self.config.micro_batch_size,

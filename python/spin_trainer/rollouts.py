@@ -10,6 +10,7 @@ Under FSDP the weights are gathered for the whole generation (spin_trainer.paral
 and freed after it; generation computes in the run's precision (bf16 for --dtype bfloat16).
 """
 import random
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -50,26 +51,45 @@ def drop_truncated(examples, generated, seed):
     return [examples[i] for i in picks], [generated[i] for i in picks]
 
 
+class ParkedOptimizer:
+    """--offload-optimizer: the optimizer's state waits in host memory while the model generates.
+
+    One host arena serves the whole run (each offload refills it): pinning gigabytes costs far
+    more than copying them."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.record = None   # spin_kernels.swap.OptimizerOffload of the last offload
+
+    @contextmanager
+    def parked(self):
+        from spin_kernels.swap import offload_optimizer, onload_optimizer
+
+        if len(self.optimizer.state) == 0:   # before the first step there is no state to move
+            yield
+            return
+        self.record = offload_optimizer(self.optimizer, reuse=self.record)
+        try:
+            yield
+        finally:
+            onload_optimizer(self.record)
+
+
 def generate(model, examples, sampling, ctx, *, tokenizer, max_length, batch_size, progress,
-             optimizer=None, offload_optimizer=False):
+             parked_optimizer=None):
     """Response ids (EOS or stop sequence included when produced) for every example's prompt, on
-    every rank, with `.truncated` flags; example i's sampling noise is keyed by i."""
+    every rank, with `.truncated` flags; example i's sampling noise is keyed by i.
+    `parked_optimizer` (a ParkedOptimizer) moves the optimizer state to host memory meanwhile."""
     start, end = shard_range(len(examples), ctx.dp_rank, ctx.dp_size)
     prompts = [list(e.prompt_ids) for e in examples[start:end]]
-    offload = offload_optimizer and optimizer is not None and len(optimizer.state) > 0
-    if offload:
-        from spin_kernels.swap import offload_optimizer as offload_state, onload_optimizer as onload_state
-        offloaded = offload_state(optimizer)
-    try:
-        with evaluating(model), full_weights(model), full_vocab_logits(model, ctx), ctx.compute(), torch.no_grad():
-            responses = generate_responses(
-                model, prompts, sampling, eos_token_id=eos_token_ids(model, tokenizer),
-                pad_token_id=tokenizer.pad_token_id, max_length=max_length, batch_size=batch_size,
-                progress=progress and ctx.is_main, example_ids=list(range(start, end))
-            ) if prompts else Responses([], [])
-    finally:
-        if offload:
-            onload_state(offloaded)
+    parked = parked_optimizer.parked() if parked_optimizer is not None else nullcontext()
+    with parked, evaluating(model), full_weights(model), full_vocab_logits(model, ctx), ctx.compute(), \
+            torch.no_grad():
+        responses = generate_responses(
+            model, prompts, sampling, eos_token_id=eos_token_ids(model, tokenizer),
+            pad_token_id=tokenizer.pad_token_id, max_length=max_length, batch_size=batch_size,
+            progress=progress and ctx.is_main, example_ids=list(range(start, end))
+        ) if prompts else Responses([], [])
     gathered = gather_objects([(list(r), cut) for r, cut in zip(responses, responses.truncated)],
                               ctx.dp_group, ctx.dp_size)
     return Responses([r for r, _ in gathered], [cut for _, cut in gathered])
