@@ -100,3 +100,14 @@ def test_streamed_forward_on_the_gpu_equals_the_resident_forward():
     with torch.no_grad():
         expected = reference(ids).logits
     assert torch.equal(streamed_reference_forward(policy, bank, ids), expected)
+
+
+def test_a_cpu_write_into_the_bank_waits_for_the_streamed_forwards_copies():
+    reference, policy = _llama(6), _llama(7)
+    bank = WeightBank.from_module(reference)
+    ids = torch.randint(0, 128, (2, 40), device="cuda")
+    torch.cuda._sleep(1_000_000_000)   # about a second of GPU work queued before the forward's copies
+    streamed_reference_forward(policy, bank, ids)
+    fresh = {name: torch.zeros_like(tensor) for name, tensor in bank.views().items()}
+    bank.update_from(fresh)            # the CPU writes the arena that the copies read
+    assert torch.cuda.current_stream().query(), "the CPU wrote the arena while the streamed copies could read it"

@@ -312,9 +312,16 @@ class WeightBank:
                     stream: torch.cuda.Stream | None) -> None:
         """dsts[i] (uint8) <- the arena's bytes [offset, offset + nbytes) of ranges[i], issued on
         `stream` (None: synchronously) with no ordering of their own: the caller orders the stream
-        against its compute and keeps the CPU off the arena until the copies are done."""
+        against its compute, and hands the bank an event that follows the copies (`hold_until`)
+        so that the CPU stays off the arena until they are done."""
         srcs = [self._arena[offset:offset + nbytes] for offset, nbytes in ranges]
         self._engine.issue(dsts, srcs, stream, stream.device.index if stream is not None else -1)
+
+    def hold_until(self, event: torch.cuda.Event | None) -> None:
+        """The CPU touches the arena again only after `event` (recorded after device work that reads
+        the arena outside the bank's own transfers: `copy_ranges`, kernels on a `device_view`)."""
+        if event is not None:
+            self._pending.append(event)
 
     def device_view(self, name: str, device: torch.device) -> torch.Tensor | None:
         """A CUDA tensor that reads the bank's tensor `name` in place from pinned host memory (kernels

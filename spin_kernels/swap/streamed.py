@@ -206,6 +206,9 @@ class _LayerPipeline:
         if self.on_cuda:
             # Nothing may reuse the buffers while a copy still writes them (e.g. after an exception).
             self.compute.wait_stream(self.copier)
+            # Nor may the CPU write the arena while a copy, or a gather from the pinned embedding
+            # table, still reads it: both are ordered before this point of the compute stream.
+            self.bank.hold_until(self.event_on(self.compute))
 
 
 @torch.no_grad()
