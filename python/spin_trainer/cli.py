@@ -3,6 +3,7 @@
     spin-train --demo --out runs/demo          # built-in tiny model + task, no download
     spin-train --model PATH --train-data train.jsonl --val-data val.jsonl --out runs/x
     torchrun --nproc_per_node 8 python/train.py --tp 4 --model PATH ...   # 2-way FSDP x 4-way tensor parallel
+    spin-train --plan --model configs/llama-3-70b --nproc 64 --tp 8 ...   # per-rank memory, no GPU needed
 
 `spin-train` and `python python/train.py` are the same command.
 
@@ -46,7 +47,7 @@ def build_parser():
     add("--demo", action="store_true",
         help="run the built-in end-to-end demo (tiny model, arithmetic task, no download); it takes no model, "
              "data or training options: only --out, --seed, --attn and --no-progress")
-    add("--out", required=True, help="output directory (metrics, checkpoints, final model)")
+    add("--out", help="output directory (metrics, checkpoints, final model); required except with --plan")
     add("--model", help="local Hugging Face causal-LM directory")
     add("--train-data", help="JSONL of training prompts and gold responses")
     add("--val-data", help="JSONL of held-out records: SFT validation loss and SPIN acc on held-out pairs")
@@ -126,6 +127,14 @@ def build_parser():
     add("--export-dtype", choices=EXPORT_DTYPES, default="auto",
         help="dtype of the final Hugging Face model; auto: the input model's config.torch_dtype")
     add("--no-progress", action="store_true", help="no progress bars (e.g. for logs)")
+    add("--plan", action="store_true",
+        help="print the per-rank memory plan of this run on --nproc processes and exit: the model is built on the "
+             "meta device from --model's config.json alone (no weights, no tokenizer) and parallelized as training "
+             "would be, on a fake process group (e.g. --model configs/llama-3-70b --nproc 64 --tp 8)")
+    add("--nproc", type=int, help="--plan: the number of processes (GPUs) of the run")
+    add("--device-memory-gib", type=float,
+        help="memory of one device: --plan compares its estimate with it (default 80); training with --no-dp-shard "
+             "uses the visible GPU's memory, or this on a CPU run")
     return parser
 
 
@@ -240,6 +249,10 @@ def train(args, on_step=None):
     source_config = AutoConfig.from_pretrained(args.model)
     check_context_length(args.max_length, source_config)
     check_tensor_parallel(source_config, args.tp)
+    if args.dp_shard is False:
+        from spin_trainer.distributed import choose_device
+        from spin_trainer.plan_report import check_replicas_fit
+        check_replicas_fit(args, source_config, choose_device(args.device))
     export_dtype = resolve_export_dtype(args.export_dtype, source_config)
     tokenizer = load_tokenizer(args.model)
     config.sampling = replace(config.sampling, stop_sequences=stop_sequences(args.stop, args.stop_ids, tokenizer))
@@ -283,7 +296,13 @@ def train(args, on_step=None):
 
 
 def main(argv=None, on_step=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.plan:
+        from spin_trainer.plan_report import run_plan
+        return run_plan(args)
+    if not args.out:
+        parser.error("the following arguments are required: --out")
     if args.demo:
         from spin_trainer.demo import run_demo
         return run_demo(args)

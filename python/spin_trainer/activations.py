@@ -1,0 +1,136 @@
+"""Activation memory of one SPIN micro-batch of a Llama-family decoder, by formula (for `--plan`).
+
+A micro-batch of m pairs is 2m rows (actual and generated) padded to the longest; the plan takes
+every row at --max-length, n = 2·m·max_length tokens, and every position as labelled (N = n):
+an upper bound (prompts and padding have no label, so the head runs on fewer rows in practice).
+
+What autograd keeps for the backward, in bytes per token, with h the hidden size, w the key/value
+width (KV heads x head dim), I the MLP width, a the attention heads, t the tensor-parallel size,
+b the compute dtype's bytes and r the residual stream's (b, except 4 under autocast, where the
+fp32 weights make fp32 embeddings and residual sums):
+
+    RMSNorm (HF: fp32 upcast, x·rsqrt, weight·x)  4h + r·h + 4, plus its output: b·h read by all
+                                                  its consumers, or under autocast one b·h cast
+                                                  per consuming Linear (3 for attention, 2 for MLP)
+    attention (a fused kernel)                    b·(2h + 2w)/t for q, k, v and the output (o_proj
+                                                  reads it in place) + 4a/t for the log-sum-exp
+    SwiGLU MLP                                    4·b·I/t: gate, up, act(gate), act(gate)·up
+
+    per decoder layer, --recompute none           norm(3) + attention + norm(2) + MLP
+                       --recompute elementwise    the norms keep only their input (r·h) and output
+                                                  casts; the MLP drops act(gate): 3·b·I/t
+                       --recompute full           the layer's input, r·h (one layer's activations
+                                                  are rebuilt in the backward: counted as a transient)
+
+    per micro-batch    n·(L·layer + 8 (input ids) + final norm 4h + r·h + 4) + RoPE tables 2·T·d·r
+                       (d the head dim; none/elementwise) + under autocast the compute-dtype copies
+                       of every Linear weight (cached by autocast for the whole forward)
+    LM head and loss   N·(b·h (the head's input) + b·V/t (logits, which the loss's gradient
+                       overwrites in place) + 32 (fp32 log-sum-exp and log-prob; int64 label,
+                       position and row))
+
+The decoder part equals the bytes autograd saves for an unpadded batch with a flash-style
+attention kernel (tests/test_train_plan.py measures it with saved-tensor hooks on the CPU for every
+--recompute and precision). Not counted: with padding, Hugging Face's flash-attention-2 path
+unpads q/k/v into copies and re-pads the output (about one more b·h/t per token and layer without
+recompute); an attention mask materialised as [rows, T, T] (eager or SDPA with padding); the
+cuBLAS/NCCL workspaces and allocator fragmentation.
+"""
+from dataclasses import dataclass
+
+LABEL_BYTES = 32   # per labelled token: fp32 log-sum-exp + fp32 log-prob + int64 label, position, row
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    hidden: int
+    kv_width: int
+    intermediate: int
+    heads: int
+    head_dim: int
+    layers: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config):
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(hidden=config.hidden_size, kv_width=kv_heads * head_dim, intermediate=config.intermediate_size,
+                   heads=heads, head_dim=head_dim, layers=config.num_hidden_layers, vocab=config.vocab_size)
+
+
+@dataclass(frozen=True)
+class ComputeMode:
+    compute_bytes: int    # b
+    autocast: bool        # fp32 weights read through torch.autocast (no FSDP, mixed precision)
+    tp: int = 1
+
+    @property
+    def residual_bytes(self):   # r
+        return 4 if self.autocast else self.compute_bytes
+
+
+def _norm_bytes(shape, mode, recompute, consumers):
+    h, b, r = shape.hidden, mode.compute_bytes, mode.residual_bytes
+    kept = 4 * h + r * h + 4 if recompute == "none" else r * h
+    return kept + (consumers if mode.autocast else 1) * b * h
+
+
+def layer_bytes_per_token(shape, mode, recompute):
+    """Bytes one decoder layer keeps for the backward, per token of the micro-batch."""
+    h, w, b, t = shape.hidden, shape.kv_width, mode.compute_bytes, mode.tp
+    if recompute == "full":
+        return mode.residual_bytes * h
+    attention = b * (2 * h + 2 * w) // t + 4 * shape.heads // t
+    mlp = (4 if recompute == "none" else 3) * b * shape.intermediate // t
+    return _norm_bytes(shape, mode, recompute, 3) + attention + _norm_bytes(shape, mode, recompute, 2) + mlp
+
+
+def decoder_bytes(shape, mode, recompute, *, rows, length):
+    """Bytes the backbone (embeddings, decoder layers, final norm) keeps for one micro-batch of
+    `rows` x `length` tokens, without autocast's weight copies."""
+    h, r = shape.hidden, mode.residual_bytes
+    tokens = rows * length
+    per_token = shape.layers * layer_bytes_per_token(shape, mode, recompute) + 8 + 4 * h + r * h + 4
+    rope = 0 if recompute == "full" else 2 * length * shape.head_dim * r
+    return tokens * per_token + rope
+
+
+def head_bytes(shape, mode, labelled):
+    """Bytes of the LM head's input, its logits and the loss's per-token tensors for `labelled` tokens."""
+    b = mode.compute_bytes
+    return labelled * (b * shape.hidden + b * shape.vocab // mode.tp + LABEL_BYTES)
+
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    tokens: int                 # n
+    labelled: int               # N
+    layer_per_token: int        # bytes per token per decoder layer
+    decoder: int                # bytes: backbone
+    head: int                   # bytes: LM head and loss
+    weight_copies: int          # bytes: autocast's compute-dtype copies of the Linear weights
+    backward_working_set: int   # bytes: one layer's activations in flight in the backward
+
+    @property
+    def total(self):
+        return self.decoder + self.head + self.weight_copies
+
+
+def estimate_activations(shape, mode, recompute, *, micro_batch_size, max_length, linear_weight_numel):
+    """The micro-batch's activations (2·micro_batch_size rows of max_length tokens, all labelled).
+
+    `linear_weight_numel`: this rank's elements of Linear weights (autocast copies them)."""
+    rows = 2 * micro_batch_size
+    tokens = rows * max_length
+    full_layer = tokens * layer_bytes_per_token(shape, mode, "none")
+    # The backward of a layer holds the gradients of its intermediates next to its saved tensors
+    # (about one layer's activations); under full recompute the layer's activations are rebuilt first.
+    working_set = full_layer * (2 if recompute == "full" else 1)
+    return ActivationEstimate(
+        tokens=tokens, labelled=tokens, layer_per_token=layer_bytes_per_token(shape, mode, recompute),
+        decoder=decoder_bytes(shape, mode, recompute, rows=rows, length=max_length),
+        head=head_bytes(shape, mode, tokens),
+        weight_copies=mode.compute_bytes * linear_weight_numel if mode.autocast else 0,
+        backward_working_set=working_set)

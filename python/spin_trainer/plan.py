@@ -1,0 +1,228 @@
+"""`--plan`: the per-rank memory of a run at real scale, by simulation, before any GPU is rented.
+
+    spin-train --plan --model configs/llama-3-70b --nproc 64 --tp 8 --max-length 8192 --recompute full
+
+The model is built on the meta device from `--model`'s config.json alone (no weights, no
+tokenizer), in the parameter dtype the run would load it in, and parallelized by the trainer's own
+`parallelize_model` on PyTorch's fake process group of world size `--nproc` (one process plays
+rank 0, whose shards are the largest: FSDP gives the first ranks the rounded-up rows). The
+optimizer is the trainer's `make_optimizer` on that model, stepped once on zero gradients so that
+it allocates its state. Parameter, gradient and optimizer-state bytes are then read off the local
+shards of the DTensors (meta tensors have shapes and dtypes but no memory); nothing here re-derives
+the sharding. Gradients are the parameters' local shards in the parameters' dtype, as FSDP's
+reduce-scatter and autograd leave them; optimizer state counts every state tensor with at least one
+dimension (the 0-dim `step` counters live on the host unless the optimizer is fused).
+
+The rest is arithmetic on those numbers and on the model's shape, stated term by term:
+
+    activations            spin_trainer.activations (formula and assumptions there)
+    FSDP gathered weights  the root (embeddings, final norm, LM head; kept gathered from the
+                           forward to the end of the backward) + two decoder layers (the one
+                           computing and the one prefetched), in the compute dtype
+    FSDP gradient buffers  one decoder layer's unsharded gradients (compute dtype) and, in mixed
+                           precision, their fp32 copy for the reduce-scatter (MixedPrecisionPolicy
+                           reduce_dtype); for the root at the end of the backward
+    backward working set   one layer's activations in flight (two under full recompute)
+    generation             parameters, optimizer state (unless --offload-optimizer), the full
+                           weights in the compute dtype (FSDP unsharded for the whole generation;
+                           autocast's cached copies) and the KV cache of --gen-batch-size rows of
+                           --max-length tokens
+
+    training peak    = parameters + gradients + optimizer state (+ a resident reference)
+                       + activations + FSDP gathered weights and gradient buffers + working set
+                       (or, if larger, the state with the root's gradient buffers at the end of
+                       the backward)
+    per-rank peak    = max(training peak, generation peak)
+
+With --optimizer-in-backward each gradient is freed by its own update, so at most one FSDP unit's
+(decoder layer's or root's) gradients exist at once.
+"""
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from spin_kernels.dtensor import is_dtensor, local_tensor
+
+from .activations import ComputeMode, DecoderShape, estimate_activations
+from .precision import Precision
+
+GIB = 2 ** 30
+DEFAULT_DEVICE_MEMORY_GIB = 80.0
+
+
+@contextmanager
+def fake_process_group(rank, world_size):
+    """PyTorch's fake process group (collectives do nothing) as the default group, for one rank of
+    `world_size`; removed on the way out."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    assert not dist.is_initialized(), "the plan runs before (or instead of) the run's process group"
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def local_bytes(tensor):
+    local = local_tensor(tensor)
+    return local.numel() * local.element_size()
+
+
+def tp_local_numel(param):
+    """Elements of `param` on this rank once FSDP has gathered it: the whole tensor, or its tensor-
+    parallel shard (the placement on the mesh's `tp` dimension)."""
+    if not is_dtensor(param):
+        return param.numel()
+    mesh, numel = param.device_mesh, param.numel()
+    for dim, (name, placement) in enumerate(zip(mesh.mesh_dim_names, param.placements)):
+        if name == "tp" and placement.is_shard():
+            numel //= mesh.size(dim)
+    return numel
+
+
+@dataclass
+class Unit:
+    """One FSDP unit (a decoder layer, or the root's own parameters): this rank's numbers."""
+    gathered_numel: int     # elements once gathered (tensor-parallel local)
+    gradient_bytes: int     # local gradient shards
+
+
+@dataclass
+class MemoryPlan:
+    description: list            # lines describing the run
+    parameter_count: int         # global, the whole model
+    parameters: int              # bytes on this rank, as for every figure below
+    gradients: int               # all gradients (accumulated over the micro-batches)
+    gradients_held: int          # at once: all, or one unit's with --optimizer-in-backward
+    optimizer_state: int
+    optimizer_state_names: tuple
+    reference: int               # a resident reference's local shards
+    activations: object          # activations.ActivationEstimate
+    fsdp_gathered: int           # root + two layers, compute dtype
+    fsdp_gradient_buffers: int   # one layer's unsharded gradients (+ fp32 reduce-scatter copy)
+    end_of_backward: int         # the root's gathered weights and gradient buffers
+    generation_weights: int      # full weights in the compute dtype while generating
+    kv_cache: int
+    offload_optimizer: bool
+
+    @property
+    def state(self):
+        return self.parameters + self.gradients_held + self.optimizer_state + self.reference
+
+    @property
+    def training_peak(self):
+        a = self.activations
+        during = a.total + self.fsdp_gathered + self.fsdp_gradient_buffers + a.backward_working_set
+        return self.state + max(during, self.end_of_backward)
+
+    @property
+    def generation_peak(self):
+        optimizer = 0 if self.offload_optimizer else self.optimizer_state
+        return self.parameters + optimizer + self.reference + self.generation_weights + self.kv_cache
+
+    @property
+    def peak(self):
+        return max(self.training_peak, self.generation_peak)
+
+
+def _context(nproc, tp, precision, dp_shard, rank):
+    from .distributed import ParallelContext, mesh_context
+
+    if nproc == 1:
+        return ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"), precision=precision)
+    return mesh_context(rank, nproc, tp, torch.device("cpu"), dp_shard=dp_shard, precision=precision)
+
+
+def _units(model, layers):
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    root = [p for p in model.parameters() if id(p) not in in_layers]
+
+    def unit(params):
+        return Unit(sum(tp_local_numel(p) for p in params), sum(local_bytes(p.grad) for p in params))
+
+    return unit(root), [unit(list(layer.parameters())) for layer in layers]
+
+
+def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none", optimizer_options=None,
+                micro_batch_size=1, max_length=1024, gen_batch_size=64, reference="precompute",
+                offload_optimizer=False, rank=0, name="model"):
+    """The MemoryPlan of `rank` in a run of `nproc` processes with tensor parallelism `tp` (a
+    Hugging Face config; nothing is allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    from .model import disable_dropout
+    from .optim import make_optimizer
+    from .parallelize import decoder_layers, parallelize_model
+
+    optimizer_options = dict(optimizer_options or {})
+    group = fake_process_group(rank, nproc) if nproc > 1 else nullcontext()
+    with group:
+        ctx = _context(nproc, tp, precision, dp_shard, rank)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        architecture = type(model).__name__
+        model.to(precision.param_dtype)   # the dtype the trainer loads the weights in
+        disable_dropout(model)
+        layers = decoder_layers(model)   # before fully_shard changes their classes
+        parallelize_model(model, ctx, recompute=recompute)
+        optimizer = make_optimizer(model, ctx=ctx, **optimizer_options)
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()   # allocates the state (on the meta device: shapes only)
+        if getattr(optimizer, "in_backward", False):
+            optimizer.remove_hooks()
+        states = [optimizer.state.get(p, {}) for p in params]
+        optimizer_state = sum(local_bytes(v) for s in states for v in s.values()
+                              if isinstance(v, torch.Tensor) and v.dim() > 0)
+        state_names = tuple(sorted({k for s in states for k, v in s.items()
+                                    if isinstance(v, torch.Tensor) and v.dim() > 0}))
+        root, layers = _units(model, layers)
+        linear_numel = sum(tp_local_numel(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear))
+        parameters = sum(local_bytes(p) for p in model.parameters())
+        gradients = sum(local_bytes(p.grad) for p in params)
+        parameter_count = sum(p.numel() for p in model.parameters())
+        dp_shard, dp_size = ctx.dp_shard, ctx.dp_size
+
+    b = precision.compute_dtype.itemsize
+    mode = ComputeMode(compute_bytes=b, autocast=not dp_shard and precision.mixed, tp=tp)
+    shape = DecoderShape.of(config)
+    activations = estimate_activations(shape, mode, recompute, micro_batch_size=micro_batch_size,
+                                       max_length=max_length, linear_weight_numel=linear_numel)
+    largest = max(layers, key=lambda u: u.gathered_numel)
+    reduce_copy = 4 if precision.mixed else 0   # fp32 reduce-scatter input of a low-precision gradient
+    in_backward = optimizer_options.get("in_backward", False)
+    if dp_shard:
+        fsdp_gathered = b * (root.gathered_numel + 2 * largest.gathered_numel)
+        fsdp_buffers = (b + reduce_copy) * largest.gathered_numel
+        end_of_backward = (2 * b + reduce_copy) * root.gathered_numel
+        generation_weights = b * (root.gathered_numel + sum(u.gathered_numel for u in layers))
+    else:
+        fsdp_gathered = fsdp_buffers = end_of_backward = 0
+        generation_weights = activations.weight_copies
+    kv_cache = gen_batch_size * max_length * shape.layers * 2 * shape.kv_width // tp * b
+    optimizer_name = optimizer_options.get("name", "adamw")
+    description = [
+        f"memory plan: {name} ({architecture}, {parameter_count / 1e9:.2f} B parameters), {nproc} "
+        f"process{'es' if nproc > 1 else ''} = {dp_size} data-parallel x {tp} tensor-parallel; rank {rank}"
+        f"{' (the largest shards)' if rank == 0 else ''}",
+        f"  {'FSDP on the data-parallel axis' if dp_shard else 'no FSDP (a full replica per data-parallel rank)'}; "
+        f"{_precision_words(precision, dp_shard)}; {optimizer_name}"
+        f"{' stepped in the backward' if in_backward else ''}; --recompute {recompute}; --reference {reference}",
+    ]
+    return MemoryPlan(
+        description=description, parameter_count=parameter_count, parameters=parameters, gradients=gradients,
+        gradients_held=max(u.gradient_bytes for u in [root, *layers]) if in_backward else gradients,
+        optimizer_state=optimizer_state, optimizer_state_names=state_names,
+        reference=parameters if reference == "resident" else 0, activations=activations,
+        fsdp_gathered=fsdp_gathered, fsdp_gradient_buffers=fsdp_buffers, end_of_backward=end_of_backward,
+        generation_weights=generation_weights, kv_cache=kv_cache, offload_optimizer=offload_optimizer)
+
+
+def _precision_words(precision, dp_shard):
+    if not precision.mixed:
+        return f"{precision.dtype} parameters, gradients and optimizer state"
+    cast = "FSDP MixedPrecisionPolicy" if dp_shard else "torch.autocast"
+    return f"{precision.dtype} compute ({cast}) with float32 master weights, gradients and optimizer state"
