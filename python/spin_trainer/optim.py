@@ -4,7 +4,7 @@ global gradient norm over parameters that live on different meshes.
 Parameter groups follow the device meshes: under FSDP x TP the tensor-parallel weights are
 DTensors on the 2-D (dp, tp) mesh and the norms and embeddings on the 1-D dp mesh (plain tensors
 without FSDP), and PyTorch's multi-tensor (foreach) kernels take one mesh per call. The learning
-rate of every group is set by the schedule (spin_trainer.schedule; base lr 1.0).
+rate of every group is set by the schedule (spin_trainer.schedule).
 """
 from collections.abc import Mapping
 
@@ -27,19 +27,25 @@ def group_by_mesh(tensors):
     return list(groups.values())
 
 
-def global_norm(norms):
-    """The 2-norm of per-tensor 2-norms that may be DTensors on different meshes (one collective
-    per mesh, by DTensor's own reductions: `full_tensor()` of each mesh's partial norm)."""
+def _across_meshes(tensors, norm_of_group):
+    """Combines per-mesh 2-norms: `norm_of_group` of each mesh's tensors, made whole by DTensor's own
+    reduction (`full_tensor()` of the mesh's partial norm, one collective), then their norm."""
     per_mesh = []
-    for group in group_by_mesh(norms):
-        norm = torch.linalg.vector_norm(torch.stack(group).float())
-        per_mesh.append(norm.full_tensor() if is_dtensor(norm) else norm)
+    for group in group_by_mesh(tensors):
+        norm = norm_of_group(group)
+        per_mesh.append((norm.full_tensor() if is_dtensor(norm) else norm).float())
     return torch.linalg.vector_norm(torch.stack(per_mesh))
 
 
 def global_grad_norm(grads):
-    """The global 2-norm of `grads` (local shards, replicas and DTensors on any meshes)."""
-    return global_norm([torch.linalg.vector_norm(g) for g in grads])
+    """The global 2-norm of `grads`: local shards, replicas and DTensors on any meshes (torch's
+    total norm per mesh, with multi-tensor kernels on CUDA)."""
+    return _across_meshes(grads, torch.nn.utils.get_total_norm)
+
+
+def norm_of_norms(norms):
+    """The global 2-norm of tensors given by their 2-norms (0-dim, DTensors partial over their mesh)."""
+    return _across_meshes(norms, lambda group: torch.linalg.vector_norm(torch.stack(group)))
 
 
 def _single_optimizer(name, params, *, weight_decay, betas, eps, **extra):
@@ -122,7 +128,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         """The global norm of the gradients the hooks consumed since the last call."""
         norms, self._grad_norms = self._grad_norms, []
         assert norms, "no gradient reached the optimizer in this backward"
-        return global_norm(norms)
+        return norm_of_norms(norms)
 
     @torch.no_grad()
     def step(self, closure=None):
