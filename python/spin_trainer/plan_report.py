@@ -25,7 +25,7 @@ def plan_from_args(args, config, nproc, *, rank=0, name=None):
         name=name or args.model)
 
 
-def format_plan(plan, *, micro_batch_size, max_length, device_memory_gib):
+def format_plan(plan, *, micro_batch_size, max_length, gen_batch_size, device_memory_gib):
     """The printout; its last line is `per-rank peak estimate: X GiB`."""
     a = plan.activations
     per_token_layer = a.layer_per_token
@@ -52,8 +52,10 @@ def format_plan(plan, *, micro_batch_size, max_length, device_memory_gib):
                   f"  FSDP gradient buffers   {_gib(plan.fsdp_gradient_buffers)}  (one decoder layer)"]
     lines += [
         f"training step peak:       {_gib(plan.training_peak)}",
-        f"generation peak:          {_gib(plan.generation_peak)}  (full weights {plan.generation_weights / GIB:.2f} GiB"
-        f", KV cache {plan.kv_cache / GIB:.2f} GiB{', optimizer state offloaded' if plan.offload_optimizer else ''})",
+        f"generation peak:          {_gib(plan.generation_peak)}  ("
+        + (f"full weights {plan.generation_weights / GIB:.2f} GiB, " if plan.generation_weights else "")
+        + f"KV cache {plan.kv_cache / GIB:.2f} GiB for {gen_batch_size} x {max_length} tokens"
+        + (", optimizer state offloaded" if plan.offload_optimizer else "") + ")",
     ]
     verdict = "fits" if plan.peak <= device_memory_gib * GIB else "does NOT fit"
     lines += [f"device memory: {device_memory_gib:g} GiB; the estimate {verdict}",
@@ -106,7 +108,7 @@ def run_plan(args):
         raise ValueError(f"--device-memory-gib must be > 0, got {memory}")
     plan = plan_from_args(args, config, args.nproc)
     print(format_plan(plan, micro_batch_size=args.micro_batch_size, max_length=args.max_length,
-                      device_memory_gib=memory))
+                      gen_batch_size=args.gen_batch_size, device_memory_gib=memory))
     return plan
 
 
