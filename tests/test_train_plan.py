@@ -236,6 +236,12 @@ def test_plan_refuses_bad_input_by_option(argv, message):
         train_cli.main(["--plan", *argv])
 
 
+def test_plan_refuses_a_model_outside_the_llama_family(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4}')
+    with pytest.raises(ValueError, match=r"--plan --model .*'gpt2'.*Llama-family"):
+        train_cli.main(["--plan", "--model", str(tmp_path), "--nproc", "2"])
+
+
 def _train_argv(tmp_path, *extra):
     data = tiny_setup(str(tmp_path))
     return train_args(os.path.join(CONFIGS, "llama-2-7b"), *data[1:], str(tmp_path / "out"), "--max-length", "1024",

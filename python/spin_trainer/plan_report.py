@@ -79,11 +79,15 @@ def _read_config(model_dir, option):
 
 
 def _check_options(args, config, nproc):
-    """The training run's own refusals (layout, context, batch sizes, optimizer-in-backward)."""
+    """The training run's own refusals (layout, context, batch sizes, optimizer-in-backward), and a
+    model the activation formula describes."""
     from .cli import check_context_length, spin_config
     from .distributed import check_layout
-    from .tp_plan import check_tensor_parallel
+    from .tp_plan import LLAMA_FAMILY, check_tensor_parallel
 
+    if config.model_type not in LLAMA_FAMILY:
+        raise ValueError(f"--plan --model {args.model!r}: model type {config.model_type!r}; the plan's activation "
+                         f"formula is for Llama-family decoders ({', '.join(LLAMA_FAMILY)})")
     check_layout(nproc, args.tp)
     check_context_length(args.max_length, config)
     check_tensor_parallel(config, args.tp)
@@ -125,9 +129,15 @@ def check_replicas_fit(args, config, device_type):
     """--no-dp-shard: ValueError when the plan's model state (parameters, gradients, optimizer
     state) alone exceeds a device; a warning naming the estimate when its peak does. Runs before
     any model is loaded and before the process group exists."""
+    import torch.distributed as dist
+
     memory = device_memory_bytes(args, device_type)
     if memory is None:
         return   # a CPU run without --device-memory-gib: host memory is not planned
+    if dist.is_initialized():
+        # The caller set up the process group itself (train() called from its own script): the
+        # fake group of the simulation cannot be the default one too. `spin-train --plan` still can.
+        return
     from .distributed import check_layout
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
