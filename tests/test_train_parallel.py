@@ -250,3 +250,16 @@ def test_parallelize_runs_on_the_meta_device_with_a_fake_process_group():
         assert params["model.norm.weight"].device_mesh.mesh_dim_names == ("dp",)
     finally:
         dist.destroy_process_group()
+
+
+def test_decoder_layers_are_found_after_fully_shard_renames_their_class(one_rank_mesh):
+    from spin_trainer.model import build_tiny_llama
+    from spin_trainer.parallelize import decoder_layers
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_tiny_llama(16, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1)
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=one_rank_mesh)
+    assert [type(layer).__name__ for layer in layers] == ["FSDPLlamaDecoderLayer"] * 2
+    assert decoder_layers(model) == layers

@@ -30,8 +30,8 @@ from .tp_plan import apply_tensor_parallel
 def decoder_layers(model):
     """The repeated blocks of a Hugging Face model (its `_no_split_modules` classes), in order."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names or
-              any(base.__name__ in names for base in type(m).__mro__[1:2])]
+    # The whole MRO: fully_shard turns a layer's class into a subclass (FSDPLlamaDecoderLayer).
+    layers = [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
     if not layers:
         raise ValueError(f"model: cannot find the decoder layers of {type(model).__name__} "
                          f"(no module of its _no_split_modules {sorted(names)})")

@@ -165,7 +165,7 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
         architecture = type(model).__name__
         model.to(precision.param_dtype)   # the dtype the trainer loads the weights in
         disable_dropout(model)
-        layers = decoder_layers(model)   # before fully_shard changes their classes
+        layers = decoder_layers(model)
         parallelize_model(model, ctx, recompute=recompute)
         optimizer = make_optimizer(model, ctx=ctx, **optimizer_options)
         params = [p for p in model.parameters() if p.requires_grad]
