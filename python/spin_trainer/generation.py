@@ -33,6 +33,7 @@ import torch
 from spin_kernels.dtensor import is_dtensor
 from tqdm.auto import tqdm
 
+from spin_trainer.modes import evaluating
 from spin_trainer.decode_graph import StaticKVDecoder, gather_full_logits, static_decoder_unsupported_reason
 from spin_trainer.sampling import SamplingConfig, sample_next_tokens
 
@@ -287,24 +288,20 @@ def generate_responses(
     responses: list[list[int] | None] = [None] * len(prompts)
     truncated: list[bool | None] = [None] * len(prompts)
     began = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), tqdm(total=len(prompts), unit="prompt", desc="generate", disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
-                indices = order[start:start + batch_size]
-                batch = [list(prompts[i]) for i in indices]
-                limits = [min(sampling.max_new_tokens, max_length - len(p)) for p in batch]
-                outputs, cut = _decode_batch(decoder, batch, [example_ids[i] for i in indices], limits, sampling,
-                                             eos_ids, pad_token_id, device, vocab_size)
-                for index, output, was_cut in zip(indices, outputs, cut):
-                    responses[index], truncated[index] = output, was_cut
-                stats.new_tokens += sum(len(o) for o in outputs)
-                stats.batches += 1
-                bar.update(len(indices))
-                bar.set_postfix(tok_s=f"{stats.new_tokens / max(time.perf_counter() - began, 1e-9):.0f}")
-    finally:
-        model.train(was_training)
+    bar = tqdm(total=len(prompts), unit="prompt", desc="generate", disable=not progress)
+    with evaluating(model), torch.no_grad(), bar:
+        for start in range(0, len(order), batch_size):
+            indices = order[start:start + batch_size]
+            batch = [list(prompts[i]) for i in indices]
+            limits = [min(sampling.max_new_tokens, max_length - len(p)) for p in batch]
+            outputs, cut = _decode_batch(decoder, batch, [example_ids[i] for i in indices], limits, sampling,
+                                         eos_ids, pad_token_id, device, vocab_size)
+            for index, output, was_cut in zip(indices, outputs, cut):
+                responses[index], truncated[index] = output, was_cut
+            stats.new_tokens += sum(len(o) for o in outputs)
+            stats.batches += 1
+            bar.update(len(indices))
+            bar.set_postfix(tok_s=f"{stats.new_tokens / max(time.perf_counter() - began, 1e-9):.0f}")
     if isinstance(decoder, StaticKVDecoder):
         stats.capture_seconds += decoder.capture_seconds
         stats.captures += decoder.captures
