@@ -55,6 +55,8 @@ def test_equals_the_logits_path(device, backend, rows, loss_type, chunk_bytes):
     for name, value in want.metrics.items():
         assert not out.metrics[name].requires_grad, name
         torch.testing.assert_close(out.metrics[name], value, atol=1e-5, rtol=1e-5, msg=name)
+    assert not out.policy_logps.requires_grad
+    torch.testing.assert_close(out.policy_logps, want.policy_logps, atol=1e-5, rtol=1e-5)
     for name, got, ref in (("hidden", h.grad, h2.grad), ("weight", w.grad, w2.grad),
                            ("bias", b.grad, b2.grad)):
         torch.testing.assert_close(got, ref, atol=1e-7, rtol=1e-4, msg=name)

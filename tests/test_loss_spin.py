@@ -76,6 +76,9 @@ def test_metrics(device, backend):
         torch.testing.assert_close(got.double().cpu(), value, atol=1e-4, rtol=1e-5, msg=name)
     torch.testing.assert_close(out.loss.double().cpu(), -F.logsigmoid(margin).mean(), atol=1e-5,
                                rtol=1e-5)
+    # The per-sequence log-probs a trainer takes the global rewards' statistics from.
+    assert not out.policy_logps.requires_grad and out.policy_logps.shape == (2 * B,)
+    torch.testing.assert_close(out.policy_logps.double().cpu(), policy, atol=1e-4, rtol=1e-5)
 
 
 def test_rewards_all_std_is_bessel_corrected(device, backend):

@@ -232,4 +232,4 @@ def linear_spin_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     if not any(needs):
         return out
     loss = _PreformedGrads.apply(out.loss, hidden, weight, bias, d_hidden, d_weight, d_bias)
-    return SpinLossOutput(loss, out.metrics)
+    return SpinLossOutput(loss, out.metrics, out.policy_logps)

@@ -6,7 +6,7 @@
 
 Every entry point (logits, hidden states) ends here, so the loss and the metrics are one code.
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ LOSS_TYPES = ("sigmoid", "hinge")
 class SpinLossOutput(NamedTuple):
     loss: torch.Tensor  # scalar, differentiable
     metrics: dict[str, torch.Tensor]  # detached scalars; reading them is the caller's host sync
+    # [2B] detached per-sequence policy log-prob sums: what a trainer needs to take the rewards'
+    # statistics over a batch larger than one call (Σr, Σr² for the global rewards_all_std).
+    policy_logps: Optional[torch.Tensor] = None
 
 
 def spin_loss_from_logps(policy_logps: torch.Tensor, ref_logps: torch.Tensor, *,
@@ -28,6 +31,7 @@ def spin_loss_from_logps(policy_logps: torch.Tensor, ref_logps: torch.Tensor, *,
     Metrics (0-dim float tensors of this call's batch, no host sync): `acc` (fraction of pairs with
     margin > 0), `rewards_actual_mean`, `rewards_generated_mean`, `rewards_all_mean`,
     `rewards_all_std`, `margin_mean`, `logps_actual_mean`, `logps_generated_mean`. Rewards include β.
+    `policy_logps` is the input, detached.
     `beta`: a number or a 0-dim tensor, > 0 (see `validation.check_beta` for a tensor on a device).
     `rewards_all_std` is the Bessel-corrected (correction=1, as `torch.std`) standard deviation of
     all 2B rewards, as NeMo-Aligner logs it; a trainer that splits a batch into micro-batches takes
@@ -64,4 +68,4 @@ def spin_loss_from_logps(policy_logps: torch.Tensor, ref_logps: torch.Tensor, *,
             "logps_actual_mean": logps_by_half[0],
             "logps_generated_mean": logps_by_half[1],
         }
-    return SpinLossOutput(loss, metrics)
+    return SpinLossOutput(loss, metrics, policy_logps.detach())
