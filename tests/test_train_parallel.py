@@ -4,13 +4,17 @@
 optimizer stepped in the backward; FSDP in bf16 mixed precision; the whole loop on FSDP with the
 reference swapped in from a bank of local shards and the optimizer state offloaded while generating.
 4 processes: FSDP x TP (dp=2 x tp=2) for the same steps, and the whole loop with a resident reference.
+The fused LM head (--head fused: hidden states -> log-probs, the SPIN loss with its gradients formed in
+the forward) under tp=2, FSDP (fp32; bf16 mixed precision, whose head weight is FSDP's bf16 unsharded
+parameter; tied embeddings) and FSDP x TP equals the logits head of one process; the 4-process loop
+runs it.
 
 Steps: log-probs, loss and metrics (rewards_all_std from the global sums included) within 1e-5,
 updated parameters within 1e-5 (fp32: sums in another order differ by a few ulps, which AdamW's
 first steps, ~lr·sign(g), do not amplify), and a checkpoint round trip of the sharded state.
-Loops: per-step losses within 1e-4, evaluation rows within 1e-5, final weights within 1e-5.
+Loops: per-step losses within 1e-4, evaluation rows within 1e-5, final weights within 1e-5
+(trainer_cases.assert_runs_match).
 """
-import json
 import os
 from datetime import timedelta
 
@@ -19,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer_cases import fixed_pairs, free_port, tiny_setup, train_args
+from trainer_cases import assert_runs_match, fixed_pairs, free_port, tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
 
@@ -27,7 +31,7 @@ from spin_trainer.checkpoint import load_train_state, save_train_state
 from spin_trainer.data import collate_pairs
 from spin_trainer.distributed import setup_parallel
 from spin_trainer.export import full_state_dict
-from spin_trainer.model import load_model, load_tokenizer
+from spin_trainer.model import create_default_model, load_model, load_tokenizer
 from spin_trainer.optim import make_optimizer
 from spin_trainer.parallelize import parallelize_model
 from spin_trainer.precision import Precision
@@ -42,13 +46,15 @@ METRICS = ("loss", "acc", "margin_mean", "rewards_actual_mean", "rewards_generat
 
 
 def spin_steps(model_dir, tp, checkpoint_dir, *, dp_shard=None, dtype="float32", in_backward=False,
-               accumulate=True):
+               accumulate=True, head="logits", tied=False):
     """Log-probs, three optimizer steps with a torch.distributed.checkpoint round trip between the
     2nd and the 3rd; returns full (unsharded) results. One micro-batch per pair with clipping, or (`accumulate`
     False, as optimizer-in-backward needs) one per rank without clipping."""
     accumulate = accumulate and not in_backward
+    if tied:
+        model_dir = os.path.join(os.path.dirname(model_dir), "tied_model")
     precision = Precision(dtype)
-    ctx = setup_parallel(tp, "cpu", dp_shard=dp_shard, precision=precision)
+    ctx = setup_parallel(tp, "cpu", dp_shard=dp_shard, precision=precision, head=head)
     tokenizer = load_tokenizer(model_dir)
     model = parallelize_model(load_model(model_dir, attention="sdpa", dtype=precision.param_dtype_name,
                                          compute_dtype=dtype), ctx)
@@ -70,6 +76,10 @@ def spin_steps(model_dir, tp, checkpoint_dir, *, dp_shard=None, dtype="float32",
         batch, ref, pairs = item
         return spin_micro_loss(model, batch, ref, beta=BETA, loss_type="sigmoid", weight=pairs / PAIRS, ctx=ctx)
 
+    # What the LM head's calls returned: [N, V_local] logits, or the fused head's log-probs [N] or loss [1].
+    head_outputs = set()
+    model.get_output_embeddings().register_forward_hook(lambda m, i, out: head_outputs.add(out.dim()))
+
     def step():
         return optimizer_step(model, optimizer, scheduler, items(), micro_loss, ctx=ctx,
                               max_grad_norm=1.0 if accumulate else 0.0)
@@ -85,7 +95,7 @@ def spin_steps(model_dir, tp, checkpoint_dir, *, dp_shard=None, dtype="float32",
     scheduler.load_state_dict(scheduler_state)
     step()
     head = model.get_output_embeddings().weight
-    return {"lm_head_local": tuple(getattr(head, "to_local", lambda: head)().shape),
+    return {"lm_head_local": tuple(getattr(head, "to_local", lambda: head)().shape), "head_outputs": head_outputs,
             "param_dtypes": {str(p.dtype) for p in model.parameters()},
             "logps": logps, "before": before, "step1": step1, "step2": step2, "after1": after1, "after2": after2,
             "after2_resumed": full_state_dict(model)}
@@ -93,11 +103,14 @@ def spin_steps(model_dir, tp, checkpoint_dir, *, dp_shard=None, dtype="float32",
 
 LOOP_ARGS = {2: ("--iterations", "1", "--greedy", "--save-every", "2", "--reference", "swap",
                  "--offload-optimizer"),
-             4: ("--iterations", "1", "--greedy", "--reference", "resident")}
+             4: ("--iterations", "1", "--greedy", "--reference", "resident", "--head", "fused")}
 LOOP_TP = {2: 1, 4: 2}
 STEP_LAYOUTS = {2: {"tp": dict(tp=2), "dp": dict(tp=1), "dp_replicated": dict(tp=1, dp_shard=False),
-                    "dp_in_backward": dict(tp=1, in_backward=True), "dp_bf16": dict(tp=1, dtype="bfloat16")},
-                4: {"dp2_tp2": dict(tp=2)}}
+                    "dp_in_backward": dict(tp=1, in_backward=True), "dp_bf16": dict(tp=1, dtype="bfloat16"),
+                    "tp_fused": dict(tp=2, head="fused"), "dp_fused": dict(tp=1, head="fused"),
+                    "dp_bf16_fused": dict(tp=1, dtype="bfloat16", head="fused"),
+                    "dp_tied_fused": dict(tp=1, head="fused", tied=True)},
+                4: {"dp2_tp2": dict(tp=2), "dp2_tp2_fused": dict(tp=2, head="fused")}}
 
 
 def _worker(rank, world_size, port, model_dir, out_path, setup, loop_out):
@@ -117,7 +130,11 @@ def _worker(rank, world_size, port, model_dir, out_path, setup, loop_out):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return tiny_setup(str(tmp_path_factory.mktemp("parallel")))
+    setup = tiny_setup(str(tmp_path_factory.mktemp("parallel")))
+    # spin_steps(tied=True) reads it beside the untied one.
+    create_default_model(os.path.join(os.path.dirname(setup[0]), "tied_model"), seed=0, hidden_size=32,
+                         intermediate_size=64, tie_word_embeddings=True)
+    return setup
 
 
 def spawn(world_size, setup, out_dir):
@@ -136,7 +153,8 @@ def runs(setup, tmp_path_factory):
     scratch = tmp_path_factory.mktemp("world1")
     results[1] = {name: spin_steps(setup[0], 1, str(scratch / name), **kwargs) for name, kwargs in
                   (("single", {}), ("single_one_micro", dict(accumulate=False)),
-                   ("single_in_backward", dict(in_backward=True)))}
+                   ("single_in_backward", dict(in_backward=True)), ("single_fused", dict(head="fused")),
+                   ("single_tied", dict(tied=True)))}
     return results
 
 
@@ -153,21 +171,27 @@ def assert_metrics_close(got, want, tolerance=1e-5, names=METRICS):
                 (step, name, got[step][name], want[step][name])
 
 
-@pytest.mark.parametrize("world, layout", [(2, "tp"), (2, "dp"), (2, "dp_replicated"), (4, "dp2_tp2")])
+@pytest.mark.parametrize("world, layout", [(2, "tp"), (2, "dp"), (2, "dp_replicated"), (4, "dp2_tp2"),
+                                           (1, "single_fused"), (2, "tp_fused"), (2, "dp_fused"),
+                                           (4, "dp2_tp2_fused"), (2, "dp_tied_fused")])
 def test_sharded_steps_equal_one_process(runs, world, layout):
-    got, want = runs[world][layout], runs[1]["single"]
+    got, want = runs[world][layout], runs[1]["single_tied" if "tied" in layout else "single"]
     tp = 2 if "tp" in layout else 1
     # Under tp=2 each rank really holds half of the vocabulary rows of the LM head; under FSDP half
     # of those again.
     vocab, hidden = want["lm_head_local"]
-    shards = tp * (2 if layout in ("dp", "dp2_tp2") else 1)
+    shards = tp * (2 if layout.startswith("dp") and layout != "dp_replicated" else 1)
     assert got["lm_head_local"] == (vocab // shards, hidden)
+    # The logits head wrote [N, V_local] logits; the fused one returned log-probs [N] and the loss [1].
+    assert want["head_outputs"] == {2} and got["head_outputs"] == ({1} if "fused" in layout else {2})
     torch.testing.assert_close(got["logps"], want["logps"], rtol=1e-5, atol=1e-5)
     assert_metrics_close(got, want)
     assert_states_close(got["after1"], want["after1"])
     assert_states_close(got["after2"], want["after2"])
     # The steps moved the weights well beyond the tolerance, so the comparison has teeth.
     assert (want["after2"]["lm_head.weight"] - want["after1"]["lm_head.weight"]).abs().max() > 1e-3
+    if "tied" in layout:   # one parameter: the head's gradient and the embedding's summed into it
+        assert torch.equal(got["after2"]["lm_head.weight"], got["after2"]["model.embed_tokens.weight"])
     # The sharded parameters and optimizer state survive a checkpoint round trip bit for bit.
     for name, tensor in got["after2"].items():
         assert torch.equal(got["after2_resumed"][name], tensor), name
@@ -181,6 +205,18 @@ def test_optimizer_in_backward_equals_the_plain_step(runs):
         assert_states_close(got["after2"], want["after2"])
         for name, tensor in got["after2"].items():
             assert torch.equal(got["after2_resumed"][name], tensor), name
+
+
+def test_fused_head_under_fsdp_mixed_precision_equals_the_logits_head(runs):
+    # Both compute the head in bf16 from FSDP's bf16 unsharded weight and reduce the gradients in fp32.
+    got, want = runs[2]["dp_bf16_fused"], runs[2]["dp_bf16"]
+    assert got["param_dtypes"] == {"torch.float32"} and got["head_outputs"] == {1}
+    torch.testing.assert_close(got["logps"], want["logps"], rtol=1e-3, atol=1e-3)
+    assert_metrics_close(got, want, tolerance=1e-3, names=("loss", "acc", "rewards_all_std"))
+    for name in want["before"]:
+        delta_got = (got["after2"][name] - got["before"][name]).flatten()
+        delta_want = (want["after2"][name] - want["before"][name]).flatten()
+        assert torch.nn.functional.cosine_similarity(delta_got, delta_want, dim=0) > 0.99, name
 
 
 def test_fsdp_mixed_precision_keeps_fp32_master_weights(runs):
@@ -197,30 +233,9 @@ def test_fsdp_mixed_precision_keeps_fp32_master_weights(runs):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_whole_loop_matches_one_process(runs, setup, world, tmp_path):
-    from safetensors.torch import load_file
-
     single = str(tmp_path / "single")
     train_cli.main(train_args(*setup, single, *LOOP_ARGS[world]))
-    sharded = runs[world]["loop_out"]
-
-    def records(out, kind):
-        with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-            return [r for r in map(json.loads, f) if r["kind"] == kind]
-
-    train_got, train_want = records(sharded, "train"), records(single, "train")
-    assert [r["step"] for r in train_got] == [r["step"] for r in train_want] == [1, 2, 3, 4]
-    for got, want in zip(train_got, train_want):
-        assert abs(got["loss"] - want["loss"]) <= 1e-4, (got["step"], got["loss"], want["loss"])
-        assert abs(got["rewards_all_std"] - want["rewards_all_std"]) <= 1e-4 * (1 + want["rewards_all_std"])
-    for got, want in zip(records(sharded, "eval"), records(single, "eval"), strict=True):
-        assert got.keys() == want.keys()
-        for key, value in want.items():
-            if isinstance(value, float):
-                assert abs(got[key] - value) <= 1e-5 * (1 + abs(value)), key
-            else:
-                assert got[key] == value, key
-    assert_states_close(load_file(os.path.join(sharded, "final", "model.safetensors")),
-                        load_file(os.path.join(single, "final", "model.safetensors")))
+    assert_runs_match(runs[world]["loop_out"], single, steps=[1, 2, 3, 4])
 
 
 def test_parallelize_runs_on_the_meta_device_with_a_fake_process_group():

@@ -1,4 +1,5 @@
-"""Shared set-up of the trainer tests (no tests here): a tiny model directory and small data files."""
+"""Shared set-up of the trainer tests (no tests here): a tiny model directory and small data files, and
+the comparison of two runs' outputs."""
 import json
 import os
 import socket
@@ -60,3 +61,43 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Eval-row keys that average the acc of an iteration's first step, where the policy is the reference
+# and every margin is 0 up to float rounding: which pairs count as won there is rounding noise.
+FIRST_STEP_ACC = ("spin_acc", "spin_acc_start")
+
+
+def metric_records(out, kind):
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def assert_runs_match(got_out, want_out, *, steps, tolerance=1e-4, eval_tolerance=1e-5, weight_tolerance=1e-5):
+    """Two runs' `--out` agree: per-step losses, rewards std and (after each iteration's first step)
+    acc; evaluation rows; final weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    train_got, train_want = metric_records(got_out, "train"), metric_records(want_out, "train")
+    assert [r["step"] for r in train_got] == [r["step"] for r in train_want] == list(steps)
+    for got, want in zip(train_got, train_want):
+        assert abs(got["loss"] - want["loss"]) <= tolerance, (got["step"], got["loss"], want["loss"])
+        assert abs(got["rewards_all_std"] - want["rewards_all_std"]) <= tolerance * (1 + want["rewards_all_std"])
+    for previous, got, want in zip(train_want, train_got[1:], train_want[1:]):
+        if previous["iteration"] == want["iteration"]:
+            assert got["acc"] == want["acc"], (got["step"], got["acc"], want["acc"])
+    for got, want in zip(metric_records(got_out, "eval"), metric_records(want_out, "eval"), strict=True):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            if key in FIRST_STEP_ACC:
+                continue
+            if isinstance(value, float):
+                assert abs(got[key] - value) <= eval_tolerance * (1 + abs(value)), key
+            else:
+                assert got[key] == value, key
+    got_weights = load_file(os.path.join(got_out, "final", "model.safetensors"))
+    want_weights = load_file(os.path.join(want_out, "final", "model.safetensors"))
+    assert got_weights.keys() == want_weights.keys()
+    for name, tensor in want_weights.items():
+        torch.testing.assert_close(got_weights[name], tensor, rtol=weight_tolerance, atol=weight_tolerance, msg=name)

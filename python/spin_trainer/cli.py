@@ -19,6 +19,7 @@ import sys
 from dataclasses import replace
 
 from spin_trainer.export import EXPORT_DTYPES
+from spin_trainer.logprobs import HEADS
 from spin_trainer.config import (GENERATE_EVERY, LOSS_TYPES, REFERENCE_MODES, SpinConfig, sampling_config,
                                  stop_sequences)
 from spin_trainer.model import ATTENTION_CHOICES
@@ -105,6 +106,11 @@ def build_parser():
         help="activation recompute of the decoder layers: elementwise (norms, SwiGLU product) or full layers")
     add("--device", default="auto", help="auto, cpu or cuda")
     add("--attn", choices=ATTENTION_CHOICES, default="auto", help="auto: flash_attention_2 if usable, else sdpa")
+    add("--head", choices=HEADS, default=None,
+        help="how the LM head scores tokens: fused (hidden states -> log-probs, or the SPIN loss with its gradients "
+             "formed in the forward, never materializing the [tokens, vocab] logits: memory one chunk of at most "
+             "1 GiB; FLOPs 6·N·H·V for the loss, as logits) or logits (the model's head, then the log-prob "
+             "kernels). Default: fused on CUDA, logits elsewhere. See spin_kernels/loss/linear.py")
     add("--dtype", choices=sorted(DTYPES), default="float32",
         help="compute dtype; bfloat16 on GPUs: bf16 compute with fp32 master weights, fp32 gradient reduction "
              "and fp32 optimizer state (float16 has no loss scaling here)")
@@ -264,7 +270,7 @@ def train(args, on_step=None):
     check_output_dir(args.out, args.resume, ["spin"])
     fingerprints = run_fingerprints(args.model, tokenizer, args.train_data)
 
-    ctx = setup_parallel(args.tp, args.device, dp_shard=args.dp_shard, precision=precision)
+    ctx = setup_parallel(args.tp, args.device, dp_shard=args.dp_shard, precision=precision, head=args.head)
     try:
         config.validate(len(train_examples), ctx)
         checkpoint = (resume_checkpoint(args.out, config, ctx, fingerprints, model_dir=args.model,

@@ -4,7 +4,8 @@ NCCL on GPUs, gloo on CPUs. The tensor-parallel plan works on the `tp` axis; on 
 FSDP2 shards parameters, gradients and optimizer state (`--dp-shard`, the default with more than
 one data-parallel rank), or, with `--no-dp-shard`, every rank keeps a replica and the gradients are
 summed by hand (one all-reduce per parameter after accumulation). spin_trainer.parallelize applies
-both; the context says which one runs and in what precision.
+both; the context says which one runs, in what precision and with which LM head (`--head`,
+spin_trainer.logprobs).
 """
 import os
 from contextlib import nullcontext
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .logprobs import HEADS, default_head
 from .precision import Precision
 
 
@@ -31,6 +33,7 @@ class ParallelContext:
     dp_mesh: object = None    # 1-D DeviceMesh of the data-parallel axis (None when dp == 1)
     dp_shard: bool = False    # FSDP2 on the dp axis (else replicas with a by-hand gradient sum)
     precision: Precision = field(default_factory=Precision)
+    head: str = "logits"      # --head: "fused" (hidden states -> log-probs) or "logits" (spin_trainer.logprobs)
 
     @property
     def is_main(self):
@@ -66,13 +69,23 @@ def check_layout(world_size, tp):
                          f"launch with torchrun --nproc_per_node a multiple of --tp")
 
 
-def setup_parallel(tp, device_type="auto", *, dp_shard=None, precision=None):
+def choose_head(requested, device_type):
+    """--head, by default the fused head on CUDA and the logits elsewhere."""
+    if requested is None:
+        return default_head(device_type)
+    if requested not in HEADS:
+        raise ValueError(f"--head must be one of {', '.join(HEADS)}, got {requested!r}")
+    return requested
+
+
+def setup_parallel(tp, device_type="auto", *, dp_shard=None, precision=None, head=None):
     """Initialises the process group (under torchrun) and the (dp, tp) mesh.
 
     `dp_shard`: FSDP on the data-parallel axis; None means on whenever there is more than one
-    data-parallel rank.
+    data-parallel rank. `head`: the LM head (--head); None picks the device's default.
     """
     device_type = choose_device(device_type)
+    head = choose_head(head, device_type)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     check_layout(world_size, tp)
@@ -84,13 +97,13 @@ def setup_parallel(tp, device_type="auto", *, dp_shard=None, precision=None):
         device = torch.device("cpu")
     precision = precision or Precision()
     if world_size == 1:
-        return ParallelContext(0, 1, 1, 1, 0, 0, device, precision=precision)
+        return ParallelContext(0, 1, 1, 1, 0, 0, device, precision=precision, head=head)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return mesh_context(rank, world_size, tp, device, dp_shard=dp_shard, precision=precision)
+    return mesh_context(rank, world_size, tp, device, dp_shard=dp_shard, precision=precision, head=head)
 
 
-def mesh_context(rank, world_size, tp, device, *, dp_shard=None, precision=None):
+def mesh_context(rank, world_size, tp, device, *, dp_shard=None, precision=None, head="logits"):
     """The context of `rank` on a (world_size / tp, tp) mesh of an initialised process group.
 
     Needs nothing but the process group: `--plan` builds it on PyTorch's fake process group.
@@ -110,7 +123,8 @@ def mesh_context(rank, world_size, tp, device, *, dp_shard=None, precision=None)
         tp_rank=tp_mesh.get_local_rank(), dp_rank=dp_mesh.get_local_rank(), device=device,
         tp_mesh=tp_mesh if tp > 1 else None, tp_group=tp_mesh.get_group() if tp > 1 else None,
         dp_group=dp_mesh.get_group() if dp > 1 else None, dp_mesh=dp_mesh if dp > 1 else None,
-        dp_shard=dp > 1 and dp_shard is not False, precision=precision or Precision())
+        dp_shard=dp > 1 and dp_shard is not False, precision=precision or Precision(),
+        head=choose_head(head, device.type))
 
 
 def teardown_parallel(ctx):

@@ -3,21 +3,51 @@
 Every log-prob of the trainer comes from here: the SPIN policy loss, the reference log-probs, the
 SFT loss and the validation numbers. The backbone runs over the whole batch [S, T], but the LM
 head only over the N positions whose label the loss mask counts (the response tokens, EOS
-included): the hidden states of those positions are compacted into [N, H] before the head (a
-pre-hook on the output embedding, inside the model's own forward, so that FSDP's and tensor
-parallelism's hooks run as usual), so prompt and padding positions never produce logits. With
-SPIN's prompts, a quarter of a sequence on the benchmark shape, that is the same share of the
-head's matmul, of its [N, V] logits and of the loss's work.
+included), so prompt and padding positions never produce logits. With SPIN's prompts, a quarter of
+a sequence on the benchmark shape, that is the same share of the head's matmul, of its [N, V]
+logits and of the loss's work. Both heads (`--head`, `ctx.head`) run inside the model's own
+forward, as the output embedding's call, so that FSDP's and tensor parallelism's hooks run as
+usual:
 
-Under tensor parallelism the head's output is this rank's vocab shard [N, V/tp] and the log-probs
-are combined over the tp group (spin_kernels.loss, vocab-parallel). The head's [N, V] logits
-are one branch; a fused hidden-states -> log-probs head (spin_kernels.loss.linear_token_logprobs)
-is the other, taking the same compacted [N, H] hidden states and the head's weight.
+- "logits": a pre-hook on the output embedding compacts the hidden states to the labelled
+  positions [N, H]; the head writes their logits [N, V] (under tensor parallelism this rank's vocab
+  shard [N, V/tp]) and `token_logprobs` (vocab-parallel over the tp group) reads them.
+- "fused" (the default on CUDA): for the duration of the call, the output embedding's forward is
+  redirected (as TRL's and verl's "forward redirection") to spin_kernels' fused head, which takes
+  the hidden states and `head.weight` and never materializes logits: `linear_token_logprobs` on the
+  compacted [N, H] rows (SFT loss, reference and validation log-probs), or for the SPIN policy
+  loss `linear_spin_loss` on the [2b, T, H] pair batch, whose gradients are formed in the forward.
+  Memory: no [N, V] logits nor their gradient, only one chunk's (at most 1 GiB) and, for a bf16
+  weight, an fp32 accumulator of d weight (4·V/tp·H bytes); the loss's preformed d hidden [2b, T, H]
+  and d weight are held from the forward to the backward. FLOPs: the policy loss 6·N·H·V, as the
+  logits path; the per-token function 2·N·H·V under no_grad and 8·N·H·V with a gradient (its
+  backward recomputes the logits). spin_kernels/loss/linear.py's docstring has the details. Being
+  the module's own call, FSDP2's
+  root pre-forward has unsharded `head.weight` (the bf16 unsharded parameter under mixed
+  precision), the output reaches the root's pre-backward hook, and the weight's gradient lands on
+  the unsharded parameter for the post-backward reduce-scatter. Tied embeddings share that one
+  parameter. Under tensor parallelism the head's input hook hands the forward the replicated
+  hidden states as a DTensor and its weight is the vocab-sharded DTensor: the fused head takes
+  their local tensors with `process_group=ctx.tp_group` (d hidden summed over the group, which is
+  the all-reduce the logits path's DTensor backward does), and its output goes back wrapped as the
+  Shard(-1) DTensor the plan's output hook turns into a local tensor (tp_plan.py). Under autocast
+  (one process, --dtype bfloat16, fp32 master weights) the weight is cast to the compute dtype, as
+  F.linear under autocast does; autograd carries the gradient back to the fp32 parameter.
 """
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from spin_kernels.loss import token_logprobs
+from spin_kernels.dtensor import is_dtensor
+from spin_kernels.loss import (linear_spin_loss, linear_token_logprobs, spin_loss_from_logps,
+                               token_logprobs)
+
+HEADS = ("fused", "logits")
+
+
+def default_head(device_type):
+    """--head's default: the fused head on CUDA, the logits elsewhere (the tested CPU path)."""
+    return "fused" if device_type == "cuda" else "logits"
 
 
 @dataclass
@@ -32,32 +62,108 @@ class LabelledLogps:
         return sums.index_add(0, self.rows, self.token_logps)
 
 
-def labelled_logps(model, batch, ctx, *, inplace_backward=False):
-    """Log-probs of the labelled tokens of `batch` (a data.Batch) under `model`, in ctx's precision.
+def output_embedding(model):
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"model: {type(model).__name__} has no output embeddings (LM head)")
+    return head
 
-    `inplace_backward=True` lets the loss's gradient overwrite the logits' memory (nothing else
-    reads them after the loss).
-    """
-    num_rows, width = batch.labels.shape
-    positions = batch.loss_mask.reshape(-1).nonzero().squeeze(1)   # [N]
-    labels = batch.labels.reshape(-1).index_select(0, positions)    # [N]
 
+@contextmanager
+def compacted_input(head, positions):
+    """Inside, `head` sees only the hidden states of the flat `positions` of its [S, T, H] input."""
     def compact(module, args):
         hidden = args[0]   # [S, T, H]
         return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions),) + tuple(args[1:])
 
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"model: {type(model).__name__} has no output embeddings (LM head)")
     # Prepended: it runs before tensor parallelism's input hook turns the hidden states into a DTensor.
     handle = head.register_forward_pre_hook(compact, prepend=True)
     try:
-        with ctx.compute():
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        yield
     finally:
         handle.remove()
-    assert logits.shape[0] == positions.shape[0], (tuple(logits.shape), positions.shape)
-    logps = token_logprobs(logits, labels, process_group=ctx.tp_group, inplace_backward=inplace_backward)
+
+
+def _local(tensor):
+    """A DTensor's local tensor, differentiably (its gradient returns with the same placements)."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+@contextmanager
+def redirected_head(head, ctx, compute):
+    """Inside, a call of the LM head `head` (nn.Linear) returns `compute(hidden, weight, bias)` of
+    plain tensors in one dtype, instead of the logits; yields the list of what it returned."""
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"--head fused: the model's output embedding is a {type(head).__name__}, not an "
+                         "nn.Linear whose weight the fused head can take; use --head logits")
+    produced = []
+
+    def forward(hidden):
+        mesh = hidden.device_mesh if is_dtensor(hidden) else None
+        assert (mesh is None) == (ctx.tp_group is None), "the LM head is vocab-parallel exactly under --tp"
+        h, w = _local(hidden), _local(head.weight)
+        b = None if head.bias is None else _local(head.bias)
+        device_type = h.device.type
+        if torch.is_autocast_enabled(device_type):   # what F.linear under autocast computes in
+            dtype = torch.get_autocast_dtype(device_type)
+            h, w, b = h.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            out = compute(h, w, b)
+        produced.append(out)
+        if mesh is None:
+            return out
+        from torch.distributed.tensor import DTensor, Shard
+
+        # The plan's output hook (ColwiseParallel(use_local_output=True), tp_plan.py) takes a Shard(-1)
+        # DTensor back to its local tensor: this rank's result passes through unchanged.
+        return DTensor.from_local(out, mesh, [Shard(-1)], run_check=False)
+
+    saved = head.__dict__.get("forward")   # an instance attribute someone set before, if any
+    head.forward = forward
+    try:
+        yield produced
+    finally:
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved
+
+
+def _run(model, batch, ctx):
+    with ctx.compute():
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+
+
+def _fused_output(model, produced, got):
+    """The model's output, checked to be what the fused head returned (not transformed after the head)."""
+    if len(produced) != 1 or got.data_ptr() != produced[0].data_ptr() or got.shape != produced[0].shape:
+        raise ValueError(f"--head fused: {type(model).__name__}'s forward transforms its LM head's output (e.g. "
+                         "logit soft-capping or scaling) or calls the head more than once, which the fused "
+                         "head cannot follow; use --head logits")
+    return got
+
+
+def labelled_logps(model, batch, ctx, *, inplace_backward=False):
+    """Log-probs of the labelled tokens of `batch` (a data.Batch) under `model`, in ctx's precision.
+
+    `inplace_backward=True` lets the loss's gradient overwrite the logits' memory (nothing else
+    reads them after the loss; the fused head has no logits).
+    """
+    num_rows, width = batch.labels.shape
+    positions = batch.loss_mask.reshape(-1).nonzero().squeeze(1)   # [N]
+    labels = batch.labels.reshape(-1).index_select(0, positions)    # [N]
+    head = output_embedding(model)
+    with compacted_input(head, positions):
+        if ctx.head == "fused":
+            def compute(hidden, weight, bias):
+                return linear_token_logprobs(hidden, weight, labels, bias=bias, process_group=ctx.tp_group)
+
+            with redirected_head(head, ctx, compute) as produced:
+                logps = _fused_output(model, produced, _run(model, batch, ctx))
+        else:
+            logits = _run(model, batch, ctx)
+            assert logits.shape[0] == positions.shape[0], (tuple(logits.shape), positions.shape)
+            logps = token_logprobs(logits, labels, process_group=ctx.tp_group, inplace_backward=inplace_backward)
     return LabelledLogps(logps, torch.div(positions, width, rounding_mode="floor"), num_rows)
 
 
@@ -65,3 +171,23 @@ def labelled_logps(model, batch, ctx, *, inplace_backward=False):
 def sequence_logps(model, batch, ctx):
     """[S] masked sums of the response log-probs (EOS included), float32, no gradient."""
     return labelled_logps(model, batch, ctx).sequence_sums()
+
+
+def pair_loss(model, batch, ref_logps, ctx, *, beta, loss_type):
+    """The SPIN loss (a SpinLossOutput: loss, metrics, per-sequence policy log-probs) of a [2b]-row
+    pair batch (rows [0, b) actual, [b, 2b) generated) against the reference's [2b] sums."""
+    if ctx.head == "logits":
+        # Nothing else reads the logits after the loss: their gradient can take their memory.
+        policy = labelled_logps(model, batch, ctx, inplace_backward=True).sequence_sums()
+        return spin_loss_from_logps(policy, ref_logps, beta=beta, loss_type=loss_type)
+    results = []
+
+    def compute(hidden, weight, bias):   # hidden [2b, T, H]: the fused head compacts the labelled rows
+        out = linear_spin_loss(hidden, weight, batch.labels, ref_logps, bias=bias, loss_mask=batch.loss_mask,
+                               beta=beta, loss_type=loss_type, process_group=ctx.tp_group)
+        results.append(out)
+        return out.loss.reshape(1)   # a dim to be the plan's Shard(-1) under --tp
+
+    with redirected_head(output_embedding(model), ctx, compute) as produced:
+        loss = _fused_output(model, produced, _run(model, batch, ctx))
+    return results[0]._replace(loss=loss[0])

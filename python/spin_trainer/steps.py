@@ -1,6 +1,6 @@
 """One optimizer step of SPIN or SFT: micro-batches with gradient accumulation, the data-parallel
-gradient sum, clipping by the global norm, the update. Every log-prob comes from
-spin_trainer.logprobs (the LM head on labelled positions only) and spin_kernels.loss.
+gradient sum, clipping by the global norm, the update. Every log-prob and the SPIN loss come from
+spin_trainer.logprobs (the LM head on labelled positions only, logits or fused: --head).
 
 Scaling: each micro-batch's loss is weighted by its share of the global batch (pairs for SPIN,
 response tokens for SFT) and the gradients are summed over micro-batches and data-parallel ranks
@@ -16,10 +16,9 @@ import math
 
 import torch
 from spin_kernels.dtensor import local_tensor
-from spin_kernels.loss import spin_loss_from_logps
 
 from .distributed import all_reduce_sum
-from .logprobs import labelled_logps
+from .logprobs import labelled_logps, pair_loss
 from .optim import global_grad_norm
 
 REWARD_SUMS = ("rewards_sum", "rewards_sq_sum", "rewards_count")
@@ -27,13 +26,11 @@ REWARD_SUMS = ("rewards_sum", "rewards_sq_sum", "rewards_count")
 
 def spin_micro_loss(model, batch, ref_logps, *, beta, loss_type, weight, ctx):
     """(weighted loss, metric tensors) of one [2b]-row pair batch."""
-    # Nothing else reads the logits after the loss: their gradient can take their memory.
-    policy = labelled_logps(model, batch, ctx, inplace_backward=True).sequence_sums()
-    out = spin_loss_from_logps(policy, ref_logps, beta=beta, loss_type=loss_type)
+    out = pair_loss(model, batch, ref_logps, ctx, beta=beta, loss_type=loss_type)
     metrics = {"loss": out.loss.detach() * weight}
     metrics.update({name: value.detach().float() * weight for name, value in out.metrics.items()
                     if name != "rewards_all_std"})
-    rewards = beta * (policy.detach().double() - ref_logps.detach().double())
+    rewards = beta * (out.policy_logps.double() - ref_logps.detach().double())
     metrics.update(rewards_sum=rewards.sum(), rewards_sq_sum=rewards.square().sum(),
                    rewards_count=torch.tensor(float(rewards.numel()), dtype=torch.float64, device=rewards.device))
     return out.loss * weight, metrics
