@@ -9,10 +9,11 @@ the ~1.24 B shape of ANCHORS.md: hidden 2048, 16 layers, V = 128256, tied embedd
                log_softmax + gather over the full vocabulary (uclaml/SPIN, TRL's DPOTrainer), torch AdamW.
     ours       spin_trainer.steps.optimizer_step + spin_micro_loss, the step `spin-train` runs, with
                the CLI flags named in each row (`--dtype bfloat16`: fp32 master weights, bf16 autocast
-               in one process); the reference log-probs precomputed once per iteration from θ_t
-               (`--reference precompute`, the default; timed separately, spin_trainer.logprobs.
-               sequence_logps), the LM head on labelled positions only, the loss kernel writing its
-               gradient into the logits.
+               in one process, and `--head`: the trainer's default LM head on the device, fused on
+               CUDA (the SPIN loss from hidden states with its gradients formed in the forward, no
+               logits), logits elsewhere); the reference log-probs precomputed once per iteration from
+               θ_t (`--reference precompute`, the default; timed separately, spin_trainer.logprobs.
+               sequence_logps, through the same head), the LM head on labelled positions only.
     pure bf16  the last "ours" row's flags plus `--pure-low-precision`: weights, gradients and AdamW
                state in bf16, the old mode, which loses SPIN-sized updates (tests/test_train_precision.py);
                the cost of correct precision is the difference to the row above it.
@@ -47,7 +48,7 @@ from spin_kernels.loss.reference import naive_token_logprobs
 from spin_trainer.data import IGNORE_INDEX, Batch
 from spin_trainer.distributed import ParallelContext
 from spin_trainer.generation import GenerationStats, SamplingConfig, generate_responses
-from spin_trainer.logprobs import sequence_logps
+from spin_trainer.logprobs import default_head, sequence_logps
 from spin_trainer.model import build_tiny_llama
 from spin_trainer.modes import evaluating
 from spin_trainer.optim import make_optimizer
@@ -134,7 +135,9 @@ def paper_step(model, reference, optimizer, batch, beta, device):
 
 def ours_row(model, batch, ref_logps, flags, settings, args, device, rows, precompute_s):
     precision = Precision("bfloat16", pure="--pure-low-precision" in flags)
-    ctx = ParallelContext(0, 1, 1, 1, 0, 0, device, precision=precision)
+    head = default_head(device.type)
+    flags = f"{flags} --head {head}"
+    ctx = ParallelContext(0, 1, 1, 1, 0, 0, device, precision=precision, head=head)
     apply_recompute(decoder_layers(model), settings["recompute"])
     optimizer = make_optimizer(model, ctx=ctx, in_backward=settings["in_backward"])
     scheduler = make_scheduler(optimizer, lambda step: 1e-6)
@@ -178,7 +181,7 @@ def bench_train(model, args, device):
     model.zero_grad(set_to_none=True)
 
     # Reference log-probs, once per iteration from θ_t (the policy at its start is the reference).
-    ctx = ParallelContext(0, 1, 1, 1, 0, 0, device, precision=Precision("bfloat16"))
+    ctx = ParallelContext(0, 1, 1, 1, 0, 0, device, precision=Precision("bfloat16"), head=default_head(device.type))
     with evaluating(model):
         ref_logps = sequence_logps(model, batch, ctx)
         precompute_s = median_ms(lambda: sequence_logps(model, batch, ctx), device, args.steps) / 1e3

@@ -111,6 +111,7 @@ def test_bench_e2e_tiny_run_goes_through_the_trainer_with_the_flags_it_names(tmp
         # Each row's flags are what a user passes to spin-train to get that step.
         args = build_parser().parse_args(["--out", str(tmp_path / "x"), *row["flags"].split()])
         assert args.dtype == "bfloat16" and args.pure_low_precision == row["impl"].startswith("pure")
+        assert args.head == "logits"   # the trainer's default on the CPU (fused on CUDA)
         assert row["s_per_step"] > 0 and row["tokens_per_s_with_precompute"] < row["tokens_per_s"]
     assert [row["impl"] for row in report["generate"]["rows"]] == ["HF generate(), dynamic cache", "generate_responses"]
     assert report["failed_parts"] == []

@@ -1,5 +1,6 @@
-"""--dtype bfloat16 keeps SPIN-sized updates (fp32 master weights, bf16 compute by autocast); the old
-pure-bf16 mode (--pure-low-precision) loses them, and the same check says so."""
+"""--dtype bfloat16 keeps SPIN-sized updates (fp32 master weights, bf16 compute by autocast), with
+either LM head (--head: the fused head casts the fp32 weight to bf16, as F.linear under autocast
+does); the old pure-bf16 mode (--pure-low-precision) loses them, and the same check says so."""
 import pytest
 import torch
 
@@ -23,9 +24,9 @@ def model_dir(tmp_path_factory):
     return tiny_setup(str(tmp_path_factory.mktemp("precision")))[0]
 
 
-def weight_updates(model_dir, precision):
+def weight_updates(model_dir, precision, head="logits"):
     """{name: fp32 (after − before)} of STEPS AdamW steps at LR on fixed pairs."""
-    ctx = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"), precision=precision)
+    ctx = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"), precision=precision, head=head)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=precision.param_dtype_name, compute_dtype=precision.dtype)
     examples, generated = fixed_pairs(tokenizer, PAIRS)
@@ -70,6 +71,27 @@ def fp32_updates(model_dir):
 
 def test_bf16_with_fp32_master_weights_moves_as_fp32_does(model_dir, fp32_updates):
     assert problems_against(weight_updates(model_dir, Precision("bfloat16")), fp32_updates) == []
+
+
+def test_bf16_through_the_fused_head_computes_in_bf16_and_moves_as_fp32_does(model_dir, fp32_updates, monkeypatch):
+    import spin_kernels.loss.head_ops as head_ops
+
+    dtypes = set()
+    forward = head_ops.linear_spin_forward
+
+    def recording(hidden, weight, *args):
+        dtypes.add((hidden.dtype, weight.dtype))
+        return forward(hidden, weight, *args)
+
+    monkeypatch.setattr(head_ops, "linear_spin_forward", recording)
+    updates = weight_updates(model_dir, Precision("bfloat16"), head="fused")
+    # Autocast leaves the hidden states fp32 (fp32 residual stream) and the weight is the fp32
+    # master: both were cast to bf16 for the head, and the gradient still reached the fp32 weight.
+    assert dtypes == {(torch.bfloat16, torch.bfloat16)}
+    assert problems_against(updates, fp32_updates) == []
+    logits_updates = weight_updates(model_dir, Precision("bfloat16"))
+    for name, want in logits_updates.items():
+        assert torch.nn.functional.cosine_similarity(updates[name], want, dim=0) > 0.99, name
 
 
 def test_pure_bf16_loses_the_updates(model_dir, fp32_updates):
