@@ -217,6 +217,17 @@ def test_plan_terms_follow_the_options():
     assert plan(reference="resident").reference == base.parameters
     full = plan(recompute="full")
     assert full.activations.decoder < plan(recompute="elementwise").activations.decoder < base.activations.decoder
+    # --head fused: no [N, V] logits; the compacted rows and their gradient, one chunk of logits,
+    # d weight's fp32 accumulator and d weight (bf16) instead. Its fixed 6·V·h bytes pay off once the
+    # logits would be larger than that and a chunk: here from a few thousand labelled tokens.
+    vocab, hidden = 128256, 4096
+    for micro_batch_size, fused_is_smaller in ((1, False), (8, True)):
+        logits = plan(micro_batch_size=micro_batch_size).activations
+        fused = plan(micro_batch_size=micro_batch_size, head="fused").activations
+        tokens = logits.tokens
+        assert logits.head == tokens * (2 * hidden + 2 * vocab + 32)
+        assert fused.head == tokens * (2 * 2 * hidden + 32) + min(1 << 30, tokens * 2 * vocab) + 6 * vocab * hidden
+        assert (fused.head < logits.head) == fused_is_smaller
 
 
 # ---- bad input ----------------------------------------------------------------------------------

@@ -25,9 +25,17 @@ fp32 weights make fp32 embeddings and residual sums):
     per micro-batch    n·(L·layer + 8 (input ids) + final norm 4h + r·h + 4) + RoPE tables 2·T·d·r
                        (d the head dim; none/elementwise) + under autocast the compute-dtype copies
                        of every Linear weight (cached by autocast for the whole forward)
-    LM head and loss   N·(b·h (the head's input) + b·V/t (logits, which the loss's gradient
-                       overwrites in place) + 32 (fp32 log-sum-exp and log-prob; int64 label,
-                       position and row))
+    LM head and loss   --head logits: N·(b·h (the head's input) + b·V/t (logits, which the loss's
+                       gradient overwrites in place) + 32 (fp32 log-sum-exp and log-prob; int64
+                       label, position and row))
+                       --head fused (spin_kernels.loss.linear_spin_loss, gradients formed in the
+                       forward): N·(2·b·h (the compacted input and its gradient) + 32) + one chunk of
+                       logits (at most head_chunks.CHUNK_BYTES) + the fp32 accumulator of d weight,
+                       4·V/t·h, + d weight itself in the compute dtype, b·V/t·h, held to the backward
+                       (an fp32 weight's gradient is its own accumulator). With its fixed
+                       (4 + b)·V/t·h bytes and a chunk, it is the leaner head only once the logits it
+                       avoids are larger: for bf16 from about one chunk's rows + 3·h labelled tokens
+                       per micro-batch (16.5k at V = 128256, h = 4096)
 
 The decoder part equals the bytes autograd saves for an unpadded batch with a flash-style
 attention kernel (tests/test_train_plan.py measures it with saved-tensor hooks on the CPU for every
@@ -97,10 +105,15 @@ def decoder_bytes(shape, mode, recompute, *, rows, length):
     return tokens * per_token + rope
 
 
-def head_bytes(shape, mode, labelled):
-    """Bytes of the LM head's input, its logits and the loss's per-token tensors for `labelled` tokens."""
-    b = mode.compute_bytes
-    return labelled * (b * shape.hidden + b * shape.vocab // mode.tp + LABEL_BYTES)
+def head_bytes(shape, mode, labelled, head="logits"):
+    """Bytes of the LM head and the loss for `labelled` tokens (--head logits or fused)."""
+    b, h, v = mode.compute_bytes, shape.hidden, shape.vocab // mode.tp
+    if head == "logits":
+        return labelled * (b * h + b * v + LABEL_BYTES)
+    from spin_kernels.loss.head_chunks import CHUNK_BYTES
+
+    weight_gradient = 4 * v * h + (b * v * h if b < 4 else 0)
+    return labelled * (2 * b * h + LABEL_BYTES) + min(CHUNK_BYTES, labelled * b * v) + weight_gradient
 
 
 @dataclass(frozen=True)
@@ -118,7 +131,8 @@ class ActivationEstimate:
         return self.decoder + self.head + self.weight_copies
 
 
-def estimate_activations(shape, mode, recompute, *, micro_batch_size, max_length, linear_weight_numel):
+def estimate_activations(shape, mode, recompute, *, micro_batch_size, max_length, linear_weight_numel,
+                         head="logits"):
     """The micro-batch's activations (2·micro_batch_size rows of max_length tokens, all labelled).
 
     `linear_weight_numel`: this rank's elements of Linear weights (autocast copies them)."""
@@ -131,6 +145,6 @@ def estimate_activations(shape, mode, recompute, *, micro_batch_size, max_length
     return ActivationEstimate(
         tokens=tokens, labelled=tokens, layer_per_token=layer_bytes_per_token(shape, mode, recompute),
         decoder=decoder_bytes(shape, mode, recompute, rows=rows, length=max_length),
-        head=head_bytes(shape, mode, tokens),
+        head=head_bytes(shape, mode, tokens, head),
         weight_copies=mode.compute_bytes * linear_weight_numel if mode.autocast else 0,
         backward_working_set=working_set)

@@ -147,7 +147,7 @@ def _units(model, layers):
 
 def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none", optimizer_options=None,
                 micro_batch_size=1, max_length=1024, gen_batch_size=64, reference="precompute",
-                offload_optimizer=False, rank=0, name="model"):
+                offload_optimizer=False, head="logits", rank=0, name="model"):
     """The MemoryPlan of `rank` in a run of `nproc` processes with tensor parallelism `tp` (a
     Hugging Face config; nothing is allocated)."""
     from transformers import AutoModelForCausalLM
@@ -190,7 +190,7 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
     mode = ComputeMode(compute_bytes=b, autocast=not dp_shard and precision.mixed, tp=tp)
     shape = DecoderShape.of(config)
     activations = estimate_activations(shape, mode, recompute, micro_batch_size=micro_batch_size,
-                                       max_length=max_length, linear_weight_numel=linear_numel)
+                                       max_length=max_length, linear_weight_numel=linear_numel, head=head)
     largest = max(layers, key=lambda u: u.gathered_numel)
     reduce_copy = 4 if precision.mixed else 0   # fp32 reduce-scatter input of a low-precision gradient
     in_backward = optimizer_options.get("in_backward", False)
@@ -210,7 +210,8 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
         f"{' (the largest shards)' if rank == 0 else ''}",
         f"  {'FSDP on the data-parallel axis' if dp_shard else 'no FSDP (a full replica per data-parallel rank)'}; "
         f"{_precision_words(precision, dp_shard)}; {optimizer_name}"
-        f"{' stepped in the backward' if in_backward else ''}; --recompute {recompute}; --reference {reference}",
+        f"{' stepped in the backward' if in_backward else ''}; --recompute {recompute}; --reference {reference}; "
+        f"--head {head}",
     ]
     return MemoryPlan(
         description=description, parameter_count=parameter_count, parameters=parameters, gradients=gradients,

@@ -5,6 +5,7 @@ import os
 import sys
 from types import SimpleNamespace
 
+from .distributed import choose_head
 from .plan import DEFAULT_DEVICE_MEMORY_GIB, GIB, memory_plan
 from .precision import Precision
 
@@ -14,15 +15,16 @@ def _gib(value):
 
 
 def plan_from_args(args, config, nproc, *, rank=0, name=None):
-    """memory_plan of the run the command line `args` describes, on `nproc` processes."""
+    """memory_plan of the run the command line `args` describes, on `nproc` processes (GPUs: --head
+    defaults to the fused head there)."""
     return memory_plan(
         config, nproc=nproc, tp=args.tp, precision=Precision(args.dtype, pure=args.pure_low_precision),
         dp_shard=args.dp_shard, recompute=args.recompute,
         optimizer_options=dict(name=args.optimizer, weight_decay=args.weight_decay, betas=tuple(args.adam_betas),
                                eps=args.adam_eps, in_backward=args.optimizer_in_backward),
         micro_batch_size=args.micro_batch_size, max_length=args.max_length, gen_batch_size=args.gen_batch_size,
-        reference=args.reference, offload_optimizer=args.offload_optimizer, rank=rank,
-        name=name or args.model)
+        reference=args.reference, offload_optimizer=args.offload_optimizer, head=choose_head(args.head, "cuda"),
+        rank=rank, name=name or args.model)
 
 
 def format_plan(plan, *, micro_batch_size, max_length, gen_batch_size, device_memory_gib):
