@@ -125,6 +125,17 @@ def replace_directory(new, final):
 
 
 # ---- saving --------------------------------------------------------------------------------------------
+def fresh_directory(path, ctx):
+    """An empty directory at `path` (a leftover of an interrupted write is removed first), made by
+    rank 0 and seen by every rank when this returns; returns `path`."""
+    if ctx.is_main:
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.makedirs(path)
+    ctx.barrier()
+    return path
+
+
 @contextmanager
 def single_process_quiet(ctx):
     """DCP warns on every call of a run without a process group that it assumes one process:
@@ -202,13 +213,7 @@ def save_checkpoint(root, step, *, model, optimizer, reference, loop_state, ctx,
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     final = os.path.join(root, f"{PREFIX}{step:08d}")
-    tmp = os.path.join(root, f".tmp-{PREFIX}{step:08d}")
-    if ctx.is_main:
-        os.makedirs(root, exist_ok=True)
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-    ctx.barrier()
+    tmp = fresh_directory(os.path.join(root, f".tmp-{PREFIX}{step:08d}"), ctx)
     save_train_state(os.path.join(tmp, TRAIN_DIR), model, optimizer, ctx)
     if reference is not None:
         with reference() as module:

@@ -18,7 +18,7 @@ import shutil
 import torch
 from spin_kernels.dtensor import is_dtensor
 
-from .checkpoint import replace_directory, single_process_quiet
+from .checkpoint import fresh_directory, replace_directory, single_process_quiet
 
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_FILE_BYTES = 5 * 1024 ** 3   # HF's usual shard size
@@ -79,13 +79,7 @@ def export_hf(model, tokenizer, out_dir, ctx, *, dtype=torch.float32, max_file_b
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     parent = os.path.dirname(os.path.abspath(out_dir))
-    tmp = os.path.join(parent, f".tmp-export-{os.path.basename(os.path.abspath(out_dir))}")
-    if ctx.is_main:
-        os.makedirs(parent, exist_ok=True)
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-    ctx.barrier()
+    tmp = fresh_directory(os.path.join(parent, f".tmp-export-{os.path.basename(os.path.abspath(out_dir))}"), ctx)
     with torch.no_grad():
         state = {name: tensor.detach().to(dtype) for name, tensor in get_model_state_dict(model).items()}
     writer = HuggingFaceStorageWriter(tmp, fqn_to_index_mapping=file_index(state, dtype, max_file_bytes),
