@@ -132,7 +132,8 @@ def build_parser():
         help="continue from the newest intact checkpoint in --out, also with another process count or --tp")
     add("--export-dtype", choices=EXPORT_DTYPES, default="auto",
         help="dtype of the final Hugging Face model; auto: the input model's config.torch_dtype")
-    add("--no-progress", action="store_true", help="no progress bars (e.g. for logs)")
+    add("--no-progress", action="store_true",
+        help="no progress bars, Hugging Face's loading bars included (bars show only on a terminal anyway)")
     add("--plan", action="store_true",
         help="print the per-rank memory plan of this run on --nproc processes and exit: the model is built on the "
              "meta device from --model's config.json alone (no weights, no tokenizer) and parallelized as training "
@@ -164,7 +165,12 @@ def spin_config(args):
         gen_batch_size=args.gen_batch_size, drop_truncated=args.drop_truncated,
         offload_optimizer=args.offload_optimizer, max_length=args.max_length, seed=args.seed,
         save_every=args.save_every, keep=args.keep, max_steps=args.max_steps, val_every=args.val_every,
-        progress=not args.no_progress)
+        progress=show_progress(args))
+
+
+def show_progress(args):
+    """Progress bars on a terminal only: in a log file each redraw would be a line of its own."""
+    return not args.no_progress and sys.stderr.isatty()
 
 
 def check_output_dir(out, resume, runs):
@@ -238,9 +244,10 @@ def train(args, on_step=None):
     from spin_trainer.export import export_hf, resolve_export_dtype
     from spin_trainer.fingerprint import run_fingerprints
     from spin_trainer.loop import SpinTrainer
-    from spin_trainer.metrics import MetricsLog, format_table, plot_curves, read_records
+    from spin_trainer.metrics import MetricsLog, read_records
     from spin_trainer.model import check_model_dir, load_model, load_tokenizer
     from spin_trainer.parallelize import parallelize_model
+    from spin_trainer.plots import TABLE_LEGEND, format_table, plot_curves
     from spin_trainer.tp_plan import check_tensor_parallel
 
     for option, value in (("--model", args.model), ("--train-data", args.train_data)):
@@ -251,6 +258,9 @@ def train(args, on_step=None):
     check_output_path(args.out)
     config = spin_config(args)
     precision = Precision(args.dtype, pure=args.pure_low_precision)
+    if not show_progress(args):
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     check_model_dir(args.model)
     source_config = AutoConfig.from_pretrained(args.model)
     check_context_length(args.max_length, source_config)
@@ -294,7 +304,8 @@ def train(args, on_step=None):
         export_hf(model, tokenizer, os.path.join(args.out, "final"), ctx, dtype=export_dtype)
         if ctx.is_main:
             print(format_table(rows, "SPIN, per iteration (iteration 0 = the starting model)"))
-            plot_curves(read_records(metrics.path), os.path.join(args.out, "curves.png"), ["spin"])
+            print(TABLE_LEGEND)
+            plot_curves([read_records(metrics.path)], os.path.join(args.out, "curves.png"), ["spin"])
             print(f"final model: {os.path.join(args.out, 'final')}")
         return rows
     finally:
@@ -310,7 +321,8 @@ def main(argv=None, on_step=None):
     if not args.out:
         parser.error("the following arguments are required: --out")
     if args.demo:
-        from spin_trainer.demo import run_demo
+        from spin_trainer.demo import check_demo_options, run_demo
+        check_demo_options(parser, sys.argv[1:] if argv is None else argv)
         return run_demo(args)
     return train(args, on_step=on_step)
 

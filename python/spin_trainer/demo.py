@@ -1,129 +1,203 @@
-"""`make demo`: the whole pipeline on the built-in default, no download, a few minutes on 2 CPU cores.
+"""`make demo`: SPIN against continued SFT on a built-in task, over 3 seeds, in a few minutes on 2 CPU cores.
 
-A tiny Llama and a character tokenizer are built and saved in HF format; a short SFT warm-up on
-two-digit addition leaves the model weak; then SPIN runs for a few iterations and, from the same
-start and on the same number of optimizer steps, continued SFT. Both get the same per-iteration
-table and the verdict says which ended with the higher held-out exact-match accuracy.
+It runs the setting of benchmarks/study_outcome.py where SPIN's effect was clearest (see
+benchmarks/results/outcome.md and the README): the task, the start, and each arm's learning rate
+(and β) that the study chose on the validation split for most seeds. Per seed: a fresh tiny
+Llama and character tokenizer (saved in HF format, no download), the SFT start, then SPIN and,
+from the same start with the same optimizer steps and examples seen, continued SFT. It prints
+each arm's per-iteration table (mean ± standard error over the seeds) with the iteration
+diagnostics, and a verdict that takes the seed-to-seed noise into account; it writes curves.png.
+
+--out must be empty, absent, or hold only an earlier demo (which is replaced): the demo never
+writes over a training run. It takes no model, data or training options; --seed S runs seeds S,
+S + 1, S + 2.
 """
-import math
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
 import os
+import re
 import shutil
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
-from .export import export_hf, full_state_dict
-from .config import SpinConfig
-from .data import load_examples
+from .comparison import TASKS, Arm, Protocol, Task, make_starts, metrics_log, prepare, run_arm
 from .distributed import setup_parallel, teardown_parallel
-from .evaluate import HeldOut
-from .generation import SamplingConfig
-from .loop import SpinTrainer
-from .metrics import MetricsLog, format_table, plot_curves, read_records
-from .model import create_default_model, load_model, load_tokenizer
-from .sft import run_sft
-
-DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data", "arith")
-MAX_LENGTH = 16
-WARMUP_STEPS = 300
-# Chosen on this task so that SPIN neither collapses (lr 1e-3 drove the SFT loss from 1.3 to 3.3 in
-# 48 steps) nor stands still; continued SFT gets the same learning rate, batch and step count.
-SPIN_PROMPTS = 1024
-SPIN_ITERATIONS = 4
-SPIN_LR = 5e-5
-SPIN_BETA = 0.5
-SPIN_BATCH = 32
+from .export import export_hf
+from .metrics import read_records
+from .plots import TABLE_LEGEND, format_table, mean_rows, plot_curves
+from .verdict import verdict
 
 
-def demo_data(tokenizer):
-    paths = {split: os.path.join(DATA_DIR, f"{split}.jsonl") for split in ("train", "val", "test")}
-    if not all(os.path.isfile(p) for p in paths.values()):
-        raise ValueError(f"demo data missing under {DATA_DIR}; regenerate it with python data/make_arith.py")
-    return {split: load_examples(path, tokenizer, max_length=MAX_LENGTH, option=f"demo {split} data")
-            for split, path in paths.items()}
+@dataclass(frozen=True)
+class Setting:
+    task: Task
+    start: str
+    spin: Arm
+    sft: Arm
+    protocol: Protocol
+    seeds: int
+
+    def summary(self, seeds):
+        return {"task": self.task.name, "start": self.start, "seeds": seeds, "spin": vars(self.spin),
+                "sft": vars(self.sft), "protocol": vars(self.protocol)}
 
 
-def verdict(spin_rows, sft_rows, num_test):
-    """Which run ended better on held-out exact match, with the binomial noise of the comparison."""
-    spin_final, sft_final = spin_rows[-1], sft_rows[-1]
-    a, b = spin_final["exact_match"], sft_final["exact_match"]
-    noise = math.sqrt((a * (1 - a) + b * (1 - b)) / num_test)
-    summary = (f"After {spin_final['step']} optimizer steps each: held-out exact match SPIN {a:.3f} vs "
-               f"continued SFT {b:.3f} ({num_test} test problems, standard error of the difference {noise:.3f}); "
-               f"SFT validation loss SPIN {spin_final['val_sft_loss']:.4f} vs continued SFT "
-               f"{sft_final['val_sft_loss']:.4f}.")
-    loss_a, loss_b = spin_final["val_sft_loss"], sft_final["val_sft_loss"]
-    loss_note = (" Both have the same SFT validation loss." if loss_a == loss_b else
-                 f" {'SPIN' if loss_a < loss_b else 'continued SFT'} has the lower SFT validation loss.")
-    if a == b:
-        return summary + " Neither did better on exact match in this run." + loss_note
-    winner = "SPIN" if a > b else "continued SFT"
-    if abs(a - b) < 2 * noise:
-        return summary + (f" {winner} ended higher on exact match, but by less than two standard errors: "
-                          f"on this run the two are not distinguishable.") + loss_note
-    return summary + f" {winner} did better on exact match in this run (one seed, tiny model)." + loss_note
+# The study's setting: the first study run's best grid points on average over seeds for arith from
+# the short warm-up (the extended grid's run replaces it).
+DEMO = Setting(task=TASKS["arith"], start="warmup", spin=Arm("spin", lr=3e-4, beta=2.0), sft=Arm("sft", lr=3e-4),
+               protocol=Protocol(), seeds=3)
+
+MARKER = "demo.json"
+DEMO_ENTRY = re.compile(r"(demo\.json|curves\.png)(\.tmp.*)?|seed-\d+")
+DEMO_OPTIONS = ("demo", "out", "seed", "attn", "no_progress")
+# What the one-seed demo before demo.json wrote; its metrics.jsonl starts with its warm-up's records.
+SINGLE_SEED_DEMO = {"base_model", "checkpoints", "curves.png", "final", "metrics.jsonl"}
+
+
+def check_demo_options(parser, argv):
+    """--demo takes only --out, --seed, --attn and --no-progress; any other option given is an error
+    (it would be silently ignored), even one given with its default value."""
+    dests = vars(parser.parse_args(argv))
+    unset = object()
+    given = argparse.Namespace(**{dest: unset for dest in dests})
+    parser.parse_args(argv, namespace=given)   # argparse leaves attributes already present when not given
+    ignored = ["--" + dest.replace("_", "-") for dest, value in vars(given).items()
+               if value is not unset and dest not in DEMO_OPTIONS]
+    if ignored:
+        raise ValueError(f"--demo runs its own model, data and settings and does not take {', '.join(ignored)}; "
+                         f"it takes only --out, --seed, --attn and --no-progress")
+
+
+def check_demo_out(out):
+    """Refuses an --out that holds anything but an earlier demo (the demo replaces its directory)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file; the demo needs a directory")
+    if not os.path.isdir(out):
+        return
+    entries = sorted(os.listdir(out))
+    if not entries or (MARKER in entries and all(DEMO_ENTRY.fullmatch(e) for e in entries)):
+        return
+    if is_single_seed_demo(out, entries):
+        return
+    foreign = [e for e in entries if not DEMO_ENTRY.fullmatch(e)] if MARKER in entries else entries
+    shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+    raise ValueError(f"--out {out!r} already holds files that are not an earlier demo's ({shown}); the demo "
+                     f"replaces its output directory, so it refuses to run there: choose another --out")
+
+
+def is_single_seed_demo(out, entries):
+    if not set(entries) <= SINGLE_SEED_DEMO or "metrics.jsonl" not in entries:
+        return False
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+    try:
+        return json.loads(first).get("run") == "sft_warmup"
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def reset_demo_out(out, settings):
+    """Removes an earlier demo's files and marks `out` as the demo's (before anything else is written)."""
+    os.makedirs(out, exist_ok=True)
+    for entry in os.listdir(out):
+        path = os.path.join(out, entry)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif entry != MARKER:
+            os.remove(path)
+    write_json(os.path.join(out, MARKER), settings)
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def run_seed(setting, seed, out, attention, progress):
+    """One seed of the demo, in this process or a worker: (SPIN rows, SFT rows, metrics path, summary line)."""
+    from transformers.utils import logging as hf_logging
+
+    # The demo loads its tiny model several times per seed: no loading bars.
+    hf_logging.disable_progress_bar()
+    # Tiny model: intra-op threads only add OpenMP synchronisation (and on a busy machine,
+    # spin-waiting that slows each small matmul by orders of magnitude).
+    torch.set_num_threads(1)
+    began = time.time()
+    seed_dir = os.path.join(out, f"seed-{seed}")
+    ctx = setup_parallel(1, "cpu")
+    try:
+        setup = prepare(setting.task, seed, seed_dir, ctx, attention=attention, progress=progress)
+        metrics = metrics_log(os.path.join(seed_dir, "metrics.jsonl"))
+        start = make_starts(setup, setting.protocol, [setting.start], metrics)[setting.start]
+        spin_rows = run_arm(setup, start, setting.spin, setting.protocol, metrics)
+        export_hf(setup.model, setup.tokenizer, os.path.join(seed_dir, "final"), ctx)
+        sft_rows = run_arm(setup, start, setting.sft, setting.protocol, metrics)
+    finally:
+        teardown_parallel(ctx)
+    line = (f"seed {seed}: start after {start.step} SFT steps, test exact match {start.row['exact_match']:.3f}; "
+            f"after {spin_rows[-1]['step']} more steps: SPIN {spin_rows[-1]['exact_match']:.3f}, continued SFT "
+            f"{sft_rows[-1]['exact_match']:.3f} ({time.time() - began:.0f} s)")
+    return spin_rows, sft_rows, metrics.path, line
+
+
+def run_seeds(setting, seeds, out, attention, progress):
+    """Every seed's results, in seed order; seeds run in parallel processes, one per CPU core."""
+    workers = min(len(seeds), os.cpu_count() or 1)
+    if workers == 1:
+        results = []
+        for seed in seeds:
+            results.append(run_seed(setting, seed, out, attention, progress))
+            print(results[-1][-1], flush=True)
+        return results
+    # Bars of parallel workers would overwrite each other.
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_seed, setting, seed, out, attention, False) for seed in seeds]
+        results = []
+        for future in futures:
+            results.append(future.result())
+            print(results[-1][-1], flush=True)
+    return results
 
 
 def run_demo(args):
-    start_time = time.time()
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    # The demo's model is tiny: intra-op threads only add OpenMP synchronisation (and on a busy
-    # machine, spin-waiting that slows each small matmul by orders of magnitude).
-    torch.set_num_threads(1)
-    ctx = setup_parallel(1, "cpu")
-    try:
-        torch.manual_seed(args.seed)
-        out = args.out
-        base_dir = create_default_model(os.path.join(out, "base_model"), seed=args.seed)
-        tokenizer = load_tokenizer(base_dir)
-        data = demo_data(tokenizer)
-        model = load_model(base_dir, attention=args.attn)
-        metrics = MetricsLog(os.path.join(out, "metrics.jsonl"))
-        # The demo always starts from scratch: a previous demo's metrics and checkpoints would mix
-        # with this run's (and a stale later step would outrank the new checkpoints when pruning).
-        if os.path.exists(metrics.path):
-            os.remove(metrics.path)
-        shutil.rmtree(os.path.join(out, "checkpoints", "spin"), ignore_errors=True)
-        held_out = HeldOut(data["test"], data["val"], ctx, tokenizer=tokenizer, max_length=MAX_LENGTH,
-                           max_new_tokens=6, batch_size=256, micro_batch_size=64)
-        progress = not args.no_progress
-
-        warm = run_sft(model, tokenizer, data["train"], ctx, steps=WARMUP_STEPS, lr=3e-3, micro_batch_size=32,
-                       global_batch_size=32, seed=args.seed, metrics=metrics, run="sft_warmup",
-                       held_out=held_out, eval_at=(WARMUP_STEPS,), warmup_steps=10, progress=progress)
-        print(f"SFT warm-up: {WARMUP_STEPS} steps, held-out exact match {warm[-1]['exact_match']:.3f}")
-        start_state = full_state_dict(model)
-
-        config = SpinConfig(iterations=SPIN_ITERATIONS, epochs=1, betas=(SPIN_BETA,), lrs=(SPIN_LR,),
-                            micro_batch_size=SPIN_BATCH, global_batch_size=SPIN_BATCH,
-                            sampling=SamplingConfig(max_new_tokens=6, do_sample=True, temperature=1.0),
-                            gen_batch_size=256, max_length=MAX_LENGTH, seed=args.seed, keep=1, progress=progress)
-        spin_prompts = data["train"][:SPIN_PROMPTS]
-        trainer = SpinTrainer(model, tokenizer, spin_prompts, data["val"], config, ctx,
-                              out_dir=out, held_out=held_out, metrics=metrics)
-        spin_rows = trainer.train()
-        export_hf(model, tokenizer, os.path.join(out, "final"), ctx)
-
-        baseline = load_model(base_dir, attention=args.attn)
-        baseline.load_state_dict(start_state)
-        boundaries = [sum(trainer.steps_per_iteration[:t + 1]) for t in range(config.iterations)]
-        sft_rows = run_sft(baseline, tokenizer, spin_prompts, ctx, steps=boundaries[-1], lr=config.lrs[0],
-                           micro_batch_size=SPIN_BATCH, global_batch_size=SPIN_BATCH, seed=args.seed,
-                           metrics=metrics, run="sft",
-                           held_out=held_out, eval_at=boundaries, progress=progress)
-
-        print()
-        print(format_table(spin_rows, "SPIN from the SFT warm-up (iteration 0 = start; SPIN acc and rewards: "
-                                      "training means over the iteration)"))
-        print()
-        print(format_table(sft_rows, "Continued SFT from the same start, same optimizer steps and batch size"))
-        print()
-        print(verdict(spin_rows, sft_rows, len(data["test"])))
-        plot_curves(read_records(metrics.path), os.path.join(out, "curves.png"), ["sft_warmup", "spin", "sft"],
-                    offsets={"spin": WARMUP_STEPS, "sft": WARMUP_STEPS})
-        print(f"wrote {metrics.path}, {os.path.join(out, 'curves.png')}, final SPIN model {os.path.join(out, 'final')} "
-              f"({time.time() - start_time:.0f} s)")
-        return spin_rows, sft_rows
-    finally:
-        teardown_parallel(ctx)
+    began = time.time()
+    check_demo_out(args.out)
+    setting = DEMO
+    # Bars show only on a terminal (and not with --no-progress): a log file reads as plain lines.
+    progress = not args.no_progress and sys.stderr.isatty()
+    seeds = [args.seed + k for k in range(setting.seeds)]
+    out = args.out
+    reset_demo_out(out, setting.summary(seeds))
+    print(f"SPIN vs continued SFT on the '{setting.task.name}' task from the {setting.start} start, seeds {seeds}: "
+          f"SPIN lr {setting.spin.lr:g} β {setting.spin.beta:g}, continued SFT lr {setting.sft.lr:g} (chosen by "
+          f"benchmarks/study_outcome.py on the validation split)", flush=True)
+    spin_by_seed, sft_by_seed, paths, _ = zip(*run_seeds(setting, seeds, out, args.attn, progress))
+    with open(os.path.join(setting.task.data_dir, "test.jsonl"), encoding="utf-8") as f:
+        num_test = sum(1 for line in f if line.strip())
+    steps = spin_by_seed[0][-1]["step"]
+    print()
+    print(format_table(mean_rows(spin_by_seed), f"SPIN, {setting.protocol.iterations} iterations from the start "
+                                                f"(iteration 0), mean over {len(seeds)} seeds"))
+    print()
+    print(format_table(mean_rows(sft_by_seed), "Continued SFT from the same start: the same optimizer steps, "
+                                               "batch size and examples seen"))
+    print(TABLE_LEGEND)
+    print()
+    winner, text = verdict([rows[-1]["exact_match"] for rows in spin_by_seed],
+                           [rows[-1]["exact_match"] for rows in sft_by_seed], num_test=num_test, steps=steps)
+    print(text)
+    curves = plot_curves([read_records(p) for p in paths], os.path.join(out, "curves.png"),
+                         ["sft_start", "sft", "spin"])
+    write_json(os.path.join(out, MARKER), {**setting.summary(seeds), "winner": winner, "verdict": text,
+                                           "spin_final": [r[-1]["exact_match"] for r in spin_by_seed],
+                                           "sft_final": [r[-1]["exact_match"] for r in sft_by_seed]})
+    print(f"wrote {curves}, per seed {os.path.join(out, 'seed-N')}/metrics.jsonl and the SPIN model "
+          f"{os.path.join(out, 'seed-N', 'final')} ({time.time() - began:.0f} s)")
+    return spin_by_seed, sft_by_seed

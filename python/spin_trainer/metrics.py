@@ -1,4 +1,4 @@
-"""Metrics: one JSON object per line (metrics.jsonl), the per-iteration table, curves.png.
+"""Metrics: one JSON object per line (metrics.jsonl); the table and curves.png are in plots.py.
 
 Records carry `kind` ("train" per optimizer step, "eval" per evaluation point) and `run` (e.g.
 "spin" or "sft"), so several runs of one demo share a file. Only rank 0 writes.
@@ -6,13 +6,6 @@ Records carry `kind` ("train" per optimizer step, "eval" per evaluation point) a
 import json
 import math
 import os
-
-TABLE_COLUMNS = (
-    ("iteration", "iter", "{:d}"), ("step", "step", "{:d}"), ("exact_match", "exact-match", "{:.3f}"),
-    ("val_sft_loss", "SFT val loss", "{:.4f}"), ("spin_acc", "SPIN acc", "{:.3f}"),
-    ("val_spin_acc", "val SPIN acc", "{:.3f}"), ("rewards_actual", "reward actual", "{:+.4f}"),
-    ("rewards_generated", "reward gen", "{:+.4f}"), ("gen_length", "gen length", "{:.2f}"),
-)
 
 
 # Wall-clock measurements of a step: the only fields that differ between two identical runs.
@@ -83,59 +76,3 @@ def read_records(path, report=print):
             report(f"warning: {path}:{number}: the last line is cut short (was the run killed while writing it?); "
                    f"dropped it")
     return records
-
-
-def format_table(rows, title):
-    """Plain-text table of eval rows (dicts); missing values print as '-'."""
-    header = [label for _, label, _ in TABLE_COLUMNS]
-    body = []
-    for row in rows:
-        cells = []
-        for key, _, fmt in TABLE_COLUMNS:
-            value = row.get(key)
-            cells.append("-" if value is None else fmt.format(value))
-        body.append(cells)
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
-    line = "  ".join(h.rjust(w) for h, w in zip(header, widths))
-    out = [title, line, "-" * len(line)]
-    out += ["  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in body]
-    return "\n".join(out)
-
-
-def plot_curves(records, path, runs, offsets=None):
-    """curves.png: held-out exact match and SFT validation loss per run, SPIN loss and acc per step.
-
-    `offsets` shifts a run's steps (e.g. runs that start where a warm-up ended) on the x axis.
-    """
-    offsets = offsets or {}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    panels = ((axes[0][0], "eval", "exact_match", "held-out exact match"),
-              (axes[0][1], "eval", "val_sft_loss", "SFT validation loss"),
-              (axes[1][0], "train", "loss", "training loss"),
-              (axes[1][1], "train", "acc", "SPIN acc (actual preferred)"))
-    for ax, kind, key, title in panels:
-        for run in runs:
-            shift = offsets.get(run, 0)
-            points = [(r["step"] + shift, r[key]) for r in records
-                      if r.get("kind") == kind and r.get("run") == run and r.get(key) is not None]
-            if kind == "train" and key == "loss":
-                points = [(r["step"] + shift, r.get("loss", r.get("sft_loss"))) for r in records
-                          if r.get("kind") == "train" and r.get("run") == run]
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o" if kind == "eval" else None, label=run)
-        ax.set_title(title)
-        ax.set_xlabel("optimizer step")
-        if ax.lines:
-            ax.legend()
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
