@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check, in one call: the `cuda` tests, then the benchmark tables (about 7 minutes on one
-# H100/H200). For a GPU machine whose python3 has torch + triton and no network:
+# The GPU check, in one call: the `cuda` tests, then the benchmark tables, within GPU_CHECK_BUDGET
+# seconds (default 460) on one H100/H200. For a GPU machine whose python3 has torch + triton and no
+# network:
 #   bash benchmarks/gpu_check.sh                          # every step
 #   bash benchmarks/gpu_check.sh build tests bench_loss   # only these steps
 # Tables go to benchmarks/results/, logs to benchmarks/results/logs/; with $OUT set, all of it also
@@ -15,9 +16,17 @@ mkdir -p "$LOG_DIR"
 status=0
 
 steps=" ${*:-build tests bench_loss bench_head bench_swap bench_e2e} "
+# The whole script stays inside one device call of 8 minutes: each step gets at most what is left
+# of GPU_CHECK_BUDGET seconds (a step cut short still leaves its log; the later ones are skipped).
+BUDGET=${GPU_CHECK_BUDGET:-460}
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on failure
   local name=$1 limit=$2; shift 2
   [[ $steps == *" $name "* ]] || return 0
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 20 ]; then
+    echo "=== $name: skipped, ${left}s left of the ${BUDGET}s budget ==="; status=1; return 0
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
   echo "=== $name (limit ${limit}s) ==="
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee "$LOG_DIR/$name.log"
