@@ -164,7 +164,7 @@ def main(argv=None):
     raw_path = os.path.splitext(args.out)[0] + ".json"
     os.makedirs(os.path.dirname(os.path.abspath(raw_path)), exist_ok=True)
     with open(raw_path, "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1, sort_keys=True)
+        json.dump({"meta": meta, "results": results}, f, sort_keys=True, separators=(",", ":"))
     write_report(args.out, results, meta, choose)
     print(f"wrote {args.out} and {raw_path} ({seconds / 60:.1f} min)")
 

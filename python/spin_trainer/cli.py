@@ -46,7 +46,7 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     add = parser.add_argument
     add("--demo", action="store_true",
-        help="run the built-in end-to-end demo (tiny model, arithmetic task, no download); it takes no model, "
+        help="run the built-in end-to-end demo (tiny model, built-in task, no download); it takes no model, "
              "data or training options: only --out, --seed, --attn and --no-progress")
     add("--out", help="output directory (metrics, checkpoints, final model); required except with --plan")
     add("--model", help="local Hugging Face causal-LM directory")
