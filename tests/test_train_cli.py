@@ -42,6 +42,17 @@ def test_bad_numbers_are_refused_before_the_model_is_loaded(tiny, tmp_path, no_m
     assert expected in str(info.value)
 
 
+@pytest.mark.parametrize("extra, expected", [
+    (["--lr", "inf"], "--lr must be finite"), (["--beta", "0"], "--beta must be finite and > 0"),
+    (["--epochs", "0"], "--epochs must be >= 1"), (["--keep", "0"], "--keep must be >= 1"),
+])
+def test_a_bad_setting_is_named_before_any_file_is_read(tmp_path, extra, expected):
+    """Neither the model directory (no tokenizer here) nor the data file exists: the setting wins."""
+    with pytest.raises(ValueError, match=expected):
+        train_cli.main(["--model", str(tmp_path / "no_model"), "--train-data", str(tmp_path / "no_data.jsonl"),
+                        "--out", str(tmp_path / "run"), *extra])
+
+
 def test_an_out_that_cannot_be_a_directory_is_refused_first(tiny, tmp_path, no_model_load):
     a_file = tmp_path / "a_file"
     a_file.write_text("precious", encoding="utf-8")

@@ -105,6 +105,7 @@ class SpinConfig:
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         self.betas = per_iteration(self.betas, self.iterations, "--beta")
         self.lrs = per_iteration(self.lrs, self.iterations, "--lr")
+        self.check_values()
 
     def optimizer_options(self):
         """make_optimizer's keyword arguments."""
@@ -138,10 +139,8 @@ class SpinConfig:
     def pairs_in_iteration(self, iteration, num_examples):
         return num_examples + (self.mixed_pairs(num_examples) if iteration > 0 else 0)
 
-    def validate(self, num_examples, ctx):
-        """Called once, by the command line, before the model is loaded."""
-        check_batch_sizes(self.global_batch_size, self.micro_batch_size, ctx.dp_size, num_examples,
-                          "training prompts")
+    def check_values(self):
+        """Each setting on its own (at construction: before any file or model is read)."""
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (all(math.isfinite(b) and b > 0 for b in self.betas), f"--beta must be finite and > 0, got {self.betas}"),
@@ -173,6 +172,12 @@ class SpinConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def validate(self, num_examples, ctx):
+        """The settings against the data and the process layout (once, by the command line, before
+        the model is loaded)."""
+        check_batch_sizes(self.global_batch_size, self.micro_batch_size, ctx.dp_size, num_examples,
+                          "training prompts")
         if self.optimizer_in_backward:
             self.check_optimizer_in_backward(ctx)
 
