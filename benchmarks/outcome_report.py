@@ -1,11 +1,10 @@
 """benchmarks/results/outcome.md from the per-(task, seed) results of study_outcome.py."""
 import os
 
-from spin_trainer.comparison import TASKS
+from spin_trainer.comparison import START_NAMES, TASKS
 from spin_trainer.plots import mean_and_se
 from spin_trainer.verdict import compare, verdict
 
-START_NAMES = {"warmup": "short warm-up", "converged": "SFT converged (early stopping)"}
 VERDICTS = {"spin": "SPIN better", "sft": "continued SFT better", "neither": "no measurable difference"}
 
 

@@ -16,6 +16,7 @@ with a checkpoint; --resume continues from the newest intact one, also on anothe
 import argparse
 import os
 import sys
+import textwrap
 from dataclasses import replace
 
 from spin_trainer.export import EXPORT_DTYPES
@@ -304,7 +305,7 @@ def train(args, on_step=None):
         export_hf(model, tokenizer, os.path.join(args.out, "final"), ctx, dtype=export_dtype)
         if ctx.is_main:
             print(format_table(rows, "SPIN, per iteration (iteration 0 = the starting model)"))
-            print(TABLE_LEGEND)
+            print(textwrap.fill(TABLE_LEGEND, 100))
             plot_curves([read_records(metrics.path)], os.path.join(args.out, "curves.png"), ["spin"])
             print(f"final model: {os.path.join(args.out, 'final')}")
         return rows

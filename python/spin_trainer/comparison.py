@@ -28,6 +28,7 @@ from .sft import run_sft
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data")
 START_KINDS = ("warmup", "converged")
+START_NAMES = {"warmup": "short warm-up", "converged": "SFT converged (early stopping)"}
 ARM_KINDS = ("spin", "sft")
 
 

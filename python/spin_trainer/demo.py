@@ -20,12 +20,13 @@ import os
 import re
 import shutil
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 
 import torch
 
-from .comparison import TASKS, Arm, Protocol, Task, make_starts, metrics_log, prepare, run_arm
+from .comparison import START_NAMES, TASKS, Arm, Protocol, Task, make_starts, metrics_log, prepare, run_arm
 from .distributed import setup_parallel, teardown_parallel
 from .export import export_hf
 from .metrics import read_records
@@ -55,6 +56,7 @@ class Setting:
 DEMO = Setting(task=TASKS["sort"], start="warmup", spin=Arm("spin", lr=3e-4, beta=8.0), sft=Arm("sft", lr=1e-3),
                protocol=Protocol(), seeds=3)
 
+WIDTH = 100   # of the text around the tables, for a terminal and a log file alike
 MARKER = "demo.json"
 DEMO_ENTRY = re.compile(r"(demo\.json|curves\.png)(\.tmp.*)?|seed-\d+")
 DEMO_OPTIONS = ("demo", "out", "seed", "attn", "no_progress")
@@ -178,9 +180,10 @@ def run_demo(args):
     seeds = [args.seed + k for k in range(setting.seeds)]
     out = args.out
     reset_demo_out(out, setting.summary(seeds))
-    print(f"SPIN vs continued SFT on the '{setting.task.name}' task from the {setting.start} start, seeds {seeds}: "
-          f"SPIN lr {setting.spin.lr:g} β {setting.spin.beta:g}, continued SFT lr {setting.sft.lr:g} (chosen by "
-          f"benchmarks/study_outcome.py on the validation split)", flush=True)
+    print(textwrap.fill(f"SPIN vs continued SFT on the '{setting.task.name}' task from the "
+                        f"{START_NAMES[setting.start]}, seeds {seeds}: SPIN lr {setting.spin.lr:g} β "
+                        f"{setting.spin.beta:g}, continued SFT lr {setting.sft.lr:g} (chosen by "
+                        f"benchmarks/study_outcome.py on the validation split)", WIDTH), flush=True)
     spin_by_seed, sft_by_seed, paths, _ = zip(*run_seeds(setting, seeds, out, args.attn, progress))
     with open(os.path.join(setting.task.data_dir, "test.jsonl"), encoding="utf-8") as f:
         num_test = sum(1 for line in f if line.strip())
@@ -191,11 +194,11 @@ def run_demo(args):
     print()
     print(format_table(mean_rows(sft_by_seed), "Continued SFT from the same start: the same optimizer steps, "
                                                "batch size and examples seen"))
-    print(TABLE_LEGEND)
+    print(textwrap.fill(TABLE_LEGEND, WIDTH))
     print()
     winner, text = verdict([rows[-1]["exact_match"] for rows in spin_by_seed],
                            [rows[-1]["exact_match"] for rows in sft_by_seed], num_test=num_test, steps=steps)
-    print(text)
+    print(textwrap.fill(text, WIDTH))
     curves = plot_curves([read_records(p) for p in paths], os.path.join(out, "curves.png"),
                          ["sft_start", "sft", "spin"])
     write_json(os.path.join(out, MARKER), {**setting.summary(seeds), "winner": winner, "verdict": text,
