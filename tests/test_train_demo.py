@@ -132,6 +132,13 @@ def test_demo_rejects_the_options_it_would_ignore(tmp_path):
     demo.check_demo_options(parser, ["--demo", "--out", "x", "--seed", "3", "--attn", "sdpa", "--no-progress"])
 
 
+def test_demo_refuses_to_run_under_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="run it without torchrun"):
+        train_cli.main(["--demo", "--out", str(tmp_path / "d")])
+    assert not os.path.exists(tmp_path / "d")
+
+
 def test_a_shrunken_demo_runs_end_to_end_in_parallel_seeds(tmp_path, monkeypatch, capsys):
     shrunken = dataclasses.replace(demo.DEMO, task=Task("arith", max_length=16, max_new_tokens=6, warmup_steps=20),
                                    protocol=Protocol(spin_prompts=64, iterations=2), seeds=2)

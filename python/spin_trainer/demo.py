@@ -66,7 +66,12 @@ SINGLE_SEED_DEMO = {"base_model", "checkpoints", "curves.png", "final", "metrics
 
 def check_demo_options(parser, argv):
     """--demo takes only --out, --seed, --attn and --no-progress; any other option given is an error
-    (it would be silently ignored), even one given with its default value."""
+    (it would be silently ignored), even one given with its default value. It runs as one process
+    (its seeds are worker processes of its own): under torchrun every rank would run the whole demo
+    into the same --out."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--demo runs as one process and starts its own worker processes, one per seed; "
+                         "run it without torchrun: python python/train.py --demo --out DIR")
     dests = vars(parser.parse_args(argv))
     unset = object()
     given = argparse.Namespace(**{dest: unset for dest in dests})
