@@ -54,7 +54,7 @@ from spin_kernels.loss import head_ops
 from spin_kernels.loss.pair import LOSS_TYPES, SpinLossOutput, spin_loss_from_logps
 from spin_kernels.loss.parallel import combine_shard_stats, shard_bounds
 from spin_kernels.loss.reference import LN2
-from spin_kernels.loss.validation import (LOGIT_DTYPES, check_beta, check_labels,
+from spin_kernels.loss.validation import (LOGIT_DTYPES, check_beta, check_labels, check_pair_rows,
                                           check_temperature, masked_labels, resolve_backend,
                                           shape_of)
 
@@ -203,18 +203,10 @@ def linear_spin_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     `ref_logps` is `[2B]` (per-sequence masked sums) or `[2B, T]` (per-token, masked here the same
     way as the policy's). Rewards in the metrics include β.
     """
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-        raise ValueError(f"hidden must be [2B, T, H], got {shape_of(hidden)}")
+    check_pair_rows("hidden", hidden, "H", ref_logps)
     beta = check_beta(beta)  # before any work
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    rows, T = hidden.shape[0], hidden.shape[1]
-    if rows == 0 or rows % 2:
-        raise ValueError(f"hidden needs an even, nonzero number of rows (B actual, then B "
-                         f"generated), got {rows}")
-    if not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) not in ((rows,), (rows, T)):
-        raise ValueError(f"ref_logps must be [{rows}] or [{rows}, {T}] for hidden "
-                         f"{tuple(hidden.shape)}, got {shape_of(ref_logps)}")
     backend = _check_head(hidden, weight, bias, labels, ignore_index, temperature, process_group,
                           backend)
     labels = masked_labels(labels, loss_mask, ignore_index)

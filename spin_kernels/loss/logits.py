@@ -14,8 +14,9 @@ from spin_kernels.loss import reference
 from spin_kernels.loss.pair import SpinLossOutput, spin_loss_from_logps
 from spin_kernels.loss.parallel import combine_shard_stats, shard_bounds
 from spin_kernels.loss.reference import LN2
-from spin_kernels.loss.validation import (check_beta, check_logits_labels, check_temperature,
-                                          masked_labels, resolve_backend, shape_of, triton_ops)
+from spin_kernels.loss.validation import (check_beta, check_logits_labels, check_pair_rows,
+                                          check_temperature, masked_labels, resolve_backend, shape_of,
+                                          triton_ops)
 
 
 def _as_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -117,16 +118,8 @@ def spin_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tenso
     `ref_logps` is `[2B]` (per-sequence masked sums) or `[2B, T]` (per-token, masked here the
     same way as the policy's). Rewards in the metrics include β: `β·(π − ref)`.
     """
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        raise ValueError(f"logits must be [2B, T, V], got {shape_of(logits)}")
+    check_pair_rows("logits", logits, "V", ref_logps)
     beta = check_beta(beta)  # before any work
-    rows, T = logits.shape[0], logits.shape[1]
-    if rows == 0 or rows % 2:
-        raise ValueError(f"logits need an even, nonzero number of rows (B actual, then B generated), "
-                         f"got {rows}")
-    if not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) not in ((rows,), (rows, T)):
-        raise ValueError(f"ref_logps must be [{rows}] or [{rows}, {T}] for logits "
-                         f"{tuple(logits.shape)}, got {shape_of(ref_logps)}")
     policy = sequence_logprobs(logits, labels, loss_mask, ignore_index=ignore_index,
                                temperature=temperature, process_group=process_group,
                                backend=backend, inplace_backward=inplace_backward)

@@ -99,6 +99,20 @@ def check_beta(beta):
     return beta
 
 
+def check_pair_rows(name: str, inputs, width: str, ref_logps) -> None:
+    """`inputs` is [2B, T, width] (rows [0, B) actual, [B, 2B) generated) and `ref_logps` is [2B] or
+    [2B, T]. Shared by the pair losses from logits and from hidden states."""
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 3:
+        raise ValueError(f"{name} must be [2B, T, {width}], got {shape_of(inputs)}")
+    rows, T = inputs.shape[0], inputs.shape[1]
+    if rows == 0 or rows % 2:
+        raise ValueError(f"{name} needs an even, nonzero number of rows (B actual, then B generated), "
+                         f"got {rows}")
+    if not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) not in ((rows,), (rows, T)):
+        raise ValueError(f"ref_logps must be [{rows}] or [{rows}, {T}] for {name} "
+                         f"{tuple(inputs.shape)}, got {shape_of(ref_logps)}")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
