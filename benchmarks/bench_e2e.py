@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
-import os
 import time
 import traceback
 import warnings
@@ -58,6 +56,7 @@ from spin_trainer.recompute import apply_recompute
 from spin_trainer.schedule import make_scheduler
 from spin_trainer.steps import optimizer_step, spin_micro_loss
 
+from results_file import write_results
 from timing import GIB, PeakMemory, median_ms, synchronize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,13 +305,6 @@ def markdown(results) -> str:
     return "\n".join(lines)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny shape (default when CUDA is unavailable)")
@@ -370,8 +362,7 @@ def main(argv=None):
     results["failed_parts"] = failed
     report = markdown(results)
     print("\n" + report)
-    write_atomically(Path(f"{args.out}.json"), json.dumps(results, indent=2))
-    write_atomically(Path(f"{args.out}.md"), report)
+    write_results(args.out, results, report)
     print(f"total {results['total_s']:.1f} s; wrote {args.out}.json and .md")
     if failed:
         raise SystemExit(f"failed parts: {failed}")

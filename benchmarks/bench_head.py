@@ -24,7 +24,6 @@ of the same kind. A peer that cannot be imported or run gets a row saying why.
 Writes benchmarks/results/head.json and head.md.
 """
 import argparse
-import json
 import pathlib
 
 import torch
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from spin_kernels import linear_spin_loss, spin_loss, spin_loss_from_logps
 from spin_kernels.loss.reference import naive_spin_loss
 
+from results_file import write_results
 from timing import GIB, PeakMemory, median_ms
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -246,10 +246,8 @@ def main():
             table["impls"].append(row)
         results["tables"].append(table)
         del batch, error_batch, exact
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     text = markdown(results)
-    args.out.with_suffix(".md").write_text(text + "\n")
+    write_results(args.out, results, text)
     print(text)
 
 

@@ -12,7 +12,6 @@ cross_entropy(reduction="none") when importable. The same run measures the devic
 Writes benchmarks/results/loss.json and loss.md.
 """
 import argparse
-import json
 import pathlib
 
 import torch
@@ -21,6 +20,7 @@ from spin_kernels import spin_loss
 from spin_kernels.loss.ops import logprobs as triton_ops
 from spin_kernels.loss.reference import naive_spin_loss
 
+from results_file import write_results
 from timing import GIB, PeakMemory, median_ms
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -238,10 +238,8 @@ def main():
             table["impls"].append(row)
         results["tables"].append(table)
         del batch
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     text = markdown(results)
-    args.out.with_suffix(".md").write_text(text + "\n")
+    write_results(args.out, results, text)
     print(text)
 
 

@@ -13,7 +13,6 @@ runs a tiny version (numbers meaningless) and writes nothing unless --out is giv
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -23,6 +22,7 @@ from spin_kernels import swap
 from spin_kernels.swap import WeightBank, streamed_reference_forward, swapped
 from spin_trainer.model import build_tiny_llama
 
+from results_file import write_results
 from timing import GIB, PeakMemory, median_ms
 
 GB = 1e9
@@ -239,12 +239,8 @@ def main(argv=None):
     out = args.out or (None if args.tiny else os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                            "results", "swap"))
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out + ".json", "w") as handle:
-            json.dump(report, handle, indent=2)
-        with open(out + ".md", "w") as handle:
-            handle.write(f"# bench_swap on {report['device']} (torch {report['torch']}, {report['backend']})\n\n"
-                         + text + "\n")
+        write_results(out, report, f"# bench_swap on {report['device']} (torch {report['torch']}, "
+                                   f"{report['backend']})\n\n{text}")
         print(f"wrote {out}.json and {out}.md")
 
 
