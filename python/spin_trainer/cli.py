@@ -102,7 +102,8 @@ def build_parser():
     add("--tp", type=int, default=1, help="tensor-parallel size (torchrun --nproc_per_node a multiple of it)")
     add("--dp-shard", action=argparse.BooleanOptionalAction, default=None,
         help="FSDP2 on the data-parallel axis: parameters, gradients and optimizer state sharded (default: on "
-             "with more than one data-parallel rank); --no-dp-shard keeps a full replica on every rank")
+             "with more than one data-parallel rank; with one there is nothing to shard and it has no effect); "
+             "--no-dp-shard keeps a full replica on every rank")
     add("--recompute", choices=RECOMPUTE_MODES, default="none",
         help="activation recompute of the decoder layers: elementwise (norms, SwiGLU product) or full layers")
     add("--device", default="auto", help="auto, cpu or cuda")
