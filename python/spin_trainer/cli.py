@@ -305,7 +305,10 @@ def train(args, on_step=None):
             return rows
         export_hf(model, tokenizer, os.path.join(args.out, "final"), ctx, dtype=export_dtype)
         if ctx.is_main:
-            print(format_table(rows, "SPIN, per iteration (iteration 0 = the starting model)"))
+            title = "SPIN, per iteration (iteration 0 = the starting model)"
+            if not args.test_data:
+                title += "; no --test-data given: 'test exact match' is measured on --val-data"
+            print(format_table(rows, title))
             print(textwrap.fill(TABLE_LEGEND, 100))
             plot_curves([read_records(metrics.path)], os.path.join(args.out, "curves.png"), ["spin"])
             print(f"final model: {os.path.join(args.out, 'final')}")
