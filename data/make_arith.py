@@ -8,21 +8,14 @@ exact-match accuracy. The three splits never share a problem, so the accuracy me
 generalisation, not memorisation.
 """
 import argparse
-import json
 import os
 import random
+
+from splits import write_splits
 
 
 def all_problems(max_operand):
     return [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
-
-
-def write_jsonl(path, problems):
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "w", encoding="utf-8") as f:
-        for a, b in problems:
-            f.write(json.dumps({"prompt": f"{a}+{b}=", "response": str(a + b)}) + "\n")
-    os.replace(tmp_path, path)
 
 
 def main(argv=None):
@@ -41,13 +34,8 @@ def main(argv=None):
         raise ValueError(f"--train + --val + --test = {needed} exceeds the {len(problems)} distinct "
                          f"problems with --max-operand {args.max_operand}")
     random.Random(args.seed).shuffle(problems)
-    os.makedirs(args.out, exist_ok=True)
-    splits = {"train": problems[:args.train],
-              "val": problems[args.train:args.train + args.val],
-              "test": problems[args.train + args.val:needed]}
-    for name, subset in splits.items():
-        write_jsonl(os.path.join(args.out, f"{name}.jsonl"), subset)
-        print(f"wrote {len(subset)} records to {os.path.join(args.out, name + '.jsonl')}")
+    records = [{"prompt": f"{a}+{b}=", "response": str(a + b)} for a, b in problems[:needed]]
+    write_splits(args.out, records, args.train, args.val)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ SPIN pairs and the choice of learning rate and β, test.jsonl the held-out exact
 The three splits never share a problem.
 """
 import argparse
-import json
 import os
 import random
+
+from splits import write_splits
 
 
 def sample_problems(count, min_digits, max_digits, seed):
@@ -26,14 +27,6 @@ def sample_problems(count, min_digits, max_digits, seed):
             seen.add(digits)
             problems.append(digits)
     return problems
-
-
-def write_jsonl(path, problems):
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "w", encoding="utf-8") as f:
-        for digits in problems:
-            f.write(json.dumps({"prompt": f"{digits}=", "response": "".join(sorted(digits))}) + "\n")
-    os.replace(tmp_path, path)
 
 
 def main(argv=None):
@@ -56,13 +49,8 @@ def main(argv=None):
         raise ValueError(f"--train + --val + --test = {needed} is too many for the {distinct} distinct lists of "
                          f"{args.min_digits} to {args.max_digits} digits")
     problems = sample_problems(needed, args.min_digits, args.max_digits, args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    splits = {"train": problems[:args.train],
-              "val": problems[args.train:args.train + args.val],
-              "test": problems[args.train + args.val:needed]}
-    for name, subset in splits.items():
-        write_jsonl(os.path.join(args.out, f"{name}.jsonl"), subset)
-        print(f"wrote {len(subset)} records to {os.path.join(args.out, name + '.jsonl')}")
+    records = [{"prompt": f"{digits}=", "response": "".join(sorted(digits))} for digits in problems]
+    write_splits(args.out, records, args.train, args.val)
 
 
 if __name__ == "__main__":
