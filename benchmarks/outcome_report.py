@@ -1,7 +1,7 @@
-"""benchmarks/results/outcome.md from the per-(task, seed) results of study_outcome.py."""
+"""The text of benchmarks/results/outcome.md from the per-(task, seed) results of study_outcome.py."""
 import os
 
-from spin_trainer.comparison import START_NAMES, TASKS
+from spin_trainer.comparison import START_NAMES, TASKS, choose_run, validation_score
 from spin_trainer.plots import mean_and_se
 from spin_trainer.verdict import compare, verdict
 
@@ -28,19 +28,19 @@ def best_on_average(starts, kind):
     (ties: lower mean validation loss)."""
     points = [(r["lr"], r["beta"]) for r in starts[0]["runs"] if r["arm"] == kind]
 
-    def finals(point, key):
-        return [next(r for r in s["runs"] if r["arm"] == kind and (r["lr"], r["beta"]) == point)["rows"][-1][key]
+    def final_rows(point):
+        return [next(r for r in s["runs"] if r["arm"] == kind and (r["lr"], r["beta"]) == point)["rows"][-1]
                 for s in starts]
 
-    lr, beta = max(points, key=lambda p: (sum(finals(p, "val_exact_match")), -sum(finals(p, "val_sft_loss"))))
+    lr, beta = max(points, key=lambda p: validation_score(final_rows(p)))
     return {"lr": lr, "beta": beta}
 
 
-def setting_section(task, kind, per_seed, choose, grid):
+def setting_section(task, kind, per_seed, grid):
     """(markdown lines, summary row, comparison) of one (task, start) over its seeds."""
     starts = [r["starts"][kind] for r in per_seed]
-    sft = [choose(s["runs"], "sft") for s in starts]
-    spin = [choose(s["runs"], "spin") for s in starts]
+    sft = [choose_run(s["runs"], "sft") for s in starts]
+    spin = [choose_run(s["runs"], "spin") for s in starts]
     num_test = count_lines(os.path.join(TASKS[task].data_dir, "test.jsonl"))
     steps = spin[0]["rows"][-1]["step"]
     sft_final = [r["rows"][-1]["exact_match"] for r in sft]
@@ -96,7 +96,8 @@ def setting_section(task, kind, per_seed, choose, grid):
     return lines, summary, result
 
 
-def write_report(path, results, meta, choose):
+def report_markdown(results, meta):
+    """The study's report (outcome.md) from its raw results and run metadata."""
     tasks = list(dict.fromkeys(r["task"] for r in results))
     kinds = [kind for kind in START_NAMES if kind in results[0]["starts"]]   # (the raw JSON sorts its keys)
     p = meta["protocol"]
@@ -126,7 +127,7 @@ def write_report(path, results, meta, choose):
     for task in tasks:
         per_seed = [r for r in results if r["task"] == task]
         for kind in kinds:
-            lines, summary, result = setting_section(task, kind, per_seed, choose, meta["grid"])
+            lines, summary, result = setting_section(task, kind, per_seed, meta["grid"])
             header.append(summary)
             sections += lines
             comparisons.append((task, kind, result))
@@ -140,6 +141,4 @@ def write_report(path, results, meta, choose):
         closing = (f"SPIN beat continued SFT in no setting. Closest: {task}, {START_NAMES[kind]} "
                    f"(SPIN − SFT {r['mean_diff']:+.3f}).")
     header += ["", closing, "", "## Per setting", ""]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(header + sections) + "\n")
+    return "\n".join(header + sections) + "\n"

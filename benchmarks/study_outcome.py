@@ -119,21 +119,17 @@ def run_unit(task_name, seed, args, work):
         teardown_parallel(ctx)
 
 
-def choose(runs, kind):
-    """The grid point of `kind` with the best final validation exact match (ties: lower validation loss)."""
-    candidates = [r for r in runs if r["arm"] == kind]
-    return max(candidates, key=lambda r: (r["rows"][-1]["val_exact_match"], -r["rows"][-1]["val_sft_loss"]))
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from outcome_report import write_report
+    from outcome_report import report_markdown
+    from results_file import write_results
 
+    prefix = os.path.splitext(args.out)[0]   # the report <prefix>.md, its raw numbers <prefix>.json
     if args.from_json:
         with open(args.from_json, encoding="utf-8") as f:
             saved = json.load(f)
-        write_report(args.out, saved["results"], saved["meta"], choose)
-        print(f"wrote {args.out} from {args.from_json}")
+        write_results(prefix, saved, report_markdown(saved["results"], saved["meta"]), compact=True)
+        print(f"wrote {prefix}.md and .json from {args.from_json}")
         return
     from spin_trainer.comparison import TASKS
 
@@ -160,13 +156,9 @@ def main(argv=None):
             "cpus": os.cpu_count(), "workers": args.workers, "python": platform.python_version(),
             "code": code_version(),
             "protocol": vars(protocol(args)), "grid": [vars(a) for a in grid(args)]}
-    # The raw numbers first: a report can always be rewritten from them (--from-json).
-    raw_path = os.path.splitext(args.out)[0] + ".json"
-    os.makedirs(os.path.dirname(os.path.abspath(raw_path)), exist_ok=True)
-    with open(raw_path, "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "results": results}, f, sort_keys=True, separators=(",", ":"))
-    write_report(args.out, results, meta, choose)
-    print(f"wrote {args.out} and {raw_path} ({seconds / 60:.1f} min)")
+    # The raw numbers are written first: a report can always be rewritten from them (--from-json).
+    write_results(prefix, {"meta": meta, "results": results}, report_markdown(results, meta), compact=True)
+    print(f"wrote {prefix}.md and .json ({seconds / 60:.1f} min)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import sys
 
 from trainer_cases import ROOT
 
+from spin_trainer.comparison import choose_run
+
 SMALLEST = ["--tasks", "arith", "--seeds", "0", "--starts", "warmup", "--sft-lrs", "1e-3", "3e-3",
             "--spin-lrs", "3e-5", "--betas", "0.5", "--iterations", "3", "--spin-prompts", "64", "--workers", "1"]
 
@@ -17,10 +19,6 @@ def load_benchmark(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def load_study():
-    return load_benchmark("study_outcome")
 
 
 def test_smallest_study_writes_its_table(tmp_path):
@@ -42,7 +40,7 @@ def test_smallest_study_writes_its_table(tmp_path):
         assert all(0 <= row["val_exact_match"] <= 1 and 0 <= row["exact_match"] <= 1 for row in run["rows"])
     spin_rows = runs[2]["rows"]
     assert all(0 <= row["gen_equals_gold"] <= 1 for row in spin_rows[1:])
-    chosen_sft = load_study().choose(runs, "sft")
+    chosen_sft = choose_run(runs, "sft")
     for row, spin_row in zip(chosen_sft["rows"], spin_rows):
         assert (f"| {row['iteration']} | {row['step']} | {row['exact_match']:.3f} | {spin_row['exact_match']:.3f} |"
                 in report)
@@ -50,15 +48,13 @@ def test_smallest_study_writes_its_table(tmp_path):
 
 
 def test_the_grid_point_is_chosen_on_validation_only():
-    study = load_study()
-
     def run(arm, lr, val, loss, test):
         return {"arm": arm, "lr": lr, "beta": None, "rows": [{"val_exact_match": val, "val_sft_loss": loss,
                                                                "exact_match": test}]}
 
     runs = [run("sft", 1e-4, 0.5, 0.3, 0.9), run("sft", 1e-3, 0.6, 0.4, 0.1), run("sft", 3e-3, 0.6, 0.2, 0.2),
             run("spin", 1e-5, 0.7, 0.1, 0.0)]
-    chosen = study.choose(runs, "sft")
+    chosen = choose_run(runs, "sft")
     assert chosen["lr"] == 3e-3   # best validation exact match; the tie broken by the lower validation loss
 
 

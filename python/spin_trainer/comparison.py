@@ -176,6 +176,18 @@ def run_arm(setup, start, arm, protocol, metrics, *, run=None, out_dir=None):
                    metrics=metrics, run=run, held_out=setup.held_out, eval_at=boundaries, progress=setup.progress)
 
 
+def validation_score(final_rows):
+    """How the study ranks grid points, on the validation split only (higher is better): the summed
+    final validation exact match, ties broken by the lower summed validation loss. One row chooses
+    per seed; one row per seed chooses on average over the seeds (the demo's choice)."""
+    return (sum(r["val_exact_match"] for r in final_rows), -sum(r["val_sft_loss"] for r in final_rows))
+
+
+def choose_run(runs, kind):
+    """The run of arm `kind` whose grid point validation_score ranks first."""
+    return max((r for r in runs if r["arm"] == kind), key=lambda r: validation_score([r["rows"][-1]]))
+
+
 def metrics_log(path):
     """A fresh metrics file (an earlier one at `path` is replaced)."""
     if os.path.exists(path):
