@@ -84,3 +84,13 @@ def test_help_explains_save_every_zero_and_demo(capsys):
     assert "(0: at iteration ends only)" in text
     assert "takes no model, data or training options" in text
     assert "--export-dtype" in text and "--max-steps" in text and "--val-every" in text
+
+
+def test_every_resume_setting_is_named_by_its_command_line_options():
+    """A resume refused for another setting names the option a user types (not a field name)."""
+    from spin_trainer.config import SpinConfig
+
+    options = {o for action in train_cli.build_parser()._actions for o in action.option_strings}
+    named = [name for key in SpinConfig().resume_settings() for name in key.split("/")]
+    assert [name for name in named if name not in options] == []
+    assert "--stop" in named and "--stop-ids" in named

@@ -10,7 +10,8 @@ from .optim import OPTIMIZERS
 from .schedule import LR_SCHEDULES, check_batch_sizes, micro_batches_per_step
 
 # Fields whose command-line option is not "--" + the field's name with dashes.
-FIELD_OPTIONS = {"betas": "--beta", "lrs": "--lr"}
+# Fields whose option is not "--" + the field name (SamplingConfig's included).
+FIELD_OPTIONS = {"betas": "--beta", "lrs": "--lr", "stop_sequences": "--stop/--stop-ids"}
 # Settings a resumed run may change: they change no result (batch sizes per forward: no result
 # beyond float rounding, and another data-parallel size may need another micro-batch size).
 FREE_ON_RESUME = ("progress", "keep", "save_every", "offload_optimizer", "max_steps", "val_every",
@@ -130,7 +131,7 @@ class SpinConfig:
                 if sampling_name == "do_sample":
                     settings["--greedy"] = not sampling_value
                 elif sampling_name != "seed":   # set per iteration and epoch from --seed
-                    settings["--" + sampling_name.replace("_", "-")] = sampling_value
+                    settings[FIELD_OPTIONS.get(sampling_name, "--" + sampling_name.replace("_", "-"))] = sampling_value
         return settings
 
     def mixed_pairs(self, num_examples):
