@@ -102,3 +102,23 @@ def test_spin_rows_carry_the_iteration_diagnostics(tiny, tmp_path, monkeypatch):
     assert abs(row["margin_start"]) < 1e-4 and row["spin_acc_start"] == 0.0
     logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
     assert [r["gen_equals_gold"] for r in logged if r["kind"] == "eval" and r["iteration"] == 1] == [0.5]
+
+
+def test_diagnostics_describe_the_samples_before_drop_truncated_reassigns_slots(tiny, tmp_path, monkeypatch):
+    import spin_trainer.loop as loop
+    from spin_trainer.generation import Responses
+
+    sampled = []
+
+    def gold_or_cut(model, examples, *args, **kwargs):
+        """Every other response is the gold one; the rest are cut at the cap (one token, no EOS)."""
+        responses = [list(e.response_ids) if i % 2 == 0 else list(e.response_ids)[:1] for i, e in enumerate(examples)]
+        sampled.append(responses)
+        return Responses(responses, [i % 2 == 1 for i in range(len(examples))])
+
+    monkeypatch.setattr(loop, "generate", gold_or_cut)
+    rows = train_cli.main(train_args(*tiny, str(tmp_path / "run"), "--iterations", "1", "--drop-truncated"))
+    training_prompts = sampled[0]   # the first call samples the training prompts, then the validation ones
+    assert rows[1]["gen_equals_gold"] == 0.5
+    # Over what was sampled, cut responses included (the pairs trained on hold finished ones only).
+    assert rows[1]["train_gen_length"] == sum(map(len, training_prompts)) / len(training_prompts)

@@ -92,15 +92,17 @@ class SpinTrainer:
     def prepare_epoch_data(self, model, iteration, epoch):
         """Generations for the training and validation prompts, and their reference log-probs, from
         `model`, which holds θ_t: the policy at the start of an iteration, else the reference's weights."""
-        generated = self.generate_for(model, self.examples, iteration, epoch)
-        examples, generated = self.iteration_pairs(iteration, generated)
+        samples = self.generate_for(model, self.examples, iteration, epoch)
+        examples, generated = self.iteration_pairs(iteration, samples)
         ref = self.logps_of(model, examples, generated) if self.reference.precomputes_logps else None
         val_generated = self.generate_for(model, self.val_examples, iteration, epoch + 10_000)
-        lengths = [len(g) for g in generated[:len(self.examples)]]
+        # The diagnostics describe what the model sampled, one response per training prompt in the
+        # prompts' order: before --drop-truncated reassigns slots and the previous iteration's mix.
+        lengths = [len(g) for g in samples]
         return IterationData(examples=examples, generated=generated, ref_logps=ref, val_generated=val_generated,
                              val_ref_logps=self.logps_of(model, self.val_examples, val_generated),
                              generated_epoch=epoch, train_gen_length=sum(lengths) / len(lengths),
-                             gen_equals_gold=fraction_equal_to_gold(self.examples, generated[:len(self.examples)]))
+                             gen_equals_gold=fraction_equal_to_gold(self.examples, samples))
 
     def begin_iteration(self, iteration):
         self.reference.begin_iteration()
