@@ -278,3 +278,24 @@ def test_decoder_layers_are_found_after_fully_shard_renames_their_class(one_rank
         fully_shard(layer, mesh=one_rank_mesh)
     assert [type(layer).__name__ for layer in layers] == ["FSDPLlamaDecoderLayer"] * 2
     assert decoder_layers(model) == layers
+
+
+def test_generating_with_the_resident_copy_leaves_its_root_resharding(one_rank_mesh):
+    """--reference resident --generate-every epoch generates with the frozen copy: afterwards its
+    forwards must still free the gathered embeddings and LM head, as frozen_copy set them up."""
+    from torch.distributed.tensor import DTensor
+
+    from spin_trainer.distributed import ParallelContext
+    from spin_trainer.model import build_tiny_llama
+    from spin_trainer.parallelize import apply_fsdp, frozen_copy, full_weights
+
+    ctx = ParallelContext(rank=0, world_size=1, tp_size=1, dp_size=1, tp_rank=0, dp_rank=0,
+                          device=torch.device("cpu"), dp_mesh=one_rank_mesh, dp_shard=True)
+    policy = apply_fsdp(build_tiny_llama(16, hidden_size=8, intermediate_size=16, num_heads=2, num_kv_heads=1), ctx)
+    twin = frozen_copy(policy, ctx)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        with full_weights(twin):
+            twin(ids)
+        twin(ids)
+    assert isinstance(twin.lm_head.weight, DTensor) and isinstance(twin.model.embed_tokens.weight, DTensor)

@@ -58,6 +58,8 @@ def apply_fsdp(model, ctx, *, root_reshards_after_forward=False):
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=ctx.dp_mesh, mp_policy=policy)
     fully_shard(model, mesh=ctx.dp_mesh, mp_policy=policy, reshard_after_forward=root_reshards_after_forward)
+    # FSDP keeps this setting in private state; full_weights restores it from here.
+    model.root_reshards_after_forward = root_reshards_after_forward
     for module in fsdp_modules(model):
         # Every micro-batch loss is already its share of the global batch (spin_trainer.steps), so
         # the update is the SUM of the gradients over micro-batches and data-parallel ranks. FSDP2
@@ -100,7 +102,8 @@ def full_weights(model):
     """Inside, every FSDP module holds its full (all-gathered) weights and keeps them across
     forwards, for generation: Hugging Face's decoder and the static/CUDA-graph decoder both read
     them as plain (or tensor-parallel) parameters. The memory is freed on the way out, and FSDP's
-    training behaviour is restored (layers reshard after their forward, the root does not)."""
+    behaviour is restored as apply_fsdp set it (layers reshard after their forward; the root does
+    not, except a frozen copy's)."""
     modules = fsdp_modules(model)
     for module in modules:
         module.unshard()
@@ -109,7 +112,8 @@ def full_weights(model):
         yield model
     finally:
         for module in modules:
-            module.set_reshard_after_forward(module is not model, recurse=False)
+            module.set_reshard_after_forward(module is not model or model.root_reshards_after_forward,
+                                             recurse=False)
         reshard(model)
 
 
