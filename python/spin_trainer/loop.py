@@ -140,8 +140,8 @@ class SpinTrainer:
                                             weight=pairs / c.global_batch_size, ctx=self.ctx)
             # Summed over micro-batches and data-parallel ranks by optimizer_step, like the loss.
             metrics["tokens"] = batch.attention_mask.sum().float()
-            metrics["generated_length_mean"] = torch.tensor(generated_tokens / c.global_batch_size,
-                                                            device=self.ctx.device)
+            metrics["generated_length_mean"] = torch.full((), generated_tokens / c.global_batch_size,
+                                                          device=self.ctx.device)   # no host copy (steps.py)
             return loss, metrics
 
         started = time.perf_counter()

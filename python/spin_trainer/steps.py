@@ -31,8 +31,10 @@ def spin_micro_loss(model, batch, ref_logps, *, beta, loss_type, weight, ctx):
     metrics.update({name: value.detach().float() * weight for name, value in out.metrics.items()
                     if name != "rewards_all_std"})
     rewards = beta * (out.policy_logps.double() - ref_logps.detach().double())
+    # new_full fills on the device; torch.tensor(x, device=cuda) would copy from the host and wait
+    # for the stream, so the backward could not be launched before the forward had finished.
     metrics.update(rewards_sum=rewards.sum(), rewards_sq_sum=rewards.square().sum(),
-                   rewards_count=torch.tensor(float(rewards.numel()), dtype=torch.float64, device=rewards.device))
+                   rewards_count=rewards.new_full((), float(rewards.numel())))
     return out.loss * weight, metrics
 
 
