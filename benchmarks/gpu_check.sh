@@ -2,7 +2,7 @@
 # The GPU check, in one call: the `cuda` tests, then the benchmark tables, within GPU_CHECK_BUDGET
 # seconds (default 460) on one H100/H200. For a GPU machine whose python3 has torch + triton and no
 # network:
-#   bash benchmarks/gpu_check.sh                          # every step
+#   bash benchmarks/gpu_check.sh                          # every step, in order, within the budget
 #   bash benchmarks/gpu_check.sh build tests bench_loss   # only these steps
 # Tables go to benchmarks/results/, logs to benchmarks/results/logs/; with $OUT set, all of it also
 # comes back as $OUT/gpu_check.tgz.
@@ -18,6 +18,7 @@ status=0
 steps=" ${*:-build tests bench_loss bench_head bench_swap bench_e2e} "
 # The whole script stays inside one device call of 8 minutes: each step gets at most what is left
 # of GPU_CHECK_BUDGET seconds (a step cut short still leaves its log; the later ones are skipped).
+# The per-step limits below are ceilings that add up to more than the budget, not expected times.
 BUDGET=${GPU_CHECK_BUDGET:-460}
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on failure
   local name=$1 limit=$2; shift 2
