@@ -19,13 +19,13 @@ import multiprocessing
 import os
 import re
 import shutil
-import sys
 import textwrap
 import time
 from dataclasses import dataclass
 
 import torch
 
+from .cli import show_progress
 from .comparison import START_NAMES, TASKS, Arm, Protocol, Task, make_starts, metrics_log, prepare, run_arm
 from .distributed import setup_parallel, teardown_parallel
 from .export import export_hf
@@ -180,8 +180,7 @@ def run_demo(args):
     began = time.time()
     check_demo_out(args.out)
     setting = DEMO
-    # Bars show only on a terminal (and not with --no-progress): a log file reads as plain lines.
-    progress = not args.no_progress and sys.stderr.isatty()
+    progress = show_progress(args)
     seeds = [args.seed + k for k in range(setting.seeds)]
     out = args.out
     reset_demo_out(out, setting.summary(seeds))

@@ -32,10 +32,9 @@ class MetricsLog:
     """Appends records to `path`, each flushed and fsynced (a kill loses at most the line being
     written); on resume, drops records past the checkpoint's step first."""
 
-    def __init__(self, path, enabled=True, report=print):
+    def __init__(self, path, enabled=True):
         self.path = path
         self.enabled = enabled
-        self.report = report
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
@@ -51,7 +50,7 @@ class MetricsLog:
         """Removes `run`'s records with step > `step` (written after the checkpoint we resume from)."""
         if not self.enabled or not os.path.exists(self.path):
             return
-        kept = [r for r in read_records(self.path, report=self.report)
+        kept = [r for r in read_records(self.path)
                 if r.get("run") != run or r.get("step", 0) <= step]
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -61,7 +60,7 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
 
-def read_records(path, report=print):
+def read_records(path):
     """The records of a metrics.jsonl. A last line cut short (a kill or a full disk while it was
     written) is dropped with a warning; an unreadable line before it is an error naming it."""
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -73,6 +72,6 @@ def read_records(path, report=print):
         except json.JSONDecodeError as exc:
             if index < len(lines) - 1:
                 raise ValueError(f"{path}:{number}: not a JSON record ({exc.msg})") from exc
-            report(f"warning: {path}:{number}: the last line is cut short (was the run killed while writing it?); "
+            print(f"warning: {path}:{number}: the last line is cut short (was the run killed while writing it?); "
                    f"dropped it")
     return records

@@ -45,7 +45,6 @@ import torch.distributed as dist
 from spin_kernels.dtensor import is_dtensor, local_tensor
 
 from .activations import ComputeMode, DecoderShape, estimate_activations
-from .precision import Precision
 
 GIB = 2 ** 30
 DEFAULT_DEVICE_MEMORY_GIB = 80.0

@@ -14,17 +14,17 @@ def _gib(value):
     return f"{value / GIB:8.2f} GiB"
 
 
-def plan_from_args(args, config, nproc, *, rank=0, name=None):
-    """memory_plan of the run the command line `args` describes, on `nproc` processes (GPUs: --head
-    defaults to the fused head there)."""
+def plan_from_args(args, config, nproc, device_type):
+    """memory_plan of the run the command line `args` describes, on `nproc` processes of
+    `device_type` (whose default --head it takes: the fused head on GPUs)."""
+    from .cli import spin_config
+
     return memory_plan(
         config, nproc=nproc, tp=args.tp, precision=Precision(args.dtype, pure=args.pure_low_precision),
-        dp_shard=args.dp_shard, recompute=args.recompute,
-        optimizer_options=dict(name=args.optimizer, weight_decay=args.weight_decay, betas=tuple(args.adam_betas),
-                               eps=args.adam_eps, in_backward=args.optimizer_in_backward),
+        dp_shard=args.dp_shard, recompute=args.recompute, optimizer_options=spin_config(args).optimizer_options(),
         micro_batch_size=args.micro_batch_size, max_length=args.max_length, gen_batch_size=args.gen_batch_size,
-        reference=args.reference, offload_optimizer=args.offload_optimizer, head=choose_head(args.head, "cuda"),
-        rank=rank, name=name or args.model)
+        reference=args.reference, offload_optimizer=args.offload_optimizer, head=choose_head(args.head, device_type),
+        name=args.model)
 
 
 def format_plan(plan, *, micro_batch_size, max_length, gen_batch_size, device_memory_gib):
@@ -112,7 +112,7 @@ def run_plan(args):
     memory = DEFAULT_DEVICE_MEMORY_GIB if args.device_memory_gib is None else args.device_memory_gib
     if memory <= 0:
         raise ValueError(f"--device-memory-gib must be > 0, got {memory}")
-    plan = plan_from_args(args, config, args.nproc)
+    plan = plan_from_args(args, config, args.nproc, "cuda")   # a plan sizes GPUs
     print(format_plan(plan, micro_batch_size=args.micro_batch_size, max_length=args.max_length,
                       gen_batch_size=args.gen_batch_size, device_memory_gib=memory))
     return plan
@@ -144,7 +144,7 @@ def check_replicas_fit(args, config, device_type):
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_layout(world, args.tp)
-    plan = plan_from_args(args, config, world)
+    plan = plan_from_args(args, config, world, device_type)
     where = f"{memory / GIB:.1f} GiB per device"
     if plan.state > memory:
         raise ValueError(

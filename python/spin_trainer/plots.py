@@ -50,13 +50,13 @@ def mean_rows(rows_by_seed):
     return averaged
 
 
-def format_table(rows, title, columns=TABLE_COLUMNS):
+def format_table(rows, title):
     """Plain-text table of eval rows; missing values print as '-', `<key>_se` as ± after exact match."""
-    header = [label for _, label, _ in columns]
+    header = [label for _, label, _ in TABLE_COLUMNS]
     body = []
     for row in rows:
         cells = []
-        for key, _, fmt in columns:
+        for key, _, fmt in TABLE_COLUMNS:
             value = row.get(key)
             cell = "-" if value is None else fmt.format(value)
             if key == "exact_match" and row.get(f"{key}_se") is not None:

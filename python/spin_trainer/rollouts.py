@@ -83,8 +83,8 @@ def generate(model, examples, sampling, ctx, *, tokenizer, max_length, batch_siz
     start, end = shard_range(len(examples), ctx.dp_rank, ctx.dp_size)
     prompts = [list(e.prompt_ids) for e in examples[start:end]]
     parked = parked_optimizer.parked() if parked_optimizer is not None else nullcontext()
-    with parked, evaluating(model), full_weights(model), full_vocab_logits(model, ctx), ctx.compute(), \
-            torch.no_grad():
+    # (generate_responses itself runs in eval mode and without autograd)
+    with parked, full_weights(model), full_vocab_logits(model, ctx), ctx.compute():
         responses = generate_responses(
             model, prompts, sampling, eos_token_id=eos_token_ids(model, tokenizer),
             pad_token_id=tokenizer.pad_token_id, max_length=max_length, batch_size=batch_size,

@@ -81,9 +81,6 @@ class StepScheduler:
         self.steps += 1
         self._apply()
 
-    def get_last_lr(self):
-        return [group["lr"] for group in self.optimizer.param_groups]
-
     def state_dict(self):
         return {"steps": self.steps}
 
