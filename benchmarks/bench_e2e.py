@@ -43,7 +43,7 @@ import torch
 
 from spin_kernels.loss import spin_loss_from_logps
 from spin_kernels.loss.reference import naive_token_logprobs
-from spin_trainer.data import IGNORE_INDEX, Batch
+from spin_trainer.data import Example, collate_pairs
 from spin_trainer.distributed import ParallelContext
 from spin_trainer.generation import GenerationStats, SamplingConfig, generate_responses
 from spin_trainer.logprobs import default_head, sequence_logps
@@ -89,16 +89,14 @@ def build_model(args, device):
 
 
 def make_batch(args, device):
-    """A trainer Batch of 2P rows ([0, P) actual, [P, 2P) generated, pair i sharing its prompt)."""
+    """The trainer's Batch (collate_pairs) of 2P rows ([0, P) actual, [P, 2P) generated, pair i
+    sharing its prompt), every row args.seq_len tokens."""
     generator = torch.Generator().manual_seed(1)
     prompt_len = max(1, int(args.seq_len * args.prompt_fraction))
-    prompts = torch.randint(0, args.vocab, (args.pairs, prompt_len), generator=generator)
-    responses = torch.randint(0, args.vocab, (2 * args.pairs, args.seq_len - prompt_len), generator=generator)
-    input_ids = torch.cat([prompts.repeat(2, 1), responses], dim=1)
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:, prompt_len - 1:-1] = input_ids[:, prompt_len:]   # position t scores token t + 1
-    loss_mask = (labels != IGNORE_INDEX).float()
-    return Batch(input_ids, torch.ones_like(input_ids), labels, loss_mask).to(device), prompt_len
+    prompts = torch.randint(0, args.vocab, (args.pairs, prompt_len), generator=generator).tolist()
+    responses = torch.randint(0, args.vocab, (2 * args.pairs, args.seq_len - prompt_len), generator=generator).tolist()
+    examples = [Example(tuple(p), tuple(r)) for p, r in zip(prompts, responses[:args.pairs])]
+    return collate_pairs(examples, responses[args.pairs:], pad_token_id=0).to(device), prompt_len
 
 
 def run_row(step, args, device):
