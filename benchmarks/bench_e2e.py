@@ -43,6 +43,7 @@ import torch
 
 from spin_kernels.loss import spin_loss_from_logps
 from spin_kernels.loss.reference import naive_token_logprobs
+from spin_trainer.cli import build_parser, spin_config
 from spin_trainer.data import Example, collate_pairs
 from spin_trainer.distributed import ParallelContext
 from spin_trainer.generation import GenerationStats, SamplingConfig, generate_responses
@@ -65,15 +66,14 @@ FULL_SHAPE = dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=819
 TINY_SHAPE = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512,
                   pairs=2, seq_len=64, gen_prompts=4, gen_prompt_len=16, gen_new_tokens=16)
 IN_BACKWARD = "--optimizer-in-backward --max-grad-norm 0"
-# (CLI flags, trainer settings) of the "ours" rows; the last one is repeated with --pure-low-precision.
+# The spin-train flags of the "ours" rows: each row runs what the trainer's parser makes of them.
 OURS = [
-    ("--dtype bfloat16", dict(in_backward=False, recompute="none")),
-    (f"--dtype bfloat16 {IN_BACKWARD}", dict(in_backward=True, recompute="none")),
-    (f"--dtype bfloat16 {IN_BACKWARD} --recompute elementwise", dict(in_backward=True, recompute="elementwise")),
-    (f"--dtype bfloat16 {IN_BACKWARD} --recompute full", dict(in_backward=True, recompute="full")),
+    "--dtype bfloat16",
+    f"--dtype bfloat16 {IN_BACKWARD}",
+    f"--dtype bfloat16 {IN_BACKWARD} --recompute elementwise",
+    f"--dtype bfloat16 {IN_BACKWARD} --recompute full",
 ]
-PURE = (f"--dtype bfloat16 --pure-low-precision {IN_BACKWARD} --recompute elementwise",
-        dict(in_backward=True, recompute="elementwise"))
+PURE = f"--dtype bfloat16 --pure-low-precision {IN_BACKWARD} --recompute elementwise"
 TARGET_SPEED, TARGET_MEMORY = 1.6, 0.45
 PRECISION = ("fp32 weights, bf16 compute (autocast), fp32 gradients and optimizer state, for the baseline "
              "(HF Trainer bf16: true) and every ours row but the pure-bf16 one")
@@ -130,15 +130,15 @@ def paper_step(model, reference, optimizer, batch, beta, device):
     assert torch.isfinite(loss)
 
 
-def ours_row(model, batch, ref_logps, flags, settings, args, device, rows, precompute_s):
-    precision = Precision("bfloat16", pure="--pure-low-precision" in flags)
-    head = default_head(device.type)
-    flags = f"{flags} --head {head}"
-    ctx = ParallelContext(0, 1, 1, 1, 0, 0, device, precision=precision, head=head)
-    apply_recompute(decoder_layers(model), settings["recompute"])
-    optimizer = make_optimizer(model, ctx=ctx, in_backward=settings["in_backward"])
+def ours_row(model, batch, ref_logps, flags, args, device, rows, precompute_s):
+    flags = f"{flags} --head {default_head(device.type)}"
+    options = build_parser().parse_args(["--out", "unused", *flags.split()])   # as spin-train reads them
+    precision = Precision(options.dtype, pure=options.pure_low_precision)
+    ctx = ParallelContext(0, 1, 1, 1, 0, 0, device, precision=precision, head=options.head)
+    apply_recompute(decoder_layers(model), options.recompute)
+    optimizer = make_optimizer(model, ctx=ctx, **spin_config(options).optimizer_options())
     scheduler = make_scheduler(optimizer, lambda step: 1e-6)
-    max_grad_norm = 0.0 if settings["in_backward"] else 1.0
+    max_grad_norm = options.max_grad_norm
 
     def micro_loss(item):
         return spin_micro_loss(model, item, ref_logps, beta=args.beta, loss_type="sigmoid", weight=1.0, ctx=ctx)
@@ -149,7 +149,7 @@ def ours_row(model, batch, ref_logps, flags, settings, args, device, rows, preco
     try:
         seconds, peak = run_row(step, args, device)
     finally:
-        if settings["in_backward"]:
+        if options.optimizer_in_backward:
             optimizer.remove_hooks()
         apply_recompute(decoder_layers(model), "none")
     impl = "pure bf16 (the old mode)" if precision.pure else "ours"
@@ -191,10 +191,10 @@ def bench_train(model, args, device):
     assert torch.allclose(paper_logps, ref_logps, rtol=1e-3, atol=5e-2), (paper_logps, ref_logps)
     precompute = dict(s_per_batch=precompute_s, tokens_per_s=batch.input_ids.numel() / precompute_s)
 
-    for flags, settings in OURS:
-        ours_row(model, batch, ref_logps, flags, settings, args, device, rows, precompute_s)
+    for flags in OURS:
+        ours_row(model, batch, ref_logps, flags, args, device, rows, precompute_s)
     model.to(torch.bfloat16)   # the old mode keeps the weights themselves in bf16 (last: it drops fp32)
-    ours_row(model, batch, ref_logps, *PURE, args, device, rows, precompute_s)
+    ours_row(model, batch, ref_logps, PURE, args, device, rows, precompute_s)
 
     baseline = rows[0]
     for row in rows:

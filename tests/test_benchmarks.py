@@ -107,12 +107,17 @@ def test_bench_e2e_tiny_run_goes_through_the_trainer_with_the_flags_it_names(tmp
     assert train["tokens_per_step"] == 2 * 2 * 64 and "fp32 weights, bf16 compute" in train["precision"]
     impls = [row["impl"] for row in train["rows"]]
     assert impls[0].startswith("baseline") and impls[1:-1] == ["ours"] * 4 and impls[-1].startswith("pure bf16")
+    settings = []
     for row in train["rows"][1:]:
-        # Each row's flags are what a user passes to spin-train to get that step.
+        # Each row's flags are what a user passes to spin-train to get that step (the benchmark runs
+        # what the trainer's parser makes of them).
         args = build_parser().parse_args(["--out", str(tmp_path / "x"), *row["flags"].split()])
         assert args.dtype == "bfloat16" and args.pure_low_precision == row["impl"].startswith("pure")
         assert args.head == "logits"   # the trainer's default on the CPU (fused on CUDA)
         assert row["s_per_step"] > 0 and row["tokens_per_s_with_precompute"] < row["tokens_per_s"]
+        settings.append((args.optimizer_in_backward, args.max_grad_norm, args.recompute))
+    assert settings == [(False, 1.0, "none"), (True, 0.0, "none"), (True, 0.0, "elementwise"),
+                        (True, 0.0, "full"), (True, 0.0, "elementwise")]
     assert [row["impl"] for row in report["generate"]["rows"]] == ["HF generate(), dynamic cache", "generate_responses"]
     assert report["failed_parts"] == []
     assert "| ours | `--dtype bfloat16 --optimizer-in-backward" in (tmp_path / "e2e.md").read_text()
