@@ -105,7 +105,9 @@ def test_streamed_forward_on_the_gpu_equals_the_resident_forward():
 def test_a_cpu_write_into_the_bank_waits_for_the_streamed_forwards_copies():
     reference, policy = _llama(6), _llama(7)
     bank = WeightBank.from_module(reference)
-    ids = torch.randint(0, 128, (2, 40), device="cuda")
+    # Host ids: the forward reads them on the host, so CUDA ids would make it wait for the sleep
+    # below before issuing any copy, and the window this test probes would be over before it began.
+    ids = torch.randint(0, 128, (2, 40))
     torch.cuda._sleep(1_000_000_000)   # about a second of GPU work queued before the forward's copies
     streamed_reference_forward(policy, bank, ids)
     fresh = {name: torch.zeros_like(tensor) for name, tensor in bank.views().items()}
