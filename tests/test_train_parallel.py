@@ -14,6 +14,10 @@ updated parameters within 1e-5 (fp32: sums in another order differ by a few ulps
 first steps, ~lr·sign(g), do not amplify), and a checkpoint round trip of the sharded state.
 Loops: per-step losses within 1e-4, evaluation rows within 1e-5, final weights within 1e-5
 (trainer_cases.assert_runs_match).
+These bounds are for fp32 compute. FSDP in bf16 mixed precision is held to bf16's precision against
+the fp32 process (log-probs within 2e-2 relative / 5e-2 absolute, loss and acc within 3e-2, each
+parameter's update at cosine > 0.9) and keeps fp32 master weights; its fused head equals its logits
+head within 1e-3 (updates at cosine > 0.99).
 """
 import os
 from datetime import timedelta

@@ -219,7 +219,7 @@ def test_plan_terms_follow_the_options():
     assert full.activations.decoder < plan(recompute="elementwise").activations.decoder < base.activations.decoder
     # --head fused: no [N, V] logits; the compacted rows and their gradient, one chunk of logits,
     # d weight's fp32 accumulator and d weight (bf16) instead. Its fixed 6·V·h bytes pay off once the
-    # logits would be larger than that and a chunk: here from a few thousand labelled tokens.
+    # logits would be larger than that and a chunk: here from about 17k labelled tokens.
     vocab, hidden = 128256, 4096
     for micro_batch_size, fused_is_smaller in ((1, False), (8, True)):
         logits = plan(micro_batch_size=micro_batch_size).activations

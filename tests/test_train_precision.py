@@ -135,3 +135,23 @@ def test_cuda_fast_path_trains_like_the_plain_bf16_step(tmp_path):
     assert len(losses["fast"]) == len(losses["plain"]) == 4
     for fast, plain in zip(losses["fast"], losses["plain"]):
         assert abs(fast - plain) <= 2e-2 * plain, (losses["fast"], losses["plain"])
+
+
+def changed_fraction(dtype):
+    """Fraction of a Linear(2048, 2048)'s weights that 10 AdamW steps at LR change, in `dtype`."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(2048, 2048).to(dtype)
+    before = linear.weight.detach().clone()
+    optimizer = torch.optim.AdamW(linear.parameters(), lr=LR, weight_decay=0.0)
+    x = torch.randn(64, 2048).to(dtype)
+    for _ in range(10):
+        optimizer.zero_grad()
+        linear(x).float().square().mean().backward()
+        optimizer.step()
+    return (linear.weight != before).float().mean().item()
+
+
+def test_bf16_weights_keep_their_value_under_a_spin_sized_update():
+    # The measurement behind precision.py and the README: ~1 % of bf16 weights move, every fp32 one.
+    assert changed_fraction(torch.bfloat16) < 0.02
+    assert changed_fraction(torch.float32) > 0.999
