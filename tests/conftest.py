@@ -44,3 +44,14 @@ def one_rank_mesh(tmp_path):
         yield init_device_mesh("cpu", (1,))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if the trainer loads a model: for errors that must come before any."""
+    import spin_trainer.model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(spin_trainer.model, "load_model", refuse)

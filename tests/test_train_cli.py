@@ -14,17 +14,6 @@ def tiny(tmp_path_factory):
     return tiny_setup(str(tmp_path_factory.mktemp("cli")))
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fails the test if the model is loaded: every error here must come before."""
-    import spin_trainer.model
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the error")
-
-    monkeypatch.setattr(spin_trainer.model, "load_model", refuse)
-
-
 @pytest.mark.parametrize("extra, expected", [
     (["--tp", "0"], "--tp must be >= 1, got 0"),
     (["--lr", "inf"], "--lr must be finite and >= 0, got [inf, inf]"),

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from trainer_cases import tiny_setup, train_args
+from trainer_cases import metric_records, tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
 from spin_trainer.metrics import TIMING_KEYS, MetricsLog
@@ -18,11 +18,6 @@ PROMPTS, BATCH = 32, 8
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return tiny_setup(str(tmp_path_factory.mktemp("logging")))
-
-
-def read(out):
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def test_step_records_add_up_and_validation_runs_every_n_steps(tiny, tmp_path):
@@ -36,9 +31,8 @@ def test_step_records_add_up_and_validation_runs_every_n_steps(tiny, tmp_path):
     out = str(tmp_path / "run")
     common = ["--iterations", "1"]
     train_cli.main(train_args(*tiny, out, *common, "--val-every", "2", "--save-every", "2"))
-    records = read(out)
-    train = [r for r in records if r["kind"] == "train"]
-    end = next(r for r in records if r["kind"] == "eval" and r["step"] == 4)
+    train = metric_records(out, "train")
+    end = next(r for r in metric_records(out, "eval") if r["step"] == 4)
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for record in train:
         assert record["consumed_samples"] == record["step"] * BATCH
@@ -52,7 +46,7 @@ def test_step_records_add_up_and_validation_runs_every_n_steps(tiny, tmp_path):
     assert sum(r["tokens"] for r in train) == pytest.approx(gold_tokens + end["train_gen_length"] * PROMPTS)
 
     # Validation at step 2 (step 4 ends the iteration: its "eval" row), from step 2's weights.
-    validations = [r for r in records if r["kind"] == "val"]
+    validations = metric_records(out, "val")
     assert [r["step"] for r in validations] == [2]
     ctx = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
     model = load_model(model_dir)
@@ -68,7 +62,7 @@ def test_step_records_add_up_and_validation_runs_every_n_steps(tiny, tmp_path):
     plain = str(tmp_path / "plain")
     train_cli.main(train_args(*tiny, plain, *common))
     strip = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in train]
-    assert strip == [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read(plain) if r["kind"] == "train"]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in metric_records(plain, "train")]
 
 
 def test_records_are_strict_json_and_each_is_fsynced(tmp_path, monkeypatch):

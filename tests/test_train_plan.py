@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer_cases import ROOT, fixed_pairs, free_port, tiny_setup, train_args
+from trainer_cases import ROOT, fixed_pairs, free_port, saved_activation_bytes, tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
 from spin_trainer.activations import ComputeMode, DecoderShape, decoder_bytes
@@ -125,19 +125,12 @@ def test_plan_equals_the_bytes_of_a_real_4_process_step(measured, model_dirs, la
 # ---- the activation formula against what autograd saves --------------------------------------
 
 def saved_bytes(model, input_ids, autocast):
-    """Bytes of the distinct storages autograd saves in the backbone's forward (parameters excluded)."""
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    """Bytes autograd saves in the backbone's forward (parameters excluded)."""
+    def forward():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             model.model(input_ids=input_ids, use_cache=False)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(size for pointer, size in storages.items() if pointer not in params)
+
+    return saved_activation_bytes(model, forward)
 
 
 @pytest.mark.parametrize("recompute", ["none", "elementwise", "full"])

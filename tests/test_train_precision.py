@@ -4,7 +4,7 @@ does); the old pure-bf16 mode (--pure-low-precision) loses them, and the same ch
 import pytest
 import torch
 
-from trainer_cases import fixed_pairs, tiny_setup
+from trainer_cases import fixed_pairs, metric_records, tiny_setup
 
 from spin_trainer.data import collate_pairs
 from spin_trainer.distributed import ParallelContext
@@ -116,9 +116,6 @@ def test_cuda_fast_path_trains_like_the_plain_bf16_step(tmp_path):
     """On a GPU, --dtype bfloat16 (fp32 master weights, autocast, generation's CUDA-graph decoder
     under autocast) with the optimizer stepped in the backward (fused AdamW per parameter) and whole
     layers recomputed gives the plain step's losses, to bf16 rounding."""
-    import json
-    import os
-
     from trainer_cases import train_args
 
     from spin_trainer import cli as train_cli
@@ -130,8 +127,7 @@ def test_cuda_fast_path_trains_like_the_plain_bf16_step(tmp_path):
         out = str(tmp_path / name)
         train_cli.main(train_args(*setup, out, "--device", "cuda", "--dtype", "bfloat16", "--greedy",
                                   "--iterations", "1", "--micro-batch-size", "8", *extra))
-        with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-            losses[name] = [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]
+        losses[name] = [r["loss"] for r in metric_records(out, "train")]
     assert len(losses["fast"]) == len(losses["plain"]) == 4
     for fast, plain in zip(losses["fast"], losses["plain"]):
         assert abs(fast - plain) <= 2e-2 * plain, (losses["fast"], losses["plain"])

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from trainer_cases import fixed_pairs, tiny_setup, train_args
+from trainer_cases import fixed_pairs, saved_activation_bytes, tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
 from spin_trainer.config import SpinConfig
@@ -164,16 +164,7 @@ def _saved_activation_bytes(model_dir, pairs, recompute):
     model = load_model(model_dir)
     apply_recompute(decoder_layers(model), recompute)
     batch = collate_pairs(examples[:4], generated[:4], tokenizer.pad_token_id)
-    kept = {}
-
-    def pack(tensor):
-        kept[(tensor.data_ptr(), tuple(tensor.shape))] = tensor.numel() * tensor.element_size()
-        return tensor
-
-    parameters = {p.data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        labelled_logps(model, batch, CTX).sequence_sums().sum()
-    return sum(size for (pointer, _), size in kept.items() if pointer not in parameters)
+    return saved_activation_bytes(model, lambda: labelled_logps(model, batch, CTX).sequence_sums().sum())
 
 
 def test_recompute_keeps_fewer_activations(tiny, pairs):
@@ -204,13 +195,8 @@ def test_rewards_std_is_bessel_corrected_over_every_reward():
                                "--global-batch-size 8 = 2 x --micro-batch-size 4"),
     (["--micro-batch-size", "8"], "--optimizer-in-backward cannot clip"),
 ])
-def test_optimizer_in_backward_is_refused_before_any_model_is_loaded(tiny, tmp_path, monkeypatch, extra, expected):
-    import spin_trainer.model
-
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(spin_trainer.model, "load_model", no_loading)
+def test_optimizer_in_backward_is_refused_before_any_model_is_loaded(tiny, tmp_path, no_model_load, extra,
+                                                                    expected):
     with pytest.raises(ValueError) as info:
         train_cli.main(train_args(*tiny, str(tmp_path / "run"), "--optimizer-in-backward", *extra))
     assert expected in str(info.value) and "drop --optimizer-in-backward" in str(info.value)

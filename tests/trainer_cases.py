@@ -101,3 +101,21 @@ def assert_runs_match(got_out, want_out, *, steps, tolerance=1e-4, eval_toleranc
     assert got_weights.keys() == want_weights.keys()
     for name, tensor in want_weights.items():
         torch.testing.assert_close(got_weights[name], tensor, rtol=weight_tolerance, atol=weight_tolerance, msg=name)
+
+
+def saved_activation_bytes(model, forward):
+    """Bytes of the distinct storages autograd saves for the backward while `forward()` runs, the
+    model's parameters excluded (what activation recompute exists to cut)."""
+    import torch
+
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(size for pointer, size in storages.items() if pointer not in params)
