@@ -1,6 +1,4 @@
 """The text of benchmarks/results/outcome.md from the per-(task, seed) results of study_outcome.py."""
-import os
-
 from spin_trainer.comparison import START_NAMES, TASKS, choose_run, validation_score
 from spin_trainer.plots import mean_and_se
 from spin_trainer.verdict import compare, verdict
@@ -16,11 +14,6 @@ def pm(values, digits=3, sign=""):
 def mean_of(values, fmt):
     values = [v for v in values if v is not None]
     return "-" if not values else fmt.format(sum(values) / len(values))
-
-
-def count_lines(path):
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
 
 
 def best_on_average(starts, kind):
@@ -41,7 +34,7 @@ def setting_section(task, kind, per_seed, grid):
     starts = [r["starts"][kind] for r in per_seed]
     sft = [choose_run(s["runs"], "sft") for s in starts]
     spin = [choose_run(s["runs"], "spin") for s in starts]
-    num_test = count_lines(os.path.join(TASKS[task].data_dir, "test.jsonl"))
+    num_test = TASKS[task].test_size()
     steps = spin[0]["rows"][-1]["step"]
     sft_final = [r["rows"][-1]["exact_match"] for r in sft]
     spin_final = [r["rows"][-1]["exact_match"] for r in spin]

@@ -43,6 +43,11 @@ class Task:
     def data_dir(self):
         return os.path.join(DATA_ROOT, self.name)
 
+    def test_size(self):
+        """Records in the test split (the verdict's binomial noise depends on it)."""
+        with open(os.path.join(self.data_dir, "test.jsonl"), encoding="utf-8") as f:
+            return sum(1 for line in f if line.strip())
+
 
 # Warm-ups measured on the validation split (seed 0, lr 3e-3, batch 32): arith is at exact match
 # 0.20 after 300 steps; sort at 0.31 after 100 (and already 0.75 after 300).

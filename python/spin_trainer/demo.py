@@ -189,8 +189,7 @@ def run_demo(args):
                         f"{setting.spin.beta:g}, continued SFT lr {setting.sft.lr:g} (chosen by "
                         f"benchmarks/study_outcome.py on the validation split)", WIDTH), flush=True)
     spin_by_seed, sft_by_seed, paths, _ = zip(*run_seeds(setting, seeds, out, args.attn, progress))
-    with open(os.path.join(setting.task.data_dir, "test.jsonl"), encoding="utf-8") as f:
-        num_test = sum(1 for line in f if line.strip())
+    num_test = setting.task.test_size()
     steps = spin_by_seed[0][-1]["step"]
     print()
     print(format_table(mean_rows(spin_by_seed), f"SPIN, {setting.protocol.iterations} iterations from the start "
