@@ -14,9 +14,7 @@ as mean ± standard error over the seeds, and the verdict is spin_trainer.verdic
 interval. Every part is a function of the seed. (task, seed) units run in parallel processes.
 """
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import os
 import platform
 import shlex
@@ -84,19 +82,13 @@ KEPT = ("iteration", "step", "exact_match", "val_exact_match", "val_sft_loss", "
 
 def run_unit(task_name, seed, args, work):
     """Both starts and every grid point of both arms for one (task, seed); plain-data results."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
     from spin_trainer.comparison import TASKS, make_starts, metrics_log, prepare, run_arm
-    from spin_trainer.distributed import setup_parallel, teardown_parallel
+    from spin_trainer.workers import unit_context
 
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(1)   # tiny model: intra-op threads only add synchronisation
     began, cpu_began = time.time(), time.process_time()
     out_dir = os.path.join(work, f"{task_name}-seed{seed}")
     shutil.rmtree(out_dir, ignore_errors=True)
-    ctx = setup_parallel(1, "cpu")
-    try:
+    with unit_context() as ctx:
         setup = prepare(TASKS[task_name], seed, out_dir, ctx, val_exact_match=True)
         proto = protocol(args)
         starts = make_starts(setup, proto, args.starts, metrics_log(os.path.join(out_dir, "start.jsonl")))
@@ -115,8 +107,6 @@ def run_unit(task_name, seed, args, work):
                                       "val_sft_loss": start.row["val_sft_loss"], "runs": runs}
         result["seconds"], result["cpu_seconds"] = time.time() - began, time.process_time() - cpu_began
         return result
-    finally:
-        teardown_parallel(ctx)
 
 
 def main(argv=None):
@@ -132,6 +122,7 @@ def main(argv=None):
         print(f"wrote {prefix}.md and .json from {args.from_json}")
         return
     from spin_trainer.comparison import TASKS
+    from spin_trainer.workers import run_units
 
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
@@ -141,14 +132,8 @@ def main(argv=None):
     load_before = os.getloadavg()
     began = time.time()
     work = args.work or os.path.join(os.path.dirname(os.path.abspath(args.out)), ".outcome-work")
-    units = [(task, seed) for task in args.tasks for seed in args.seeds]
-    if args.workers > 1 and len(units) > 1:
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=args.workers, mp_context=context) as pool:
-            futures = [pool.submit(run_unit, task, seed, args, work) for task, seed in units]
-            results = [f.result() for f in futures]
-    else:
-        results = [run_unit(task, seed, args, work) for task, seed in units]
+    units = [(task, seed, args, work) for task in args.tasks for seed in args.seeds]
+    results = list(run_units(run_unit, units, args.workers))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.time() - began

@@ -13,9 +13,7 @@ writes over a training run. It takes no model, data or training options; --seed 
 S + 1, S + 2.
 """
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import os
 import re
 import shutil
@@ -23,15 +21,13 @@ import textwrap
 import time
 from dataclasses import dataclass
 
-import torch
-
 from .cli import show_progress
 from .comparison import START_NAMES, TASKS, Arm, Protocol, Task, make_starts, metrics_log, prepare, run_arm
-from .distributed import setup_parallel, teardown_parallel
 from .export import export_hf
 from .metrics import read_records
 from .plots import TABLE_LEGEND, format_table, mean_rows, plot_curves
 from .verdict import verdict
+from .workers import run_units, unit_context
 
 
 @dataclass(frozen=True)
@@ -132,25 +128,15 @@ def write_json(path, obj):
 
 def run_seed(setting, seed, out, attention, progress):
     """One seed of the demo, in this process or a worker: (SPIN rows, SFT rows, metrics path, summary line)."""
-    from transformers.utils import logging as hf_logging
-
-    # The demo loads its tiny model several times per seed: no loading bars.
-    hf_logging.disable_progress_bar()
-    # Tiny model: intra-op threads only add OpenMP synchronisation (and on a busy machine,
-    # spin-waiting that slows each small matmul by orders of magnitude).
-    torch.set_num_threads(1)
     began = time.time()
     seed_dir = os.path.join(out, f"seed-{seed}")
-    ctx = setup_parallel(1, "cpu")
-    try:
+    with unit_context() as ctx:
         setup = prepare(setting.task, seed, seed_dir, ctx, attention=attention, progress=progress)
         metrics = metrics_log(os.path.join(seed_dir, "metrics.jsonl"))
         start = make_starts(setup, setting.protocol, [setting.start], metrics)[setting.start]
         spin_rows = run_arm(setup, start, setting.spin, setting.protocol, metrics)
         export_hf(setup.model, setup.tokenizer, os.path.join(seed_dir, "final"), ctx)
         sft_rows = run_arm(setup, start, setting.sft, setting.protocol, metrics)
-    finally:
-        teardown_parallel(ctx)
     line = (f"seed {seed}: start after {start.step} SFT steps, test exact match {start.row['exact_match']:.3f}; "
             f"after {spin_rows[-1]['step']} more steps: SPIN {spin_rows[-1]['exact_match']:.3f}, continued SFT "
             f"{sft_rows[-1]['exact_match']:.3f} ({time.time() - began:.0f} s)")
@@ -160,19 +146,11 @@ def run_seed(setting, seed, out, attention, progress):
 def run_seeds(setting, seeds, out, attention, progress):
     """Every seed's results, in seed order; seeds run in parallel processes, one per CPU core."""
     workers = min(len(seeds), os.cpu_count() or 1)
-    if workers == 1:
-        results = []
-        for seed in seeds:
-            results.append(run_seed(setting, seed, out, attention, progress))
-            print(results[-1][-1], flush=True)
-        return results
-    # Bars of parallel workers would overwrite each other.
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_seed, setting, seed, out, attention, False) for seed in seeds]
-        results = []
-        for future in futures:
-            results.append(future.result())
-            print(results[-1][-1], flush=True)
+    progress = progress and workers == 1   # bars of parallel workers would overwrite each other
+    results = []
+    for result in run_units(run_seed, [(setting, seed, out, attention, progress) for seed in seeds], workers):
+        results.append(result)
+        print(result[-1], flush=True)
     return results
 
 
