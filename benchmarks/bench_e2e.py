@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import statistics
 import time
 import traceback
 import warnings
@@ -247,7 +248,7 @@ def bench_generate(model, args, device):
                     produced, extra = call()
                     synchronize(device)
                     timings.append(time.perf_counter() - began)
-            steady = sorted(timings[1:])[len(timings[1:]) // 2] if len(timings) > 1 else timings[0]
+            steady = statistics.median(timings[1:] or timings)   # after the first call (graph capture)
             rows.append(dict(impl=name, first_call_s=timings[0], s=steady, tokens_per_s=produced / steady,
                              extra_gib=peak.extra_gib, **extra))
             print(f"  {name}: first {timings[0]:.2f} s, then {steady:.3f} s, {produced / steady:.0f} tok/s", flush=True)
