@@ -12,7 +12,6 @@ Every function takes `backend=` ("auto", "ext" or "torch") where it creates host
 fallback has the same behaviour with torch's pinned allocator and one `copy_` per tensor.
 
     bank.py       WeightBank: the arena, its layout and its transfers
-    bank_file.py  its file format: safetensors with the arena order and a checksum per tensor
     swapping.py   swapped(): the state machine of a swap into a live model and back
     engine.py     the copy engine (C++ extension or torch): allocation, batched copies, streams
     optimizer.py  optimizer-state offload

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 
 from spin_kernels.dtensor import local_tensor
-from spin_kernels.swap.bank_file import TensorFileReader, write_tensor_file
 from spin_kernels.swap.engine import CopyEngine, align_up, bump_versions, resolve_engine, wait_host
 
 
@@ -79,8 +77,8 @@ def default_pinning() -> bool:
 
 
 class WeightBank:
-    """Named tensors snapshotted into one host arena. Build with `from_module`, `from_tensors` or
-    `load`; the tensors are owned by the bank (later changes to the sources do not reach it)."""
+    """Named tensors snapshotted into one host arena. Build with `from_module` or `from_tensors`;
+    the tensors are owned by the bank (later changes to the sources do not reach it)."""
 
     def __init__(self, arena: torch.Tensor, slots: dict[str, Slot], engine: CopyEngine, pinned: bool):
         assert arena.dtype == torch.uint8 and arena.device.type == "cpu"
@@ -328,24 +326,6 @@ class WeightBank:
         fetch only the bytes they touch over the bus), or None where the engine cannot map it (the
         torch backend, pageable memory, a CPU device)."""
         return self._engine.device_view(self._tensors[name], device)
-
-    # -- files ------------------------------------------------------------------------------------
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file atomically, with the arena order and a SHA-256 per tensor
-        (bank_file.py)."""
-        write_tensor_file(path, self.tensors())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, backend: str | None = None,
-             pin_memory: bool | None = None) -> "WeightBank":
-        """Read a file written by `save` (or any safetensors file) into a new bank, one tensor at a
-        time (no second full copy in memory); ValueError naming the file when it is a directory,
-        unreadable, or fails a checksum recorded by `save`."""
-        with TensorFileReader(path) as reader:
-            bank = cls.allocate(reader.specs, backend=backend, pin_memory=pin_memory)
-            reader.read_into(bank._tensors)
-        return bank
 
 
 def _is_non_persistent(module: nn.Module, name: str) -> bool:
