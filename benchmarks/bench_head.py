@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from spin_kernels import linear_spin_loss, spin_loss, spin_loss_from_logps
-from spin_kernels.loss.reference import naive_spin_loss
+from spin_kernels.loss.torch_backend import naive_spin_loss
 
 from results_file import write_results
 from timing import GIB, PeakMemory, median_ms

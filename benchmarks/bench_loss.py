@@ -18,7 +18,7 @@ import torch
 
 from spin_kernels import spin_loss
 from spin_kernels.loss.ops import logprobs as triton_ops
-from spin_kernels.loss.reference import naive_spin_loss
+from spin_kernels.loss.torch_backend import naive_spin_loss
 
 from results_file import write_results
 from timing import GIB, PeakMemory, median_ms

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spin_kernels import spin_loss
-from spin_kernels.loss.reference import naive_spin_loss
+from spin_kernels.loss.torch_backend import naive_spin_loss
 
 SHAPES = [(4, 256, 8000), (2, 128, 32000)]  # (sequences, tokens, vocab)
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from loss_cases import IGNORE, rel_err
-from spin_kernels.loss import head_chunks
-from spin_kernels.loss.reference import naive_spin_loss, naive_token_logprobs
+from spin_kernels.loss.ops import linear_logprobs
+from spin_kernels.loss.torch_backend import naive_spin_loss, naive_token_logprobs
 
 # (dtype, tolerance of the forward log-probs vs float64 on the same rounded inputs, once the
 # logits themselves are exact: fp32 only; bf16/fp16 logits are rounded by the matmul, as an LM
@@ -92,7 +92,7 @@ def assert_grads_close(got, want, eager, dtype, names=("hidden", "weight", "bias
 
 @pytest.fixture
 def chunk_bytes(monkeypatch):
-    """Sets head_chunks.CHUNK_BYTES for one test (the chunk loop's routes at tiny shapes)."""
+    """Sets linear_logprobs.CHUNK_BYTES for one test (the chunk loop's routes at tiny shapes)."""
     def set_bytes(value):
-        monkeypatch.setattr(head_chunks, "CHUNK_BYTES", value)
+        monkeypatch.setattr(linear_logprobs, "CHUNK_BYTES", value)
     return set_bytes

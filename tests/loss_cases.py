@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from spin_kernels.loss.reference import naive_token_logprobs
+from spin_kernels.loss.torch_backend import naive_token_logprobs
 
 IGNORE = -100
 

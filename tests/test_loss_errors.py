@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from spin_kernels import (linear_sequence_logprobs, linear_spin_loss, linear_token_logprobs,
-                          sequence_logprobs, spin_loss, spin_loss_from_logps, token_logprobs)
+from spin_kernels import (SpinLoss, linear_sequence_logprobs, linear_spin_loss,
+                          linear_token_logprobs, sequence_logprobs, spin_loss, spin_loss_from_logps,
+                          token_logprobs)
 
 V = 50
 
@@ -68,6 +69,37 @@ def test_bad_beta(entry, beta, error, match):
             linear_spin_loss(torch.randn(4, 6, 8), torch.randn(V, 8), labels, ref, beta=beta)
         else:
             spin_loss_from_logps(ref, ref.flip(0), beta=beta)
+
+
+@pytest.mark.parametrize("entry", ["spin_loss", "SpinLoss", "spin_loss_from_logps", "linear_spin_loss"])
+def test_beta_and_loss_type_are_checked_once_per_call(entry, monkeypatch):
+    # One check per public call, in one function; inner layers (the pair loss, the fused head's
+    # op and slopes) take them as checked.
+    import spin_kernels.loss.linear as linear_module
+    import spin_kernels.loss.logits as logits_module
+    import spin_kernels.loss.pair as pair_module
+    from spin_kernels.loss.validation import check_loss_args
+
+    calls = []
+
+    def counting(beta, loss_type):
+        calls.append((beta, loss_type))
+        return check_loss_args(beta, loss_type)
+
+    for module in (linear_module, logits_module, pair_module):
+        monkeypatch.setattr(module, "check_loss_args", counting)
+    logits, labels, ref = _ok()
+    kw = dict(beta=0.4, loss_type="hinge")
+    if entry == "spin_loss":
+        spin_loss(logits, labels, ref, **kw)
+    elif entry == "SpinLoss":
+        SpinLoss(**kw)(logits, labels, ref)
+    elif entry == "linear_spin_loss":
+        linear_spin_loss(torch.randn(4, 6, 8, requires_grad=True), torch.randn(V, 8), labels, ref,
+                         **kw).loss.backward()
+    else:
+        spin_loss_from_logps(ref, ref.flip(0), **kw)
+    assert calls == [(0.4, "hinge")]
 
 
 @pytest.mark.parametrize("beta", [0.3, 3, np.float64(0.3), np.float32(0.3), np.array(0.3), torch.tensor(0.3),

@@ -31,11 +31,11 @@ def test_fused_head_at_a_training_vocab(monkeypatch):
     # bf16 at V = 128256, one pair a chunk: d weight accumulated in fp32 by cuBLAS (bf16 operands,
     # fp32 accumulator), two chunks. Equal to the logits path, and as close to float64.
     from spin_kernels import linear_spin_loss, spin_loss
-    from spin_kernels.loss import head_chunks
-    from spin_kernels.loss.reference import naive_spin_loss
+    from spin_kernels.loss.ops import linear_logprobs
+    from spin_kernels.loss.torch_backend import naive_spin_loss
 
     pairs, seq_len, hidden_size, vocab = 2, 512, 256, 128256
-    monkeypatch.setattr(head_chunks, "CHUNK_BYTES", 800 * vocab * 2)  # pairs have ~720 rows
+    monkeypatch.setattr(linear_logprobs, "CHUNK_BYTES", 800 * vocab * 2)  # pairs have ~720 rows
     g = torch.Generator(device="cuda").manual_seed(1)
     hidden = torch.randn(2 * pairs, seq_len, hidden_size, device="cuda", generator=g).bfloat16()
     weight = (torch.randn(vocab, hidden_size, device="cuda", generator=g) * 0.2).bfloat16()

@@ -6,7 +6,7 @@ from head_cases import (HEAD_DTYPES, assert_grads_close, chunk_bytes, eager_toke
                         leaves, make_head, oracle_token)
 from loss_cases import IGNORE, backend_cases, make_labels, make_upstream, rel_err
 from spin_kernels import linear_sequence_logprobs, linear_token_logprobs
-from spin_kernels.loss.reference import naive_token_logprobs
+from spin_kernels.loss.torch_backend import naive_token_logprobs
 
 pytestmark = pytest.mark.parametrize("device,backend", backend_cases())
 

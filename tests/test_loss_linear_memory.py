@@ -18,7 +18,8 @@ from torch.profiler import ProfilerActivity, profile
 from head_cases import chunk_bytes, leaves, make_head  # noqa: F401
 from loss_cases import make_labels
 from spin_kernels import linear_spin_loss, spin_loss
-from spin_kernels.loss import head_chunks, reference
+from spin_kernels.loss import torch_backend
+from spin_kernels.loss.ops import linear_logprobs
 
 H, V = 64, 2048
 
@@ -47,9 +48,9 @@ def cpu_peak_bytes(step) -> int:
 def documented_bound(n_rows: int, chunk_rows: int, dtype: torch.dtype) -> int:
     """linear.py's bound for the torch backend on the CPU, in bytes."""
     item = dtype.itemsize
-    block = min(chunk_rows, reference._CHUNK_ELEMENTS // V)
+    block = min(chunk_rows, torch_backend._CHUNK_ELEMENTS // V)
     bound = chunk_rows * V * item  # the logits buffer
-    bound += 4 * block * V * 4  # reference.py: up to four fp32 copies of a block of the chunk
+    bound += 4 * block * V * 4  # torch_backend.py: up to four fp32 copies of a block of the chunk
     bound += 2 * chunk_rows * H * item  # hidden rows and d hidden rows of a chunk
     if dtype != torch.float32:
         bound += 4 * V * H  # fp32 accumulator of d weight
@@ -92,5 +93,5 @@ def test_extra_memory_within_bound_and_independent_of_rows(dtype, chunk_bytes):
 
 
 def test_chunk_buffer_is_what_the_budget_says():
-    assert head_chunks.rows_per_chunk(128256, torch.bfloat16) == (1 << 30) // (128256 * 2)
-    assert head_chunks.rows_per_chunk(10**12, torch.float32) == 1
+    assert linear_logprobs.rows_per_chunk(128256, torch.bfloat16) == (1 << 30) // (128256 * 2)
+    assert linear_logprobs.rows_per_chunk(10**12, torch.float32) == 1

@@ -7,9 +7,9 @@ from head_cases import (HEAD_DTYPES, assert_grads_close, chunk_bytes, leaves,  #
                         make_head, oracle_spin)
 from loss_cases import IGNORE, backend_cases, make_labels
 from spin_kernels import linear_spin_loss, spin_loss, spin_loss_from_logps
-from spin_kernels.loss.head_ops import pair_loss_slopes
-from spin_kernels.loss.pair import LOSS_TYPES
-from spin_kernels.loss.reference import naive_token_logprobs
+from spin_kernels.loss.pair import pair_loss_slopes
+from spin_kernels.loss.validation import LOSS_TYPES
+from spin_kernels.loss.torch_backend import naive_token_logprobs
 
 B, T, H, V = 3, 11, 29, 233
 

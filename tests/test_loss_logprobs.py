@@ -6,7 +6,7 @@ from loss_cases import (DTYPES, IGNORE, as_grad_input, backend_cases, interprete
                         make_labels, make_logits, make_upstream, oracle_grad, oracle_logprobs,
                         rel_err, torch_same_dtype_grad)
 from spin_kernels import token_logprobs
-from spin_kernels.loss.reference import naive_token_logprobs
+from spin_kernels.loss.torch_backend import naive_token_logprobs
 
 pytestmark = pytest.mark.parametrize("device,backend", backend_cases())
 

@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 from head_cases import leaves, make_head
 from loss_cases import make_confident, make_labels, make_logits, oracle_logprobs
 from spin_kernels import linear_spin_loss, linear_token_logprobs, spin_loss, token_logprobs
-from spin_kernels.loss import head_chunks
-from spin_kernels.loss.reference import naive_token_logprobs
+from spin_kernels.loss.ops import linear_logprobs
+from spin_kernels.loss.torch_backend import naive_token_logprobs
 
 WORLD, B, T, V = 2, 2, 9, 1202  # V_local = 601: odd, more than one block of the smallest config
 
@@ -73,7 +73,7 @@ def _check_fused_head(rank, backend):
     ref = torch.randn(2 * B, generator=torch.Generator().manual_seed(8)) - 40
     mine = slice(rank * (V // WORLD), (rank + 1) * (V // WORLD))
     group = dist.group.WORLD
-    head_chunks.CHUNK_BYTES = 20 * (V // WORLD) * 4  # pairs of ~12 rows: chunks of whole pairs
+    linear_logprobs.CHUNK_BYTES = 20 * (V // WORLD) * 4  # pairs of ~12 rows: chunks of whole pairs
     for use in ("spin", "token"):
         full, shard = leaves(hidden, weight, bias), leaves(hidden, weight[mine], bias[mine])
         if use == "spin":

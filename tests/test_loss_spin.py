@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from loss_cases import IGNORE, as_grad_input, backend_cases, make_labels, make_logits, rel_err
 from spin_kernels import SpinLoss, sequence_logprobs, spin_loss, spin_loss_from_logps
-from spin_kernels.loss.reference import naive_spin_loss, naive_token_logprobs
+from spin_kernels.loss.torch_backend import naive_spin_loss, naive_token_logprobs
 
 pytestmark = pytest.mark.parametrize("device,backend", backend_cases())
 

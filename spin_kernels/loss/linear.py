@@ -5,17 +5,11 @@ the logits `[..., V]`.
     linear_sequence_logprobs(hidden, weight, labels)   = sequence_logprobs(...)
     linear_spin_loss(hidden, weight, labels, ref)      = spin_loss(...)   (same loss, same metrics)
 
-How (`head_chunks.py`, `head_ops.py`): rows whose label is `ignore_index` (or outside the loss
-mask) are compacted away first, so a prompt token costs nothing. The labelled rows go through in
-chunks: a cuBLAS matmul writes a chunk's logits into one reused buffer, the logits path's own fold
-(`ops/logprobs.py` for "triton", `reference.py` for "torch") reduces them to per-row stats, and
-for a gradient the fold's backward kernel overwrites the buffer with dlogits, which two more
-matmuls turn into d hidden rows and an fp32-accumulated d weight. The backends differ only in the
-fold. One host sync per op call counts the labelled rows; none happens inside the chunk loop.
-Chunks are of rows, each with the whole (local) vocabulary, rather than of vocabulary tiles: a
-row's dlogits need its complete log-sum-exp, so forming the gradient in the forward needs all of
-a row's logits at once; vocabulary tiles would mean recomputing them, or summing d hidden over the
-tiles in an fp32 [N, H] buffer that grows with N.
+How (`ops/linear_logprobs.py`, the op): positions without a label are compacted away first, so a
+prompt token costs nothing; the labelled rows go through in chunks, a cuBLAS matmul writing a
+chunk's logits into one reused buffer that the logits path's own fold reduces to per-row stats and,
+for a gradient, overwrites with dlogits. One host sync per call counts the labelled rows. This
+module checks the arguments and calls the op.
 
 Cost, with N labelled rows (times H·V_local multiply-adds of 2 FLOPs each):
 - `linear_spin_loss`: 6·N·H·V FLOPs. The pair loss of a chunk of whole pairs (sequence i with
@@ -27,13 +21,13 @@ Cost, with N labelled rows (times H·V_local multiply-adds of 2 FLOPs each):
   log-probs under no_grad cost just that), and 6·N·H·V in the backward, which recomputes the
   logits because the upstream gradient of each log-prob is unknown until then: 8 in all.
 Extra memory (beyond inputs, outputs and gradients), independent of N:
-- the logits buffer: one chunk, at most `head_chunks.CHUNK_BYTES` (1 GiB);
+- the logits buffer: one chunk, at most `ops/linear_logprobs.CHUNK_BYTES` (1 GiB);
 - for a bf16/fp16 weight, the fp32 accumulator of d weight, 4·V_local·H bytes (2 GiB at
   V = 128256, H = 4096): forming d weight chunk by chunk and accumulating it in fp32 cannot avoid
   it, and an fp32 weight's gradient is its own accumulator;
 - a chunk's hidden rows and d hidden rows, and fp32 d bias;
 - the torch backend: up to four fp32 copies of a block of min(chunk, 2^24 / V_local) rows
-  (reference.py), and on the CPU fp32 copies of the chunk for the d weight product;
+  (torch_backend.py), and on the CPU fp32 copies of the chunk for the d weight product;
 - O(N) bookkeeping under 100 bytes per row (row ids, per-row stats; the hidden states themselves
   take 2·H bytes a row). `tests/test_loss_linear_memory.py` measures this bound on the CPU.
 `linear_spin_loss` holds its preformed gradients from the forward to the backward (they are the
@@ -47,16 +41,13 @@ on every rank, d weight is the local shard's, and d hidden is summed over the gr
 call.
 """
 import torch
-import torch.distributed as dist
 
 from spin_kernels.dtensor import is_dtensor
-from spin_kernels.loss import head_ops
-from spin_kernels.loss.pair import LOSS_TYPES, SpinLossOutput, spin_loss_from_logps
-from spin_kernels.loss.parallel import combine_shard_stats, shard_bounds
-from spin_kernels.loss.reference import LN2
-from spin_kernels.loss.validation import (LOGIT_DTYPES, check_beta, check_labels, check_pair_rows,
-                                          check_temperature, masked_labels, resolve_backend,
-                                          shape_of)
+from spin_kernels.loss.ops.linear_logprobs import fused_spin_loss, fused_token_logprobs
+from spin_kernels.loss.pair import SpinLossOutput
+from spin_kernels.loss.validation import (LOGIT_DTYPES, check_labels, check_loss_args,
+                                          check_pair_rows, check_temperature, masked_labels,
+                                          resolve_backend, shape_of)
 
 
 def _check_head(hidden, weight, bias, labels, ignore_index, temperature, process_group,
@@ -98,41 +89,6 @@ def _check_head(hidden, weight, bias, labels, ignore_index, temperature, process
     return resolve_backend(backend, hidden.device)
 
 
-def _needs_grad(*tensors) -> tuple[bool, ...]:
-    enabled = torch.is_grad_enabled()
-    return tuple(enabled and t is not None and t.requires_grad for t in tensors)
-
-
-class _LinearTokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, temperature, process_group,
-                backend):
-        vocab_start, vocab_total = shard_bounds(weight.shape[0], process_group)
-        stats = head_ops.linear_logprob_stats(hidden, weight, bias, labels, ignore_index,
-                                              1.0 / temperature, vocab_start, vocab_total, backend)
-        if process_group is not None:
-            stats = combine_shard_stats(stats, process_group)
-        m, log_sum, t = stats.unbind(0)
-        flat_labels = labels.reshape(-1)
-        logp = torch.where(flat_labels == ignore_index, 0.0, ((t - m) - log_sum) * LN2)
-        ctx.save_for_backward(hidden, weight, bias, labels, stats)
-        ctx.config = (ignore_index, 1.0 / temperature, vocab_start, process_group, backend)
-        return logp.view(labels.shape)
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight, bias, labels, stats = ctx.saved_tensors
-        ignore_index, inv_temperature, vocab_start, process_group, backend = ctx.config
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        d_hidden, d_weight, d_bias = head_ops.linear_logprob_grad(
-            grad.contiguous(), hidden, weight, bias, labels, stats, ignore_index, inv_temperature,
-            vocab_start, backend, need_hidden, need_weight, need_bias and bias is not None)
-        if need_hidden and process_group is not None:
-            dist.all_reduce(d_hidden, group=process_group)
-        return (d_hidden if need_hidden else None, d_weight if need_weight else None,
-                d_bias if need_bias else None) + (None,) * 5
-
-
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias=None, ignore_index: int = -100, temperature: float = 1.0,
                           process_group=None, backend: str = "auto") -> torch.Tensor:
@@ -144,8 +100,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     """
     backend = _check_head(hidden, weight, bias, labels, ignore_index, temperature, process_group,
                           backend)
-    return _LinearTokenLogprobs.apply(hidden, weight, bias, labels, ignore_index,
-                                      float(temperature), process_group, backend)
+    return fused_token_logprobs(hidden, weight, bias, labels, ignore_index, temperature,
+                                process_group, backend)
 
 
 def linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -170,26 +126,6 @@ def linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels:
     return total
 
 
-class _PreformedGrads(torch.autograd.Function):
-    """Passes the loss through; its gradients w.r.t. hidden, weight and bias were formed in the
-    forward, so the backward only scales them by the upstream gradient (in place: a second
-    backward through the same graph raises autograd's in-place error instead of scaling twice)."""
-
-    @staticmethod
-    def forward(ctx, loss, hidden, weight, bias, d_hidden, d_weight, d_bias):
-        ctx.save_for_backward(d_hidden, d_weight, d_bias)
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        grads = []
-        for preformed, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[1:4]):
-            if needed:
-                head_ops.scale_grad_(preformed, grad.float())
-            grads.append(preformed if needed else None)
-        return (None, *grads, None, None, None)
-
-
 def linear_spin_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                      ref_logps: torch.Tensor, *, bias=None, loss_mask=None, beta=0.1,
                      loss_type: str = "sigmoid", ignore_index: int = -100,
@@ -201,27 +137,14 @@ def linear_spin_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     weight and bias formed in the forward (6·N·H·V FLOPs over the N labelled rows).
 
     `ref_logps` is `[2B]` (per-sequence masked sums) or `[2B, T]` (per-token, masked here the same
-    way as the policy's). Rewards in the metrics include β.
+    way as the policy's). Rewards (`out.rewards`, and in the metrics) include β.
     """
     check_pair_rows("hidden", hidden, "H", ref_logps)
-    beta = check_beta(beta)  # before any work
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    beta = check_loss_args(beta, loss_type)  # before any work
     backend = _check_head(hidden, weight, bias, labels, ignore_index, temperature, process_group,
                           backend)
     labels = masked_labels(labels, loss_mask, ignore_index)
     if ref_logps.dim() == 2:
         ref_logps = (ref_logps.float() * (labels != ignore_index)).sum(-1)
-    vocab_start, vocab_total = shard_bounds(weight.shape[0], process_group)
-    needs = _needs_grad(hidden, weight, bias)
-    beta_tensor = torch.as_tensor(beta, dtype=torch.float32, device=hidden.device).detach()
-    policy, d_hidden, d_weight, d_bias = head_ops.linear_spin_forward(
-        hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels,
-        ref_logps.detach().float(), beta_tensor, loss_type, ignore_index, 1.0 / float(temperature),
-        vocab_start, vocab_total, "" if process_group is None else process_group.group_name,
-        backend, *needs)
-    out = spin_loss_from_logps(policy, ref_logps, beta=beta, loss_type=loss_type)
-    if not any(needs):
-        return out
-    loss = _PreformedGrads.apply(out.loss, hidden, weight, bias, d_hidden, d_weight, d_bias)
-    return SpinLossOutput(loss, out.metrics, out.policy_logps)
+    return fused_spin_loss(hidden, weight, bias, labels, ref_logps, beta, loss_type, ignore_index,
+                           temperature, process_group, backend)

@@ -6,17 +6,16 @@
 Alignment: `labels[..., t]` is the token that `logits[..., t, :]` scores; callers shift (for a
 Hugging Face model: `logits[:, :-1]` with `input_ids[:, 1:]`). Backends: "triton" (fused kernels,
 `spin_kernels.loss.ops.logprobs`; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "torch"
-(chunked PyTorch, `spin_kernels.loss.reference`), "auto" (Triton for CUDA tensors, torch otherwise).
+(chunked PyTorch, `spin_kernels.loss.torch_backend`), "auto" (Triton for CUDA tensors, torch otherwise).
 """
 import torch
 
-from spin_kernels.loss import reference
-from spin_kernels.loss.pair import SpinLossOutput, spin_loss_from_logps
+from spin_kernels.loss.pair import SpinLossOutput, pair_loss
 from spin_kernels.loss.parallel import combine_shard_stats, shard_bounds
-from spin_kernels.loss.reference import LN2
-from spin_kernels.loss.validation import (check_beta, check_logits_labels, check_pair_rows,
-                                          check_temperature, masked_labels, resolve_backend, shape_of,
-                                          triton_ops)
+from spin_kernels.loss.torch_backend import stats_logprobs
+from spin_kernels.loss.validation import (backend_ops, check_logits_labels, check_loss_args,
+                                          check_pair_rows, check_temperature, masked_labels,
+                                          resolve_backend, shape_of)
 
 
 def _as_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -39,13 +38,11 @@ class _TokenLogprobs(torch.autograd.Function):
                              f"as one; got shape {tuple(logits.shape)}, strides {logits.stride()}")
         flat_labels = labels.reshape(-1).contiguous()
         vocab_start, vocab_total = shard_bounds(rows.shape[-1], process_group)
-        ops = triton_ops if backend == "triton" else reference
-        stats = ops.logprob_stats(rows, flat_labels, ignore_index, 1.0 / temperature,
-                                  vocab_start, vocab_total)
+        stats = backend_ops(backend).logprob_stats(rows, flat_labels, ignore_index,
+                                                   1.0 / temperature, vocab_start, vocab_total)
         if process_group is not None:
             stats = combine_shard_stats(stats, process_group)
-        m, log_sum, t = stats.unbind(0)
-        logp = torch.where(flat_labels == ignore_index, 0.0, ((t - m) - log_sum) * LN2)
+        logp = stats_logprobs(stats, flat_labels, ignore_index)
         ctx.save_for_backward(logits, flat_labels, stats)
         ctx.config = (ignore_index, 1.0 / temperature, vocab_start, backend, inplace_backward)
         return logp.view(labels.shape)
@@ -58,13 +55,10 @@ class _TokenLogprobs(torch.autograd.Function):
         grad = grad.reshape(-1).float().contiguous()
         args = (grad, rows, flat_labels, stats, ignore_index, inv_temperature, vocab_start)
         no_grads = (None,) * 6  # labels and the five non-tensor arguments
+        ops = backend_ops(backend)
         if inplace:
-            if backend == "triton":
-                triton_ops.logprob_grad_inplace(*args)
-            else:
-                reference.logprob_grad(*args, out=rows)
+            ops.logprob_grad_inplace(*args)
             return (logits,) + no_grads
-        ops = triton_ops if backend == "triton" else reference
         return (ops.logprob_grad(*args).reshape(logits.shape),) + no_grads
 
 
@@ -116,17 +110,18 @@ def spin_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tenso
     """SPIN loss from logits `[2B, T, V]`: rows [0, B) actual, rows [B, 2B) generated.
 
     `ref_logps` is `[2B]` (per-sequence masked sums) or `[2B, T]` (per-token, masked here the
-    same way as the policy's). Rewards in the metrics include β: `β·(π − ref)`.
+    same way as the policy's). Rewards (`out.rewards`, and in the metrics) include β:
+    `β·(π − ref)`.
     """
     check_pair_rows("logits", logits, "V", ref_logps)
-    beta = check_beta(beta)  # before any work
+    beta = check_loss_args(beta, loss_type)  # before any work
     policy = sequence_logprobs(logits, labels, loss_mask, ignore_index=ignore_index,
                                temperature=temperature, process_group=process_group,
                                backend=backend, inplace_backward=inplace_backward)
     if ref_logps.dim() == 2:
         counted = masked_labels(labels, loss_mask, ignore_index) != ignore_index
         ref_logps = (ref_logps.float() * counted).sum(-1)
-    return spin_loss_from_logps(policy, ref_logps, beta=beta, loss_type=loss_type)
+    return pair_loss(policy, ref_logps, beta, loss_type)
 
 
 class SpinLoss(torch.nn.Module):

@@ -8,7 +8,7 @@ backward then needs no communication, since `exp(x − lse_global)` is local.
 import torch
 import torch.distributed as dist
 
-from spin_kernels.loss.reference import LN2
+from spin_kernels.loss.torch_backend import LN2
 
 
 def shard_bounds(v_local: int, group) -> tuple[int, int]:

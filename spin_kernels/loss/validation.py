@@ -10,6 +10,7 @@ import os
 import numpy as np
 import torch
 
+from spin_kernels.loss import torch_backend
 from spin_kernels.loss.parallel import shard_bounds
 
 try:
@@ -19,6 +20,7 @@ except ImportError:  # triton is optional: without it the torch backend serves e
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "triton", "torch")
+LOSS_TYPES = ("sigmoid", "hinge")
 
 
 def shape_of(value) -> object:
@@ -66,15 +68,18 @@ def check_temperature(temperature) -> None:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
-def check_beta(beta):
-    """β as a float, or as the caller's 0-dim tensor (kept a tensor: a compiled graph then takes it
-    as an input and a new value does not recompile).
+def check_loss_args(beta, loss_type: str):
+    """Checks the pair loss's options, once per public call (inner layers take them as checked);
+    returns β as a float, or as the caller's 0-dim tensor (kept a tensor: a compiled graph then
+    takes it as an input and a new value does not recompile).
 
     A Python or numpy number, a 0-dim numpy array and a 0-dim CPU tensor are checked here (finite,
     > 0). A tensor on a device, or any tensor inside a compiled graph, is not read on the host
     (that would stall the stream or break the graph): an invalid value there turns into NaN, so
     the loss and the metrics come out NaN, never a silently reversed or zero loss.
     """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if isinstance(beta, np.ndarray):
         if beta.ndim != 0:
             raise ValueError(f"beta must be a number or a 0-dim tensor/array, got an array of shape "
@@ -126,6 +131,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                              "TRITON_INTERPRET=1 set before triton is imported to run the kernels "
                              "on the CPU")
     return backend
+
+
+def backend_ops(backend: str):
+    """The fold ops (`logprob_stats`, `logprob_grad`, `logprob_grad_inplace`) of a resolved
+    backend: the Triton kernels or their PyTorch twins."""
+    return triton_ops if backend == "triton" else torch_backend
 
 
 def masked_labels(labels: torch.Tensor, loss_mask, ignore_index: int) -> torch.Tensor:

@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from spin_kernels.loss.reference import LN2, LOG2E
+from spin_kernels.loss.torch_backend import LN2, LOG2E
 
-# The package's one ln 2 and log2(e) (reference.py), as the compile-time constants a kernel may read.
+# The package's one ln 2 and log2(e) (torch_backend.py), as compile-time constants a kernel reads.
 _LN2 = tl.constexpr(LN2)
 _LOG2E = tl.constexpr(LOG2E)
 

@@ -1,8 +1,10 @@
-"""Pure-PyTorch SPIN log-probs: the CPU backend, the test oracle and the benchmark baseline.
+"""Pure-PyTorch SPIN log-probs: the CPU backend, the test oracle and the benchmark baseline (the
+"torch" backend; not to be confused with SPIN's reference *policy*).
 
-- `logprob_stats` / `logprob_grad`: the torch backend. Same contract as the Triton ops in
-  `spin_kernels.loss.ops.logprobs`, computed over chunks of rows so that the extra memory is
-  O(chunk x V), never an fp32 copy of all the logits.
+- `logprob_stats` / `logprob_grad` / `logprob_grad_inplace`: the torch backend. Same contract as
+  the Triton ops in `spin_kernels.loss.ops.logprobs`, computed over chunks of rows so that the
+  extra memory is O(chunk x V), never an fp32 copy of all the logits.
+- `stats_logprobs`: log-probs from those stats, shared by both backends.
 - `naive_token_logprobs` / `naive_spin_loss`: the textbook formulas with a full `log_softmax` in
   a chosen dtype. In float64 they are the oracle of the tests; in float32 they are what
   NeMo-Aligner and the SPIN paper's code run, i.e. the benchmark baseline.
@@ -95,6 +97,21 @@ def logprob_grad(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
         g.masked_fill_((coef == 0)[:, None], 0.0)
         out_rows.copy_(g)
     return out
+
+
+def logprob_grad_inplace(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                         stats: torch.Tensor, ignore_index: int, inv_temperature: float,
+                         vocab_start: int) -> None:
+    """`logprob_grad` written over the logits themselves, as the Triton op of the same name."""
+    logprob_grad(grad, logits, labels, stats, ignore_index, inv_temperature, vocab_start,
+                 out=logits)
+
+
+def stats_logprobs(stats: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Log-probs [N] from stats [3, N] (either backend's, combined over ranks); 0 where ignored.
+    (t − m) first: exact for a confident row, whose target is the max."""
+    m, log_sum, t = stats.unbind(0)
+    return torch.where(labels == ignore_index, 0.0, ((t - m) - log_sum) * LN2)
 
 
 def naive_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
