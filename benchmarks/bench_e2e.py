@@ -46,16 +46,16 @@ from spin_kernels.loss import spin_loss_from_logps
 from spin_kernels.loss.torch_backend import naive_token_logprobs
 from spin_trainer.cli import build_parser, spin_config
 from spin_trainer.data import Example, collate_pairs
-from spin_trainer.parallel.mesh import ParallelContext
-from spin_trainer.generation.decode import GenerationStats, SamplingConfig, generate_responses
+from spin_trainer.distributed import ParallelContext
+from spin_trainer.generation import GenerationStats, SamplingConfig, generate_responses
 from spin_trainer.logprobs import default_head, sequence_logps
 from spin_trainer.model import build_tiny_llama
-from spin_trainer.model import evaluating
+from spin_trainer.modes import evaluating
 from spin_trainer.optim import make_optimizer
-from spin_trainer.parallel.apply import decoder_layers
-from spin_trainer.parallel.precision import Precision
-from spin_trainer.parallel.recompute import apply_recompute
-from spin_trainer.optim import make_scheduler
+from spin_trainer.parallelize import decoder_layers
+from spin_trainer.precision import Precision
+from spin_trainer.recompute import apply_recompute
+from spin_trainer.schedule import make_scheduler
 from spin_trainer.steps import optimizer_step, spin_micro_loss
 
 from results_file import write_results
