@@ -14,7 +14,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests benchmarks/test_bench_loss.py --benchmark-disable
 
 demo: $(STAMP)
-	$(PY) python/train.py --demo --out runs/demo
+	$(PY) examples/spin_vs_sft/demo.py --out runs/demo
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp)
 	@if $(PYTHON3) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \

@@ -7,19 +7,19 @@ the ~1.24 B shape of ANCHORS.md: hidden 2048, 16 layers, V = 128256, tied embedd
     baseline   the SPIN paper's recipe as Hugging Face Trainer runs it (`bf16: true`: fp32 weights
                under bf16 autocast), a resident reference model run forward every step, fp32
                log_softmax + gather over the full vocabulary (uclaml/SPIN, TRL's DPOTrainer), torch AdamW.
-    ours       spin_trainer.steps.optimizer_step + spin_micro_loss, the step `spin-train` runs, with
+    ours       SpinTrainer.train_step (spin_trainer/trainer.py), the step `spin-train` runs, with
                the CLI flags named in each row (`--dtype bfloat16`: fp32 master weights, bf16 autocast
                in one process, and `--head`: the trainer's default LM head on the device, fused on
                CUDA (the SPIN loss from hidden states with its gradients formed in the forward, no
                logits), logits elsewhere); the reference log-probs precomputed once per iteration from
-               θ_t (`--reference precompute`, the default; timed separately, spin_trainer.logprobs.
-               sequence_logps, through the same head), the LM head on labelled positions only.
+               θ_t (`--reference precompute`, the default; timed separately, Scorer.sequence_logps,
+               through the same head), the LM head on labelled positions only.
     pure bf16  the last "ours" row's flags plus `--pure-low-precision`: weights, gradients and AdamW
                state in bf16, the old mode, which loses SPIN-sized updates (tests/test_train_precision.py);
                the cost of correct precision is the difference to the row above it.
 (b) Generation, 64 prompts x 128 tokens, exactly 256 new tokens sampled, in the same precision
     (fp32 weights under bf16 autocast): Hugging Face `generate()` with its default cache against
-    spin_trainer.generation.generate_responses (the trainer's generation).
+    spin_trainer.generation.decode.generate_responses (the trainer's generation).
 
 Peak memory is the peak allocated on the device while a row runs, everything counted (weights,
 reference copy, gradients, optimizer state, activations). Prints markdown tables and writes
@@ -44,19 +44,16 @@ import torch
 
 from spin_kernels.loss import spin_loss_from_logps
 from spin_kernels.loss.torch_backend import naive_token_logprobs
-from spin_trainer.cli import build_parser, spin_config
+from spin_trainer.options import parse_config
 from spin_trainer.data import Example, collate_pairs
-from spin_trainer.distributed import ParallelContext
-from spin_trainer.generation import GenerationStats, SamplingConfig, generate_responses
-from spin_trainer.logprobs import default_head, sequence_logps
-from spin_trainer.model import build_tiny_llama
-from spin_trainer.modes import evaluating
-from spin_trainer.optim import make_optimizer
-from spin_trainer.parallelize import decoder_layers
-from spin_trainer.precision import Precision
-from spin_trainer.recompute import apply_recompute
-from spin_trainer.schedule import make_scheduler
-from spin_trainer.steps import optimizer_step, spin_micro_loss
+from spin_trainer.generation.decode import GenerationStats, SamplingConfig, generate_responses
+from spin_trainer.logprobs import Scorer, default_head
+from spin_trainer.model import build_tiny_llama, evaluating
+from spin_trainer.parallel.apply import decoder_layers
+from spin_trainer.parallel.mesh import ParallelContext
+from spin_trainer.parallel.precision import Precision
+from spin_trainer.parallel.recompute import apply_recompute
+from spin_trainer.trainer import SpinTrainer
 
 from results_file import write_results
 from timing import GIB, PeakMemory, median_ms, synchronize
@@ -133,25 +130,24 @@ def paper_step(model, reference, optimizer, batch, beta, device):
 
 def ours_row(model, batch, ref_logps, flags, args, device, rows, precompute_s):
     flags = f"{flags} --head {default_head(device.type)}"
-    options = build_parser().parse_args(["--out", "unused", *flags.split()])   # as spin-train reads them
-    precision = Precision(options.dtype, pure=options.pure_low_precision)
-    ctx = ParallelContext(0, 1, 1, 1, 0, 0, device, precision=precision, head=options.head)
-    apply_recompute(decoder_layers(model), options.recompute)
-    optimizer = make_optimizer(model, ctx=ctx, **spin_config(options).optimizer_options())
-    scheduler = make_scheduler(optimizer, lambda step: 1e-6)
-    max_grad_norm = options.max_grad_norm
-
-    def micro_loss(item):
-        return spin_micro_loss(model, item, ref_logps, beta=args.beta, loss_type="sigmoid", weight=1.0, ctx=ctx)
+    # As spin-train reads them: one step is the benchmark's batch, in one micro-batch.
+    config = parse_config(["--global-batch-size", str(args.pairs), "--micro-batch-size", str(args.pairs),
+                           "--lr", "1e-6", "--beta", str(args.beta), *flags.split()])
+    precision = Precision(config.model.dtype, pure=config.model.pure_low_precision)
+    scorer = Scorer(ParallelContext(0, 1, 1, 1, 0, 0, device), precision, config.model.head)
+    apply_recompute(decoder_layers(model), config.parallel.recompute)
+    trainer = SpinTrainer(model, None, [None] * args.pairs, [], config, scorer, out_dir="unused", held_out=None,
+                          metrics=None, sampling=None)
+    generated_tokens = int(batch.loss_mask[args.pairs:].sum())
 
     def step():
-        optimizer_step(model, optimizer, scheduler, [batch], micro_loss, ctx=ctx, max_grad_norm=max_grad_norm)
+        trainer.train_step([(batch, ref_logps, generated_tokens)])
 
     try:
         seconds, peak = run_row(step, args, device)
     finally:
-        if options.optimizer_in_backward:
-            optimizer.remove_hooks()
+        if config.train.optimizer_in_backward:
+            trainer.optimizer.remove_hooks()
         apply_recompute(decoder_layers(model), "none")
     impl = "pure bf16 (the old mode)" if precision.pure else "ours"
     record(rows, impl, flags, seconds, peak, batch, precompute_s)
@@ -179,10 +175,10 @@ def bench_train(model, args, device):
     model.zero_grad(set_to_none=True)
 
     # Reference log-probs, once per iteration from θ_t (the policy at its start is the reference).
-    ctx = ParallelContext(0, 1, 1, 1, 0, 0, device, precision=Precision("bfloat16"), head=default_head(device.type))
+    scorer = Scorer(ParallelContext(0, 1, 1, 1, 0, 0, device), Precision("bfloat16"), default_head(device.type))
     with evaluating(model):
-        ref_logps = sequence_logps(model, batch, ctx)
-        precompute_s = median_ms(lambda: sequence_logps(model, batch, ctx), device, args.steps) / 1e3
+        ref_logps = scorer.sequence_logps(model, batch)
+        precompute_s = median_ms(lambda: scorer.sequence_logps(model, batch), device, args.steps) / 1e3
         # Both implementations score the same tokens: the paper's full-vocabulary sums over every
         # position equal ours over the labelled ones (same weights and bf16 matmuls, other shapes).
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):

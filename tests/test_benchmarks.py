@@ -99,7 +99,7 @@ def test_bench_head_tiny_run_reports_every_row(tmp_path):
 
 
 def test_bench_e2e_tiny_run_goes_through_the_trainer_with_the_flags_it_names(tmp_path):
-    from spin_trainer.cli import build_parser
+    from spin_trainer.options import parse_config
 
     run_script("bench_e2e.py", "--tiny", "--steps", "1", "--gen-repeats", "0", "--out", str(tmp_path / "e2e"))
     report = json.loads((tmp_path / "e2e.json").read_text())
@@ -111,11 +111,11 @@ def test_bench_e2e_tiny_run_goes_through_the_trainer_with_the_flags_it_names(tmp
     for row in train["rows"][1:]:
         # Each row's flags are what a user passes to spin-train to get that step (the benchmark runs
         # what the trainer's parser makes of them).
-        args = build_parser().parse_args(["--out", str(tmp_path / "x"), *row["flags"].split()])
-        assert args.dtype == "bfloat16" and args.pure_low_precision == row["impl"].startswith("pure")
-        assert args.head == "logits"   # the trainer's default on the CPU (fused on CUDA)
+        config = parse_config(["--out", str(tmp_path / "x"), *row["flags"].split()])
+        assert config.model.dtype == "bfloat16" and config.model.pure_low_precision == row["impl"].startswith("pure")
+        assert config.model.head == "logits"   # the trainer's default on the CPU (fused on CUDA)
         assert row["s_per_step"] > 0 and row["tokens_per_s_with_precompute"] < row["tokens_per_s"]
-        settings.append((args.optimizer_in_backward, args.max_grad_norm, args.recompute))
+        settings.append((config.train.optimizer_in_backward, config.train.max_grad_norm, config.parallel.recompute))
     assert settings == [(False, 1.0, "none"), (True, 0.0, "none"), (True, 0.0, "elementwise"),
                         (True, 0.0, "full"), (True, 0.0, "elementwise")]
     assert [row["impl"] for row in report["generate"]["rows"]] == ["HF generate(), dynamic cache", "generate_responses"]

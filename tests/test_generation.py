@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from spin_trainer.generation import (
+from spin_trainer.generation.decode import (
     GenerationStats,
     SamplingConfig,
     choose_backend,
@@ -318,8 +318,8 @@ def test_hf_backend_runs_another_architecture_without_warnings():
 
 
 def test_failed_graph_capture_falls_back_to_eager_with_a_warning(model, greedy_reference, monkeypatch):
-    import spin_trainer.generation as generation
-    from spin_trainer.decode_graph import StaticKVDecoder
+    import spin_trainer.generation.decode as generation
+    from spin_trainer.generation.static_decoder import StaticKVDecoder
 
     def refuse_capture(self):
         raise RuntimeError("operation not permitted when stream is capturing")

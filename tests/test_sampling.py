@@ -1,10 +1,10 @@
-"""spin_trainer.sampling: the noise is a pure function of (seed, example, step, vocab id), computed
+"""spin_trainer.generation.sampling: the noise is a pure function of (seed, example, step, vocab id), computed
 exactly as a uint32 reference computes it, and the draws it makes follow the distribution."""
 import numpy as np
 import pytest
 import torch
 
-from spin_trainer.sampling import MASK32, SamplingConfig, mix32, sample_next_tokens, uniform_noise
+from spin_trainer.generation.sampling import MASK32, SamplingConfig, mix32, sample_next_tokens, uniform_noise
 
 
 def lowbias32_reference(x: np.ndarray) -> np.ndarray:

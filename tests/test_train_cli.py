@@ -6,6 +6,7 @@ import pytest
 
 from trainer_cases import tiny_setup, train_args
 
+from spin_trainer.errors import UsageError
 from spin_trainer import cli as train_cli
 
 
@@ -16,9 +17,9 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("extra, expected", [
     (["--tp", "0"], "--tp must be >= 1, got 0"),
-    (["--lr", "inf"], "--lr must be finite and >= 0, got [inf, inf]"),
-    (["--lr", "1e-3", "nan"], "--lr must be finite and >= 0, got [0.001, nan]"),
-    (["--beta", "inf"], "--beta must be finite and > 0, got [inf, inf]"),
+    (["--lr", "inf"], "--lr must be finite and >= 0, got (inf,)"),
+    (["--lr", "1e-3", "nan"], "--lr must be finite and >= 0, got (0.001, nan)"),
+    (["--beta", "inf"], "--beta must be finite and > 0, got (inf,)"),
     (["--weight-decay", "inf"], "--weight-decay must be finite and >= 0"),
     (["--max-grad-norm", "nan"], "--max-grad-norm must be finite and >= 0"),
     (["--temperature", "inf"], "--temperature must be finite and > 0, got inf"),
@@ -26,7 +27,7 @@ def tiny(tmp_path_factory):
     (["--val-every", "-1"], "--val-every must be >= 0, got -1"),
 ])
 def test_bad_numbers_are_refused_before_the_model_is_loaded(tiny, tmp_path, no_model_load, extra, expected):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(UsageError) as info:
         train_cli.main(train_args(*tiny, str(tmp_path / "run"), *extra))
     assert expected in str(info.value)
 
@@ -37,7 +38,7 @@ def test_bad_numbers_are_refused_before_the_model_is_loaded(tiny, tmp_path, no_m
 ])
 def test_a_bad_setting_is_named_before_any_file_is_read(tmp_path, extra, expected):
     """Neither the model directory (no tokenizer here) nor the data file exists: the setting wins."""
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(UsageError, match=expected):
         train_cli.main(["--model", str(tmp_path / "no_model"), "--train-data", str(tmp_path / "no_data.jsonl"),
                         "--out", str(tmp_path / "run"), *extra])
 
@@ -45,9 +46,9 @@ def test_a_bad_setting_is_named_before_any_file_is_read(tmp_path, extra, expecte
 def test_an_out_that_cannot_be_a_directory_is_refused_first(tiny, tmp_path, no_model_load):
     a_file = tmp_path / "a_file"
     a_file.write_text("precious", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"--out '.*a_file' is a file, not a directory"):
+    with pytest.raises(UsageError, match=r"--out '.*a_file' is a file, not a directory"):
         train_cli.main(train_args(*tiny, str(a_file)))
-    with pytest.raises(ValueError, match=r"--out '.*a_file/run' lies under '.*a_file', which is a file"):
+    with pytest.raises(UsageError, match=r"--out '.*a_file/run' lies under '.*a_file', which is a file"):
         train_cli.main(train_args(*tiny, str(a_file / "run")))
     assert a_file.read_text(encoding="utf-8") == "precious"
 
@@ -62,24 +63,56 @@ def test_an_unwritable_out_is_refused_first(tiny, tmp_path, no_model_load):
         locked.mkdir()
         locked.chmod(0o500)
         out = str(locked / "run")
-    with pytest.raises(ValueError, match=r"--out '.*' is not writable \("):
+    with pytest.raises(UsageError, match=r"--out '.*' is not writable \("):
         train_cli.main(train_args(*tiny, out))
 
 
-def test_help_explains_save_every_zero_and_demo(capsys):
-    with pytest.raises(SystemExit):
-        train_cli.build_parser().parse_args(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    assert "(0: at iteration ends only)" in text
-    assert "takes no model, data or training options" in text
-    assert "--export-dtype" in text and "--max-steps" in text and "--val-every" in text
+def test_help_lists_every_setting(capsys):
+    from spin_trainer.config import RunConfig
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for _, field, _ in RunConfig().items():
+        assert "--" + field.name.replace("_", "-") in text, field.name
 
 
-def test_every_resume_setting_is_named_by_its_command_line_options():
-    """A resume refused for another setting names the option a user types (not a field name)."""
-    from spin_trainer.config import SpinConfig
+def test_a_config_file_is_keyed_by_option_names_and_the_command_line_overrides_it(tmp_path):
+    from spin_trainer.options import parse_config, write_config
 
-    options = {o for action in train_cli.build_parser()._actions for o in action.option_strings}
-    named = [name for key in SpinConfig().resume_settings() for name in key.split("/")]
-    assert [name for name in named if name not in options] == []
-    assert "--stop" in named and "--stop-ids" in named
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: [1e-6, 5e-7]\niterations: 2\nmicro-batch-size: 4\ngreedy: true\ntemperature: 1\n",
+                    encoding="utf-8")
+    config = parse_config(["--config", str(path), "--micro-batch-size", "2"])
+    assert config.spin.lr == (1e-6, 5e-7) and config.train.micro_batch_size == 2 and config.generation.greedy
+    assert config.generation.temperature == 1.0 and isinstance(config.generation.temperature, float)
+    # The resolved settings a run writes read back as the same settings.
+    write_config(config, str(tmp_path / "config.yaml"))
+    assert parse_config(["--config", str(tmp_path / "config.yaml")]) == config
+    path.write_text("learning-rate: 1e-6\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="unknown setting 'learning-rate'"):
+        parse_config(["--config", str(path)])
+    path.write_text("iterations: two\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="iterations: expected int, got 'two'"):
+        parse_config(["--config", str(path)])
+    path.write_text("beta: 0\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="--beta must be finite and > 0"):
+        parse_config(["--config", str(path)])
+
+
+def test_a_run_writes_its_resolved_settings_and_a_usage_error_prints_without_a_traceback(tiny, tmp_path, capsys,
+                                                                                         monkeypatch):
+    import yaml
+
+    out = str(tmp_path / "run")
+    train_cli.main(train_args(*tiny, out, "--iterations", "1", "--max-steps", "1"))
+    with open(os.path.join(out, "config.yaml"), encoding="utf-8") as f:
+        saved = yaml.safe_load(f)
+    assert saved["max-length"] == 16 and saved["lr"] == [1e-3] and saved["iterations"] == 1
+    monkeypatch.setattr("sys.argv", ["spin-train", "--out", str(tmp_path / "other"), "--tp", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.cli()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: --tp must be >= 1, got 0" and "Traceback" not in err

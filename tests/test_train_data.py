@@ -6,6 +6,7 @@ import torch
 
 from trainer_cases import tiny_setup, write_jsonl
 
+from spin_trainer.errors import UsageError
 from spin_trainer.data import IGNORE_INDEX, collate_pairs, collate_sft, load_examples
 from spin_trainer.model import load_model, load_tokenizer
 
@@ -97,8 +98,8 @@ def test_bad_data_names_the_file_record_and_problem(tokenizer, tmp_path, content
     path = tmp_path / "bad.jsonl"
     if content is not None:
         path.write_text(content, encoding="utf-8")
-    with pytest.raises(ValueError) as info:
-        load_examples(str(path), tokenizer, max_length=16, option="--train-data")
+    with pytest.raises(UsageError) as info:
+        load_examples(str(path), tokenizer, max_length=16, source="--train-data")
     message = str(info.value)
     assert message.startswith("--train-data") and str(path) in message and expected in message, message
 
@@ -107,24 +108,24 @@ def test_invalid_utf8_names_the_file_and_line(tokenizer, tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes('{"prompt": "1+1=", "response": "2"}\n{"prompt": "caf\u00e9 1+1=", "response": "2"}\n'
                      .encode("latin-1"))
-    with pytest.raises(ValueError) as info:
-        load_examples(str(path), tokenizer, max_length=16, option="--train-data")
+    with pytest.raises(UsageError) as info:
+        load_examples(str(path), tokenizer, max_length=16, source="--train-data")
     assert str(info.value) == f"--train-data {path}:2: not valid UTF-8 (byte 0xe9 at column 16)"
 
 
 def test_bad_prompt_template(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+2", "response": "3"}])
-    with pytest.raises(ValueError, match="--prompt-template"):
+    with pytest.raises(UsageError, match="--prompt-template"):
         load_examples(str(path), tokenizer, max_length=16, template="Q: {question}")
 
 
 def test_unknown_model_directory(tmp_path):
-    with pytest.raises(ValueError, match="--model .*no such directory"):
+    with pytest.raises(UsageError, match="--model .*no such directory"):
         load_tokenizer(str(tmp_path / "nope"))
     os.makedirs(tmp_path / "empty")
-    with pytest.raises(ValueError, match="config.json not found"):
+    with pytest.raises(UsageError, match="config.json not found"):
         load_model(str(tmp_path / "empty"))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+    with pytest.raises(UsageError, match="config.json is not valid JSON"):
         load_tokenizer(str(tmp_path / "broken"))

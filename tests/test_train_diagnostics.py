@@ -10,7 +10,7 @@ from trainer_cases import tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
 from spin_trainer.data import Example
-from spin_trainer.diagnostics import EarlyStopping, fraction_equal_to_gold, iteration_diagnostics
+from spin_trainer.evaluate import fraction_equal_to_gold, iteration_diagnostics
 
 
 @pytest.fixture(scope="module")
@@ -35,52 +35,8 @@ def test_iteration_diagnostics_average_the_first_and_last_quarter_of_steps():
     assert iteration_diagnostics([])["margin_end"] is None
 
 
-def test_early_stopping_waits_patience_evaluations_and_keeps_the_best_weights():
-    model = torch.nn.Linear(2, 1)
-    stop = EarlyStopping(model, patience=2)
-    decisions = []
-    for step, loss in [(0, 1.0), (10, 0.5), (20, 0.7), (30, 0.4), (40, 0.4), (50, 0.6)]:
-        with torch.no_grad():
-            model.weight.fill_(step)
-        decisions.append(stop({"step": step, "val_sft_loss": loss}))
-    # 0.4 at step 40 ties the best (no improvement); 50 is the second evaluation without one.
-    assert decisions == [False, False, False, False, False, True]
-    assert stop.best_step == 30 and stop.best_loss == 0.4
-    assert torch.equal(stop.best_state["weight"], torch.full((1, 2), 30.0))
-    with pytest.raises(ValueError, match="patience must be >= 1"):
-        EarlyStopping(model, patience=0)
-
-
-def test_run_sft_stops_where_the_hook_says(tiny, tmp_path):
-    from spin_trainer.data import load_examples
-    from spin_trainer.distributed import setup_parallel, teardown_parallel
-    from spin_trainer.evaluate import HeldOut
-    from spin_trainer.metrics import MetricsLog, read_records
-    from spin_trainer.model import load_model, load_tokenizer
-    from spin_trainer.sft import run_sft
-
-    model_dir, train_path, val_path, test_path = tiny
-    tokenizer = load_tokenizer(model_dir)
-    train, val = (load_examples(p, tokenizer, max_length=16) for p in (train_path, val_path))
-    ctx = setup_parallel(1, "cpu")
-    try:
-        model = load_model(model_dir, device=ctx.device)
-        metrics = MetricsLog(str(tmp_path / "metrics.jsonl"))
-        held_out = HeldOut(val, val, ctx, tokenizer=tokenizer, max_length=16, max_new_tokens=4, batch_size=8,
-                           micro_batch_size=8, val_exact_match=True)
-        calls = []
-        rows = run_sft(model, tokenizer, train, ctx, steps=20, lr=1e-3, micro_batch_size=8, global_batch_size=8,
-                       seed=0, metrics=metrics, run="sft", held_out=held_out, eval_at=(2, 4, 6, 8), progress=False,
-                       stop=lambda row: calls.append(row["step"]) or len(calls) == 2)
-    finally:
-        teardown_parallel(ctx)
-    assert calls == [2, 4] and [r["step"] for r in rows] == [0, 2, 4]
-    assert all(0.0 <= r["val_exact_match"] <= 1.0 for r in rows)
-    assert max(r["step"] for r in read_records(metrics.path) if r["kind"] == "train") == 4
-
-
 def test_spin_rows_carry_the_iteration_diagnostics(tiny, tmp_path, monkeypatch):
-    import spin_trainer.loop as loop
+    import spin_trainer.trainer as loop
 
     real_generate = loop.generate
 
@@ -105,8 +61,8 @@ def test_spin_rows_carry_the_iteration_diagnostics(tiny, tmp_path, monkeypatch):
 
 
 def test_diagnostics_describe_the_samples_before_drop_truncated_reassigns_slots(tiny, tmp_path, monkeypatch):
-    import spin_trainer.loop as loop
-    from spin_trainer.generation import Responses
+    import spin_trainer.trainer as loop
+    from spin_trainer.generation.decode import Responses
 
     sampled = []
 

@@ -10,6 +10,7 @@ import torch
 
 from trainer_cases import ROOT, tiny_setup, train_args
 
+from spin_trainer.errors import UsageError
 from spin_trainer import cli as train_cli
 
 
@@ -67,13 +68,13 @@ def test_end_to_end_run_exports_a_loadable_model(tiny, tmp_path):
     # iteration-0 row (NLL per response token, EOS included) and step 1's mean log-prob of the
     # gold responses of its batch (the first 8 of the epoch's order).
     from spin_trainer.data import load_examples
-    from spin_trainer.loop import epoch_order
+    from spin_trainer.trainer import epoch_order
     from transformers import AutoTokenizer
 
     start = AutoModelForCausalLM.from_pretrained(tiny[0])
     tokenizer = AutoTokenizer.from_pretrained(tiny[0])
     with torch.no_grad():
-        val = load_examples(tiny[2], tokenizer, max_length=16, option="--val-data")
+        val = load_examples(tiny[2], tokenizer, max_length=16, source="--val-data")
         nll = -sum(independent_logps(start, e.prompt_ids, e.response_ids) for e in val)
         assert rows[0]["val_sft_loss"] == pytest.approx(nll.item() / sum(len(e.response_ids) for e in val), rel=1e-5)
         train = load_examples(tiny[1], tokenizer, max_length=16)
@@ -120,8 +121,8 @@ def test_first_step_equals_an_independent_recomputation(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from spin_trainer.data import load_examples
-    from spin_trainer.generation import SamplingConfig, generate_responses
-    from spin_trainer.loop import epoch_order
+    from spin_trainer.generation.decode import SamplingConfig, generate_responses
+    from spin_trainer.trainer import epoch_order
 
     out = str(tmp_path / "run")
     train_cli.main(train_args(*tiny, out, "--iterations", "1", "--greedy", "--beta", "0.3", "--max-grad-norm", "0"))
@@ -157,7 +158,7 @@ def test_first_step_equals_an_independent_recomputation(tiny, tmp_path):
     (["--val-data", "/nonexistent/val.jsonl"], "--val-data '/nonexistent/val.jsonl': no such file"),
 ])
 def test_bad_options_name_the_option(tiny, tmp_path, extra, expected):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(UsageError) as info:
         train_cli.main(train_args(*tiny, str(tmp_path / "bad"), *extra))
     assert expected in str(info.value)
 
@@ -166,16 +167,16 @@ def test_tp_must_divide_the_vocabulary(tmp_path):
     from transformers import AutoConfig
 
     from spin_trainer.model import create_default_model
-    from spin_trainer.tp_plan import check_tensor_parallel
+    from spin_trainer.parallel.tp_plan import check_tensor_parallel
 
     model_dir = create_default_model(str(tmp_path / "m"), vocab_multiple=1, hidden_size=32, intermediate_size=64)
     config = AutoConfig.from_pretrained(model_dir)
     assert config.vocab_size == 16 + 0 and config.num_attention_heads == 4
     config.vocab_size = 17
-    with pytest.raises(ValueError, match=r"--tp 2 does not divide the model's vocab_size \(17\)"):
+    with pytest.raises(UsageError, match=r"--tp 2 does not divide the model's vocab_size \(17\)"):
         check_tensor_parallel(config, 2)
     config.vocab_size, config.tie_word_embeddings = 16, True
-    with pytest.raises(ValueError, match="tie_word_embeddings"):
+    with pytest.raises(UsageError, match="tie_word_embeddings"):
         check_tensor_parallel(config, 2)
 
 
@@ -196,7 +197,7 @@ def test_cli_reports_bad_input_without_touching_existing_output(tiny, tmp_path):
     assert "error: --train-data" in result.stderr and ":1: missing field(s) ['response']" in result.stderr
     assert "Traceback" not in result.stderr
     # Good data, but checkpoints of an earlier run are there: refused unless --resume.
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(UsageError, match="already holds checkpoints"):
         train_cli.main(train_args(*tiny, str(out)))
     assert (checkpoint / "rank00000.pt").read_bytes() == b"precious"
     assert (final / "config.json").read_text(encoding="utf-8") == "{}"

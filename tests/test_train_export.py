@@ -7,7 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from spin_trainer.distributed import ParallelContext
+from spin_trainer.errors import UsageError
+
+from spin_trainer.parallel.mesh import ParallelContext
 from spin_trainer.export import export_hf, resolve_export_dtype
 from spin_trainer.model import create_default_model, load_model, load_tokenizer
 
@@ -20,9 +22,9 @@ def test_auto_export_dtype_is_the_input_models():
     assert resolve_export_dtype("auto", SimpleNamespace(dtype=None, torch_dtype="bfloat16")) is torch.bfloat16
     assert resolve_export_dtype("auto", SimpleNamespace()) is torch.float32
     assert resolve_export_dtype("float16", SimpleNamespace(dtype=torch.bfloat16)) is torch.float16
-    with pytest.raises(ValueError, match="--export-dtype auto: the input model's config.torch_dtype is torch.float64"):
+    with pytest.raises(UsageError, match="--export-dtype auto: the input model's config.torch_dtype is torch.float64"):
         resolve_export_dtype("auto", SimpleNamespace(dtype=torch.float64))
-    with pytest.raises(ValueError, match="--export-dtype must be one of"):
+    with pytest.raises(UsageError, match="--export-dtype must be one of"):
         resolve_export_dtype("int8", SimpleNamespace())
 
 

@@ -9,12 +9,15 @@ import torch
 from trainer_cases import tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
-from spin_trainer.config import stop_sequences
+from spin_trainer.cli import stop_sequences
+from spin_trainer.options import parse_config
 from spin_trainer.data import Example
-from spin_trainer.distributed import ParallelContext
-from spin_trainer.generation import Responses, SamplingConfig
+from spin_trainer.errors import UsageError
+from spin_trainer.generation.decode import Responses, SamplingConfig
+from spin_trainer.generation.rollouts import drop_truncated, eos_token_ids, generate
+from spin_trainer.logprobs import Scorer
 from spin_trainer.model import build_char_tokenizer, build_tiny_llama
-from spin_trainer.rollouts import drop_truncated, eos_token_ids, generate
+from spin_trainer.parallel.mesh import ParallelContext
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +26,7 @@ def tokenizer():
 
 
 def rank(dp_rank, dp_size):
-    return ParallelContext(dp_rank, dp_size, 1, dp_size, 0, dp_rank, torch.device("cpu"))
+    return Scorer(ParallelContext(dp_rank, dp_size, 1, dp_size, 0, dp_rank, torch.device("cpu")))
 
 
 def test_a_data_parallel_shard_samples_what_one_process_samples(tokenizer):
@@ -56,28 +59,25 @@ def test_drop_truncated_gives_cut_pairs_slots_to_finished_ones():
     assert all(e in "ade" for e in kept_examples)
     assert [list(g) for g in kept] == [["abcdef".index(e) + 1] for e in kept_examples]  # pairs stay pairs
     assert drop_truncated(examples, generated, seed=0) == (kept_examples, kept)
-    with pytest.raises(ValueError, match="--drop-truncated: all 2 generated responses were cut"):
+    with pytest.raises(UsageError, match="--drop-truncated: all 2 generated responses were cut"):
         drop_truncated(examples[:2], Responses([[1], [2]], [True, True]), seed=0)
 
 
 def test_stop_strings_and_ids(tokenizer):
     one, plus, equals = tokenizer.convert_tokens_to_ids(["1", "+", "="])
     assert stop_sequences(["1", "+="], [5, 12], tokenizer) == ((one,), (plus, equals), (5,), (12,))
-    with pytest.raises(ValueError, match=r"--stop-ids 99: not a token id of the tokenizer \[0, 16\)"):
+    with pytest.raises(UsageError, match=r"--stop-ids 99: not a token id of the tokenizer \[0, 16\)"):
         stop_sequences([], [99], tokenizer)
-    with pytest.raises(ValueError, match="--stop '': the tokenizer gives no tokens"):
+    with pytest.raises(UsageError, match="--stop '': the tokenizer gives no tokens"):
         stop_sequences([""], [], tokenizer)
 
 
 def test_generation_options_from_the_command_line():
-    parser = train_cli.build_parser()
-    args = parser.parse_args(["--out", "x", "--max-length", "300"])
-    assert train_cli.spin_config(args).sampling.max_new_tokens == 150  # half the context by default
-    args = parser.parse_args(["--out", "x", "--max-new-tokens", "20", "--min-new-tokens", "3", "--drop-truncated"])
-    config = train_cli.spin_config(args)
-    assert config.sampling.min_new_tokens == 3 and config.drop_truncated
-    with pytest.raises(ValueError, match=r"--min-new-tokens must be in \[0, --max-new-tokens 20\], got 21"):
-        train_cli.spin_config(parser.parse_args(["--out", "x", "--max-new-tokens", "20", "--min-new-tokens", "21"]))
+    assert parse_config(["--out", "x", "--max-length", "300"]).max_new_tokens == 150  # half the context by default
+    config = parse_config(["--out", "x", "--max-new-tokens", "20", "--min-new-tokens", "3", "--drop-truncated"])
+    assert config.max_new_tokens == 20 and config.generation.min_new_tokens == 3 and config.spin.drop_truncated
+    with pytest.raises(UsageError, match=r"--min-new-tokens must be in \[0, --max-new-tokens 20\], got 21"):
+        parse_config(["--out", "x", "--max-new-tokens", "20", "--min-new-tokens", "21"])
 
 
 def test_drop_truncated_and_stops_in_a_run(tmp_path):

@@ -13,18 +13,19 @@ from trainer_cases import assert_runs_match, fixed_pairs, metric_records, tiny_s
 
 import spin_trainer.logprobs as logprobs
 from spin_trainer import cli as train_cli
+from spin_trainer.options import parse_config
 from spin_trainer.data import collate_pairs, collate_sft
-from spin_trainer.distributed import ParallelContext, choose_head
-from spin_trainer.metrics import MetricsLog
+from spin_trainer.errors import UsageError
+from spin_trainer.logprobs import Scorer, default_head
 from spin_trainer.model import create_default_model, load_model, load_tokenizer
-from spin_trainer.sft import run_sft
-from spin_trainer.steps import spin_micro_loss
+from spin_trainer.parallel.mesh import ParallelContext
+from spin_trainer.parallel.precision import Precision
 
 HEADS = ("fused", "logits")
 
 
-def context(head):
-    return ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"), head=head)
+def scorer(head):
+    return Scorer(ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu")), Precision(), head)
 
 
 @pytest.fixture(scope="module")
@@ -65,24 +66,24 @@ def test_fused_run_equals_the_logits_run(setup, tmp_path, head_calls, reference)
     assert evals[-1]["val_sft_loss"] < evals[0]["val_sft_loss"] - 1e-2
 
 
-def test_sft_steps_through_the_fused_head_equal_the_logits_head(setup, tmp_path):
+def test_sft_loss_gradients_through_the_fused_head_equal_the_logits_head(setup):
     """The SFT loss's gradient through linear_token_logprobs (its recomputing backward)."""
     tokenizer = load_tokenizer(setup[0])
     examples, _ = fixed_pairs(tokenizer, 8)
+    batch = collate_sft(examples, tokenizer.pad_token_id)
     results = {}
     for head in HEADS:
-        torch.manual_seed(0)
         model = load_model(setup[0])
-        metrics = MetricsLog(str(tmp_path / head / "metrics.jsonl"))
-        run_sft(model, tokenizer, examples, context(head), steps=3, lr=1e-2, micro_batch_size=4, global_batch_size=8,
-                seed=0, metrics=metrics, run="sft", progress=False)
-        records = metric_records(str(tmp_path / head), "train")
-        results[head] = ([r["sft_loss"] for r in records], dict(model.named_parameters()))
-    losses, weights = results["fused"]
-    want_losses, want_weights = results["logits"]
-    assert losses == pytest.approx(want_losses, rel=1e-6) and want_losses[-1] < want_losses[0]
-    for name, tensor in want_weights.items():
-        torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+        token_logps = scorer(head).labelled_logps(model, batch).token_logps
+        loss = -token_logps.sum() / token_logps.numel()
+        loss.backward()
+        results[head] = (float(loss.detach()), {name: p.grad for name, p in model.named_parameters()})
+    loss, grads = results["fused"]
+    want_loss, want_grads = results["logits"]
+    assert loss == pytest.approx(want_loss, rel=1e-6)
+    for name, grad in want_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_tied_embeddings_get_both_gradients_in_one_parameter(tmp_path):
@@ -95,9 +96,8 @@ def test_tied_embeddings_get_both_gradients_in_one_parameter(tmp_path):
     for head in HEADS:
         model = load_model(model_dir)
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-        loss, _ = spin_micro_loss(model, batch, torch.linspace(-9.0, -5.0, 8), beta=0.5, loss_type="sigmoid",
-                                  weight=0.5, ctx=context(head))
-        loss.backward()
+        out = scorer(head).pair_loss(model, batch, torch.linspace(-9.0, -5.0, 8), beta=0.5, loss_type="sigmoid")
+        (out.loss * 0.5).backward()
         grads[head] = {name: p.grad for name, p in model.named_parameters()}
     assert grads["fused"].keys() == grads["logits"].keys()
     for name, grad in grads["logits"].items():
@@ -120,14 +120,14 @@ def test_a_model_that_transforms_the_head_output_is_refused(setup):
         return output
 
     model.register_forward_hook(scale_logits)
-    with pytest.raises(ValueError, match="--head fused: .* transforms its LM head's output.*use --head logits"):
-        logprobs.labelled_logps(model, batch, context("fused"))
-    with pytest.raises(ValueError, match="--head fused"):
-        logprobs.pair_loss(model, collate_pairs(examples, generated, tokenizer.pad_token_id), torch.zeros(4),
-                           context("fused"), beta=0.1, loss_type="sigmoid")
+    with pytest.raises(UsageError, match="--head fused: .* transforms its LM head's output.*use --head logits"):
+        scorer("fused").labelled_logps(model, batch)
+    with pytest.raises(UsageError, match="--head fused"):
+        scorer("fused").pair_loss(model, collate_pairs(examples, generated, tokenizer.pad_token_id), torch.zeros(4),
+                                  beta=0.1, loss_type="sigmoid")
     # The logits head is unaffected: the forward restored the output embedding's own forward.
     assert "forward" not in vars(model.get_output_embeddings())
-    logprobs.labelled_logps(model, batch, context("logits"))
+    scorer("logits").labelled_logps(model, batch)
 
 
 def test_an_output_embedding_that_is_not_a_linear_is_refused(setup):
@@ -135,37 +135,13 @@ def test_an_output_embedding_that_is_not_a_linear_is_refused(setup):
     examples, _ = fixed_pairs(tokenizer, 2)
     model = load_model(setup[0])
     model.lm_head = torch.nn.Sequential(model.lm_head)
-    with pytest.raises(ValueError, match="--head fused: the model's output embedding is a Sequential"):
-        logprobs.labelled_logps(model, collate_sft(examples, tokenizer.pad_token_id), context("fused"))
+    with pytest.raises(UsageError, match="--head fused: the model's output embedding is a Sequential"):
+        scorer("fused").labelled_logps(model, collate_sft(examples, tokenizer.pad_token_id))
 
 
 def test_head_default_per_device_and_option_errors(setup, tmp_path):
-    assert choose_head(None, "cuda") == "fused" and choose_head(None, "cpu") == "logits"
-    assert choose_head("logits", "cuda") == "logits" and choose_head("fused", "cpu") == "fused"
-    with pytest.raises(ValueError, match="--head must be one of fused, logits"):
-        choose_head("chunked", "cpu")
-    assert train_cli.build_parser().parse_args(["--out", "x"]).head is None   # the device decides
+    assert default_head("cuda") == "fused" and default_head("cpu") == "logits"
+    assert parse_config(["--out", "x"]).model.head is None   # the device decides
+    assert parse_config(["--out", "x", "--head", "fused"]).model.head == "fused"
     with pytest.raises(SystemExit):
-        train_cli.build_parser().parse_args(["--out", "x", "--head", "chunked"])
-    assert "--head {fused,logits}" in train_cli.build_parser().format_help()
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_trainer_on_cuda_defaults_to_the_fused_head(setup, tmp_path, head_calls):
-    """On CUDA without --head the run takes the fused head (Triton fold, bf16) and trains like
-    --head logits to bf16 rounding."""
-    losses = {}
-    for head in (None, "logits"):
-        head_calls.clear()
-        out = str(tmp_path / str(head))
-        extra = ("--head", head) if head else ()
-        train_cli.main(train_args(*setup, out, "--device", "cuda", "--dtype", "bfloat16", "--greedy",
-                                  "--iterations", "1", *extra))
-        losses[head] = [r["loss"] for r in metric_records(out, "train")]
-        if head is None:
-            assert head_calls["linear_spin_loss"] == 8 and head_calls["token_logprobs"] == 0
-    assert len(losses[None]) == 4 and all(0 < loss < 10 for loss in losses[None])
-    for got, want in zip(losses[None], losses["logits"]):
-        assert abs(got - want) <= 2e-2 * (1 + abs(want)), (losses[None], losses["logits"])
-    assert os.path.isdir(str(tmp_path / "None" / "final"))
+        parse_config(["--out", "x", "--head", "chunked"])

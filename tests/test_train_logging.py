@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from trainer_cases import metric_records, tiny_setup, train_args
+from trainer_cases import independent_logps, loop_data, metric_records, tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
 from spin_trainer.metrics import TIMING_KEYS, MetricsLog
@@ -23,8 +23,9 @@ def tiny(tmp_path_factory):
 def test_step_records_add_up_and_validation_runs_every_n_steps(tiny, tmp_path):
     from spin_trainer.checkpoint import load_train_state
     from spin_trainer.data import load_examples
-    from spin_trainer.distributed import ParallelContext
+    from spin_trainer.parallel.mesh import ParallelContext
     from spin_trainer.evaluate import sft_loss
+    from spin_trainer.logprobs import Scorer
     from spin_trainer.model import load_model, load_tokenizer
 
     model_dir, train_path, val_path, _ = tiny
@@ -52,11 +53,25 @@ def test_step_records_add_up_and_validation_runs_every_n_steps(tiny, tmp_path):
     model = load_model(model_dir)
     load_train_state(os.path.join(out, "checkpoints", "spin", "step-00000002", "model"), model,
                      torch.optim.AdamW(model.parameters()), ctx)
-    val_examples = load_examples(val_path, tokenizer, max_length=16, option="--val-data")
-    expected = sft_loss(model, val_examples, ctx, micro_batch_size=4, pad_token_id=tokenizer.pad_token_id)
+    val_examples = load_examples(val_path, tokenizer, max_length=16, source="--val-data")
+    expected = sft_loss(model, val_examples, Scorer(ctx), micro_batch_size=4, pad_token_id=tokenizer.pad_token_id)
     assert validations[0]["val_sft_loss"] == pytest.approx(expected, abs=1e-6)
     assert validations[0]["val_sft_loss"] != end["val_sft_loss"]
-    assert 0.0 <= validations[0]["val_spin_acc"] <= 1.0
+    # Held-out SPIN acc and margin at step 2, recomputed from scratch: the policy's log-probs of the
+    # validation pairs from step 2's weights, the reference's from the starting model (θ_0), the
+    # generations the checkpoint holds.
+    state = loop_data(out, 2)["data"]
+    start = load_model(model_dir)
+    margins = []
+    for example, generated, ref in zip(val_examples, state["val_generated"], state["val_ref_logps"].tolist()):
+        assert ref == pytest.approx([independent_logps(start, example.prompt_ids, example.response_ids),
+                                     independent_logps(start, example.prompt_ids, generated)], abs=1e-4)
+        actual = independent_logps(model, example.prompt_ids, example.response_ids) - ref[0]
+        fake = independent_logps(model, example.prompt_ids, generated) - ref[1]
+        margins.append(0.1 * (actual - fake))
+    assert validations[0]["val_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-5)
+    assert validations[0]["val_spin_acc"] == sum(m > 0 for m in margins) / len(margins)
+    assert abs(validations[0]["val_margin"]) > 1e-3   # far from 0: a flipped sign cannot pass
 
     # Validating changes nothing in training.
     plain = str(tmp_path / "plain")

@@ -27,21 +27,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer_cases import assert_runs_match, fixed_pairs, free_port, tiny_setup, train_args
+from trainer_cases import assert_runs_match, fixed_pairs, free_port, pair_items, step_trainer, tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
 
 from spin_trainer.checkpoint import load_train_state, save_train_state
-from spin_trainer.data import collate_pairs
-from spin_trainer.distributed import setup_parallel
 from spin_trainer.export import full_state_dict
+from spin_trainer.generation.rollouts import pair_logps
+from spin_trainer.logprobs import Scorer
 from spin_trainer.model import create_default_model, load_model, load_tokenizer
 from spin_trainer.optim import make_optimizer
-from spin_trainer.parallelize import parallelize_model
-from spin_trainer.precision import Precision
-from spin_trainer.rollouts import pair_logps
-from spin_trainer.schedule import make_scheduler
-from spin_trainer.steps import optimizer_step, spin_micro_loss
+from spin_trainer.parallel.apply import parallelize_model
+from spin_trainer.parallel.mesh import setup_parallel
+from spin_trainer.parallel.precision import Precision
 
 PAIRS = 4
 BETA = 0.1
@@ -58,35 +56,30 @@ def spin_steps(model_dir, tp, checkpoint_dir, *, dp_shard=None, dtype="float32",
     if tied:
         model_dir = os.path.join(os.path.dirname(model_dir), "tied_model")
     precision = Precision(dtype)
-    ctx = setup_parallel(tp, "cpu", dp_shard=dp_shard, precision=precision, head=head)
+    ctx = setup_parallel(tp, "cpu", dp_shard=dp_shard)
+    scorer = Scorer(ctx, precision, head)
     tokenizer = load_tokenizer(model_dir)
     model = parallelize_model(load_model(model_dir, attention="sdpa", dtype=precision.param_dtype_name,
-                                         compute_dtype=dtype), ctx)
+                                         compute_dtype=dtype), ctx, precision)
     examples, generated = fixed_pairs(tokenizer, PAIRS)
-    logps = pair_logps(model, examples, generated, ctx, micro_batch_size=2, pad_token_id=tokenizer.pad_token_id)
+    logps = pair_logps(model, examples, generated, scorer, micro_batch_size=2, pad_token_id=tokenizer.pad_token_id)
     reference = logps - torch.linspace(-0.5, 0.5, PAIRS * 2).reshape(PAIRS, 2)   # a reference != policy
-    optimizer = make_optimizer(model, ctx=ctx, weight_decay=0.01, in_backward=in_backward)
-    scheduler = make_scheduler(optimizer, lambda step: 1e-2)
     per_rank = PAIRS // ctx.dp_size
     micro = 1 if accumulate else per_rank
-    start = ctx.dp_rank * per_rank
+    trainer = step_trainer(model, scorer, pairs=PAIRS, lr=1e-2, beta=BETA, micro_batch_size=micro, weight_decay=0.01,
+                           max_grad_norm=1.0 if accumulate else 0.0, in_backward=in_backward)
+    optimizer, scheduler = trainer.optimizer, trainer.scheduler
 
     def items():
-        for i in range(start, start + per_rank, micro):
-            batch = collate_pairs(examples[i:i + micro], generated[i:i + micro], tokenizer.pad_token_id)
-            yield batch, torch.cat([reference[i:i + micro, 0], reference[i:i + micro, 1]]), micro
-
-    def micro_loss(item):
-        batch, ref, pairs = item
-        return spin_micro_loss(model, batch, ref, beta=BETA, loss_type="sigmoid", weight=pairs / PAIRS, ctx=ctx)
+        return pair_items(examples, generated, reference, tokenizer.pad_token_id, start=ctx.dp_rank * per_rank,
+                          count=per_rank, micro=micro)
 
     # What the LM head's calls returned: [N, V_local] logits, or the fused head's log-probs [N] or loss [1].
     head_outputs = set()
     model.get_output_embeddings().register_forward_hook(lambda m, i, out: head_outputs.add(out.dim()))
 
     def step():
-        return optimizer_step(model, optimizer, scheduler, items(), micro_loss, ctx=ctx,
-                              max_grad_norm=1.0 if accumulate else 0.0)
+        return trainer.train_step(items())
 
     before = full_state_dict(model)
     step1 = step()
@@ -248,19 +241,19 @@ def test_parallelize_runs_on_the_meta_device_with_a_fake_process_group():
     from torch.testing._internal.distributed.fake_pg import FakeStore
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from spin_trainer.distributed import mesh_context
+    from spin_trainer.parallel.mesh import mesh_context
 
     if dist.is_initialized():
         pytest.skip("another test left a default process group in this process")
     dist.init_process_group("fake", store=FakeStore(), rank=5, world_size=64)
     try:
-        ctx = mesh_context(5, 64, 8, torch.device("cpu"), precision=Precision("bfloat16"))
+        ctx = mesh_context(5, 64, 8, torch.device("cpu"))
         config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                              num_key_value_heads=8, vocab_size=1024, tie_word_embeddings=False)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        parallelize_model(model, ctx, recompute="full")
-        optimizer = make_optimizer(model, ctx=ctx)
+        parallelize_model(model, ctx, Precision("bfloat16"), recompute="full")
+        optimizer = make_optimizer(model, ctx=ctx, lr=1e-3)
         params = dict(model.named_parameters())
         assert all(p.is_meta for p in params.values()) and len(optimizer.param_groups) == 2
         # The q projection is split 8 ways by TP and 8 ways by FSDP; the norms only by FSDP.
@@ -273,7 +266,7 @@ def test_parallelize_runs_on_the_meta_device_with_a_fake_process_group():
 
 def test_decoder_layers_are_found_after_fully_shard_renames_their_class(one_rank_mesh):
     from spin_trainer.model import build_tiny_llama
-    from spin_trainer.parallelize import decoder_layers
+    from spin_trainer.parallel.apply import decoder_layers
     from torch.distributed.fsdp import fully_shard
 
     model = build_tiny_llama(16, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1)
@@ -289,14 +282,16 @@ def test_generating_with_the_resident_copy_leaves_its_root_resharding(one_rank_m
     forwards must still free the gathered embeddings and LM head, as frozen_copy set them up."""
     from torch.distributed.tensor import DTensor
 
-    from spin_trainer.distributed import ParallelContext
+    from spin_trainer.parallel.mesh import ParallelContext
     from spin_trainer.model import build_tiny_llama
-    from spin_trainer.parallelize import apply_fsdp, frozen_copy, full_weights
+    from spin_trainer.parallel.apply import apply_fsdp, frozen_copy, full_weights
 
     ctx = ParallelContext(rank=0, world_size=1, tp_size=1, dp_size=1, tp_rank=0, dp_rank=0,
                           device=torch.device("cpu"), dp_mesh=one_rank_mesh, dp_shard=True)
-    policy = apply_fsdp(build_tiny_llama(16, hidden_size=8, intermediate_size=16, num_heads=2, num_kv_heads=1), ctx)
-    twin = frozen_copy(policy, ctx)
+    precision = Precision()
+    policy = apply_fsdp(build_tiny_llama(16, hidden_size=8, intermediate_size=16, num_heads=2, num_kv_heads=1), ctx,
+                        precision)
+    twin = frozen_copy(policy, ctx, precision)
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         with full_weights(twin):

@@ -21,10 +21,11 @@ import torch.multiprocessing as mp
 
 from trainer_cases import ROOT, fixed_pairs, free_port, saved_activation_bytes, tiny_setup, train_args
 
+from spin_trainer.errors import UsageError
 from spin_trainer import cli as train_cli
-from spin_trainer.activations import ComputeMode, DecoderShape, decoder_bytes
-from spin_trainer.plan import GIB, memory_plan
-from spin_trainer.precision import Precision
+from spin_trainer.plan.activations import ComputeMode, DecoderShape, decoder_bytes
+from spin_trainer.plan.memory import GIB, memory_plan
+from spin_trainer.parallel.precision import Precision
 
 CONFIGS = os.path.join(ROOT, "configs")
 WORLD = 4
@@ -42,21 +43,23 @@ def nbytes(tensor):
 
 def measured_step(model_dir, *, tp, dtype, optimizer, pure=False, dp_shard=None, model=None):
     """This rank's parameter, gradient and optimizer-state bytes around one real optimizer step."""
+    from trainer_cases import step_trainer
+
     from spin_trainer.data import collate_pairs
-    from spin_trainer.distributed import setup_parallel
+    from spin_trainer.logprobs import Scorer
     from spin_trainer.model import load_model, load_tokenizer
-    from spin_trainer.optim import make_optimizer
-    from spin_trainer.parallelize import parallelize_model, sharded
-    from spin_trainer.schedule import make_scheduler
-    from spin_trainer.steps import optimizer_step, spin_micro_loss
+    from spin_trainer.parallel.apply import parallelize_model, sharded
+    from spin_trainer.parallel.mesh import setup_parallel
 
     precision = Precision(dtype, pure=pure)
-    ctx = setup_parallel(tp, "cpu", dp_shard=dp_shard, precision=precision)
+    ctx = setup_parallel(tp, "cpu", dp_shard=dp_shard)
     tokenizer = load_tokenizer(model_dir)
     net = parallelize_model(load_model(model_dir, attention="sdpa", dtype=precision.param_dtype_name,
-                                       compute_dtype=dtype), ctx)
-    opt = make_optimizer(net, ctx=ctx, name=optimizer)
-    scheduler = make_scheduler(opt, lambda step: 1e-3)
+                                       compute_dtype=dtype), ctx, precision)
+    per_rank = WORLD // ctx.dp_size
+    trainer = step_trainer(net, Scorer(ctx, precision), pairs=WORLD, lr=1e-3, micro_batch_size=per_rank,
+                           optimizer=optimizer)
+    opt = trainer.optimizer
     seen = {}
 
     def before_update(optimizer, args, kwargs):
@@ -64,12 +67,9 @@ def measured_step(model_dir, *, tp, dtype, optimizer, pure=False, dp_shard=None,
 
     opt.register_step_pre_hook(before_update)
     examples, generated = fixed_pairs(tokenizer, WORLD)
-    per_rank = WORLD // ctx.dp_size
     start = ctx.dp_rank * per_rank
     batch = collate_pairs(examples[start:start + per_rank], generated[start:start + per_rank], tokenizer.pad_token_id)
-    reference = torch.zeros(2 * per_rank)
-    optimizer_step(net, opt, scheduler, [batch], lambda b: spin_micro_loss(
-        net, b, reference, beta=0.1, loss_type="sigmoid", weight=per_rank / WORLD, ctx=ctx), ctx=ctx, max_grad_norm=1.0)
+    trainer.train_step([(batch, torch.zeros(2 * per_rank), 0)])
     with sharded(net):
         parameters = sum(nbytes(p) for p in net.parameters())
     state = sum(nbytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
@@ -137,8 +137,8 @@ def saved_bytes(model, input_ids, autocast):
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "autocast"])
 def test_activation_formula_equals_what_autograd_saves(recompute, precision):
     from spin_trainer.model import build_tiny_llama
-    from spin_trainer.parallelize import decoder_layers
-    from spin_trainer.recompute import apply_recompute
+    from spin_trainer.parallel.apply import decoder_layers
+    from spin_trainer.parallel.recompute import apply_recompute
 
     rows, length = 2, 32
     dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
@@ -236,13 +236,13 @@ def test_plan_terms_follow_the_options():
      "--device-memory-gib"),
 ])
 def test_plan_refuses_bad_input_by_option(argv, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(UsageError, match=re.escape(message)):
         train_cli.main(["--plan", *argv])
 
 
 def test_plan_refuses_a_model_outside_the_llama_family(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4}')
-    with pytest.raises(ValueError, match=r"--plan --model .*'gpt2'.*Llama-family"):
+    with pytest.raises(UsageError, match=r"--plan --model .*'gpt2'.*Llama-family"):
         train_cli.main(["--plan", "--model", str(tmp_path), "--nproc", "2"])
 
 
@@ -255,7 +255,7 @@ def _train_argv(tmp_path, *extra):
 def test_no_dp_shard_refuses_a_replica_that_cannot_fit(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     # 6.74 B parameters x 16 bytes (fp32 weights, gradients, AdamW state) = 100.4 GiB per replica.
-    with pytest.raises(ValueError, match=r"--no-dp-shard: .* = 100\.4 GiB per rank .* 80\.0 GiB per device"):
+    with pytest.raises(UsageError, match=r"--no-dp-shard: .* = 100\.4 GiB per rank .* 80\.0 GiB per device"):
         train_cli.main(_train_argv(tmp_path, "--device-memory-gib", "80"))
 
 
@@ -263,6 +263,6 @@ def test_no_dp_shard_warns_when_the_peak_estimate_exceeds_the_device(tmp_path, m
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     # The state fits in 120 GiB, its activations do not; the run goes on (and stops at the
     # tokenizer, which configs/ does not ship: proof that the check ran before any loading).
-    with pytest.raises(ValueError, match="tokenizer"):
+    with pytest.raises(UsageError, match="tokenizer"):
         train_cli.main(_train_argv(tmp_path, "--device-memory-gib", "120"))
     assert re.search(r"warning: --no-dp-shard: the per-rank peak estimate is \d+\.\d GiB", capsys.readouterr().err)

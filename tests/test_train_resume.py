@@ -11,9 +11,10 @@ import torch
 
 from trainer_cases import tiny_setup, train_args
 
+from spin_trainer.errors import TrainingDiverged, UsageError
 from spin_trainer import cli as train_cli
 from spin_trainer.checkpoint import list_checkpoints
-from spin_trainer.loop import TrainingStopped
+from spin_trainer.loop_state import TrainingStopped
 from spin_trainer.metrics import TIMING_KEYS
 
 # 2 iterations x 4 steps; SIGTERM after step 3 stops mid-iteration 1, with periodic saves at 2.
@@ -105,7 +106,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny, stopped, uni
 
 def test_flipped_bytes_and_missing_manifest_are_detected(stopped, tmp_path):
     from spin_trainer.checkpoint import checkpoint_problem
-    from spin_trainer.distributed import ParallelContext
+    from spin_trainer.parallel.mesh import ParallelContext
 
     ctx = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
     root = str(tmp_path / "ckpts")
@@ -131,7 +132,7 @@ def test_flipped_bytes_and_missing_manifest_are_detected(stopped, tmp_path):
         (old / name).write_bytes(b"x")
     (old / "manifest.json").write_text(json.dumps(
         {"files": {n: {"bytes": 1, "sha256": "0" * 64} for n in ("rank00000.pt", "shared.pt")}}), encoding="utf-8")
-    with pytest.raises(ValueError, match="written by an older spin_trainer"):
+    with pytest.raises(UsageError, match="written by an older spin_trainer"):
         checkpoint_problem(str(old), ctx)
 
 
@@ -153,13 +154,13 @@ def test_max_steps_stops_at_an_iteration_end_and_resume_finishes_the_same_run(ti
 
 @pytest.mark.parametrize("extra, expected", [
     (["--reference", "swap"], "was written with --reference 'precompute', this run has --reference 'swap'"),
-    (["--lr", "2e-3"], "was written with --lr [0.001, 0.001], this run has --lr [0.002, 0.002]"),
+    (["--lr", "2e-3"], "was written with --lr [0.001], this run has --lr [0.002]"),
     (["--greedy"], "was written with --greedy False, this run has --greedy True"),
 ])
 def test_resume_with_other_settings_is_refused_naming_the_option(tiny, stopped, tmp_path, extra, expected):
     out = str(tmp_path / "run")
     shutil.copytree(stopped[0], out)
-    with pytest.raises(ValueError, match=r"--resume: .*step-00000003 " + re.escape(expected)):
+    with pytest.raises(UsageError, match=r"--resume: the run in .* " + re.escape(expected)):
         train_cli.main(train_args(*tiny, out, *EXTRA, "--resume", *extra))
 
 
@@ -174,11 +175,11 @@ def test_resume_with_other_inputs_is_refused_naming_the_option(tiny, stopped, tm
         lines = f.readlines()
     with open(other_data, "w", encoding="utf-8") as f:
         f.writelines(lines[:-1])   # one prompt fewer: the run would end at another step
-    with pytest.raises(ValueError, match=r"--resume: .*step-00000003 was written with another --train-data: "):
+    with pytest.raises(UsageError, match=r"--resume: .*step-00000003 was written with another --train-data: "):
         train_cli.main(train_args(model_dir, other_data, val_path, test_path, out, *EXTRA, "--resume"))
 
     other_model = create_default_model(str(tmp_path / "other_model"), seed=1, hidden_size=32, intermediate_size=64)
-    with pytest.raises(ValueError, match=r"--resume: .*step-00000003 was written from another --model: in "
+    with pytest.raises(UsageError, match=r"--resume: .*step-00000003 was written from another --model: in "
                                          r"'.*other_model', model.safetensors differ\(s\)"):
         train_cli.main(train_args(other_model, train_path, val_path, test_path, out, *EXTRA, "--resume"))
 
@@ -193,7 +194,7 @@ def test_resume_with_other_inputs_is_refused_naming_the_option(tiny, stopped, tm
     for name in os.listdir(retokenized):
         if name.endswith(".jinja"):
             os.remove(os.path.join(retokenized, name))
-    with pytest.raises(ValueError, match=r"--resume: .*step-00000003 was written with another tokenizer"):
+    with pytest.raises(UsageError, match=r"--resume: .*step-00000003 was written with another tokenizer"):
         train_cli.main(train_args(retokenized, train_path, val_path, test_path, out, *EXTRA, "--resume"))
     # A copy of the same inputs elsewhere resumes: only content counts.
     same_model = str(tmp_path / "same_model")
@@ -232,12 +233,12 @@ def test_a_cut_short_last_metrics_line_is_dropped_with_a_warning(tiny, stopped, 
 
 
 def test_a_non_finite_update_never_reaches_a_checkpoint(tiny, tmp_path, monkeypatch):
-    import spin_trainer.loop
+    import spin_trainer.trainer
 
-    real_step = spin_trainer.loop.optimizer_step
+    real_update = spin_trainer.trainer.apply_update
 
     def poisoned_at_step_2(model, *args, **kwargs):
-        metrics = real_step(model, *args, **kwargs)
+        metrics = real_update(model, *args, **kwargs)
         if poisoned_at_step_2.calls == 1:
             with torch.no_grad():
                 model.lm_head.weight[0, 0] = float("nan")   # as an update of lr = inf would
@@ -245,9 +246,9 @@ def test_a_non_finite_update_never_reaches_a_checkpoint(tiny, tmp_path, monkeypa
         return metrics
 
     poisoned_at_step_2.calls = 0
-    monkeypatch.setattr(spin_trainer.loop, "optimizer_step", poisoned_at_step_2)
+    monkeypatch.setattr(spin_trainer.trainer, "apply_update", poisoned_at_step_2)
     out = str(tmp_path / "run")
-    with pytest.raises(ValueError, match=r"training diverged: after step 2 the weights hold non-finite values "
+    with pytest.raises(TrainingDiverged, match=r"training diverged: after step 2 the weights hold non-finite values "
                                          r"\(NaN or inf\), so no checkpoint was written for it; the newest "
                                          r"checkpoint, .*step-00000001 \(step 1\), is intact"):
         train_cli.main(train_args(*tiny, out, "--save-every", "1"))
@@ -257,7 +258,7 @@ def test_a_non_finite_update_never_reaches_a_checkpoint(tiny, tmp_path, monkeypa
 
 def test_a_checkpoint_of_another_model_is_refused_naming_the_tensor(tmp_path):
     from spin_trainer.checkpoint import check_fits, save_train_state
-    from spin_trainer.distributed import ParallelContext
+    from spin_trainer.parallel.mesh import ParallelContext
     from spin_trainer.model import create_default_model, load_model
 
     ctx = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
@@ -267,10 +268,10 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_tensor(tmp_path):
     save_train_state(directory, model, torch.optim.AdamW(model.parameters()), ctx)
     check_fits(directory, model, "model")
     other_vocab = load_model(create_default_model(str(tmp_path / "b"), vocab_multiple=12, **small))
-    with pytest.raises(ValueError, match=r"model tensor model.embed_tokens.weight has shape \[16, 32\] there and "
+    with pytest.raises(UsageError, match=r"model tensor model.embed_tokens.weight has shape \[16, 32\] there and "
                                          r"\[24, 32\] here \(another vocabulary"):
         check_fits(directory, other_vocab, "model")
     deeper = load_model(create_default_model(str(tmp_path / "c"), num_layers=3, **small))
-    with pytest.raises(ValueError, match=r"holds another model's model weights: 9 tensor\(s\) of this model are not "
+    with pytest.raises(UsageError, match=r"holds another model's model weights: 9 tensor\(s\) of this model are not "
                                          r"in it \(e.g. \['model.layers.2"):
         check_fits(directory, deeper, "model")

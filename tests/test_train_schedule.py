@@ -4,7 +4,9 @@ import math
 
 import pytest
 
-from spin_trainer.schedule import check_batch_sizes, epoch_order, learning_rate_schedule, warmup_steps_for
+from spin_trainer.options import parse_config
+from spin_trainer.errors import UsageError
+from spin_trainer.optim import epoch_order, learning_rate_schedule, warmup_steps_for
 
 
 def rates(schedule, total):
@@ -28,8 +30,8 @@ def test_cosine_and_constant_shapes():
     assert cosine[6] == pytest.approx(0.5) and cosine[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))
     constant = rates(learning_rate_schedule([2.0], [6], warmup_steps=4), 6)
     assert constant == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]      # the first step already moves
-    with pytest.raises(ValueError, match="--lr-schedule must be one of"):
-        learning_rate_schedule([1.0], [4], shape="step")
+    with pytest.raises(SystemExit):   # the command line offers the shapes there are
+        parse_config(["--lr-schedule", "exponential"])
 
 
 def test_warmup_steps_override_the_ratio_as_in_hugging_face():
@@ -48,11 +50,15 @@ def test_epoch_order_is_a_reproducible_permutation():
 @pytest.mark.parametrize("sizes, message", [
     ((6, 4, 1, 32), "--global-batch-size 6 must be a multiple of --micro-batch-size 4 x data-parallel size 1"),
     ((8, 2, 8, 32), "must be a multiple of --micro-batch-size 2 x data-parallel size 8"),
-    ((64, 8, 1, 32), "--global-batch-size 64 is larger than the 32 prompts"),
+    ((64, 8, 1, 32), "--global-batch-size 64 is larger than the 32 training prompts"),
     ((8, 0, 1, 32), "--micro-batch-size must be >= 1"),
 ])
 def test_batch_sizes(sizes, message):
-    with pytest.raises(ValueError) as info:
-        check_batch_sizes(*sizes, "prompts")
+    def check(global_batch, micro, dp_size, prompts):
+        config = parse_config(["--global-batch-size", str(global_batch), "--micro-batch-size", str(micro)])
+        config.check_layout(dp_size, True, prompts)
+
+    with pytest.raises(UsageError) as info:
+        check(*sizes)
     assert message in str(info.value)
-    check_batch_sizes(16, 2, 4, 32, "prompts")
+    check(16, 2, 4, 32)

@@ -9,21 +9,21 @@ import math
 import pytest
 import torch
 
-from trainer_cases import fixed_pairs, saved_activation_bytes, tiny_setup, train_args
+from trainer_cases import fixed_pairs, pair_items, saved_activation_bytes, step_trainer, tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
-from spin_trainer.config import SpinConfig
+from spin_trainer.options import parse_config
 from spin_trainer.data import collate_pairs
-from spin_trainer.distributed import ParallelContext
-from spin_trainer.logprobs import labelled_logps
+from spin_trainer.errors import TrainingDiverged, UsageError
+from spin_trainer.logprobs import Scorer
 from spin_trainer.model import load_model, load_tokenizer
-from spin_trainer.optim import make_optimizer
-from spin_trainer.parallelize import decoder_layers
-from spin_trainer.recompute import apply_recompute
-from spin_trainer.schedule import make_scheduler
-from spin_trainer.steps import optimizer_step, spin_micro_loss
+from spin_trainer.optim import apply_update, make_optimizer, make_scheduler
+from spin_trainer.parallel.apply import decoder_layers
+from spin_trainer.parallel.mesh import ParallelContext
+from spin_trainer.parallel.recompute import apply_recompute
 
 CTX = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
+SCORER = Scorer(CTX)
 PAIRS = 8
 
 
@@ -40,7 +40,7 @@ def pairs(tiny):
 
 def _linear_setup():
     model = torch.nn.Linear(3, 2)
-    optimizer = make_optimizer(model, weight_decay=0.0, ctx=CTX)
+    optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.0, ctx=CTX)
     return model, optimizer, make_scheduler(optimizer, lambda step: 1e-2)
 
 
@@ -51,18 +51,19 @@ def test_steps_equal_plain_torch_adamw_on_the_same_gradients():
     model = torch.nn.Linear(3, 2)
     plain = copy.deepcopy(model)
     initial = model.weight.detach().clone()
-    optimizer = make_optimizer(model, weight_decay=0.1, ctx=CTX)
+    optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.1, ctx=CTX)
     scheduler = make_scheduler(optimizer, lambda step: 1e-2 * (step + 1))
     reference = torch.optim.AdamW(plain.parameters(), lr=1e-2, weight_decay=0.1)
     generator = torch.Generator().manual_seed(1)
     for step in range(3):
         micro_batches = [torch.randn(4, 3, generator=generator), torch.randn(2, 3, generator=generator)]
-
-        def micro_loss(x):
+        lr = optimizer.param_groups[0]["lr"]
+        total = 0.0
+        for x in micro_batches:
             loss = model(x).pow(2).sum() / 6  # each micro-batch weighted by its share of the 6 rows
-            return loss, {"loss": loss.detach()}
-
-        metrics = optimizer_step(model, optimizer, scheduler, micro_batches, micro_loss, ctx=CTX, max_grad_norm=0.05)
+            loss.backward()
+            total += loss.item()
+        grad_norm = apply_update(model, optimizer, scheduler, max_grad_norm=0.05, loss=total)
 
         plain.zero_grad()
         loss = plain(torch.cat(micro_batches)).pow(2).sum() / 6
@@ -73,9 +74,9 @@ def test_steps_equal_plain_torch_adamw_on_the_same_gradients():
             group["lr"] = 1e-2 * (step + 1)
         reference.step()
 
-        assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-6)
-        assert metrics["grad_norm"] == pytest.approx(norm.item(), rel=1e-6)
-        assert metrics["lr"] == pytest.approx(1e-2 * (step + 1))
+        assert total == pytest.approx(loss.item(), rel=1e-6)
+        assert float(grad_norm) == pytest.approx(norm.item(), rel=1e-6)
+        assert lr == pytest.approx(1e-2 * (step + 1))
         for ours, theirs in zip(model.parameters(), plain.parameters()):
             torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
     assert (model.weight - initial).abs().max() > 1e-3  # the steps moved the weights far beyond the tolerance
@@ -85,13 +86,10 @@ def test_a_nan_loss_stops_before_the_update():
     model, optimizer, scheduler = _linear_setup()
     before = model.weight.detach().clone()
 
-    def micro_loss(x):
-        loss = model(x).sum() * float("nan")
-        return loss, {"loss": loss.detach()}
-
-    with pytest.raises(ValueError, match="training diverged.*no update was made.*--dtype float16"):
-        optimizer_step(model, optimizer, scheduler, [torch.randn(4, 3)], micro_loss, ctx=CTX,
-                       max_grad_norm=1.0)
+    loss = model(torch.randn(4, 3)).sum() * float("nan")
+    loss.backward()
+    with pytest.raises(TrainingDiverged, match="training diverged.*no update was made.*float16"):
+        apply_update(model, optimizer, scheduler, max_grad_norm=1.0, loss=loss)
     assert torch.equal(model.weight, before)
 
 
@@ -104,7 +102,7 @@ def test_head_on_labelled_positions_scores_what_the_full_logits_score(tiny, pair
     calls = []
     handle = model.get_output_embeddings().register_forward_hook(lambda m, i, out: calls.append(out.shape))
     with torch.no_grad():
-        ours = labelled_logps(model, batch, CTX)
+        ours = SCORER.labelled_logps(model, batch)
         full = sequence_logprobs(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
                                  batch.labels, batch.loss_mask)
     handle.remove()
@@ -120,30 +118,25 @@ def _spin_step(model_dir, pairs, micro_batch_size, *, recompute="none"):
     torch.manual_seed(0)
     model = load_model(model_dir)
     apply_recompute(decoder_layers(model), recompute)
-    optimizer = make_optimizer(model, ctx=CTX)
-    scheduler = make_scheduler(optimizer, lambda step: 1e-3)
+    trainer = step_trainer(model, SCORER, pairs=PAIRS, lr=1e-3, beta=0.5, micro_batch_size=micro_batch_size)
     reference = torch.linspace(-9.0, -5.0, 2 * PAIRS).reshape(PAIRS, 2)
     grads = {}
 
     def items():
-        for i in range(0, PAIRS, micro_batch_size):
-            batch = collate_pairs(examples[i:i + micro_batch_size], generated[i:i + micro_batch_size],
-                                  tokenizer.pad_token_id)
-            yield batch, torch.cat([reference[i:i + micro_batch_size, 0], reference[i:i + micro_batch_size, 1]])
-
-    def micro_loss(item):
-        batch, ref = item
-        return spin_micro_loss(model, batch, ref, beta=0.5, loss_type="sigmoid",
-                               weight=batch.input_ids.shape[0] / 2 / PAIRS, ctx=CTX)
+        return pair_items(examples, generated, reference, tokenizer.pad_token_id, start=0, count=PAIRS,
+                          micro=micro_batch_size)
 
     def keep_grads(optimizer, args, kwargs):
         grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
 
-    with torch.no_grad():
-        rewards = torch.cat([0.5 * (labelled_logps(model, batch, CTX).sequence_sums() - ref) for batch, ref in items()])
-    hook = optimizer.register_step_pre_hook(keep_grads)
-    metrics = optimizer_step(model, optimizer, scheduler, items(), micro_loss, ctx=CTX, max_grad_norm=1.0)
+    with torch.no_grad():   # an independent computation: β·(π − ref) from the summed token log-probs
+        rewards = torch.cat([0.5 * (SCORER.labelled_logps(model, batch).sequence_sums() - ref)
+                             for batch, ref, _ in items()])
+    hook = trainer.optimizer.register_step_pre_hook(keep_grads)
+    metrics = trainer.train_step(items())
     hook.remove()
+    for key in ("step_time", "tokens_per_second"):
+        del metrics[key]
     return metrics, grads, rewards
 
 
@@ -164,7 +157,7 @@ def _saved_activation_bytes(model_dir, pairs, recompute):
     model = load_model(model_dir)
     apply_recompute(decoder_layers(model), recompute)
     batch = collate_pairs(examples[:4], generated[:4], tokenizer.pad_token_id)
-    return saved_activation_bytes(model, lambda: labelled_logps(model, batch, CTX).sequence_sums().sum())
+    return saved_activation_bytes(model, lambda: SCORER.labelled_logps(model, batch).sequence_sums().sum())
 
 
 def test_recompute_keeps_fewer_activations(tiny, pairs):
@@ -182,14 +175,6 @@ def test_recompute_changes_no_gradient(tiny, pairs, mode):
     assert metrics == plain_metrics
 
 
-def test_rewards_std_is_bessel_corrected_over_every_reward():
-    from spin_trainer.steps import rewards_std
-
-    rewards = torch.tensor([0.3, -0.1, 0.7, 0.2, -0.4, 0.05], dtype=torch.float64)
-    sums = {"rewards_count": 6.0, "rewards_sum": float(rewards.sum()), "rewards_sq_sum": float(rewards.square().sum())}
-    assert math.isclose(rewards_std(sums), float(rewards.std()), rel_tol=1e-12)
-
-
 @pytest.mark.parametrize("extra, expected", [
     (["--max-grad-norm", "0"], "--optimizer-in-backward needs one micro-batch per step on each rank, but "
                                "--global-batch-size 8 = 2 x --micro-batch-size 4"),
@@ -197,21 +182,21 @@ def test_rewards_std_is_bessel_corrected_over_every_reward():
 ])
 def test_optimizer_in_backward_is_refused_before_any_model_is_loaded(tiny, tmp_path, no_model_load, extra,
                                                                     expected):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(UsageError) as info:
         train_cli.main(train_args(*tiny, str(tmp_path / "run"), "--optimizer-in-backward", *extra))
     assert expected in str(info.value) and "drop --optimizer-in-backward" in str(info.value)
 
 
 def test_optimizer_in_backward_is_refused_with_replicated_data_parallelism():
-    config = SpinConfig(micro_batch_size=4, global_batch_size=8, max_grad_norm=0.0, optimizer_in_backward=True)
-    replicated = ParallelContext(0, 2, 1, 2, 0, 0, torch.device("cpu"), dp_shard=False)
-    with pytest.raises(ValueError, match="--optimizer-in-backward with --no-dp-shard"):
-        config.validate(32, replicated)
-    config.validate(32, ParallelContext(0, 2, 1, 2, 0, 0, torch.device("cpu"), dp_shard=True))
+    config = parse_config(["--micro-batch-size", "4", "--global-batch-size", "8", "--max-grad-norm", "0",
+                           "--optimizer-in-backward"])
+    with pytest.raises(UsageError, match="--optimizer-in-backward with --no-dp-shard is not supported"):
+        config.check_layout(2, False, 32)
+    config.check_layout(2, True, 32)
 
 
 def test_parked_optimizer_reuses_one_host_arena_and_restores_the_state_bit_for_bit():
-    from spin_trainer.rollouts import ParkedOptimizer
+    from spin_trainer.generation.rollouts import ParkedOptimizer
 
     model = torch.nn.Linear(5, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -119,3 +119,54 @@ def saved_activation_bytes(model, forward):
         forward()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return sum(size for pointer, size in storages.items() if pointer not in params)
+
+
+def step_trainer(model, scorer, *, pairs, lr=1e-2, beta=0.1, micro_batch_size=1, weight_decay=0.0,
+                 max_grad_norm=1.0, optimizer="adamw", in_backward=False):
+    """A SpinTrainer whose `train_step` runs steps of `pairs` pairs at a constant `lr` (no data, no
+    generation: the caller hands it micro-batches)."""
+    from spin_trainer.options import parse_config
+    from spin_trainer.trainer import SpinTrainer
+
+    flags = ["--global-batch-size", str(pairs), "--micro-batch-size", str(micro_batch_size), "--lr", str(lr),
+             "--beta", str(beta), "--weight-decay", str(weight_decay), "--max-grad-norm", str(max_grad_norm),
+             "--optimizer", optimizer] + (["--optimizer-in-backward"] if in_backward else [])
+    return SpinTrainer(model, None, [None] * pairs, [], parse_config(flags), scorer, out_dir="unused",
+                       held_out=None, metrics=None, sampling=None)
+
+
+def pair_items(examples, generated, reference, pad_token_id, *, start, count, micro):
+    """(pair batch, reference [2b], generated tokens) micro-batches of pairs [start, start + count)."""
+    from spin_trainer.data import collate_pairs
+
+    for i in range(start, start + count, micro):
+        batch = collate_pairs(examples[i:i + micro], generated[i:i + micro], pad_token_id)
+        yield batch, torch_cat_pairs(reference[i:i + micro]), sum(len(g) for g in generated[i:i + micro])
+
+
+def torch_cat_pairs(rows):
+    """[b, 2] (actual, generated) rows as the [2b] order of a pair batch."""
+    import torch
+
+    return torch.cat([rows[:, 0], rows[:, 1]])
+
+
+def independent_logps(model, prompt_ids, response_ids):
+    """log π(response | prompt) of one sequence, summed, in float64, from the model's full logits
+    (one unpadded row, no trainer code): the oracle of every log-prob the trainer logs or uses."""
+    import torch
+
+    ids = torch.tensor([list(prompt_ids) + list(response_ids)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    logps = torch.log_softmax(logits[:-1], dim=-1).gather(1, ids[0, 1:, None])[:, 0]
+    return float(logps[len(prompt_ids) - 1:].sum())
+
+
+def loop_data(out, step):
+    """The loop state a checkpoint of `out` holds (the iteration's pairs, generations, reference
+    log-probs)."""
+    import torch
+
+    path = os.path.join(out, "checkpoints", "spin", f"step-{step:08d}", "loop.pt")
+    return torch.load(path, weights_only=False)

@@ -46,6 +46,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter, load, save
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+
+from .errors import UsageError, option
 
 PREFIX = "step-"
 CORRUPT_SUFFIX = ".corrupt"
@@ -147,16 +153,12 @@ def single_process_quiet(ctx):
 
 
 def dcp_save(state_dict, directory, ctx):
-    from torch.distributed.checkpoint import FileSystemWriter, save
-
     with single_process_quiet(ctx):
         save(state_dict, storage_writer=FileSystemWriter(directory, sync_files=True), no_dist=ctx.world_size == 1)
 
 
 def dcp_load(state_dict, directory, ctx):
     """Loads `directory` into `state_dict`'s tensors in place (their layout: this run's)."""
-    from torch.distributed.checkpoint import FileSystemReader, load
-
     with single_process_quiet(ctx):
         load(state_dict, storage_reader=FileSystemReader(directory), no_dist=ctx.world_size == 1)
 
@@ -165,16 +167,12 @@ def _flat_optimizer_options():
     """The optimizer's state and hyperparameters keyed by parameter name, not by parameter-group
     index: the groups follow the device meshes (spin_trainer.optim), so another process count or
     --tp has another number of groups."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def train_state(model, optimizer):
     """{"model", "optimizer"} state dicts for DCP; an optimizer that has not stepped yet has no
     state to save (asking DCP for it would initialise it with a zero step and change the run)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
     if not optimizer.state:
         return {"model": get_model_state_dict(model)}
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_flat_optimizer_options())
@@ -187,10 +185,6 @@ def save_train_state(directory, model, optimizer, ctx):
 
 def load_train_state(directory, model, optimizer, ctx):
     """Loads model and (if saved) optimizer state from `directory`, resharded to this run's layout."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                         set_state_dict)
-
     saved = FileSystemReader(directory).read_metadata().state_dict_metadata
     if any(key.startswith("optimizer.") for key in saved):
         model_state, optimizer_state = get_state_dict(model, optimizer, options=_flat_optimizer_options())
@@ -210,8 +204,6 @@ def save_checkpoint(root, step, *, model, optimizer, reference, loop_state, ctx,
     `reference`: None, or a function returning a context manager that yields the module holding θ_t
     (or None where the mode keeps no weights).
     """
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     final = os.path.join(root, f"{PREFIX}{step:08d}")
     tmp = fresh_directory(os.path.join(root, f".tmp-{PREFIX}{step:08d}"), ctx)
     save_train_state(os.path.join(tmp, TRAIN_DIR), model, optimizer, ctx)
@@ -289,9 +281,9 @@ def checkpoint_problem(path, ctx):
     if "shared.pt" in listed and LOOP_FILE not in listed:
         # Intact, only of the layout before torch.distributed.checkpoint: refuse rather than move
         # it aside and start the run over.
-        raise ValueError(f"--resume: {path} was written by an older spin_trainer (rank*.pt files, no "
+        raise UsageError(f"{option('resume')}: {path} was written by an older spin_trainer (rank*.pt files, no "
                          f"torch.distributed.checkpoint); this version cannot resume it: finish that run with "
-                         f"the version that wrote it, or start a new one in another --out")
+                         f"the version that wrote it, or start a new one in another {option('out')}")
     present = set(_files_under(path)) - {MANIFEST}
     missing = [name for name in listed if name not in present]
     if missing or LOOP_FILE not in listed:
@@ -350,10 +342,6 @@ def find_latest_checkpoint(root, ctx, report=print):
 
 def check_fits(directory, module, what):
     """ValueError naming the first tensor that cannot be loaded into `module` from DCP `directory`."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     prefix = "model." if what == "model" else ""
     saved = {key[len(prefix):]: tuple(meta.size)
              for key, meta in FileSystemReader(directory).read_metadata().state_dict_metadata.items()
@@ -361,23 +349,21 @@ def check_fits(directory, module, what):
     here = {name: tuple(tensor.shape) for name, tensor in get_model_state_dict(module).items()}
     missing, unexpected = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
     if missing or unexpected:
-        raise ValueError(f"--resume: {directory} holds another model's {what} weights: {len(missing)} tensor(s) of "
+        raise UsageError(f"{option('resume')}: {directory} holds another model's {what} weights: {len(missing)} tensor(s) of "
                          f"this model are not in it (e.g. {missing[:3]}), {len(unexpected)} of its tensor(s) are "
-                         f"not in this model (e.g. {unexpected[:3]}); resume with the --model it was written with")
+                         f"not in this model (e.g. {unexpected[:3]}); resume with the {option('model')} it was written with")
     for name, shape in here.items():
         if saved[name] != shape:
-            hint = (" (another vocabulary: another tokenizer or --model?)"
+            hint = (f" (another vocabulary: another tokenizer or {option('model')}?)"
                     if ("embed" in name or "lm_head" in name) and saved[name][1:] == shape[1:] else "")
-            raise ValueError(f"--resume: {directory} cannot be loaded into this model: {what} tensor {name} has "
+            raise UsageError(f"{option('resume')}: {directory} cannot be loaded into this model: {what} tensor {name} has "
                              f"shape {list(saved[name])} there and {list(shape)} here{hint}; resume with the "
-                             f"--model it was written with")
+                             f"{option('model')} it was written with")
 
 
 def load_checkpoint(checkpoint, *, model, optimizer, reference, ctx):
     """Loads the tensors of `checkpoint` (resharded to this run); `reference()` is a context manager
     yielding the module to load θ_t into (called only when the checkpoint holds θ_t)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
     train_dir = os.path.join(checkpoint.path, TRAIN_DIR)
     check_fits(train_dir, model, "model")
     load_train_state(train_dir, model, optimizer, ctx)

@@ -1,200 +1,305 @@
-"""Settings of a SPIN run (filled from the command line by python/train.py) and their validation.
+"""The run's settings: one tree of dataclasses, from which the command line and `--config FILE` are
+made (options.py).
 
-Error messages name the command-line option, since that is what the user typed.
+Each setting is declared once, below, with its type, default, help, check and whether a resumed
+run must keep it (`resume=True`: changing it changes the results). Its command-line option is the
+field's name with dashes (`micro_batch_size` is `--micro-batch-size`); a YAML config file's keys
+are the same long option names (`micro-batch-size: 4`), and the command line overrides the file.
+The resolved settings are written to OUT/config.yaml, which `--resume` compares against.
+
+Lower modules receive values, never option names: a mistake they find is a `UsageError` that names
+the setting through `errors.option`.
 """
 import math
-from dataclasses import asdict, dataclass, field
+import sys
+from dataclasses import dataclass, field, fields
 
-from .generation import SamplingConfig
-from .optim import OPTIMIZERS
-from .schedule import LR_SCHEDULES, check_batch_sizes, micro_batches_per_step
+import yaml
 
-# Fields whose command-line option is not "--" + the field's name with dashes.
-# Fields whose option is not "--" + the field name (SamplingConfig's included).
-FIELD_OPTIONS = {"betas": "--beta", "lrs": "--lr", "stop_sequences": "--stop/--stop-ids"}
-# Settings a resumed run may change: they change no result (batch sizes per forward: no result
-# beyond float rounding, and another data-parallel size may need another micro-batch size).
-FREE_ON_RESUME = ("progress", "keep", "save_every", "offload_optimizer", "max_steps", "val_every",
-                  "micro_batch_size", "gen_batch_size")
+from .errors import UsageError, option
 
-REFERENCE_MODES = ("precompute", "swap", "resident")
-GENERATE_EVERY = ("iteration", "epoch")
-LOSS_TYPES = ("sigmoid", "hinge")
+DTYPES = ("float32", "bfloat16", "float16")
+HEADS = ("fused", "logits")
+ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")
+REFERENCE_MODES = ("precompute", "swap", "resident", "streamed")
+RECOMPUTE_MODES = ("none", "elementwise", "full")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "rmsprop")
 
 
-def per_iteration(values, iterations, option):
-    """One value for every iteration: a single value is repeated; otherwise exactly `iterations`."""
-    values = [float(v) for v in values]
-    if len(values) == 1:
-        return values * iterations
-    if len(values) != iterations:
-        raise ValueError(f"{option}: give one value or one per iteration ({iterations}), got {len(values)}")
-    return values
+def setting(default, help, *, check=None, resume=False, choices=None, nargs=None, metavar=None):
+    """A field of the tree. `check(value)` returns what is wrong with a value, or None."""
+    return field(default=default, metadata=dict(help=help, check=check, resume=resume, choices=choices,
+                                                nargs=nargs, metavar=metavar))
 
 
-def sampling_config(*, max_new_tokens, do_sample, temperature, top_p, top_k, min_new_tokens=0):
-    """SamplingConfig of the command-line options, checked first so that errors name the option."""
-    checks = [
-        (max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {max_new_tokens}"),
-        (0 <= min_new_tokens <= max_new_tokens,
-         f"--min-new-tokens must be in [0, --max-new-tokens {max_new_tokens}], got {min_new_tokens}"),
-        (math.isfinite(temperature) and temperature > 0, f"--temperature must be finite and > 0, got {temperature}"),
-        (0 < top_p <= 1, f"--top-p must be in (0, 1], got {top_p}"),
-        (top_k >= 0, f"--top-k must be >= 0, got {top_k}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-    return SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                          top_p=top_p, top_k=top_k, min_new_tokens=min_new_tokens)
+# ---- checks of single values ---------------------------------------------------------------------
+def at_least(low):
+    return lambda v: None if v >= low else f"must be >= {low}, got {v}"
 
 
-def stop_sequences(strings, ids, tokenizer):
-    """Token-id sequences of --stop strings (each tokenized alone, no special tokens) and --stop-ids
-    (one token each). A string is matched as that token sequence; where the tokenizer merges it
-    with the text before it differently, the stop is missed."""
-    sequences = []
-    for text in strings:
-        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not tokens:
-            raise ValueError(f"--stop {text!r}: the tokenizer gives no tokens for it")
-        sequences.append(tuple(tokens))
-    for token in ids:
-        if not 0 <= token < len(tokenizer):
-            raise ValueError(f"--stop-ids {token}: not a token id of the tokenizer [0, {len(tokenizer)})")
-        sequences.append((token,))
-    return tuple(sequences)
+def finite_at_least(low, strict=False):
+    def check(v):
+        values = v if isinstance(v, tuple) else (v,)
+        ok = all(math.isfinite(x) and (x > low if strict else x >= low) for x in values)
+        return None if ok else f"must be finite and {'>' if strict else '>='} {low}, got {v}"
+    return check
+
+
+def within(low, high, low_open=False):
+    def check(v):
+        ok = (low < v if low_open else low <= v) and v <= high
+        return None if ok else f"must be in {'(' if low_open else '['}{low}, {high}], got {v}"
+    return check
+
+
+def optional(check):
+    return lambda v: None if v is None else check(v)
+
+
+# ---- the tree ------------------------------------------------------------------------------------
+@dataclass
+class ModelSettings:
+    model: str | None = setting(None, "local Hugging Face causal-LM directory (or, with --plan, a directory "
+                                      "holding only its config.json)")
+    dtype: str = setting("float32", "compute dtype; bfloat16 on GPUs: bf16 compute with fp32 master weights, fp32 "
+                                    "gradient reduction and fp32 optimizer state (float16 has no loss scaling here)",
+                         choices=DTYPES, resume=True)
+    pure_low_precision: bool = setting(False, "keep the parameters, gradients and optimizer state themselves in "
+                                              "--dtype (half the weight memory; updates smaller than a weight's "
+                                              "rounding step, e.g. at lr 5e-7 in bf16, are lost)", resume=True)
+    head: str | None = setting(None, "how the LM head scores tokens: fused (hidden states -> log-probs, never "
+                                     "materializing the [tokens, vocab] logits) or logits (the model's head, then "
+                                     "the log-prob kernels). Default: fused on CUDA, logits elsewhere",
+                               choices=HEADS)
+    attn: str = setting("auto", "attention kernel; auto: flash_attention_2 if usable, else sdpa", choices=ATTENTION)
+    device: str = setting("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    export_dtype: str = setting("auto", "dtype of the final Hugging Face model; auto: the input model's "
+                                        "config.torch_dtype", choices=("auto",) + DTYPES)
 
 
 @dataclass
-class SpinConfig:
-    iterations: int = 2
-    epochs: int = 1
-    betas: tuple = (0.1,)
-    lrs: tuple = (5e-7,)
-    loss_type: str = "sigmoid"
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    optimizer: str = "adamw"
-    adam_betas: tuple = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    lr_schedule: str = "constant"
-    warmup_ratio: float = 0.0
-    optimizer_in_backward: bool = False
-    generate_every: str = "iteration"
-    mix_previous: float = 0.0
-    reference: str = "precompute"
-    # How θ_t answers the prompts; the seed is set per iteration and epoch (rollouts.sampling_seed).
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=128))
-    gen_batch_size: int = 64
-    drop_truncated: bool = False  # leave out pairs whose generation was cut at the length cap
-    offload_optimizer: bool = False
-    max_length: int = 1024
-    seed: int = 0
-    save_every: int = 0
-    keep: int = 2
-    max_steps: int = 0          # 0: no limit
-    val_every: int = 0          # 0: validation at iteration ends only
-    progress: bool = True
+class DataSettings:
+    train_data: str | None = setting(None, "JSONL of training prompts and gold responses")
+    val_data: str | None = setting(None, "JSONL of held-out records: SFT validation loss and SPIN acc on "
+                                         "held-out pairs")
+    test_data: str | None = setting(None, "JSONL of held-out records for exact-match accuracy (default: --val-data)")
+    prompt_template: str = setting("{prompt}", "template of {prompt,response} records' prompts", resume=True)
+    max_length: int = setting(1024, "context length: prompt + response tokens (at most the model's "
+                                    "max_position_embeddings)", check=at_least(2), resume=True)
 
-    def __post_init__(self):
-        if self.iterations < 1:
-            raise ValueError(f"--iterations must be >= 1, got {self.iterations}")
-        self.adam_betas = tuple(float(b) for b in self.adam_betas)
-        self.betas = per_iteration(self.betas, self.iterations, "--beta")
-        self.lrs = per_iteration(self.lrs, self.iterations, "--lr")
-        self.check_values()
 
-    def optimizer_options(self):
-        """make_optimizer's keyword arguments."""
-        return dict(name=self.optimizer, weight_decay=self.weight_decay, betas=tuple(self.adam_betas),
-                    eps=self.adam_eps, in_backward=self.optimizer_in_backward)
+@dataclass
+class SpinSettings:
+    iterations: int = setting(2, "SPIN iterations (θ_t → θ_t+1)", check=at_least(1), resume=True)
+    epochs: int = setting(1, "epochs over the iteration's pairs", check=at_least(1), resume=True)
+    beta: tuple[float, ...] = setting((0.1,), "one value, or one per iteration", check=finite_at_least(0, True),
+                                      resume=True)
+    lr: tuple[float, ...] = setting((5e-7,), "one value, or one per iteration", check=finite_at_least(0),
+                                    resume=True)
+    loss_type: str = setting("sigmoid", "sigmoid (the paper) or hinge", choices=("sigmoid", "hinge"), resume=True)
+    reference: str = setting("precompute", "the reference policy θ_t: its log-probs precomputed at each iteration's "
+                                           "start, swapped in from host memory per batch, a resident copy, or "
+                                           "streamed layer by layer from host memory", choices=REFERENCE_MODES,
+                             resume=True)
+    generate_every: str = setting("iteration", "iteration: once from θ_t; epoch: every epoch with the reference "
+                                               "swapped in", choices=("iteration", "epoch"), resume=True)
+    mix_previous: float = setting(0.0, "fraction of the previous iteration's pairs mixed in", check=within(0, 1),
+                                  resume=True)
+    drop_truncated: bool = setting(False, "leave out of training the pairs whose generation was cut at "
+                                          "--max-new-tokens (their slots go to other pairs of the iteration)",
+                                   resume=True)
 
-    def schedule_options(self):
-        """learning_rate_schedule's keyword arguments."""
-        return dict(shape=self.lr_schedule, warmup_ratio=self.warmup_ratio, warmup_steps=self.warmup_steps)
 
-    def resume_settings(self):
-        """{command-line option: value} that a resumed run must share with the checkpoint."""
-        settings = {}
-        for name, value in vars(self).items():
-            if name in FREE_ON_RESUME:
-                continue
-            if name != "sampling":
-                settings[FIELD_OPTIONS.get(name, "--" + name.replace("_", "-"))] = (
-                    list(value) if isinstance(value, tuple) else value)
-                continue
-            for sampling_name, sampling_value in asdict(value).items():
-                if sampling_name == "do_sample":
-                    settings["--greedy"] = not sampling_value
-                elif sampling_name != "seed":   # set per iteration and epoch from --seed
-                    settings[FIELD_OPTIONS.get(sampling_name, "--" + sampling_name.replace("_", "-"))] = sampling_value
-        return settings
+@dataclass
+class TrainSettings:
+    micro_batch_size: int = setting(1, "pairs per forward on each rank", check=at_least(1))
+    global_batch_size: int = setting(8, "pairs per optimizer step, all ranks together", check=at_least(1),
+                                     resume=True)
+    optimizer: str = setting("adamw", "the SPIN paper's recipe uses rmsprop", choices=OPTIMIZERS, resume=True)
+    adam_betas: tuple[float, ...] = setting((0.9, 0.999), "AdamW betas", nargs=2, metavar=("BETA1", "BETA2"),
+                                            check=lambda v: None if all(0 <= b < 1 for b in v)
+                                            else f"must be two values in [0, 1), got {list(v)}", resume=True)
+    adam_eps: float = setting(1e-8, "epsilon of AdamW and of RMSprop", check=finite_at_least(0, True), resume=True)
+    weight_decay: float = setting(0.0, "weight decay (AdamW: decoupled; RMSprop: L2)", check=finite_at_least(0),
+                                  resume=True)
+    max_grad_norm: float = setting(1.0, "0 disables clipping", check=finite_at_least(0), resume=True)
+    lr_schedule: str = setting("constant", "shape of each iteration's learning rate after the warm-up (it restarts "
+                                           "every iteration; the paper: linear with --warmup-ratio 0.1)",
+                               choices=LR_SCHEDULES, resume=True)
+    warmup_ratio: float = setting(0.0, "linear warm-up over this fraction of each iteration's steps",
+                                  check=within(0, 1), resume=True)
+    warmup_steps: int = setting(0, "warm-up steps per iteration; when > 0 it overrides --warmup-ratio",
+                                check=at_least(0), resume=True)
+    optimizer_in_backward: bool = setting(False, "update each parameter as soon as its gradient is complete, "
+                                                 "freeing it (needs one micro-batch per step and --max-grad-norm 0)",
+                                          resume=True)
+    offload_optimizer: bool = setting(False, "optimizer state in host memory while generating")
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int | None = setting(None, "default: half of --max-length (as NeMo-Aligner); always capped by "
+                                               "the context left after each prompt. A response cut there is trained "
+                                               "on as sampled, without an EOS (see --drop-truncated)",
+                                         check=optional(at_least(1)), resume=True)
+    min_new_tokens: int = setting(0, "tokens before a response may end (EOS and stops masked)", check=at_least(0),
+                                  resume=True)
+    stop: tuple[str, ...] = setting((), "strings that end a response besides the EOS ids (matched as the tokens of "
+                                        "the string alone; kept in the response)", metavar="TEXT", resume=True)
+    stop_ids: tuple[int, ...] = setting((), "token ids that end a response, as --stop", metavar="ID", resume=True)
+    greedy: bool = setting(False, "greedy decoding instead of sampling", resume=True)
+    temperature: float = setting(1.0, "sampling temperature", check=finite_at_least(0, True), resume=True)
+    top_p: float = setting(1.0, "nucleus sampling (1: off)", check=within(0, 1, low_open=True), resume=True)
+    top_k: int = setting(0, "top-k sampling (0: off)", check=at_least(0), resume=True)
+    gen_batch_size: int = setting(64, "prompts per generation batch", check=at_least(1))
+
+
+@dataclass
+class ParallelSettings:
+    tp: int = setting(1, "tensor-parallel size (torchrun --nproc_per_node a multiple of it)", check=at_least(1))
+    dp_shard: bool | None = setting(None, "FSDP2 on the data-parallel axis: parameters, gradients and optimizer "
+                                          "state sharded (default: on with more than one data-parallel rank); "
+                                          "--no-dp-shard keeps a full replica on every rank")
+    recompute: str = setting("none", "activation recompute of the decoder layers: elementwise (norms, SwiGLU "
+                                     "product) or full layers", choices=RECOMPUTE_MODES)
+
+
+@dataclass
+class RunSettings:
+    out: str | None = setting(None, "output directory (config.yaml, metrics, checkpoints, final model); required "
+                                    "except with --plan")
+    seed: int = setting(0, "data order, sampling and initialization", resume=True)
+    resume: bool = setting(False, "continue from the newest intact checkpoint in --out, also with another process "
+                                  "count or --tp")
+    save_every: int = setting(0, "a checkpoint every N optimizer steps besides the one at each iteration's end",
+                              check=at_least(0))
+    val_every: int = setting(0, "validation every N optimizer steps besides each iteration's end", check=at_least(0))
+    keep: int = setting(2, "checkpoints kept", check=at_least(1))
+    max_steps: int = setting(0, "stop after N optimizer steps of the run (counted across resumes) with a "
+                                "checkpoint, without exporting; --resume continues (0: no limit)", check=at_least(0))
+    no_progress: bool = setting(False, "no progress bars (bars show only on a terminal anyway)")
+
+
+@dataclass
+class PlanSettings:
+    plan: bool = setting(False, "print the per-rank memory plan of this run on --nproc processes and exit: the "
+                                "model is built on the meta device from --model's config.json alone, on a fake "
+                                "process group (e.g. --model configs/llama-3-70b --nproc 64 --tp 8)")
+    nproc: int | None = setting(None, "--plan: the number of processes (GPUs) of the run", check=optional(at_least(1)))
+    device_memory_gib: float | None = setting(None, "memory of one device: --plan compares its estimate with it "
+                                                    "(default 80); training with --no-dp-shard uses the visible "
+                                                    "GPU's memory, or this on a CPU run",
+                                              check=optional(finite_at_least(0, True)))
+
+
+GROUPS = {"model": ModelSettings, "data": DataSettings, "spin": SpinSettings, "train": TrainSettings,
+          "generation": GenerationSettings, "parallel": ParallelSettings, "run": RunSettings,
+          "plan": PlanSettings}
+
+
+@dataclass
+class RunConfig:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    spin: SpinSettings = field(default_factory=SpinSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    plan: PlanSettings = field(default_factory=PlanSettings)
+
+    # ---- derived values --------------------------------------------------------------------------
+    def per_iteration(self, name):
+        """--beta or --lr as one value per iteration (a single value is repeated)."""
+        values = [float(v) for v in getattr(self.spin, name)]
+        if len(values) == 1:
+            return values * self.spin.iterations
+        return values
+
+    @property
+    def max_new_tokens(self):
+        """--max-new-tokens, by default half the context (each prompt's cap is what is left after it)."""
+        given = self.generation.max_new_tokens
+        return given if given is not None else max(1, self.data.max_length // 2)
+
+    @property
+    def progress(self):
+        """Progress bars on a terminal only: in a log file each redraw would be a line of its own."""
+        return not self.run.no_progress and sys.stderr.isatty()
 
     def mixed_pairs(self, num_examples):
-        return int(round(self.mix_previous * num_examples))
+        return int(round(self.spin.mix_previous * num_examples))
 
     def pairs_in_iteration(self, iteration, num_examples):
         return num_examples + (self.mixed_pairs(num_examples) if iteration > 0 else 0)
 
-    def check_values(self):
-        """Each setting on its own (at construction: before any file or model is read)."""
-        checks = [
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (all(math.isfinite(b) and b > 0 for b in self.betas), f"--beta must be finite and > 0, got {self.betas}"),
-            (all(math.isfinite(lr) and lr >= 0 for lr in self.lrs), f"--lr must be finite and >= 0, got {self.lrs}"),
-            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-             f"--weight-decay must be finite and >= 0, got {self.weight_decay}"),
-            (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
-             f"--max-grad-norm must be finite and >= 0 (0: no clipping), got {self.max_grad_norm}"),
-            (self.loss_type in LOSS_TYPES, f"--loss-type must be one of {LOSS_TYPES}, got {self.loss_type!r}"),
-            (self.reference in REFERENCE_MODES,
-             f"--reference must be one of {REFERENCE_MODES}, got {self.reference!r}"),
-            (self.generate_every in GENERATE_EVERY,
-             f"--generate-every must be one of {GENERATE_EVERY}, got {self.generate_every!r}"),
-            (0.0 <= self.mix_previous <= 1.0, f"--mix-previous must be in [0, 1], got {self.mix_previous}"),
-            (self.gen_batch_size >= 1, f"--gen-batch-size must be >= 1, got {self.gen_batch_size}"),
-            (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
-            (self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}"),
-            (self.keep >= 1, f"--keep must be >= 1, got {self.keep}"),
-            (self.max_steps >= 0, f"--max-steps must be >= 0, got {self.max_steps}"),
-            (self.val_every >= 0, f"--val-every must be >= 0, got {self.val_every}"),
-            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
-            (len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
-             f"--adam-betas must be two values in [0, 1), got {list(self.adam_betas)}"),
-            (self.adam_eps > 0, f"--adam-eps must be > 0, got {self.adam_eps}"),
-            (self.lr_schedule in LR_SCHEDULES,
-             f"--lr-schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"),
-            (0.0 <= self.warmup_ratio <= 1.0, f"--warmup-ratio must be in [0, 1], got {self.warmup_ratio}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+    # ---- checks ----------------------------------------------------------------------------------
+    def check(self):
+        """Each setting on its own, then the ones that depend on each other (before any file is read)."""
+        for _, f, value in self.items():
+            if value is None and f.default is None:
+                continue
+            problem = f.metadata["check"] and f.metadata["check"](value)
+            if problem:
+                raise UsageError(f"{option(f.name)} {problem}")
+            if f.metadata["choices"] and value is not None and value not in f.metadata["choices"]:
+                raise UsageError(f"{option(f.name)} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+        for name in ("beta", "lr"):
+            count = len(getattr(self.spin, name))
+            if count not in (1, self.spin.iterations):
+                raise UsageError(f"{option(name)}: give one value or one per iteration ({self.spin.iterations}), "
+                                 f"got {count}")
+        if self.generation.min_new_tokens > self.max_new_tokens:
+            raise UsageError(f"{option('min_new_tokens')} must be in [0, {option('max_new_tokens')} "
+                             f"{self.max_new_tokens}], got {self.generation.min_new_tokens}")
+        if self.model.pure_low_precision and self.model.dtype == "float32":
+            raise UsageError(f"{option('pure_low_precision')} needs {option('dtype')} bfloat16 or float16 (float32 "
+                             f"is already pure)")
+        if "{prompt}" not in self.data.prompt_template:
+            raise UsageError(f"{option('prompt_template')} {self.data.prompt_template!r}: must contain {{prompt}}")
+        return self
 
-    def validate(self, num_examples, ctx):
-        """The settings against the data and the process layout (once, by the command line, before
-        the model is loaded)."""
-        check_batch_sizes(self.global_batch_size, self.micro_batch_size, ctx.dp_size, num_examples,
-                          "training prompts")
-        if self.optimizer_in_backward:
-            self.check_optimizer_in_backward(ctx)
-
-    def check_optimizer_in_backward(self, ctx):
-        """The optimizer steps inside the backward only where one backward makes a step's whole gradient."""
-        micro = micro_batches_per_step(self.global_batch_size, self.micro_batch_size, ctx.dp_size)
+    def check_layout(self, dp_size, dp_shard, num_examples):
+        """The batch sizes against the data-parallel size and the data (before the model is loaded)."""
+        t = self.train
+        if t.global_batch_size % (t.micro_batch_size * dp_size) != 0:
+            raise UsageError(f"{option('global_batch_size')} {t.global_batch_size} must be a multiple of "
+                             f"{option('micro_batch_size')} {t.micro_batch_size} x data-parallel size {dp_size}")
+        if num_examples < t.global_batch_size:
+            raise UsageError(f"{option('global_batch_size')} {t.global_batch_size} is larger than the "
+                             f"{num_examples} training prompts")
+        if not t.optimizer_in_backward:
+            return
+        micro = t.global_batch_size // (t.micro_batch_size * dp_size)
         if micro != 1:
-            raise ValueError(
-                f"--optimizer-in-backward needs one micro-batch per step on each rank, but --global-batch-size "
-                f"{self.global_batch_size} = {micro} x --micro-batch-size {self.micro_batch_size} x data-parallel "
-                f"size {ctx.dp_size} accumulates {micro}; set --micro-batch-size "
-                f"{self.global_batch_size // ctx.dp_size} or drop --optimizer-in-backward")
-        if self.max_grad_norm > 0:
-            raise ValueError(f"--optimizer-in-backward cannot clip (each parameter is updated before the global "
-                             f"gradient norm is known); pass --max-grad-norm 0 (it is {self.max_grad_norm}) or drop "
-                             f"--optimizer-in-backward")
-        if ctx.dp_size > 1 and not ctx.dp_shard:
-            raise ValueError("--optimizer-in-backward with --no-dp-shard: the replicas' gradients are summed only "
-                             "after the backward; use --dp-shard (FSDP) or drop --optimizer-in-backward")
+            raise UsageError(
+                f"{option('optimizer_in_backward')} needs one micro-batch per step on each rank, but "
+                f"{option('global_batch_size')} {t.global_batch_size} = {micro} x {option('micro_batch_size')} "
+                f"{t.micro_batch_size} x data-parallel size {dp_size} accumulates {micro}; set "
+                f"{option('micro_batch_size')} {t.global_batch_size // dp_size} or drop {option('optimizer_in_backward')}")
+        if t.max_grad_norm > 0:
+            raise UsageError(f"{option('optimizer_in_backward')} cannot clip (each parameter is updated before the "
+                             f"global gradient norm is known); pass {option('max_grad_norm')} 0 (it is "
+                             f"{t.max_grad_norm}) or drop {option('optimizer_in_backward')}")
+        if dp_size > 1 and not dp_shard:
+            raise UsageError(f"{option('optimizer_in_backward')} with {option('dp_shard', negated=True)} is not "
+                             f"supported; use FSDP or drop {option('optimizer_in_backward')}")
+
+    # ---- the tree as rows ------------------------------------------------------------------------
+    def items(self):
+        """(group, field, value) of every setting."""
+        for group_name in GROUPS:
+            group = getattr(self, group_name)
+            for f in fields(group):
+                yield group, f, getattr(group, f.name)
+
+    def as_options(self, resume_only=False):
+        """{long option name: value} in the config file's form (lists for tuples)."""
+        return {f.name.replace("_", "-"): list(v) if isinstance(v, tuple) else v
+                for _, f, v in self.items() if f.metadata["resume"] or not resume_only}
+
+    def resume_mismatches(self, saved):
+        """[(option, saved value, this run's value)] of the settings a resumed run must keep."""
+        return [(option(key.replace("-", "_")), saved.get(key), value)
+                for key, value in self.as_options(resume_only=True).items() if saved.get(key) != value]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UsageError, option
+
 IGNORE_INDEX = -100
 DEFAULT_PROMPT_TEMPLATE = "{prompt}"
 
@@ -36,44 +38,44 @@ class Batch:
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.loss_mask)))
 
 
-def read_jsonl(path, option):
-    """Records of a JSONL file; errors name the option, the file and the line."""
+def read_jsonl(path, source):
+    """Records of a JSONL file; errors name the source, the file and the line."""
     if not os.path.isfile(path):
-        raise ValueError(f"{option} {path!r}: no such file")
+        raise UsageError(f"{source} {path!r}: no such file")
     records = []
     with open(path, "rb") as f:  # bytes, decoded line by line, so that a decoding error has a line
         for line_no, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise ValueError(f"{option} {path}:{line_no}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} "
+                raise UsageError(f"{source} {path}:{line_no}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} "
                                  f"at column {exc.start + 1})") from exc
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{option} {path}:{line_no}: not valid JSON ({exc.msg})") from exc
+                raise UsageError(f"{source} {path}:{line_no}: not valid JSON ({exc.msg})") from exc
             if not isinstance(record, dict):
-                raise ValueError(f"{option} {path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+                raise UsageError(f"{source} {path}:{line_no}: expected a JSON object, got {type(record).__name__}")
             records.append((line_no, record))
     if not records:
-        raise ValueError(f"{option} {path!r}: the file has no records")
+        raise UsageError(f"{source} {path!r}: the file has no records")
     return records
 
 
 def _split_chat(messages, where):
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+        raise UsageError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                 or not isinstance(message.get("content"), str):
-            raise ValueError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+            raise UsageError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
     if messages[-1]["role"] != "assistant":
-        raise ValueError(f"{where}: the last message must have role 'assistant' (the response), "
+        raise UsageError(f"{where}: the last message must have role 'assistant' (the response), "
                          f"got {messages[-1]['role']!r}")
     if len(messages) < 2:
-        raise ValueError(f"{where}: 'messages' needs at least one message before the assistant's response")
+        raise UsageError(f"{where}: 'messages' needs at least one message before the assistant's response")
     return messages[:-1], messages[-1]["content"]
 
 
@@ -82,21 +84,21 @@ def render_prompt(record, tokenizer, template, where):
     if "messages" in record:
         context, response = _split_chat(record["messages"], where)
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"{where}: chat records need a tokenizer with a chat template; "
+            raise UsageError(f"{where}: chat records need a tokenizer with a chat template; "
                              f"this one has none (use {{'prompt', 'response'}} records instead)")
         prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
         return prompt, response, True
     missing = [key for key in ("prompt", "response") if key not in record]
     if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}; each record needs 'prompt' and 'response' "
+        raise UsageError(f"{where}: missing field(s) {missing}; each record needs 'prompt' and 'response' "
                          f"strings, or 'messages'")
     for key in ("prompt", "response"):
         if not isinstance(record[key], str):
-            raise ValueError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
+            raise UsageError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
     try:
         prompt = template.format(prompt=record["prompt"])
     except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(f"--prompt-template {template!r}: must contain {{prompt}} and no other field ({exc})") from exc
+        raise UsageError(f"{option('prompt_template')} {template!r}: must contain {{prompt}} and no other field ({exc})") from exc
     return prompt, record["response"], False
 
 
@@ -108,21 +110,21 @@ def encode_prompt(tokenizer, prompt_text, has_special_tokens):
     return ids
 
 
-def tokenize_records(records, tokenizer, *, max_length, template=DEFAULT_PROMPT_TEMPLATE, option, path):
+def tokenize_records(records, tokenizer, *, max_length, template=DEFAULT_PROMPT_TEMPLATE, source, path):
     """Examples of validated records. Responses that overflow the context are cut (EOS lost)."""
     if "{prompt}" not in template:
-        raise ValueError(f"--prompt-template {template!r}: must contain {{prompt}}")
+        raise UsageError(f"{option('prompt_template')} {template!r}: must contain {{prompt}}")
     eos = tokenizer.eos_token_id
     examples, truncated = [], 0
     for line_no, record in records:
-        where = f"{option} {path}:{line_no}"
+        where = f"{source} {path}:{line_no}"
         prompt_text, response_text, has_special = render_prompt(record, tokenizer, template, where)
         if not response_text.strip():
-            raise ValueError(f"{where}: empty response")
+            raise UsageError(f"{where}: empty response")
         prompt_ids = encode_prompt(tokenizer, prompt_text, has_special)
         if len(prompt_ids) >= max_length:
-            raise ValueError(f"{where}: the prompt has {len(prompt_ids)} tokens, which leaves no room for a "
-                             f"response within --max-length {max_length}")
+            raise UsageError(f"{where}: the prompt has {len(prompt_ids)} tokens, which leaves no room for a "
+                             f"response within {option('max_length')} {max_length}")
         response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"] + [eos]
         room = max_length - len(prompt_ids)
         if len(response_ids) > room:
@@ -131,11 +133,11 @@ def tokenize_records(records, tokenizer, *, max_length, template=DEFAULT_PROMPT_
     return examples, truncated
 
 
-def load_examples(path, tokenizer, *, max_length, template=DEFAULT_PROMPT_TEMPLATE, option="--train-data"):
-    examples, truncated = tokenize_records(read_jsonl(path, option), tokenizer, max_length=max_length,
-                                           template=template, option=option, path=path)
+def load_examples(path, tokenizer, *, max_length, template=DEFAULT_PROMPT_TEMPLATE, source="data"):
+    examples, truncated = tokenize_records(read_jsonl(path, source), tokenizer, max_length=max_length,
+                                           template=template, source=source, path=path)
     if truncated:
-        print(f"warning: {option} {path}: {truncated} response(s) cut to fit --max-length {max_length}")
+        print(f"warning: {source} {path}: {truncated} response(s) cut to fit {option('max_length')} {max_length}")
     return examples
 
 

@@ -1,48 +1,86 @@
-"""Validation: held-out exact match (greedy), SFT loss on gold responses, SPIN acc on held-out pairs."""
+"""Evaluation: held-out exact match (greedy), SFT loss on gold responses, SPIN acc on held-out
+pairs; and the iteration diagnostics a user reads to see whether SPIN had anything to learn.
+
+- `fraction_equal_to_gold`: how often the model's own response equals the gold one. Such a pair
+  gives SPIN no gradient at all: r(actual) and r(generated) are the same function of θ, so their
+  difference is 0 for every θ.
+- `iteration_diagnostics`: SPIN acc and reward margin at the start and at the end of an
+  iteration (means over its first and last quarter of optimizer steps). At the first step the
+  policy equals the reference, so the margin is 0 and acc is 0 (acc counts margins > 0); a
+  healthy iteration ends with acc near 1 and a positive margin.
+"""
+import math
+
 import torch
 
+from spin_kernels.loss import spin_loss_from_logps
+
 from .data import collate_sft
-from .distributed import all_reduce_sum, shard_range
-from .logprobs import labelled_logps
-from .modes import evaluating
-from .rollouts import generate, greedy, pair_logps
+from .generation.rollouts import generate, greedy, pair_logps
+from .model import evaluating
+from .parallel.mesh import all_reduce_sum, shard_range
 
 
-def exact_match(model, examples, ctx, *, tokenizer, max_length, max_new_tokens, batch_size, progress=False):
+def fraction_equal_to_gold(examples, generated):
+    """Fraction of `examples` whose generated response ids (EOS included) equal the gold ones."""
+    if not examples:
+        return None
+    assert len(examples) == len(generated)
+    return sum(list(g) == list(e.response_ids) for e, g in zip(examples, generated)) / len(examples)
+
+
+def iteration_diagnostics(history):
+    """{spin_acc_start, spin_acc_end, margin_start, margin_end} of an iteration's step records."""
+    if not history:
+        return {"spin_acc_start": None, "spin_acc_end": None, "margin_start": None, "margin_end": None}
+    quarter = max(1, math.ceil(len(history) / 4))
+    first, last = history[:quarter], history[-quarter:]
+
+    def mean(records, key):
+        return sum(r[key] for r in records) / len(records)
+
+    return {"spin_acc_start": mean(first, "acc"), "spin_acc_end": mean(last, "acc"),
+            "margin_start": mean(first, "margin_mean"), "margin_end": mean(last, "margin_mean")}
+
+
+def exact_match(model, examples, scorer, *, tokenizer, max_length, max_new_tokens, batch_size, progress=False):
     """(fraction of prompts whose greedy response equals the gold one, EOS included; mean length)."""
     if not examples:
         return None, None
-    responses = generate(model, examples, greedy(max_new_tokens), ctx, tokenizer=tokenizer,
+    responses = generate(model, examples, greedy(max_new_tokens), scorer, tokenizer=tokenizer,
                          max_length=max_length, batch_size=batch_size, progress=progress)
     hits = sum(list(r) == list(e.response_ids) for r, e in zip(responses, examples))
     return hits / len(examples), sum(len(r) for r in responses) / len(responses)
 
 
 @torch.no_grad()
-def sft_loss(model, examples, ctx, *, micro_batch_size, pad_token_id):
+def sft_loss(model, examples, scorer, *, micro_batch_size, pad_token_id):
     """Mean negative log-likelihood per response token (EOS included) over `examples`."""
     if not examples:
         return None
+    ctx = scorer.ctx
     start, end = shard_range(len(examples), ctx.dp_rank, ctx.dp_size)
     totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
     with evaluating(model):
         for i in range(start, end, micro_batch_size):
             batch = collate_sft(examples[i:min(i + micro_batch_size, end)], pad_token_id).to(ctx.device)
-            token_logps = labelled_logps(model, batch, ctx).token_logps
+            token_logps = scorer.labelled_logps(model, batch).token_logps
             totals[0] -= token_logps.sum().double()
             totals[1] += token_logps.numel()
     all_reduce_sum(totals, ctx.dp_group)
     return float(totals[0] / totals[1])
 
 
-def spin_pair_accuracy(model, examples, generated, ref_logps, ctx, *, beta, micro_batch_size, pad_token_id):
+def spin_pair_accuracy(model, examples, generated, ref_logps, scorer, *, beta, micro_batch_size, pad_token_id):
     """(acc, mean margin) of the policy on held-out pairs: margin = β·((π−ref)_actual − (π−ref)_gen)."""
     if not examples:
         return None, None
-    policy = pair_logps(model, examples, generated, ctx, micro_batch_size=micro_batch_size,
-                        pad_token_id=pad_token_id)
-    rewards = beta * (policy - ref_logps)
-    margin = rewards[:, 0] - rewards[:, 1]
+    policy = pair_logps(model, examples, generated, scorer, micro_batch_size=micro_batch_size,
+                        pad_token_id=pad_token_id)   # [P, 2]
+    losses = spin_loss_from_logps(torch.cat([policy[:, 0], policy[:, 1]]), torch.cat([ref_logps[:, 0], ref_logps[:, 1]]),
+                                  beta=beta)
+    rewards = losses.rewards.reshape(2, -1)
+    margin = rewards[0] - rewards[1]
     return float((margin > 0).float().mean()), float(margin.mean())
 
 
@@ -53,22 +91,22 @@ class HeldOut:
     which is what a learning rate or β may be chosen by (the test split never is).
     """
 
-    def __init__(self, test_examples, val_examples, ctx, *, tokenizer, max_length, max_new_tokens,
+    def __init__(self, test_examples, val_examples, scorer, *, tokenizer, max_length, max_new_tokens,
                  batch_size, micro_batch_size, val_exact_match=False):
-        self.test_examples, self.val_examples, self.ctx = test_examples, val_examples, ctx
+        self.test_examples, self.val_examples, self.scorer = test_examples, val_examples, scorer
         self.tokenizer, self.max_length, self.max_new_tokens = tokenizer, max_length, max_new_tokens
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
         self.val_exact_match = val_exact_match
 
     def __call__(self, model):
-        accuracy, length = exact_match(model, self.test_examples, self.ctx, tokenizer=self.tokenizer,
+        accuracy, length = exact_match(model, self.test_examples, self.scorer, tokenizer=self.tokenizer,
                                        max_length=self.max_length, max_new_tokens=self.max_new_tokens,
                                        batch_size=self.batch_size)
-        loss = sft_loss(model, self.val_examples, self.ctx, micro_batch_size=self.micro_batch_size,
+        loss = sft_loss(model, self.val_examples, self.scorer, micro_batch_size=self.micro_batch_size,
                         pad_token_id=self.tokenizer.pad_token_id)
         row = {"exact_match": accuracy, "gen_length": length, "val_sft_loss": loss}
         if self.val_exact_match:
-            row["val_exact_match"], _ = exact_match(model, self.val_examples, self.ctx, tokenizer=self.tokenizer,
+            row["val_exact_match"], _ = exact_match(model, self.val_examples, self.scorer, tokenizer=self.tokenizer,
                                                     max_length=self.max_length, max_new_tokens=self.max_new_tokens,
                                                     batch_size=self.batch_size)
         return row

@@ -16,9 +16,13 @@ import os
 import shutil
 
 import torch
+from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
 from spin_kernels.dtensor import is_dtensor
 
 from .checkpoint import fresh_directory, replace_directory, single_process_quiet
+from .errors import UsageError, option
 
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_FILE_BYTES = 5 * 1024 ** 3   # HF's usual shard size
@@ -27,15 +31,15 @@ MAX_FILE_BYTES = 5 * 1024 ** 3   # HF's usual shard size
 def resolve_export_dtype(requested, source_config):
     """torch dtype of `--export-dtype`; "auto" is the input model's `config.torch_dtype` (float32 if unset)."""
     if requested not in EXPORT_DTYPES:
-        raise ValueError(f"--export-dtype must be one of {EXPORT_DTYPES}, got {requested!r}")
+        raise UsageError(f"{option('export_dtype')} must be one of {EXPORT_DTYPES}, got {requested!r}")
     if requested != "auto":
         return getattr(torch, requested)
     dtype = getattr(source_config, "dtype", None) or getattr(source_config, "torch_dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"--export-dtype auto: the input model's config.torch_dtype is {dtype}; "
-                         f"choose --export-dtype from {EXPORT_DTYPES[1:]}")
+        raise UsageError(f"{option('export_dtype')} auto: the input model's config.torch_dtype is {dtype}; "
+                         f"choose {option('export_dtype')} from {EXPORT_DTYPES[1:]}")
     return dtype
 
 
@@ -75,9 +79,6 @@ def single_file(directory):
 
 def export_hf(model, tokenizer, out_dir, ctx, *, dtype=torch.float32, max_file_bytes=MAX_FILE_BYTES):
     """Saves the full model in `dtype` + tokenizer to `out_dir` in HF format (all ranks call it)."""
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     parent = os.path.dirname(os.path.abspath(out_dir))
     tmp = fresh_directory(os.path.join(parent, f".tmp-export-{os.path.basename(os.path.abspath(out_dir))}"), ctx)
     with torch.no_grad():

@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 
+from .errors import UsageError, option
+
 FULL_HASH_BYTES = 64 << 20
 SAMPLES = 64
 SAMPLE_BYTES = 64 << 10
@@ -49,21 +51,21 @@ def tokenizer_fingerprint(tokenizer):
 
 
 def run_fingerprints(model_dir, tokenizer, train_data):
-    return {"--model": model_fingerprint(model_dir), "tokenizer": tokenizer_fingerprint(tokenizer),
-            "--train-data": file_fingerprint(train_data)}
+    return {"model": model_fingerprint(model_dir), "tokenizer": tokenizer_fingerprint(tokenizer),
+            "train_data": file_fingerprint(train_data)}
 
 
 def check_fingerprints(saved, current, checkpoint_path, *, model_dir, train_data):
-    """ValueError naming the option whose input differs from the one the checkpoint was written with."""
-    again = "resume with the inputs it was written with, or use another --out"
-    if saved.get("--model") != current["--model"]:
-        before, now = saved.get("--model") or {}, current["--model"]
+    """UsageError naming the option whose input differs from the one the checkpoint was written with."""
+    again = f"resume with the inputs it was written with, or use another {option('out')}"
+    if saved.get("model") != current["model"]:
+        before, now = saved.get("model") or {}, current["model"]
         changed = sorted(n for n in set(before) | set(now) if before.get(n) != now.get(n))
-        raise ValueError(f"--resume: {checkpoint_path} was written from another --model: in {model_dir!r}, "
+        raise UsageError(f"{option('resume')}: {checkpoint_path} was written from another {option('model')}: in {model_dir!r}, "
                          f"{', '.join(changed)} differ(s) from the model it was written from; {again}")
     if saved.get("tokenizer") != current["tokenizer"]:
-        raise ValueError(f"--resume: {checkpoint_path} was written with another tokenizer (the vocabulary, special "
-                         f"tokens or chat template of --model {model_dir!r} changed); {again}")
-    if saved.get("--train-data") != current["--train-data"]:
-        raise ValueError(f"--resume: {checkpoint_path} was written with another --train-data: {train_data!r} has "
-                         f"{current['--train-data']}, the run's data had {saved.get('--train-data')}; {again}")
+        raise UsageError(f"{option('resume')}: {checkpoint_path} was written with another tokenizer (the vocabulary, special "
+                         f"tokens or chat template of {option('model')} {model_dir!r} changed); {again}")
+    if saved.get("train_data") != current["train_data"]:
+        raise UsageError(f"{option('resume')}: {checkpoint_path} was written with another {option('train_data')}: {train_data!r} has "
+                         f"{current['train_data']}, the run's data had {saved.get('train_data')}; {again}")

@@ -1,13 +1,16 @@
 """Log-probs of the labelled tokens: the one place where the trainer runs a model's LM head.
 
-Every log-prob of the trainer comes from here: the SPIN policy loss, the reference log-probs, the
-SFT loss and the validation numbers. The backbone runs over the whole batch [S, T], but the LM
+Every log-prob of the trainer comes from a `Scorer` (the run's layout, precision and LM head): the
+SPIN policy loss, the reference log-probs, the SFT loss and the validation numbers. The backbone runs over the whole batch [S, T], but the LM
 head only over the N positions whose label the loss mask counts (the response tokens, EOS
 included), so prompt and padding positions never produce logits. With SPIN's prompts, a quarter of
 a sequence on the benchmark shape, that is the same share of the head's matmul, of its [N, V]
-logits and of the loss's work. Both heads (`--head`, `ctx.head`) run inside the model's own
+logits and of the loss's work. Both heads (`Scorer.head`) run inside the model's own
 forward, as the output embedding's call, so that FSDP's and tensor parallelism's hooks run as
 usual:
+
+A `Scorer` also owns the forward's precision context: autocast where no FSDP module casts the fp32
+parameters itself (one process, tensor parallelism alone).
 
 - "logits": a pre-hook on the output embedding compacts the hidden states to the labelled
   positions [N, H]; the head writes their logits [N, V] (under tensor parallelism this rank's vocab
@@ -30,23 +33,27 @@ usual:
   hidden states as a DTensor and its weight is the vocab-sharded DTensor: the fused head takes
   their local tensors with `process_group=ctx.tp_group` (d hidden summed over the group, which is
   the all-reduce the logits path's DTensor backward does), and its output goes back wrapped as the
-  Shard(-1) DTensor the plan's output hook turns into a local tensor (tp_plan.py). Under autocast
+  Shard(-1) DTensor the plan's output hook turns into a local tensor (parallel/tp_plan.py). Under autocast
   (one process, --dtype bfloat16, fp32 master weights) the weight is cast to the compute dtype, as
   F.linear under autocast does; autograd carries the gradient back to the fp32 parameter.
 """
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from spin_kernels.dtensor import is_dtensor
-from spin_kernels.loss import (linear_spin_loss, linear_token_logprobs, spin_loss_from_logps,
-                               token_logprobs)
+from torch.distributed.tensor import DTensor, Shard
 
-HEADS = ("fused", "logits")
+from spin_kernels.dtensor import is_dtensor
+from spin_kernels.loss import linear_spin_loss, linear_token_logprobs, spin_loss_from_logps, token_logprobs
+
+from .errors import UsageError, option
+from .parallel.mesh import ParallelContext
+from .parallel.precision import Precision
 
 
 def default_head(device_type):
-    """--head's default: the fused head on CUDA, the logits elsewhere (the tested CPU path)."""
+    """The head's default: the fused head on CUDA, the logits elsewhere (the tested CPU path)."""
     return "fused" if device_type == "cuda" else "logits"
 
 
@@ -65,7 +72,7 @@ class LabelledLogps:
 def output_embedding(model):
     head = model.get_output_embeddings()
     if head is None:
-        raise ValueError(f"model: {type(model).__name__} has no output embeddings (LM head)")
+        raise UsageError(f"model: {type(model).__name__} has no output embeddings (LM head)")
     return head
 
 
@@ -94,8 +101,8 @@ def redirected_head(head, ctx, compute):
     """Inside, a call of the LM head `head` (nn.Linear) returns `compute(hidden, weight, bias)` of
     plain tensors in one dtype, instead of the logits; yields the list of what it returned."""
     if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"--head fused: the model's output embedding is a {type(head).__name__}, not an "
-                         "nn.Linear whose weight the fused head can take; use --head logits")
+        raise UsageError(f"{option('head')} fused: the model's output embedding is a {type(head).__name__}, not "
+                         f"an nn.Linear whose weight the fused head can take; use {option('head')} logits")
     produced = []
 
     def forward(hidden):
@@ -112,7 +119,6 @@ def redirected_head(head, ctx, compute):
         produced.append(out)
         if mesh is None:
             return out
-        from torch.distributed.tensor import DTensor, Shard
 
         # The plan's output hook (ColwiseParallel(use_local_output=True), tp_plan.py) takes a Shard(-1)
         # DTensor back to its local tensor: this rank's result passes through unchanged.
@@ -129,65 +135,81 @@ def redirected_head(head, ctx, compute):
             head.forward = saved
 
 
-def _run(model, batch, ctx):
-    with ctx.compute():
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-
-
 def _fused_output(model, produced, got):
     """The model's output, checked to be what the fused head returned (not transformed after the head)."""
     if len(produced) != 1 or got.data_ptr() != produced[0].data_ptr() or got.shape != produced[0].shape:
-        raise ValueError(f"--head fused: {type(model).__name__}'s forward transforms its LM head's output (e.g. "
-                         "logit soft-capping or scaling) or calls the head more than once, which the fused "
-                         "head cannot follow; use --head logits")
+        raise UsageError(f"{option('head')} fused: {type(model).__name__}'s forward transforms its LM head's output "
+                         f"(e.g. logit soft-capping or scaling) or calls the head more than once, which the fused "
+                         f"head cannot follow; use {option('head')} logits")
     return got
 
 
-def labelled_logps(model, batch, ctx, *, inplace_backward=False):
-    """Log-probs of the labelled tokens of `batch` (a data.Batch) under `model`, in ctx's precision.
+@dataclass
+class Scorer:
+    """The trainer's forwards: `ctx`'s layout, `precision` and the LM `head` ("fused" or "logits")."""
+    ctx: ParallelContext
+    precision: Precision = Precision()
+    head: str = "logits"
 
-    `inplace_backward=True` lets the loss's gradient overwrite the logits' memory (nothing else
-    reads them after the loss; the fused head has no logits).
-    """
-    num_rows, width = batch.labels.shape
-    positions = batch.loss_mask.reshape(-1).nonzero().squeeze(1)   # [N]
-    labels = batch.labels.reshape(-1).index_select(0, positions)    # [N]
-    head = output_embedding(model)
-    with compacted_input(head, positions):
-        if ctx.head == "fused":
-            def compute(hidden, weight, bias):
-                return linear_token_logprobs(hidden, weight, labels, bias=bias, process_group=ctx.tp_group)
+    def compute(self):
+        """The forward's precision context: autocast where FSDP does not cast the weights itself."""
+        if self.ctx.dp_mesh is not None:
+            return nullcontext()   # FSDP's (or replicate's) MixedPrecisionPolicy casts the weights
+        return self.precision.autocast(self.ctx.device.type)
 
-            with redirected_head(head, ctx, compute) as produced:
-                logps = _fused_output(model, produced, _run(model, batch, ctx))
-        else:
-            logits = _run(model, batch, ctx)
-            assert logits.shape[0] == positions.shape[0], (tuple(logits.shape), positions.shape)
-            logps = token_logprobs(logits, labels, process_group=ctx.tp_group, inplace_backward=inplace_backward)
-    return LabelledLogps(logps, torch.div(positions, width, rounding_mode="floor"), num_rows)
+    def _run(self, model, batch):
+        with self.compute(), warnings.catch_warnings():
+            # Under TP the LM head returns its local vocab shard, a view (DTensor.to_local), which FSDP
+            # warns about in case the caller modifies it in place in the forward. Nothing does: the
+            # loss's in-place write (inplace_backward) is its own gradient, in the backward, after
+            # FSDP's pre-backward hook has run on it.
+            warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
+            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
 
+    def labelled_logps(self, model, batch, *, inplace_backward=False):
+        """Log-probs of the labelled tokens of `batch` (a data.Batch) under `model`.
 
-@torch.no_grad()
-def sequence_logps(model, batch, ctx):
-    """[S] masked sums of the response log-probs (EOS included), float32, no gradient."""
-    return labelled_logps(model, batch, ctx).sequence_sums()
+        `inplace_backward=True` lets the loss's gradient overwrite the logits' memory (nothing else
+        reads them after the loss; the fused head has no logits).
+        """
+        ctx = self.ctx
+        num_rows, width = batch.labels.shape
+        positions = batch.loss_mask.reshape(-1).nonzero().squeeze(1)   # [N]
+        labels = batch.labels.reshape(-1).index_select(0, positions)    # [N]
+        head = output_embedding(model)
+        with compacted_input(head, positions):
+            if self.head == "fused":
+                def compute(hidden, weight, bias):
+                    return linear_token_logprobs(hidden, weight, labels, bias=bias, process_group=ctx.tp_group)
 
+                with redirected_head(head, ctx, compute) as produced:
+                    logps = _fused_output(model, produced, self._run(model, batch))
+            else:
+                logits = self._run(model, batch)
+                assert logits.shape[0] == positions.shape[0], (tuple(logits.shape), positions.shape)
+                logps = token_logprobs(logits, labels, process_group=ctx.tp_group, inplace_backward=inplace_backward)
+        return LabelledLogps(logps, torch.div(positions, width, rounding_mode="floor"), num_rows)
 
-def pair_loss(model, batch, ref_logps, ctx, *, beta, loss_type):
-    """The SPIN loss (a SpinLossOutput: loss, metrics, per-sequence policy log-probs) of a [2b]-row
-    pair batch (rows [0, b) actual, [b, 2b) generated) against the reference's [2b] sums."""
-    if ctx.head == "logits":
-        # Nothing else reads the logits after the loss: their gradient can take their memory.
-        policy = labelled_logps(model, batch, ctx, inplace_backward=True).sequence_sums()
-        return spin_loss_from_logps(policy, ref_logps, beta=beta, loss_type=loss_type)
-    results = []
+    @torch.no_grad()
+    def sequence_logps(self, model, batch):
+        """[S] masked sums of the response log-probs (EOS included), float32, no gradient."""
+        return self.labelled_logps(model, batch).sequence_sums()
 
-    def compute(hidden, weight, bias):   # hidden [2b, T, H]: the fused head compacts the labelled rows
-        out = linear_spin_loss(hidden, weight, batch.labels, ref_logps, bias=bias, loss_mask=batch.loss_mask,
-                               beta=beta, loss_type=loss_type, process_group=ctx.tp_group)
-        results.append(out)
-        return out.loss.reshape(1)   # a dim to be the plan's Shard(-1) under --tp
+    def pair_loss(self, model, batch, ref_logps, *, beta, loss_type):
+        """The SPIN loss (a SpinLossOutput: loss, metrics, per-sequence log-probs and rewards) of a
+        [2b]-row pair batch (rows [0, b) actual, [b, 2b) generated) against the reference's [2b] sums."""
+        if self.head == "logits":
+            # Nothing else reads the logits after the loss: their gradient can take their memory.
+            policy = self.labelled_logps(model, batch, inplace_backward=True).sequence_sums()
+            return spin_loss_from_logps(policy, ref_logps, beta=beta, loss_type=loss_type)
+        results = []
 
-    with redirected_head(output_embedding(model), ctx, compute) as produced:
-        loss = _fused_output(model, produced, _run(model, batch, ctx))
-    return results[0]._replace(loss=loss[0])
+        def compute(hidden, weight, bias):   # hidden [2b, T, H]: the fused head compacts the labelled rows
+            out = linear_spin_loss(hidden, weight, batch.labels, ref_logps, bias=bias, loss_mask=batch.loss_mask,
+                                   beta=beta, loss_type=loss_type, process_group=self.ctx.tp_group)
+            results.append(out)
+            return out.loss.reshape(1)   # a dim to be the plan's Shard(-1) under --tp
+
+        with redirected_head(output_embedding(model), self.ctx, compute) as produced:
+            loss = _fused_output(model, produced, self._run(model, batch))
+        return results[0]._replace(loss=loss[0])

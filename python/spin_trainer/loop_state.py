@@ -1,11 +1,47 @@
-"""What the SPIN loop carries between steps: where it is, and the current iteration's data.
+"""What the SPIN loop carries between steps: where it is, the current iteration's data, and
+whether a stop was asked for.
 
-Both are saved in every checkpoint (as plain dicts of their fields), so that a resumed run
-continues mid-iteration with the same generations and reference log-probs.
+The position and the data are saved in every checkpoint (as plain dicts of their fields), so that
+a resumed run continues mid-iteration with the same generations and reference log-probs.
 """
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+
+from .parallel.mesh import all_reduce_max
+
+
+class TrainingStopped(Exception):
+    """Raised after SIGTERM once the checkpoint is written; carries its path."""
+
+
+class StopSignal:
+    """SIGTERM sets a flag; `received()` tells every rank whether any rank got it (a collective)."""
+
+    def __init__(self, ctx):
+        self.ctx, self.requested = ctx, False
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            self.requested = True
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def received(self):
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.ctx.device)
+        return all_reduce_max(flag, self.ctx.world_size).item() > 0
 
 
 @dataclass

@@ -7,7 +7,6 @@ import json
 import math
 import os
 
-
 # Wall-clock measurements of a step: the only fields that differ between two identical runs.
 TIMING_KEYS = ("step_time", "tokens_per_second")
 

@@ -6,12 +6,16 @@ downstream (loading, tensor parallelism, export) takes the same path as a real m
 import importlib.util
 import json
 import os
+from contextlib import contextmanager
 
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
 
-from .precision import DTYPES
+from .errors import UsageError, option
+from .parallel.precision import DTYPES
 
-ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
 # Dropout rates that models keep as plain attributes instead of nn.Dropout modules (Llama, Mistral,
 # Qwen: `attention_dropout`, read in the attention call while training).
 DROPOUT_ATTRIBUTES = ("attention_dropout", "dropout", "attn_dropout", "resid_dropout")
@@ -27,9 +31,6 @@ TINY_CHAT_TEMPLATE = (
 
 def build_char_tokenizer(alphabet):
     """A character-level PreTrainedTokenizerFast over `alphabet` (plus pad/bos/eos/unk)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     symbols = [PAD, BOS, EOS, UNK] + sorted(set(alphabet))
     vocab = {symbol: i for i, symbol in enumerate(symbols)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
@@ -55,8 +56,6 @@ def build_tiny_llama(vocab_size, *, hidden_size=64, num_layers=2, num_heads=4, n
     it was. `config` sets any other `LlamaConfig` field (tie_word_embeddings, initializer_range,
     rope_scaling, attention_dropout, ...).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = {"tie_word_embeddings": False, "attention_dropout": 0.0, "initializer_range": 0.05, **config}
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -90,43 +89,48 @@ def create_default_model(out_dir, *, alphabet="0123456789+=", vocab_multiple=4, 
 
 def choose_attention(requested, device, dtype=torch.bfloat16):
     """flash_attention_2 when asked (or "auto") and usable (CUDA, 16-bit weights), else PyTorch SDPA."""
-    if requested not in ATTENTION_CHOICES:
-        raise ValueError(f"--attn must be one of {ATTENTION_CHOICES}, got {requested!r}")
     flash_usable = (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
                     and importlib.util.find_spec("flash_attn") is not None)
     if requested == "auto":
         return "flash_attention_2" if flash_usable else "sdpa"
     if requested == "flash_attention_2" and not flash_usable:
-        raise ValueError("--attn flash_attention_2 needs a CUDA device, --dtype bfloat16 or float16 and the "
-                         "flash_attn package; use --attn sdpa or --attn auto")
+        raise UsageError(f"{option('attn')} flash_attention_2 needs a CUDA device, {option('dtype')} bfloat16 or "
+                         f"float16 and the flash_attn package; use {option('attn')} sdpa or auto")
     return requested
 
 
 def check_model_dir(path):
-    """A clear error for a --model that is not a local Hugging Face causal-LM directory."""
+    """A clear error for a model path that is not a local Hugging Face causal-LM directory."""
     if not os.path.isdir(path):
-        raise ValueError(f"--model {path!r}: no such directory (a local Hugging Face model directory "
+        raise UsageError(f"{option('model')} {path!r}: no such directory (a local Hugging Face model directory "
                          f"with config.json, weights and tokenizer files is expected)")
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise ValueError(f"--model {path!r}: config.json not found; is this a Hugging Face model directory?")
+        raise UsageError(f"{option('model')} {path!r}: config.json not found; is this a Hugging Face model directory?")
     try:
         with open(config_path, encoding="utf-8") as f:
             json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"--model {path!r}: config.json is not valid JSON ({exc})") from exc
+        raise UsageError(f"{option('model')} {path!r}: config.json is not valid JSON ({exc})") from exc
+
+
+def check_context_length(max_length, model_config):
+    """The context within the positions the model has (every generation is capped by it)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        limit = getattr(model_config, name, None)
+        if isinstance(limit, int) and max_length > limit:
+            raise UsageError(f"{option('max_length')} {max_length} is beyond the model's {name} ({limit}): prompts "
+                             f"plus generated responses would not fit; use {option('max_length')} {limit} or less")
 
 
 def load_tokenizer(path):
-    from transformers import AutoTokenizer
-
     check_model_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"--model {path!r}: the tokenizer could not be loaded ({exc})") from exc
+        raise UsageError(f"{option('model')} {path!r}: the tokenizer could not be loaded ({exc})") from exc
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"--model {path!r}: the tokenizer has no EOS token; responses must end with one")
+        raise UsageError(f"{option('model')} {path!r}: the tokenizer has no EOS token; responses must end with one")
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out everywhere, so any id will do; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -152,18 +156,24 @@ def load_model(path, *, attention="auto", dtype="float32", device=torch.device("
     `dtype` is what the parameters are stored in; `compute_dtype` (default: the same) what the
     forward computes in, which decides whether flash-attention can run.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     check_model_dir(path)
-    for value in (dtype, compute_dtype or dtype):
-        if value not in DTYPES:
-            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {value!r}")
     attn_implementation = choose_attention(attention, device, DTYPES[compute_dtype or dtype])
     try:
         config = AutoConfig.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
                                                      attn_implementation=attn_implementation)
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"--model {path!r}: could not load a causal LM ({exc})") from exc
+        raise UsageError(f"{option('model')} {path!r}: could not load a causal LM ({exc})") from exc
     assert model.config.model_type == config.model_type
     return disable_dropout(model).to(device)
+
+
+@contextmanager
+def evaluating(model):
+    """Inside, `model` is in eval mode; on the way out (also on an exception) its mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -1,17 +1,34 @@
-"""The optimizer (`--optimizer {adamw,rmsprop}`), optionally stepped inside the backward, and the
-global gradient norm over parameters that live on different meshes.
+"""The optimizer (AdamW or RMSprop), optionally stepped inside the backward; the update of a step
+(gradient clipping by the global norm over parameters on different meshes, the divergence check);
+and what a step sees: the order of the examples and the learning rate.
 
 Parameter groups follow the device meshes: under FSDP x TP the tensor-parallel weights are
 DTensors on the 2-D (dp, tp) mesh and the norms and embeddings on the 1-D dp mesh (plain tensors
 without FSDP), and PyTorch's multi-tensor (foreach) kernels take one mesh per call. The learning
-rate of every group is set by the schedule (spin_trainer.schedule).
+rate of every group is set by the schedule (StepScheduler).
+
+Learning rate, per SPIN iteration (the schedule restarts at each iteration, as the paper's recipe
+does: linear decay with 10 % warm-up, each iteration a fresh run from θ_t). With S steps in the
+iteration, w warm-up steps and k = 0 .. S-1 the step within it:
+
+    warm-up    lr · (k + 1) / w                       for k < w (the first step already moves)
+    constant   lr
+    linear     lr · (S − k) / (S − w)                 from lr at k = w down to lr / (S − w)
+    cosine     lr · (1 + cos(π · (k − w) / (S − w))) / 2
+
+w = ceil(warmup_ratio · S) as in Hugging Face's Trainer, or --warmup-steps when given (which, as
+there, overrides the ratio).
 """
+import math
 from collections.abc import Mapping
 
 import torch
-from spin_kernels.dtensor import is_dtensor
 
-OPTIMIZERS = ("adamw", "rmsprop")
+from spin_kernels.dtensor import is_dtensor, local_tensor
+
+from .errors import TrainingDiverged, UsageError, option
+from .parallel.apply import sharded
+from .parallel.mesh import all_reduce_sum
 
 
 def mesh_of(tensor):
@@ -48,30 +65,28 @@ def norm_of_norms(norms):
     return _across_meshes(norms, lambda group: torch.linalg.vector_norm(torch.stack(group)))
 
 
-def _single_optimizer(name, params, *, weight_decay, betas, eps, **extra):
+def _single_optimizer(name, params, *, lr, weight_decay, betas, eps, **extra):
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=1.0, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **extra)
-    if name == "rmsprop":
-        extra.pop("fused", None)   # RMSprop has no fused kernel
-        # torch's defaults (alpha 0.99), which is what Hugging Face Trainer's `optim: rmsprop` and so
-        # the SPIN paper's recipe use.
-        return torch.optim.RMSprop(params, lr=1.0, eps=eps, weight_decay=weight_decay, **extra)
-    raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **extra)
+    assert name == "rmsprop", name
+    extra.pop("fused", None)   # RMSprop has no fused kernel
+    # torch's defaults (alpha 0.99), which is what Hugging Face Trainer's `optim: rmsprop` and so
+    # the SPIN paper's recipe use.
+    return torch.optim.RMSprop(params, lr=lr, eps=eps, weight_decay=weight_decay, **extra)
 
 
-def make_optimizer(model, *, ctx, name="adamw", weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
+def make_optimizer(model, *, ctx, lr, name="adamw", weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
                    in_backward=False):
-    """The optimizer over the model's trainable parameters, one parameter group per device mesh."""
-    from .parallelize import sharded
-
+    """The optimizer over the model's trainable parameters, one parameter group per device mesh
+    (`lr`: the first step's; the scheduler sets every later one)."""
     with sharded(model):   # FSDP's parameters are the sharded ones (a forward may have left some gathered)
         params = [p for p in model.parameters() if p.requires_grad]
     if in_backward:
         fused = ctx.device.type == "cuda"
         return InBackwardOptimizer(params, lambda group: _single_optimizer(
-            name, group, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused))
+            name, group, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused))
     groups = [{"params": group} for group in group_by_mesh(params)]
-    return _single_optimizer(name, groups, weight_decay=weight_decay, betas=betas, eps=eps)
+    return _single_optimizer(name, groups, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
 
 
 class _StateByParameter(Mapping):
@@ -141,9 +156,9 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         groups = state_dict["param_groups"]
         if len(groups) != len(self.optimizers):
-            raise ValueError(f"optimizer state has {len(groups)} parameter groups, this optimizer-in-backward "
+            raise UsageError(f"optimizer state has {len(groups)} parameter groups, this optimizer-in-backward "
                              f"has one per parameter ({len(self.optimizers)}); was it saved without "
-                             f"--optimizer-in-backward?")
+                             f"{option('optimizer_in_backward')}?")
         for optimizer, group in zip(self.optimizers, groups):
             (index,) = group["params"]
             state = state_dict["state"].get(index)
@@ -155,3 +170,110 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     def remove_hooks(self):
         for handle in self.handles:
             handle.remove()
+
+
+# ---- the update of a step ------------------------------------------------------------------------------
+def clip_gradients(parameters, max_norm):
+    """The global gradient norm; scales the gradients to `max_norm` when it is larger (> 0)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    with torch.no_grad():
+        norm = global_grad_norm(grads)
+        if max_norm > 0:
+            scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for grad in grads:
+                local = local_tensor(grad)
+                local.mul_(scale.to(local.dtype))
+    return norm
+
+
+def apply_update(model, optimizer, scheduler, *, max_grad_norm, loss):
+    """The update after a step's backwards (which summed the gradients over data-parallel ranks):
+    gradients clipped, checked to be finite, applied; the schedule moves on. Returns the gradient norm (a 0-dim tensor). With an
+    optimizer-in-backward the update already happened in the backward."""
+    in_backward = getattr(optimizer, "in_backward", False)
+    if in_backward:
+        grad_norm = optimizer.take_grad_norm()
+    else:
+        grad_norm = clip_gradients([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        applied = ("; the update was applied inside the backward (optimizer in backward), so the weights in "
+                   "memory are not usable, but" if in_backward else "; no update was made and")
+        # Stop before the update: a NaN step would poison every weight and every later checkpoint.
+        raise TrainingDiverged(f"training diverged: the gradient norm is {float(grad_norm)} (this rank's loss "
+                               f"{float(loss.detach()) if torch.is_tensor(loss) else loss}){applied} the last checkpoint is intact. With float16 (no loss "
+                               f"scaling) use bfloat16 or float32, or lower the learning rate")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+# ---- what a step sees -------------------------------------------------------------------------------------
+def epoch_order(count, seed, iteration, epoch):
+    """The permutation of `count` examples for (seed, iteration, epoch), the same on every rank."""
+    generator = torch.Generator().manual_seed(seed * 7919 + iteration * 104_729 + epoch)
+    return torch.randperm(count, generator=generator).tolist()
+
+
+def warmup_steps_for(steps, *, warmup_ratio=0.0, warmup_steps=0):
+    """Warm-up steps of a run of `steps` steps: `warmup_steps` if > 0, else ceil(ratio · steps)
+    (more warm-up steps than steps, as in Hugging Face's Trainer, never reach the peak rate)."""
+    return warmup_steps if warmup_steps > 0 else math.ceil(warmup_ratio * steps)
+
+
+def lr_factor(k, steps, warmup, shape):
+    """The multiplier of the peak learning rate at step `k` of a run of `steps` steps."""
+    if k < warmup:
+        return (k + 1) / warmup
+    if shape == "constant" or steps <= warmup:
+        return 1.0
+    progress = (k - warmup) / (steps - warmup)
+    if shape == "linear":
+        return 1.0 - progress
+    assert shape == "cosine", shape
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def learning_rate_schedule(lrs, steps_per_iteration, *, shape="constant", warmup_ratio=0.0, warmup_steps=0):
+    """global step -> lr: iteration t's rate `lrs[t]`, shaped over its `steps_per_iteration[t]` steps."""
+    def lr_at(step):
+        start = 0
+        for lr, steps in zip(lrs, steps_per_iteration):
+            if step < start + steps:
+                warmup = warmup_steps_for(steps, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps)
+                return lr * lr_factor(step - start, steps, warmup, shape)
+            start += steps
+        return lrs[-1]
+    return lr_at
+
+
+class StepScheduler:
+    """Sets every parameter group's learning rate to `lr_at(k)` for optimizer step k.
+
+    Its state is the step count alone: the parameter groups follow the device meshes, so a checkpoint resumed onto another process count or --tp may have
+    another number of groups, which torch's LambdaLR state (one base lr per group) would refuse.
+    """
+
+    def __init__(self, optimizer, lr_at):
+        self.optimizer, self.lr_at, self.steps = optimizer, lr_at, 0
+        self._apply()
+
+    def _apply(self):
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.steps)
+
+    def step(self):
+        self.steps += 1
+        self._apply()
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = int(state["steps"])
+        self._apply()
+
+
+def make_scheduler(optimizer, learning_rate_at):
+    """Drives the optimizer's learning rate entirely: step k uses lr_at(k)."""
+    return StepScheduler(optimizer, learning_rate_at)

@@ -46,6 +46,8 @@ cuBLAS/NCCL workspaces and allocator fragmentation.
 """
 from dataclasses import dataclass
 
+from spin_kernels.loss.ops.linear_logprobs import CHUNK_BYTES
+
 LABEL_BYTES = 32   # per labelled token: fp32 log-sum-exp + fp32 log-prob + int64 label, position, row
 
 
@@ -110,7 +112,6 @@ def head_bytes(shape, mode, labelled, head="logits"):
     b, h, v = mode.compute_bytes, shape.hidden, shape.vocab // mode.tp
     if head == "logits":
         return labelled * (b * h + b * v + LABEL_BYTES)
-    from spin_kernels.loss.head_chunks import CHUNK_BYTES
 
     weight_gradient = 4 * v * h + (b * v * h if b < 4 else 0)
     return labelled * (2 * b * h + LABEL_BYTES) + min(CHUNK_BYTES, labelled * b * v) + weight_gradient

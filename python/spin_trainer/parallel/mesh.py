@@ -1,21 +1,18 @@
 """Process groups of one run: one 2-D (dp, tp) DeviceMesh under torchrun, nothing when alone.
 
 NCCL on GPUs, gloo on CPUs. The tensor-parallel plan works on the `tp` axis; on the `dp` axis
-FSDP2 shards parameters, gradients and optimizer state (`--dp-shard`, the default with more than
-one data-parallel rank), or, with `--no-dp-shard`, every rank keeps a replica and the gradients are
-summed by hand (one all-reduce per parameter after accumulation). spin_trainer.parallelize applies
-both; the context says which one runs, in what precision and with which LM head (`--head`,
-spin_trainer.logprobs).
+FSDP2 shards parameters, gradients and optimizer state (the default with more than one
+data-parallel rank), or every rank keeps a replica (spin_trainer.parallel.apply applies both).
+The context holds ranks, meshes, groups and the device only.
 """
 import os
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
-from .logprobs import HEADS, default_head
-from .precision import Precision
+from ..errors import UsageError, option
 
 
 @dataclass
@@ -31,19 +28,11 @@ class ParallelContext:
     tp_group: object = None   # ProcessGroup handed to spin_loss(process_group=...)
     dp_group: object = None
     dp_mesh: object = None    # 1-D DeviceMesh of the data-parallel axis (None when dp == 1)
-    dp_shard: bool = False    # FSDP2 on the dp axis (else replicas with a by-hand gradient sum)
-    precision: Precision = field(default_factory=Precision)
-    head: str = "logits"      # --head: "fused" (hidden states -> log-probs) or "logits" (spin_trainer.logprobs)
+    dp_shard: bool = False    # FSDP2 on the dp axis (else replicas)
 
     @property
     def is_main(self):
         return self.rank == 0
-
-    def compute(self):
-        """The forward's precision context: autocast where FSDP does not cast the weights itself."""
-        if self.dp_shard:
-            return nullcontext()   # FSDP's MixedPrecisionPolicy casts the gathered weights
-        return self.precision.autocast(self.device.type)
 
     def barrier(self):
         if self.world_size > 1:
@@ -53,39 +42,25 @@ class ParallelContext:
 def choose_device(requested):
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {requested!r}")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+        raise UsageError(f"{option('device')} cuda: no CUDA device is available")
     return requested
 
 
 def check_layout(world_size, tp):
-    """ValueError naming --tp when the processes cannot be split into (dp, tp)."""
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"--tp must be an integer >= 1, got {tp!r}")
+    """UsageError naming --tp when the processes cannot be split into (dp, tp)."""
     if world_size % tp != 0:
-        raise ValueError(f"--tp {tp} does not divide the number of processes ({world_size}); "
-                         f"launch with torchrun --nproc_per_node a multiple of --tp")
+        raise UsageError(f"{option('tp')} {tp} does not divide the number of processes ({world_size}); "
+                         f"launch with torchrun --nproc_per_node a multiple of {option('tp')}")
 
 
-def choose_head(requested, device_type):
-    """--head, by default the fused head on CUDA and the logits elsewhere."""
-    if requested is None:
-        return default_head(device_type)
-    if requested not in HEADS:
-        raise ValueError(f"--head must be one of {', '.join(HEADS)}, got {requested!r}")
-    return requested
-
-
-def setup_parallel(tp, device_type="auto", *, dp_shard=None, precision=None, head=None):
+def setup_parallel(tp, device_type="auto", *, dp_shard=None):
     """Initialises the process group (under torchrun) and the (dp, tp) mesh.
 
     `dp_shard`: FSDP on the data-parallel axis; None means on whenever there is more than one
-    data-parallel rank. `head`: the LM head (--head); None picks the device's default.
+    data-parallel rank.
     """
     device_type = choose_device(device_type)
-    head = choose_head(head, device_type)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     check_layout(world_size, tp)
@@ -95,21 +70,18 @@ def setup_parallel(tp, device_type="auto", *, dp_shard=None, precision=None, hea
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    precision = precision or Precision()
     if world_size == 1:
-        return ParallelContext(0, 1, 1, 1, 0, 0, device, precision=precision, head=head)
+        return ParallelContext(0, 1, 1, 1, 0, 0, device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return mesh_context(rank, world_size, tp, device, dp_shard=dp_shard, precision=precision, head=head)
+    return mesh_context(rank, world_size, tp, device, dp_shard=dp_shard)
 
 
-def mesh_context(rank, world_size, tp, device, *, dp_shard=None, precision=None, head="logits"):
+def mesh_context(rank, world_size, tp, device, *, dp_shard=None):
     """The context of `rank` on a (world_size / tp, tp) mesh of an initialised process group.
 
     Needs nothing but the process group: `--plan` builds it on PyTorch's fake process group.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-
     check_layout(world_size, tp)
     dp = world_size // tp
     mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
@@ -123,8 +95,7 @@ def mesh_context(rank, world_size, tp, device, *, dp_shard=None, precision=None,
         tp_rank=tp_mesh.get_local_rank(), dp_rank=dp_mesh.get_local_rank(), device=device,
         tp_mesh=tp_mesh if tp > 1 else None, tp_group=tp_mesh.get_group() if tp > 1 else None,
         dp_group=dp_mesh.get_group() if dp > 1 else None, dp_mesh=dp_mesh if dp > 1 else None,
-        dp_shard=dp > 1 and dp_shard is not False, precision=precision or Precision(),
-        head=choose_head(head, device.type))
+        dp_shard=dp > 1 and dp_shard is not False)
 
 
 def teardown_parallel(ctx):
@@ -136,6 +107,13 @@ def all_reduce_sum(tensor, group):
     """Sum over `group` in place (no-op without one); returns the tensor."""
     if group is not None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def all_reduce_max(tensor, world_size):
+    """Maximum over every process in place (no-op alone); returns the tensor."""
+    if world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 

@@ -11,7 +11,7 @@
 The recompute wraps a module's own `forward` (an instance attribute bound to the module, so the
 parameter names, the state dict and a deep copy stay those of the plain model) in non-reentrant
 `torch.utils.checkpoint`. Without grad (generation, reference and evaluation forwards) the wrapped
-forward runs as it is. It is applied before `fully_shard` (spin_trainer.parallelize): FSDP's
+forward runs as it is. It is applied before `fully_shard` (apply.py): FSDP's
 hooks sit around the layer call and its pre-backward all-gather is in place when the backward
 recomputes.
 """
@@ -20,7 +20,9 @@ import types
 import torch
 from torch.utils.checkpoint import checkpoint
 
-RECOMPUTE_MODES = ("none", "elementwise", "full")
+from ..config import RECOMPUTE_MODES
+from ..errors import UsageError, option
+
 NORM_NAMES = ("input_layernorm", "post_attention_layernorm")
 SWIGLU_NAMES = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
@@ -64,8 +66,7 @@ def _unpatch(module):
 def apply_recompute(layers, mode):
     """Sets the recompute of every module in `layers` (decoder layers) to `mode`; idempotent, and
     `mode="none"` restores the plain forwards."""
-    if mode not in RECOMPUTE_MODES:
-        raise ValueError(f"--recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
+    assert mode in RECOMPUTE_MODES, mode
     for layer in layers:
         for module in layer.modules():
             _unpatch(module)
@@ -74,9 +75,9 @@ def apply_recompute(layers, mode):
         elif mode == "elementwise":
             mlp = getattr(layer, "mlp", None)
             if not all(hasattr(layer, n) for n in NORM_NAMES) or not all(hasattr(mlp, n) for n in SWIGLU_NAMES):
-                raise ValueError(f"--recompute elementwise: {type(layer).__name__} is not a Llama-family layer "
+                raise UsageError(f"{option('recompute')} elementwise: {type(layer).__name__} is not a Llama-family layer "
                                  f"(input/post-attention RMSNorms and a gate/up/down SwiGLU MLP); "
-                                 f"use --recompute full")
+                                 f"use {option('recompute')} full")
             for name in NORM_NAMES:
                 _patch(getattr(layer, name), _recomputed_forward)
             _patch(mlp, _recomputed_swiglu_forward)

@@ -22,6 +22,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,12 +31,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Precision:
     dtype: str = "float32"   # compute dtype (--dtype)
     pure: bool = False       # --pure-low-precision: parameters and optimizer state in `dtype` too
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.pure and self.dtype == "float32":
-            raise ValueError("--pure-low-precision needs --dtype bfloat16 or float16 (float32 is already pure)")
 
     @property
     def compute_dtype(self):
@@ -56,8 +51,6 @@ class Precision:
 
     def mp_policy(self):
         """FSDP2's policy: all-gather in the compute dtype, reduce gradients in fp32 (mixed only)."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
         if not self.mixed:
             return MixedPrecisionPolicy()
         return MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)

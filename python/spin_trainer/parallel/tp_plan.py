@@ -10,14 +10,15 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from ..errors import UsageError, option
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def llama_tp_plan(num_layers):
     """{module FQN: ParallelStyle} for a HF *ForCausalLM of the Llama family."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
     plan = {}
     for layer in range(num_layers):
         prefix = f"model.layers.{layer}."
@@ -30,28 +31,27 @@ def llama_tp_plan(num_layers):
 
 
 def check_tensor_parallel(config, tp):
-    """ValueError naming --tp when the model cannot be split `tp` ways by the plan."""
+    """UsageError naming the tp setting when the model cannot be split `tp` ways by the plan."""
     if tp == 1:
         return
     if config.model_type not in LLAMA_FAMILY:
-        raise ValueError(f"--tp {tp}: model type {config.model_type!r} has no tensor-parallel plan "
-                         f"(supported: {', '.join(LLAMA_FAMILY)}); use --tp 1")
+        raise UsageError(f"{option('tp')} {tp}: model type {config.model_type!r} has no tensor-parallel plan "
+                         f"(supported: {', '.join(LLAMA_FAMILY)}); use {option('tp')} 1")
     sizes = {"num_attention_heads": config.num_attention_heads,
              "num_key_value_heads": getattr(config, "num_key_value_heads", config.num_attention_heads),
              "vocab_size": config.vocab_size, "intermediate_size": config.intermediate_size}
     for name, size in sizes.items():
         if size % tp != 0:
-            raise ValueError(f"--tp {tp} does not divide the model's {name} ({size})")
+            raise UsageError(f"{option('tp')} {tp} does not divide the model's {name} ({size})")
     if getattr(config, "tie_word_embeddings", False):
-        raise ValueError(f"--tp {tp}: the model ties its LM head to the input embeddings "
-                         f"(tie_word_embeddings=True), which the vocab-sharded LM head cannot keep; use --tp 1")
+        raise UsageError(f"{option('tp')} {tp}: the model ties its LM head to the input embeddings "
+                         f"(tie_word_embeddings=True), which the vocab-sharded LM head cannot keep; use {option('tp')} 1")
 
 
 def apply_tensor_parallel(model, ctx):
     """Shards `model` in place over ctx.tp_mesh (no-op when tp == 1); returns the model."""
     if ctx.tp_size == 1:
         return model
-    from torch.distributed.tensor.parallel import parallelize_module
 
     check_tensor_parallel(model.config, ctx.tp_size)
     plan = llama_tp_plan(model.config.num_hidden_layers)

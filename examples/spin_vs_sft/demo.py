@@ -1,33 +1,39 @@
-"""`make demo`: SPIN against continued SFT on a built-in task, over 3 seeds, in a few minutes on 2 CPU cores.
+"""SPIN against continued SFT on a built-in task, over 3 seeds, in a few minutes on 2 CPU cores (`make demo`).
 
-It runs one setting of benchmarks/study_outcome.py (see DEMO below, benchmarks/results/outcome.md
-and the README): its task, its start, and each arm's learning rate (and β) as the study chose them
-on the validation split. Per seed: a fresh tiny Llama and character tokenizer (saved in HF
-format, no download), the SFT start, then SPIN and, from the same start with the same optimizer
-steps and examples seen, continued SFT; the seeds run in parallel processes. It prints
-each arm's per-iteration table (mean ± standard error over the seeds) with the iteration
-diagnostics, and a verdict that takes the seed-to-seed noise into account; it writes curves.png.
+    python examples/spin_vs_sft/demo.py --out runs/demo [--seed S] [--attn sdpa] [--no-progress]
+
+It runs one setting of study_outcome.py (see DEMO below, benchmarks/results/outcome.md and the
+README): its task, its start, and each arm's learning rate (and β) as the study chose them on the
+validation split. Per seed: a fresh tiny Llama and character tokenizer (saved in HF format, no
+download), the SFT start, then SPIN and, from the same start with the same optimizer steps and
+examples seen, continued SFT; the seeds run in parallel processes. It prints each arm's
+per-iteration table (mean ± standard error over the seeds) with the iteration diagnostics, and a
+verdict that takes the seed-to-seed noise into account; it writes curves.png.
 
 --out must be empty, absent, or hold only an earlier demo (which is replaced): the demo never
-writes over a training run. It takes no model, data or training options; --seed S runs seeds S,
-S + 1, S + 2.
+writes over a training run. --seed S runs seeds S, S + 1, S + 2. It runs as one process (its seeds
+are worker processes of its own): not under torchrun.
 """
 import argparse
 import json
 import os
 import re
 import shutil
+import sys
 import textwrap
 import time
 from dataclasses import dataclass
 
-from .cli import show_progress
-from .comparison import START_NAMES, TASKS, Arm, Protocol, Task, make_starts, metrics_log, prepare, run_arm
-from .export import export_hf
-from .metrics import read_records
-from .plots import TABLE_LEGEND, format_table, mean_rows, plot_curves
-from .verdict import verdict
-from .workers import run_units, unit_context
+from spin_trainer.config import ATTENTION
+from spin_trainer.errors import UsageError
+from spin_trainer.export import export_hf
+from spin_trainer.metrics import read_records
+from spin_trainer.plots import TABLE_LEGEND, format_table
+
+from comparison import START_NAMES, TASKS, Arm, Protocol, Task, make_starts, metrics_log, prepare, run_arm
+from seeds import mean_rows, plot_curves
+from verdict import verdict
+from workers import run_script, run_units, unit_context
 
 
 @dataclass(frozen=True)
@@ -55,34 +61,31 @@ DEMO = Setting(task=TASKS["sort"], start="warmup", spin=Arm("spin", lr=3e-4, bet
 WIDTH = 100   # of the text around the tables, for a terminal and a log file alike
 MARKER = "demo.json"
 DEMO_ENTRY = re.compile(r"(demo\.json|curves\.png)(\.tmp.*)?|seed-\d+")
-DEMO_OPTIONS = ("demo", "out", "seed", "attn", "no_progress")
 # What the one-seed demo before demo.json wrote; its metrics.jsonl starts with its warm-up's records.
 SINGLE_SEED_DEMO = {"base_model", "checkpoints", "curves.png", "final", "metrics.jsonl"}
 
 
-def check_demo_options(parser, argv):
-    """--demo takes only --out, --seed, --attn and --no-progress; any other option given is an error
-    (it would be silently ignored), even one given with its default value. It runs as one process
-    (its seeds are worker processes of its own): under torchrun every rank would run the whole demo
-    into the same --out."""
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output directory: absent, empty or an earlier demo's")
+    parser.add_argument("--seed", type=int, default=0, help="the first of the 3 seeds (default: 0)")
+    parser.add_argument("--attn", default="auto", choices=ATTENTION, help="attention kernel (default: auto)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (bars show only on a terminal, and with one worker, anyway)")
+    return parser
+
+
+def check_single_process():
+    """Under torchrun every rank would run the whole demo into the same --out."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("--demo runs as one process and starts its own worker processes, one per seed; "
-                         "run it without torchrun: python python/train.py --demo --out DIR")
-    dests = vars(parser.parse_args(argv))
-    unset = object()
-    given = argparse.Namespace(**{dest: unset for dest in dests})
-    parser.parse_args(argv, namespace=given)   # argparse leaves attributes already present when not given
-    ignored = ["--" + dest.replace("_", "-") for dest, value in vars(given).items()
-               if value is not unset and dest not in DEMO_OPTIONS]
-    if ignored:
-        raise ValueError(f"--demo runs its own model, data and settings and does not take {', '.join(ignored)}; "
-                         f"it takes only --out, --seed, --attn and --no-progress")
+        raise UsageError("the demo runs as one process and starts its own worker processes, one per seed; "
+                         "run it without torchrun: python examples/spin_vs_sft/demo.py --out DIR")
 
 
 def check_demo_out(out):
     """Refuses an --out that holds anything but an earlier demo (the demo replaces its directory)."""
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out!r} is a file; the demo needs a directory")
+        raise UsageError(f"--out {out!r} is a file; the demo needs a directory")
     if not os.path.isdir(out):
         return
     entries = sorted(os.listdir(out))
@@ -92,7 +95,7 @@ def check_demo_out(out):
         return
     foreign = [e for e in entries if not DEMO_ENTRY.fullmatch(e)] if MARKER in entries else entries
     shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-    raise ValueError(f"--out {out!r} already holds files that are not an earlier demo's ({shown}); the demo "
+    raise UsageError(f"--out {out!r} already holds files that are not an earlier demo's ({shown}); the demo "
                      f"replaces its output directory, so it refuses to run there: choose another --out")
 
 
@@ -156,16 +159,17 @@ def run_seeds(setting, seeds, out, attention, progress):
 
 def run_demo(args):
     began = time.time()
+    check_single_process()
     check_demo_out(args.out)
     setting = DEMO
-    progress = show_progress(args)
+    progress = not args.no_progress and sys.stderr.isatty()   # in a log file each redraw is a line
     seeds = [args.seed + k for k in range(setting.seeds)]
     out = args.out
     reset_demo_out(out, setting.summary(seeds))
     print(textwrap.fill(f"SPIN vs continued SFT on the '{setting.task.name}' task from the "
                         f"{START_NAMES[setting.start]}, seeds {seeds}: SPIN lr {setting.spin.lr:g} β "
                         f"{setting.spin.beta:g}, continued SFT lr {setting.sft.lr:g} (chosen by "
-                        f"benchmarks/study_outcome.py on the validation split)", WIDTH), flush=True)
+                        f"examples/spin_vs_sft/study_outcome.py on the validation split)", WIDTH), flush=True)
     spin_by_seed, sft_by_seed, paths, _ = zip(*run_seeds(setting, seeds, out, args.attn, progress))
     num_test = setting.task.test_size()
     steps = spin_by_seed[0][-1]["step"]
@@ -188,3 +192,11 @@ def run_demo(args):
     print(f"wrote {curves}, per seed {os.path.join(out, 'seed-N')}/metrics.jsonl and the SPIN model "
           f"{os.path.join(out, 'seed-N', 'final')} ({time.time() - began:.0f} s)")
     return spin_by_seed, sft_by_seed
+
+
+def main(argv=None):
+    return run_demo(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -9,7 +9,7 @@ standard error of one run's exact match is printed beside it for scale.
 """
 import math
 
-from .plots import mean_and_se
+from seeds import mean_and_se
 
 # Two-sided 95% quantiles of Student's t, by degrees of freedom (beyond 30: the normal's 1.96).
 T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,

@@ -1,7 +1,7 @@
 """Where does SPIN beat continued SFT? A CPU study through the trainer's own code (spin_trainer).
 
-    python benchmarks/study_outcome.py                       # the full study (table: results/outcome.md)
-    python benchmarks/study_outcome.py --tasks arith --seeds 0 --starts warmup --spin-lrs 3e-5 \
+    python examples/spin_vs_sft/study_outcome.py     # the full study (table: benchmarks/results/outcome.md)
+    python examples/spin_vs_sft/study_outcome.py --tasks arith --seeds 0 --starts warmup --spin-lrs 3e-5 \
         --betas 0.5 --sft-lrs 1e-3 --iterations 3 --spin-prompts 64 --out /tmp/o.md     # the CI size
 
 For each task (built-in, exactly checkable answers) and seed: a fresh tiny model, one SFT run that
@@ -10,8 +10,8 @@ loss with patience, best weights kept), then from each start both arms for every
 grid (continued SFT: lr; SPIN: lr x β), with equal optimizer steps and examples seen. Each arm's
 grid point is chosen per seed by the final validation exact match (ties: lower validation loss),
 never by the test split; the test exact match of the chosen point is what the table reports,
-as mean ± standard error over the seeds, and the verdict is spin_trainer.verdict's paired t
-interval. Every part is a function of the seed. (task, seed) units run in parallel processes.
+as mean ± standard error over the seeds, and the verdict is verdict.py's paired t interval. Every
+part is a function of the seed. (task, seed) units run in parallel processes.
 """
 import argparse
 import json
@@ -23,8 +23,19 @@ import subprocess
 import sys
 import time
 
+from spin_trainer.errors import UsageError
+
+from comparison import TASKS, Arm, Protocol, make_starts, metrics_log, prepare, run_arm
+from outcome_report import report_markdown
+from workers import run_script, run_units, unit_context
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_OUT = os.path.join(HERE, "results", "outcome.md")
+ROOT = os.path.dirname(os.path.dirname(HERE))
+# The report lies with the benchmarks' results and is written as they are (benchmarks/results_file.py).
+sys.path.insert(1, os.path.join(ROOT, "benchmarks"))
+from results_file import write_results  # noqa: E402
+
+DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "outcome.md")
 
 
 def build_parser():
@@ -63,15 +74,11 @@ def code_version():
 
 
 def grid(args):
-    from spin_trainer.comparison import Arm
-
     return ([Arm("sft", lr) for lr in args.sft_lrs] +
             [Arm("spin", lr, beta) for lr in args.spin_lrs for beta in args.betas])
 
 
 def protocol(args):
-    from spin_trainer.comparison import Protocol
-
     return Protocol(patience=args.patience, eval_every=args.eval_every, max_start_steps=args.max_start_steps,
                     spin_prompts=args.spin_prompts, iterations=args.iterations)
 
@@ -82,9 +89,6 @@ KEPT = ("iteration", "step", "exact_match", "val_exact_match", "val_sft_loss", "
 
 def run_unit(task_name, seed, args, work):
     """Both starts and every grid point of both arms for one (task, seed); plain-data results."""
-    from spin_trainer.comparison import TASKS, make_starts, metrics_log, prepare, run_arm
-    from spin_trainer.workers import unit_context
-
     began, cpu_began = time.time(), time.process_time()
     out_dir = os.path.join(work, f"{task_name}-seed{seed}")
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -111,9 +115,6 @@ def run_unit(task_name, seed, args, work):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from outcome_report import report_markdown
-    from results_file import write_results
-
     prefix = os.path.splitext(args.out)[0]   # the report <prefix>.md, its raw numbers <prefix>.json
     if args.from_json:
         with open(args.from_json, encoding="utf-8") as f:
@@ -121,14 +122,11 @@ def main(argv=None):
         write_results(prefix, saved, report_markdown(saved["results"], saved["meta"]), compact=True)
         print(f"wrote {prefix}.md and .json from {args.from_json}")
         return
-    from spin_trainer.comparison import TASKS
-    from spin_trainer.workers import run_units
-
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
-        raise SystemExit(f"--tasks: unknown {unknown}; built-in tasks are {sorted(TASKS)}")
-    command = "python benchmarks/study_outcome.py" + "".join(" " + shlex.quote(a) for a in
-                                                              (sys.argv[1:] if argv is None else argv))
+        raise UsageError(f"--tasks: unknown {unknown}; built-in tasks are {sorted(TASKS)}")
+    words = sys.argv[1:] if argv is None else argv
+    command = f"python {os.path.relpath(os.path.abspath(__file__), ROOT)}" + "".join(" " + shlex.quote(a) for a in words)
     load_before = os.getloadavg()
     began = time.time()
     work = args.work or os.path.join(os.path.dirname(os.path.abspath(args.out)), ".outcome-work")
@@ -147,4 +145,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

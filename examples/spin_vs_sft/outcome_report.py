@@ -1,7 +1,7 @@
 """The text of benchmarks/results/outcome.md from the per-(task, seed) results of study_outcome.py."""
-from spin_trainer.comparison import START_NAMES, TASKS, choose_run, validation_score
-from spin_trainer.plots import mean_and_se
-from spin_trainer.verdict import compare, verdict
+from comparison import START_NAMES, TASKS, choose_run, validation_score
+from seeds import mean_and_se
+from verdict import compare, verdict
 
 VERDICTS = {"spin": "SPIN better", "sft": "continued SFT better", "neither": "no measurable difference"}
 

@@ -30,12 +30,13 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from spin_kernels.dtensor import is_dtensor
 from tqdm.auto import tqdm
 
-from spin_trainer.modes import evaluating
-from spin_trainer.decode_graph import StaticKVDecoder, gather_full_logits, static_decoder_unsupported_reason
-from spin_trainer.sampling import SamplingConfig, sample_next_tokens
+from spin_kernels.dtensor import is_dtensor
+
+from ..model import evaluating
+from .sampling import SamplingConfig, sample_next_tokens
+from .static_decoder import StaticKVDecoder, gather_full_logits, static_decoder_unsupported_reason
 
 __all__ = ["GenerationStats", "Responses", "SamplingConfig", "choose_backend", "generate_responses",
            "sample_next_tokens"]

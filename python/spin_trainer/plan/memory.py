@@ -1,4 +1,4 @@
-"""`--plan`: the per-rank memory of a run at real scale, by simulation, before any GPU is rented.
+"""The plan: the per-rank memory of a run at real scale, by simulation, before any GPU is rented.
 
     spin-train --plan --model configs/llama-3-70b --nproc 64 --tp 8 --max-length 8192 --recompute full
 
@@ -15,7 +15,7 @@ dimension (the 0-dim `step` counters live on the host unless the optimizer is fu
 
 The rest is arithmetic on those numbers and on the model's shape, stated term by term:
 
-    activations            spin_trainer.activations (formula and assumptions there)
+    activations            plan/activations.py (formula and assumptions there)
     FSDP gathered weights  the root (embeddings, final norm, LM head; kept gathered from the
                            forward to the end of the backward) + two decoder layers (the one
                            computing and the one prefetched), in the compute dtype
@@ -42,8 +42,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
 from spin_kernels.dtensor import is_dtensor, local_tensor
 
+from ..errors import option
+from ..model import disable_dropout
+from ..optim import make_optimizer
+from ..parallel.apply import decoder_layers, parallelize_model
+from ..parallel.mesh import ParallelContext, mesh_context
 from .activations import ComputeMode, DecoderShape, estimate_activations
 
 GIB = 2 ** 30
@@ -126,12 +133,10 @@ class MemoryPlan:
         return max(self.training_peak, self.generation_peak)
 
 
-def _context(nproc, tp, precision, dp_shard, rank):
-    from .distributed import ParallelContext, mesh_context
-
+def _context(nproc, tp, dp_shard, rank):
     if nproc == 1:
-        return ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"), precision=precision)
-    return mesh_context(rank, nproc, tp, torch.device("cpu"), dp_shard=dp_shard, precision=precision)
+        return ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
+    return mesh_context(rank, nproc, tp, torch.device("cpu"), dp_shard=dp_shard)
 
 
 def _units(model, layers):
@@ -149,24 +154,19 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
                 offload_optimizer=False, head="logits", rank=0, name="model"):
     """The MemoryPlan of `rank` in a run of `nproc` processes with tensor parallelism `tp` (a
     Hugging Face config; nothing is allocated)."""
-    from transformers import AutoModelForCausalLM
-
-    from .model import disable_dropout
-    from .optim import make_optimizer
-    from .parallelize import decoder_layers, parallelize_model
-
     optimizer_options = dict(optimizer_options or {})
     group = fake_process_group(rank, nproc) if nproc > 1 else nullcontext()
     with group:
-        ctx = _context(nproc, tp, precision, dp_shard, rank)
+        ctx = _context(nproc, tp, dp_shard, rank)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         architecture = type(model).__name__
         model.to(precision.param_dtype)   # the dtype the trainer loads the weights in
         disable_dropout(model)
         layers = decoder_layers(model)
-        parallelize_model(model, ctx, recompute=recompute)
-        optimizer = make_optimizer(model, ctx=ctx, **optimizer_options)
+        parallelize_model(model, ctx, precision, recompute=recompute)
+        # lr 0: the plan steps once on zero gradients only to make the optimizer allocate its state.
+        optimizer = make_optimizer(model, ctx=ctx, lr=0.0, **optimizer_options)
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             p.grad = torch.zeros_like(p)
@@ -209,8 +209,8 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
         f"{' (the largest shards)' if rank == 0 else ''}",
         f"  {'FSDP on the data-parallel axis' if dp_shard else 'no FSDP (a full replica per data-parallel rank)'}; "
         f"{_precision_words(precision, dp_shard)}; {optimizer_name}"
-        f"{' stepped in the backward' if in_backward else ''}; --recompute {recompute}; --reference {reference}; "
-        f"--head {head}",
+        f"{' stepped in the backward' if in_backward else ''}; {option('recompute')} {recompute}; "
+        f"{option('reference')} {reference}; {option('head')} {head}",
     ]
     return MemoryPlan(
         description=description, parameter_count=parameter_count, parameters=parameters, gradients=gradients,

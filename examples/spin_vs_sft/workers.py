@@ -1,12 +1,24 @@
-"""How `make demo` and benchmarks/study_outcome.py run their units (a seed, or a task x seed): each
-in a spawned process of its own, one CPU thread each, results in the order of the calls."""
+"""How the demo (demo.py) and the study (study_outcome.py) run: their units (a seed, or a task x
+seed) each in a spawned process of its own, one CPU thread each, results in the order of the calls;
+and the script itself, whose mistakes of use end it as spin-train's do."""
 import concurrent.futures
 import multiprocessing
+import sys
 from contextlib import contextmanager
 
 import torch
 
-from .distributed import setup_parallel, teardown_parallel
+from spin_trainer.errors import UsageError
+from spin_trainer.parallel.mesh import setup_parallel, teardown_parallel
+
+
+def run_script(main):
+    """Runs `main()`; a UsageError ends the process with its message alone and status 2."""
+    try:
+        main()
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 @contextmanager

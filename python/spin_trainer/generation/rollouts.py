@@ -1,12 +1,12 @@
 """Generation and reference log-probs over a dataset, split across data-parallel ranks.
 
 Tensor-parallel ranks of one data-parallel slot process the same prompts; the LM head's vocab
-shards are gathered while sampling (spin_trainer.tp_plan.full_vocab_logits), and
+shards are gathered while sampling (parallel/tp_plan.py, full_vocab_logits), and
 generate_responses is deterministic for a seed and identical on every tensor-parallel rank. Each
 prompt's sampling noise is keyed by its index in the dataset and one seed per (iteration, epoch),
 never by rank or batch: a run on any number of processes (or resumed on another) samples the same
 responses.
-Under FSDP the weights are gathered for the whole generation (spin_trainer.parallelize.full_weights)
+Under FSDP the weights are gathered for the whole generation (parallel/apply.py, full_weights)
 and freed after it; generation computes in the run's precision (bf16 for --dtype bfloat16).
 """
 import random
@@ -14,13 +14,15 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from .data import collate_pairs
-from .distributed import gather_objects, shard_range
-from .generation import Responses, SamplingConfig, generate_responses
-from .logprobs import sequence_logps
-from .modes import evaluating
-from .parallelize import full_weights
-from .tp_plan import full_vocab_logits
+from spin_kernels.swap import offload_optimizer, onload_optimizer
+
+from ..data import collate_pairs
+from ..errors import UsageError, option
+from ..model import evaluating
+from ..parallel.apply import full_weights
+from ..parallel.mesh import gather_objects, shard_range
+from ..parallel.tp_plan import full_vocab_logits
+from .decode import Responses, SamplingConfig, generate_responses
 
 
 def sampling_seed(base_seed, iteration, epoch):
@@ -44,15 +46,16 @@ def drop_truncated(examples, generated, seed):
     `seed`, so the iteration keeps its number of pairs and its step schedule."""
     kept = [i for i, cut in enumerate(generated.truncated) if not cut]
     if not kept:
-        raise ValueError(f"--drop-truncated: all {len(examples)} generated responses were cut at "
-                         "--max-new-tokens (or the context); raise --max-new-tokens or drop the option")
+        raise UsageError(f"{option('drop_truncated')}: all {len(examples)} generated responses were cut at "
+                         f"{option('max_new_tokens')} (or the context); raise {option('max_new_tokens')} or drop "
+                         f"{option('drop_truncated')}")
     fill = random.Random(seed)
     picks = [i if not cut else fill.choice(kept) for i, cut in enumerate(generated.truncated)]
     return [examples[i] for i in picks], [generated[i] for i in picks]
 
 
 class ParkedOptimizer:
-    """--offload-optimizer: the optimizer's state waits in host memory while the model generates.
+    """Offloading: the optimizer's state waits in host memory while the model generates.
 
     One host arena serves the whole run (each offload refills it): pinning gigabytes costs far
     more than copying them."""
@@ -63,8 +66,6 @@ class ParkedOptimizer:
 
     @contextmanager
     def parked(self):
-        from spin_kernels.swap import offload_optimizer, onload_optimizer
-
         if len(self.optimizer.state) == 0:   # before the first step there is no state to move
             yield
             return
@@ -75,16 +76,17 @@ class ParkedOptimizer:
             onload_optimizer(self.record)
 
 
-def generate(model, examples, sampling, ctx, *, tokenizer, max_length, batch_size, progress,
+def generate(model, examples, sampling, scorer, *, tokenizer, max_length, batch_size, progress,
              parked_optimizer=None):
     """Response ids (EOS or stop sequence included when produced) for every example's prompt, on
     every rank, with `.truncated` flags; example i's sampling noise is keyed by i.
     `parked_optimizer` (a ParkedOptimizer) moves the optimizer state to host memory meanwhile."""
+    ctx = scorer.ctx
     start, end = shard_range(len(examples), ctx.dp_rank, ctx.dp_size)
     prompts = [list(e.prompt_ids) for e in examples[start:end]]
     parked = parked_optimizer.parked() if parked_optimizer is not None else nullcontext()
     # (generate_responses itself runs in eval mode and without autograd)
-    with parked, full_weights(model), full_vocab_logits(model, ctx), ctx.compute():
+    with parked, full_weights(model), full_vocab_logits(model, ctx), scorer.compute():
         responses = generate_responses(
             model, prompts, sampling, eos_token_id=eos_token_ids(model, tokenizer),
             pad_token_id=tokenizer.pad_token_id, max_length=max_length, batch_size=batch_size,
@@ -100,15 +102,16 @@ def greedy(max_new_tokens):
 
 
 @torch.no_grad()
-def pair_logps(model, examples, generated, ctx, *, micro_batch_size, pad_token_id):
+def pair_logps(model, examples, generated, scorer, *, micro_batch_size, pad_token_id):
     """[P, 2] float32 (actual, generated) response log-prob sums under `model`, on every rank."""
+    ctx = scorer.ctx
     start, end = shard_range(len(examples), ctx.dp_rank, ctx.dp_size)
     rows = []
     with evaluating(model):
         for i in range(start, end, micro_batch_size):
             j = min(i + micro_batch_size, end)
             batch = collate_pairs(examples[i:j], generated[i:j], pad_token_id).to(ctx.device)
-            logps = sequence_logps(model, batch, ctx).float().cpu()
+            logps = scorer.sequence_logps(model, batch).float().cpu()
             b = j - i
             rows.extend(torch.stack([logps[:b], logps[b:]], dim=1).tolist())
     gathered = gather_objects(rows, ctx.dp_group, ctx.dp_size)

@@ -1,10 +1,10 @@
-"""The reference θ_t of a SPIN iteration: one small type per `--reference` mode.
+"""The reference policy θ_t of a SPIN iteration: one small type per mode of the `reference` setting.
 
 At the start of iteration t the policy *is* θ_t. Every mode answers the same four questions:
 
     begin_iteration()          the policy, as it is now, becomes θ_t
-    batch_logps(batch, rows)   [2b] reference log-prob sums of a pair batch (`rows`: the iteration's
-                               cached [b, 2] sums, which only the precompute mode reads)
+    batch_logps(batch)         [2b] reference log-prob sums of a pair batch (not in precompute mode:
+                               the trainer reads the iteration's cache)
     weights()                  context: a module that computes with θ_t (per-epoch regeneration)
     state() / load_state()     contexts: the module whose state dict is θ_t, to save from / to load
                                into (in place); None where the mode keeps no weights
@@ -15,6 +15,10 @@ At the start of iteration t the policy *is* θ_t. Every mode answers the same fo
     swap        θ_t in a WeightBank in host memory (pinned on CUDA), swapped into the live policy
                 for each batch (NeMo-Aligner's `cpu_weight_swap`).
     resident    θ_t as a second, frozen copy of the model on the device.
+    streamed    θ_t in a WeightBank in host memory, its layers streamed through two device buffers
+                while the reference forward computes (spin_kernels.swap.streamed_reference_forward):
+                the policy stays resident and untouched, with no second copy on the device. A plain
+                (unsharded) model only: one process, or replicas.
 
 Precision and memory. The bank is copied in place into the live parameters, so it holds θ_t in
 the *parameter* dtype, bit for bit: the swapped-in reference then computes exactly as the policy
@@ -31,8 +35,11 @@ from contextlib import contextmanager
 
 import torch
 
-from .logprobs import sequence_logps
-from .parallelize import copy_local_tensors, frozen_copy, sharded
+from spin_kernels.loss import sequence_logprobs
+from spin_kernels.swap import WeightBank, streamed_reference_forward, swapped
+
+from .errors import UsageError, option
+from .parallel.apply import copy_local_tensors, frozen_copy, sharded
 
 
 @contextmanager
@@ -41,30 +48,27 @@ def _nothing():
 
 
 class SwappedReference:
-    """--reference swap: θ_t in a WeightBank, swapped into the policy for each reference forward."""
+    """Mode swap: θ_t in a WeightBank, swapped into the policy for each reference forward."""
 
     precomputes_logps = False
 
-    def __init__(self, model, ctx):
-        self.model, self.ctx = model, ctx
+    def __init__(self, model, scorer):
+        self.model, self.scorer = model, scorer
         self.bank = None
 
     def begin_iteration(self):
         with sharded(self.model):   # the bank holds local shards (FSDP may have left some gathered)
             if self.bank is None:
-                from spin_kernels.swap import WeightBank
                 self.bank = WeightBank.from_module(self.model)
             else:
                 self.bank.update_from(self.model)
 
-    def batch_logps(self, batch, rows):
+    def batch_logps(self, batch):
         with self.weights() as model:
-            return sequence_logps(model, batch, self.ctx)
+            return self.scorer.sequence_logps(model, batch)
 
     @contextmanager
     def weights(self):
-        from spin_kernels.swap import swapped
-
         assert self.bank is not None, "begin_iteration (or load_state) first"
         # The swap writes local shards; weights FSDP gathered before it, or while θ_t was in, are dropped.
         with sharded(self.model), swapped(self.model, self.bank):
@@ -76,8 +80,6 @@ class SwappedReference:
     @contextmanager
     def load_state(self):
         """Inside, the policy's tensors take θ_t; after, the bank holds them and the policy its own."""
-        from spin_kernels.swap import WeightBank, swapped
-
         with sharded(self.model):
             if self.bank is None:   # the layout only: every value is replaced below
                 self.bank = WeightBank.from_module(self.model)
@@ -87,19 +89,16 @@ class SwappedReference:
 
 
 class PrecomputedReference:
-    """--reference precompute: the iteration's log-probs come from its cache (computed at its start)."""
+    """Mode precompute: the iteration's log-probs come from its cache (computed at its start)."""
 
     precomputes_logps = True
 
-    def __init__(self, model, ctx, *, keep_weights):
-        self.kept = SwappedReference(model, ctx) if keep_weights else None
+    def __init__(self, model, scorer, *, keep_weights):
+        self.kept = SwappedReference(model, scorer) if keep_weights else None
 
     def begin_iteration(self):
         if self.kept is not None:
             self.kept.begin_iteration()
-
-    def batch_logps(self, batch, rows):
-        return torch.cat([rows[:, 0], rows[:, 1]]).to(batch.input_ids.device)
 
     def weights(self):
         assert self.kept is not None, "θ_t's weights are kept only when generation runs every epoch"
@@ -113,17 +112,17 @@ class PrecomputedReference:
 
 
 class ResidentReference:
-    """--reference resident: θ_t as a frozen copy of the model, refreshed in place every iteration."""
+    """Mode resident: θ_t as a frozen copy of the model, refreshed in place every iteration."""
 
     precomputes_logps = False
 
-    def __init__(self, model, ctx):
-        self.model, self.ctx = model, ctx
+    def __init__(self, model, scorer):
+        self.model, self.scorer = model, scorer
         self.copy = None
 
     def _ensure_copy(self):
-        if self.copy is None:
-            self.copy = frozen_copy(self.model, self.ctx)   # parallelized like the policy
+        if self.copy is None:   # parallelized like the policy
+            self.copy = frozen_copy(self.model, self.scorer.ctx, self.scorer.precision)
         return self.copy
 
     def begin_iteration(self):
@@ -132,8 +131,8 @@ class ResidentReference:
         else:
             copy_local_tensors(self.copy, self.model)
 
-    def batch_logps(self, batch, rows):
-        return sequence_logps(self.copy, batch, self.ctx)
+    def batch_logps(self, batch):
+        return self.scorer.sequence_logps(self.copy, batch)
 
     @contextmanager
     def weights(self):
@@ -148,11 +147,30 @@ class ResidentReference:
         yield self._ensure_copy()
 
 
-def make_reference(mode, model, ctx, *, generate_every_epoch):
-    """The reference of `--reference mode` for `model` (generation every epoch samples from θ_t)."""
+class StreamedReference(SwappedReference):
+    """reference streamed: θ_t in a WeightBank; its layers stream to the device for each reference
+    forward, while the policy's own weights stay where they are (no swap, no second copy)."""
+
+    def __init__(self, model, scorer):
+        if scorer.ctx.world_size > 1:
+            raise UsageError(f"{option('reference')} streamed streams a plain model's layers (one process); "
+                             f"under torchrun use {option('reference')} swap")
+        super().__init__(model, scorer)
+
+    @torch.no_grad()
+    def batch_logps(self, batch):
+        with self.scorer.compute():
+            logits = streamed_reference_forward(self.model, self.bank, batch.input_ids, batch.attention_mask)
+        return sequence_logprobs(logits, batch.labels, batch.loss_mask)
+
+
+def make_reference(mode, model, scorer, *, generate_every_epoch):
+    """The reference policy of mode `mode` for `model` (generation every epoch samples from θ_t)."""
     if mode == "precompute":
-        return PrecomputedReference(model, ctx, keep_weights=generate_every_epoch)
+        return PrecomputedReference(model, scorer, keep_weights=generate_every_epoch)
     if mode == "swap":
-        return SwappedReference(model, ctx)
-    assert mode == "resident", f"unknown reference mode {mode!r} (SpinConfig validates --reference)"
-    return ResidentReference(model, ctx)
+        return SwappedReference(model, scorer)
+    if mode == "streamed":
+        return StreamedReference(model, scorer)
+    assert mode == "resident", mode
+    return ResidentReference(model, scorer)

@@ -1,14 +1,14 @@
 """Applies the run's parallelism to a model, in torchtitan's order:
 
-    1. tensor parallelism on the mesh's `tp` axis: the plan as data (spin_trainer.tp_plan), the LM
-       head sharded over the vocabulary, its output the local shard for the vocab-parallel loss;
-    2. activation recompute of the decoder layers (spin_trainer.recompute);
+    1. tensor parallelism on the mesh's `tp` axis: the plan as data (tp_plan.py), the LM head
+       sharded over the vocabulary, its output the local shard for the vocab-parallel loss;
+    2. activation recompute of the decoder layers (recompute.py);
     3. FSDP2 `fully_shard` of each decoder layer, then of the root (embeddings, final norm, LM
        head), on the `dp` axis, with the precision's MixedPrecisionPolicy.
 
 Parameters that tensor parallelism sharded end up as DTensors on the 2-D (dp, tp) mesh, the others
 (norms, embeddings) on the 1-D dp mesh; optimizer and clipping handle both (spin_trainer.optim,
-spin_trainer.steps). Nothing here touches a device or reads data: `parallelize_model` runs on a
+trainer.py). Nothing here touches a device or reads data: `parallelize_model` runs on a
 model on the meta device with a fake process group as well (`--plan`).
 
 FSDP keeps the root's parameters gathered after a forward (the backward needs them at once), and a
@@ -17,12 +17,17 @@ outside FSDP's own forward and backward (the reference bank, a resident copy) th
 inside `sharded(model)`; generation runs inside `full_weights(model)`.
 """
 import copy
-import warnings
 from contextlib import contextmanager
 
 import torch
+from torch.distributed._composable.replicate_with_fsdp import replicate
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from transformers import AutoModelForCausalLM
+
 from spin_kernels.dtensor import local_tensor
 
+from ..errors import UsageError
+from ..model import disable_dropout
 from .recompute import apply_recompute
 from .tp_plan import apply_tensor_parallel
 
@@ -33,50 +38,47 @@ def decoder_layers(model):
     # The whole MRO: fully_shard turns a layer's class into a subclass (FSDPLlamaDecoderLayer).
     layers = [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
     if not layers:
-        raise ValueError(f"model: cannot find the decoder layers of {type(model).__name__} "
+        raise UsageError(f"model: cannot find the decoder layers of {type(model).__name__} "
                          f"(no module of its _no_split_modules {sorted(names)})")
     return layers
 
 
 def fsdp_modules(model):
-    from torch.distributed.fsdp import FSDPModule
-
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def apply_fsdp(model, ctx, *, root_reshards_after_forward=False):
-    """fully_shard each decoder layer, then the root, on ctx.dp_mesh."""
-    from torch.distributed.fsdp import fully_shard
-
-    # Under TP the LM head returns its local vocab shard, a view (DTensor.to_local), which FSDP
-    # warns about in case the caller modifies it in place in the forward. The trainer never does:
-    # the loss's in-place write (inplace_backward) is its own gradient, in the backward, where
-    # FSDP's pre-backward hook has already run on it.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
-
-    policy = ctx.precision.mp_policy()
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=ctx.dp_mesh, mp_policy=policy)
-    fully_shard(model, mesh=ctx.dp_mesh, mp_policy=policy, reshard_after_forward=root_reshards_after_forward)
+def apply_fsdp(model, ctx, precision, *, root_reshards_after_forward=False):
+    """fully_shard each decoder layer, then the root, on ctx.dp_mesh; or, with sharding off
+    (ctx.dp_shard False), PyTorch's replicate() the same way: a full replica per rank, gradients
+    all-reduced per layer in the backward, the same MixedPrecisionPolicy."""
+    policy = precision.mp_policy()
+    if ctx.dp_shard:
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=ctx.dp_mesh, mp_policy=policy)
+        fully_shard(model, mesh=ctx.dp_mesh, mp_policy=policy, reshard_after_forward=root_reshards_after_forward)
+    else:
+        for layer in decoder_layers(model):
+            replicate(layer, mesh=ctx.dp_mesh, mp_policy=policy)
+        replicate(model, mesh=ctx.dp_mesh, mp_policy=policy)
     # FSDP keeps this setting in private state; full_weights restores it from here.
     model.root_reshards_after_forward = root_reshards_after_forward
     for module in fsdp_modules(model):
-        # Every micro-batch loss is already its share of the global batch (spin_trainer.steps), so
+        # Every micro-batch loss is already its share of the global batch (trainer.py), so
         # the update is the SUM of the gradients over micro-batches and data-parallel ranks. FSDP2
         # divides by the dp size by default (ReduceOp.AVG); a divide factor of 1 with sum-only
         # collectives makes its reduce-scatter a plain sum (exact, and no PREMUL_SUM, which gloo
-        # lacks), the same arithmetic as the replicated all-reduce and as one process.
+        # lacks), the same arithmetic as one process.
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)
     return model
 
 
-def parallelize_model(model, ctx, *, recompute="none"):
-    """Tensor parallelism, activation recompute, then FSDP, as ctx says; returns the model."""
+def parallelize_model(model, ctx, precision, *, recompute="none"):
+    """Tensor parallelism, activation recompute, then FSDP (or replicas), as ctx says; returns the model."""
     apply_tensor_parallel(model, ctx)
     apply_recompute(decoder_layers(model), recompute)
-    if ctx.dp_shard:
-        apply_fsdp(model, ctx)
+    if ctx.dp_mesh is not None:
+        apply_fsdp(model, ctx, precision)
     return model
 
 
@@ -130,18 +132,16 @@ def copy_local_tensors(target, source):
             local_tensor(dst).copy_(local_tensor(src))
 
 
-def frozen_copy(model, ctx):
+def frozen_copy(model, ctx, precision):
     """A frozen, eval-mode copy of the policy, parallelized like it (the resident reference).
 
-    FSDP modules cannot be deep-copied: under FSDP the copy is built on the meta device from the
-    model's config, parallelized, materialised and filled with the policy's local shards; its root
-    reshards after each forward, so no gathered copy of its embeddings and LM head stays behind.
+    FSDP modules cannot be deep-copied: under FSDP (or replicate) the copy is built on the meta
+    device from the model's config, parallelized, materialised and filled with the policy's local
+    shards; its root reshards after each forward, so no gathered copy of its embeddings and LM head
+    stays behind.
     """
-    if not ctx.dp_shard:
+    if ctx.dp_mesh is None:
         return copy.deepcopy(model).eval().requires_grad_(False)
-    from transformers import AutoModelForCausalLM
-
-    from .model import disable_dropout
 
     dtype = local_tensor(next(model.parameters())).dtype
     with torch.device("meta"):
@@ -149,7 +149,7 @@ def frozen_copy(model, ctx):
     twin.to(dtype)
     disable_dropout(twin)
     apply_tensor_parallel(twin, ctx)
-    apply_fsdp(twin, ctx, root_reshards_after_forward=True)
+    apply_fsdp(twin, ctx, precision, root_reshards_after_forward=True)
     twin.to_empty(device=ctx.device)
     copy_local_tensors(twin, model)
     return twin.eval().requires_grad_(False)

@@ -1,5 +1,6 @@
-"""The demo: committed task data is what its generators write; the verdict says who won only beyond the
-seed-to-seed noise; --out and options are checked before any work; a shrunken demo runs end to end."""
+"""The demo (examples/spin_vs_sft/demo.py): committed task data is what its generators write; the
+verdict says who won only beyond the seed-to-seed noise; the seeds' means and curves; --out and
+options are checked before any work; a shrunken demo runs end to end."""
 import dataclasses
 import filecmp
 import json
@@ -12,10 +13,14 @@ import pytest
 from trainer_cases import ROOT, tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
-from spin_trainer import demo
-from spin_trainer.comparison import Protocol, Task
-from spin_trainer.plots import format_table, mean_rows
-from spin_trainer.verdict import compare, verdict
+from spin_trainer.errors import UsageError
+from spin_trainer.plots import format_table
+
+sys.path.insert(0, os.path.join(ROOT, "examples", "spin_vs_sft"))   # a folder of scripts, as run from there
+import demo  # noqa: E402
+from comparison import Protocol, Task  # noqa: E402
+from seeds import ARM_PANELS, draw_curves, mean_and_se, mean_rows  # noqa: E402
+from verdict import compare, verdict  # noqa: E402
 
 
 @pytest.mark.parametrize("task", ["arith", "sort"])
@@ -77,14 +82,62 @@ def test_mean_rows_and_table_show_mean_and_standard_error():
     assert "0.300 ± 0.100" in table and "0.7500" in table
 
 
+def records(seed_shift):
+    """A start of 300 SFT steps, then both arms for 8 steps (evaluated every 4)."""
+    out = [{"kind": "train", "run": "sft_start", "step": s, "sft_loss": 2.0 / s} for s in range(1, 301)]
+    out += [{"kind": "eval", "run": "sft_start", "step": s, "val_sft_loss": 3.0 / s, "exact_match": 0.1}
+            for s in (100, 200, 300)]
+    for run in ("sft", "spin"):
+        for s in range(1, 9):
+            out.append({"kind": "train", "run": run, "step": s, "sft_loss": 0.5, "loss": 0.69 - 0.01 * s,
+                        "acc": s / 8, "margin_mean": 0.1 * s} if run == "spin" else
+                       {"kind": "train", "run": run, "step": s, "sft_loss": 0.5 - 0.01 * s})
+        for it, s in enumerate((0, 4, 8)):
+            row = {"kind": "eval", "run": run, "iteration": it, "step": s, "exact_match": 0.1 + 0.05 * it + seed_shift,
+                   "val_sft_loss": 0.9 - 0.1 * it}
+            if run == "spin" and it:
+                row["gen_equals_gold"] = 0.2 * it
+            out.append(row)
+    return out
+
+
+def test_curves_draw_each_seed_and_the_mean_with_its_standard_error():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shifts = (0.0, 0.02, -0.05)
+    fig = draw_curves([records(shift) for shift in shifts], ["sft_start", "sft", "spin"])
+    try:
+        panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+        assert set(panels) == {"SFT start: loss"} | {panel[0] for panel in ARM_PANELS}
+        # The 300 start steps are in their own panel; the arms' panels span the arms' 8 steps.
+        assert panels["SFT start: loss"].get_xlim()[1] > 250
+        for title in ("SPIN: training loss", "held-out exact match", "SFT validation loss"):
+            assert panels[title].get_xlim()[1] < 20, title
+        # Exact match: a thin line per seed and arm; per arm the mean over the seeds, ± the standard error.
+        exact = panels["held-out exact match"]
+        assert len([line for line in exact.lines if line.get_alpha() == 0.35]) == 2 * len(shifts)
+        mean_line, _, (bars,) = exact.containers[-1]   # the errorbars of continued SFT, then SPIN
+        assert list(mean_line.get_xdata()) == [0, 4, 8]
+        for it, (y, (low, high)) in enumerate(zip(mean_line.get_ydata(), bars.get_segments())):
+            mean, se = mean_and_se([0.1 + 0.05 * it + shift for shift in shifts])
+            assert y == pytest.approx(mean) and (low[1], high[1]) == pytest.approx((mean - se, mean + se))
+        # SPIN's per-step quantities show SPIN alone (continued SFT logs no acc or margin).
+        assert len(panels["SPIN acc per step"].lines) == len(shifts)
+    finally:
+        plt.close(fig)
+
+
 def test_demo_refuses_an_out_that_holds_a_training_run(tmp_path):
     tiny = tiny_setup(str(tmp_path / "setup"))
     out = str(tmp_path / "run")
     train_cli.main(train_args(*tiny, out, "--iterations", "1"))
     before = sorted(os.listdir(out))
     checkpoints = sorted(os.listdir(os.path.join(out, "checkpoints", "spin")))
-    with pytest.raises(ValueError, match="already holds files that are not an earlier demo's"):
-        train_cli.main(["--demo", "--out", out])
+    with pytest.raises(UsageError, match="already holds files that are not an earlier demo's"):
+        demo.main(["--out", out])
     assert sorted(os.listdir(out)) == before
     assert sorted(os.listdir(os.path.join(out, "checkpoints", "spin"))) == checkpoints
 
@@ -96,17 +149,17 @@ def test_demo_out_may_hold_only_an_earlier_demo(tmp_path):
     demo.check_demo_out(str(out))   # empty
     (out / "seed-0").mkdir()
     (out / "curves.png").write_bytes(b"png")
-    with pytest.raises(ValueError, match="seed-0"):   # no marker: not known to be a demo
+    with pytest.raises(UsageError, match="seed-0"):   # no marker: not known to be a demo
         demo.check_demo_out(str(out))
     (out / demo.MARKER).write_text("{}")
     demo.check_demo_out(str(out))
     (out / "metrics.jsonl").write_text("")
-    with pytest.raises(ValueError, match=r"\(metrics.jsonl\)"):
+    with pytest.raises(UsageError, match=r"\(metrics.jsonl\)"):
         demo.check_demo_out(str(out))
     (out / "metrics.jsonl").unlink()
     demo.reset_demo_out(str(out), {"task": "x"})
     assert os.listdir(out) == [demo.MARKER] and json.loads((out / demo.MARKER).read_text()) == {"task": "x"}
-    with pytest.raises(ValueError, match="is a file"):
+    with pytest.raises(UsageError, match="is a file"):
         demo.check_demo_out(str(out / demo.MARKER))
 
 
@@ -116,26 +169,21 @@ def test_demo_out_may_hold_the_one_seed_demo_of_before(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "run": "sft_warmup", "step": 0}) + "\n")
     demo.check_demo_out(str(tmp_path))
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "run": "spin", "step": 0}) + "\n")
-    with pytest.raises(ValueError, match="not an earlier demo's"):
+    with pytest.raises(UsageError, match="not an earlier demo's"):
         demo.check_demo_out(str(tmp_path))
 
 
-def test_demo_rejects_the_options_it_would_ignore(tmp_path):
-    argv = ["--demo", "--out", str(tmp_path / "d"), "--model", "m", "--tp", "1", "--iterations", "2",
-            "--beta", "0.1", "--no-progress", "--seed", "3"]
-    with pytest.raises(ValueError) as info:
-        train_cli.main(argv)
-    message = str(info.value)
-    assert "does not take --model, --iterations, --beta, --tp;" in message
+def test_demo_takes_no_training_options(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path / "d"), "--model", "m", "--iterations", "2"])
+    assert "unrecognized arguments: --model m --iterations 2" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "d")
-    parser = train_cli.build_parser()
-    demo.check_demo_options(parser, ["--demo", "--out", "x", "--seed", "3", "--attn", "sdpa", "--no-progress"])
 
 
 def test_demo_refuses_to_run_under_torchrun(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="run it without torchrun"):
-        train_cli.main(["--demo", "--out", str(tmp_path / "d")])
+    with pytest.raises(UsageError, match="run it without torchrun"):
+        demo.main(["--out", str(tmp_path / "d")])
     assert not os.path.exists(tmp_path / "d")
 
 
@@ -145,7 +193,7 @@ def test_a_shrunken_demo_runs_end_to_end_in_parallel_seeds(tmp_path, monkeypatch
     monkeypatch.setattr(demo, "DEMO", shrunken)
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)   # the seeds run in 2 worker processes
     out = str(tmp_path / "demo")
-    spin_by_seed, sft_by_seed = train_cli.main(["--demo", "--out", out])
+    spin_by_seed, sft_by_seed = demo.main(["--out", out])
     printed = capsys.readouterr().out
     assert len(spin_by_seed) == len(sft_by_seed) == 2
     assert [r["step"] for r in spin_by_seed[0]] == [r["step"] for r in sft_by_seed[1]] == [0, 2, 4]

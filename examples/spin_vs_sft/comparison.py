@@ -1,9 +1,10 @@
-"""SPIN against continued SFT from the same start, on a built-in task: the code `make demo` and
-benchmarks/study_outcome.py share. Every model update goes through run_sft and SpinTrainer, the
-code a user's run takes.
+"""SPIN against continued SFT from the same start, on a built-in task: the code demo.py and
+study_outcome.py share. Every model update goes through run_sft (sft.py) and spin_trainer's
+SpinTrainer, the code a user's run takes.
 
-- A task: committed data (data/<name>/{train,val,test}.jsonl, written by data/make_<name>.py), its
-  context length and answer length. A fresh tiny Llama and its character tokenizer per seed.
+- A task: committed data (data/<name>/{train,val,test}.jsonl at the repository's root, written by
+  data/make_<name>.py), its context length and answer length. A fresh tiny Llama and its
+  character tokenizer per seed.
 - A start: SFT of the fresh model at a constant learning rate. "warmup" stops after the task's
   short warm-up (a weak model); "converged" runs on until the validation loss has not improved
   for `patience` evaluations and keeps the best weights. Both come from one SFT run per seed: the
@@ -15,18 +16,22 @@ code a user's run takes.
 import os
 from dataclasses import dataclass
 
-from .config import SpinConfig
-from .data import load_examples
-from .diagnostics import EarlyStopping
-from .evaluate import HeldOut
-from .export import full_state_dict
-from .generation import SamplingConfig
-from .loop import SpinTrainer
-from .metrics import MetricsLog
-from .model import create_default_model, load_model, load_tokenizer
-from .sft import run_sft
+from spin_trainer.config import RunConfig
+from spin_trainer.data import load_examples
+from spin_trainer.errors import UsageError
+from spin_trainer.evaluate import HeldOut
+from spin_trainer.export import full_state_dict
+from spin_trainer.generation.sampling import SamplingConfig
+from spin_trainer.logprobs import Scorer
+from spin_trainer.metrics import MetricsLog
+from spin_trainer.model import create_default_model, load_model, load_tokenizer
+from spin_trainer.parallel.precision import Precision
+from spin_trainer.trainer import SpinTrainer
 
-DATA_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data")
+from sft import EarlyStopping, run_sft
+
+# examples/spin_vs_sft/../../data: the tasks are the repository's, not the installed package's.
+DATA_ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "data"))
 START_KINDS = ("warmup", "converged")
 START_NAMES = {"warmup": "short warm-up", "converged": "SFT converged (early stopping)"}
 ARM_KINDS = ("spin", "sft")
@@ -92,7 +97,7 @@ class Setup:
     task: Task
     seed: int
     out_dir: str
-    ctx: object
+    scorer: Scorer   # its forwards, on its ParallelContext (scorer.ctx)
     model: object
     tokenizer: object
     data: dict
@@ -112,25 +117,26 @@ class Start:
 def prepare(task, seed, out_dir, ctx, *, attention="auto", val_exact_match=False, progress=False):
     """The fresh tiny model of `seed` (saved in HF format under out_dir/base_model), its data, its evaluation."""
     if not all(os.path.isfile(os.path.join(task.data_dir, f"{s}.jsonl")) for s in ("train", "val", "test")):
-        raise ValueError(f"task data missing under {task.data_dir}; regenerate it with "
+        raise UsageError(f"task data missing under {task.data_dir}; regenerate it with "
                          f"python data/make_{task.name}.py")
     base_dir = create_default_model(os.path.join(out_dir, "base_model"), seed=seed)
     tokenizer = load_tokenizer(base_dir)
     data = {split: load_examples(os.path.join(task.data_dir, f"{split}.jsonl"), tokenizer,
-                                 max_length=task.max_length, option=f"{task.name} {split} data")
+                                 max_length=task.max_length, source=f"{task.name} {split} data")
             for split in ("train", "val", "test")}
-    held_out = HeldOut(data["test"], data["val"], ctx, tokenizer=tokenizer, max_length=task.max_length,
+    scorer = Scorer(ctx, Precision(), "logits")   # fp32, the model's own LM head: the CPU path
+    held_out = HeldOut(data["test"], data["val"], scorer, tokenizer=tokenizer, max_length=task.max_length,
                        max_new_tokens=task.max_new_tokens, batch_size=256, micro_batch_size=64,
                        val_exact_match=val_exact_match)
     model = load_model(base_dir, attention=attention, device=ctx.device)
-    return Setup(task, seed, out_dir, ctx, model, tokenizer, data, held_out, progress)
+    return Setup(task, seed, out_dir, scorer, model, tokenizer, data, held_out, progress)
 
 
 def make_starts(setup, protocol, kinds, metrics):
     """{kind: Start} for the requested start kinds, from one SFT run of the fresh model (run "sft_start")."""
     unknown = set(kinds) - set(START_KINDS)
     if unknown:
-        raise ValueError(f"start kinds must be among {START_KINDS}, got {sorted(unknown)}")
+        raise UsageError(f"start kinds must be among {START_KINDS}, got {sorted(unknown)}")
     warmup_steps = setup.task.warmup_steps
     converge = "converged" in kinds
     steps = protocol.max_start_steps if converge else warmup_steps
@@ -144,7 +150,7 @@ def make_starts(setup, protocol, kinds, metrics):
             starts["warmup"] = Start("warmup", warmup_steps, warmup_steps, row, full_state_dict(setup.model))
         return early(row) if converge else row["step"] >= warmup_steps
 
-    rows = run_sft(setup.model, setup.tokenizer, setup.data["train"], setup.ctx, steps=steps, lr=protocol.start_lr,
+    rows = run_sft(setup.model, setup.tokenizer, setup.data["train"], setup.scorer, steps=steps, lr=protocol.start_lr,
                    micro_batch_size=protocol.batch_size, global_batch_size=protocol.batch_size, seed=setup.seed,
                    metrics=metrics, run="sft_start", held_out=setup.held_out, eval_at=eval_at,
                    warmup_steps=protocol.start_lr_warmup, progress=setup.progress, stop=stop)
@@ -164,21 +170,30 @@ def run_arm(setup, start, arm, protocol, metrics, *, run=None, out_dir=None):
     prompts = setup.data["train"][:protocol.spin_prompts]
     steps_per_iteration = len(prompts) // protocol.batch_size
     if arm.kind == "spin":
-        task = setup.task
-        config = SpinConfig(iterations=protocol.iterations, epochs=1, betas=(arm.beta,), lrs=(arm.lr,),
-                            micro_batch_size=protocol.batch_size, global_batch_size=protocol.batch_size,
-                            sampling=SamplingConfig(max_new_tokens=task.max_new_tokens, do_sample=True,
-                                                    temperature=protocol.temperature),
-                            gen_batch_size=256, max_length=task.max_length, seed=setup.seed, keep=1,
-                            progress=setup.progress)
-        trainer = SpinTrainer(setup.model, setup.tokenizer, prompts, setup.data["val"], config, setup.ctx,
-                              out_dir=out_dir or setup.out_dir, held_out=setup.held_out, metrics=metrics, run=run)
+        sampling = SamplingConfig(max_new_tokens=setup.task.max_new_tokens, do_sample=True,
+                                  temperature=protocol.temperature)
+        trainer = SpinTrainer(setup.model, setup.tokenizer, prompts, setup.data["val"],
+                              spin_config(setup, arm, protocol), setup.scorer, out_dir=out_dir or setup.out_dir,
+                              held_out=setup.held_out, metrics=metrics, sampling=sampling, run=run)
         assert trainer.steps_per_iteration == [steps_per_iteration] * protocol.iterations
         return trainer.train()
     boundaries = [steps_per_iteration * (t + 1) for t in range(protocol.iterations)]
-    return run_sft(setup.model, setup.tokenizer, prompts, setup.ctx, steps=boundaries[-1], lr=arm.lr,
+    return run_sft(setup.model, setup.tokenizer, prompts, setup.scorer, steps=boundaries[-1], lr=arm.lr,
                    micro_batch_size=protocol.batch_size, global_batch_size=protocol.batch_size, seed=setup.seed,
                    metrics=metrics, run=run, held_out=setup.held_out, eval_at=boundaries, progress=setup.progress)
+
+
+def spin_config(setup, arm, protocol):
+    """The RunConfig of a SPIN arm: one epoch per iteration at the protocol's batch size."""
+    config = RunConfig()
+    config.spin.iterations, config.spin.epochs = protocol.iterations, 1
+    config.spin.beta, config.spin.lr = (arm.beta,), (arm.lr,)
+    config.train.micro_batch_size = config.train.global_batch_size = protocol.batch_size
+    config.data.max_length = setup.task.max_length
+    config.generation.max_new_tokens, config.generation.temperature = setup.task.max_new_tokens, protocol.temperature
+    config.generation.gen_batch_size = 256
+    config.run.seed, config.run.keep, config.run.no_progress = setup.seed, 1, not setup.progress
+    return config.check()
 
 
 def validation_score(final_rows):

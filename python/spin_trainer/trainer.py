@@ -1,0 +1,354 @@
+"""SpinTrainer: the SPIN loop, readable top to bottom, and one training step.
+
+Per iteration t (`train`):
+
+    generate     θ_t (the policy as it is at the iteration's start) answers the training and
+                 validation prompts (`begin_iteration`)
+    score        the reference log-probs of every pair under θ_t (`compute_ref_logps`): cached at the
+                 iteration's start by default, or computed per batch from the reference policy
+    train        epochs x optimizer steps (`train_step`: forward, loss, backward, update)
+    evaluate     held-out numbers and SPIN acc on the validation pairs (`end_iteration`)
+    checkpoint   after each iteration (and every `save_every` steps)
+
+At the start of iteration t the policy *is* the reference θ_t, so generations and (by default)
+the reference log-probs of the whole iteration are computed then, from the policy itself; the
+reference policy's weights are kept only where a mode needs them (ref_policy.py). Everything
+random is a function of (seed, iteration, epoch): a run resumed from a checkpoint replays the same
+batches and samples and reproduces the uninterrupted run.
+
+Scaling: each micro-batch's loss is weighted by its share of the global batch, and the gradients
+are summed over micro-batches and data-parallel ranks (FSDP's reduce-scatter set to a plain sum),
+so the update is the same for any micro-batch size, accumulation and data-parallel width. The
+logged metrics are global: weighted means summed, and the rewards' std from the global Σr, Σr² and
+count (Bessel-corrected, as NeMo-Aligner logs `rewards_all.std()`).
+"""
+import math
+import os
+import random
+import time
+from dataclasses import replace
+
+import torch
+from tqdm.auto import tqdm
+
+from spin_kernels.dtensor import local_tensor
+
+from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from .config import RunConfig
+from .data import collate_pairs
+from .errors import TrainingDiverged, option
+from .evaluate import fraction_equal_to_gold, iteration_diagnostics, spin_pair_accuracy
+from .generation.rollouts import ParkedOptimizer, drop_truncated, generate, pair_logps, sampling_seed
+from .loop_state import IterationData, LoopPosition, StopSignal, TrainingStopped
+from .optim import apply_update, epoch_order, learning_rate_schedule, make_optimizer, make_scheduler
+from .parallel.mesh import all_reduce_max, all_reduce_sum
+from .ref_policy import make_reference
+
+
+class SpinTrainer:
+    """The SPIN loop of a checked RunConfig on a parallelized model (see python/spin_trainer/cli.py)."""
+
+    def __init__(self, model, tokenizer, train_examples, val_examples, config: RunConfig, scorer, *, out_dir,
+                 held_out, metrics, sampling, run="spin", report=print, fingerprints=None):
+        self.model, self.tokenizer, self.config, self.scorer = model, tokenizer, config, scorer
+        self.ctx = scorer.ctx
+        self.examples, self.val_examples = train_examples, val_examples
+        self.held_out, self.metrics, self.run, self.report = held_out, metrics, run, report
+        self.sampling = sampling    # SamplingConfig of θ_t's answers; its seed is set per (iteration, epoch)
+        self.fingerprints = fingerprints or {}   # of the inputs, kept in checkpoints (fingerprint.py)
+        self.checkpoint_root = os.path.join(out_dir, "checkpoints", run)
+        s, t = config.spin, config.train
+        self.betas, self.lrs = config.per_iteration("beta"), config.per_iteration("lr")
+        self.steps_per_epoch = [config.pairs_in_iteration(i, len(train_examples)) // t.global_batch_size
+                                for i in range(s.iterations)]
+        self.steps_per_iteration = [steps * s.epochs for steps in self.steps_per_epoch]
+        lr_at = learning_rate_schedule(self.lrs, self.steps_per_iteration, shape=t.lr_schedule,
+                                       warmup_ratio=t.warmup_ratio, warmup_steps=t.warmup_steps)
+        self.optimizer = make_optimizer(model, ctx=self.ctx, lr=lr_at(0), name=t.optimizer, weight_decay=t.weight_decay,
+                                        betas=t.adam_betas, eps=t.adam_eps, in_backward=t.optimizer_in_backward)
+        self.scheduler = make_scheduler(self.optimizer, lr_at)
+        self.reference = make_reference(s.reference, model, scorer, generate_every_epoch=s.generate_every == "epoch")
+        self.parked_optimizer = ParkedOptimizer(self.optimizer) if t.offload_optimizer else None
+        self.position = LoopPosition()
+        self.data = None             # IterationData of the current iteration (None between iterations)
+        self.previous_pairs = None   # (examples, generated) of the last iteration, for mixing
+        self.eval_rows = []
+        self.last_checkpoint = None  # (step, path) of the newest checkpoint written or resumed from
+        self.stopped_early = None    # the checkpoint's path when max_steps ended the run early
+        self.stop_signal = StopSignal(self.ctx)
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def train(self, resume=None, on_step=None):
+        """Runs every iteration, or continues from the Checkpoint `resume`; returns the eval rows.
+
+        `on_step(record)` after each step. With max_steps, stops after that many optimizer steps of
+        the run with a checkpoint: `self.stopped_early` is then its path.
+        """
+        c = self.config
+        if resume is not None:
+            self.restore(resume)
+        p = self.position
+        self.metrics.truncate_after(self.run, p.global_step if resume is not None else -1)
+        if resume is None:
+            self.record_eval({"iteration": 0, "step": 0, **self.held_out(self.model)})
+        bar = tqdm(total=sum(self.steps_per_iteration), initial=p.global_step, desc=f"{self.run} steps",
+                   disable=not (c.progress and self.ctx.is_main))
+        with self.stop_signal.installed():
+            while p.iteration < c.spin.iterations and not self.max_steps_reached():
+                if self.data is None:
+                    self.begin_iteration()                  # generate from θ_t, score under θ_t
+                    self.check_stop()
+                if self.train_iteration(bar, on_step):      # train
+                    self.end_iteration()                    # evaluate
+                    self.save()                             # checkpoint
+                    self.check_stop()
+        bar.close()
+        if p.iteration < c.spin.iterations:
+            self.stopped_early = self.save()
+        return self.eval_rows
+
+    def train_iteration(self, bar, on_step):
+        """The current iteration's steps from where the position is; False if max_steps stopped it midway."""
+        c, p = self.config, self.position
+        while p.epoch < c.spin.epochs:
+            if c.spin.generate_every == "epoch" and self.data.generated_epoch < p.epoch:
+                self.regenerate()
+            while p.step < self.steps_per_epoch[p.iteration]:
+                record = self.record_step(self.train_step(self.micro_batches(self.step_pairs())))
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['acc']:.2f}")
+                if on_step is not None:
+                    on_step(record)
+                last = p.epoch == c.spin.epochs - 1 and p.step == self.steps_per_epoch[p.iteration]
+                if c.run.val_every and p.global_step % c.run.val_every == 0 and not last:
+                    self.metrics.write(self.validation_row("val"))
+                if c.run.save_every and p.global_step % c.run.save_every == 0 and not last:
+                    self.save()
+                self.check_stop()
+                if self.max_steps_reached() and not last:
+                    return False
+            p.epoch, p.step = p.epoch + 1, 0
+        return True
+
+    def max_steps_reached(self):
+        return bool(self.config.run.max_steps) and self.position.global_step >= self.config.run.max_steps
+
+    # ---- generate and score ----------------------------------------------------------------------
+    def generate_for(self, model, examples, epoch):
+        sampling = replace(self.sampling, seed=sampling_seed(self.config.run.seed, self.position.iteration, epoch))
+        return generate(model, examples, sampling, self.scorer, tokenizer=self.tokenizer,
+                        max_length=self.config.data.max_length, batch_size=self.config.generation.gen_batch_size,
+                        progress=self.config.progress, parked_optimizer=self.parked_optimizer)
+
+    def iteration_pairs(self, samples):
+        """(examples, generated) of the iteration: one pair per training prompt (pairs cut at the length
+        cap replaced with drop_truncated), plus a share of the previous iteration's pairs."""
+        c, t = self.config, self.position.iteration
+        examples, generated = list(self.examples), list(samples)
+        if c.spin.drop_truncated:
+            examples, generated = drop_truncated(examples, samples, seed=c.run.seed * 37 + t)
+        n_mix = c.mixed_pairs(len(self.examples)) if t > 0 else 0
+        if n_mix and self.previous_pairs is not None:
+            previous_examples, previous_generated = self.previous_pairs
+            picks = random.Random(c.run.seed * 31 + t).sample(range(len(previous_examples)), n_mix)
+            examples += [previous_examples[i] for i in picks]
+            generated += [previous_generated[i] for i in picks]
+        return examples, generated
+
+    def prepare_data(self, model, epoch):
+        """θ_t's answers to the training and validation prompts, and their reference log-probs, from
+        `model`, which holds θ_t: the policy at the start of an iteration, else the reference's weights."""
+        samples = self.generate_for(model, self.examples, epoch)
+        examples, generated = self.iteration_pairs(samples)
+        micro, pad = self.config.train.micro_batch_size, self.tokenizer.pad_token_id
+        cached = (pair_logps(model, examples, generated, self.scorer, micro_batch_size=micro, pad_token_id=pad)
+                  if self.reference.precomputes_logps else None)
+        val_generated = self.generate_for(model, self.val_examples, epoch + 10_000)
+        val_ref = pair_logps(model, self.val_examples, val_generated, self.scorer, micro_batch_size=micro,
+                             pad_token_id=pad)
+        # The diagnostics describe what the model sampled, one response per training prompt in the
+        # prompts' order: before drop_truncated reassigns slots and the previous iteration's mix.
+        lengths = [len(g) for g in samples]
+        return IterationData(examples=examples, generated=generated, ref_logps=cached, val_generated=val_generated,
+                             val_ref_logps=val_ref, generated_epoch=epoch,
+                             train_gen_length=sum(lengths) / len(lengths),
+                             gen_equals_gold=fraction_equal_to_gold(self.examples, samples))
+
+    def begin_iteration(self):
+        self.reference.begin_iteration()   # the policy, as it is now, becomes θ_t
+        self.data = self.prepare_data(self.model, epoch=0)
+
+    def regenerate(self):
+        """Per-epoch regeneration (NeMo-Aligner's mode): θ_t samples again, from the reference's weights."""
+        history = self.data.history
+        with self.reference.weights() as reference_model:
+            self.data = self.prepare_data(reference_model, epoch=self.position.epoch)
+        self.data.history = history
+
+    def compute_ref_logps(self, batch, pairs):
+        """[2b] reference log-prob sums of a pair batch under θ_t (rows [0, b) actual, [b, 2b)
+        generated): the iteration's cache, computed at its start from the policy that was θ_t, or
+        the reference policy's own forward."""
+        if self.data.ref_logps is not None:
+            rows = self.data.ref_logps[pairs]   # [b, 2]
+            return torch.cat([rows[:, 0], rows[:, 1]]).to(batch.input_ids.device)
+        return self.reference.batch_logps(batch)
+
+    # ---- train -----------------------------------------------------------------------------------
+    def step_pairs(self):
+        """This rank's share of the next global batch: indices into the iteration's pairs."""
+        c, p = self.config, self.position
+        order = epoch_order(len(self.data.examples), c.run.seed, p.iteration, p.epoch)
+        per_rank = c.train.global_batch_size // self.ctx.dp_size
+        start = p.step * c.train.global_batch_size + self.ctx.dp_rank * per_rank
+        return order[start:start + per_rank]
+
+    def micro_batches(self, pairs):
+        """(pair batch, its reference log-probs, generated tokens) of each micro-batch of `pairs`."""
+        data, size = self.data, self.config.train.micro_batch_size
+        for i in range(0, len(pairs), size):
+            chunk = pairs[i:i + size]
+            generated = [data.generated[k] for k in chunk]
+            batch = collate_pairs([data.examples[k] for k in chunk], generated,
+                                  self.tokenizer.pad_token_id).to(self.ctx.device)
+            yield batch, self.compute_ref_logps(batch, chunk), sum(map(len, generated))
+
+    def train_step(self, micro_batches):
+        """One optimizer step: for each micro-batch (pair batch, reference log-probs, generated tokens)
+        the forward and the SPIN loss against θ_t, and the backward of its share of the global batch;
+        then the update. Returns the step's global metrics."""
+        c = self.config
+        beta, global_batch = self.betas[self.position.iteration], c.train.global_batch_size
+        self.model.train()
+        started = time.perf_counter()
+        sums = {}
+        for batch, ref_logps, generated_tokens in micro_batches:
+            out = self.scorer.pair_loss(self.model, batch, ref_logps, beta=beta, loss_type=c.spin.loss_type)
+            weight = batch.input_ids.shape[0] // 2 / global_batch   # the micro-batch's share of the global batch
+            (out.loss * weight).backward()
+            rewards = out.rewards.double()
+            step_sums = {"loss": out.loss.detach() * weight, "tokens": batch.attention_mask.sum().float(),
+                         # new_full fills on the device: no host copy holding the backward's launch
+                         "generated_length_mean": rewards.new_full((), generated_tokens / global_batch),
+                         "rewards_sum": rewards.sum(), "rewards_sq_sum": rewards.square().sum(),
+                         "rewards_count": rewards.new_full((), float(rewards.numel())),
+                         **{k: v.detach().float() * weight for k, v in out.metrics.items() if k != "rewards_all_std"}}
+            for name, value in step_sums.items():
+                sums[name] = sums.get(name, 0.0) + value
+        lr = self.optimizer.param_groups[0]["lr"]
+        grad_norm = apply_update(self.model, self.optimizer, self.scheduler, max_grad_norm=c.train.max_grad_norm,
+                                 loss=sums["loss"])
+        record = self.global_metrics(sums)
+        step_time = time.perf_counter() - started   # global_metrics read the device: synchronized
+        return {"beta": beta, **record, "grad_norm": float(grad_norm), "lr": float(lr), "step_time": step_time,
+                "tokens_per_second": record["tokens"] / step_time}
+
+    def record_step(self, metrics):
+        """The step's record in the run's history and metrics.jsonl; the position moves on."""
+        p, c = self.position, self.config
+        p.step, p.global_step = p.step + 1, p.global_step + 1
+        record = {"kind": "train", "run": self.run, "iteration": p.iteration + 1, "epoch": p.epoch,
+                  "step": p.global_step, "generated_at_epoch": self.data.generated_epoch, **metrics,
+                  "consumed_samples": p.global_step * c.train.global_batch_size}
+        self.data.history.append(record)
+        self.metrics.write(record)
+        return record
+
+    def global_metrics(self, sums):
+        """The micro-batch sums summed over data-parallel ranks, as floats; the rewards' std from the
+        global Σr, Σr² and count (Bessel-corrected; 0 for a single reward)."""
+        names = sorted(sums)
+        stacked = all_reduce_sum(torch.stack([sums[n].double().reshape(()) for n in names]), self.ctx.dp_group)
+        result = dict(zip(names, stacked.tolist()))
+        count, total, squares = (result.pop(k) for k in ("rewards_count", "rewards_sum", "rewards_sq_sum"))
+        result["rewards_all_std"] = (math.sqrt(max(0.0, (squares - total * total / count) / (count - 1)))
+                                     if count >= 2 else 0.0)
+        return result
+
+    # ---- evaluate --------------------------------------------------------------------------------
+    def record_eval(self, row):
+        row = {"kind": "eval", "run": self.run, **row}
+        self.metrics.write(row)
+        self.eval_rows.append(row)
+        return row
+
+    def validation_row(self, kind):
+        """The held-out numbers, and SPIN acc and margin of the policy on the validation pairs."""
+        p, data = self.position, self.data
+        row = {"kind": kind, "run": self.run, "iteration": p.iteration + 1, "step": p.global_step,
+               **self.held_out(self.model)}
+        row["val_spin_acc"], row["val_margin"] = spin_pair_accuracy(
+            self.model, self.val_examples, data.val_generated, data.val_ref_logps, self.scorer,
+            beta=self.betas[p.iteration], micro_batch_size=self.config.train.micro_batch_size,
+            pad_token_id=self.tokenizer.pad_token_id)
+        return row
+
+    def end_iteration(self):
+        p, data = self.position, self.data
+        row = self.validation_row("eval")
+        history = data.history
+        for key, name in (("acc", "spin_acc"), ("rewards_actual_mean", "rewards_actual"),
+                          ("rewards_generated_mean", "rewards_generated"), ("loss", "spin_loss")):
+            row[name] = sum(r[key] for r in history) / len(history) if history else None
+        row.update(train_gen_length=data.train_gen_length, gen_equals_gold=data.gen_equals_gold,
+                   **iteration_diagnostics(history))
+        self.record_eval({k: v for k, v in row.items() if k not in ("kind", "run")})
+        self.previous_pairs = (data.examples[:len(self.examples)], data.generated[:len(self.examples)])
+        self.data = None
+        p.iteration, p.epoch, p.step = p.iteration + 1, 0, 0
+
+    # ---- checkpoint ------------------------------------------------------------------------------
+    def loop_state(self):
+        """Everything of the run that is not a tensor of the model, optimizer or reference policy."""
+        return {"settings": self.config.as_options(resume_only=True), "fingerprints": self.fingerprints,
+                "position": self.position.state(), "scheduler": self.scheduler.state_dict(),
+                "data": self.data.state() if self.data else None, "previous_pairs": self.previous_pairs,
+                "eval_rows": self.eval_rows,
+                "world": {"world_size": self.ctx.world_size, "tp_size": self.ctx.tp_size}}
+
+    def save(self):
+        """Writes a checkpoint of the current step (once per step); returns its path."""
+        step = self.position.global_step
+        if self.last_checkpoint is None or self.last_checkpoint[0] != step:
+            self.check_finite_weights()
+            path = save_checkpoint(self.checkpoint_root, step, model=self.model, optimizer=self.optimizer,
+                                   reference=self.reference.state if self.data is not None else None,
+                                   loop_state=self.loop_state(), ctx=self.ctx, keep=self.config.run.keep)
+            self.last_checkpoint = (step, path)
+        return self.last_checkpoint[1]
+
+    def check_finite_weights(self):
+        """A non-finite update must never reach a checkpoint (or the export): stop with a true message."""
+        finite = torch.stack([torch.isfinite(local_tensor(w)).all() for w in self.model.parameters()]).all()
+        flag = all_reduce_max((~finite).to(torch.int32).reshape(1), self.ctx.world_size)
+        if flag.item():
+            newest = (f"the newest checkpoint, {self.last_checkpoint[1]} (step {self.last_checkpoint[0]}), is intact"
+                      if self.last_checkpoint is not None else "no checkpoint had been written yet")
+            raise TrainingDiverged(f"training diverged: after step {self.position.global_step} the weights hold "
+                                   f"non-finite values (NaN or inf), so no checkpoint was written for it; {newest}. "
+                                   f"Lower the learning rate (float16 has no loss scaling here: use bfloat16 or "
+                                   f"float32)")
+
+    def restore(self, checkpoint):
+        """Continues from `checkpoint` (found, and its settings checked, by the caller)."""
+        state = checkpoint.loop_state
+        load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer, reference=self.reference.load_state,
+                        ctx=self.ctx)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.position = LoopPosition.from_state(state["position"])
+        self.data = IterationData.from_state(state["data"])
+        self.previous_pairs, self.eval_rows = state["previous_pairs"], state["eval_rows"]
+        restore_rng(state["rng"], self.ctx)
+        self.last_checkpoint = (self.position.global_step, checkpoint.path)
+        if self.ctx.is_main:
+            p, world = self.position, state["world"]
+            moved = (f"; written by {world['world_size']} process(es) with {option('tp')} {world['tp_size']}, "
+                     f"resharded to {self.ctx.world_size} with {option('tp')} {self.ctx.tp_size}"
+                     if (world["world_size"], world["tp_size"]) != (self.ctx.world_size, self.ctx.tp_size) else "")
+            self.report(f"resumed from {checkpoint.path} (iteration {p.iteration + 1}, epoch {p.epoch}, "
+                        f"step {p.global_step}{moved})")
+
+    def check_stop(self):
+        """After SIGTERM on any rank: every rank writes its part of a checkpoint, then stops."""
+        if self.stop_signal.received():
+            raise TrainingStopped(self.save())
