@@ -8,20 +8,13 @@ import sys
 import pytest
 import torch
 
-from trainer_cases import ROOT, tiny_setup, train_args
+from trainer_cases import ROOT, independent_logps, tiny_setup, train_args
 
 from spin_trainer.errors import UsageError
 from spin_trainer import cli as train_cli
 
 
 LN2 = math.log(2.0)
-
-
-def independent_logps(model, prompt_ids, response_ids):
-    """Σ log p(response | prompt) by a plain Hugging Face forward and log_softmax (no spin_kernels)."""
-    ids = torch.tensor([list(prompt_ids) + list(response_ids)])
-    logits = model(ids).logits[0, len(prompt_ids) - 1:-1].double()
-    return logits.log_softmax(-1).gather(-1, torch.tensor(response_ids)[:, None]).sum()
 
 
 def read_metrics(out):

@@ -63,12 +63,13 @@ def test_step_records_add_up_and_validation_runs_every_n_steps(tiny, tmp_path):
     state = loop_data(out, 2)["data"]
     start = load_model(model_dir)
     margins = []
-    for example, generated, ref in zip(val_examples, state["val_generated"], state["val_ref_logps"].tolist()):
-        assert ref == pytest.approx([independent_logps(start, example.prompt_ids, example.response_ids),
-                                     independent_logps(start, example.prompt_ids, generated)], abs=1e-4)
-        actual = independent_logps(model, example.prompt_ids, example.response_ids) - ref[0]
-        fake = independent_logps(model, example.prompt_ids, generated) - ref[1]
-        margins.append(0.1 * (actual - fake))
+    with torch.no_grad():
+        for example, generated, ref in zip(val_examples, state["val_generated"], state["val_ref_logps"].tolist()):
+            assert ref == pytest.approx([float(independent_logps(start, example.prompt_ids, example.response_ids)),
+                                         float(independent_logps(start, example.prompt_ids, generated))], abs=1e-4)
+            actual = float(independent_logps(model, example.prompt_ids, example.response_ids)) - ref[0]
+            fake = float(independent_logps(model, example.prompt_ids, generated)) - ref[1]
+            margins.append(0.1 * (actual - fake))
     assert validations[0]["val_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-5)
     assert validations[0]["val_spin_acc"] == sum(m > 0 for m in margins) / len(margins)
     assert abs(validations[0]["val_margin"]) > 1e-3   # far from 0: a flipped sign cannot pass

@@ -51,8 +51,9 @@ def recomputed(model_dir, out, step, iteration, step_in_epoch, theta_t_step):
     for k in order[step_in_epoch * BATCH:(step_in_epoch + 1) * BATCH]:
         example, generated = data["examples"][k], data["generated"][k]
         for kind, response in (("actual", example.response_ids), ("generated", generated)):
-            pi = independent_logps(policy, example.prompt_ids, response)
-            ref = independent_logps(reference, example.prompt_ids, response)
+            with torch.no_grad():
+                pi = float(independent_logps(policy, example.prompt_ids, response))
+                ref = float(independent_logps(reference, example.prompt_ids, response))
             rewards[kind].append(BETA * (pi - ref))
     margins = [a - g for a, g in zip(rewards["actual"], rewards["generated"])]
     every = torch.tensor(rewards["actual"] + rewards["generated"], dtype=torch.float64)

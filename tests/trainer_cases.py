@@ -152,15 +152,14 @@ def torch_cat_pairs(rows):
 
 
 def independent_logps(model, prompt_ids, response_ids):
-    """log π(response | prompt) of one sequence, summed, in float64, from the model's full logits
-    (one unpadded row, no trainer code): the oracle of every log-prob the trainer logs or uses."""
+    """Σ log p(response | prompt) of one unpadded row by a plain Hugging Face forward and a float64
+    log_softmax (no trainer or spin_kernels code): the oracle of every log-prob the trainer logs or
+    uses. Differentiable; call it under torch.no_grad() for a number."""
     import torch
 
     ids = torch.tensor([list(prompt_ids) + list(response_ids)])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0].double()
-    logps = torch.log_softmax(logits[:-1], dim=-1).gather(1, ids[0, 1:, None])[:, 0]
-    return float(logps[len(prompt_ids) - 1:].sum())
+    logits = model(ids).logits[0, len(prompt_ids) - 1:-1].double()
+    return logits.log_softmax(-1).gather(-1, torch.tensor(list(response_ids))[:, None]).sum()
 
 
 def loop_data(out, step):

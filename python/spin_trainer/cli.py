@@ -93,7 +93,9 @@ def find_resume_checkpoint(config, ctx, fingerprints):
         return None
     saved_file = os.path.join(out, CONFIG_FILE)
     saved = read_saved_options(saved_file) if os.path.isfile(saved_file) else found.loop_state["settings"]
-    for name, before, now in config.resume_mismatches(saved):
+    mismatches = config.resume_mismatches(saved)
+    if mismatches:
+        name, before, now = mismatches[0]
         raise UsageError(f"{option('resume')}: the run in {out} was written with {name} {before!r}, this run has "
                          f"{name} {now!r}; resume with the same settings or use another {option('out')}")
     check_fingerprints(found.loop_state["fingerprints"], fingerprints, found.path, model_dir=config.model.model,

@@ -22,16 +22,14 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from spin_kernels.dtensor import is_dtensor
 
 from .checkpoint import fresh_directory, replace_directory, single_process_quiet
+from .config import DTYPES
 from .errors import UsageError, option
 
-EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_FILE_BYTES = 5 * 1024 ** 3   # HF's usual shard size
 
 
 def resolve_export_dtype(requested, source_config):
     """torch dtype of `--export-dtype`; "auto" is the input model's `config.torch_dtype` (float32 if unset)."""
-    if requested not in EXPORT_DTYPES:
-        raise UsageError(f"{option('export_dtype')} must be one of {EXPORT_DTYPES}, got {requested!r}")
     if requested != "auto":
         return getattr(torch, requested)
     dtype = getattr(source_config, "dtype", None) or getattr(source_config, "torch_dtype", None) or torch.float32
@@ -39,7 +37,7 @@ def resolve_export_dtype(requested, source_config):
         dtype = getattr(torch, dtype, None)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise UsageError(f"{option('export_dtype')} auto: the input model's config.torch_dtype is {dtype}; "
-                         f"choose {option('export_dtype')} from {EXPORT_DTYPES[1:]}")
+                         f"choose {option('export_dtype')} from {DTYPES}")
     return dtype
 
 

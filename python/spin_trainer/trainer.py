@@ -121,7 +121,7 @@ class SpinTrainer:
                     on_step(record)
                 last = p.epoch == c.spin.epochs - 1 and p.step == self.steps_per_epoch[p.iteration]
                 if c.run.val_every and p.global_step % c.run.val_every == 0 and not last:
-                    self.metrics.write(self.validation_row("val"))
+                    self.metrics.write({"kind": "val", "run": self.run, **self.validation_row()})
                 if c.run.save_every and p.global_step % c.run.save_every == 0 and not last:
                     self.save()
                 self.check_stop()
@@ -272,11 +272,10 @@ class SpinTrainer:
         self.eval_rows.append(row)
         return row
 
-    def validation_row(self, kind):
+    def validation_row(self):
         """The held-out numbers, and SPIN acc and margin of the policy on the validation pairs."""
         p, data = self.position, self.data
-        row = {"kind": kind, "run": self.run, "iteration": p.iteration + 1, "step": p.global_step,
-               **self.held_out(self.model)}
+        row = {"iteration": p.iteration + 1, "step": p.global_step, **self.held_out(self.model)}
         row["val_spin_acc"], row["val_margin"] = spin_pair_accuracy(
             self.model, self.val_examples, data.val_generated, data.val_ref_logps, self.scorer,
             beta=self.betas[p.iteration], micro_batch_size=self.config.train.micro_batch_size,
@@ -285,14 +284,14 @@ class SpinTrainer:
 
     def end_iteration(self):
         p, data = self.position, self.data
-        row = self.validation_row("eval")
+        row = self.validation_row()
         history = data.history
         for key, name in (("acc", "spin_acc"), ("rewards_actual_mean", "rewards_actual"),
                           ("rewards_generated_mean", "rewards_generated"), ("loss", "spin_loss")):
             row[name] = sum(r[key] for r in history) / len(history) if history else None
         row.update(train_gen_length=data.train_gen_length, gen_equals_gold=data.gen_equals_gold,
                    **iteration_diagnostics(history))
-        self.record_eval({k: v for k, v in row.items() if k not in ("kind", "run")})
+        self.record_eval(row)
         self.previous_pairs = (data.examples[:len(self.examples)], data.generated[:len(self.examples)])
         self.data = None
         p.iteration, p.epoch, p.step = p.iteration + 1, 0, 0
