@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .. import config
+
+DTYPES = {name: getattr(torch, name) for name in config.DTYPES}   # the dtype setting's choices
 
 
 @dataclass(frozen=True)
