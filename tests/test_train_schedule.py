@@ -1,36 +1,92 @@
-"""The learning-rate schedule (warm-up, constant/linear/cosine, restart per iteration), the epoch
-order and the batch-size arithmetic that the SPIN loop and the SFT runs share."""
+"""The learning-rate schedule (Hugging Face's, step for step; per iteration or over the run), the
+epoch order and the batch-size arithmetic that the SPIN loop and the SFT runs share."""
 import math
 
 import pytest
+import torch
+from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                          get_linear_schedule_with_warmup)
 
 from spin_trainer.options import parse_config
 from spin_trainer.errors import UsageError
-from spin_trainer.optim import epoch_order, learning_rate_schedule, warmup_steps_for
+from spin_trainer.optim import (epoch_order, learning_rate_schedule, make_optimizer, make_scheduler,
+                                warmup_steps_for)
+from spin_trainer.parallel.mesh import ParallelContext
+
+HF_SCHEDULES = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup,
+                "constant": lambda optimizer, warmup, steps: get_constant_schedule_with_warmup(optimizer, warmup)}
+CTX = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
 
 
 def rates(schedule, total):
     return [schedule(step) for step in range(total)]
 
 
-def test_paper_recipe_linear_decay_with_ten_percent_warmup_restarts_every_iteration():
-    # Two iterations of 20 and 10 steps, peak rates 5e-7 and 1e-7; 10 % warm-up: 2 and 1 steps.
-    lr_at = learning_rate_schedule([5e-7, 1e-7], [20, 10], shape="linear", warmup_ratio=0.1)
-    first, second = rates(lr_at, 30)[:20], rates(lr_at, 30)[20:]
-    assert first[:4] == pytest.approx([2.5e-7, 5e-7, 5e-7, 5e-7 * 17 / 18])
-    assert first[-1] == pytest.approx(5e-7 / 18)           # decays to lr / (S − w), as HF's last step
-    assert all(a > b for a, b in zip(first[2:], first[3:]))
-    assert second[0] == pytest.approx(1e-7) and second[1] == pytest.approx(1e-7)   # w = ceil(0.1 · 10) = 1
-    assert second[-1] == pytest.approx(1e-7 / 9)
+def hf_rates(shape, lr, steps, warmup):
+    """The rate Hugging Face's scheduler gives each of `steps` optimizer steps (read before the step,
+    as the Trainer's optimizer uses it; the scheduler steps after it)."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = HF_SCHEDULES[shape](optimizer, warmup, steps)
+    used = []
+    for _ in range(steps):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return used
 
 
-def test_cosine_and_constant_shapes():
-    cosine = rates(learning_rate_schedule([1.0], [11], shape="cosine", warmup_steps=1), 11)
-    assert cosine[0] == 1.0 and cosine[1] == 1.0
-    assert cosine[6] == pytest.approx(0.5) and cosine[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))
-    constant = rates(learning_rate_schedule([2.0], [6], warmup_steps=4), 6)
-    assert constant == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]      # the first step already moves
-    with pytest.raises(SystemExit):   # the command line offers the shapes there are
+@pytest.mark.parametrize("shape", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("steps, warmup", [(16, 2), (10, 0), (7, 3), (5, 5), (3, 4), (1, 0)])
+def test_each_step_matches_transformers_schedules(shape, steps, warmup):
+    ours = rates(learning_rate_schedule([5e-7], [steps], shape=shape, warmup_steps=warmup), steps)
+    assert ours == pytest.approx(hf_rates(shape, 5e-7, steps, warmup), rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("steps", [16, 30, 95])
+def test_warmup_ratio_rounds_as_the_hugging_face_trainer(steps):
+    # The Trainer's warm-up steps for a ratio: ceil(steps · ratio), in floating point as there.
+    warmup = math.ceil(steps * 0.1)
+    ours = rates(learning_rate_schedule([5e-7], [steps], shape="linear", warmup_ratio=0.1), steps)
+    assert ours == pytest.approx(hf_rates("linear", 5e-7, steps, warmup), rel=1e-12, abs=0)
+
+
+def test_the_trainers_scheduler_sets_the_rate_the_optimizer_steps_with():
+    # make_optimizer's groups (weights with decay, biases without) all step with HF's rate of that step.
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    steps, warmup = 9, 2
+    lr_at = learning_rate_schedule([1e-3], [steps], shape="cosine", warmup_steps=warmup)
+    optimizer = make_optimizer(model, ctx=CTX, lr=lr_at(0), name="rmsprop", weight_decay=0.1)
+    scheduler = make_scheduler(optimizer, lr_at)
+    used = []
+    original_step = optimizer.step
+
+    def step(*args, **kwargs):
+        used.append({group["lr"] for group in optimizer.param_groups})
+        return original_step(*args, **kwargs)
+
+    optimizer.step = step
+    for _ in range(steps):
+        model(torch.randn(2, 3)).square().sum().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    assert len(optimizer.param_groups) == 2
+    assert [rate for (rate,) in used] == pytest.approx(hf_rates("cosine", 1e-3, steps, warmup), rel=1e-12, abs=0)
+
+
+def test_the_schedule_restarts_every_iteration_or_spans_the_run():
+    # Two iterations of 20 and 10 steps, peak rates 5e-7 and 1e-7, 10 % warm-up.
+    per_iteration = rates(learning_rate_schedule([5e-7, 1e-7], [20, 10], shape="linear", warmup_ratio=0.1), 30)
+    assert per_iteration[:20] == pytest.approx(hf_rates("linear", 5e-7, 20, 2), rel=1e-12, abs=0)
+    assert per_iteration[20:] == pytest.approx(hf_rates("linear", 1e-7, 10, 1), rel=1e-12, abs=0)
+    assert per_iteration[:3] == pytest.approx([0.0, 2.5e-7, 5e-7]) and per_iteration[20] == 0.0
+    # Over the run: one warm-up (ceil(0.1 · 30) = 3 steps) and one decay; each iteration's peak scales it.
+    whole = hf_rates("linear", 1.0, 30, 3)
+    run = rates(learning_rate_schedule([5e-7, 1e-7], [20, 10], shape="linear", warmup_ratio=0.1, span="run"), 30)
+    assert run == pytest.approx([5e-7 * f for f in whole[:20]] + [1e-7 * f for f in whole[20:]], rel=1e-12, abs=0)
+    with pytest.raises(SystemExit):   # the command line offers the spans and shapes there are
+        parse_config(["--schedule-span", "epoch"])
+    with pytest.raises(SystemExit):
         parse_config(["--lr-schedule", "exponential"])
 
 

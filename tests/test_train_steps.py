@@ -53,7 +53,9 @@ def test_steps_equal_plain_torch_adamw_on_the_same_gradients():
     initial = model.weight.detach().clone()
     optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.1, ctx=CTX)
     scheduler = make_scheduler(optimizer, lambda step: 1e-2 * (step + 1))
-    reference = torch.optim.AdamW(plain.parameters(), lr=1e-2, weight_decay=0.1)
+    # The bias takes no weight decay (Hugging Face's rule, as the trainer's).
+    reference = torch.optim.AdamW([{"params": [plain.weight]}, {"params": [plain.bias], "weight_decay": 0.0}],
+                                  lr=1e-2, weight_decay=0.1)
     generator = torch.Generator().manual_seed(1)
     for step in range(3):
         micro_batches = [torch.randn(4, 3, generator=generator), torch.randn(2, 3, generator=generator)]

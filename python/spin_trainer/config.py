@@ -121,15 +121,21 @@ class TrainSettings:
                                             check=lambda v: None if all(0 <= b < 1 for b in v)
                                             else f"must be two values in [0, 1), got {list(v)}", resume=True)
     adam_eps: float = setting(1e-8, "epsilon of AdamW and of RMSprop", check=finite_at_least(0, True), resume=True)
-    weight_decay: float = setting(0.0, "weight decay (AdamW: decoupled; RMSprop: L2)", check=finite_at_least(0),
-                                  resume=True)
+    weight_decay: float = setting(0.0, "weight decay of the weight matrices (biases and norm weights never decay, as "
+                                       "in Hugging Face's Trainer; AdamW: decoupled; RMSprop: L2)",
+                                  check=finite_at_least(0), resume=True)
+    optimizer_state: str = setting("reset", "reset: a fresh optimizer at each SPIN iteration's start (the paper "
+                                            "runs each iteration as a fresh run from θ_t); keep: the moments carry "
+                                            "over", choices=("reset", "keep"), resume=True)
     max_grad_norm: float = setting(1.0, "0 disables clipping", check=finite_at_least(0), resume=True)
-    lr_schedule: str = setting("constant", "shape of each iteration's learning rate after the warm-up (it restarts "
-                                           "every iteration; the paper: linear with --warmup-ratio 0.1)",
+    lr_schedule: str = setting("constant", "shape of the learning rate after the warm-up, as transformers' "
+                                           "get_*_schedule_with_warmup (the paper: linear with --warmup-ratio 0.1)",
                                choices=LR_SCHEDULES, resume=True)
-    warmup_ratio: float = setting(0.0, "linear warm-up over this fraction of each iteration's steps",
+    schedule_span: str = setting("iteration", "the schedule restarts every iteration (the paper) or spans the "
+                                              "whole run (NeMo-Aligner)", choices=("iteration", "run"), resume=True)
+    warmup_ratio: float = setting(0.0, "linear warm-up over this fraction of the span's steps",
                                   check=within(0, 1), resume=True)
-    warmup_steps: int = setting(0, "warm-up steps per iteration; when > 0 it overrides --warmup-ratio",
+    warmup_steps: int = setting(0, "warm-up steps of the span; when > 0 it overrides --warmup-ratio",
                                 check=at_least(0), resume=True)
     optimizer_in_backward: bool = setting(False, "update each parameter as soon as its gradient is complete, "
                                                  "freeing it (needs one micro-batch per step and --max-grad-norm 0)",

@@ -7,17 +7,21 @@ DTensors on the 2-D (dp, tp) mesh and the norms and embeddings on the 1-D dp mes
 without FSDP), and PyTorch's multi-tensor (foreach) kernels take one mesh per call. The learning
 rate of every group is set by the schedule (StepScheduler).
 
-Learning rate, per SPIN iteration (the schedule restarts at each iteration, as the paper's recipe
-does: linear decay with 10 % warm-up, each iteration a fresh run from θ_t). With S steps in the
-iteration, w warm-up steps and k = 0 .. S-1 the step within it:
+Learning rate: Hugging Face's schedules (transformers' get_{constant,linear,cosine}_schedule_with_warmup)
+step for step. Over a span of S optimizer steps (one SPIN iteration, the paper's recipe, where each
+iteration is a fresh run from θ_t; or the whole run), w warm-up steps and k = 0 .. S-1 the step
+within it:
 
-    warm-up    lr · (k + 1) / w                       for k < w (the first step already moves)
+    warm-up    lr · k / w                             for k < w (the first step's rate is 0, as in HF)
     constant   lr
     linear     lr · (S − k) / (S − w)                 from lr at k = w down to lr / (S − w)
     cosine     lr · (1 + cos(π · (k − w) / (S − w))) / 2
 
 w = ceil(warmup_ratio · S) as in Hugging Face's Trainer, or --warmup-steps when given (which, as
 there, overrides the ratio).
+
+Weight decay applies to the weight matrices only: biases, norm weights and every other 1-D parameter
+are left out, as Hugging Face's Trainer and TRL do (`get_decay_parameter_names`).
 """
 import math
 from collections.abc import Mapping
@@ -75,18 +79,42 @@ def _single_optimizer(name, params, *, lr, weight_decay, betas, eps, **extra):
     return torch.optim.RMSprop(params, lr=lr, eps=eps, weight_decay=weight_decay, **extra)
 
 
+NORM_LAYERS = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm)
+
+
+def is_norm_layer(module):
+    """torch's norms, and the models' own (LlamaRMSNorm, ...), which HF names by the same word."""
+    return isinstance(module, NORM_LAYERS) or "norm" in type(module).__name__.lower()
+
+
+def decayed_parameters(model):
+    """{parameter: whether weight decay applies}: weight matrices yes; biases, norm weights and any
+    other 1-D parameter no (Hugging Face's rule). ndim is the full shape's, also for DTensor shards."""
+    return {param: param.ndim >= 2 and not name.endswith("bias") and not is_norm_layer(module)
+            for module in model.modules() for name, param in module.named_parameters(recurse=False)
+            if param.requires_grad}
+
+
 def make_optimizer(model, *, ctx, lr, name="adamw", weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
                    in_backward=False):
-    """The optimizer over the model's trainable parameters, one parameter group per device mesh
-    (`lr`: the first step's; the scheduler sets every later one)."""
+    """The optimizer over the model's trainable parameters, one parameter group per device mesh and
+    weight-decay choice (`lr`: the first step's; the scheduler sets every later one)."""
     with sharded(model):   # FSDP's parameters are the sharded ones (a forward may have left some gathered)
-        params = [p for p in model.parameters() if p.requires_grad]
+        decays = decayed_parameters(model)
     if in_backward:
         fused = ctx.device.type == "cuda"
-        return InBackwardOptimizer(params, lambda group: _single_optimizer(
-            name, group, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused))
-    groups = [{"params": group} for group in group_by_mesh(params)]
+        return InBackwardOptimizer(list(decays), lambda group: _single_optimizer(
+            name, group, lr=lr, weight_decay=weight_decay if decays[group[0]] else 0.0, betas=betas, eps=eps,
+            fused=fused))
+    groups = [{"params": group, "weight_decay": weight_decay if decays[group[0]] else 0.0}
+              for decay in (True, False) for group in group_by_mesh([p for p, d in decays.items() if d == decay])]
     return _single_optimizer(name, groups, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+
+
+def reset_state(optimizer):
+    """Forgets every moment and step count: the next step is a fresh optimizer's."""
+    for inner in getattr(optimizer, "optimizers", [optimizer]):   # an InBackwardOptimizer's per-parameter ones
+        inner.state.clear()
 
 
 class _StateByParameter(Mapping):
@@ -222,24 +250,33 @@ def warmup_steps_for(steps, *, warmup_ratio=0.0, warmup_steps=0):
 
 
 def lr_factor(k, steps, warmup, shape):
-    """The multiplier of the peak learning rate at step `k` of a run of `steps` steps."""
+    """The multiplier of the peak learning rate at step `k` of a span of `steps` steps: transformers'
+    lr_lambda of the shape (the first warm-up step's factor is 0)."""
     if k < warmup:
-        return (k + 1) / warmup
+        return k / warmup
     if shape == "constant" or steps <= warmup:
         return 1.0
     progress = (k - warmup) / (steps - warmup)
     if shape == "linear":
-        return 1.0 - progress
+        return max(0.0, 1.0 - progress)
     assert shape == "cosine", shape
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def learning_rate_schedule(lrs, steps_per_iteration, *, shape="constant", warmup_ratio=0.0, warmup_steps=0):
-    """global step -> lr: iteration t's rate `lrs[t]`, shaped over its `steps_per_iteration[t]` steps."""
+def learning_rate_schedule(lrs, steps_per_iteration, *, shape="constant", warmup_ratio=0.0, warmup_steps=0,
+                           span="iteration"):
+    """global step -> lr: iteration t's peak rate `lrs[t]` times the shape's factor over the span:
+    iteration t's own `steps_per_iteration[t]` steps (restarting each iteration), or the run's."""
+    assert span in ("iteration", "run"), span
+    total = sum(steps_per_iteration)
+    run_warmup = warmup_steps_for(total, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps)
+
     def lr_at(step):
         start = 0
         for lr, steps in zip(lrs, steps_per_iteration):
             if step < start + steps:
+                if span == "run":
+                    return lr * lr_factor(step, total, run_warmup, shape)
                 warmup = warmup_steps_for(steps, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps)
                 return lr * lr_factor(step - start, steps, warmup, shape)
             start += steps

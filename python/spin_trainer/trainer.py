@@ -40,7 +40,8 @@ from .errors import TrainingDiverged, option
 from .evaluate import fraction_equal_to_gold, iteration_diagnostics, spin_pair_accuracy
 from .generation.rollouts import ParkedOptimizer, drop_truncated, generate, pair_logps, sampling_seed
 from .loop_state import IterationData, LoopPosition, StopSignal, TrainingStopped
-from .optim import apply_update, epoch_order, learning_rate_schedule, make_optimizer, make_scheduler
+from .optim import (apply_update, epoch_order, learning_rate_schedule, make_optimizer, make_scheduler,
+                    reset_state)
 from .parallel.mesh import all_reduce_max, all_reduce_sum
 from .ref_policy import make_reference
 
@@ -63,7 +64,8 @@ class SpinTrainer:
                                 for i in range(s.iterations)]
         self.steps_per_iteration = [steps * s.epochs for steps in self.steps_per_epoch]
         lr_at = learning_rate_schedule(self.lrs, self.steps_per_iteration, shape=t.lr_schedule,
-                                       warmup_ratio=t.warmup_ratio, warmup_steps=t.warmup_steps)
+                                       warmup_ratio=t.warmup_ratio, warmup_steps=t.warmup_steps,
+                                       span=t.schedule_span)
         self.optimizer = make_optimizer(model, ctx=self.ctx, lr=lr_at(0), name=t.optimizer, weight_decay=t.weight_decay,
                                         betas=t.adam_betas, eps=t.adam_eps, in_backward=t.optimizer_in_backward)
         self.scheduler = make_scheduler(self.optimizer, lr_at)
@@ -176,6 +178,10 @@ class SpinTrainer:
 
     def begin_iteration(self):
         self.reference.begin_iteration()   # the policy, as it is now, becomes θ_t
+        if self.config.train.optimizer_state == "reset":
+            # Here and not at the previous iteration's end: a run resumed from that iteration's last
+            # checkpoint (which holds its optimizer state) passes here too and starts as fresh.
+            reset_state(self.optimizer)
         self.data = self.prepare_data(self.model, epoch=0)
 
     def regenerate(self):
