@@ -1,10 +1,10 @@
 """The optimizer's parameter groups: weight decay on weight matrices only (Hugging Face's rule), on
-GPT-2 and Llama models, in plain and in-backward optimizers."""
+GPT-2 and Llama models, in plain and in-backward optimizers; a reset forgets every moment."""
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Trainer
 
-from spin_trainer.optim import decayed_parameters, make_optimizer
+from spin_trainer.optim import decayed_parameters, make_optimizer, reset_state
 from spin_trainer.parallel.mesh import ParallelContext
 
 CTX = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
@@ -54,5 +54,29 @@ def test_a_step_on_zero_gradients_decays_matrices_and_leaves_biases_and_norms(mo
             torch.testing.assert_close(p, before[n] * (1 - 1e-2 * 0.5), rtol=1e-6, atol=0)
         else:
             assert not torch.equal(p, before[n]), n
+    if in_backward:
+        optimizer.remove_hooks()
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_reset_state_makes_the_next_step_a_fresh_optimizers(in_backward):
+    torch.manual_seed(0)
+    model, twin = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    optimizer = make_optimizer(model, ctx=CTX, lr=1e-2, in_backward=in_backward)
+    for _ in range(3):   # moments and step counts to forget
+        model(torch.randn(2, 4)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    reset_state(optimizer)
+    assert len(optimizer.state) == 0
+    twin.load_state_dict(model.state_dict())
+    fresh = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.0)
+    x = torch.randn(2, 4)
+    model(x).square().sum().backward()
+    twin(x).square().sum().backward()
+    optimizer.step()
+    fresh.step()
+    for ours, theirs in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     if in_backward:
         optimizer.remove_hooks()
