@@ -255,7 +255,9 @@ def test_parallelize_runs_on_the_meta_device_with_a_fake_process_group():
         parallelize_model(model, ctx, Precision("bfloat16"), recompute="full")
         optimizer = make_optimizer(model, ctx=ctx, lr=1e-3)
         params = dict(model.named_parameters())
-        assert all(p.is_meta for p in params.values()) and len(optimizer.param_groups) == 2
+        # One group per mesh and weight-decay choice: the TP weights (2-D mesh), the embeddings (dp
+        # mesh), the norms (dp mesh, no decay).
+        assert all(p.is_meta for p in params.values()) and len(optimizer.param_groups) == 3
         # The q projection is split 8 ways by TP and 8 ways by FSDP; the norms only by FSDP.
         assert params["model.layers.0.self_attn.q_proj.weight"].to_local().shape == (256 // 64, 256)
         assert params["model.norm.weight"].to_local().shape == (256 // 8,)
