@@ -1,6 +1,6 @@
 """Across SPIN iterations: the optimizer starts fresh at each iteration (--optimizer-state reset) or
-carries its moments (keep), and the learning rate the optimizer steps with is Hugging Face's schedule
-over each iteration or over the run."""
+carries its moments (keep, also through a resume between iterations), and the learning rate the
+optimizer steps with is Hugging Face's schedule over each iteration or over the run."""
 import pytest
 import torch
 from transformers import get_linear_schedule_with_warmup
@@ -18,9 +18,10 @@ def tiny(tmp_path_factory):
     return tiny_setup(str(tmp_path_factory.mktemp("iterations")))
 
 
-def run_watching_updates(tiny, out, monkeypatch, *extra):
-    """Runs the loop; per optimizer step: the rate of every parameter group when the optimizer
-    stepped, and around iteration 2's first step the weights, gradients and optimizer state."""
+def run_watching_updates(tiny, out, monkeypatch, *extra, stop_between_iterations=False):
+    """Runs the loop (optionally stopped after iteration 1 and resumed from its checkpoint); per
+    optimizer step: the rate of every parameter group when the optimizer stepped, and around
+    iteration 2's first step the weights, gradients and optimizer state."""
     seen = {"lrs": []}
     original = trainer_module.apply_update
 
@@ -40,8 +41,11 @@ def run_watching_updates(tiny, out, monkeypatch, *extra):
         return grad_norm
 
     monkeypatch.setattr(trainer_module, "apply_update", watched)
-    train_cli.main(train_args(*tiny, out, "--max-grad-norm", "0", "--lr-schedule", "linear",
-                              "--warmup-ratio", "0.25", *extra))
+    args = train_args(*tiny, out, "--max-grad-norm", "0", "--lr-schedule", "linear", "--warmup-ratio", "0.25", *extra)
+    if stop_between_iterations:
+        train_cli.main(args + ["--max-steps", str(STEPS)])
+        args = args + ["--resume"]
+    train_cli.main(args)
     return seen
 
 
@@ -84,8 +88,9 @@ def test_reset_gives_iteration_two_a_fresh_optimizer_and_restarts_the_schedule(t
 
 
 def test_keep_carries_the_moments_and_the_schedule_can_span_the_run(tiny, tmp_path, monkeypatch):
+    # Stopped after iteration 1 and resumed: the moments come back from its checkpoint.
     seen = run_watching_updates(tiny, str(tmp_path / "keep"), monkeypatch, "--optimizer-state", "keep",
-                                "--schedule-span", "run")
+                                "--schedule-span", "run", stop_between_iterations=True)
     assert seen["state_before"] and all(float(s["step"]) == STEPS for s in seen["state_before"].values())
     _, states = fresh_adamw_step(seen)
     assert any(not torch.equal(ours["exp_avg"], fresh["exp_avg"])
