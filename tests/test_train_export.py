@@ -54,3 +54,75 @@ def test_export_in_bfloat16_split_into_files_loads_back(tmp_path, tied):
         assert tensor.dtype == torch.bfloat16, name
         assert torch.equal(tensor, expected[name].to(torch.bfloat16)), name
     assert not any(name.startswith(".tmp-export") for name in os.listdir(tmp_path))
+
+
+def reload_and_generate(out, tied, expected):
+    """The exported directory as transformers loads it: the weights of `expected` (full names, in the
+    export's dtype), the tie kept, and a generation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert loaded.config.tie_word_embeddings == tied
+    head, embedding = loaded.lm_head.weight, loaded.model.embed_tokens.weight
+    assert (head is embedding) == tied
+    for name, tensor in loaded.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name].to(tensor.dtype), rtol=0, atol=0, msg=name)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer("12+34=", return_tensors="pt")
+    generated = loaded.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    return loaded
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("weights, export", [("float32", "float32"), ("float32", "bfloat16"),
+                                             ("bfloat16", "bfloat16")])
+def test_tied_and_untied_models_export_in_every_dtype_and_reload_generating(tmp_path, tied, weights, export):
+    model_dir = create_default_model(str(tmp_path / "m"), hidden_size=32, intermediate_size=64,
+                                     tie_word_embeddings=tied)
+    model = load_model(model_dir, attention="eager", dtype=weights)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(0.01)   # trained: differs from the input model (and, tied, the head)
+    out = str(tmp_path / "final")
+    export_hf(model, load_tokenizer(model_dir), out, CTX, dtype=getattr(torch, export))
+    from safetensors import safe_open
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert ("lm_head.weight" in f.keys()) == (not tied)   # a tied weight is written once, as transformers does
+    loaded = reload_and_generate(out, tied, model.state_dict())
+    assert loaded.dtype == getattr(torch, export)
+
+
+def _export_under_fsdp(rank, world_size, port, model_dir, outs):
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    from spin_trainer.parallel.apply import parallelize_model
+    from spin_trainer.parallel.mesh import setup_parallel, teardown_parallel
+    from spin_trainer.parallel.precision import Precision
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    ctx = setup_parallel(1, "cpu")
+    model = parallelize_model(load_model(model_dir, attention="eager"), ctx, Precision("float32"))
+    with torch.no_grad():
+        for parameter in model.parameters():   # each rank moves its own shard: the export must gather them
+            parameter.add_(0.01)
+    for dtype, out in outs.items():
+        export_hf(model, load_tokenizer(model_dir), out, ctx, dtype=getattr(torch, dtype))
+    teardown_parallel(ctx)
+
+
+def test_a_tied_model_sharded_by_fsdp_on_2_ranks_exports_and_reloads(tmp_path):
+    import torch.multiprocessing as mp
+    from trainer_cases import free_port
+
+    model_dir = create_default_model(str(tmp_path / "m"), hidden_size=32, intermediate_size=64,
+                                     tie_word_embeddings=True)
+    outs = {dtype: str(tmp_path / dtype) for dtype in ("float32", "bfloat16")}
+    mp.spawn(_export_under_fsdp, args=(2, free_port(), model_dir, outs), nprocs=2, join=True)
+    expected = {name: tensor + 0.01 for name, tensor in load_model(model_dir).state_dict().items()}
+    for dtype, out in outs.items():
+        loaded = reload_and_generate(out, True, expected)
+        assert loaded.dtype == getattr(torch, dtype)

@@ -54,6 +54,15 @@ def file_index(state_dict, dtype, max_bytes=MAX_FILE_BYTES):
     return mapping
 
 
+def without_tied_aliases(model, state):
+    """`state` without the names that alias a parameter listed earlier (tied embeddings: lm_head.weight
+    is model.embed_tokens.weight). safetensors refuses two names on one storage, and transformers
+    writes the tied weight once, then re-ties it on load from config.tie_word_embeddings."""
+    canonical = {name for name, _ in model.named_parameters()}   # one name per parameter object
+    aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - canonical
+    return {name: tensor for name, tensor in state.items() if name not in aliases}
+
+
 def full_state_dict(model):
     """CPU state dict with every DTensor gathered to its full tensor, on every rank (a collective):
     for comparing and copying small models, not for export."""
@@ -80,7 +89,8 @@ def export_hf(model, tokenizer, out_dir, ctx, *, dtype=torch.float32, max_file_b
     parent = os.path.dirname(os.path.abspath(out_dir))
     tmp = fresh_directory(os.path.join(parent, f".tmp-export-{os.path.basename(os.path.abspath(out_dir))}"), ctx)
     with torch.no_grad():
-        state = {name: tensor.detach().to(dtype) for name, tensor in get_model_state_dict(model).items()}
+        state = {name: tensor.detach().to(dtype)
+                 for name, tensor in without_tied_aliases(model, get_model_state_dict(model)).items()}
     writer = HuggingFaceStorageWriter(tmp, fqn_to_index_mapping=file_index(state, dtype, max_file_bytes),
                                       save_distributed=True, enable_consolidation=True)
     with single_process_quiet(ctx):
