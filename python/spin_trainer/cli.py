@@ -25,7 +25,7 @@ from .options import parse_config, read_saved_options, write_config
 from .data import load_examples
 from .errors import UsageError, option
 from .evaluate import HeldOut
-from .export import export_hf, resolve_export_dtype
+from .export import resolve_export_dtype
 from .fingerprint import check_fingerprints, run_fingerprints
 from .generation.sampling import SamplingConfig
 from .logprobs import Scorer, default_head
@@ -37,7 +37,8 @@ from .parallel.mesh import choose_device, setup_parallel, teardown_parallel
 from .parallel.precision import Precision
 from .parallel.tp_plan import check_tensor_parallel
 from .plan.report import check_replicas_fit, run_plan
-from .plots import TABLE_LEGEND, format_table, plot_curves
+from .plots import TABLE_LEGEND, plot_curves
+from .run_outputs import RunOutputs
 from .trainer import SpinTrainer
 
 STOPPED_BY_SIGTERM = 143
@@ -128,6 +129,7 @@ def train(config, on_step=None):
     if par.dp_shard is False:
         check_replicas_fit(config, source_config, device_type)
     export_dtype = resolve_export_dtype(m.export_dtype, source_config)
+    iteration_export_dtype = resolve_export_dtype(m.iteration_export_dtype, source_config, name="iteration_export_dtype")
     tokenizer = load_tokenizer(m.model)
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, do_sample=not g.greedy,
                               temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
@@ -159,8 +161,14 @@ def train(config, on_step=None):
         held_out = HeldOut(test_examples, val_examples, scorer, tokenizer=tokenizer, max_length=d.max_length,
                            max_new_tokens=config.max_new_tokens, batch_size=g.gen_batch_size,
                            micro_batch_size=config.train.micro_batch_size)
+        title = "SPIN, per iteration (iteration 0 = the starting model)"
+        if not d.test_data:
+            title += f"; no {option('test_data')} given: 'test exact match' is measured on {option('val_data')}"
+        outputs = RunOutputs(model, tokenizer, ctx, out=run.out, table_title=title, final_dtype=export_dtype,
+                             iteration_dtype=iteration_export_dtype if m.export_every_iteration else None)
         trainer = SpinTrainer(model, tokenizer, train_examples, val_examples, config, scorer, out_dir=run.out,
-                              held_out=held_out, metrics=metrics, sampling=sampling, fingerprints=fingerprints)
+                              held_out=held_out, metrics=metrics, sampling=sampling, fingerprints=fingerprints,
+                              on_iteration_end=outputs.iteration_end)
         rows = trainer.train(resume=checkpoint, on_step=on_step)
         if trainer.stopped_early:
             if ctx.is_main:
@@ -169,15 +177,11 @@ def train(config, on_step=None):
                       f"with {option('resume')} and a larger {option('max_steps')} (or none) to finish; no final "
                       f"model was exported")
             return rows
-        export_hf(model, tokenizer, os.path.join(run.out, "final"), ctx, dtype=export_dtype)
+        final = outputs.final(config.spin.iterations, rows)
         if ctx.is_main:
-            title = "SPIN, per iteration (iteration 0 = the starting model)"
-            if not d.test_data:
-                title += f"; no {option('test_data')} given: 'test exact match' is measured on {option('val_data')}"
-            print(format_table(rows, title))
             print(textwrap.fill(TABLE_LEGEND, 100))
             plot_curves(read_records(metrics.path), os.path.join(run.out, "curves.png"))
-            print(f"final model: {os.path.join(run.out, 'final')}")
+            print(f"final model: {final}")
         return rows
     finally:
         teardown_parallel(ctx)

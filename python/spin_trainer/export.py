@@ -28,16 +28,17 @@ from .errors import UsageError, option
 MAX_FILE_BYTES = 5 * 1024 ** 3   # HF's usual shard size
 
 
-def resolve_export_dtype(requested, source_config):
-    """torch dtype of `--export-dtype`; "auto" is the input model's `config.torch_dtype` (float32 if unset)."""
+def resolve_export_dtype(requested, source_config, name="export_dtype"):
+    """torch dtype of `--export-dtype` (or the setting `name`); "auto" is the input model's
+    `config.torch_dtype` (float32 if unset)."""
     if requested != "auto":
         return getattr(torch, requested)
     dtype = getattr(source_config, "dtype", None) or getattr(source_config, "torch_dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise UsageError(f"{option('export_dtype')} auto: the input model's config.torch_dtype is {dtype}; "
-                         f"choose {option('export_dtype')} from {DTYPES}")
+        raise UsageError(f"{option(name)} auto: the input model's config.torch_dtype is {dtype}; "
+                         f"choose {option(name)} from {DTYPES}")
     return dtype
 
 
@@ -112,6 +113,24 @@ def export_hf(model, tokenizer, out_dir, ctx, *, dtype=torch.float32, max_file_b
                 fd = os.open(os.path.join(parent_dir, name), os.O_RDONLY)
                 os.fsync(fd)
                 os.close(fd)
+        replace_directory(tmp, out_dir)
+    ctx.barrier()
+    return out_dir
+
+
+def link_export(source, out_dir, ctx):
+    """`out_dir` as the export `source` again, its files hard links (no second copy of the weights on
+    disk; copies where the filesystem has no links); appears atomically, as export_hf's (all ranks call it)."""
+    if ctx.is_main:
+        tmp = os.path.join(os.path.dirname(os.path.abspath(out_dir)), f".tmp-export-{os.path.basename(out_dir)}")
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+        for name in os.listdir(source):
+            try:
+                os.link(os.path.join(source, name), os.path.join(tmp, name))
+            except OSError:
+                shutil.copy2(os.path.join(source, name), os.path.join(tmp, name))
         replace_directory(tmp, out_dir)
     ctx.barrier()
     return out_dir
