@@ -96,3 +96,18 @@ def test_export_every_iteration_is_on_by_default_in_bf16():
     assert parse_config([]).model.export_every_iteration is True
     assert parse_config([]).model.iteration_export_dtype == "bfloat16"
     assert parse_config(["--no-export-every-iteration"]).model.export_every_iteration is False
+
+
+def test_spin_train_export_converts_the_runs_checkpoint_to_its_final_model(tied_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from spin_trainer.checkpoint import list_checkpoints
+
+    _, _, out = tied_run
+    last = list_checkpoints(os.path.join(out, "checkpoints", "spin"))[-1]
+    converted = train_cli.main(["export", last, str(tmp_path / "hf")])   # the model: from OUT/config.yaml
+    got = load_file(os.path.join(converted, "model.safetensors"))
+    want = load_file(os.path.join(out, "final", "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[name], want[name]) for name in want)
+    for name in ("config.json", "tokenizer.json", "generation_config.json"):
+        assert os.path.isfile(os.path.join(converted, name)), name

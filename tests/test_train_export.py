@@ -7,6 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from spin_trainer import cli as train_cli
+from spin_trainer.checkpoint import save_checkpoint
 from spin_trainer.errors import UsageError
 from spin_trainer.options import parse_config
 
@@ -92,7 +94,7 @@ def test_tied_and_untied_models_export_in_every_dtype_and_reload_generating(tmp_
     assert loaded.dtype == getattr(torch, export)
 
 
-def _export_under_fsdp(rank, world_size, port, model_dir, outs):
+def _export_under_fsdp(rank, world_size, port, model_dir, outs, checkpoints):
     import torch.distributed as dist
     from datetime import timedelta
 
@@ -111,18 +113,39 @@ def _export_under_fsdp(rank, world_size, port, model_dir, outs):
             parameter.add_(0.01)
     for dtype, out in outs.items():
         export_hf(model, load_tokenizer(model_dir), out, ctx, dtype=getattr(torch, dtype))
+    # The same weights as a checkpoint of a 2-process run, for `spin-train export` on one process.
+    save_checkpoint(checkpoints, 1, model=model, optimizer=torch.optim.SGD(model.parameters()), reference=None,
+                    loop_state={}, ctx=ctx, keep=1)
     teardown_parallel(ctx)
 
 
 def test_a_tied_model_sharded_by_fsdp_on_2_ranks_exports_and_reloads(tmp_path):
+    """Also: its 2-process checkpoint converted by `spin-train export` on this one process."""
     import torch.multiprocessing as mp
     from trainer_cases import free_port
 
     model_dir = create_default_model(str(tmp_path / "m"), hidden_size=32, intermediate_size=64,
                                      tie_word_embeddings=True)
     outs = {dtype: str(tmp_path / dtype) for dtype in ("float32", "bfloat16")}
-    mp.spawn(_export_under_fsdp, args=(2, free_port(), model_dir, outs), nprocs=2, join=True)
+    checkpoints = str(tmp_path / "checkpoints")
+    mp.spawn(_export_under_fsdp, args=(2, free_port(), model_dir, outs, checkpoints), nprocs=2, join=True)
     expected = {name: tensor + 0.01 for name, tensor in load_model(model_dir).state_dict().items()}
     for dtype, out in outs.items():
         loaded = reload_and_generate(out, True, expected)
         assert loaded.dtype == getattr(torch, dtype)
+    step = os.path.join(checkpoints, "step-00000001")
+    converted = {"float32": str(tmp_path / "converted32"), "bfloat16": str(tmp_path / "converted16")}
+    train_cli.main(["export", step, converted["float32"], "--model", model_dir])   # auto: the model's float32
+    train_cli.main(["export", step, converted["bfloat16"], "--model", model_dir, "--dtype", "bfloat16"])
+    for dtype, out in converted.items():
+        loaded = reload_and_generate(out, True, expected)
+        assert loaded.dtype == getattr(torch, dtype)
+    with pytest.raises(UsageError, match="pass --model"):   # no run's config.yaml above this checkpoint
+        train_cli.main(["export", step, str(tmp_path / "x")])
+    with pytest.raises(UsageError, match="not a checkpoint directory"):
+        train_cli.main(["export", checkpoints, str(tmp_path / "x"), "--model", model_dir])
+    other_vocab = create_default_model(str(tmp_path / "other"), hidden_size=32, intermediate_size=64,
+                                       vocab_multiple=12, tie_word_embeddings=True)
+    with pytest.raises(UsageError, match=r"tensor lm_head.weight has shape \[16, 32\] there and \[24, 32\] in that"):
+        train_cli.main(["export", step, str(tmp_path / "y"), "--model", other_vocab])
+    assert not os.path.exists(tmp_path / "y")

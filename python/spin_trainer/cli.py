@@ -4,6 +4,7 @@
     spin-train --config run.yaml --out runs/x          # settings from a file; the command line overrides it
     torchrun --nproc_per_node 8 python/train.py --tp 4 --model PATH ...   # 2-way FSDP x 4-way tensor parallel
     spin-train --plan --model configs/llama-3-70b --nproc 64 --tp 8 ...   # per-rank memory, no GPU needed
+    spin-train export OUT/checkpoints/spin/step-N HF_DIR [--dtype bfloat16]   # a checkpoint as a HF model
 
 `spin-train` and `python python/train.py` are the same command.
 
@@ -20,6 +21,7 @@ import textwrap
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
+from . import export_command
 from .checkpoint import find_latest_checkpoint, list_checkpoints
 from .options import parse_config, read_saved_options, write_config
 from .data import load_examples
@@ -188,7 +190,10 @@ def train(config, on_step=None):
 
 
 def main(argv=None, on_step=None):
-    """Parses `argv` (default: sys.argv[1:]) and runs it: the plan, or a training run."""
+    """Parses `argv` (default: sys.argv[1:]) and runs it: the export command, the plan, or a training run."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return export_command.main(argv[1:])
     config = parse_config(argv, __doc__)
     if config.plan.plan:
         return run_plan(config)
