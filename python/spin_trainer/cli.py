@@ -9,8 +9,9 @@
 `spin-train` and `python python/train.py` are the same command.
 
 Data: JSONL records {"prompt", "response"} or chat {"messages": [..., {"role": "assistant", ...}]}.
-Writes OUT/config.yaml (the resolved settings), OUT/metrics.jsonl, OUT/curves.png, OUT/checkpoints/
-and the final model to OUT/final. SIGTERM writes a checkpoint and exits with status 143; --max-steps
+Writes OUT/config.yaml (the resolved settings), OUT/metrics.jsonl, OUT/curves.png, OUT/checkpoints/,
+each iteration's generations (OUT/generations/iter-N.jsonl) and model (OUT/iter-N), and the final
+model to OUT/final. SIGTERM writes a checkpoint and exits with status 143; --max-steps
 N stops after N optimizer steps with a checkpoint; --resume continues from the newest intact one,
 also on another process count or --tp (checkpoints reshard through torch.distributed.checkpoint).
 """
