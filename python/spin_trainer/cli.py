@@ -132,7 +132,8 @@ def train(config, on_step=None):
     if par.dp_shard is False:
         check_replicas_fit(config, source_config, device_type)
     export_dtype = resolve_export_dtype(m.export_dtype, source_config)
-    iteration_export_dtype = resolve_export_dtype(m.iteration_export_dtype, source_config, name="iteration_export_dtype")
+    iteration_export_dtype = resolve_export_dtype(m.iteration_export_dtype, source_config,
+                                                  name="iteration_export_dtype")
     tokenizer = load_tokenizer(m.model)
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, do_sample=not g.greedy,
                               temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,

@@ -10,10 +10,13 @@ import json
 import os
 
 
-def generations_path(out_dir, iteration, epoch=0):
-    """OUT/generations/iter-N.jsonl of 0-based `iteration`; regenerations (--generate-every epoch) add -epoch-E."""
+def generations_path(out_dir, iteration, epoch=0, run="spin"):
+    """OUT/generations/iter-N.jsonl of 0-based `iteration`; regenerations (--generate-every epoch) add
+    -epoch-E. Runs other than the command line's "spin" (the examples' arms sharing an OUT) write
+    OUT/generations/RUN/."""
     suffix = f"-epoch-{epoch}" if epoch else ""
-    return os.path.join(out_dir, "generations", f"iter-{iteration + 1}{suffix}.jsonl")
+    directory = os.path.join(out_dir, "generations", *([] if run == "spin" else [run]))
+    return os.path.join(directory, f"iter-{iteration + 1}{suffix}.jsonl")
 
 
 def generation_rows(examples, samples, truncated, ref_logps, tokenizer):

@@ -43,6 +43,6 @@ class RunOutputs:
         if not self.tables_printed:
             self.print_table(rows)
         path = os.path.join(self.out, "final")
-        if self.last_export is not None and self.last_export[0] == iterations and self.last_export[2] == self.final_dtype:
+        if self.last_export is not None and self.last_export[0::2] == (iterations, self.final_dtype):
             return link_export(self.last_export[1], path, self.ctx)
         return export_hf(self.model, self.tokenizer, path, self.ctx, dtype=self.final_dtype)

@@ -187,10 +187,11 @@ class SpinTrainer:
         if cached is not None and not self.config.spin.drop_truncated:
             ref = cached[:n]
         else:
-            ref = pair_logps(model, self.examples, samples, self.scorer, micro_batch_size=self.config.train.micro_batch_size,
+            ref = pair_logps(model, self.examples, samples, self.scorer,
+                             micro_batch_size=self.config.train.micro_batch_size,
                              pad_token_id=self.tokenizer.pad_token_id)
         if self.ctx.is_main:
-            write_generations(generations_path(self.out_dir, self.position.iteration, epoch),
+            write_generations(generations_path(self.out_dir, self.position.iteration, epoch, self.run),
                               generation_rows(self.examples, samples, samples.truncated, ref, self.tokenizer))
 
     def begin_iteration(self):
