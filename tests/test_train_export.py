@@ -149,3 +149,24 @@ def test_a_tied_model_sharded_by_fsdp_on_2_ranks_exports_and_reloads(tmp_path):
     with pytest.raises(UsageError, match=r"tensor lm_head.weight has shape \[16, 32\] there and \[24, 32\] in that"):
         train_cli.main(["export", step, str(tmp_path / "y"), "--model", other_vocab])
     assert not os.path.exists(tmp_path / "y")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_tied_models_of_other_families_export_and_reload_tied(tmp_path, family):
+    """Qwen2 and GPT-2 tie their heads under other names (GPT-2: transformer.wte.weight)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
+
+    tokenizer = load_tokenizer(create_default_model(str(tmp_path / "m"), hidden_size=32, intermediate_size=64))
+    config = (Qwen2Config(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+              if family == "qwen2" else GPT2Config(vocab_size=16, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    out = export_hf(model, tokenizer, str(tmp_path / "final"), CTX, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.config.tie_word_embeddings
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    expected = model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    assert loaded.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, do_sample=False, pad_token_id=0).shape[1] > 3
