@@ -94,7 +94,7 @@ def test_tied_and_untied_models_export_in_every_dtype_and_reload_generating(tmp_
     assert loaded.dtype == getattr(torch, export)
 
 
-def _export_under_fsdp(rank, world_size, port, model_dir, outs, checkpoints):
+def _export_under_fsdp(rank, world_size, port, model_dir, outs, checkpoints, run_args):
     import torch.distributed as dist
     from datetime import timedelta
 
@@ -116,19 +116,23 @@ def _export_under_fsdp(rank, world_size, port, model_dir, outs, checkpoints):
     # The same weights as a checkpoint of a 2-process run, for `spin-train export` on one process.
     save_checkpoint(checkpoints, 1, model=model, optimizer=torch.optim.SGD(model.parameters()), reference=None,
                     loop_state={}, ctx=ctx, keep=1)
-    teardown_parallel(ctx)
+    # Last, as it tears the process group down: a whole 2-process run of the tied model.
+    train_cli.main(run_args)
 
 
 def test_a_tied_model_sharded_by_fsdp_on_2_ranks_exports_and_reloads(tmp_path):
-    """Also: its 2-process checkpoint converted by `spin-train export` on this one process."""
+    """Also: its 2-process checkpoint converted by `spin-train export` on this one process, and a
+    whole 2-process run of the tied model (its generations gathered, its exports reloading tied)."""
     import torch.multiprocessing as mp
-    from trainer_cases import free_port
+    from trainer_cases import free_port, tiny_setup, train_args
 
     model_dir = create_default_model(str(tmp_path / "m"), hidden_size=32, intermediate_size=64,
                                      tie_word_embeddings=True)
     outs = {dtype: str(tmp_path / dtype) for dtype in ("float32", "bfloat16")}
     checkpoints = str(tmp_path / "checkpoints")
-    mp.spawn(_export_under_fsdp, args=(2, free_port(), model_dir, outs, checkpoints), nprocs=2, join=True)
+    run = str(tmp_path / "run")
+    run_args = train_args(model_dir, *tiny_setup(str(tmp_path / "data"))[1:], run, "--iterations", "1")
+    mp.spawn(_export_under_fsdp, args=(2, free_port(), model_dir, outs, checkpoints, run_args), nprocs=2, join=True)
     expected = {name: tensor + 0.01 for name, tensor in load_model(model_dir).state_dict().items()}
     for dtype, out in outs.items():
         loaded = reload_and_generate(out, True, expected)
@@ -149,6 +153,14 @@ def test_a_tied_model_sharded_by_fsdp_on_2_ranks_exports_and_reloads(tmp_path):
     with pytest.raises(UsageError, match=r"tensor lm_head.weight has shape \[16, 32\] there and \[24, 32\] in that"):
         train_cli.main(["export", step, str(tmp_path / "y"), "--model", other_vocab])
     assert not os.path.exists(tmp_path / "y")
+
+    with open(os.path.join(run, "generations", "iter-1.jsonl"), encoding="utf-8") as f:
+        assert [json.loads(line)["index"] for line in f] == list(range(32))   # both ranks' prompts, once
+    last = sorted(os.listdir(os.path.join(run, "checkpoints", "spin")))[-1]
+    converted = train_cli.main(["export", os.path.join(run, "checkpoints", "spin", last), str(tmp_path / "c")])
+    final = reload_and_generate(os.path.join(run, "final"), True, load_model(converted).state_dict())
+    assert final.dtype == torch.float32
+    reload_and_generate(os.path.join(run, "iter-1"), True, final.state_dict())   # in bfloat16
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt2"])
