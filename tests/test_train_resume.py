@@ -275,3 +275,31 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_tensor(tmp_path):
     with pytest.raises(UsageError, match=r"holds another model's model weights: 9 tensor\(s\) of this model are not "
                                          r"in it \(e.g. \['model.layers.2"):
         check_fits(directory, deeper, "model")
+
+
+def test_resume_with_more_iterations_extends_a_finished_run(tiny, uninterrupted, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    same_dtype = ["--iteration-export-dtype", "auto"]   # OUT/iter-N as OUT/final: final links the last one
+    train_cli.main(train_args(*tiny, out, *EXTRA, *same_dtype, "--iterations", "1"))
+    assert os.path.isdir(os.path.join(out, "final"))
+    capsys.readouterr()
+    trained = []
+    train_cli.main(train_args(*tiny, out, *EXTRA, *same_dtype, "--resume"), on_step=trained.append)   # --iterations 2
+    assert "resumed from" in capsys.readouterr().out
+    assert {r["iteration"] for r in trained} == {2} and trained[0]["step"] == 5   # iteration 2 only
+    # From iteration 1's final weights, optimizer and reference: the uninterrupted 2-iteration run.
+    assert_same_run(out, uninterrupted)
+    assert os.path.samefile(os.path.join(out, "final", "model.safetensors"),
+                            os.path.join(out, "iter-2", "model.safetensors"))
+    with pytest.raises(UsageError, match="was written with --iterations 2, this run has --iterations 1"):
+        train_cli.main(train_args(*tiny, out, *EXTRA, "--resume", "--iterations", "1"))
+
+
+@pytest.mark.parametrize("lr, refused", [(["1e-3"], False), (["1e-3", "1e-3", "5e-4"], False),
+                                         (["1e-3", "2e-3", "5e-4"], True)])
+def test_an_extended_run_keeps_the_per_iteration_values_of_the_iterations_it_had(lr, refused):
+    from spin_trainer.options import parse_config
+
+    saved = parse_config(["--iterations", "2", "--lr", "1e-3"]).as_options(resume_only=True)
+    mismatches = parse_config(["--iterations", "3", "--lr", *lr]).resume_mismatches(saved)
+    assert [m[0] for m in mismatches] == (["--lr"] if refused else [])

@@ -4,12 +4,14 @@
     spin-train --config run.yaml --out runs/x          # settings from a file; the command line overrides it
     torchrun --nproc_per_node 8 python/train.py --tp 4 --model PATH ...   # 2-way FSDP x 4-way tensor parallel
     spin-train --plan --model configs/llama-3-70b --nproc 64 --tp 8 ...   # per-rank memory, no GPU needed
+    spin-train export OUT/checkpoints/spin/step-N HF_DIR [--dtype bfloat16]   # a checkpoint as a HF model
 
 `spin-train` and `python python/train.py` are the same command.
 
 Data: JSONL records {"prompt", "response"} or chat {"messages": [..., {"role": "assistant", ...}]}.
-Writes OUT/config.yaml (the resolved settings), OUT/metrics.jsonl, OUT/curves.png, OUT/checkpoints/
-and the final model to OUT/final. SIGTERM writes a checkpoint and exits with status 143; --max-steps
+Writes OUT/config.yaml (the resolved settings), OUT/metrics.jsonl, OUT/curves.png, OUT/checkpoints/,
+each iteration's generations (OUT/generations/iter-N.jsonl) and model (OUT/iter-N), and the final
+model to OUT/final. SIGTERM writes a checkpoint and exits with status 143; --max-steps
 N stops after N optimizer steps with a checkpoint; --resume continues from the newest intact one,
 also on another process count or --tp (checkpoints reshard through torch.distributed.checkpoint).
 """
@@ -20,12 +22,13 @@ import textwrap
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
+from . import export_command
 from .checkpoint import find_latest_checkpoint, list_checkpoints
 from .options import parse_config, read_saved_options, write_config
 from .data import load_examples
 from .errors import UsageError, option
 from .evaluate import HeldOut
-from .export import export_hf, resolve_export_dtype
+from .export import resolve_export_dtype
 from .fingerprint import check_fingerprints, run_fingerprints
 from .generation.sampling import SamplingConfig
 from .logprobs import Scorer, default_head
@@ -37,7 +40,8 @@ from .parallel.mesh import choose_device, setup_parallel, teardown_parallel
 from .parallel.precision import Precision
 from .parallel.tp_plan import check_tensor_parallel
 from .plan.report import check_replicas_fit, run_plan
-from .plots import TABLE_LEGEND, format_table, plot_curves
+from .plots import TABLE_LEGEND, plot_curves
+from .run_outputs import RunOutputs
 from .trainer import SpinTrainer
 
 STOPPED_BY_SIGTERM = 143
@@ -128,6 +132,8 @@ def train(config, on_step=None):
     if par.dp_shard is False:
         check_replicas_fit(config, source_config, device_type)
     export_dtype = resolve_export_dtype(m.export_dtype, source_config)
+    iteration_export_dtype = resolve_export_dtype(m.iteration_export_dtype, source_config,
+                                                  name="iteration_export_dtype")
     tokenizer = load_tokenizer(m.model)
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, do_sample=not g.greedy,
                               temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
@@ -159,8 +165,14 @@ def train(config, on_step=None):
         held_out = HeldOut(test_examples, val_examples, scorer, tokenizer=tokenizer, max_length=d.max_length,
                            max_new_tokens=config.max_new_tokens, batch_size=g.gen_batch_size,
                            micro_batch_size=config.train.micro_batch_size)
+        title = "SPIN, per iteration (iteration 0 = the starting model)"
+        if not d.test_data:
+            title += f"; no {option('test_data')} given: 'test exact match' is measured on {option('val_data')}"
+        outputs = RunOutputs(model, tokenizer, ctx, out=run.out, table_title=title, final_dtype=export_dtype,
+                             iteration_dtype=iteration_export_dtype if m.export_every_iteration else None)
         trainer = SpinTrainer(model, tokenizer, train_examples, val_examples, config, scorer, out_dir=run.out,
-                              held_out=held_out, metrics=metrics, sampling=sampling, fingerprints=fingerprints)
+                              held_out=held_out, metrics=metrics, sampling=sampling, fingerprints=fingerprints,
+                              on_iteration_end=outputs.iteration_end)
         rows = trainer.train(resume=checkpoint, on_step=on_step)
         if trainer.stopped_early:
             if ctx.is_main:
@@ -169,22 +181,21 @@ def train(config, on_step=None):
                       f"with {option('resume')} and a larger {option('max_steps')} (or none) to finish; no final "
                       f"model was exported")
             return rows
-        export_hf(model, tokenizer, os.path.join(run.out, "final"), ctx, dtype=export_dtype)
+        final = outputs.final(config.spin.iterations, rows)
         if ctx.is_main:
-            title = "SPIN, per iteration (iteration 0 = the starting model)"
-            if not d.test_data:
-                title += f"; no {option('test_data')} given: 'test exact match' is measured on {option('val_data')}"
-            print(format_table(rows, title))
             print(textwrap.fill(TABLE_LEGEND, 100))
             plot_curves(read_records(metrics.path), os.path.join(run.out, "curves.png"))
-            print(f"final model: {os.path.join(run.out, 'final')}")
+            print(f"final model: {final}")
         return rows
     finally:
         teardown_parallel(ctx)
 
 
 def main(argv=None, on_step=None):
-    """Parses `argv` (default: sys.argv[1:]) and runs it: the plan, or a training run."""
+    """Parses `argv` (default: sys.argv[1:]) and runs it: the export command, the plan, or a training run."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return export_command.main(argv[1:])
     config = parse_config(argv, __doc__)
     if config.plan.plan:
         return run_plan(config)

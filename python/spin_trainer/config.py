@@ -57,6 +57,12 @@ def optional(check):
     return lambda v: None if v is None else check(v)
 
 
+def per_iteration(values, iterations):
+    """One float per iteration of a --beta or --lr list (a single value is repeated)."""
+    values = [float(v) for v in values]
+    return values * iterations if len(values) == 1 else values
+
+
 # ---- the tree ------------------------------------------------------------------------------------
 @dataclass
 class ModelSettings:
@@ -74,8 +80,12 @@ class ModelSettings:
                                choices=HEADS)
     attn: str = setting("auto", "attention kernel; auto: flash_attention_2 if usable, else sdpa", choices=ATTENTION)
     device: str = setting("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    export_dtype: str = setting("auto", "dtype of the final Hugging Face model; auto: the input model's "
+    export_dtype: str = setting("auto", "dtype of the final Hugging Face model (OUT/final); auto: the input model's "
                                         "config.torch_dtype", choices=("auto",) + DTYPES)
+    export_every_iteration: bool = setting(True, "export each iteration's model to OUT/iter-N besides OUT/final "
+                                                 "(--no-export-every-iteration: OUT/final only)")
+    iteration_export_dtype: str = setting("bfloat16", "dtype of the OUT/iter-N exports; auto: the input model's "
+                                                      "config.torch_dtype", choices=("auto",) + DTYPES)
 
 
 @dataclass
@@ -218,10 +228,7 @@ class RunConfig:
     # ---- derived values --------------------------------------------------------------------------
     def per_iteration(self, name):
         """--beta or --lr as one value per iteration (a single value is repeated)."""
-        values = [float(v) for v in getattr(self.spin, name)]
-        if len(values) == 1:
-            return values * self.spin.iterations
-        return values
+        return per_iteration(getattr(self.spin, name), self.spin.iterations)
 
     @property
     def max_new_tokens(self):
@@ -306,6 +313,17 @@ class RunConfig:
                 for _, f, v in self.items() if f.metadata["resume"] or not resume_only}
 
     def resume_mismatches(self, saved):
-        """[(option, saved value, this run's value)] of the settings a resumed run must keep."""
-        return [(option(key.replace("-", "_")), saved.get(key), value)
-                for key, value in self.as_options(resume_only=True).items() if saved.get(key) != value]
+        """[(option, saved value, this run's value)] of the settings a resumed run must keep. More
+        --iterations extend the run: --beta and --lr must then agree on the iterations it had."""
+        before = saved.get("iterations")
+        extends = isinstance(before, int) and self.spin.iterations >= before
+        mismatches = []
+        for key, value in self.as_options(resume_only=True).items():
+            if key == "iterations" and extends:
+                continue
+            if key in ("beta", "lr") and extends and isinstance(saved.get(key), list) and \
+                    self.per_iteration(key)[:before] == per_iteration(saved[key], before):
+                continue
+            if saved.get(key) != value:
+                mismatches.append((option(key.replace("-", "_")), saved.get(key), value))
+        return mismatches

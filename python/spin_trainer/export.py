@@ -28,16 +28,17 @@ from .errors import UsageError, option
 MAX_FILE_BYTES = 5 * 1024 ** 3   # HF's usual shard size
 
 
-def resolve_export_dtype(requested, source_config):
-    """torch dtype of `--export-dtype`; "auto" is the input model's `config.torch_dtype` (float32 if unset)."""
+def resolve_export_dtype(requested, source_config, name="export_dtype"):
+    """torch dtype of `--export-dtype` (or the setting `name`); "auto" is the input model's
+    `config.torch_dtype` (float32 if unset)."""
     if requested != "auto":
         return getattr(torch, requested)
     dtype = getattr(source_config, "dtype", None) or getattr(source_config, "torch_dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise UsageError(f"{option('export_dtype')} auto: the input model's config.torch_dtype is {dtype}; "
-                         f"choose {option('export_dtype')} from {DTYPES}")
+        raise UsageError(f"{option(name)} auto: the input model's config.torch_dtype is {dtype}; "
+                         f"choose {option(name)} from {DTYPES}")
     return dtype
 
 
@@ -52,6 +53,15 @@ def file_index(state_dict, dtype, max_bytes=MAX_FILE_BYTES):
         mapping[name] = index
         used += size
     return mapping
+
+
+def without_tied_aliases(model, state):
+    """`state` without the names that alias a parameter listed earlier (tied embeddings: lm_head.weight
+    is model.embed_tokens.weight). safetensors refuses two names on one storage, and transformers
+    writes the tied weight once, then re-ties it on load from config.tie_word_embeddings."""
+    canonical = {name for name, _ in model.named_parameters()}   # one name per parameter object
+    aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - canonical
+    return {name: tensor for name, tensor in state.items() if name not in aliases}
 
 
 def full_state_dict(model):
@@ -80,7 +90,8 @@ def export_hf(model, tokenizer, out_dir, ctx, *, dtype=torch.float32, max_file_b
     parent = os.path.dirname(os.path.abspath(out_dir))
     tmp = fresh_directory(os.path.join(parent, f".tmp-export-{os.path.basename(os.path.abspath(out_dir))}"), ctx)
     with torch.no_grad():
-        state = {name: tensor.detach().to(dtype) for name, tensor in get_model_state_dict(model).items()}
+        state = {name: tensor.detach().to(dtype)
+                 for name, tensor in without_tied_aliases(model, get_model_state_dict(model)).items()}
     writer = HuggingFaceStorageWriter(tmp, fqn_to_index_mapping=file_index(state, dtype, max_file_bytes),
                                       save_distributed=True, enable_consolidation=True)
     with single_process_quiet(ctx):
@@ -102,6 +113,24 @@ def export_hf(model, tokenizer, out_dir, ctx, *, dtype=torch.float32, max_file_b
                 fd = os.open(os.path.join(parent_dir, name), os.O_RDONLY)
                 os.fsync(fd)
                 os.close(fd)
+        replace_directory(tmp, out_dir)
+    ctx.barrier()
+    return out_dir
+
+
+def link_export(source, out_dir, ctx):
+    """`out_dir` as the export `source` again, its files hard links (no second copy of the weights on
+    disk; copies where the filesystem has no links); appears atomically, as export_hf's (all ranks call it)."""
+    if ctx.is_main:
+        tmp = os.path.join(os.path.dirname(os.path.abspath(out_dir)), f".tmp-export-{os.path.basename(out_dir)}")
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+        for name in os.listdir(source):
+            try:
+                os.link(os.path.join(source, name), os.path.join(tmp, name))
+            except OSError:
+                shutil.copy2(os.path.join(source, name), os.path.join(tmp, name))
         replace_directory(tmp, out_dir)
     ctx.barrier()
     return out_dir

@@ -43,7 +43,8 @@ def build_parser(description=None):
             text = meta["help"] + ("" if f.default in (None, False, ()) else f" (default: {_shown(f.default)})")
             kwargs = dict(help=text.replace("%", "%%"), dest=f"{group_name}.{f.name}")
             if kind is bool:
-                action = argparse.BooleanOptionalAction if f.default is None else "store_true"
+                # --no-X where the default is unset or on
+                action = argparse.BooleanOptionalAction if f.default in (None, True) else "store_true"
                 section.add_argument(option(f.name), action=action, **kwargs)
                 continue
             if many:

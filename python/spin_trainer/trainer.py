@@ -39,6 +39,7 @@ from .data import collate_pairs
 from .errors import TrainingDiverged, option
 from .evaluate import fraction_equal_to_gold, iteration_diagnostics, spin_pair_accuracy
 from .generation.rollouts import ParkedOptimizer, drop_truncated, generate, pair_logps, sampling_seed
+from .generations import generation_rows, generations_path, write_generations
 from .loop_state import IterationData, LoopPosition, StopSignal, TrainingStopped
 from .optim import (apply_update, epoch_order, learning_rate_schedule, make_optimizer, make_scheduler,
                     reset_state)
@@ -50,13 +51,15 @@ class SpinTrainer:
     """The SPIN loop of a checked RunConfig on a parallelized model (see python/spin_trainer/cli.py)."""
 
     def __init__(self, model, tokenizer, train_examples, val_examples, config: RunConfig, scorer, *, out_dir,
-                 held_out, metrics, sampling, run="spin", report=print, fingerprints=None):
+                 held_out, metrics, sampling, run="spin", report=print, fingerprints=None, on_iteration_end=None):
         self.model, self.tokenizer, self.config, self.scorer = model, tokenizer, config, scorer
         self.ctx = scorer.ctx
         self.examples, self.val_examples = train_examples, val_examples
         self.held_out, self.metrics, self.run, self.report = held_out, metrics, run, report
         self.sampling = sampling    # SamplingConfig of θ_t's answers; its seed is set per (iteration, epoch)
         self.fingerprints = fingerprints or {}   # of the inputs, kept in checkpoints (fingerprint.py)
+        self.out_dir = out_dir
+        self.on_iteration_end = on_iteration_end   # (iterations done, eval rows) after each iteration's checkpoint
         self.checkpoint_root = os.path.join(out_dir, "checkpoints", run)
         s, t = config.spin, config.train
         self.betas, self.lrs = config.per_iteration("beta"), config.per_iteration("lr")
@@ -103,6 +106,8 @@ class SpinTrainer:
                 if self.train_iteration(bar, on_step):      # train
                     self.end_iteration()                    # evaluate
                     self.save()                             # checkpoint
+                    if self.on_iteration_end is not None:   # the results table, the iteration's export
+                        self.on_iteration_end(p.iteration, self.eval_rows)
                     self.check_stop()
         bar.close()
         if p.iteration < c.spin.iterations:
@@ -165,6 +170,7 @@ class SpinTrainer:
         micro, pad = self.config.train.micro_batch_size, self.tokenizer.pad_token_id
         cached = (pair_logps(model, examples, generated, self.scorer, micro_batch_size=micro, pad_token_id=pad)
                   if self.reference.precomputes_logps else None)
+        self.record_generations(model, samples, cached, epoch)
         val_generated = self.generate_for(model, self.val_examples, epoch + 10_000)
         val_ref = pair_logps(model, self.val_examples, val_generated, self.scorer, micro_batch_size=micro,
                              pad_token_id=pad)
@@ -175,6 +181,20 @@ class SpinTrainer:
                              val_ref_logps=val_ref, generated_epoch=epoch,
                              train_gen_length=sum(lengths) / len(lengths),
                              gen_equals_gold=fraction_equal_to_gold(self.examples, samples))
+
+    def record_generations(self, model, samples, cached, epoch):
+        """θ_t's answers to the training prompts as text (generations.py), with their reference log-probs:
+        the cache's first rows where they are these pairs, else scored now by `model`, which holds θ_t."""
+        n = len(self.examples)
+        if cached is not None and not self.config.spin.drop_truncated:
+            ref = cached[:n]
+        else:
+            ref = pair_logps(model, self.examples, samples, self.scorer,
+                             micro_batch_size=self.config.train.micro_batch_size,
+                             pad_token_id=self.tokenizer.pad_token_id)
+        if self.ctx.is_main:
+            write_generations(generations_path(self.out_dir, self.position.iteration, epoch, self.run),
+                              generation_rows(self.examples, samples, samples.truncated, ref, self.tokenizer))
 
     def begin_iteration(self):
         self.reference.begin_iteration()   # the policy, as it is now, becomes θ_t
