@@ -6,16 +6,16 @@ A checkpoint is a directory `step-00000042/`:
     model/          DCP: {"model", "optimizer"} from `get_state_dict` (each rank writes its shards)
     reference/      DCP: θ_t's weights, where the reference mode keeps them (swap, resident, or
                     per-epoch regeneration) and an iteration is in progress
-    loop.pt         rank 0: the loop's non-tensor state (position, cached generations and reference
-                    log-probs, previous pairs, scheduler, eval rows, settings, fingerprints, and
-                    every rank's RNG states)
+    loop.json       rank 0: the loop's state (position, cached generations and reference log-probs,
+    loop.safetensors    previous pairs, scheduler, eval rows, settings, fingerprints, and every rank's
+                    RNG states), in files that cannot run code when read (state_file.py)
     manifest.json   sizes and SHA-256 of every file
 
 It is written into `.tmp-step-00000042/`, every file fsynced, and renamed into place only when
 complete. On load each rank checks a share of the files against the manifest; a checkpoint with a
 missing, unreadable or mismatching manifest or file is reported, moved aside to
 `step-00000042.corrupt` (never deleted, never counted among the `--keep` kept ones) and the
-previous one is used. Pruning keeps the newest `--keep`, always including the one just written.
+previous one is used; when none is left, --resume is refused (a run never starts over silently). Pruning keeps the newest `--keep`, always including the one just written.
 
 Resharding is PyTorch's: DCP stores each tensor's global shape and the offsets of every shard,
 and `set_state_dict` loads them into whatever layout the model has now (another process count,
@@ -52,11 +52,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from .errors import UsageError, option
+from .state_file import STRUCTURE_FILE, TENSORS_FILE, read_state, write_state
 
 PREFIX = "step-"
 CORRUPT_SUFFIX = ".corrupt"
 MANIFEST = "manifest.json"
-LOOP_FILE = "loop.pt"
+LOOP_FILES = (STRUCTURE_FILE, TENSORS_FILE)
+PICKLED_LOOP_FILE = "loop.pt"   # before state_file.py: a pickle, never read
 TRAIN_DIR = "model"
 REFERENCE_DIR = "reference"
 
@@ -215,8 +217,8 @@ def save_checkpoint(root, step, *, model, optimizer, reference, loop_state, ctx,
                        # this process's device only: another machine may see another number of GPUs
                        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}], ctx)
     if ctx.is_main:
-        torch.save({**loop_state, "rng": rng}, os.path.join(tmp, LOOP_FILE))
-        _fsync(os.path.join(tmp, LOOP_FILE))
+        for path in write_state({**loop_state, "rng": rng}, tmp):
+            _fsync(path)
     ctx.barrier()
     files = _files_under(tmp) if ctx.is_main else None
     files = _broadcast(files, ctx)
@@ -278,16 +280,22 @@ def checkpoint_problem(path, ctx):
     if problem is not None:
         return problem
     listed = sorted(manifest["files"])
-    if "shared.pt" in listed and LOOP_FILE not in listed:
+    if "shared.pt" in listed and PICKLED_LOOP_FILE not in listed:
         # Intact, only of the layout before torch.distributed.checkpoint: refuse rather than move
         # it aside and start the run over.
         raise UsageError(f"{option('resume')}: {path} was written by an older spin_trainer (rank*.pt files, no "
                          f"torch.distributed.checkpoint); this version cannot resume it: finish that run with "
                          f"the version that wrote it, or start a new one in another {option('out')}")
+    if PICKLED_LOOP_FILE in listed and STRUCTURE_FILE not in listed:
+        # A pickle runs code when read: refused unread, and not moved aside (it is not corrupt).
+        raise UsageError(f"{option('resume')}: {path} keeps its loop state in {PICKLED_LOOP_FILE}, a pickle of an "
+                         f"older spin_trainer; this version does not read pickles (they can run code); finish "
+                         f"that run with the version that wrote it, or start a new one in another {option('out')}")
     present = set(_files_under(path)) - {MANIFEST}
     missing = [name for name in listed if name not in present]
-    if missing or LOOP_FILE not in listed:
-        return f"{(missing or [LOOP_FILE])[0]} is missing"
+    missing += [name for name in LOOP_FILES if name not in listed]
+    if missing:
+        return f"{missing[0]} is missing"
     for name in listed[ctx.rank::ctx.world_size]:
         full, expected = os.path.join(path, name), manifest["files"][name]
         if os.path.getsize(full) != expected["bytes"]:
@@ -317,27 +325,34 @@ def move_aside(path):
 
 
 def find_latest_checkpoint(root, ctx, report=print):
-    """The newest intact Checkpoint under `root` (all ranks call this), or None if there is none."""
+    """The newest intact Checkpoint under `root` (all ranks call this). Corrupt ones are reported
+    (once, by rank 0) and moved aside; with none intact, --resume is refused, naming each one found
+    and what is wrong with it: starting over is the user's choice, never a fallback."""
+    unusable = []
     for path in reversed(list_checkpoints(root)):
         problem = checkpoint_problem(path, ctx)
         loop_state = None
         if problem is None:
             try:
-                # Our own file (Examples, RNG states and Python lists inside), hence weights_only=False.
-                loop_state = torch.load(os.path.join(path, LOOP_FILE), map_location="cpu", weights_only=False)
-            except Exception as exc:  # any unpickling failure means the same thing: unusable
-                problem = f"{LOOP_FILE} cannot be loaded ({type(exc).__name__}: {exc})"
-        if _any_rank(problem, ctx):
-            if ctx.is_main or problem is not None:
-                report(f"warning: checkpoint {path} is corrupt or incomplete: {problem or 'another rank failed'}; "
-                       f"falling back to the previous checkpoint")
-            ctx.barrier()
-            if ctx.is_main:
-                report(f"moved {path} aside to {move_aside(path)}")
-            ctx.barrier()
-            continue
-        return Checkpoint(path, loop_state)
-    return None
+                loop_state = read_state(path)
+            except Exception as exc:  # any failure to read it means the same thing: unusable
+                problem = f"{STRUCTURE_FILE} cannot be loaded ({type(exc).__name__}: {exc})"
+        problems = [p for p in _all_ranks([problem], ctx) if p is not None]
+        if not problems:
+            return Checkpoint(path, loop_state)
+        ctx.barrier()
+        if ctx.is_main:
+            moved = move_aside(path)
+            report(f"warning: checkpoint {path} is corrupt or incomplete: {problems[0]}; moved aside to {moved}")
+            unusable.append(f"{os.path.basename(path)}: {problems[0]} (moved aside to {os.path.basename(moved)})")
+        ctx.barrier()
+    earlier = sorted(n for n in os.listdir(root) if CORRUPT_SUFFIX in n) if os.path.isdir(root) else []
+    unusable += [f"{name}: moved aside as corrupt by an earlier run" for name in earlier
+                 if not any(f"moved aside to {name})" in line for line in unusable)]
+    found = "; ".join(unusable) if unusable else "none"
+    raise UsageError(f"{option('resume')}: no usable checkpoint under {root} (found: {found}); nothing was "
+                     f"trained. To start the run over, run without {option('resume')} (its metrics are "
+                     f"replaced), or use another {option('out')}")
 
 
 def check_fits(directory, module, what):

@@ -38,30 +38,11 @@ from .parallel.precision import Precision
 from .parallel.tp_plan import check_tensor_parallel
 from .plan.report import check_replicas_fit, run_plan
 from .plots import TABLE_LEGEND, format_table, plot_curves
+from .run_dir import check_output_path, lock_run, remove_if_empty
 from .trainer import SpinTrainer
 
 STOPPED_BY_SIGTERM = 143
 CONFIG_FILE = "config.yaml"
-
-
-def check_output_path(out):
-    """The output directory must be one this process can write (it is created if missing)."""
-    path = os.path.abspath(out)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{option('out')} {out!r} is a file, not a directory")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f"{option('out')} {out!r} lies under {existing!r}, which is a file")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        with open(probe, "w", encoding="utf-8"):
-            pass
-        os.remove(probe)
-    except OSError as exc:
-        raise UsageError(f"{option('out')} {out!r} is not writable ({exc.strerror or exc})") from exc
 
 
 def stop_sequences(strings, ids, tokenizer):
@@ -82,15 +63,10 @@ def stop_sequences(strings, ids, tokenizer):
 
 
 def find_resume_checkpoint(config, ctx, fingerprints):
-    """The newest intact checkpoint of the run in --out (None: start over), after checking that this
+    """The newest intact checkpoint of the run in --out (none: refused), after checking that this
     run keeps every setting that changes results (against OUT/config.yaml) and the same inputs."""
     out = config.run.out
-    root = os.path.join(out, "checkpoints", "spin")
-    found = find_latest_checkpoint(root, ctx)
-    if found is None:
-        if ctx.is_main:
-            print(f"{option('resume')}: no usable checkpoint under {root}; starting from the beginning")
-        return None
+    found = find_latest_checkpoint(os.path.join(out, "checkpoints", "spin"), ctx)
     saved_file = os.path.join(out, CONFIG_FILE)
     saved = read_saved_options(saved_file) if os.path.isfile(saved_file) else found.loop_state["settings"]
     mismatches = config.resume_mismatches(saved)
@@ -112,12 +88,22 @@ def check_no_earlier_run(config):
 
 def train(config, on_step=None):
     """A SPIN run of `config` (checked): set-up, the SpinTrainer's loop, the export and the report.
-    Returns the per-iteration eval rows."""
-    m, d, g, par, run = config.model, config.data, config.generation, config.parallel, config.run
-    for name, value in (("model", m.model), ("train_data", d.train_data)):
+    Returns the per-iteration eval rows. A run that fails leaves no --out behind that it created
+    and wrote nothing into."""
+    for name, value in (("model", config.model.model), ("train_data", config.data.train_data)):
         if not value:
             raise UsageError(f"{option(name)} is required")
-    check_output_path(run.out)
+    created = check_output_path(config.run.out)
+    try:
+        return run_training(config, on_step)
+    except BaseException:
+        if created:
+            remove_if_empty(config.run.out)
+        raise
+
+
+def run_training(config, on_step):
+    m, d, g, par, run = config.model, config.data, config.generation, config.parallel, config.run
     if not config.progress:
         hf_logging.disable_progress_bar()
     check_model_dir(m.model)
@@ -145,8 +131,10 @@ def train(config, on_step=None):
     fingerprints = run_fingerprints(m.model, tokenizer, d.train_data)
 
     ctx = setup_parallel(par.tp, device_type, dp_shard=par.dp_shard)
+    lock = None
     try:
         config.check_layout(ctx.dp_size, ctx.dp_shard, len(train_examples))
+        lock = lock_run(run.out, ctx)   # every rank learns the verdict before anything is written
         checkpoint = find_resume_checkpoint(config, ctx, fingerprints) if run.resume else None
         if ctx.is_main:
             write_config(config, os.path.join(run.out, CONFIG_FILE))
@@ -180,6 +168,8 @@ def train(config, on_step=None):
             print(f"final model: {os.path.join(run.out, 'final')}")
         return rows
     finally:
+        if lock is not None:
+            lock.release()
         teardown_parallel(ctx)
 
 

@@ -1,0 +1,124 @@
+"""Runs that can't be lost or hijacked: one run per --out (a lock held by the worker), --resume
+never starts over silently, loop state that cannot run code, a refused run leaves no --out."""
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from trainer_cases import ROOT, tiny_setup, train_args
+
+from spin_trainer import cli as train_cli
+from spin_trainer.errors import UsageError
+
+SHORT = ["--iterations", "1", "--save-every", "1", "--keep", "1", "--max-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_setup(str(tmp_path_factory.mktemp("safety")))
+
+
+@pytest.fixture(scope="module")
+def short_run(tiny, tmp_path_factory):
+    """A run stopped by --max-steps 2 with --keep 1: one checkpoint, step-00000002."""
+    out = str(tmp_path_factory.mktemp("short") / "run")
+    train_cli.main(train_args(*tiny, out, *SHORT))
+    return out
+
+
+def copy_of(run, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(run, out)
+    return out
+
+
+def test_a_second_run_into_a_locked_out_is_refused_before_it_writes(tiny, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, torch\n"
+         "from spin_trainer.parallel.mesh import ParallelContext\n"
+         "from spin_trainer.run_dir import lock_run\n"
+         "lock = lock_run(sys.argv[1], ParallelContext(0, 1, 1, 1, 0, 0, torch.device('cpu')))\n"
+         "print('locked', flush=True)\n"
+         "sys.stdin.read()\n", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "python"), ROOT])})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UsageError, match=rf"--out '.*run' is in use by another run \(pid {holder.pid} on host "):
+            train_cli.main(train_args(*tiny, str(out), *SHORT))
+        assert os.listdir(out) == [".lock"]   # no config.yaml, no metrics, no checkpoint of the refused run
+    finally:
+        holder.communicate("")
+    # The holder exited (the kernel released its lock): the same command now runs.
+    train_cli.main(train_args(*tiny, str(out), *SHORT))
+    assert os.path.isfile(out / "metrics.jsonl")
+
+
+def test_resume_without_a_usable_checkpoint_is_refused_naming_each(tiny, short_run, tmp_path):
+    """--keep 1 and a corrupt newest checkpoint: nothing to resume from; nothing is started over."""
+    out = copy_of(short_run, tmp_path)
+    root = os.path.join(out, "checkpoints", "spin")
+    shard = os.path.join(root, "step-00000002", "model", "__0_0.distcp")
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    metrics_before = open(os.path.join(out, "metrics.jsonl"), encoding="utf-8").read()
+    with pytest.raises(UsageError, match=r"--resume: no usable checkpoint under .* \(found: step-00000002: "
+                                         r"model/__0_0.distcp has \d+ bytes, .*moved aside to "
+                                         r"step-00000002.corrupt\)\); nothing was trained"):
+        train_cli.main(train_args(*tiny, out, *SHORT, "--resume"))
+    assert open(os.path.join(out, "metrics.jsonl"), encoding="utf-8").read() == metrics_before
+    assert os.listdir(root) == ["step-00000002.corrupt"]
+    # Asked again, the one moved aside by the earlier attempt is still named.
+    with pytest.raises(UsageError, match=r"found: step-00000002.corrupt: moved aside as corrupt by an earlier run"):
+        train_cli.main(train_args(*tiny, out, *SHORT, "--resume"))
+
+
+def test_resume_into_an_empty_out_is_refused_and_leaves_no_out(tiny, tmp_path):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(UsageError, match=r"--resume: no usable checkpoint under .* \(found: none\)"):
+        train_cli.main(train_args(*tiny, str(out), *SHORT, "--resume"))
+    assert not out.exists()
+
+
+class WritesMarkerWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_pickle_in_a_checkpoint_is_never_run(tiny, short_run, tmp_path):
+    """An older checkpoint's (or a crafted) loop.pt, with a manifest recomputed to match: refused
+    unread."""
+    out = copy_of(short_run, tmp_path)
+    checkpoint = os.path.join(out, "checkpoints", "spin", "step-00000002")
+    marker = tmp_path / "the pickle ran"
+    payload = pickle.dumps({"position": WritesMarkerWhenUnpickled(str(marker))})
+    pickle.loads(payload)          # the payload does what it says when unpickled ...
+    assert marker.exists()
+    marker.unlink()
+    for name in ("loop.json", "loop.safetensors"):
+        os.remove(os.path.join(checkpoint, name))
+    with open(os.path.join(checkpoint, "loop.pt"), "wb") as f:
+        f.write(payload)
+    manifest_path = os.path.join(checkpoint, "manifest.json")
+    with open(manifest_path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    manifest["files"] = {n: e for n, e in manifest["files"].items() if not n.startswith("loop.")}
+    manifest["files"]["loop.pt"] = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    with open(manifest_path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f)
+    with pytest.raises(UsageError, match=r"keeps its loop state in loop.pt, a pickle of an older spin_trainer; "
+                                         r"this version does not read pickles"):
+        train_cli.main(train_args(*tiny, out, *SHORT, "--resume"))
+    assert not marker.exists()     # ... and the resume never unpickled it
+    assert os.path.isdir(checkpoint)   # refused, not moved aside as corrupt
