@@ -122,3 +122,30 @@ def test_a_pickle_in_a_checkpoint_is_never_run(tiny, short_run, tmp_path):
         train_cli.main(train_args(*tiny, out, *SHORT, "--resume"))
     assert not marker.exists()     # ... and the resume never unpickled it
     assert os.path.isdir(checkpoint)   # refused, not moved aside as corrupt
+
+
+def test_resume_refuses_other_held_out_data_and_another_generation_config(tiny, short_run, tmp_path):
+    """Held-out data of another size would end the run with a crash after training; another EOS
+    in generation_config.json ends the responses elsewhere."""
+    model_dir, train_path, val_path, test_path = tiny
+    out = copy_of(short_run, tmp_path)
+    fewer = str(tmp_path / "fewer.jsonl")
+    with open(val_path, encoding="utf-8") as f:
+        lines = f.readlines()
+    with open(fewer, "w", encoding="utf-8") as f:
+        f.writelines(lines[:-1])
+    with pytest.raises(UsageError, match=r"--resume: .*step-00000002 was written with another --val-data: "):
+        train_cli.main(train_args(model_dir, train_path, fewer, test_path, out, *SHORT, "--resume"))
+    with pytest.raises(UsageError, match=r"--resume: .*step-00000002 was written with another --test-data: "):
+        train_cli.main(train_args(model_dir, train_path, val_path, fewer, out, *SHORT, "--resume"))
+    other_eos = str(tmp_path / "other_eos")
+    shutil.copytree(model_dir, other_eos)
+    generation_config = os.path.join(other_eos, "generation_config.json")
+    with open(generation_config, encoding="utf-8") as f:
+        config = json.load(f)
+    config["eos_token_id"] = [config["eos_token_id"], 5]
+    with open(generation_config, "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    with pytest.raises(UsageError, match=r"written from another --model: in '.*other_eos', generation_config.json "
+                                         r"differ\(s\)"):
+        train_cli.main(train_args(other_eos, train_path, val_path, test_path, out, *SHORT, "--resume"))

@@ -17,7 +17,6 @@ import os
 import sys
 import textwrap
 
-from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
 from .checkpoint import find_latest_checkpoint, list_checkpoints
@@ -26,12 +25,12 @@ from .data import load_examples
 from .errors import UsageError, option
 from .evaluate import HeldOut
 from .export import export_hf, resolve_export_dtype
-from .fingerprint import check_fingerprints, run_fingerprints
+from .fingerprint import DATA_OPTIONS, check_fingerprints, run_fingerprints
 from .generation.sampling import SamplingConfig
 from .logprobs import Scorer, default_head
 from .loop_state import TrainingStopped
 from .metrics import MetricsLog, read_records
-from .model import check_context_length, check_model_dir, load_model, load_tokenizer
+from .model import check_context_length, load_model, load_tokenizer, local_model_dir, read_model_config
 from .parallel.apply import parallelize_model
 from .parallel.mesh import choose_device, setup_parallel, teardown_parallel
 from .parallel.precision import Precision
@@ -75,8 +74,12 @@ def find_resume_checkpoint(config, ctx, fingerprints):
         raise UsageError(f"{option('resume')}: the run in {out} was written with {name} {before!r}, this run has "
                          f"{name} {now!r}; resume with the same settings or use another {option('out')}")
     check_fingerprints(found.loop_state["fingerprints"], fingerprints, found.path, model_dir=config.model.model,
-                       train_data=config.data.train_data)
+                       data_paths=data_paths(config))
     return found
+
+
+def data_paths(config):
+    return {name: getattr(config.data, name) for name in DATA_OPTIONS}
 
 
 def check_no_earlier_run(config):
@@ -106,15 +109,15 @@ def run_training(config, on_step):
     m, d, g, par, run = config.model, config.data, config.generation, config.parallel, config.run
     if not config.progress:
         hf_logging.disable_progress_bar()
-    check_model_dir(m.model)
-    source_config = AutoConfig.from_pretrained(m.model)
+    model_dir = local_model_dir(m.model, trust_remote_code=m.trust_remote_code)
+    source_config = read_model_config(model_dir, trust_remote_code=m.trust_remote_code)
     check_context_length(d.max_length, source_config)
     check_tensor_parallel(source_config, par.tp)
     device_type = choose_device(m.device)
     if par.dp_shard is False:
         check_replicas_fit(config, source_config, device_type)
     export_dtype = resolve_export_dtype(m.export_dtype, source_config)
-    tokenizer = load_tokenizer(m.model)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code)
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, do_sample=not g.greedy,
                               temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                               min_new_tokens=g.min_new_tokens,
@@ -128,7 +131,7 @@ def run_training(config, on_step):
     val_examples = examples("val_data") if d.val_data else []
     test_examples = examples("test_data") if d.test_data else val_examples
     check_no_earlier_run(config)
-    fingerprints = run_fingerprints(m.model, tokenizer, d.train_data)
+    fingerprints = run_fingerprints(model_dir, tokenizer, data_paths(config))
 
     ctx = setup_parallel(par.tp, device_type, dp_shard=par.dp_shard)
     lock = None
@@ -136,13 +139,13 @@ def run_training(config, on_step):
         config.check_layout(ctx.dp_size, ctx.dp_shard, len(train_examples))
         lock = lock_run(run.out, ctx)   # every rank learns the verdict before anything is written
         checkpoint = find_resume_checkpoint(config, ctx, fingerprints) if run.resume else None
-        if ctx.is_main:
-            write_config(config, os.path.join(run.out, CONFIG_FILE))
         precision = Precision(m.dtype, pure=m.pure_low_precision)
         scorer = Scorer(ctx, precision, m.head or default_head(device_type))
-        model = load_model(m.model, attention=m.attn, dtype=precision.param_dtype_name, compute_dtype=m.dtype,
-                           device=ctx.device)
+        model = load_model(model_dir, attention=m.attn, dtype=precision.param_dtype_name, compute_dtype=m.dtype,
+                           device=ctx.device, trust_remote_code=m.trust_remote_code)
         parallelize_model(model, ctx, precision, recompute=par.recompute)
+        if ctx.is_main:   # after the model loaded: a model refused leaves the run's --out as it was
+            write_config(config, os.path.join(run.out, CONFIG_FILE))
         metrics = MetricsLog(os.path.join(run.out, "metrics.jsonl"), enabled=ctx.is_main)
         held_out = HeldOut(test_examples, val_examples, scorer, tokenizer=tokenizer, max_length=d.max_length,
                            max_new_tokens=config.max_new_tokens, batch_size=g.gen_batch_size,
