@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from trainer_cases import ROOT, tiny_setup, train_args
 
@@ -149,3 +150,38 @@ def test_resume_refuses_other_held_out_data_and_another_generation_config(tiny, 
     with pytest.raises(UsageError, match=r"written from another --model: in '.*other_eos', generation_config.json "
                                          r"differ\(s\)"):
         train_cli.main(train_args(other_eos, train_path, val_path, test_path, out, *SHORT, "--resume"))
+
+
+def test_a_full_disk_while_saving_is_one_line_and_the_previous_checkpoint_stays(tiny, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from spin_trainer.checkpoint import checkpoint_problem, list_checkpoints
+    from spin_trainer.parallel.mesh import ParallelContext
+
+    original, calls = FileSystemWriter.write_data, []
+
+    def fills_the_disk_on_the_second_save(self, plan, planner):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", fills_the_disk_on_the_second_save)
+    out = str(tmp_path / "run")
+    args = train_args(*tiny, out, "--iterations", "1", "--save-every", "1", "--keep", "2", "--max-steps", "3")
+    monkeypatch.setattr("sys.argv", ["spin-train", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.cli()
+    assert exit_info.value.code == 1
+    root = os.path.join(out, "checkpoints", "spin")
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: disk full while saving checkpoint 2 to {root}/step-00000002; the previous "
+                           f"checkpoint, {root}/step-00000001, is intact; free space and rerun with --resume")
+    assert sorted(os.listdir(root)) == ["step-00000001"]   # the partial one removed, nothing else lost
+    ctx = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
+    assert checkpoint_problem(list_checkpoints(root)[0], ctx) is None
+    monkeypatch.setattr(FileSystemWriter, "write_data", original)
+    train_cli.main(args + ["--resume"])
+    assert [os.path.basename(p) for p in list_checkpoints(root)] == ["step-00000002", "step-00000003"]

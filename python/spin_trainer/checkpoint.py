@@ -35,8 +35,7 @@ What a resume onto another world size reproduces:
   not by the rank that generates it (rollouts.sampling_seed).
 At the same world size and --tp a resumed run reproduces the uninterrupted one bit for bit.
 """
-import hashlib
-import json
+import errno
 import os
 import random
 import shutil
@@ -45,18 +44,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter, load, save
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter, load, save
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from .errors import UsageError, option
+from .errors import CheckpointNotWritten, UsageError, option
+from .manifest import all_ranks, files_problem, fsync_path, on_main, read_manifest, write_manifest
 from .state_file import STRUCTURE_FILE, TENSORS_FILE, read_state, write_state
 
 PREFIX = "step-"
 CORRUPT_SUFFIX = ".corrupt"
-MANIFEST = "manifest.json"
 LOOP_FILES = (STRUCTURE_FILE, TENSORS_FILE)
 PICKLED_LOOP_FILE = "loop.pt"   # before state_file.py: a pickle, never read
 TRAIN_DIR = "model"
@@ -72,40 +70,6 @@ class Checkpoint:
     @property
     def has_reference(self):
         return os.path.isdir(os.path.join(self.path, REFERENCE_DIR))
-
-
-# ---- files -----------------------------------------------------------------------------------------
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _files_under(directory):
-    """Relative paths of every file under `directory`, sorted."""
-    found = []
-    for parent, _, names in os.walk(directory):
-        found += [os.path.relpath(os.path.join(parent, n), directory) for n in names]
-    return sorted(found)
-
-
-def _all_ranks(items, ctx):
-    """Every rank's list of picklable items, concatenated in rank order, on every rank."""
-    if ctx.world_size == 1:
-        return list(items)
-    gathered = [None] * ctx.world_size
-    dist.all_gather_object(gathered, list(items))
-    return [item for part in gathered for item in part]
 
 
 def _step_of(name):
@@ -127,7 +91,7 @@ def replace_directory(new, final):
         previous = f"{final}.previous-{os.getpid()}"
         os.rename(final, previous)
     os.rename(new, final)
-    _fsync(os.path.dirname(os.path.abspath(final)))
+    fsync_path(os.path.dirname(os.path.abspath(final)))
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
 
@@ -201,43 +165,60 @@ def load_train_state(directory, model, optimizer, ctx):
 
 
 def save_checkpoint(root, step, *, model, optimizer, reference, loop_state, ctx, keep):
-    """Writes checkpoint `step` atomically (all ranks call this); returns its path.
+    """Writes checkpoint `step` atomically (all ranks call this); returns its path. A full disk is
+    a CheckpointNotWritten that says so and names the intact checkpoint (the partial one is removed).
 
     `reference`: None, or a function returning a context manager that yields the module holding θ_t
     (or None where the mode keeps no weights).
     """
     final = os.path.join(root, f"{PREFIX}{step:08d}")
     tmp = fresh_directory(os.path.join(root, f".tmp-{PREFIX}{step:08d}"), ctx)
+    try:
+        _write_checkpoint(tmp, step, model=model, optimizer=optimizer, reference=reference, loop_state=loop_state,
+                          ctx=ctx)
+    except BaseException as exc:   # DCP's CheckpointException is a BaseException
+        if not _disk_full(exc):
+            raise
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)   # frees what it took; never a checkpoint
+        intact = list_checkpoints(root)
+        raise CheckpointNotWritten(
+            f"disk full while saving checkpoint {step} to {final}; "
+            + (f"the previous checkpoint, {intact[-1]}, is intact" if intact else "no checkpoint had been written "
+               "before it") + f"; free space and rerun with {option('resume')}") from None
+    on_main(lambda: (replace_directory(tmp, final), prune(root, keep=keep, newest=final)), ctx)
+    ctx.barrier()
+    return final
+
+
+def _write_checkpoint(tmp, step, *, model, optimizer, reference, loop_state, ctx):
     save_train_state(os.path.join(tmp, TRAIN_DIR), model, optimizer, ctx)
     if reference is not None:
         with reference() as module:
             if module is not None:
                 dcp_save(get_model_state_dict(module), os.path.join(tmp, REFERENCE_DIR), ctx)
-    rng = _all_ranks([{"torch": torch.get_rng_state(), "python": random.getstate(),
-                       # this process's device only: another machine may see another number of GPUs
-                       "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}], ctx)
-    if ctx.is_main:
+    rng = all_ranks([{"torch": torch.get_rng_state(), "python": random.getstate(),
+                      # this process's device only: another machine may see another number of GPUs
+                      "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}], ctx)
+
+    def write_loop_state():
         for path in write_state({**loop_state, "rng": rng}, tmp):
-            _fsync(path)
-    ctx.barrier()
-    files = _files_under(tmp) if ctx.is_main else None
-    files = _broadcast(files, ctx)
-    mine = [(name, os.path.getsize(os.path.join(tmp, name)), _sha256(os.path.join(tmp, name)))
-            for name in files[ctx.rank::ctx.world_size]]
-    entries = _all_ranks(mine, ctx)
-    if ctx.is_main:
-        manifest = {"step": step, "world_size": ctx.world_size, "tp_size": ctx.tp_size,
-                    "files": {name: {"bytes": size, "sha256": digest} for name, size, digest in sorted(entries)}}
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        for parent, _, _ in os.walk(tmp):
-            _fsync(parent)
-        replace_directory(tmp, final)
-        prune(root, keep=keep, newest=final)
-    ctx.barrier()
-    return final
+            fsync_path(path)
+    on_main(write_loop_state, ctx)
+    write_manifest(tmp, ctx, step=step, world_size=ctx.world_size, tp_size=ctx.tp_size)
+
+
+def _disk_full(exc):
+    """Whether `exc`, its cause, or a rank's failure that DCP collected in it is ENOSPC (or EDQUOT)."""
+    pending = [exc]
+    while pending:
+        e = pending.pop()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, CheckpointException):
+            pending += [failure[0] for failure in e.failures.values()]
+        pending += [c for c in (e.__cause__, e.__context__) if c is not None]
+    return False
 
 
 def prune(root, *, keep, newest):
@@ -247,39 +228,13 @@ def prune(root, *, keep, newest):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _broadcast(obj, ctx):
-    if ctx.world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 # ---- loading -------------------------------------------------------------------------------------------
-def read_manifest(path):
-    """(manifest, None) or (None, what is wrong with it)."""
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isfile(manifest_path):
-        return None, "manifest.json is missing (half-written)"
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return None, f"manifest.json is unreadable ({exc})"
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not all(
-            isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
-            for e in files.values()):
-        return None, "manifest.json is unreadable (no table of files with sizes and SHA-256)"
-    return manifest, None
-
-
 def checkpoint_problem(path, ctx):
     """None if this rank's share of checkpoint `path`'s files is intact, else what is wrong."""
     manifest, problem = read_manifest(path)
     if problem is not None:
         return problem
-    listed = sorted(manifest["files"])
+    listed = set(manifest["files"])
     if "shared.pt" in listed and PICKLED_LOOP_FILE not in listed:
         # Intact, only of the layout before torch.distributed.checkpoint: refuse rather than move
         # it aside and start the run over.
@@ -291,27 +246,7 @@ def checkpoint_problem(path, ctx):
         raise UsageError(f"{option('resume')}: {path} keeps its loop state in {PICKLED_LOOP_FILE}, a pickle of an "
                          f"older spin_trainer; this version does not read pickles (they can run code); finish "
                          f"that run with the version that wrote it, or start a new one in another {option('out')}")
-    present = set(_files_under(path)) - {MANIFEST}
-    missing = [name for name in listed if name not in present]
-    missing += [name for name in LOOP_FILES if name not in listed]
-    if missing:
-        return f"{missing[0]} is missing"
-    for name in listed[ctx.rank::ctx.world_size]:
-        full, expected = os.path.join(path, name), manifest["files"][name]
-        if os.path.getsize(full) != expected["bytes"]:
-            return f"{name} has {os.path.getsize(full)} bytes, the manifest says {expected['bytes']}"
-        if _sha256(full) != expected["sha256"]:
-            return f"{name} does not match its SHA-256 in the manifest"
-    return None
-
-
-def _any_rank(problem, ctx):
-    """True on every rank if any rank found a problem (all ranks must fall back together)."""
-    if ctx.world_size == 1:
-        return problem is not None
-    flag = torch.tensor([1 if problem is not None else 0], device=ctx.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return files_problem(path, manifest, LOOP_FILES, ctx)
 
 
 def move_aside(path):
@@ -337,7 +272,7 @@ def find_latest_checkpoint(root, ctx, report=print):
                 loop_state = read_state(path)
             except Exception as exc:  # any failure to read it means the same thing: unusable
                 problem = f"{STRUCTURE_FILE} cannot be loaded ({type(exc).__name__}: {exc})"
-        problems = [p for p in _all_ranks([problem], ctx) if p is not None]
+        problems = [p for p in all_ranks([problem], ctx) if p is not None]
         if not problems:
             return Checkpoint(path, loop_state)
         ctx.barrier()

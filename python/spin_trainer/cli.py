@@ -22,7 +22,7 @@ from transformers.utils import logging as hf_logging
 from .checkpoint import find_latest_checkpoint, list_checkpoints
 from .options import parse_config, read_saved_options, write_config
 from .data import load_examples
-from .errors import UsageError, option
+from .errors import CheckpointNotWritten, UsageError, option
 from .evaluate import HeldOut
 from .export import export_hf, resolve_export_dtype
 from .fingerprint import DATA_OPTIONS, check_fingerprints, run_fingerprints
@@ -187,16 +187,18 @@ def main(argv=None, on_step=None):
 
 
 def cli():
+    main_rank = os.environ.get("RANK", "0") == "0"   # print once per run, not once per torchrun process
     try:
         main()
     except TrainingStopped as stopped:
-        if os.environ.get("RANK", "0") == "0":  # once per run, not once per torchrun process
+        if main_rank:
             print(f"stopped by SIGTERM; checkpoint written to {stopped}; rerun with {option('resume')} to continue",
                   file=sys.stderr)
         sys.exit(STOPPED_BY_SIGTERM)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    except (UsageError, CheckpointNotWritten) as exc:
+        if main_rank:
+            print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2 if isinstance(exc, UsageError) else 1)
 
 
 if __name__ == "__main__":
