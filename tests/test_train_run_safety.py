@@ -185,3 +185,21 @@ def test_a_full_disk_while_saving_is_one_line_and_the_previous_checkpoint_stays(
     monkeypatch.setattr(FileSystemWriter, "write_data", original)
     train_cli.main(args + ["--resume"])
     assert [os.path.basename(p) for p in list_checkpoints(root)] == ["step-00000002", "step-00000003"]
+
+
+def test_resume_names_the_setting_that_changed(tiny, short_run, tmp_path):
+    out = copy_of(short_run, tmp_path)
+    for extra, expected in ((["--max-length", "15"], "written with --max-length 16, this run has --max-length 15"),
+                            (["--stop", "="], "written with --stop [], this run has --stop ['=']")):
+        with pytest.raises(UsageError) as info:
+            train_cli.main(train_args(*tiny, out, *SHORT, "--resume", *extra))
+        assert expected in str(info.value)
+
+
+def test_a_min_new_tokens_that_cannot_fit_after_the_prompts_is_refused(tiny, tmp_path, no_model_load):
+    """29 of the 32 arithmetic prompts are 7 tokens (BOS included): --max-length 16 leaves 9 after them."""
+    out = tmp_path / "run"
+    with pytest.raises(UsageError, match=r"--min-new-tokens 10 does not fit after 29 of the 32 prompts of --train-data "
+                                         r"\(--max-length 16 leaves 9 tokens after the longest\)"):
+        train_cli.main(train_args(*tiny, str(out), "--min-new-tokens", "10", "--max-new-tokens", "10"))
+    assert not out.exists()

@@ -82,6 +82,19 @@ def data_paths(config):
     return {name: getattr(config.data, name) for name in DATA_OPTIONS}
 
 
+def check_min_new_tokens(min_new_tokens, max_length, named_examples):
+    """Every prompt leaves room for --min-new-tokens within --max-length (else its response is cut
+    before it may end, every time)."""
+    for name, examples in named_examples:
+        left = [max_length - len(e.prompt_ids) for e in examples]
+        if left and min_new_tokens > min(left):
+            raise UsageError(f"{option('min_new_tokens')} {min_new_tokens} does not fit after "
+                             f"{sum(room < min_new_tokens for room in left)} of the {len(left)} prompts of "
+                             f"{option(name)} ({option('max_length')} {max_length} leaves {min(left)} tokens after "
+                             f"the longest): their responses would be cut before they may end; lower "
+                             f"{option('min_new_tokens')} or raise {option('max_length')}")
+
+
 def check_no_earlier_run(config):
     """Refuses to start over checkpoints a previous run left (they would be overwritten)."""
     if not config.run.resume and list_checkpoints(os.path.join(config.run.out, "checkpoints", "spin")):
@@ -130,6 +143,8 @@ def run_training(config, on_step):
     train_examples = examples("train_data")
     val_examples = examples("val_data") if d.val_data else []
     test_examples = examples("test_data") if d.test_data else val_examples
+    check_min_new_tokens(g.min_new_tokens, d.max_length, [("train_data", train_examples), ("val_data", val_examples),
+                                                           ("test_data", test_examples if d.test_data else [])])
     check_no_earlier_run(config)
     fingerprints = run_fingerprints(model_dir, tokenizer, data_paths(config))
 
