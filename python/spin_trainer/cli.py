@@ -16,6 +16,7 @@ also on another process count or --tp (checkpoints reshard through torch.distrib
 import os
 import sys
 import textwrap
+import time
 
 from transformers.utils import logging as hf_logging
 
@@ -41,6 +42,7 @@ from .run_dir import check_output_path, lock_run, remove_if_empty
 from .trainer import SpinTrainer
 
 STOPPED_BY_SIGTERM = 143
+RANK_0_FIRST_S = 5
 CONFIG_FILE = "config.yaml"
 
 
@@ -213,6 +215,9 @@ def cli():
     except (UsageError, CheckpointNotWritten) as exc:
         if main_rank:
             print(f"error: {exc}", file=sys.stderr)
+        else:
+            # torchrun stops every worker as soon as one exits: let rank 0's line get out first.
+            time.sleep(RANK_0_FIRST_S)
         sys.exit(2 if isinstance(exc, UsageError) else 1)
 
 
