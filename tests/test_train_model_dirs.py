@@ -11,7 +11,7 @@ from trainer_cases import ROOT, tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
 from spin_trainer.errors import UsageError
-from spin_trainer.model import local_model_dir
+from spin_trainer.model import load_model, load_tokenizer, local_model_dir
 
 QUICK = ["--iterations", "1", "--max-steps", "1"]
 
@@ -82,6 +82,25 @@ def test_code_shipped_with_a_model_never_runs_without_trust_remote_code(tiny, tm
         train_cli.main(train_args(model_dir, *tiny[1:], str(tmp_path / "run"), *QUICK))
     with pytest.raises(UsageError, match=message):
         train_cli.main(["--plan", "--model", model_dir, "--nproc", "8"])
+    assert not marker.exists()
+
+
+def test_a_known_model_type_with_shipped_code_loads_the_built_in_class(tiny, tmp_path):
+    """transformers prefers a model's own code for a type it knows only when trusted."""
+    marker = tmp_path / "the model's code ran"
+
+    def ship_code(path, config):
+        write_config(path, {**config, "auto_map": {"AutoConfig": "shipped.ShippedConfig",
+                                                    "AutoModelForCausalLM": "shipped.ShippedModel"}})
+        with open(os.path.join(path, "shipped.py"), "w", encoding="utf-8") as f:
+            f.write(f"open({str(marker)!r}, 'w').close()\n"
+                    "from transformers import LlamaConfig, LlamaForCausalLM\n"
+                    "class ShippedConfig(LlamaConfig):\n    pass\n"
+                    "class ShippedModel(LlamaForCausalLM):\n    config_class = ShippedConfig\n")
+
+    model_dir = broken_copy(tiny[0], tmp_path, ship_code)
+    assert type(load_model(model_dir)).__name__ == "LlamaForCausalLM"
+    load_tokenizer(model_dir)
     assert not marker.exists()
 
 
