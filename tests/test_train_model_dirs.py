@@ -134,7 +134,8 @@ def test_a_hub_id_is_fetched_into_the_cache_and_offline_is_a_clear_error(tiny, m
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_plan_refuses_device_memory_that_is_not_a_positive_number(value):
     with pytest.raises(UsageError, match=r"--device-memory-gib must be finite and > 0"):
-        train_cli.main(["--plan", "--model", os.path.join(ROOT, "configs", "llama-2-7b"), "--nproc", "8", "--device-memory-gib", value])
+        train_cli.main(["--plan", "--model", os.path.join(ROOT, "configs", "llama-2-7b"), "--nproc", "8",
+                        "--device-memory-gib", value])
 
 
 def test_plan_refuses_a_config_with_absurd_sizes_at_once(tmp_path):

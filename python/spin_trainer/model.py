@@ -243,11 +243,12 @@ def load_model(path, *, attention="auto", dtype="float32", device=torch.device("
     config = read_model_config(path, trust_remote_code=trust_remote_code)
     attn_implementation = choose_attention(attention, device, DTYPES[compute_dtype or dtype])
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                                                           attn_implementation=attn_implementation,
-                                                           output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+            output_loading_info=True)
     except LOAD_ERRORS as exc:
-        raise UsageError(f"{option('model')} {path!r}: could not load a causal LM ({type(exc).__name__}: {exc})") from exc
+        raise UsageError(f"{option('model')} {path!r}: could not load a causal LM "
+                         f"({type(exc).__name__}: {exc})") from exc
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         names = sorted(str(n) for n in info.get(kind) or ())
         if names:
