@@ -15,7 +15,9 @@ It is written into `.tmp-step-00000042/`, every file fsynced, and renamed into p
 complete. On load each rank checks a share of the files against the manifest; a checkpoint with a
 missing, unreadable or mismatching manifest or file is reported, moved aside to
 `step-00000042.corrupt` (never deleted, never counted among the `--keep` kept ones) and the
-previous one is used; when none is left, --resume is refused (a run never starts over silently). Pruning keeps the newest `--keep`, always including the one just written.
+previous one is used; when none is left, --resume is refused (a run never starts over silently).
+Pruning keeps the newest `--keep`, always including the one just written. A full disk while
+writing removes the partial checkpoint and says which one is intact.
 
 Resharding is PyTorch's: DCP stores each tensor's global shape and the offsets of every shard,
 and `set_state_dict` loads them into whatever layout the model has now (another process count,
