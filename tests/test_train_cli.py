@@ -17,10 +17,14 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("extra, expected", [
     (["--tp", "0"], "--tp must be >= 1, got 0"),
-    (["--lr", "inf"], "--lr must be finite and >= 0, got (inf,)"),
-    (["--lr", "1e-3", "nan"], "--lr must be finite and >= 0, got (0.001, nan)"),
+    (["--lr", "inf"], "--lr must be in (0, 1), got (inf,)"),
+    (["--lr", "1e-3", "nan"], "--lr must be in (0, 1), got (0.001, nan)"),
+    (["--lr", "1e38"], "--lr must be in (0, 1), got (1e+38,)"),
+    (["--lr", "0"], "--lr must be in (0, 1), got (0.0,)"),
+    (["--adam-eps", "inf"], "--adam-eps must be in (0, 0.01], got inf"),
+    (["--adam-eps", "1e30"], "--adam-eps must be in (0, 0.01], got 1e+30"),
     (["--beta", "inf"], "--beta must be finite and > 0, got (inf,)"),
-    (["--weight-decay", "inf"], "--weight-decay must be finite and >= 0"),
+    (["--weight-decay", "inf"], "--weight-decay must be in [0, 1], got inf"),
     (["--max-grad-norm", "nan"], "--max-grad-norm must be finite and >= 0"),
     (["--temperature", "inf"], "--temperature must be finite and > 0, got inf"),
     (["--max-length", "65"], "--max-length 65 is beyond the model's max_position_embeddings (64)"),
@@ -33,7 +37,7 @@ def test_bad_numbers_are_refused_before_the_model_is_loaded(tiny, tmp_path, no_m
 
 
 @pytest.mark.parametrize("extra, expected", [
-    (["--lr", "inf"], "--lr must be finite"), (["--beta", "0"], "--beta must be finite and > 0"),
+    (["--lr", "inf"], r"--lr must be in \(0, 1\)"), (["--beta", "0"], "--beta must be finite and > 0"),
     (["--epochs", "0"], "--epochs must be >= 1"), (["--keep", "0"], "--keep must be >= 1"),
 ])
 def test_a_bad_setting_is_named_before_any_file_is_read(tmp_path, extra, expected):

@@ -18,6 +18,7 @@ from spin_trainer.generation.rollouts import drop_truncated, eos_token_ids, gene
 from spin_trainer.logprobs import Scorer
 from spin_trainer.model import build_char_tokenizer, build_tiny_llama
 from spin_trainer.parallel.mesh import ParallelContext
+from spin_trainer.state_file import read_state
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_drop_truncated_and_stops_in_a_run(tmp_path):
     tokenizer = build_char_tokenizer("0123456789+=")
     stops = set(tokenizer.convert_tokens_to_ids(["+", "="])) | {tokenizer.eos_token_id}
     root = os.path.join(out, "checkpoints", "spin")
-    data = torch.load(os.path.join(root, sorted(os.listdir(root))[0], "loop.pt"), weights_only=False)["data"]
+    data = read_state(os.path.join(root, sorted(os.listdir(root))[0]))["data"]
     assert len(data["generated"]) == len(data["examples"]) == 32
     assert all(len(g) >= 2 and g[-1] in stops for g in data["generated"]), data["generated"]
     assert len({e.prompt_ids for e in data["examples"]}) < 32  # cut pairs' slots went to finished ones

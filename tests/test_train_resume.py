@@ -113,11 +113,11 @@ def test_flipped_bytes_and_missing_manifest_are_detected(stopped, tmp_path):
     shutil.copytree(os.path.join(stopped[0], "checkpoints", "spin"), root)
     first, second = list_checkpoints(root)
     assert checkpoint_problem(first, ctx) is None
-    loop_file = os.path.join(first, "loop.pt")
+    loop_file = os.path.join(first, "loop.json")
     data = bytearray(open(loop_file, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(loop_file, "wb").write(bytes(data))
-    assert "loop.pt does not match its SHA-256" in checkpoint_problem(first, ctx)
+    assert "loop.json does not match its SHA-256" in checkpoint_problem(first, ctx)
     manifest = os.path.join(second, "manifest.json")
     for broken in ("null", "[]", '{"files": null}', '{"files": {"loop.pt": null}}', "{"):
         with open(manifest, "w", encoding="utf-8") as f:
@@ -209,7 +209,7 @@ def test_keep_1_after_a_corrupt_newest_checkpoint_keeps_the_new_ones(tiny, stopp
     shutil.copytree(stopped[0], out)
     root = os.path.join(out, "checkpoints", "spin")
     os.rename(os.path.join(root, "step-00000003"), os.path.join(root, "step-00000005"))
-    os.remove(os.path.join(root, "step-00000005", "loop.pt"))
+    os.remove(os.path.join(root, "step-00000005", "loop.json"))
     keep_1 = [*EXTRA[:EXTRA.index("--keep")], "--keep", "1", *EXTRA[EXTRA.index("--keep") + 2:]]
     args = train_args(*tiny, out, *keep_1, "--resume")
     with pytest.raises(TrainingStopped) as info:

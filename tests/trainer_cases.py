@@ -165,7 +165,6 @@ def independent_logps(model, prompt_ids, response_ids):
 def loop_data(out, step):
     """The loop state a checkpoint of `out` holds (the iteration's pairs, generations, reference
     log-probs)."""
-    import torch
+    from spin_trainer.state_file import read_state
 
-    path = os.path.join(out, "checkpoints", "spin", f"step-{step:08d}", "loop.pt")
-    return torch.load(path, weights_only=False)
+    return read_state(os.path.join(out, "checkpoints", "spin", f"step-{step:08d}"))

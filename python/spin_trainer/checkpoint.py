@@ -6,16 +6,18 @@ A checkpoint is a directory `step-00000042/`:
     model/          DCP: {"model", "optimizer"} from `get_state_dict` (each rank writes its shards)
     reference/      DCP: θ_t's weights, where the reference mode keeps them (swap, resident, or
                     per-epoch regeneration) and an iteration is in progress
-    loop.pt         rank 0: the loop's non-tensor state (position, cached generations and reference
-                    log-probs, previous pairs, scheduler, eval rows, settings, fingerprints, and
-                    every rank's RNG states)
+    loop.json       rank 0: the loop's state (position, cached generations and reference log-probs,
+    loop.safetensors    previous pairs, scheduler, eval rows, settings, fingerprints, and every rank's
+                    RNG states), in files that cannot run code when read (state_file.py)
     manifest.json   sizes and SHA-256 of every file
 
 It is written into `.tmp-step-00000042/`, every file fsynced, and renamed into place only when
 complete. On load each rank checks a share of the files against the manifest; a checkpoint with a
 missing, unreadable or mismatching manifest or file is reported, moved aside to
 `step-00000042.corrupt` (never deleted, never counted among the `--keep` kept ones) and the
-previous one is used. Pruning keeps the newest `--keep`, always including the one just written.
+previous one is used; when none is left, --resume is refused (a run never starts over silently).
+Pruning keeps the newest `--keep`, always including the one just written. A full disk while
+writing removes the partial checkpoint and says which one is intact.
 
 Resharding is PyTorch's: DCP stores each tensor's global shape and the offsets of every shard,
 and `set_state_dict` loads them into whatever layout the model has now (another process count,
@@ -35,8 +37,7 @@ What a resume onto another world size reproduces:
   not by the rank that generates it (rollouts.sampling_seed).
 At the same world size and --tp a resumed run reproduces the uninterrupted one bit for bit.
 """
-import hashlib
-import json
+import errno
 import os
 import random
 import shutil
@@ -45,18 +46,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter, load, save
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter, load, save
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from .errors import UsageError, option
+from .errors import CheckpointNotWritten, UsageError, option
+from .manifest import all_ranks, files_problem, fsync_path, on_main, read_manifest, write_manifest
+from .state_file import STRUCTURE_FILE, TENSORS_FILE, read_state, write_state
 
 PREFIX = "step-"
 CORRUPT_SUFFIX = ".corrupt"
-MANIFEST = "manifest.json"
-LOOP_FILE = "loop.pt"
+LOOP_FILES = (STRUCTURE_FILE, TENSORS_FILE)
+PICKLED_LOOP_FILE = "loop.pt"   # before state_file.py: a pickle, never read
 TRAIN_DIR = "model"
 REFERENCE_DIR = "reference"
 
@@ -70,40 +72,6 @@ class Checkpoint:
     @property
     def has_reference(self):
         return os.path.isdir(os.path.join(self.path, REFERENCE_DIR))
-
-
-# ---- files -----------------------------------------------------------------------------------------
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _files_under(directory):
-    """Relative paths of every file under `directory`, sorted."""
-    found = []
-    for parent, _, names in os.walk(directory):
-        found += [os.path.relpath(os.path.join(parent, n), directory) for n in names]
-    return sorted(found)
-
-
-def _all_ranks(items, ctx):
-    """Every rank's list of picklable items, concatenated in rank order, on every rank."""
-    if ctx.world_size == 1:
-        return list(items)
-    gathered = [None] * ctx.world_size
-    dist.all_gather_object(gathered, list(items))
-    return [item for part in gathered for item in part]
 
 
 def _step_of(name):
@@ -125,7 +93,7 @@ def replace_directory(new, final):
         previous = f"{final}.previous-{os.getpid()}"
         os.rename(final, previous)
     os.rename(new, final)
-    _fsync(os.path.dirname(os.path.abspath(final)))
+    fsync_path(os.path.dirname(os.path.abspath(final)))
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
 
@@ -199,43 +167,60 @@ def load_train_state(directory, model, optimizer, ctx):
 
 
 def save_checkpoint(root, step, *, model, optimizer, reference, loop_state, ctx, keep):
-    """Writes checkpoint `step` atomically (all ranks call this); returns its path.
+    """Writes checkpoint `step` atomically (all ranks call this); returns its path. A full disk is
+    a CheckpointNotWritten that says so and names the intact checkpoint (the partial one is removed).
 
     `reference`: None, or a function returning a context manager that yields the module holding θ_t
     (or None where the mode keeps no weights).
     """
     final = os.path.join(root, f"{PREFIX}{step:08d}")
     tmp = fresh_directory(os.path.join(root, f".tmp-{PREFIX}{step:08d}"), ctx)
+    try:
+        _write_checkpoint(tmp, step, model=model, optimizer=optimizer, reference=reference, loop_state=loop_state,
+                          ctx=ctx)
+    except BaseException as exc:   # DCP's CheckpointException is a BaseException
+        if not _disk_full(exc):
+            raise
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)   # frees what it took; never a checkpoint
+        intact = list_checkpoints(root)
+        raise CheckpointNotWritten(
+            f"disk full while saving checkpoint {step} to {final}; "
+            + (f"the previous checkpoint, {intact[-1]}, is intact" if intact else "no checkpoint had been written "
+               "before it") + f"; free space and rerun with {option('resume')}") from None
+    on_main(lambda: (replace_directory(tmp, final), prune(root, keep=keep, newest=final)), ctx)
+    ctx.barrier()
+    return final
+
+
+def _write_checkpoint(tmp, step, *, model, optimizer, reference, loop_state, ctx):
     save_train_state(os.path.join(tmp, TRAIN_DIR), model, optimizer, ctx)
     if reference is not None:
         with reference() as module:
             if module is not None:
                 dcp_save(get_model_state_dict(module), os.path.join(tmp, REFERENCE_DIR), ctx)
-    rng = _all_ranks([{"torch": torch.get_rng_state(), "python": random.getstate(),
-                       # this process's device only: another machine may see another number of GPUs
-                       "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}], ctx)
-    if ctx.is_main:
-        torch.save({**loop_state, "rng": rng}, os.path.join(tmp, LOOP_FILE))
-        _fsync(os.path.join(tmp, LOOP_FILE))
-    ctx.barrier()
-    files = _files_under(tmp) if ctx.is_main else None
-    files = _broadcast(files, ctx)
-    mine = [(name, os.path.getsize(os.path.join(tmp, name)), _sha256(os.path.join(tmp, name)))
-            for name in files[ctx.rank::ctx.world_size]]
-    entries = _all_ranks(mine, ctx)
-    if ctx.is_main:
-        manifest = {"step": step, "world_size": ctx.world_size, "tp_size": ctx.tp_size,
-                    "files": {name: {"bytes": size, "sha256": digest} for name, size, digest in sorted(entries)}}
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        for parent, _, _ in os.walk(tmp):
-            _fsync(parent)
-        replace_directory(tmp, final)
-        prune(root, keep=keep, newest=final)
-    ctx.barrier()
-    return final
+    rng = all_ranks([{"torch": torch.get_rng_state(), "python": random.getstate(),
+                      # this process's device only: another machine may see another number of GPUs
+                      "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}], ctx)
+
+    def write_loop_state():
+        for path in write_state({**loop_state, "rng": rng}, tmp):
+            fsync_path(path)
+    on_main(write_loop_state, ctx)
+    write_manifest(tmp, ctx, step=step, world_size=ctx.world_size, tp_size=ctx.tp_size)
+
+
+def _disk_full(exc):
+    """Whether `exc`, its cause, or a rank's failure that DCP collected in it is ENOSPC (or EDQUOT)."""
+    pending = [exc]
+    while pending:
+        e = pending.pop()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, CheckpointException):
+            pending += [failure[0] for failure in e.failures.values()]
+        pending += [c for c in (e.__cause__, e.__context__) if c is not None]
+    return False
 
 
 def prune(root, *, keep, newest):
@@ -245,65 +230,25 @@ def prune(root, *, keep, newest):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _broadcast(obj, ctx):
-    if ctx.world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 # ---- loading -------------------------------------------------------------------------------------------
-def read_manifest(path):
-    """(manifest, None) or (None, what is wrong with it)."""
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isfile(manifest_path):
-        return None, "manifest.json is missing (half-written)"
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return None, f"manifest.json is unreadable ({exc})"
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not all(
-            isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
-            for e in files.values()):
-        return None, "manifest.json is unreadable (no table of files with sizes and SHA-256)"
-    return manifest, None
-
-
 def checkpoint_problem(path, ctx):
     """None if this rank's share of checkpoint `path`'s files is intact, else what is wrong."""
     manifest, problem = read_manifest(path)
     if problem is not None:
         return problem
-    listed = sorted(manifest["files"])
-    if "shared.pt" in listed and LOOP_FILE not in listed:
+    listed = set(manifest["files"])
+    if "shared.pt" in listed and PICKLED_LOOP_FILE not in listed:
         # Intact, only of the layout before torch.distributed.checkpoint: refuse rather than move
         # it aside and start the run over.
         raise UsageError(f"{option('resume')}: {path} was written by an older spin_trainer (rank*.pt files, no "
                          f"torch.distributed.checkpoint); this version cannot resume it: finish that run with "
                          f"the version that wrote it, or start a new one in another {option('out')}")
-    present = set(_files_under(path)) - {MANIFEST}
-    missing = [name for name in listed if name not in present]
-    if missing or LOOP_FILE not in listed:
-        return f"{(missing or [LOOP_FILE])[0]} is missing"
-    for name in listed[ctx.rank::ctx.world_size]:
-        full, expected = os.path.join(path, name), manifest["files"][name]
-        if os.path.getsize(full) != expected["bytes"]:
-            return f"{name} has {os.path.getsize(full)} bytes, the manifest says {expected['bytes']}"
-        if _sha256(full) != expected["sha256"]:
-            return f"{name} does not match its SHA-256 in the manifest"
-    return None
-
-
-def _any_rank(problem, ctx):
-    """True on every rank if any rank found a problem (all ranks must fall back together)."""
-    if ctx.world_size == 1:
-        return problem is not None
-    flag = torch.tensor([1 if problem is not None else 0], device=ctx.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    if PICKLED_LOOP_FILE in listed and STRUCTURE_FILE not in listed:
+        # A pickle runs code when read: refused unread, and not moved aside (it is not corrupt).
+        raise UsageError(f"{option('resume')}: {path} keeps its loop state in {PICKLED_LOOP_FILE}, a pickle of an "
+                         f"older spin_trainer; this version does not read pickles (they can run code); finish "
+                         f"that run with the version that wrote it, or start a new one in another {option('out')}")
+    return files_problem(path, manifest, LOOP_FILES, ctx)
 
 
 def move_aside(path):
@@ -317,27 +262,34 @@ def move_aside(path):
 
 
 def find_latest_checkpoint(root, ctx, report=print):
-    """The newest intact Checkpoint under `root` (all ranks call this), or None if there is none."""
+    """The newest intact Checkpoint under `root` (all ranks call this). Corrupt ones are reported
+    (once, by rank 0) and moved aside; with none intact, --resume is refused, naming each one found
+    and what is wrong with it: starting over is the user's choice, never a fallback."""
+    unusable = []
     for path in reversed(list_checkpoints(root)):
         problem = checkpoint_problem(path, ctx)
         loop_state = None
         if problem is None:
             try:
-                # Our own file (Examples, RNG states and Python lists inside), hence weights_only=False.
-                loop_state = torch.load(os.path.join(path, LOOP_FILE), map_location="cpu", weights_only=False)
-            except Exception as exc:  # any unpickling failure means the same thing: unusable
-                problem = f"{LOOP_FILE} cannot be loaded ({type(exc).__name__}: {exc})"
-        if _any_rank(problem, ctx):
-            if ctx.is_main or problem is not None:
-                report(f"warning: checkpoint {path} is corrupt or incomplete: {problem or 'another rank failed'}; "
-                       f"falling back to the previous checkpoint")
-            ctx.barrier()
-            if ctx.is_main:
-                report(f"moved {path} aside to {move_aside(path)}")
-            ctx.barrier()
-            continue
-        return Checkpoint(path, loop_state)
-    return None
+                loop_state = read_state(path)
+            except Exception as exc:  # any failure to read it means the same thing: unusable
+                problem = f"{STRUCTURE_FILE} cannot be loaded ({type(exc).__name__}: {exc})"
+        problems = [p for p in all_ranks([problem], ctx) if p is not None]
+        if not problems:
+            return Checkpoint(path, loop_state)
+        ctx.barrier()
+        if ctx.is_main:
+            moved = move_aside(path)
+            report(f"warning: checkpoint {path} is corrupt or incomplete: {problems[0]}; moved aside to {moved}")
+            unusable.append(f"{os.path.basename(path)}: {problems[0]} (moved aside to {os.path.basename(moved)})")
+        ctx.barrier()
+    earlier = sorted(n for n in os.listdir(root) if CORRUPT_SUFFIX in n) if os.path.isdir(root) else []
+    unusable += [f"{name}: moved aside as corrupt by an earlier run" for name in earlier
+                 if not any(f"moved aside to {name})" in line for line in unusable)]
+    found = "; ".join(unusable) if unusable else "none"
+    raise UsageError(f"{option('resume')}: no usable checkpoint under {root} (found: {found}); nothing was "
+                     f"trained. To start the run over, run without {option('resume')} (its metrics are "
+                     f"replaced), or use another {option('out')}")
 
 
 def check_fits(directory, module, what):

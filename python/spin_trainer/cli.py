@@ -18,54 +18,36 @@ also on another process count or --tp (checkpoints reshard through torch.distrib
 import os
 import sys
 import textwrap
+import time
 
-from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
 from . import export_command
 from .checkpoint import find_latest_checkpoint, list_checkpoints
 from .options import parse_config, read_saved_options, write_config
 from .data import load_examples
-from .errors import UsageError, option
+from .errors import CheckpointNotWritten, UsageError, option
 from .evaluate import HeldOut
 from .export import resolve_export_dtype
-from .fingerprint import check_fingerprints, run_fingerprints
+from .fingerprint import DATA_OPTIONS, check_fingerprints, run_fingerprints
 from .generation.sampling import SamplingConfig
 from .logprobs import Scorer, default_head
 from .loop_state import TrainingStopped
 from .metrics import MetricsLog, read_records
-from .model import check_context_length, check_model_dir, load_model, load_tokenizer
+from .model import check_context_length, load_model, load_tokenizer, local_model_dir, read_model_config
 from .parallel.apply import parallelize_model
 from .parallel.mesh import choose_device, setup_parallel, teardown_parallel
 from .parallel.precision import Precision
 from .parallel.tp_plan import check_tensor_parallel
 from .plan.report import check_replicas_fit, run_plan
 from .plots import TABLE_LEGEND, plot_curves
+from .run_dir import check_output_path, lock_run, remove_if_empty
 from .run_outputs import RunOutputs
 from .trainer import SpinTrainer
 
 STOPPED_BY_SIGTERM = 143
+RANK_0_FIRST_S = 5
 CONFIG_FILE = "config.yaml"
-
-
-def check_output_path(out):
-    """The output directory must be one this process can write (it is created if missing)."""
-    path = os.path.abspath(out)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{option('out')} {out!r} is a file, not a directory")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f"{option('out')} {out!r} lies under {existing!r}, which is a file")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        with open(probe, "w", encoding="utf-8"):
-            pass
-        os.remove(probe)
-    except OSError as exc:
-        raise UsageError(f"{option('out')} {out!r} is not writable ({exc.strerror or exc})") from exc
 
 
 def stop_sequences(strings, ids, tokenizer):
@@ -86,15 +68,10 @@ def stop_sequences(strings, ids, tokenizer):
 
 
 def find_resume_checkpoint(config, ctx, fingerprints):
-    """The newest intact checkpoint of the run in --out (None: start over), after checking that this
+    """The newest intact checkpoint of the run in --out (none: refused), after checking that this
     run keeps every setting that changes results (against OUT/config.yaml) and the same inputs."""
     out = config.run.out
-    root = os.path.join(out, "checkpoints", "spin")
-    found = find_latest_checkpoint(root, ctx)
-    if found is None:
-        if ctx.is_main:
-            print(f"{option('resume')}: no usable checkpoint under {root}; starting from the beginning")
-        return None
+    found = find_latest_checkpoint(os.path.join(out, "checkpoints", "spin"), ctx)
     saved_file = os.path.join(out, CONFIG_FILE)
     saved = read_saved_options(saved_file) if os.path.isfile(saved_file) else found.loop_state["settings"]
     mismatches = config.resume_mismatches(saved)
@@ -103,8 +80,25 @@ def find_resume_checkpoint(config, ctx, fingerprints):
         raise UsageError(f"{option('resume')}: the run in {out} was written with {name} {before!r}, this run has "
                          f"{name} {now!r}; resume with the same settings or use another {option('out')}")
     check_fingerprints(found.loop_state["fingerprints"], fingerprints, found.path, model_dir=config.model.model,
-                       train_data=config.data.train_data)
+                       data_paths=data_paths(config))
     return found
+
+
+def data_paths(config):
+    return {name: getattr(config.data, name) for name in DATA_OPTIONS}
+
+
+def check_min_new_tokens(min_new_tokens, max_length, named_examples):
+    """Every prompt leaves room for --min-new-tokens within --max-length (else its response is cut
+    before it may end, every time)."""
+    for name, examples in named_examples:
+        left = [max_length - len(e.prompt_ids) for e in examples]
+        if left and min_new_tokens > min(left):
+            raise UsageError(f"{option('min_new_tokens')} {min_new_tokens} does not fit after "
+                             f"{sum(room < min_new_tokens for room in left)} of the {len(left)} prompts of "
+                             f"{option(name)} ({option('max_length')} {max_length} leaves {min(left)} tokens after "
+                             f"the longest): their responses would be cut before they may end; lower "
+                             f"{option('min_new_tokens')} or raise {option('max_length')}")
 
 
 def check_no_earlier_run(config):
@@ -116,16 +110,26 @@ def check_no_earlier_run(config):
 
 def train(config, on_step=None):
     """A SPIN run of `config` (checked): set-up, the SpinTrainer's loop, the export and the report.
-    Returns the per-iteration eval rows."""
-    m, d, g, par, run = config.model, config.data, config.generation, config.parallel, config.run
-    for name, value in (("model", m.model), ("train_data", d.train_data)):
+    Returns the per-iteration eval rows. A run that fails leaves no --out behind that it created
+    and wrote nothing into."""
+    for name, value in (("model", config.model.model), ("train_data", config.data.train_data)):
         if not value:
             raise UsageError(f"{option(name)} is required")
-    check_output_path(run.out)
+    created = check_output_path(config.run.out)
+    try:
+        return run_training(config, on_step)
+    except BaseException:
+        if created:
+            remove_if_empty(config.run.out)
+        raise
+
+
+def run_training(config, on_step):
+    m, d, g, par, run = config.model, config.data, config.generation, config.parallel, config.run
     if not config.progress:
         hf_logging.disable_progress_bar()
-    check_model_dir(m.model)
-    source_config = AutoConfig.from_pretrained(m.model)
+    model_dir = local_model_dir(m.model, trust_remote_code=m.trust_remote_code)
+    source_config = read_model_config(model_dir, trust_remote_code=m.trust_remote_code)
     check_context_length(d.max_length, source_config)
     check_tensor_parallel(source_config, par.tp)
     device_type = choose_device(m.device)
@@ -134,7 +138,7 @@ def train(config, on_step=None):
     export_dtype = resolve_export_dtype(m.export_dtype, source_config)
     iteration_export_dtype = resolve_export_dtype(m.iteration_export_dtype, source_config,
                                                   name="iteration_export_dtype")
-    tokenizer = load_tokenizer(m.model)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code)
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, do_sample=not g.greedy,
                               temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                               min_new_tokens=g.min_new_tokens,
@@ -147,20 +151,24 @@ def train(config, on_step=None):
     train_examples = examples("train_data")
     val_examples = examples("val_data") if d.val_data else []
     test_examples = examples("test_data") if d.test_data else val_examples
+    check_min_new_tokens(g.min_new_tokens, d.max_length, [("train_data", train_examples), ("val_data", val_examples),
+                                                           ("test_data", test_examples if d.test_data else [])])
     check_no_earlier_run(config)
-    fingerprints = run_fingerprints(m.model, tokenizer, d.train_data)
+    fingerprints = run_fingerprints(model_dir, tokenizer, data_paths(config))
 
     ctx = setup_parallel(par.tp, device_type, dp_shard=par.dp_shard)
+    lock = None
     try:
         config.check_layout(ctx.dp_size, ctx.dp_shard, len(train_examples))
+        lock = lock_run(run.out, ctx)   # every rank learns the verdict before anything is written
         checkpoint = find_resume_checkpoint(config, ctx, fingerprints) if run.resume else None
-        if ctx.is_main:
-            write_config(config, os.path.join(run.out, CONFIG_FILE))
         precision = Precision(m.dtype, pure=m.pure_low_precision)
         scorer = Scorer(ctx, precision, m.head or default_head(device_type))
-        model = load_model(m.model, attention=m.attn, dtype=precision.param_dtype_name, compute_dtype=m.dtype,
-                           device=ctx.device)
+        model = load_model(model_dir, attention=m.attn, dtype=precision.param_dtype_name, compute_dtype=m.dtype,
+                           device=ctx.device, trust_remote_code=m.trust_remote_code)
         parallelize_model(model, ctx, precision, recompute=par.recompute)
+        if ctx.is_main:   # after the model loaded: a model refused leaves the run's --out as it was
+            write_config(config, os.path.join(run.out, CONFIG_FILE))
         metrics = MetricsLog(os.path.join(run.out, "metrics.jsonl"), enabled=ctx.is_main)
         held_out = HeldOut(test_examples, val_examples, scorer, tokenizer=tokenizer, max_length=d.max_length,
                            max_new_tokens=config.max_new_tokens, batch_size=g.gen_batch_size,
@@ -188,6 +196,8 @@ def train(config, on_step=None):
             print(f"final model: {final}")
         return rows
     finally:
+        if lock is not None:
+            lock.release()
         teardown_parallel(ctx)
 
 
@@ -205,16 +215,21 @@ def main(argv=None, on_step=None):
 
 
 def cli():
+    main_rank = os.environ.get("RANK", "0") == "0"   # print once per run, not once per torchrun process
     try:
         main()
     except TrainingStopped as stopped:
-        if os.environ.get("RANK", "0") == "0":  # once per run, not once per torchrun process
+        if main_rank:
             print(f"stopped by SIGTERM; checkpoint written to {stopped}; rerun with {option('resume')} to continue",
                   file=sys.stderr)
         sys.exit(STOPPED_BY_SIGTERM)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    except (UsageError, CheckpointNotWritten) as exc:
+        if main_rank:
+            print(f"error: {exc}", file=sys.stderr)
+        else:
+            # torchrun stops every worker as soon as one exits: let rank 0's line get out first.
+            time.sleep(RANK_0_FIRST_S)
+        sys.exit(2 if isinstance(exc, UsageError) else 1)
 
 
 if __name__ == "__main__":

@@ -46,10 +46,11 @@ def finite_at_least(low, strict=False):
     return check
 
 
-def within(low, high, low_open=False):
+def within(low, high, low_open=False, high_open=False):
     def check(v):
-        ok = (low < v if low_open else low <= v) and v <= high
-        return None if ok else f"must be in {'(' if low_open else '['}{low}, {high}], got {v}"
+        values = v if isinstance(v, tuple) else (v,)
+        ok = all((low < x if low_open else low <= x) and (x < high if high_open else x <= high) for x in values)
+        return None if ok else f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}, got {v}"
     return check
 
 
@@ -66,8 +67,10 @@ def per_iteration(values, iterations):
 # ---- the tree ------------------------------------------------------------------------------------
 @dataclass
 class ModelSettings:
-    model: str | None = setting(None, "local Hugging Face causal-LM directory (or, with --plan, a directory "
-                                      "holding only its config.json)")
+    model: str | None = setting(None, "local Hugging Face causal-LM directory or a Hub id (or, with --plan, a "
+                                      "directory holding only its config.json)")
+    trust_remote_code: bool = setting(False, "run the Python code a model directory ships (its config.json's "
+                                             "auto_map); without it such a model is refused")
     dtype: str = setting("float32", "compute dtype; bfloat16 on GPUs: bf16 compute with fp32 master weights, fp32 "
                                     "gradient reduction and fp32 optimizer state (float16 has no loss scaling here)",
                          choices=DTYPES, resume=True)
@@ -105,8 +108,9 @@ class SpinSettings:
     epochs: int = setting(1, "epochs over the iteration's pairs", check=at_least(1), resume=True)
     beta: tuple[float, ...] = setting((0.1,), "one value, or one per iteration", check=finite_at_least(0, True),
                                       resume=True)
-    lr: tuple[float, ...] = setting((5e-7,), "one value, or one per iteration", check=finite_at_least(0),
-                                    resume=True)
+    # lr >= 1 moves AdamW/RMSprop weights by about their own size each step; 0 trains nothing.
+    lr: tuple[float, ...] = setting((5e-7,), "one value, or one per iteration", resume=True,
+                                    check=within(0, 1, low_open=True, high_open=True))
     loss_type: str = setting("sigmoid", "sigmoid (the paper) or hinge", choices=("sigmoid", "hinge"), resume=True)
     reference: str = setting("precompute", "the reference policy θ_t: its log-probs precomputed at each iteration's "
                                            "start, swapped in from host memory per batch, a resident copy, or "
@@ -130,10 +134,12 @@ class TrainSettings:
     adam_betas: tuple[float, ...] = setting((0.9, 0.999), "AdamW betas", nargs=2, metavar=("BETA1", "BETA2"),
                                             check=lambda v: None if all(0 <= b < 1 for b in v)
                                             else f"must be two values in [0, 1), got {list(v)}", resume=True)
-    adam_eps: float = setting(1e-8, "epsilon of AdamW and of RMSprop", check=finite_at_least(0, True), resume=True)
+    # A larger epsilon swamps the gradient's scale (the step becomes lr * g / eps: nothing trains).
+    adam_eps: float = setting(1e-8, "epsilon of AdamW and of RMSprop", check=within(0, 1e-2, low_open=True),
+                              resume=True)
     weight_decay: float = setting(0.0, "weight decay of the weight matrices (biases and norm weights never decay, as "
                                        "in Hugging Face's Trainer; AdamW: decoupled; RMSprop: L2)",
-                                  check=finite_at_least(0), resume=True)
+                                  check=within(0, 1), resume=True)
     optimizer_state: str = setting("reset", "reset: a fresh optimizer at each SPIN iteration's start (the paper "
                                             "runs each iteration as a fresh run from θ_t); keep: the moments carry "
                                             "over", choices=("reset", "keep"), resume=True)

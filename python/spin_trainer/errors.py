@@ -2,13 +2,20 @@
 
 `UsageError`: a mistake in the settings or the inputs, found before any training step (a missing
 file, a value out of range, a layout that does not divide). The entry point prints its message
-alone, without a traceback, and exits with status 2. Every other exception, divergence included,
-keeps its traceback: it is a failure of the run, not of its command line.
+alone, without a traceback, and exits with status 2. `CheckpointNotWritten` (a full disk) is
+printed alone too, with status 1. Every other exception, divergence included, keeps its traceback:
+it is a failure of the run, not of its command line. Under torchrun rank 0 prints (every rank
+raises the same error: each check runs on every rank or its verdict is shared).
 """
 
 
 class UsageError(Exception):
     """A user's mistake found before training; the message says what to change."""
+
+
+class CheckpointNotWritten(RuntimeError):
+    """The disk filled while a checkpoint was written; the message names the intact one. Printed
+    alone, like a UsageError: a traceback would say nothing more."""
 
 
 class TrainingDiverged(RuntimeError):

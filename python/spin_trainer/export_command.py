@@ -14,13 +14,13 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from .checkpoint import TRAIN_DIR, checkpoint_problem, dcp_load
 from .config import DTYPES
 from .errors import UsageError
 from .export import export_hf, resolve_export_dtype
-from .model import check_model_dir, load_tokenizer
+from .model import check_model_dir, load_tokenizer, read_model_config
 from .options import read_saved_options
 from .parallel.mesh import ParallelContext
 
@@ -72,7 +72,7 @@ def export_checkpoint(checkpoint, out, *, dtype="auto", model_dir=None):
         raise UsageError(f"{checkpoint!r}: the run's config.yaml (three levels up) was not found; pass --model "
                          f"with the model directory the run was trained from")
     check_model_dir(model_dir)
-    config = AutoConfig.from_pretrained(model_dir)
+    config = read_model_config(model_dir)   # trust_remote_code=False: a checkpoint's model runs no shipped code
     export_dtype = resolve_export_dtype(dtype, config, name="dtype")
     model = AutoModelForCausalLM.from_config(config, dtype=export_dtype)
     try:

@@ -1,8 +1,10 @@
 """Fingerprints of a run's inputs, kept in every checkpoint, so that --resume refuses other inputs.
 
-    --model      config.json and the weight files of the model directory
+    --model      config.json, generation_config.json (its EOS ids end the responses) and the
+                 weight files of the model directory
     tokenizer    what the tokenizer maps: its vocabulary, special tokens and chat template
-    --train-data the training file
+    --train-data, --val-data, --test-data
+                 the data files (a directory: each file in it)
 
 A file of at most FULL_HASH_BYTES is hashed whole (SHA-256). A larger one is fingerprinted by its
 size and a hash of SAMPLES evenly spaced blocks of SAMPLE_BYTES (4 MiB read per file, whatever its
@@ -20,6 +22,8 @@ FULL_HASH_BYTES = 64 << 20
 SAMPLES = 64
 SAMPLE_BYTES = 64 << 10
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+MODEL_CONFIGS = ("config.json", "generation_config.json")
+DATA_OPTIONS = ("train_data", "val_data", "test_data")
 
 
 def file_fingerprint(path):
@@ -37,9 +41,9 @@ def file_fingerprint(path):
 
 
 def model_fingerprint(directory):
-    """{file name: fingerprint} of config.json and the weight files of a HF model directory."""
-    names = sorted(n for n in os.listdir(directory)
-                   if n == "config.json" or (n.endswith(WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(directory, n))))
+    """{file name: fingerprint} of the configs and the weight files of a HF model directory."""
+    names = sorted(n for n in os.listdir(directory) if os.path.isfile(os.path.join(directory, n))
+                   and (n in MODEL_CONFIGS or n.endswith(WEIGHT_SUFFIXES)))
     return {name: file_fingerprint(os.path.join(directory, name)) for name in names}
 
 
@@ -50,12 +54,26 @@ def tokenizer_fingerprint(tokenizer):
     return "sha256 " + hashlib.sha256(json.dumps(mapping, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def run_fingerprints(model_dir, tokenizer, train_data):
+def data_fingerprint(path):
+    """A data file's fingerprint; a directory's (save_to_disk, Parquet shards) per file; None for
+    no data."""
+    if path is None:
+        return None
+    if not os.path.exists(path):
+        return f"{path} (not a local path: named, not fingerprinted)"
+    if os.path.isdir(path):
+        return {name: file_fingerprint(os.path.join(path, name))
+                for name in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, name))}
+    return file_fingerprint(path)
+
+
+def run_fingerprints(model_dir, tokenizer, data_paths):
+    """`data_paths`: {"train_data": path, "val_data": path or None, "test_data": path or None}."""
     return {"model": model_fingerprint(model_dir), "tokenizer": tokenizer_fingerprint(tokenizer),
-            "train_data": file_fingerprint(train_data)}
+            **{name: data_fingerprint(data_paths[name]) for name in DATA_OPTIONS}}
 
 
-def check_fingerprints(saved, current, checkpoint_path, *, model_dir, train_data):
+def check_fingerprints(saved, current, checkpoint_path, *, model_dir, data_paths):
     """UsageError naming the option whose input differs from the one the checkpoint was written with."""
     again = f"resume with the inputs it was written with, or use another {option('out')}"
     if saved.get("model") != current["model"]:
@@ -66,6 +84,7 @@ def check_fingerprints(saved, current, checkpoint_path, *, model_dir, train_data
     if saved.get("tokenizer") != current["tokenizer"]:
         raise UsageError(f"{option('resume')}: {checkpoint_path} was written with another tokenizer (the vocabulary, special "
                          f"tokens or chat template of {option('model')} {model_dir!r} changed); {again}")
-    if saved.get("train_data") != current["train_data"]:
-        raise UsageError(f"{option('resume')}: {checkpoint_path} was written with another {option('train_data')}: {train_data!r} has "
-                         f"{current['train_data']}, the run's data had {saved.get('train_data')}; {again}")
+    for name in DATA_OPTIONS:
+        if saved.get(name) != current[name]:
+            raise UsageError(f"{option('resume')}: {checkpoint_path} was written with another {option(name)}: "
+                             f"{data_paths[name]!r} has {current[name]}, the run's data had {saved.get(name)}; {again}")

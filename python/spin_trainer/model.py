@@ -1,4 +1,9 @@
-"""The policy model and its tokenizer: the built-in tiny default, or any local HF causal-LM directory.
+"""The policy model and its tokenizer: the built-in tiny default, any local HF causal-LM directory,
+or a Hub id (downloaded to the Hugging Face cache first).
+
+A model directory is checked before anything runs from it: config.json a mapping with positive
+sizes, a causal-LM architecture, every weight of that architecture in the weight files and none
+besides. The Python code a directory may ship (`auto_map`) runs only with --trust-remote-code.
 
 The default is built locally (no download) and saved in Hugging Face format, so that everything
 downstream (loading, tensor parallelism, export) takes the same path as a real model.
@@ -6,12 +11,16 @@ downstream (loading, tensor parallelism, export) takes the same path as a real m
 import importlib.util
 import json
 import os
+import re
 from contextlib import contextmanager
 
 import torch
+from safetensors import SafetensorError
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .errors import UsageError, option
 from .parallel.precision import DTYPES
@@ -19,6 +28,18 @@ from .parallel.precision import DTYPES
 # Dropout rates that models keep as plain attributes instead of nn.Dropout modules (Llama, Mistral,
 # Qwen: `attention_dropout`, read in the attention call while training).
 DROPOUT_ATTRIBUTES = ("attention_dropout", "dropout", "attn_dropout", "resid_dropout")
+
+# config.json sizes that must be positive integers where present (transformers builds tensors of
+# negative size, or loops over them, otherwise); more layers than any real model has would make the
+# --plan's meta-device build run for minutes.
+POSITIVE_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                  "intermediate_size", "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_positions")
+MAX_LAYERS = 1000
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+# What a Hub download fetches: configs, safetensors weights, tokenizer files (no pickled .bin
+# weights; Python files only for --trust-remote-code).
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, SafetensorError)
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # Chat template of the tiny tokenizer, so that {"messages"} data works on the default model too.
@@ -99,19 +120,78 @@ def choose_attention(requested, device, dtype=torch.bfloat16):
     return requested
 
 
+def local_model_dir(name, *, trust_remote_code=False):
+    """The local directory of --model: `name` itself, or a Hub id's files from the Hugging Face
+    cache (downloaded if missing)."""
+    if os.path.exists(name) or not HUB_ID.fullmatch(name):
+        check_model_dir(name)
+        return name
+    from huggingface_hub import snapshot_download
+
+    patterns = list(HUB_PATTERNS) + (["*.py"] if trust_remote_code else [])
+    try:
+        path = snapshot_download(name, allow_patterns=patterns)
+    except Exception as exc:  # offline, unknown repository, gated, network: all mean the same to the user
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UsageError(f"{option('model')} {name!r}: no such local directory, and the Hugging Face Hub could not "
+                         f"provide it ({type(exc).__name__}: {first_line}); pass a local model directory, or check "
+                         f"the name, the network and HF_HUB_OFFLINE / HF_TOKEN") from exc
+    check_model_dir(path)
+    return path
+
+
 def check_model_dir(path):
-    """A clear error for a model path that is not a local Hugging Face causal-LM directory."""
+    """A clear error for a model path that is not a local Hugging Face model directory with a
+    usable config.json."""
     if not os.path.isdir(path):
         raise UsageError(f"{option('model')} {path!r}: no such directory (a local Hugging Face model directory "
-                         f"with config.json, weights and tokenizer files is expected)")
+                         f"with config.json, weights and tokenizer files, or a Hub id, is expected)")
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise UsageError(f"{option('model')} {path!r}: config.json not found; is this a Hugging Face model directory?")
     try:
         with open(config_path, encoding="utf-8") as f:
-            json.load(f)
+            config = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{option('model')} {path!r}: config.json is not valid JSON ({exc})") from exc
+    check_config_values(config, f"{option('model')} {path!r}: config.json")
+
+
+def check_config_values(config, where):
+    """config.json's content: a mapping, its sizes positive integers, its layers within MAX_LAYERS."""
+    if not isinstance(config, dict):
+        raise UsageError(f"{where} holds {type(config).__name__}, not a mapping of settings")
+    for name in POSITIVE_SIZES:
+        value = config.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UsageError(f"{where}: {name} must be a positive integer, got {value!r}")
+    for name in ("num_hidden_layers", "n_layer"):
+        if (config.get(name) or 0) > MAX_LAYERS:
+            raise UsageError(f"{where}: {name} {config[name]} is more layers than any model this trainer is for "
+                             f"(at most {MAX_LAYERS})")
+
+
+def check_shipped_code(config, where, trust_remote_code):
+    """transformers would run the model's own Python code for a model type it does not know."""
+    if config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING_NAMES and not trust_remote_code:
+        raise UsageError(f"{where}: model type {config.get('model_type')!r} exists only in Python code shipped with "
+                         f"the model (config.json's auto_map: {config['auto_map']}); it runs only with "
+                         f"{option('trust_remote_code')}, once you have read it")
+
+
+def read_model_config(path, *, trust_remote_code=False):
+    """transformers' config of the model directory `path` (checked by check_model_dir), of a causal LM."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        check_shipped_code(json.load(f), f"{option('model')} {path!r}", trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except LOAD_ERRORS as exc:
+        raise UsageError(f"{option('model')} {path!r}: config.json could not be read ({exc})") from exc
+    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+        raise UsageError(f"{option('model')} {path!r}: model type {config.model_type!r} is not a causal language "
+                         f"model (transformers' AutoModelForCausalLM has no class for it)")
+    return config
 
 
 def check_context_length(max_length, model_config):
@@ -123,11 +203,11 @@ def check_context_length(max_length, model_config):
                              f"plus generated responses would not fit; use {option('max_length')} {limit} or less")
 
 
-def load_tokenizer(path):
+def load_tokenizer(path, *, trust_remote_code=False):
     check_model_dir(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except LOAD_ERRORS as exc:
         raise UsageError(f"{option('model')} {path!r}: the tokenizer could not be loaded ({exc})") from exc
     if tokenizer.eos_token_id is None:
         raise UsageError(f"{option('model')} {path!r}: the tokenizer has no EOS token; responses must end with one")
@@ -150,20 +230,33 @@ def disable_dropout(model):
     return model
 
 
-def load_model(path, *, attention="auto", dtype="float32", device=torch.device("cpu"), compute_dtype=None):
+def load_model(path, *, attention="auto", dtype="float32", device=torch.device("cpu"), compute_dtype=None,
+               trust_remote_code=False):
     """Loads a causal LM from a local directory with the chosen attention kernel and no dropout.
 
     `dtype` is what the parameters are stored in; `compute_dtype` (default: the same) what the
-    forward computes in, which decides whether flash-attention can run.
+    forward computes in, which decides whether flash-attention can run. Weights of the
+    architecture missing from the files, or weights in the files the architecture lacks, are an
+    error (transformers would train a randomly initialised model and only warn).
     """
     check_model_dir(path)
+    config = read_model_config(path, trust_remote_code=trust_remote_code)
     attn_implementation = choose_attention(attention, device, DTYPES[compute_dtype or dtype])
     try:
-        config = AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
-                                                     attn_implementation=attn_implementation)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UsageError(f"{option('model')} {path!r}: could not load a causal LM ({exc})") from exc
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+            output_loading_info=True)
+    except LOAD_ERRORS as exc:
+        raise UsageError(f"{option('model')} {path!r}: could not load a causal LM "
+                         f"({type(exc).__name__}: {exc})") from exc
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        names = sorted(str(n) for n in info.get(kind) or ())
+        if names:
+            what = {"missing_keys": f"weight(s) of {type(model).__name__} are not in the weight files",
+                    "unexpected_keys": f"weight(s) in the weight files are not part of {type(model).__name__}",
+                    "mismatched_keys": "weight(s) have another shape in the weight files than config.json gives"}[kind]
+            raise UsageError(f"{option('model')} {path!r}: {len(names)} {what} (e.g. {names[:3]}); do config.json "
+                             f"(model type {config.model_type!r}) and the weights belong to the same model?")
     assert model.config.model_type == config.model_type
     return disable_dropout(model).to(device)
 

@@ -10,7 +10,7 @@ from transformers import AutoConfig
 
 from ..errors import UsageError, option
 from ..logprobs import default_head
-from ..model import check_context_length
+from ..model import check_config_values, check_context_length, check_shipped_code
 from ..parallel.mesh import check_layout
 from ..parallel.precision import Precision
 from ..parallel.tp_plan import LLAMA_FAMILY, check_tensor_parallel
@@ -74,7 +74,7 @@ def format_plan(plan, *, micro_batch_size, max_length, gen_batch_size, device_me
     return "\n".join(lines)
 
 
-def _read_config(model_dir):
+def _read_config(model_dir, trust_remote_code):
     path = os.path.join(model_dir, "config.json")
     where = f"{option('plan')} {option('model')} {model_dir!r}"
     if not os.path.isfile(path):
@@ -82,8 +82,10 @@ def _read_config(model_dir):
                          f"{option('model')} configs/llama-2-7b)")
     try:
         with open(path, encoding="utf-8") as f:
-            json.load(f)
-        return AutoConfig.from_pretrained(model_dir)
+            raw = json.load(f)
+        check_config_values(raw, f"{where}: config.json")
+        check_shipped_code(raw, where, trust_remote_code)
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise UsageError(f"{where}: config.json could not be read ({exc})") from exc
 
@@ -108,7 +110,7 @@ def run_plan(run):
     if not run.model.model:
         raise UsageError(f"{option('plan')} needs {option('model')} DIR (a directory with the model's config.json; "
                          f"no weights needed)")
-    config = _read_config(run.model.model)
+    config = _read_config(run.model.model, run.model.trust_remote_code)
     nproc = run.plan.nproc
     if nproc is None:
         raise UsageError(f"{option('plan')} needs {option('nproc')} N, the number of processes (GPUs) of the run "

@@ -1,0 +1,88 @@
+"""The run's --out directory: checked and created before the run, locked for the run's lifetime,
+and removed again when a refused run created it and left nothing in it.
+
+The lock is an exclusive `flock` on OUT/.lock taken by rank 0, a worker process: SIGKILL to
+torchrun leaves its workers running (they are in sessions of their own), and a lock held by the
+launcher would be released while they still write. Every rank waits for rank 0's verdict (a
+collective) before anything is written, so the ranks of a second launch into the same --out are
+all refused together. The kernel releases the lock when the holder exits, however it exits.
+"""
+import fcntl
+import os
+import socket
+import time
+
+import torch
+
+from .errors import UsageError, option
+from .parallel.mesh import all_reduce_max
+
+LOCK_FILE = ".lock"
+
+
+def check_output_path(out):
+    """The output directory must be one this process can write; it is created if missing.
+    Returns whether this call created it."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{option('out')} {out!r} is a file, not a directory")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{option('out')} {out!r} lies under {existing!r}, which is a file")
+    created = not os.path.exists(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise UsageError(f"{option('out')} {out!r} is not writable ({exc.strerror or exc})") from exc
+    return created
+
+
+def remove_if_empty(out):
+    """Removes `out` if it holds nothing but the lock file (a run refused before writing)."""
+    try:
+        if set(os.listdir(out)) <= {LOCK_FILE}:
+            if os.path.exists(os.path.join(out, LOCK_FILE)):
+                os.remove(os.path.join(out, LOCK_FILE))
+            os.rmdir(out)
+    except OSError:
+        pass   # someone else's file appeared in it: it is not ours to remove
+
+
+class RunLock:
+    """The exclusive lock on a run's --out (rank 0 holds it; None on other ranks)."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)   # closing the last descriptor releases the flock
+            self.fd = None
+
+
+def lock_run(out, ctx):
+    """Takes the exclusive lock on `out` (all ranks call this) or refuses, naming the holder."""
+    fd, holder = None, None
+    if ctx.is_main:
+        fd = os.open(os.path.join(out, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "a process that did not say"
+            os.close(fd)
+            fd = None
+        else:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
+    refused = torch.tensor([1.0 if ctx.is_main and fd is None else 0.0], device=ctx.device)
+    if all_reduce_max(refused, ctx.world_size).item() > 0:
+        raise UsageError(f"{option('out')} {out!r} is in use by another run ({holder or 'see rank 0'}); wait for "
+                         f"it to finish or stop it, or use another {option('out')}")
+    return RunLock(fd)
