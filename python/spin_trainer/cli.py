@@ -9,11 +9,13 @@
 
 Data: JSONL records {"prompt", "response"} or chat {"messages": [..., {"role": "assistant", ...}]}.
 Writes OUT/config.yaml (the resolved settings), OUT/metrics.jsonl, OUT/curves.png, OUT/checkpoints/
-and the final model to OUT/final. SIGTERM writes a checkpoint and exits with status 143; --max-steps
+and the final model to OUT/final. SIGTERM or SIGINT (Ctrl-C) writes a checkpoint and exits with status
+128 + the signal's number (143, 130); --max-steps
 N stops after N optimizer steps with a checkpoint; --resume continues from the newest intact one,
 also on another process count or --tp (checkpoints reshard through torch.distributed.checkpoint).
 """
 import os
+import signal
 import sys
 import textwrap
 
@@ -40,7 +42,6 @@ from .plan.report import check_replicas_fit, run_plan
 from .plots import TABLE_LEGEND, format_table, plot_curves
 from .trainer import SpinTrainer
 
-STOPPED_BY_SIGTERM = 143
 CONFIG_FILE = "config.yaml"
 
 
@@ -198,9 +199,13 @@ def cli():
         main()
     except TrainingStopped as stopped:
         if os.environ.get("RANK", "0") == "0":  # once per run, not once per torchrun process
-            print(f"stopped by SIGTERM; checkpoint written to {stopped}; rerun with {option('resume')} to continue",
-                  file=sys.stderr)
-        sys.exit(STOPPED_BY_SIGTERM)
+            print(f"stopped by {stopped.signal_name}; checkpoint written to {stopped.checkpoint}; rerun with "
+                  f"{option('resume')} to continue", file=sys.stderr)
+        sys.exit(stopped.exit_status)
+    except KeyboardInterrupt:   # Ctrl-C before the training loop took SIGINT over: nothing to save yet
+        if os.environ.get("RANK", "0") == "0":
+            print("stopped by SIGINT before training started; no checkpoint was written", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -348,6 +348,7 @@ class SpinTrainer:
                         f"step {p.global_step}{moved})")
 
     def check_stop(self):
-        """After SIGTERM on any rank: every rank writes its part of a checkpoint, then stops."""
-        if self.stop_signal.received():
-            raise TrainingStopped(self.save())
+        """After SIGTERM or SIGINT on any rank: every rank writes its part of a checkpoint, then stops."""
+        signal_number = self.stop_signal.received()
+        if signal_number:
+            raise TrainingStopped(self.save(), signal_number)
