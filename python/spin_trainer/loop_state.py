@@ -91,6 +91,7 @@ class IterationData:
     train_gen_length: float             # mean length of the responses to the training prompts
     history: list = field(default_factory=list)   # the iteration's per-step training records
     gen_equals_gold: float | None = None          # fraction of training prompts answered exactly (no gradient)
+    dropped_truncated: int | None = None          # pairs --drop-truncated left out (None: not asked for)
 
     def state(self):
         return dict(vars(self))   # shallow: the Examples stay Examples

@@ -141,25 +141,31 @@ class SpinTrainer:
                         progress=self.config.progress, parked_optimizer=self.parked_optimizer)
 
     def iteration_pairs(self, samples):
-        """(examples, generated) of the iteration: one pair per training prompt (pairs cut at the length
-        cap replaced with drop_truncated), plus a share of the previous iteration's pairs."""
+        """(examples, generated, pairs dropped) of the iteration: one pair per training prompt (pairs cut
+        at the length cap replaced with drop_truncated, None without it), plus a share of the previous
+        iteration's pairs."""
         c, t = self.config, self.position.iteration
-        examples, generated = list(self.examples), list(samples)
+        examples, generated, dropped = list(self.examples), list(samples), None
         if c.spin.drop_truncated:
             examples, generated = drop_truncated(examples, samples, seed=c.run.seed * 37 + t)
+            dropped = sum(map(bool, samples.truncated))
+            if self.ctx.is_main:
+                self.report(f"iteration {t + 1}: {option('drop_truncated')} left out {dropped} of {len(samples)} "
+                            f"pairs (their generation was cut at {option('max_new_tokens')} or the context); "
+                            f"their slots went to finished pairs")
         n_mix = c.mixed_pairs(len(self.examples)) if t > 0 else 0
         if n_mix and self.previous_pairs is not None:
             previous_examples, previous_generated = self.previous_pairs
             picks = random.Random(c.run.seed * 31 + t).sample(range(len(previous_examples)), n_mix)
             examples += [previous_examples[i] for i in picks]
             generated += [previous_generated[i] for i in picks]
-        return examples, generated
+        return examples, generated, dropped
 
     def prepare_data(self, model, epoch):
         """θ_t's answers to the training and validation prompts, and their reference log-probs, from
         `model`, which holds θ_t: the policy at the start of an iteration, else the reference's weights."""
         samples = self.generate_for(model, self.examples, epoch)
-        examples, generated = self.iteration_pairs(samples)
+        examples, generated, dropped = self.iteration_pairs(samples)
         micro, pad = self.config.train.micro_batch_size, self.tokenizer.pad_token_id
         cached = (pair_logps(model, examples, generated, self.scorer, micro_batch_size=micro, pad_token_id=pad)
                   if self.reference.precomputes_logps else None)
@@ -172,7 +178,8 @@ class SpinTrainer:
         return IterationData(examples=examples, generated=generated, ref_logps=cached, val_generated=val_generated,
                              val_ref_logps=val_ref, generated_epoch=epoch,
                              train_gen_length=sum(lengths) / len(lengths),
-                             gen_equals_gold=fraction_equal_to_gold(self.examples, samples))
+                             gen_equals_gold=fraction_equal_to_gold(self.examples, samples),
+                             dropped_truncated=dropped)
 
     def begin_iteration(self):
         self.reference.begin_iteration()   # the policy, as it is now, becomes θ_t
@@ -180,10 +187,12 @@ class SpinTrainer:
 
     def regenerate(self):
         """Per-epoch regeneration (NeMo-Aligner's mode): θ_t samples again, from the reference's weights."""
-        history = self.data.history
+        history, dropped = self.data.history, self.data.dropped_truncated
         with self.reference.weights() as reference_model:
             self.data = self.prepare_data(reference_model, epoch=self.position.epoch)
         self.data.history = history
+        if dropped is not None:   # the iteration's count: every epoch's generations together
+            self.data.dropped_truncated += dropped
 
     def compute_ref_logps(self, batch, pairs):
         """[2b] reference log-prob sums of a pair batch under θ_t (rows [0, b) actual, [b, 2b)
@@ -291,6 +300,8 @@ class SpinTrainer:
             row[name] = sum(r[key] for r in history) / len(history) if history else None
         row.update(train_gen_length=data.train_gen_length, gen_equals_gold=data.gen_equals_gold,
                    **iteration_diagnostics(history))
+        if data.dropped_truncated is not None:
+            row["dropped_truncated"] = data.dropped_truncated
         self.record_eval(row)
         self.previous_pairs = (data.examples[:len(self.examples)], data.generated[:len(self.examples)])
         self.data = None
