@@ -40,6 +40,8 @@ from .parallel.precision import Precision
 from .parallel.tp_plan import check_tensor_parallel
 from .plan.report import check_replicas_fit, run_plan
 from .plots import TABLE_LEGEND, format_table, plot_curves
+from .progress_lines import ProgressLines, plain_lines_wanted
+from .report_to import check_installed, make_sinks
 from .trainer import SpinTrainer
 
 CONFIG_FILE = "config.yaml"
@@ -119,6 +121,7 @@ def train(config, on_step=None):
         if not value:
             raise UsageError(f"{option(name)} is required")
     check_output_path(run.out)
+    check_installed(run.report_to)
     if not config.progress:
         hf_logging.disable_progress_bar()
     check_model_dir(m.model)
@@ -156,13 +159,20 @@ def train(config, on_step=None):
         model = load_model(m.model, attention=m.attn, dtype=precision.param_dtype_name, compute_dtype=m.dtype,
                            device=ctx.device)
         parallelize_model(model, ctx, precision, recompute=par.recompute)
-        metrics = MetricsLog(os.path.join(run.out, "metrics.jsonl"), enabled=ctx.is_main)
+        metrics = MetricsLog(os.path.join(run.out, "metrics.jsonl"), enabled=ctx.is_main,
+                             sinks=make_sinks(run.report_to, run.out, config.as_options()))
+        lines = ProgressLines(enabled=ctx.is_main and plain_lines_wanted(sys.stdout.isatty(), config.progress),
+                              every=run.log_every)
         held_out = HeldOut(test_examples, val_examples, scorer, tokenizer=tokenizer, max_length=d.max_length,
                            max_new_tokens=config.max_new_tokens, batch_size=g.gen_batch_size,
                            micro_batch_size=config.train.micro_batch_size)
         trainer = SpinTrainer(model, tokenizer, train_examples, val_examples, config, scorer, out_dir=run.out,
-                              held_out=held_out, metrics=metrics, sampling=sampling, fingerprints=fingerprints)
-        rows = trainer.train(resume=checkpoint, on_step=on_step)
+                              held_out=held_out, metrics=metrics, sampling=sampling, fingerprints=fingerprints,
+                              lines=lines)
+        try:
+            rows = trainer.train(resume=checkpoint, on_step=on_step)
+        finally:
+            metrics.close()
         if trainer.stopped_early:
             if ctx.is_main:
                 print(f"stopped after {trainer.position.global_step} of {sum(trainer.steps_per_iteration)} optimizer "

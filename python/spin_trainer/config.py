@@ -25,6 +25,7 @@ REFERENCE_MODES = ("precompute", "swap", "resident", "streamed")
 RECOMPUTE_MODES = ("none", "elementwise", "full")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "rmsprop")
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 def setting(default, help, *, check=None, resume=False, choices=None, nargs=None, metavar=None):
@@ -179,6 +180,11 @@ class RunSettings:
     max_steps: int = setting(0, "stop after N optimizer steps of the run (counted across resumes) with a "
                                 "checkpoint, without exporting; --resume continues (0: no limit)", check=at_least(0))
     no_progress: bool = setting(False, "no progress bars (bars show only on a terminal anyway)")
+    log_every: int = setting(10, "with stdout not a terminal (a log file), or without progress bars: a plain line "
+                                 "every N optimizer steps (0: none), besides one per generation and evaluation",
+                             check=at_least(0))
+    report_to: tuple[str, ...] = setting(("none",), "also send the metrics to these (TensorBoard: OUT/runs; wandb: "
+                                                   "OUT/wandb, WANDB_* variables apply)", choices=REPORT_TO)
 
 
 @dataclass
@@ -243,7 +249,8 @@ class RunConfig:
             problem = f.metadata["check"] and f.metadata["check"](value)
             if problem:
                 raise UsageError(f"{option(f.name)} {problem}")
-            if f.metadata["choices"] and value is not None and value not in f.metadata["choices"]:
+            values = value if isinstance(value, tuple) else (value,)
+            if f.metadata["choices"] and value is not None and any(v not in f.metadata["choices"] for v in values):
                 raise UsageError(f"{option(f.name)} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
         for name in ("beta", "lr"):
             count = len(getattr(self.spin, name))

@@ -42,6 +42,7 @@ from .generation.rollouts import ParkedOptimizer, drop_truncated, generate, pair
 from .loop_state import IterationData, LoopPosition, StopSignal, TrainingStopped
 from .optim import apply_update, epoch_order, learning_rate_schedule, make_optimizer, make_scheduler
 from .parallel.mesh import all_reduce_max, all_reduce_sum
+from .progress_lines import ProgressLines, flushed_print
 from .ref_policy import make_reference
 
 
@@ -49,11 +50,13 @@ class SpinTrainer:
     """The SPIN loop of a checked RunConfig on a parallelized model (see python/spin_trainer/cli.py)."""
 
     def __init__(self, model, tokenizer, train_examples, val_examples, config: RunConfig, scorer, *, out_dir,
-                 held_out, metrics, sampling, run="spin", report=print, fingerprints=None):
+                 held_out, metrics, sampling, run="spin", report=flushed_print, fingerprints=None,
+                 lines=None):
         self.model, self.tokenizer, self.config, self.scorer = model, tokenizer, config, scorer
         self.ctx = scorer.ctx
         self.examples, self.val_examples = train_examples, val_examples
         self.held_out, self.metrics, self.run, self.report = held_out, metrics, run, report
+        self.lines = lines or ProgressLines()   # plain progress lines for a log file (off by default)
         self.sampling = sampling    # SamplingConfig of θ_t's answers; its seed is set per (iteration, epoch)
         self.fingerprints = fingerprints or {}   # of the inputs, kept in checkpoints (fingerprint.py)
         self.checkpoint_root = os.path.join(out_dir, "checkpoints", run)
@@ -89,8 +92,10 @@ class SpinTrainer:
             self.restore(resume)
         p = self.position
         self.metrics.truncate_after(self.run, p.global_step if resume is not None else -1)
+        self.lines.begin(sum(self.steps_per_iteration), c.spin.iterations, p.global_step)
         if resume is None:
-            self.record_eval({"iteration": 0, "step": 0, **self.held_out(self.model)})
+            with self.lines.phase("evaluation of the starting model"):
+                self.record_eval({"iteration": 0, "step": 0, **self.held_out(self.model)})
         bar = tqdm(total=sum(self.steps_per_iteration), initial=p.global_step, desc=f"{self.run} steps",
                    disable=not (c.progress and self.ctx.is_main))
         with self.stop_signal.installed():
@@ -121,7 +126,10 @@ class SpinTrainer:
                     on_step(record)
                 last = p.epoch == c.spin.epochs - 1 and p.step == self.steps_per_epoch[p.iteration]
                 if c.run.val_every and p.global_step % c.run.val_every == 0 and not last:
-                    self.metrics.write({"kind": "val", "run": self.run, **self.validation_row()})
+                    with self.lines.phase(f"validation at step {p.global_step}"):
+                        row = {"kind": "val", "run": self.run, **self.validation_row()}
+                    self.metrics.write(row)
+                    self.lines.eval(row)
                 if c.run.save_every and p.global_step % c.run.save_every == 0 and not last:
                     self.save()
                 self.check_stop()
@@ -181,14 +189,20 @@ class SpinTrainer:
                              gen_equals_gold=fraction_equal_to_gold(self.examples, samples),
                              dropped_truncated=dropped)
 
+    def generation_phase(self):
+        p = self.position
+        return self.lines.phase(f"iteration {p.iteration + 1}, epoch {p.epoch}: generation and reference log-probs "
+                                f"({len(self.examples)} training and {len(self.val_examples)} validation prompts)")
+
     def begin_iteration(self):
         self.reference.begin_iteration()   # the policy, as it is now, becomes θ_t
-        self.data = self.prepare_data(self.model, epoch=0)
+        with self.generation_phase():
+            self.data = self.prepare_data(self.model, epoch=0)
 
     def regenerate(self):
         """Per-epoch regeneration (NeMo-Aligner's mode): θ_t samples again, from the reference's weights."""
         history, dropped = self.data.history, self.data.dropped_truncated
-        with self.reference.weights() as reference_model:
+        with self.reference.weights() as reference_model, self.generation_phase():
             self.data = self.prepare_data(reference_model, epoch=self.position.epoch)
         self.data.history = history
         if dropped is not None:   # the iteration's count: every epoch's generations together
@@ -261,6 +275,7 @@ class SpinTrainer:
                   "consumed_samples": p.global_step * c.train.global_batch_size}
         self.data.history.append(record)
         self.metrics.write(record)
+        self.lines.step(record)
         return record
 
     def global_metrics(self, sums):
@@ -279,6 +294,7 @@ class SpinTrainer:
         row = {"kind": "eval", "run": self.run, **row}
         self.metrics.write(row)
         self.eval_rows.append(row)
+        self.lines.eval(row)
         return row
 
     def validation_row(self):
@@ -293,7 +309,8 @@ class SpinTrainer:
 
     def end_iteration(self):
         p, data = self.position, self.data
-        row = self.validation_row()
+        with self.lines.phase(f"iteration {p.iteration + 1}: evaluation"):
+            row = self.validation_row()
         history = data.history
         for key, name in (("acc", "spin_acc"), ("rewards_actual_mean", "rewards_actual"),
                           ("rewards_generated_mean", "rewards_generated"), ("loss", "spin_loss")):
