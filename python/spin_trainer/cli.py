@@ -39,7 +39,7 @@ from .parallel.mesh import choose_device, setup_parallel, teardown_parallel
 from .parallel.precision import Precision
 from .parallel.tp_plan import check_tensor_parallel
 from .plan.report import check_replicas_fit, run_plan
-from .plots import TABLE_LEGEND, format_table, plot_curves
+from .plots import format_table, plot_curves, table_legend
 from .progress_lines import ProgressLines, plain_lines_wanted
 from .report_to import check_installed, make_sinks
 from .trainer import SpinTrainer
@@ -165,7 +165,7 @@ def train(config, on_step=None):
                               every=run.log_every)
         held_out = HeldOut(test_examples, val_examples, scorer, tokenizer=tokenizer, max_length=d.max_length,
                            max_new_tokens=config.max_new_tokens, batch_size=g.gen_batch_size,
-                           micro_batch_size=config.train.micro_batch_size)
+                           micro_batch_size=config.train.micro_batch_size, exact_match=config.exact_match)
         trainer = SpinTrainer(model, tokenizer, train_examples, val_examples, config, scorer, out_dir=run.out,
                               held_out=held_out, metrics=metrics, sampling=sampling, fingerprints=fingerprints,
                               lines=lines)
@@ -183,10 +183,10 @@ def train(config, on_step=None):
         export_hf(model, tokenizer, os.path.join(run.out, "final"), ctx, dtype=export_dtype)
         if ctx.is_main:
             title = "SPIN, per iteration (iteration 0 = the starting model)"
-            if not d.test_data:
+            if config.exact_match and not d.test_data:
                 title += f"; no {option('test_data')} given: 'test exact match' is measured on {option('val_data')}"
             print(format_table(rows, title))
-            print(textwrap.fill(TABLE_LEGEND, 100))
+            print(textwrap.fill(table_legend(rows), 100))
             plot_curves(read_records(metrics.path), os.path.join(run.out, "curves.png"))
             print(f"final model: {os.path.join(run.out, 'final')}")
         return rows

@@ -84,7 +84,8 @@ class DataSettings:
     train_data: str | None = setting(None, "JSONL of training prompts and gold responses")
     val_data: str | None = setting(None, "JSONL of held-out records: SFT validation loss and SPIN acc on "
                                          "held-out pairs")
-    test_data: str | None = setting(None, "JSONL of held-out records for exact-match accuracy (default: --val-data)")
+    test_data: str | None = setting(None, "JSONL of held-out records for exact-match accuracy (giving it turns "
+                                          "--exact-match on)")
     prompt_template: str = setting("{prompt}", "template of {prompt,response} records' prompts", resume=True)
     max_length: int = setting(1024, "context length: prompt + response tokens (at most the model's "
                                     "max_position_embeddings)", check=at_least(2), resume=True)
@@ -175,7 +176,14 @@ class RunSettings:
                                   "count or --tp")
     save_every: int = setting(0, "a checkpoint every N optimizer steps besides the one at each iteration's end",
                               check=at_least(0))
-    val_every: int = setting(0, "validation every N optimizer steps besides each iteration's end", check=at_least(0))
+    val_every: int = setting(0, "validation every N optimizer steps besides the evaluated iterations' ends",
+                             check=at_least(0))
+    eval_every: int = setting(1, "held-out evaluation of the starting model and after every N-th iteration (and the "
+                                 "last): SFT validation loss, SPIN acc and margin on the validation pairs, exact "
+                                 "match where asked", check=at_least(1))
+    exact_match: bool = setting(False, "also evaluate greedy exact match against the gold responses of --test-data "
+                                       "(default --val-data): for tasks with one right answer (about 0 on chat data); "
+                                       "a generation over every test prompt at each evaluation")
     keep: int = setting(2, "checkpoints kept", check=at_least(1))
     max_steps: int = setting(0, "stop after N optimizer steps of the run (counted across resumes) with a "
                                 "checkpoint, without exporting; --resume continues (0: no limit)", check=at_least(0))
@@ -233,6 +241,15 @@ class RunConfig:
     def progress(self):
         """Progress bars on a terminal only: in a log file each redraw would be a line of its own."""
         return not self.run.no_progress and sys.stderr.isatty()
+
+    @property
+    def exact_match(self):
+        """Exact match is measured where asked: --exact-match, or a --test-data (which serves nothing else)."""
+        return self.run.exact_match or bool(self.data.test_data)
+
+    def evaluates(self, iteration):
+        """Whether the end of `iteration` (0-based) gets the held-out evaluation (--eval-every; the last does)."""
+        return (iteration + 1) % self.run.eval_every == 0 or iteration + 1 == self.spin.iterations
 
     def mixed_pairs(self, num_examples):
         return int(round(self.spin.mix_previous * num_examples))

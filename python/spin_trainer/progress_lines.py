@@ -6,7 +6,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-from .plots import TABLE_COLUMNS
+from .plots import table_columns
 
 
 def flushed_print(text):
@@ -38,7 +38,8 @@ def step_line(record, total_steps, iterations, elapsed, eta):
 
 def eval_line(row):
     """The row's numbers, labelled as in the results table (those it has)."""
-    cells = [f"{label} {fmt.format(row[key])}" for key, label, fmt in TABLE_COLUMNS[2:] if row.get(key) is not None]
+    cells = [f"{label} {fmt.format(row[key])}" for key, label, fmt in table_columns([row])[2:]
+             if row.get(key) is not None]
     where = f"{row['kind']} at iteration {row['iteration']}, step {row['step']}"
     return f"{where}: " + ("  ".join(cells) if cells else "no held-out data")
 

@@ -177,8 +177,11 @@ class SpinTrainer:
         micro, pad = self.config.train.micro_batch_size, self.tokenizer.pad_token_id
         cached = (pair_logps(model, examples, generated, self.scorer, micro_batch_size=micro, pad_token_id=pad)
                   if self.reference.precomputes_logps else None)
-        val_generated = self.generate_for(model, self.val_examples, epoch + 10_000)
-        val_ref = pair_logps(model, self.val_examples, val_generated, self.scorer, micro_batch_size=micro,
+        # The validation pairs serve the evaluation at this iteration's end and --val-every only.
+        c = self.config
+        val_examples = self.val_examples if c.evaluates(self.position.iteration) or c.run.val_every else []
+        val_generated = self.generate_for(model, val_examples, epoch + 10_000)
+        val_ref = pair_logps(model, val_examples, val_generated, self.scorer, micro_batch_size=micro,
                              pad_token_id=pad)
         # The diagnostics describe what the model sampled, one response per training prompt in the
         # prompts' order: before drop_truncated reassigns slots and the previous iteration's mix.
@@ -298,19 +301,24 @@ class SpinTrainer:
         return row
 
     def validation_row(self):
-        """The held-out numbers, and SPIN acc and margin of the policy on the validation pairs."""
+        """The held-out numbers; SPIN acc and margin of the policy on the validation pairs, and the mean
+        length of θ_t's samples in them (made at the iteration's start)."""
         p, data = self.position, self.data
         row = {"iteration": p.iteration + 1, "step": p.global_step, **self.held_out(self.model)}
-        row["val_spin_acc"], row["val_margin"] = spin_pair_accuracy(
-            self.model, self.val_examples, data.val_generated, data.val_ref_logps, self.scorer,
-            beta=self.betas[p.iteration], micro_batch_size=self.config.train.micro_batch_size,
-            pad_token_id=self.tokenizer.pad_token_id)
+        if self.val_examples and len(data.val_generated) == len(self.val_examples):   # generated for this
+            row["val_spin_acc"], row["val_margin"] = spin_pair_accuracy(
+                self.model, self.val_examples, data.val_generated, data.val_ref_logps, self.scorer,
+                beta=self.betas[p.iteration], micro_batch_size=self.config.train.micro_batch_size,
+                pad_token_id=self.tokenizer.pad_token_id)
+            row["val_gen_length"] = sum(map(len, data.val_generated)) / len(data.val_generated)
         return row
 
     def end_iteration(self):
         p, data = self.position, self.data
-        with self.lines.phase(f"iteration {p.iteration + 1}: evaluation"):
-            row = self.validation_row()
+        row = {"iteration": p.iteration + 1, "step": p.global_step}
+        if self.config.evaluates(p.iteration):
+            with self.lines.phase(f"iteration {p.iteration + 1}: evaluation"):
+                row = self.validation_row()
         history = data.history
         for key, name in (("acc", "spin_acc"), ("rewards_actual_mean", "rewards_actual"),
                           ("rewards_generated_mean", "rewards_generated"), ("loss", "spin_loss")):
