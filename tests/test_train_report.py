@@ -140,3 +140,27 @@ def test_eta_is_the_time_per_step_of_this_process_times_the_steps_left(capsys):
     # 2 steps in 30 s, 4 left: 60 s.
     assert capsys.readouterr().out.rstrip().endswith("elapsed 30.0s  ETA 1m00s")
     assert duration(3725) == "1h02m05s"
+
+
+def test_a_resumed_run_drops_tensorboard_events_past_its_checkpoint(tmp_path):
+    """A crash after step 3 (checkpoint at step 2), then --resume: TensorBoard holds each step once,
+    with metrics.jsonl's values, as metrics.jsonl does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tiny = tiny_setup(str(tmp_path / "setup"))
+    out = str(tmp_path / "run")
+    args = train_args(*tiny, out, "--iterations", "1", "--save-every", "2", "--report-to", "tensorboard")
+
+    def crash_after_step_3(record):
+        if record["step"] == 3:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_cli.main(args, on_step=crash_after_step_3)
+    train_cli.main(args + ["--resume"])
+    events = EventAccumulator(os.path.join(out, "runs"))
+    events.Reload()
+    train = metric_records(out, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(r["step"], np.float32(r["loss"]))
+                                                                         for r in train]
