@@ -63,3 +63,17 @@ def test_sigint_to_torchrun_writes_a_checkpoint_named_after_sigint(tiny, tmp_pat
     _, stderr = interrupt_once_training(command, out, signal.SIGINT)
     check_stopped_with_checkpoint(stderr, out, "SIGINT")
     assert "SIGTERM" not in stderr.split("stopped by SIGINT")[0]
+
+
+def test_ctrl_c_before_training_exits_130_without_a_traceback(monkeypatch, capsys):
+    """Before the loop takes SIGINT over (loading the model, tokenizing), there is nothing to save."""
+    from spin_trainer import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    with pytest.raises(SystemExit) as info:
+        cli.cli()
+    assert info.value.code == 128 + signal.SIGINT
+    assert capsys.readouterr().err == "stopped by SIGINT before training started; no checkpoint was written\n"
