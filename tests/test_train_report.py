@@ -1,6 +1,8 @@
 """What a redirected run prints as it goes (plain lines every --log-every steps and per phase), and
 --report-to: TensorBoard's event files and an offline wandb run hold metrics.jsonl's numbers."""
+import contextlib
 import glob
+import io
 import json
 import os
 import re
@@ -10,56 +12,55 @@ import sys
 import numpy as np
 import pytest
 
-from trainer_cases import ROOT, metric_records, tiny_setup, train_args
+from trainer_cases import metric_records, tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
 from spin_trainer.errors import UsageError
 from spin_trainer.progress_lines import ProgressLines, duration, plain_lines_wanted
 
-STEPS = 8   # 2 iterations of 32 prompts, 8 pairs per step
+STEPS = 4   # 1 iteration of 32 prompts, 8 pairs per step
 
 
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory):
     """A run reporting to TensorBoard and to wandb (offline), its stdout captured (not a terminal)."""
-    import subprocess
     root = tmp_path_factory.mktemp("report")
     tiny = tiny_setup(str(root))
     out = str(root / "run")
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "python", "train.py"),
-                             *train_args(*tiny, out, "--log-every", "3", "--report-to", "tensorboard", "wandb")],
-                            capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr
-    return out, result.stdout
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
+        patch.setenv("WANDB_MODE", "offline")
+        patch.setenv("WANDB_SILENT", "true")
+        train_cli.main(train_args(*tiny, out, "--iterations", "1", "--log-every", "3",
+                                  "--report-to", "tensorboard", "wandb"))
+    return out, stdout.getvalue()
 
 
 def test_plain_lines_every_n_steps_and_per_phase(reported):
     out, stdout = reported
     train = metric_records(out, "train")
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
-    step_lines = [line for line in stdout.splitlines() if re.match(r"iteration \d/2  step \d+/8  ", line)]
+    step_lines = [line for line in stdout.splitlines() if re.match(r"iteration 1/1  step \d/4  ", line)]
     # Every 3 steps, and the last one.
-    logged = [train[i - 1] for i in (3, 6, 8)]
+    logged = [train[i - 1] for i in (3, 4)]
     assert [int(re.search(r"step (\d+)/", line).group(1)) for line in step_lines] == [r["step"] for r in logged]
     for line, record in zip(step_lines, logged):
-        assert (f"iteration {record['iteration']}/2  step {record['step']}/8  loss {record['loss']:.4f}  "
+        assert (f"iteration {record['iteration']}/1  step {record['step']}/4  loss {record['loss']:.4f}  "
                 f"acc {record['acc']:.3f}  margin {record['margin_mean']:+.4f}  lr {record['lr']:.3e}  "
                 f"tokens/s {record['tokens_per_second']:.0f}  elapsed ") in line
         assert re.search(r"elapsed [\d.hms]+  ETA [\d.hms]+$", line)
     assert line.endswith("ETA 0.0s")
     # Each phase starts and ends with its duration; the evaluation rows print as they are made.
     for phase in ("evaluation of the starting model", "iteration 1, epoch 0: generation and reference log-probs",
-                  "iteration 2, epoch 0: generation and reference log-probs", "iteration 1: evaluation",
-                  "iteration 2: evaluation"):
+                  "iteration 1: evaluation"):
         starts = [i for i, line in enumerate(stdout.splitlines()) if line.startswith(phase) and "started" in line]
         ends = [i for i, line in enumerate(stdout.splitlines()) if line.startswith(phase) and "done in" in line]
         assert len(starts) == len(ends) == 1 and starts[0] < ends[0], phase
     last_eval = metric_records(out, "eval")[-1]
-    eval_line = next(line for line in stdout.splitlines() if line.startswith("eval at iteration 2, step 8: "))
+    eval_line = next(line for line in stdout.splitlines() if line.startswith("eval at iteration 1, step 4: "))
     assert f"SFT val loss {last_eval['val_sft_loss']:.4f}" in eval_line
     # The lines come before the table printed at the end.
-    assert stdout.index("iteration 2: evaluation: done") < stdout.index("SPIN, per iteration")
+    assert stdout.index("iteration 1: evaluation: done") < stdout.index("SPIN, per iteration")
 
 
 def test_tensorboard_events_hold_the_metrics(reported):
@@ -72,7 +73,7 @@ def test_tensorboard_events_hold_the_metrics(reported):
                        ("eval", ("val_sft_loss", "val_spin_acc", "spin_acc_end"))):
         for key in keys:
             records = [r for r in metric_records(out, kind) if r.get(key) is not None]
-            assert len(records) >= 2
+            assert records
             logged = {e.step: e.value for e in events.Scalars(f"{kind}/{key}")}
             assert logged == {r["step"]: np.float32(r[key]) for r in records}, key
 
@@ -122,6 +123,20 @@ def test_a_missing_integration_is_a_clear_error(tmp_path, monkeypatch):
         train_cli.main(["--model", "m", "--train-data", "t", "--out", str(tmp_path / "run"), "--report-to", "wandb"])
     with pytest.raises(SystemExit):
         train_cli.main(["--out", "x", "--report-to", "mlflow"])
+
+
+def test_a_wandb_that_cannot_start_stops_the_run_before_training(tmp_path, monkeypatch):
+    import wandb
+
+    def not_logged_in(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty)")
+
+    monkeypatch.setattr(wandb, "init", not_logged_in)
+    tiny = tiny_setup(str(tmp_path / "setup"))
+    out = str(tmp_path / "run")
+    with pytest.raises(UsageError, match=r"--report-to wandb: wandb could not start a run \(api_key not configured"):
+        train_cli.main(train_args(*tiny, out, "--report-to", "wandb"))
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
 
 
 def test_lines_only_where_no_progress_bar_is_the_display():

@@ -15,9 +15,16 @@ from trainer_cases import ROOT, free_port, tiny_setup, train_args
 TRAIN = os.path.join(ROOT, "python", "train.py")
 
 
+def long_run_args(tiny, out):
+    """A run far longer than the test waits (no --test-data: no greedy generation before training)."""
+    args = train_args(*tiny, out, "--iterations", "40")
+    at = args.index("--test-data")
+    return args[:at] + args[at + 2:]
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return tiny_setup(str(tmp_path_factory.mktemp("signals")))
+    return tiny_setup(str(tmp_path_factory.mktemp("signals")), train=8, val=2)
 
 
 def interrupt_once_training(command, out, send, timeout=240):
@@ -47,7 +54,7 @@ def check_stopped_with_checkpoint(stderr, out, name):
 
 def test_sigint_on_one_process_writes_a_checkpoint(tiny, tmp_path):
     out = str(tmp_path / "run")
-    status, stderr = interrupt_once_training([sys.executable, TRAIN, *train_args(*tiny, out, "--iterations", "40")],
+    status, stderr = interrupt_once_training([sys.executable, TRAIN, *long_run_args(tiny, out)],
                                              out, signal.SIGINT)
     check_stopped_with_checkpoint(stderr, out, "SIGINT")
     assert "Traceback" not in stderr and status == 128 + signal.SIGINT, stderr
@@ -59,7 +66,7 @@ def test_sigint_to_torchrun_writes_a_checkpoint_named_after_sigint(tiny, tmp_pat
     itself then reports the signal with a traceback of its own (after ours), which we do not control."""
     out = str(tmp_path / "run")
     command = [shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), TRAIN,
-               *train_args(*tiny, out, "--iterations", "40")]
+               *long_run_args(tiny, out)]
     _, stderr = interrupt_once_training(command, out, signal.SIGINT)
     check_stopped_with_checkpoint(stderr, out, "SIGINT")
     assert "SIGTERM" not in stderr.split("stopped by SIGINT")[0]

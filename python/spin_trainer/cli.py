@@ -154,13 +154,13 @@ def train(config, on_step=None):
         checkpoint = find_resume_checkpoint(config, ctx, fingerprints) if run.resume else None
         if ctx.is_main:
             write_config(config, os.path.join(run.out, CONFIG_FILE))
+        metrics = MetricsLog(os.path.join(run.out, "metrics.jsonl"), enabled=ctx.is_main,
+                             sinks=make_sinks(run.report_to, run.out, config.as_options()) if ctx.is_main else ())
         precision = Precision(m.dtype, pure=m.pure_low_precision)
         scorer = Scorer(ctx, precision, m.head or default_head(device_type))
         model = load_model(m.model, attention=m.attn, dtype=precision.param_dtype_name, compute_dtype=m.dtype,
                            device=ctx.device)
         parallelize_model(model, ctx, precision, recompute=par.recompute)
-        metrics = MetricsLog(os.path.join(run.out, "metrics.jsonl"), enabled=ctx.is_main,
-                             sinks=make_sinks(run.report_to, run.out, config.as_options()))
         lines = ProgressLines(enabled=ctx.is_main and plain_lines_wanted(sys.stdout.isatty(), config.progress),
                               every=run.log_every)
         held_out = HeldOut(test_examples, val_examples, scorer, tokenizer=tokenizer, max_length=d.max_length,

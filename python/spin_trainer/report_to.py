@@ -53,29 +53,31 @@ class TensorBoardSink:
 
 class WandbSink:
     """A wandb run in OUT/wandb (WANDB_MODE, WANDB_PROJECT and the other WANDB_* variables apply; the
-    project defaults to "spin-train"), with the run's settings as its config. A resumed run is a new
-    wandb run that starts at the checkpoint's step."""
+    project defaults to "spin-train"), with the run's settings as its config, started at once so that
+    a wandb that cannot start (not logged in) stops the run before the model loads. A resumed run is a
+    new wandb run that starts at the checkpoint's step."""
 
     def __init__(self, out, settings):
-        self.out, self.settings, self.run = out, settings, None
+        import wandb
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "spin-train"), dir=out,
+                                  name=os.path.basename(os.path.abspath(out)), config=settings)
+        except wandb.errors.Error as exc:
+            raise UsageError(f"{option('report_to')} wandb: wandb could not start a run ({exc}); log in with "
+                             f"`wandb login` or set WANDB_MODE=offline") from exc
 
     def truncate_after(self, step):
         pass
 
     def write(self, record):
-        if self.run is None:
-            import wandb
-            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "spin-train"), dir=self.out,
-                                  name=os.path.basename(os.path.abspath(self.out)), config=self.settings)
         self.run.log(scalars(record), step=record["step"])
 
     def close(self):
-        if self.run is not None:
-            self.run.finish()
+        self.run.finish()
 
 
 def make_sinks(names, out, settings):
-    """The sinks of --report-to `names` for a run writing to `out`."""
+    """The sinks of --report-to `names` for a run writing to `out` (on rank 0 only)."""
     sinks = []
     if "tensorboard" in names:
         sinks.append(TensorBoardSink(os.path.join(out, "runs")))
