@@ -177,9 +177,7 @@ class SpinTrainer:
         micro, pad = self.config.train.micro_batch_size, self.tokenizer.pad_token_id
         cached = (pair_logps(model, examples, generated, self.scorer, micro_batch_size=micro, pad_token_id=pad)
                   if self.reference.precomputes_logps else None)
-        # The validation pairs serve the evaluation at this iteration's end and --val-every only.
-        c = self.config
-        val_examples = self.val_examples if c.evaluates(self.position.iteration) or c.run.val_every else []
+        val_examples = self.validation_prompts()
         val_generated = self.generate_for(model, val_examples, epoch + 10_000)
         val_ref = pair_logps(model, val_examples, val_generated, self.scorer, micro_batch_size=micro,
                              pad_token_id=pad)
@@ -192,10 +190,15 @@ class SpinTrainer:
                              gen_equals_gold=fraction_equal_to_gold(self.examples, samples),
                              dropped_truncated=dropped)
 
+    def validation_prompts(self):
+        """The validation prompts θ_t answers: for the evaluation at the iteration's end and --val-every only."""
+        c = self.config
+        return self.val_examples if c.evaluates(self.position.iteration) or c.run.val_every else []
+
     def generation_phase(self):
         p = self.position
         return self.lines.phase(f"iteration {p.iteration + 1}, epoch {p.epoch}: generation and reference log-probs "
-                                f"({len(self.examples)} training and {len(self.val_examples)} validation prompts)")
+                                f"({len(self.examples)} training, {len(self.validation_prompts())} validation prompts)")
 
     def begin_iteration(self):
         self.reference.begin_iteration()   # the policy, as it is now, becomes θ_t
