@@ -52,7 +52,7 @@ def test_plain_lines_every_n_steps_and_per_phase(reported):
     assert line.endswith("ETA 0.0s")
     # Each phase starts and ends with its duration; the evaluation rows print as they are made.
     for phase in ("evaluation of the starting model", "iteration 1, epoch 0: generation and reference log-probs",
-                  "iteration 1: evaluation"):
+                  "iteration 1: evaluation", "checkpoint at step 4"):
         starts = [i for i, line in enumerate(stdout.splitlines()) if line.startswith(phase) and "started" in line]
         ends = [i for i, line in enumerate(stdout.splitlines()) if line.startswith(phase) and "done in" in line]
         assert len(starts) == len(ends) == 1 and starts[0] < ends[0], phase

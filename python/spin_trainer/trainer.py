@@ -349,9 +349,10 @@ class SpinTrainer:
         step = self.position.global_step
         if self.last_checkpoint is None or self.last_checkpoint[0] != step:
             self.check_finite_weights()
-            path = save_checkpoint(self.checkpoint_root, step, model=self.model, optimizer=self.optimizer,
-                                   reference=self.reference.state if self.data is not None else None,
-                                   loop_state=self.loop_state(), ctx=self.ctx, keep=self.config.run.keep)
+            with self.lines.phase(f"checkpoint at step {step}"):
+                path = save_checkpoint(self.checkpoint_root, step, model=self.model, optimizer=self.optimizer,
+                                       reference=self.reference.state if self.data is not None else None,
+                                       loop_state=self.loop_state(), ctx=self.ctx, keep=self.config.run.keep)
             self.last_checkpoint = (step, path)
         return self.last_checkpoint[1]
 
