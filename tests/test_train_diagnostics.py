@@ -60,7 +60,8 @@ def test_spin_rows_carry_the_iteration_diagnostics(tiny, tmp_path, monkeypatch):
     assert [r["gen_equals_gold"] for r in logged if r["kind"] == "eval" and r["iteration"] == 1] == [0.5]
 
 
-def test_diagnostics_describe_the_samples_before_drop_truncated_reassigns_slots(tiny, tmp_path, monkeypatch):
+def test_diagnostics_describe_the_samples_before_drop_truncated_reassigns_slots(tiny, tmp_path, monkeypatch,
+                                                                               capsys):
     import spin_trainer.trainer as loop
     from spin_trainer.generation.decode import Responses
 
@@ -73,8 +74,13 @@ def test_diagnostics_describe_the_samples_before_drop_truncated_reassigns_slots(
         return Responses(responses, [i % 2 == 1 for i in range(len(examples))])
 
     monkeypatch.setattr(loop, "generate", gold_or_cut)
-    rows = train_cli.main(train_args(*tiny, str(tmp_path / "run"), "--iterations", "1", "--drop-truncated"))
-    training_prompts = sampled[0]   # the first call samples the training prompts, then the validation ones
+    out = str(tmp_path / "run")
+    rows = train_cli.main(train_args(*tiny, out, "--iterations", "1", "--drop-truncated"))
+    training_prompts = sampled[0]
+    # How many pairs were left out: a line as the iteration starts, and the iteration's record.
+    assert "iteration 1: --drop-truncated left out 16 of 32 pairs" in capsys.readouterr().out
+    logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
+    assert rows[1]["dropped_truncated"] == 16 == logged[-1]["dropped_truncated"]   # the first call samples the training prompts, then the validation ones
     assert rows[1]["gen_equals_gold"] == 0.5
     # Over what was sampled, cut responses included (the pairs trained on hold finished ones only).
     assert rows[1]["train_gen_length"] == sum(map(len, training_prompts)) / len(training_prompts)

@@ -19,7 +19,7 @@ def test_a_run_logged_to_a_file_has_no_progress_bars(tmp_path, capfd):
 
 def test_a_run_without_test_data_says_where_exact_match_was_measured(tmp_path, capsys):
     tiny = tiny_setup(str(tmp_path / "setup"))
-    args = train_args(*tiny, str(tmp_path / "run"), "--iterations", "1")
+    args = train_args(*tiny, str(tmp_path / "run"), "--iterations", "1", "--exact-match")
     at = args.index("--test-data")
     train_cli.main(args[:at] + args[at + 2:])
     assert "no --test-data given: 'test exact match' is measured on --val-data" in capsys.readouterr().out

@@ -127,7 +127,7 @@ def prepare(task, seed, out_dir, ctx, *, attention="auto", val_exact_match=False
     scorer = Scorer(ctx, Precision(), "logits")   # fp32, the model's own LM head: the CPU path
     held_out = HeldOut(data["test"], data["val"], scorer, tokenizer=tokenizer, max_length=task.max_length,
                        max_new_tokens=task.max_new_tokens, batch_size=256, micro_batch_size=64,
-                       val_exact_match=val_exact_match)
+                       exact_match=True, val_exact_match=val_exact_match)   # the tasks have one right answer
     model = load_model(base_dir, attention=attention, device=ctx.device)
     return Setup(task, seed, out_dir, scorer, model, tokenizer, data, held_out, progress)
 

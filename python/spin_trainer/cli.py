@@ -11,11 +11,13 @@
 Data: JSONL records {"prompt", "response"} or chat {"messages": [..., {"role": "assistant", ...}]}.
 Writes OUT/config.yaml (the resolved settings), OUT/metrics.jsonl, OUT/curves.png, OUT/checkpoints/,
 each iteration's generations (OUT/generations/iter-N.jsonl) and model (OUT/iter-N), and the final
-model to OUT/final. SIGTERM writes a checkpoint and exits with status 143; --max-steps
+model to OUT/final. SIGTERM or SIGINT (Ctrl-C) writes a checkpoint and exits with status 128 + the
+signal's number (143, 130); --max-steps
 N stops after N optimizer steps with a checkpoint; --resume continues from the newest intact one,
 also on another process count or --tp (checkpoints reshard through torch.distributed.checkpoint).
 """
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -40,12 +42,13 @@ from .parallel.mesh import choose_device, setup_parallel, teardown_parallel
 from .parallel.precision import Precision
 from .parallel.tp_plan import check_tensor_parallel
 from .plan.report import check_replicas_fit, run_plan
-from .plots import TABLE_LEGEND, plot_curves
+from .plots import plot_curves, table_legend
+from .progress_lines import ProgressLines, plain_lines_wanted
+from .report_to import check_installed, make_sinks
 from .run_dir import check_output_path, lock_run, remove_if_empty
 from .run_outputs import RunOutputs
 from .trainer import SpinTrainer
 
-STOPPED_BY_SIGTERM = 143
 RANK_0_FIRST_S = 5
 CONFIG_FILE = "config.yaml"
 
@@ -115,6 +118,7 @@ def train(config, on_step=None):
     for name, value in (("model", config.model.model), ("train_data", config.data.train_data)):
         if not value:
             raise UsageError(f"{option(name)} is required")
+    check_installed(config.run.report_to)
     created = check_output_path(config.run.out)
     try:
         return run_training(config, on_step)
@@ -169,19 +173,25 @@ def run_training(config, on_step):
         parallelize_model(model, ctx, precision, recompute=par.recompute)
         if ctx.is_main:   # after the model loaded: a model refused leaves the run's --out as it was
             write_config(config, os.path.join(run.out, CONFIG_FILE))
-        metrics = MetricsLog(os.path.join(run.out, "metrics.jsonl"), enabled=ctx.is_main)
+        metrics = MetricsLog(os.path.join(run.out, "metrics.jsonl"), enabled=ctx.is_main,
+                             sinks=make_sinks(run.report_to, run.out, config.as_options()) if ctx.is_main else ())
+        lines = ProgressLines(enabled=ctx.is_main and plain_lines_wanted(sys.stdout.isatty(), config.progress),
+                              every=run.log_every)
         held_out = HeldOut(test_examples, val_examples, scorer, tokenizer=tokenizer, max_length=d.max_length,
                            max_new_tokens=config.max_new_tokens, batch_size=g.gen_batch_size,
-                           micro_batch_size=config.train.micro_batch_size)
+                           micro_batch_size=config.train.micro_batch_size, exact_match=config.exact_match)
         title = "SPIN, per iteration (iteration 0 = the starting model)"
-        if not d.test_data:
+        if config.exact_match and not d.test_data:
             title += f"; no {option('test_data')} given: 'test exact match' is measured on {option('val_data')}"
         outputs = RunOutputs(model, tokenizer, ctx, out=run.out, table_title=title, final_dtype=export_dtype,
                              iteration_dtype=iteration_export_dtype if m.export_every_iteration else None)
         trainer = SpinTrainer(model, tokenizer, train_examples, val_examples, config, scorer, out_dir=run.out,
                               held_out=held_out, metrics=metrics, sampling=sampling, fingerprints=fingerprints,
-                              on_iteration_end=outputs.iteration_end)
-        rows = trainer.train(resume=checkpoint, on_step=on_step)
+                              lines=lines, on_iteration_end=outputs.iteration_end)
+        try:
+            rows = trainer.train(resume=checkpoint, on_step=on_step)
+        finally:
+            metrics.close()
         if trainer.stopped_early:
             if ctx.is_main:
                 print(f"stopped after {trainer.position.global_step} of {sum(trainer.steps_per_iteration)} optimizer "
@@ -191,7 +201,7 @@ def run_training(config, on_step):
             return rows
         final = outputs.final(config.spin.iterations, rows)
         if ctx.is_main:
-            print(textwrap.fill(TABLE_LEGEND, 100))
+            print(textwrap.fill(table_legend(rows), 100))
             plot_curves(read_records(metrics.path), os.path.join(run.out, "curves.png"))
             print(f"final model: {final}")
         return rows
@@ -220,9 +230,13 @@ def cli():
         main()
     except TrainingStopped as stopped:
         if main_rank:
-            print(f"stopped by SIGTERM; checkpoint written to {stopped}; rerun with {option('resume')} to continue",
-                  file=sys.stderr)
-        sys.exit(STOPPED_BY_SIGTERM)
+            print(f"stopped by {stopped.signal_name}; checkpoint written to {stopped.checkpoint}; rerun with "
+                  f"{option('resume')} to continue", file=sys.stderr)
+        sys.exit(stopped.exit_status)
+    except KeyboardInterrupt:   # Ctrl-C before the training loop took SIGINT over: nothing to save yet
+        if main_rank:
+            print("stopped by SIGINT before training started; no checkpoint was written", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except (UsageError, CheckpointNotWritten) as exc:
         if main_rank:
             print(f"error: {exc}", file=sys.stderr)

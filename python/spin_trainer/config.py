@@ -25,6 +25,7 @@ REFERENCE_MODES = ("precompute", "swap", "resident", "streamed")
 RECOMPUTE_MODES = ("none", "elementwise", "full")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "rmsprop")
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 def setting(default, help, *, check=None, resume=False, choices=None, nargs=None, metavar=None):
@@ -96,7 +97,8 @@ class DataSettings:
     train_data: str | None = setting(None, "JSONL of training prompts and gold responses")
     val_data: str | None = setting(None, "JSONL of held-out records: SFT validation loss and SPIN acc on "
                                          "held-out pairs")
-    test_data: str | None = setting(None, "JSONL of held-out records for exact-match accuracy (default: --val-data)")
+    test_data: str | None = setting(None, "JSONL of held-out records for exact-match accuracy (giving it turns "
+                                          "--exact-match on)")
     prompt_template: str = setting("{prompt}", "template of {prompt,response} records' prompts", resume=True)
     max_length: int = setting(1024, "context length: prompt + response tokens (at most the model's "
                                     "max_position_embeddings)", check=at_least(2), resume=True)
@@ -196,11 +198,23 @@ class RunSettings:
                                   "count or --tp")
     save_every: int = setting(0, "a checkpoint every N optimizer steps besides the one at each iteration's end",
                               check=at_least(0))
-    val_every: int = setting(0, "validation every N optimizer steps besides each iteration's end", check=at_least(0))
+    val_every: int = setting(0, "validation every N optimizer steps besides the evaluated iterations' ends",
+                             check=at_least(0))
+    eval_every: int = setting(1, "held-out evaluation of the starting model and after every N-th iteration (and the "
+                                 "last): SFT validation loss, SPIN acc and margin on the validation pairs, exact "
+                                 "match where asked", check=at_least(1))
+    exact_match: bool = setting(False, "also evaluate greedy exact match against the gold responses of --test-data "
+                                       "(default --val-data): for tasks with one right answer (about 0 on chat data); "
+                                       "a generation over every test prompt at each evaluation")
     keep: int = setting(2, "checkpoints kept", check=at_least(1))
     max_steps: int = setting(0, "stop after N optimizer steps of the run (counted across resumes) with a "
                                 "checkpoint, without exporting; --resume continues (0: no limit)", check=at_least(0))
     no_progress: bool = setting(False, "no progress bars (bars show only on a terminal anyway)")
+    log_every: int = setting(10, "with stdout not a terminal (a log file), or without progress bars: a plain line "
+                                 "every N optimizer steps (0: none), besides one per generation and evaluation",
+                             check=at_least(0))
+    report_to: tuple[str, ...] = setting(("none",), "also send the metrics to these (TensorBoard: OUT/runs; wandb: "
+                                                   "OUT/wandb, WANDB_* variables apply)", choices=REPORT_TO)
 
 
 @dataclass
@@ -247,6 +261,15 @@ class RunConfig:
         """Progress bars on a terminal only: in a log file each redraw would be a line of its own."""
         return not self.run.no_progress and sys.stderr.isatty()
 
+    @property
+    def exact_match(self):
+        """Exact match is measured where asked: --exact-match, or a --test-data (which serves nothing else)."""
+        return self.run.exact_match or bool(self.data.test_data)
+
+    def evaluates(self, iteration):
+        """Whether the end of `iteration` (0-based) gets the held-out evaluation (--eval-every; the last does)."""
+        return (iteration + 1) % self.run.eval_every == 0 or iteration + 1 == self.spin.iterations
+
     def mixed_pairs(self, num_examples):
         return int(round(self.spin.mix_previous * num_examples))
 
@@ -262,7 +285,8 @@ class RunConfig:
             problem = f.metadata["check"] and f.metadata["check"](value)
             if problem:
                 raise UsageError(f"{option(f.name)} {problem}")
-            if f.metadata["choices"] and value is not None and value not in f.metadata["choices"]:
+            values = value if isinstance(value, tuple) else (value,)
+            if f.metadata["choices"] and value is not None and any(v not in f.metadata["choices"] for v in values):
                 raise UsageError(f"{option(f.name)} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
         for name in ("beta", "lr"):
             count = len(getattr(self.spin, name))

@@ -1,5 +1,6 @@
-"""Evaluation: held-out exact match (greedy), SFT loss on gold responses, SPIN acc on held-out
-pairs; and the iteration diagnostics a user reads to see whether SPIN had anything to learn.
+"""Evaluation: SFT loss on gold responses, SPIN acc and margin on held-out pairs, held-out exact
+match (greedy; only where asked: it means something on tasks with one right answer, and is about 0
+on chat data); and the iteration diagnostics a user reads to see whether SPIN had anything to learn.
 
 - `fraction_equal_to_gold`: how often the model's own response equals the gold one. Such a pair
   gives SPIN no gradient at all: r(actual) and r(generated) are the same function of θ, so their
@@ -85,26 +86,28 @@ def spin_pair_accuracy(model, examples, generated, ref_logps, scorer, *, beta, m
 
 
 class HeldOut:
-    """held_out(model) -> {exact_match, gen_length, val_sft_loss}: the numbers every table row shows.
+    """held_out(model) -> {val_sft_loss}, and with `exact_match=True` {exact_match, gen_length} of
+    greedy answers to the test prompts (a generation over all of them).
 
     With `val_exact_match=True` also the exact match on the validation prompts ("val_exact_match"),
     which is what a learning rate or β may be chosen by (the test split never is).
     """
 
     def __init__(self, test_examples, val_examples, scorer, *, tokenizer, max_length, max_new_tokens,
-                 batch_size, micro_batch_size, val_exact_match=False):
+                 batch_size, micro_batch_size, exact_match=False, val_exact_match=False):
         self.test_examples, self.val_examples, self.scorer = test_examples, val_examples, scorer
         self.tokenizer, self.max_length, self.max_new_tokens = tokenizer, max_length, max_new_tokens
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
-        self.val_exact_match = val_exact_match
+        self.exact_match, self.val_exact_match = exact_match, val_exact_match
 
     def __call__(self, model):
-        accuracy, length = exact_match(model, self.test_examples, self.scorer, tokenizer=self.tokenizer,
-                                       max_length=self.max_length, max_new_tokens=self.max_new_tokens,
-                                       batch_size=self.batch_size)
-        loss = sft_loss(model, self.val_examples, self.scorer, micro_batch_size=self.micro_batch_size,
-                        pad_token_id=self.tokenizer.pad_token_id)
-        row = {"exact_match": accuracy, "gen_length": length, "val_sft_loss": loss}
+        row = {}
+        if self.exact_match:
+            row["exact_match"], row["gen_length"] = exact_match(
+                model, self.test_examples, self.scorer, tokenizer=self.tokenizer, max_length=self.max_length,
+                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        row["val_sft_loss"] = sft_loss(model, self.val_examples, self.scorer, micro_batch_size=self.micro_batch_size,
+                                       pad_token_id=self.tokenizer.pad_token_id)
         if self.val_exact_match:
             row["val_exact_match"], _ = exact_match(model, self.val_examples, self.scorer, tokenizer=self.tokenizer,
                                                     max_length=self.max_length, max_new_tokens=self.max_new_tokens,

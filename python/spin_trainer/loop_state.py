@@ -14,15 +14,34 @@ import torch
 from .parallel.mesh import all_reduce_max
 
 
+# The signals that stop a run with a checkpoint: SIGTERM (a scheduler's preemption, `kill`) and
+# SIGINT (Ctrl-C; under torchrun, which forwards the signal it got to its workers as that signal).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class TrainingStopped(Exception):
-    """Raised after SIGTERM once the checkpoint is written; carries its path."""
+    """Raised after a stop signal once the checkpoint is written: `checkpoint` (its path) and
+    `signal_number` (the signal that stopped the run)."""
+
+    def __init__(self, checkpoint, signal_number):
+        super().__init__(checkpoint)
+        self.checkpoint, self.signal_number = checkpoint, signal_number
+
+    @property
+    def signal_name(self):
+        return signal.Signals(self.signal_number).name
+
+    @property
+    def exit_status(self):
+        return 128 + self.signal_number   # what a shell reports for a process the signal ended
 
 
 class StopSignal:
-    """SIGTERM sets a flag; `received()` tells every rank whether any rank got it (a collective)."""
+    """SIGTERM or SIGINT sets a flag; `received()` tells every rank the signal any rank got (a
+    collective), 0 if none."""
 
     def __init__(self, ctx):
-        self.ctx, self.requested = ctx, False
+        self.ctx, self.signal_number = ctx, 0
 
     @contextmanager
     def installed(self):
@@ -31,17 +50,18 @@ class StopSignal:
             return
 
         def request_stop(signum, frame):
-            self.requested = True
+            self.signal_number = self.signal_number or signum   # the first one is what the user did
 
-        previous = signal.signal(signal.SIGTERM, request_stop)
+        previous = {number: signal.signal(number, request_stop) for number in STOP_SIGNALS}
         try:
             yield
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
     def received(self):
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.ctx.device)
-        return all_reduce_max(flag, self.ctx.world_size).item() > 0
+        flag = torch.tensor([float(self.signal_number)], device=self.ctx.device)
+        return int(all_reduce_max(flag, self.ctx.world_size).item())
 
 
 @dataclass
@@ -71,6 +91,7 @@ class IterationData:
     train_gen_length: float             # mean length of the responses to the training prompts
     history: list = field(default_factory=list)   # the iteration's per-step training records
     gen_equals_gold: float | None = None          # fraction of training prompts answered exactly (no gradient)
+    dropped_truncated: int | None = None          # pairs --drop-truncated left out (None: not asked for)
 
     def state(self):
         return dict(vars(self))   # shallow: the Examples stay Examples

@@ -29,11 +29,13 @@ def _line(record):
 
 class MetricsLog:
     """Appends records to `path`, each flushed and fsynced (a kill loses at most the line being
-    written); on resume, drops records past the checkpoint's step first."""
+    written); on resume, drops records past the checkpoint's step first. `sinks` (report_to.py)
+    receive every record too."""
 
-    def __init__(self, path, enabled=True):
+    def __init__(self, path, enabled=True, sinks=()):
         self.path = path
         self.enabled = enabled
+        self.sinks = list(sinks) if enabled else []
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
@@ -44,9 +46,17 @@ class MetricsLog:
             f.write(_line(record))
             f.flush()
             os.fsync(f.fileno())
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self):
+        for sink in self.sinks:
+            sink.close()
 
     def truncate_after(self, run, step):
         """Removes `run`'s records with step > `step` (written after the checkpoint we resume from)."""
+        for sink in self.sinks:
+            sink.truncate_after(step)
         if not self.enabled or not os.path.exists(self.path):
             return
         kept = [r for r in read_records(self.path)

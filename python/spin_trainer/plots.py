@@ -9,6 +9,8 @@ import os
 import matplotlib
 import matplotlib.pyplot as plt
 
+# Rows with exact match (tasks with one right answer, or where asked) lead with it; the others
+# (chat data) with the SFT validation loss and SPIN acc and margin on the validation pairs.
 TABLE_COLUMNS = (
     ("iteration", "iter", "{:d}"), ("step", "step", "{:d}"), ("exact_match", "test exact match", "{:.3f}"),
     ("val_sft_loss", "SFT val loss", "{:.4f}"),
@@ -17,21 +19,32 @@ TABLE_COLUMNS = (
     ("gen_equals_gold", "gen = gold", "{:.3f}"), ("val_spin_acc", "val SPIN acc", "{:.3f}"),
     ("gen_length", "gen length", "{:.2f}"),
 )
+CHAT_TABLE_COLUMNS = (
+    ("iteration", "iter", "{:d}"), ("step", "step", "{:d}"), ("val_sft_loss", "SFT val loss", "{:.4f}"),
+    ("val_spin_acc", "val SPIN acc", "{:.3f}"), ("val_margin", "val margin", "{:+.3f}"),
+    ("val_gen_length", "val gen length", "{:.1f}"),
+    ("spin_acc_start", "SPIN acc start", "{:.2f}"), ("spin_acc_end", "SPIN acc end", "{:.2f}"),
+    ("margin_start", "margin start", "{:+.3f}"), ("margin_end", "margin end", "{:+.3f}"),
+    ("gen_equals_gold", "gen = gold", "{:.3f}"),
+)
 TABLE_LEGEND = ("SPIN acc / margin start and end: training means over the first and the last quarter of the "
                 "iteration's steps (margin = β·(r_actual − r_generated); at the first step the policy is the "
                 "reference, so both are 0). gen = gold: fraction of the training prompts whose sampled response, "
                 "made at the iteration's start, equals the gold one (such pairs give SPIN no gradient).")
+CHAT_TABLE_LEGEND = (TABLE_LEGEND + " val SPIN acc / margin: of the policy on pairs of the gold validation "
+                     "responses and the ones sampled at the iteration's start; val gen length: their mean length.")
 
 COLOUR = "tab:orange"   # of a SPIN run
 
 
 def format_table(rows, title):
     """Plain-text table of eval rows; missing values print as '-', `<key>_se` as ± after exact match."""
-    header = [label for _, label, _ in TABLE_COLUMNS]
+    columns = table_columns(rows)
+    header = [label for _, label, _ in columns]
     body = []
     for row in rows:
         cells = []
-        for key, _, fmt in TABLE_COLUMNS:
+        for key, _, fmt in columns:
             value = row.get(key)
             cell = "-" if value is None else fmt.format(value)
             if key == "exact_match" and row.get(f"{key}_se") is not None:
@@ -43,6 +56,14 @@ def format_table(rows, title):
     out = [title, line, "-" * len(line)]
     out += ["  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in body]
     return "\n".join(out)
+
+
+def table_columns(rows):
+    return TABLE_COLUMNS if any(row.get("exact_match") is not None for row in rows) else CHAT_TABLE_COLUMNS
+
+
+def table_legend(rows):
+    return TABLE_LEGEND if table_columns(rows) is TABLE_COLUMNS else CHAT_TABLE_LEGEND
 
 
 def points(records, run, kind, key):

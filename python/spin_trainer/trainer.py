@@ -44,6 +44,7 @@ from .loop_state import IterationData, LoopPosition, StopSignal, TrainingStopped
 from .optim import (apply_update, epoch_order, learning_rate_schedule, make_optimizer, make_scheduler,
                     reset_state)
 from .parallel.mesh import all_reduce_max, all_reduce_sum
+from .progress_lines import ProgressLines, flushed_print
 from .ref_policy import make_reference
 
 
@@ -51,11 +52,13 @@ class SpinTrainer:
     """The SPIN loop of a checked RunConfig on a parallelized model (see python/spin_trainer/cli.py)."""
 
     def __init__(self, model, tokenizer, train_examples, val_examples, config: RunConfig, scorer, *, out_dir,
-                 held_out, metrics, sampling, run="spin", report=print, fingerprints=None, on_iteration_end=None):
+                 held_out, metrics, sampling, run="spin", report=flushed_print, fingerprints=None, lines=None,
+                 on_iteration_end=None):
         self.model, self.tokenizer, self.config, self.scorer = model, tokenizer, config, scorer
         self.ctx = scorer.ctx
         self.examples, self.val_examples = train_examples, val_examples
         self.held_out, self.metrics, self.run, self.report = held_out, metrics, run, report
+        self.lines = lines or ProgressLines()   # plain progress lines for a log file (off by default)
         self.sampling = sampling    # SamplingConfig of θ_t's answers; its seed is set per (iteration, epoch)
         self.fingerprints = fingerprints or {}   # of the inputs, kept in checkpoints (fingerprint.py)
         self.out_dir = out_dir
@@ -94,8 +97,10 @@ class SpinTrainer:
             self.restore(resume)
         p = self.position
         self.metrics.truncate_after(self.run, p.global_step if resume is not None else -1)
+        self.lines.begin(sum(self.steps_per_iteration), c.spin.iterations, p.global_step)
         if resume is None:
-            self.record_eval({"iteration": 0, "step": 0, **self.held_out(self.model)})
+            with self.lines.phase("evaluation of the starting model"):
+                self.record_eval({"iteration": 0, "step": 0, **self.held_out(self.model)})
         bar = tqdm(total=sum(self.steps_per_iteration), initial=p.global_step, desc=f"{self.run} steps",
                    disable=not (c.progress and self.ctx.is_main))
         with self.stop_signal.installed():
@@ -128,7 +133,10 @@ class SpinTrainer:
                     on_step(record)
                 last = p.epoch == c.spin.epochs - 1 and p.step == self.steps_per_epoch[p.iteration]
                 if c.run.val_every and p.global_step % c.run.val_every == 0 and not last:
-                    self.metrics.write({"kind": "val", "run": self.run, **self.validation_row()})
+                    with self.lines.phase(f"validation at step {p.global_step}"):
+                        row = {"kind": "val", "run": self.run, **self.validation_row()}
+                    self.metrics.write(row)
+                    self.lines.eval(row)
                 if c.run.save_every and p.global_step % c.run.save_every == 0 and not last:
                     self.save()
                 self.check_stop()
@@ -148,31 +156,38 @@ class SpinTrainer:
                         progress=self.config.progress, parked_optimizer=self.parked_optimizer)
 
     def iteration_pairs(self, samples):
-        """(examples, generated) of the iteration: one pair per training prompt (pairs cut at the length
-        cap replaced with drop_truncated), plus a share of the previous iteration's pairs."""
+        """(examples, generated, pairs dropped) of the iteration: one pair per training prompt (pairs cut
+        at the length cap replaced with drop_truncated, None without it), plus a share of the previous
+        iteration's pairs."""
         c, t = self.config, self.position.iteration
-        examples, generated = list(self.examples), list(samples)
+        examples, generated, dropped = list(self.examples), list(samples), None
         if c.spin.drop_truncated:
             examples, generated = drop_truncated(examples, samples, seed=c.run.seed * 37 + t)
+            dropped = sum(map(bool, samples.truncated))
+            if self.ctx.is_main:
+                self.report(f"iteration {t + 1}: {option('drop_truncated')} left out {dropped} of {len(samples)} "
+                            f"pairs (their generation was cut at {option('max_new_tokens')} or the context); "
+                            f"their slots went to finished pairs")
         n_mix = c.mixed_pairs(len(self.examples)) if t > 0 else 0
         if n_mix and self.previous_pairs is not None:
             previous_examples, previous_generated = self.previous_pairs
             picks = random.Random(c.run.seed * 31 + t).sample(range(len(previous_examples)), n_mix)
             examples += [previous_examples[i] for i in picks]
             generated += [previous_generated[i] for i in picks]
-        return examples, generated
+        return examples, generated, dropped
 
     def prepare_data(self, model, epoch):
         """θ_t's answers to the training and validation prompts, and their reference log-probs, from
         `model`, which holds θ_t: the policy at the start of an iteration, else the reference's weights."""
         samples = self.generate_for(model, self.examples, epoch)
-        examples, generated = self.iteration_pairs(samples)
+        examples, generated, dropped = self.iteration_pairs(samples)
         micro, pad = self.config.train.micro_batch_size, self.tokenizer.pad_token_id
         cached = (pair_logps(model, examples, generated, self.scorer, micro_batch_size=micro, pad_token_id=pad)
                   if self.reference.precomputes_logps else None)
         self.record_generations(model, samples, cached, epoch)
-        val_generated = self.generate_for(model, self.val_examples, epoch + 10_000)
-        val_ref = pair_logps(model, self.val_examples, val_generated, self.scorer, micro_batch_size=micro,
+        val_examples = self.validation_prompts()
+        val_generated = self.generate_for(model, val_examples, epoch + 10_000)
+        val_ref = pair_logps(model, val_examples, val_generated, self.scorer, micro_batch_size=micro,
                              pad_token_id=pad)
         # The diagnostics describe what the model sampled, one response per training prompt in the
         # prompts' order: before drop_truncated reassigns slots and the previous iteration's mix.
@@ -180,7 +195,18 @@ class SpinTrainer:
         return IterationData(examples=examples, generated=generated, ref_logps=cached, val_generated=val_generated,
                              val_ref_logps=val_ref, generated_epoch=epoch,
                              train_gen_length=sum(lengths) / len(lengths),
-                             gen_equals_gold=fraction_equal_to_gold(self.examples, samples))
+                             gen_equals_gold=fraction_equal_to_gold(self.examples, samples),
+                             dropped_truncated=dropped)
+
+    def validation_prompts(self):
+        """The validation prompts θ_t answers: for the evaluation at the iteration's end and --val-every only."""
+        c = self.config
+        return self.val_examples if c.evaluates(self.position.iteration) or c.run.val_every else []
+
+    def generation_phase(self):
+        p = self.position
+        return self.lines.phase(f"iteration {p.iteration + 1}, epoch {p.epoch}: generation and reference log-probs "
+                                f"({len(self.examples)} training, {len(self.validation_prompts())} validation prompts)")
 
     def record_generations(self, model, samples, cached, epoch):
         """θ_t's answers to the training prompts as text (generations.py), with their reference log-probs:
@@ -202,14 +228,17 @@ class SpinTrainer:
             # Here and not at the previous iteration's end: a run resumed from that iteration's last
             # checkpoint (which holds its optimizer state) passes here too and starts as fresh.
             reset_state(self.optimizer)
-        self.data = self.prepare_data(self.model, epoch=0)
+        with self.generation_phase():
+            self.data = self.prepare_data(self.model, epoch=0)
 
     def regenerate(self):
         """Per-epoch regeneration (NeMo-Aligner's mode): θ_t samples again, from the reference's weights."""
-        history = self.data.history
-        with self.reference.weights() as reference_model:
+        history, dropped = self.data.history, self.data.dropped_truncated
+        with self.reference.weights() as reference_model, self.generation_phase():
             self.data = self.prepare_data(reference_model, epoch=self.position.epoch)
         self.data.history = history
+        if dropped is not None:   # the iteration's count: every epoch's generations together
+            self.data.dropped_truncated += dropped
 
     def compute_ref_logps(self, batch, pairs):
         """[2b] reference log-prob sums of a pair batch under θ_t (rows [0, b) actual, [b, 2b)
@@ -278,6 +307,7 @@ class SpinTrainer:
                   "consumed_samples": p.global_step * c.train.global_batch_size}
         self.data.history.append(record)
         self.metrics.write(record)
+        self.lines.step(record)
         return record
 
     def global_metrics(self, sums):
@@ -296,27 +326,36 @@ class SpinTrainer:
         row = {"kind": "eval", "run": self.run, **row}
         self.metrics.write(row)
         self.eval_rows.append(row)
+        self.lines.eval(row)
         return row
 
     def validation_row(self):
-        """The held-out numbers, and SPIN acc and margin of the policy on the validation pairs."""
+        """The held-out numbers; SPIN acc and margin of the policy on the validation pairs, and the mean
+        length of θ_t's samples in them (made at the iteration's start)."""
         p, data = self.position, self.data
         row = {"iteration": p.iteration + 1, "step": p.global_step, **self.held_out(self.model)}
-        row["val_spin_acc"], row["val_margin"] = spin_pair_accuracy(
-            self.model, self.val_examples, data.val_generated, data.val_ref_logps, self.scorer,
-            beta=self.betas[p.iteration], micro_batch_size=self.config.train.micro_batch_size,
-            pad_token_id=self.tokenizer.pad_token_id)
+        if self.val_examples and len(data.val_generated) == len(self.val_examples):   # generated for this
+            row["val_spin_acc"], row["val_margin"] = spin_pair_accuracy(
+                self.model, self.val_examples, data.val_generated, data.val_ref_logps, self.scorer,
+                beta=self.betas[p.iteration], micro_batch_size=self.config.train.micro_batch_size,
+                pad_token_id=self.tokenizer.pad_token_id)
+            row["val_gen_length"] = sum(map(len, data.val_generated)) / len(data.val_generated)
         return row
 
     def end_iteration(self):
         p, data = self.position, self.data
-        row = self.validation_row()
+        row = {"iteration": p.iteration + 1, "step": p.global_step}
+        if self.config.evaluates(p.iteration):
+            with self.lines.phase(f"iteration {p.iteration + 1}: evaluation"):
+                row = self.validation_row()
         history = data.history
         for key, name in (("acc", "spin_acc"), ("rewards_actual_mean", "rewards_actual"),
                           ("rewards_generated_mean", "rewards_generated"), ("loss", "spin_loss")):
             row[name] = sum(r[key] for r in history) / len(history) if history else None
         row.update(train_gen_length=data.train_gen_length, gen_equals_gold=data.gen_equals_gold,
                    **iteration_diagnostics(history))
+        if data.dropped_truncated is not None:
+            row["dropped_truncated"] = data.dropped_truncated
         self.record_eval(row)
         self.previous_pairs = (data.examples[:len(self.examples)], data.generated[:len(self.examples)])
         self.data = None
@@ -336,9 +375,10 @@ class SpinTrainer:
         step = self.position.global_step
         if self.last_checkpoint is None or self.last_checkpoint[0] != step:
             self.check_finite_weights()
-            path = save_checkpoint(self.checkpoint_root, step, model=self.model, optimizer=self.optimizer,
-                                   reference=self.reference.state if self.data is not None else None,
-                                   loop_state=self.loop_state(), ctx=self.ctx, keep=self.config.run.keep)
+            with self.lines.phase(f"checkpoint at step {step}"):
+                path = save_checkpoint(self.checkpoint_root, step, model=self.model, optimizer=self.optimizer,
+                                       reference=self.reference.state if self.data is not None else None,
+                                       loop_state=self.loop_state(), ctx=self.ctx, keep=self.config.run.keep)
             self.last_checkpoint = (step, path)
         return self.last_checkpoint[1]
 
@@ -374,6 +414,7 @@ class SpinTrainer:
                         f"step {p.global_step}{moved})")
 
     def check_stop(self):
-        """After SIGTERM on any rank: every rank writes its part of a checkpoint, then stops."""
-        if self.stop_signal.received():
-            raise TrainingStopped(self.save())
+        """After SIGTERM or SIGINT on any rank: every rank writes its part of a checkpoint, then stops."""
+        signal_number = self.stop_signal.received()
+        if signal_number:
+            raise TrainingStopped(self.save(), signal_number)
