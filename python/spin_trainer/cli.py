@@ -136,7 +136,9 @@ def train(config, on_step=None):
 
     def examples(name):
         return load_examples(getattr(d, name), tokenizer, max_length=d.max_length, template=d.prompt_template,
-                             source=option(name))
+                             source=option(name), split=getattr(d, name.replace("data", "split")),
+                             fields=d.record_fields(), max_prompt_length=d.max_prompt_length,
+                             long_prompts=d.long_prompts, cache_dir=os.path.join(run.out, "tokenized"))
 
     train_examples = examples("train_data")
     val_examples = examples("val_data") if d.val_data else []

@@ -2,7 +2,7 @@
 
     --model      config.json and the weight files of the model directory
     tokenizer    what the tokenizer maps: its vocabulary, special tokens and chat template
-    --train-data the training file
+    --train-data the training file (a directory: each of its files; a Hub dataset: its name)
 
 A file of at most FULL_HASH_BYTES is hashed whole (SHA-256). A larger one is fingerprinted by its
 size and a hash of SAMPLES evenly spaced blocks of SAMPLE_BYTES (4 MiB read per file, whatever its
@@ -52,7 +52,18 @@ def tokenizer_fingerprint(tokenizer):
 
 def run_fingerprints(model_dir, tokenizer, train_data):
     return {"model": model_fingerprint(model_dir), "tokenizer": tokenizer_fingerprint(tokenizer),
-            "train_data": file_fingerprint(train_data)}
+            "train_data": data_fingerprint(train_data)}
+
+
+def data_fingerprint(spec):
+    """A data file's fingerprint, a directory's per file, or a Hub dataset's name."""
+    if os.path.isfile(spec):
+        return file_fingerprint(spec)
+    if os.path.isdir(spec):
+        files = sorted(os.path.relpath(os.path.join(root, name), spec)
+                       for root, _, names in os.walk(spec) for name in names)
+        return {name: file_fingerprint(os.path.join(spec, name)) for name in files}
+    return f"hub dataset {spec}"
 
 
 def check_fingerprints(saved, current, checkpoint_path, *, model_dir, train_data):
