@@ -16,6 +16,7 @@ go to spin_kernels.loss as they are (no `logits[:, :-1]` slice, hence no strided
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,7 +82,7 @@ def load_data(spec, tokenizer, *, max_length, template=DEFAULT_PROMPT_TEMPLATE, 
     if path and os.path.isfile(path):
         try:
             return read_cache(path)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # a damaged cache is only a cost: tokenize again and rewrite it
     table = table if table is not None else load_table(spec, split, source)
     encoder = Encoder(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, policy=long_prompts,
