@@ -29,21 +29,21 @@ CORPUS = [
 ] * 4
 
 
-def _trained(model, trainer, pre_tokenizer, decoder):
+def _trained(model, trainer, pre_tokenizer, decoder, corpus=CORPUS):
     backend = Tokenizer(model)
     backend.pre_tokenizer = pre_tokenizer
     backend.decoder = decoder
-    backend.train_from_iterator(CORPUS, trainer=trainer)
+    backend.train_from_iterator(corpus, trainer=trainer)
     return backend
 
 
-def llama_style():
+def llama_style(vocab_size=400, corpus=CORPUS):
     specials = ["<unk>", "<s>", "</s>"]
     backend = _trained(models.BPE(unk_token="<unk>", byte_fallback=True),
-                       trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                       trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
                        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
-                       decoders.Metaspace(replacement="▁", prepend_scheme="first"))
+                       decoders.Metaspace(replacement="▁", prepend_scheme="first"), corpus)
     backend.add_tokens([f"<0x{b:02X}>" for b in range(256)])  # byte fallback for characters it never saw
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
                                                            special_tokens=[("<s>", backend.token_to_id("<s>"))])

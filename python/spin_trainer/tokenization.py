@@ -3,13 +3,12 @@
 SPIN learns whatever tells real rows from generated ones, so the gold response must be the very
 tokens the model would produce after the prompt. As TRL and the alignment handbook do, each record's
 whole conversation (prompt + gold response) is rendered (chat template, or `--prompt-template` +
-response) and tokenized once; the prompt's rendering is tokenized too, and the conversation is split
-where the two stop agreeing:
+response) and tokenized once, then split at the prompt's end:
 
-- The split: the prompt is the longest common prefix of the conversation's ids and the prompt's own
-  ids (all of them, unless a token spans the prompt's end: then the split moves back before it, and
-  the response starts with that token, as it does in the conversation). Prompt + response = the
-  conversation's ids, always.
+- The split: the prompt is the conversation's tokens that lie within the rendered prompt's text
+  (the generation prompt); a token that spans the prompt's end (e.g. "? " + "It" tokenized as "?",
+  "▁It") goes to the response, as the conversation has it. Prompt + response = the conversation's
+  ids, always.
 - BOS, one rule for every format: the tokens the tokenizer itself adds in front of a text
   (`tokenizer(text)` against `add_special_tokens=False`: BOS for Llama, nothing for Qwen2 and GPT-2)
   are added unless the rendered text already begins with them (a template holding `bos_token`).
@@ -25,6 +24,7 @@ where the two stop agreeing:
 """
 import re
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .errors import UsageError, option
@@ -56,6 +56,8 @@ def special_text_pattern(tokenizer):
 
 def render(conversations, tokenizer, template):
     """[(prompt text, whole conversation text)] of one batch of Conversations."""
+    if not conversations:
+        return []
     chats = [c for c in conversations if c.chat]
     if chats and not getattr(tokenizer, "chat_template", None):
         raise UsageError(f"{chats[0].where}: chat records need a tokenizer with a chat template; this one has none "
@@ -85,11 +87,13 @@ def contents(conversation):
     return [m["content"] for m in messages] + [conversation.response]
 
 
-def common_prefix(a, b):
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    return next(i for i in range(n) if a[i] != b[i])
+def first_token_from(encoding, position, text_chars):
+    """The first token holding a character at or after `position` (the count of tokens if none)."""
+    for char in range(position, text_chars):
+        token = encoding.char_to_token(char)
+        if token is not None:   # None: a character no token covers (dropped by the pre-tokenizer)
+            return token
+    return len(encoding)
 
 
 class Encoder:
@@ -98,6 +102,9 @@ class Encoder:
     def __init__(self, tokenizer, *, max_length, max_prompt_length=None, policy="truncate", template="{prompt}"):
         if "{prompt}" not in template:
             raise UsageError(f"{option('prompt_template')} {template!r}: must contain {{prompt}}")
+        if not getattr(tokenizer, "is_fast", False):
+            raise UsageError(f"the tokenizer of {option('model')} is not a fast (Rust `tokenizers`) one, which "
+                             f"tokenizing whole conversations in batches needs; save the model with its tokenizer.json")
         self.tokenizer, self.max_length, self.policy, self.template = tokenizer, max_length, policy, template
         self.prompt_limit = min(max_prompt_length or max_length - 1, max_length - 1)
         self.lead = leading_special_ids(tokenizer)
@@ -112,25 +119,34 @@ class Encoder:
         self.first.setdefault(what, conversation.where)
 
     def encode(self, conversations):
-        examples = []
-        for start in range(0, len(conversations), BATCH):
-            batch = []
-            for c in conversations[start:start + BATCH]:
-                if not c.response.strip():
-                    raise UsageError(f"{c.where}: empty response")
-                if self.special_text and any(self.special_text.search(text) for text in contents(c)):
-                    self.note("special_text", c)
-                else:
-                    batch.append(c)
-            if not batch:
-                continue
-            texts = render(batch, self.tokenizer, self.template)
-            encoded = self.tokenizer([t for pair in texts for t in pair], add_special_tokens=False)["input_ids"]
-            for i, c in enumerate(batch):
-                example = self.split(c, encoded[2 * i], encoded[2 * i + 1])
-                if example is not None:
-                    examples.append(example)
+        """Examples of `conversations`, in order. The tokenizer (Rust, its own threads, GIL released)
+        encodes one batch while this thread splits the previous one and renders the next."""
+        examples, pending = [], None
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for start in range(0, len(conversations) + BATCH, BATCH):
+                ready = self.prepare(conversations[start:start + BATCH])
+                encoding = ready and pool.submit(self.tokenizer.backend_tokenizer.encode_batch,
+                                                 [full for _, _, full in ready], add_special_tokens=False)
+                if pending:
+                    examples += self.finish(*pending)
+                pending = ready and (ready, encoding)
         return examples
+
+    def prepare(self, batch):
+        """[(conversation, prompt text, whole text)] of a batch's records that can be tokenized faithfully."""
+        kept = []
+        for c in batch:
+            if not c.response.strip():
+                raise UsageError(f"{c.where}: empty response")
+            if self.special_text and any(self.special_text.search(text) for text in contents(c)):
+                self.note("special_text", c)
+            else:
+                kept.append(c)
+        return [(c, prompt, full) for c, (prompt, full) in zip(kept, render(kept, self.tokenizer, self.template))]
+
+    def finish(self, ready, encoding):
+        split = (self.split(c, e, len(prompt), len(full)) for (c, prompt, full), e in zip(ready, encoding.result()))
+        return [example for example in split if example is not None]
 
     def is_blank(self, token):
         if token not in self.blank:
@@ -146,12 +162,14 @@ class Encoder:
             return response[:end]
         return response + [self.tokenizer.eos_token_id]
 
-    def split(self, c, prompt_ids, full_ids):
-        lead = self.lead if self.lead and full_ids[:len(self.lead)] != self.lead else []
-        prompt_ids, full_ids = lead + prompt_ids, lead + full_ids
-        cut = common_prefix(prompt_ids, full_ids)
-        if cut < len(prompt_ids):
+    def split(self, c, encoding, prompt_chars, text_chars):
+        """The Example of one conversation's Encoding whose first `prompt_chars` characters are the prompt."""
+        full_ids = encoding.ids
+        cut = first_token_from(encoding, prompt_chars, text_chars)
+        if cut < len(full_ids) and encoding.token_to_chars(cut)[0] < prompt_chars:
             self.note("boundary_token", c)
+        lead = self.lead if self.lead and full_ids[:len(self.lead)] != self.lead else []
+        full_ids, cut = lead + full_ids, cut + len(lead)
         if cut == 0:
             raise UsageError(f"{c.where}: the prompt has no token of its own (its first token merges with the "
                              f"response's); give the record a prompt")
