@@ -124,3 +124,20 @@ def test_a_hub_name_offline_is_a_clear_error(tokenizer, monkeypatch):
     with pytest.raises(UsageError, match=r"--train-data 'someone/ultrachat-like': could not be read \(a Hub dataset "
                                          r"name: is it spelled right, and is the Hub reachable\?\)"):
         load_data("someone/ultrachat-like", tokenizer, max_length=64, source="--train-data")
+
+
+def test_a_data_directory_is_fingerprinted_by_content(tmp_path):
+    """--resume compares --train-data's fingerprint: a save_to_disk directory by its files' contents."""
+    import shutil
+
+    import datasets
+
+    from spin_trainer.fingerprint import data_fingerprint
+
+    datasets.Dataset.from_list(FORMATS["trl conversational"]).save_to_disk(str(tmp_path / "a"))
+    datasets.Dataset.from_list(FORMATS["trl conversational"][:2]).save_to_disk(str(tmp_path / "c"))
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    a = data_fingerprint(str(tmp_path / "a"))
+    assert any(name.endswith(".arrow") for name in a) and data_fingerprint(str(tmp_path / "copy")) == a
+    assert data_fingerprint(str(tmp_path / "c")) != a
+    assert data_fingerprint("someone/ultrachat-like") == "hub dataset someone/ultrachat-like"

@@ -72,7 +72,8 @@ def load_table(spec, split, source):
         if os.path.isfile(spec) and spec.lower().endswith(".jsonl"):
             diagnose_jsonl(spec, source)
         where = "" if is_local(spec) else " (a Hub dataset name: is it spelled right, and is the Hub reachable?)"
-        raise UsageError(f"{source} {spec!r}: could not be read{where}: {type(exc).__name__}: {exc}") from exc
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""   # datasets wraps the reader's own message
+        raise UsageError(f"{source} {spec!r}: could not be read{where}: {type(exc).__name__}: {exc}{cause}") from exc
     return pick_split(loaded, split, spec, source)
 
 
