@@ -159,3 +159,17 @@ def test_the_cache_is_read_back_and_keyed_by_data_and_settings(tmp_path, monkeyp
     assert load_data(str(path), tokenizer, max_length=64, cache_dir=cache)[0][0].prompt_ids and len(calls) == 3
     newest = max((tmp_path / "cache").iterdir(), key=lambda f: f.stat().st_mtime_ns)
     assert np.load(newest)["lengths"].shape == (2, 2)
+
+
+def test_under_torchrun_the_other_processes_wait_for_the_first_ones_cache(tmp_path, monkeypatch):
+    import os
+    import threading
+
+    tokenizer = qwen2_style()
+    path = str(write_jsonl(tmp_path / "d.jsonl", [{"messages": messages(chat)} for chat in CHATS]))
+    first = load_data(path, tokenizer, max_length=64, cache_dir=str(tmp_path / "written"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(tokenization.Encoder, "encode", lambda self, c: pytest.fail("a second process tokenized"))
+    # The first process's cache appears (atomically) while this one waits for it.
+    threading.Timer(0.5, os.rename, (str(tmp_path / "written"), str(tmp_path / "cache"))).start()
+    assert load_data(path, tokenizer, max_length=64, cache_dir=str(tmp_path / "cache")) == first

@@ -3,7 +3,8 @@
 Records are read by records.py (formats and sources) and tokenized by tokenization.py (the whole
 conversation once, split at the prompt's boundary). The result is cached in the run's directory,
 keyed by the data's content, the split and fields, the tokenizer and the length settings, so that
-a resume reads it back instead of tokenizing again.
+a resume reads it back instead of tokenizing again, and so that under torchrun only each node's
+first process tokenizes.
 
 Token alignment (the one every log-prob in the trainer uses): a sequence is
 `prompt_ids + response_ids`, where `response_ids` ends with EOS. Position t of `labels` /
@@ -16,6 +17,7 @@ go to spin_kernels.loss as they are (no `logits[:, :-1]` slice, hence no strided
 import hashlib
 import json
 import os
+import time
 import zipfile
 from dataclasses import dataclass
 
@@ -79,6 +81,12 @@ def load_data(spec, tokenizer, *, max_length, template=DEFAULT_PROMPT_TEMPLATE, 
     table = None if is_local(spec) else load_table(spec, split, source)
     data = data_fingerprint(spec) if table is None else f"hub dataset {spec} {table._fingerprint}"
     path = cache_dir and os.path.join(cache_dir, f"{source.lstrip('-')}-{cache_key(data, tokenizer, settings)}.npz")
+    if path and int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        # Under torchrun the node's first process tokenizes, with every core, and the others read
+        # its cache (8 processes tokenizing at once would each get an eighth of the CPUs). If it
+        # fails, torchrun stops the others.
+        while not os.path.isfile(path):
+            time.sleep(0.2)
     if path and os.path.isfile(path):
         try:
             return read_cache(path)
