@@ -117,8 +117,9 @@ def test_invalid_utf8_names_the_file_and_line(tokenizer, tmp_path):
 
 def test_bad_prompt_template(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+2", "response": "3"}])
-    with pytest.raises(UsageError, match="--prompt-template"):
-        load_examples(str(path), tokenizer, max_length=16, template="Q: {question}")
+    for template in ("Q: {question}", "{prompt} {question}", "{prompt} {"):
+        with pytest.raises(UsageError, match="--prompt-template"):
+            load_examples(str(path), tokenizer, max_length=16, template=template)
 
 
 def test_unknown_model_directory(tmp_path):

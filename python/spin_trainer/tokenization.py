@@ -76,7 +76,11 @@ def render(conversations, tokenizer, template):
                                  f"conversation ({prompt[-40:]!r} is not where {full[len(prompt) - 40:len(prompt)]!r} "
                                  f"is), so the prompt's boundary cannot be found")
         else:
-            prompt = template.format(prompt=c.prompt)
+            try:
+                prompt = template.format(prompt=c.prompt)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise UsageError(f"{option('prompt_template')} {template!r}: must contain {{prompt}} and no other "
+                                 f"field ({exc!r})") from exc
             full = prompt + c.response
         texts.append((prompt, full))
     return texts
