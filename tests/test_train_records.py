@@ -1,6 +1,7 @@
 """Data as users hold it: every record format and source gives the same examples; splits, field
 options, a BOM, records that fit two formats, and a Hub name offline."""
 import json
+import os
 
 import pytest
 
@@ -141,3 +142,32 @@ def test_a_data_directory_is_fingerprinted_by_content(tmp_path):
     assert any(name.endswith(".arrow") for name in a) and data_fingerprint(str(tmp_path / "copy")) == a
     assert data_fingerprint(str(tmp_path / "c")) != a
     assert data_fingerprint("someone/ultrachat-like") == "hub dataset someone/ultrachat-like"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_run_on_chat_data_in_each_format(family, tmp_path):
+    """spin-train on UltraChat-style data (messages, TRL conversational, SPIN real/generated, in JSONL,
+    Parquet and a save_to_disk directory) with a model of the family's tokenizer: one SPIN step."""
+    import datasets
+
+    from tokenizer_families import FAMILIES
+    from trainer_cases import train_args
+
+    from spin_trainer import cli
+    from spin_trainer.model import build_tiny_llama
+
+    tokenizer = FAMILIES[family]()
+    model_dir = str(tmp_path / "model")
+    build_tiny_llama(len(tokenizer), hidden_size=32, intermediate_size=64, max_position_embeddings=128,
+                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                     bos_token_id=tokenizer.bos_token_id).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    train = write_jsonl(tmp_path / "train.jsonl", FORMATS["ultrachat messages"] * 3)
+    datasets.Dataset.from_list(FORMATS["trl conversational"] * 2).to_parquet(str(tmp_path / "val.parquet"))
+    datasets.Dataset.from_list(FORMATS["spin real/generated"]).save_to_disk(str(tmp_path / "test"))
+    args = train_args(model_dir, str(train), str(tmp_path / "val.parquet"), str(tmp_path / "test"),
+                      str(tmp_path / "run"), "--iterations", "1", "--max-steps", "1", "--global-batch-size", "4",
+                      "--micro-batch-size", "2")
+    args[args.index("--max-length") + 1] = "96"
+    cli.main(args)
+    assert len(os.listdir(tmp_path / "run" / "tokenized")) == 3
