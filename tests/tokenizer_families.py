@@ -40,7 +40,7 @@ def _trained(model, trainer, pre_tokenizer, decoder, corpus=CORPUS):
 def llama_style(vocab_size=400, corpus=CORPUS):
     specials = ["<unk>", "<s>", "</s>"]
     backend = _trained(models.BPE(unk_token="<unk>", byte_fallback=True),
-                       trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                       trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
                        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
                        decoders.Metaspace(replacement="▁", prepend_scheme="first"), corpus)
@@ -54,7 +54,7 @@ def llama_style(vocab_size=400, corpus=CORPUS):
 
 
 def _byte_level(specials):
-    return _trained(models.BPE(), trainers.BpeTrainer(vocab_size=500, special_tokens=specials,
+    return _trained(models.BPE(), trainers.BpeTrainer(vocab_size=500, special_tokens=specials, show_progress=False,
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
                     pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel())
 
