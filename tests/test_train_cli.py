@@ -27,7 +27,7 @@ def tiny(tmp_path_factory):
     (["--val-every", "-1"], "--val-every must be >= 0, got -1"),
     (["--max-prompt-length", "16"], "--max-prompt-length 16 must be less than --max-length 16"),
     (["--prompt-field", "question"], "--prompt-field and --response-field go together"),
-    (["--val-split", "validation"], "has no split 'validation'; its splits: train"),
+    (["--val-split", "validation"], "has no split 'validation'; its splits: train (choose one with --val-split)"),
 ])
 def test_bad_numbers_are_refused_before_the_model_is_loaded(tiny, tmp_path, no_model_load, extra, expected):
     with pytest.raises(UsageError) as info:

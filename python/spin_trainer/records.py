@@ -43,8 +43,9 @@ def pick_split(splits, split, spec, source):
             return next(iter(splits.values()))
         split = "train"
     if split not in splits:
+        split_option = source.replace("-data", "-split") if source.startswith("--") else "the split option"
         raise UsageError(f"{source} {spec!r} has no split {split!r}; its splits: {', '.join(splits)} "
-                         f"(choose one with the data's split option, e.g. {option('train_split')})")
+                         f"(choose one with {split_option})")
     return splits[split]
 
 
