@@ -121,3 +121,8 @@ def test_bench_e2e_tiny_run_goes_through_the_trainer_with_the_flags_it_names(tmp
     assert [row["impl"] for row in report["generate"]["rows"]] == ["HF generate(), dynamic cache", "generate_responses"]
     assert report["failed_parts"] == []
     assert "| ours | `--dtype bfloat16 --optimizer-in-backward" in (tmp_path / "e2e.md").read_text()
+
+
+def test_bench_tokenize_measures_the_data_path():
+    out = run_script("bench_tokenize.py", "--records", "40", "--max-length", "4096")
+    assert "40 records (" in out and "records/s" in out and "read back from the cache" in out, out

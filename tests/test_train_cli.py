@@ -29,6 +29,9 @@ def tiny(tmp_path_factory):
     (["--temperature", "inf"], "--temperature must be finite and > 0, got inf"),
     (["--max-length", "65"], "--max-length 65 is beyond the model's max_position_embeddings (64)"),
     (["--val-every", "-1"], "--val-every must be >= 0, got -1"),
+    (["--max-prompt-length", "16"], "--max-prompt-length 16 must be less than --max-length 16"),
+    (["--prompt-field", "question"], "--prompt-field and --response-field go together"),
+    (["--val-split", "validation"], "has no split 'validation'; its splits: train (choose one with --val-split)"),
 ])
 def test_bad_numbers_are_refused_before_the_model_is_loaded(tiny, tmp_path, no_model_load, extra, expected):
     with pytest.raises(UsageError) as info:
@@ -114,6 +117,8 @@ def test_a_run_writes_its_resolved_settings_and_a_usage_error_prints_without_a_t
     with open(os.path.join(out, "config.yaml"), encoding="utf-8") as f:
         saved = yaml.safe_load(f)
     assert saved["max-length"] == 16 and saved["lr"] == [1e-3] and saved["iterations"] == 1
+    # The tokenized train, val and test data, for a resume to read back.
+    assert sorted(name.split("-")[0] for name in os.listdir(os.path.join(out, "tokenized"))) == ["test", "train", "val"]
     monkeypatch.setattr("sys.argv", ["spin-train", "--out", str(tmp_path / "other"), "--tp", "0"])
     with pytest.raises(SystemExit) as exit_info:
         train_cli.cli()

@@ -86,13 +86,15 @@ def test_long_response_is_cut_to_the_context(tokenizer, tmp_path):
     ("", "has no records"),
     ('{"prompt": "1+1=", "response": "2"}\n{"prompt": "1+2=", \n', ":2: not valid JSON"),
     ('[1, 2]\n', ":1: expected a JSON object"),
-    ('{"prompt": "1+1="}\n', ":1: missing field(s) ['response']"),
-    ('{"prompt": "1+1=", "response": 2}\n', ":1: field 'response' must be a string"),
-    ('{"prompt": "1+1=", "response": "2"}\n{"prompt": "1+1=", "response": "  "}\n', ":2: empty response"),
-    ('{"prompt": "1111111111111111111+1=", "response": "2"}\n', ":1: the prompt has 23 tokens"),
-    ('{"messages": [{"role": "user", "content": "1+1="}]}\n', ":1: the last message must have role 'assistant'"),
+    ('{"prompt": "1+1="}\n', "record 1: no known format in fields ['prompt']"),
+    ('{"prompt": "1+1=", "response": 2}\n', "record 1: field 'response' must be a string"),
+    ('{"prompt": "1+1=", "response": "2"}\n{"prompt": "1+1=", "response": "  "}\n', "record 2: empty response"),
+    ('{"messages": [{"role": "user", "content": "1+1="}]}\n', "record 1: the last message of 'messages' must have "
+                                                            "role 'assistant'"),
     ('{"messages": [{"role": "assistant", "content": "2"}]}\n', "at least one message before"),
     ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "2"}]}\n', "messages[0] must be an object"),
+    ('{"prompt": "1+1=", "response": "2", "messages": [{"role": "user", "content": "1+1="}, '
+     '{"role": "assistant", "content": "2"}]}\n', "record 1: the record fits two formats (messages and prompt/response)"),
 ])
 def test_bad_data_names_the_file_record_and_problem(tokenizer, tmp_path, content, expected):
     path = tmp_path / "bad.jsonl"
@@ -115,8 +117,9 @@ def test_invalid_utf8_names_the_file_and_line(tokenizer, tmp_path):
 
 def test_bad_prompt_template(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+2", "response": "3"}])
-    with pytest.raises(UsageError, match="--prompt-template"):
-        load_examples(str(path), tokenizer, max_length=16, template="Q: {question}")
+    for template in ("Q: {question}", "{prompt} {question}", "{prompt} {"):
+        with pytest.raises(UsageError, match="--prompt-template"):
+            load_examples(str(path), tokenizer, max_length=16, template=template)
 
 
 def test_unknown_model_directory(tmp_path):

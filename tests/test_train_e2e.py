@@ -187,7 +187,7 @@ def test_cli_reports_bad_input_without_touching_existing_output(tiny, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "python", "train.py"), *args],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "error: --train-data" in result.stderr and ":1: missing field(s) ['response']" in result.stderr
+    assert "error: --train-data" in result.stderr and "record 1: no known format in fields ['prompt']" in result.stderr
     assert "Traceback" not in result.stderr
     # Good data, but checkpoints of an earlier run are there: refused unless --resume.
     with pytest.raises(UsageError, match="already holds checkpoints"):

@@ -45,7 +45,7 @@ from .plan.report import check_replicas_fit, run_plan
 from .plots import plot_curves, table_legend
 from .progress_lines import ProgressLines, plain_lines_wanted
 from .report_to import check_installed, make_sinks
-from .run_dir import check_output_path, lock_run, remove_if_empty
+from .run_dir import TOKENIZED_DIR, check_output_path, lock_run, remove_if_empty
 from .run_outputs import RunOutputs
 from .trainer import SpinTrainer
 
@@ -148,23 +148,26 @@ def run_training(config, on_step):
                               min_new_tokens=g.min_new_tokens,
                               stop_sequences=stop_sequences(g.stop, g.stop_ids, tokenizer))
 
-    def examples(name):
-        return load_examples(getattr(d, name), tokenizer, max_length=d.max_length, template=d.prompt_template,
-                             source=option(name))
-
-    train_examples = examples("train_data")
-    val_examples = examples("val_data") if d.val_data else []
-    test_examples = examples("test_data") if d.test_data else val_examples
-    check_min_new_tokens(g.min_new_tokens, d.max_length, [("train_data", train_examples), ("val_data", val_examples),
-                                                           ("test_data", test_examples if d.test_data else [])])
-    check_no_earlier_run(config)
-    fingerprints = run_fingerprints(model_dir, tokenizer, data_paths(config))
-
     ctx = setup_parallel(par.tp, device_type, dp_shard=par.dp_shard)
     lock = None
     try:
-        config.check_layout(ctx.dp_size, ctx.dp_shard, len(train_examples))
         lock = lock_run(run.out, ctx)   # every rank learns the verdict before anything is written
+
+        def examples(name):
+            return load_examples(getattr(d, name), tokenizer, max_length=d.max_length, template=d.prompt_template,
+                                 source=option(name), split=getattr(d, name.replace("data", "split")),
+                                 fields=d.record_fields(), max_prompt_length=d.max_prompt_length,
+                                 long_prompts=d.long_prompts, cache_dir=os.path.join(run.out, TOKENIZED_DIR))
+
+        train_examples = examples("train_data")
+        val_examples = examples("val_data") if d.val_data else []
+        test_examples = examples("test_data") if d.test_data else val_examples
+        check_min_new_tokens(g.min_new_tokens, d.max_length, [("train_data", train_examples),
+                                                               ("val_data", val_examples),
+                                                               ("test_data", test_examples if d.test_data else [])])
+        check_no_earlier_run(config)
+        fingerprints = run_fingerprints(model_dir, tokenizer, data_paths(config))
+        config.check_layout(ctx.dp_size, ctx.dp_shard, len(train_examples))
         checkpoint = find_resume_checkpoint(config, ctx, fingerprints) if run.resume else None
         precision = Precision(m.dtype, pure=m.pure_low_precision)
         scorer = Scorer(ctx, precision, m.head or default_head(device_type))

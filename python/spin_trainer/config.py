@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 import yaml
 
 from .errors import UsageError, option
+from .records import check_fields
 
 DTYPES = ("float32", "bfloat16", "float16")
 HEADS = ("fused", "logits")
@@ -26,6 +27,7 @@ RECOMPUTE_MODES = ("none", "elementwise", "full")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "rmsprop")
 REPORT_TO = ("none", "tensorboard", "wandb")
+LONG_PROMPT_POLICIES = ("truncate", "skip", "error")
 
 
 def setting(default, help, *, check=None, resume=False, choices=None, nargs=None, metavar=None):
@@ -94,14 +96,34 @@ class ModelSettings:
 
 @dataclass
 class DataSettings:
-    train_data: str | None = setting(None, "JSONL of training prompts and gold responses")
-    val_data: str | None = setting(None, "JSONL of held-out records: SFT validation loss and SPIN acc on "
+    train_data: str | None = setting(None, "training prompts and gold responses: a JSONL, JSON or Parquet file, a "
+                                           "datasets save_to_disk directory or a Hub dataset name")
+    val_data: str | None = setting(None, "held-out records (as --train-data): SFT validation loss and SPIN acc on "
                                          "held-out pairs")
-    test_data: str | None = setting(None, "JSONL of held-out records for exact-match accuracy (giving it turns "
-                                          "--exact-match on)")
-    prompt_template: str = setting("{prompt}", "template of {prompt,response} records' prompts", resume=True)
+    test_data: str | None = setting(None, "held-out records (as --train-data) for exact-match accuracy (giving it "
+                                          "turns --exact-match on)")
+    train_split: str | None = setting(None, "split of --train-data (default: its only split, or 'train')",
+                                      resume=True)
+    val_split: str | None = setting(None, "split of --val-data (default: its only split, or 'train')", resume=True)
+    test_split: str | None = setting(None, "split of --test-data (default: its only split, or 'train')",
+                                     resume=True)
+    prompt_field: str | None = setting(None, "read each record's prompt from this field (a string or a list of "
+                                             "messages); with --response-field", resume=True)
+    response_field: str | None = setting(None, "read each record's gold response from this field (a string or one "
+                                               "assistant message); with --prompt-field", resume=True)
+    messages_field: str | None = setting(None, "read each record as a conversation from this field (the last "
+                                               "message is the assistant's response)", resume=True)
+    prompt_template: str = setting("{prompt}", "template of string prompts (not of chat records)", resume=True)
     max_length: int = setting(1024, "context length: prompt + response tokens (at most the model's "
                                     "max_position_embeddings)", check=at_least(2), resume=True)
+    max_prompt_length: int | None = setting(None, "most prompt tokens (default: --max-length - 1); see "
+                                                  "--long-prompts", check=optional(at_least(1)), resume=True)
+    long_prompts: str = setting("truncate", "a prompt over --max-prompt-length: truncate (cut from the left, BOS "
+                                            "kept, as TRL), skip the record, or error", choices=LONG_PROMPT_POLICIES,
+                                resume=True)
+
+    def record_fields(self):
+        return self.prompt_field, self.response_field, self.messages_field
 
 
 @dataclass
@@ -299,6 +321,10 @@ class RunConfig:
         if self.model.pure_low_precision and self.model.dtype == "float32":
             raise UsageError(f"{option('pure_low_precision')} needs {option('dtype')} bfloat16 or float16 (float32 "
                              f"is already pure)")
+        if self.data.max_prompt_length is not None and self.data.max_prompt_length >= self.data.max_length:
+            raise UsageError(f"{option('max_prompt_length')} {self.data.max_prompt_length} must be less than "
+                             f"{option('max_length')} {self.data.max_length} (a response needs a token)")
+        check_fields(*self.data.record_fields())
         if "{prompt}" not in self.data.prompt_template:
             raise UsageError(f"{option('prompt_template')} {self.data.prompt_template!r}: must contain {{prompt}}")
         return self

@@ -1,4 +1,10 @@
-"""Data: JSONL reading and validation, one prompt template, exact masks, padded batches.
+"""Data: records to tokenized Examples (cached beside the run), exact masks, padded batches.
+
+Records are read by records.py (formats and sources) and tokenized by tokenization.py (the whole
+conversation once, split at the prompt's boundary). The result is cached in the run's directory,
+keyed by the data's content, the split and fields, the tokenizer and the length settings, so that
+a resume reads it back instead of tokenizing again, and so that under torchrun only each node's
+first process tokenizes.
 
 Token alignment (the one every log-prob in the trainer uses): a sequence is
 `prompt_ids + response_ids`, where `response_ids` ends with EOS. Position t of `labels` /
@@ -8,23 +14,24 @@ last position has no next token: its label is IGNORE_INDEX, which lets the full 
 go to spin_kernels.loss as they are (no `logits[:, :-1]` slice, hence no strided copy).
 (NeMo-Aligner's mask is shifted by one: it drops the EOS and counts the last prompt token.)
 """
+import hashlib
 import json
 import os
+import time
+import zipfile
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .errors import UsageError, option
+from .errors import UsageError
+from .fingerprint import data_fingerprint, tokenizer_fingerprint
+from .records import is_local, load_table, read_conversations
+from .tokenization import Encoder, Example  # noqa: F401  (Example is part of this module's interface)
 
 IGNORE_INDEX = -100
 DEFAULT_PROMPT_TEMPLATE = "{prompt}"
-
-
-@dataclass(frozen=True)
-class Example:
-    """One tokenized record: the prompt and the gold response (EOS included when it fits)."""
-    prompt_ids: tuple
-    response_ids: tuple
+CACHE_VERSION = 1  # bump when tokenization changes what it produces
 
 
 @dataclass
@@ -38,106 +45,69 @@ class Batch:
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.loss_mask)))
 
 
-def read_jsonl(path, source):
-    """Records of a JSONL file; errors name the source, the file and the line."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{source} {path!r}: no such file")
-    records = []
-    with open(path, "rb") as f:  # bytes, decoded line by line, so that a decoding error has a line
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise UsageError(f"{source} {path}:{line_no}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} "
-                                 f"at column {exc.start + 1})") from exc
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{source} {path}:{line_no}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise UsageError(f"{source} {path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            records.append((line_no, record))
-    if not records:
-        raise UsageError(f"{source} {path!r}: the file has no records")
-    return records
+def cache_key(data, tokenizer, settings):
+    text = json.dumps({"version": CACHE_VERSION, "data": data, "tokenizer": tokenizer_fingerprint(tokenizer),
+                       **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _split_chat(messages, where):
-    if not isinstance(messages, list) or not messages:
-        raise UsageError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
-                or not isinstance(message.get("content"), str):
-            raise UsageError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
-    if messages[-1]["role"] != "assistant":
-        raise UsageError(f"{where}: the last message must have role 'assistant' (the response), "
-                         f"got {messages[-1]['role']!r}")
-    if len(messages) < 2:
-        raise UsageError(f"{where}: 'messages' needs at least one message before the assistant's response")
-    return messages[:-1], messages[-1]["content"]
+def save_cache(path, examples, summary):
+    """Atomically (a temporary file, then a rename): a killed run never leaves half a cache."""
+    lengths = np.array([(len(e.prompt_ids), len(e.response_ids)) for e in examples], dtype=np.int64).reshape(-1, 2)
+    ids = np.fromiter((t for e in examples for t in e.prompt_ids + e.response_ids), dtype=np.int64)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, lengths=lengths, ids=ids, summary=np.array(summary))
+    os.replace(tmp, path)
 
 
-def render_prompt(record, tokenizer, template, where):
-    """(prompt text, response text, prompt already has special tokens) of one record."""
-    if "messages" in record:
-        context, response = _split_chat(record["messages"], where)
-        if not getattr(tokenizer, "chat_template", None):
-            raise UsageError(f"{where}: chat records need a tokenizer with a chat template; "
-                             f"this one has none (use {{'prompt', 'response'}} records instead)")
-        prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
-        return prompt, response, True
-    missing = [key for key in ("prompt", "response") if key not in record]
-    if missing:
-        raise UsageError(f"{where}: missing field(s) {missing}; each record needs 'prompt' and 'response' "
-                         f"strings, or 'messages'")
-    for key in ("prompt", "response"):
-        if not isinstance(record[key], str):
-            raise UsageError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
-    try:
-        prompt = template.format(prompt=record["prompt"])
-    except (KeyError, IndexError, ValueError) as exc:
-        raise UsageError(f"{option('prompt_template')} {template!r}: must contain {{prompt}} and no other field ({exc})") from exc
-    return prompt, record["response"], False
+def read_cache(path):
+    with np.load(path) as cache:
+        lengths, ids, summary = cache["lengths"], cache["ids"].tolist(), str(cache["summary"])
+    examples, at = [], 0
+    for p, r in lengths.tolist():
+        examples.append(Example(tuple(ids[at:at + p]), tuple(ids[at + p:at + p + r])))
+        at += p + r
+    return examples, summary
 
 
-def encode_prompt(tokenizer, prompt_text, has_special_tokens):
-    ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if not has_special_tokens and bos is not None and (not ids or ids[0] != bos):
-        ids = [bos] + ids
-    return ids
+def load_data(spec, tokenizer, *, max_length, template=DEFAULT_PROMPT_TEMPLATE, source="data", split=None,
+              fields=(None, None, None), max_prompt_length=None, long_prompts="truncate", cache_dir=None):
+    """(Examples, one line of what was cut or skipped) of a data source; from `cache_dir` when it
+    holds them for the same data, tokenizer and settings."""
+    settings = dict(split=split, fields=fields, template=template, max_length=max_length,
+                    max_prompt_length=max_prompt_length, long_prompts=long_prompts)
+    table = None if is_local(spec) else load_table(spec, split, source)
+    data = data_fingerprint(spec) if table is None else f"hub dataset {spec} {table._fingerprint}"
+    path = cache_dir and os.path.join(cache_dir, f"{source.lstrip('-')}-{cache_key(data, tokenizer, settings)}.npz")
+    if path and int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        # Under torchrun the node's first process tokenizes, with every core, and the others read
+        # its cache (8 processes tokenizing at once would each get an eighth of the CPUs). If it
+        # fails, torchrun stops the others.
+        while not os.path.isfile(path):
+            time.sleep(0.2)
+    if path and os.path.isfile(path):
+        try:
+            return read_cache(path)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # a damaged cache is only a cost: tokenize again and rewrite it
+    table = table if table is not None else load_table(spec, split, source)
+    encoder = Encoder(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, policy=long_prompts,
+                      template=template)
+    examples = encoder.encode(read_conversations(table, spec, source, fields))
+    if not examples:
+        raise UsageError(f"{source} {spec!r}: no record is left to train on ({encoder.summary()})")
+    if path:
+        save_cache(path, examples, encoder.summary())
+    return examples, encoder.summary()
 
 
-def tokenize_records(records, tokenizer, *, max_length, template=DEFAULT_PROMPT_TEMPLATE, source, path):
-    """Examples of validated records. Responses that overflow the context are cut (EOS lost)."""
-    if "{prompt}" not in template:
-        raise UsageError(f"{option('prompt_template')} {template!r}: must contain {{prompt}}")
-    eos = tokenizer.eos_token_id
-    examples, truncated = [], 0
-    for line_no, record in records:
-        where = f"{source} {path}:{line_no}"
-        prompt_text, response_text, has_special = render_prompt(record, tokenizer, template, where)
-        if not response_text.strip():
-            raise UsageError(f"{where}: empty response")
-        prompt_ids = encode_prompt(tokenizer, prompt_text, has_special)
-        if len(prompt_ids) >= max_length:
-            raise UsageError(f"{where}: the prompt has {len(prompt_ids)} tokens, which leaves no room for a "
-                             f"response within {option('max_length')} {max_length}")
-        response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"] + [eos]
-        room = max_length - len(prompt_ids)
-        if len(response_ids) > room:
-            response_ids, truncated = response_ids[:room], truncated + 1
-        examples.append(Example(tuple(prompt_ids), tuple(response_ids)))
-    return examples, truncated
-
-
-def load_examples(path, tokenizer, *, max_length, template=DEFAULT_PROMPT_TEMPLATE, source="data"):
-    examples, truncated = tokenize_records(read_jsonl(path, source), tokenizer, max_length=max_length,
-                                           template=template, source=source, path=path)
-    if truncated:
-        print(f"warning: {source} {path}: {truncated} response(s) cut to fit {option('max_length')} {max_length}")
+def load_examples(spec, tokenizer, *, max_length, source="data", **settings):
+    """The Examples of `spec` (see load_data); what was cut or skipped is printed in one line (rank 0)."""
+    examples, summary = load_data(spec, tokenizer, max_length=max_length, source=source, **settings)
+    if summary and os.environ.get("RANK", "0") == "0":
+        print(f"{source} {spec}: {len(examples)} examples; {summary}")
     return examples
 
 

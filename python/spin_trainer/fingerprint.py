@@ -4,7 +4,7 @@
                  weight files of the model directory
     tokenizer    what the tokenizer maps: its vocabulary, special tokens and chat template
     --train-data, --val-data, --test-data
-                 the data files (a directory: each file in it)
+                 the data (a file; a directory: each of its files; a Hub dataset: its name)
 
 A file of at most FULL_HASH_BYTES is hashed whole (SHA-256). A larger one is fingerprinted by its
 size and a hash of SAMPLES evenly spaced blocks of SAMPLE_BYTES (4 MiB read per file, whatever its
@@ -54,17 +54,17 @@ def tokenizer_fingerprint(tokenizer):
     return "sha256 " + hashlib.sha256(json.dumps(mapping, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def data_fingerprint(path):
-    """A data file's fingerprint; a directory's (save_to_disk, Parquet shards) per file; None for
-    no data."""
-    if path is None:
+def data_fingerprint(spec):
+    """A data file's fingerprint, a directory's per file, a Hub dataset's name; None for no data."""
+    if spec is None:
         return None
-    if not os.path.exists(path):
-        return f"{path} (not a local path: named, not fingerprinted)"
-    if os.path.isdir(path):
-        return {name: file_fingerprint(os.path.join(path, name))
-                for name in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, name))}
-    return file_fingerprint(path)
+    if os.path.isfile(spec):
+        return file_fingerprint(spec)
+    if os.path.isdir(spec):
+        files = sorted(os.path.relpath(os.path.join(root, name), spec)
+                       for root, _, names in os.walk(spec) for name in names)
+        return {name: file_fingerprint(os.path.join(spec, name)) for name in files}
+    return f"hub dataset {spec}"
 
 
 def run_fingerprints(model_dir, tokenizer, data_paths):

@@ -9,6 +9,7 @@ all refused together. The kernel releases the lock when the holder exits, howeve
 """
 import fcntl
 import os
+import shutil
 import socket
 import time
 
@@ -17,6 +18,7 @@ import torch
 from .errors import UsageError, option
 from .parallel.mesh import all_reduce_max
 
+TOKENIZED_DIR = "tokenized"   # the data cache (data.py), written before the lock is taken
 LOCK_FILE = ".lock"
 
 
@@ -44,9 +46,11 @@ def check_output_path(out):
 
 
 def remove_if_empty(out):
-    """Removes `out` if it holds nothing but the lock file (a run refused before writing)."""
+    """Removes `out`, which this run created, if it holds nothing but the lock file and the tokenized
+    data cache (a run refused before training)."""
     try:
-        if set(os.listdir(out)) <= {LOCK_FILE}:
+        if set(os.listdir(out)) <= {LOCK_FILE, TOKENIZED_DIR}:
+            shutil.rmtree(os.path.join(out, TOKENIZED_DIR), ignore_errors=True)
             if os.path.exists(os.path.join(out, LOCK_FILE)):
                 os.remove(os.path.join(out, LOCK_FILE))
             os.rmdir(out)
