@@ -49,7 +49,8 @@ def build_parser(description=None):
                 continue
             if many:
                 kwargs["nargs"] = meta["nargs"] or "+"
-            section.add_argument(option(f.name), type=kind, choices=meta["choices"], metavar=meta["metavar"], **kwargs)
+            metavar = meta["metavar"] or (None if meta["choices"] else f.name.upper())   # not the dest's "GROUP.NAME"
+            section.add_argument(option(f.name), type=kind, choices=meta["choices"], metavar=metavar, **kwargs)
     return parser
 
 
