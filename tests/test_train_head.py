@@ -56,7 +56,9 @@ def test_fused_run_equals_the_logits_run(setup, tmp_path, head_calls, reference)
         # Every log-prob of the run (reference, policy loss, SFT validation, held-out SPIN acc) went
         # through the chosen head only.
         if head == "fused":
-            assert head_calls["linear_spin_loss"] == 16 and head_calls["linear_token_logprobs"] > 16  # 8 steps x 2 micro-batches
+            # 8 steps x 2 micro-batches of the policy, plus the reference's pair log-probs (the same op,
+            # so that π − ref is exactly 0 at θ_t); the per-token op for the SFT validation loss.
+            assert head_calls["linear_spin_loss"] > 16 and head_calls["linear_token_logprobs"] > 0
             assert head_calls["token_logprobs"] == 0
         else:
             assert head_calls["token_logprobs"] > 8 and head_calls.keys() == {"token_logprobs"}

@@ -144,13 +144,14 @@ def train(config, on_step=None):
     check_no_earlier_run(config)
     fingerprints = run_fingerprints(m.model, tokenizer, d.train_data)
 
-    ctx = setup_parallel(par.tp, device_type, dp_shard=par.dp_shard)
+    precision = Precision(m.dtype, pure=m.pure_low_precision)
+    # Mixed precision is FSDP's cast in every layout, one process included (parallel/precision.py).
+    ctx = setup_parallel(par.tp, device_type, dp_shard=par.dp_shard, fsdp_alone=precision.mixed)
     try:
         config.check_layout(ctx.dp_size, ctx.dp_shard, len(train_examples))
         checkpoint = find_resume_checkpoint(config, ctx, fingerprints) if run.resume else None
         if ctx.is_main:
             write_config(config, os.path.join(run.out, CONFIG_FILE))
-        precision = Precision(m.dtype, pure=m.pure_low_precision)
         scorer = Scorer(ctx, precision, m.head or default_head(device_type))
         model = load_model(m.model, attention=m.attn, dtype=precision.param_dtype_name, compute_dtype=m.dtype,
                            device=ctx.device)

@@ -256,6 +256,10 @@ class RunConfig:
         if self.model.pure_low_precision and self.model.dtype == "float32":
             raise UsageError(f"{option('pure_low_precision')} needs {option('dtype')} bfloat16 or float16 (float32 "
                              f"is already pure)")
+        if self.spin.reference == "streamed" and self.model.dtype != "float32" and not self.model.pure_low_precision:
+            raise UsageError(f"{option('reference')} streamed runs a plain model, but {option('dtype')} "
+                             f"{self.model.dtype} with fp32 master weights casts through FSDP in every layout; use "
+                             f"{option('reference')} swap (or precompute)")
         if "{prompt}" not in self.data.prompt_template:
             raise UsageError(f"{option('prompt_template')} {self.data.prompt_template!r}: must contain {{prompt}}")
         return self
