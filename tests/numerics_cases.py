@@ -18,13 +18,14 @@ NEW_TOKENS = 6
 FIRST_STEP_CASES = [(dtype, head) for dtype in ("float32", "bfloat16") for head in ("logits", "fused")]
 
 
-def first_step(model_dir, dtype, head):
+def first_step(model_dir, dtype, head, tp=1):
     """{"logps": [P, 2] reference log-probs (the trainer's precompute, 2 pairs a micro-batch),
     "rewards": [2P] β·(π − ref) of the SPIN loss at θ_t (one pair a micro-batch, pairs in reverse
     order: other batch shapes than the reference's), "greedy"/"sampled": generations (fixed seed)},
-    on every rank, in the layout of the process group (one process: its own 1-rank one, if any)."""
+    on every rank, in the layout of the process group (one process: its own 1-rank one, if any)
+    with `tp`-way tensor parallelism."""
     precision = Precision(dtype)
-    ctx = setup_parallel(1, "cpu", fsdp_alone=precision.mixed)
+    ctx = setup_parallel(tp, "cpu", fsdp_alone=precision.mixed)
     try:
         tokenizer = load_tokenizer(model_dir)
         model = parallelize_model(load_model(model_dir, attention="sdpa", dtype=precision.param_dtype_name,

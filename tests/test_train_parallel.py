@@ -126,6 +126,8 @@ def _worker(rank, world_size, port, model_dir, out_path, setup, loop_out):
                for name, kwargs in STEP_LAYOUTS[world_size].items()}
     if world_size == 2:
         results["first_step"] = {case: first_step(model_dir, *case) for case in FIRST_STEP_CASES}
+        # Tensor parallelism alone: FSDP's cast on a data-parallel axis of one rank.
+        results["first_step_tp"] = {head: first_step(model_dir, "bfloat16", head, tp=2) for head in ("logits", "fused")}
     if rank == 0:
         torch.save(results, out_path)
     dist.barrier()
@@ -244,6 +246,17 @@ def test_first_step_margins_are_zero_and_layouts_agree_bit_for_bit(runs, dtype, 
     assert torch.equal(fsdp["logps"], alone["logps"])
     assert fsdp["greedy"] == alone["greedy"] and fsdp["sampled"] == alone["sampled"]
     assert alone["sampled"] != alone["greedy"]
+
+
+@pytest.mark.parametrize("head", ["logits", "fused"])
+def test_tensor_parallel_bf16_casts_as_fsdp_and_starts_with_a_margin_of_exactly_zero(runs, head):
+    got, alone = runs[2]["first_step_tp"][head], runs[1]["first_step"][("bfloat16", head)]
+    assert torch.equal(got["rewards"], torch.zeros(PAIRS, 2))
+    # bf16 compute with FSDP's cast (the vocab-parallel head and row-parallel sums round in
+    # another order than one process: bf16's precision, not bits), not fp32 compute.
+    torch.testing.assert_close(got["logps"], alone["logps"], rtol=0, atol=1e-2)
+    fp32 = runs[1]["first_step"][("float32", head)]["logps"]
+    assert (got["logps"] - fp32).abs().max() > (alone["logps"] - fp32).abs().max() / 4
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -114,6 +114,10 @@ def test_precision_options():
         parse_config(["--pure-low-precision"])
     with pytest.raises(SystemExit):
         parse_config(["--dtype", "fp8"])
+    # The streamed reference runs a plain model: it cannot take FSDP's cast of fp32 master weights.
+    with pytest.raises(UsageError, match="--reference streamed runs a plain model, but --dtype bfloat16"):
+        parse_config(["--reference", "streamed", "--dtype", "bfloat16"])
+    assert parse_config(["--reference", "streamed", "--dtype", "bfloat16", "--pure-low-precision"])
 
 
 @pytest.mark.cuda
