@@ -151,16 +151,17 @@ def test_head_default_per_device_and_option_errors(setup, tmp_path):
         parse_config(["--out", "x", "--head", "chunked"])
 
 
-@pytest.mark.parametrize("device, head", [("cpu", "fused"),
-                                          pytest.param("cuda", "fused", marks=pytest.mark.cuda),
-                                          pytest.param("cuda", "logits", marks=pytest.mark.cuda)])
-def test_bf16_runs_start_each_iteration_with_a_margin_of_exactly_zero(setup, tmp_path, device, head):
-    """π − ref is exactly 0 for every pair at θ_t, though the reference's log-probs were computed at
-    the iteration's start in other batches (dataset order) than the step's (shuffled); on a GPU
-    bf16 matmuls of other shapes may round otherwise, which this run would show."""
+@pytest.mark.parametrize("device, head, reference", [
+    ("cpu", "fused", "precompute"), ("cpu", "fused", "swap"), ("cpu", "logits", "resident"),
+    pytest.param("cuda", "fused", "precompute", marks=pytest.mark.cuda),
+    pytest.param("cuda", "logits", "precompute", marks=pytest.mark.cuda)])
+def test_bf16_runs_start_each_iteration_with_a_margin_of_exactly_zero(setup, tmp_path, device, head, reference):
+    """π − ref is exactly 0 for every pair at θ_t: precomputed at the iteration's start in other
+    batches (dataset order) than the step's (shuffled), on a GPU where bf16 matmuls of other shapes
+    may round otherwise; swapped into (or copied from) the policy's FSDP DTensors on a 1-rank mesh."""
     out = str(tmp_path / "run")
     train_cli.main(train_args(*setup, out, "--device", device, "--dtype", "bfloat16", "--head", head,
-                              "--lr", "5e-3"))
+                              "--reference", reference, "--lr", "5e-3"))
     records = metric_records(out, "train")
     firsts = [(r["iteration"], r["margin_mean"], r["rewards_all_std"]) for r in records if r["step"] in (1, 5)]
     assert firsts == [(1, 0.0, 0.0), (2, 0.0, 0.0)]

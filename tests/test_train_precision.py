@@ -123,8 +123,8 @@ def test_precision_options():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_fast_path_trains_like_the_plain_bf16_step(tmp_path):
-    """On a GPU, --dtype bfloat16 (fp32 master weights, autocast, generation's CUDA-graph decoder
-    under autocast) with the optimizer stepped in the backward (fused AdamW per parameter) and whole
+    """On a GPU, --dtype bfloat16 (fp32 master weights, FSDP's cast on a 1-rank mesh, generation's
+    CUDA-graph decoder on its bf16 weights) with the optimizer stepped in the backward (fused AdamW per parameter) and whole
     layers recomputed gives the plain step's losses, to bf16 rounding."""
     from trainer_cases import train_args
 
