@@ -8,8 +8,8 @@ the ~1.24 B shape of ANCHORS.md: hidden 2048, 16 layers, V = 128256, tied embedd
                under bf16 autocast), a resident reference model run forward every step, fp32
                log_softmax + gather over the full vocabulary (uclaml/SPIN, TRL's DPOTrainer), torch AdamW.
     ours       SpinTrainer.train_step (spin_trainer/trainer.py), the step `spin-train` runs, with
-               the CLI flags named in each row (`--dtype bfloat16`: fp32 master weights, bf16 autocast
-               in one process, and `--head`: the trainer's default LM head on the device, fused on
+               the CLI flags named in each row (`--dtype bfloat16`: fp32 master weights, bf16 compute
+               by FSDP's cast on a 1-rank mesh, as spin-train runs one process, and `--head`: the trainer's default LM head on the device, fused on
                CUDA (the SPIN loss from hidden states with its gradients formed in the forward, no
                logits), logits elsewhere); the reference log-probs precomputed once per iteration from
                θ_t (`--reference precompute`, the default; timed separately, Scorer.sequence_logps,
@@ -49,8 +49,8 @@ from spin_trainer.data import Example, collate_pairs
 from spin_trainer.generation.decode import GenerationStats, SamplingConfig, generate_responses
 from spin_trainer.logprobs import Scorer, default_head
 from spin_trainer.model import build_tiny_llama, evaluating
-from spin_trainer.parallel.apply import decoder_layers
-from spin_trainer.parallel.mesh import ParallelContext
+from spin_trainer.parallel.apply import decoder_layers, parallelize_model
+from spin_trainer.parallel.mesh import ParallelContext, setup_parallel, teardown_parallel
 from spin_trainer.parallel.precision import Precision
 from spin_trainer.parallel.recompute import apply_recompute
 from spin_trainer.trainer import SpinTrainer
@@ -73,8 +73,8 @@ OURS = [
 ]
 PURE = f"--dtype bfloat16 --pure-low-precision {IN_BACKWARD} --recompute elementwise"
 TARGET_SPEED, TARGET_MEMORY = 1.6, 0.45
-PRECISION = ("fp32 weights, bf16 compute (autocast), fp32 gradients and optimizer state, for the baseline "
-             "(HF Trainer bf16: true) and every ours row but the pure-bf16 one")
+PRECISION = ("fp32 weights, bf16 compute (the baseline: autocast, as HF Trainer bf16: true; ours: FSDP's cast), "
+             "fp32 gradients and optimizer state, for every row but the pure-bf16 one")
 
 
 def build_model(args, device):
@@ -128,13 +128,13 @@ def paper_step(model, reference, optimizer, batch, beta, device):
     assert torch.isfinite(loss)
 
 
-def ours_row(model, batch, ref_logps, flags, args, device, rows, precompute_s):
+def ours_row(model, batch, ref_logps, flags, args, device, rows, precompute_s, ctx):
     flags = f"{flags} --head {default_head(device.type)}"
     # As spin-train reads them: one step is the benchmark's batch, in one micro-batch.
     config = parse_config(["--global-batch-size", str(args.pairs), "--micro-batch-size", str(args.pairs),
                            "--lr", "1e-6", "--beta", str(args.beta), *flags.split()])
     precision = Precision(config.model.dtype, pure=config.model.pure_low_precision)
-    scorer = Scorer(ParallelContext(0, 1, 1, 1, 0, 0, device), precision, config.model.head)
+    scorer = Scorer(ctx, precision, config.model.head)
     apply_recompute(decoder_layers(model), config.parallel.recompute)
     trainer = SpinTrainer(model, None, [None] * args.pairs, [], config, scorer, out_dir="unused", held_out=None,
                           metrics=None, sampling=None)
@@ -174,24 +174,41 @@ def bench_train(model, args, device):
     del reference, optimizer
     model.zero_grad(set_to_none=True)
 
-    # Reference log-probs, once per iteration from θ_t (the policy at its start is the reference).
-    scorer = Scorer(ParallelContext(0, 1, 1, 1, 0, 0, device), Precision("bfloat16"), default_head(device.type))
-    with evaluating(model):
-        ref_logps = scorer.sequence_logps(model, batch)
-        precompute_s = median_ms(lambda: scorer.sequence_logps(model, batch), device, args.steps) / 1e3
-        # Both implementations score the same tokens: the paper's full-vocabulary sums over every
-        # position equal ours over the labelled ones (same weights and bf16 matmuls, other shapes).
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    with evaluating(model), torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         paper_logps = naive_token_logprobs(logits, batch.labels).sum(-1)
         del logits
-    assert torch.allclose(paper_logps, ref_logps, rtol=1e-3, atol=5e-2), (paper_logps, ref_logps)
-    precompute = dict(s_per_batch=precompute_s, tokens_per_s=batch.input_ids.numel() / precompute_s)
 
-    for flags in OURS:
-        ours_row(model, batch, ref_logps, flags, args, device, rows, precompute_s)
-    model.to(torch.bfloat16)   # the old mode keeps the weights themselves in bf16 (last: it drops fp32)
-    ours_row(model, batch, ref_logps, PURE, args, device, rows, precompute_s)
+    # The old mode keeps the weights themselves in bf16: a bf16 copy, while the fp32 model waits in
+    # host memory (so that the row's peak is its own).
+    pure_model, pure_rows = copy.deepcopy(model).to(torch.bfloat16), []
+    model.to("cpu")
+    plain = ParallelContext(0, 1, 1, 1, 0, 0, device)
+    ours_row(pure_model, batch, paper_logps, PURE, args, device, pure_rows, None, plain)
+    del pure_model
+    model.to(device)
+
+    # spin-train's --dtype bfloat16 in one process: FSDP's cast on a 1-rank mesh (parallel/precision.py).
+    precision = Precision("bfloat16")
+    ctx = setup_parallel(1, device.type, fsdp_alone=True)
+    try:
+        parallelize_model(model, ctx, precision)
+        # Reference log-probs, once per iteration from θ_t (the policy at its start is the reference).
+        scorer = Scorer(ctx, precision, default_head(device.type))
+        with evaluating(model):
+            ref_logps = scorer.sequence_logps(model, batch)
+            precompute_s = median_ms(lambda: scorer.sequence_logps(model, batch), device, args.steps) / 1e3
+        # Both implementations score the same tokens: the paper's full-vocabulary sums over every
+        # position equal ours over the labelled ones (same weights, bf16 matmuls, other shapes).
+        assert torch.allclose(paper_logps, ref_logps, rtol=1e-3, atol=5e-2), (paper_logps, ref_logps)
+        precompute = dict(s_per_batch=precompute_s, tokens_per_s=batch.input_ids.numel() / precompute_s)
+        for flags in OURS:
+            ours_row(model, batch, ref_logps, flags, args, device, rows, precompute_s, ctx)
+    finally:
+        teardown_parallel(ctx)
+    pure = pure_rows[0]
+    pure["tokens_per_s_with_precompute"] = batch.input_ids.numel() / (pure["s_per_step"] + precompute_s)
+    rows += pure_rows
 
     baseline = rows[0]
     for row in rows:

@@ -45,6 +45,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 step build 120 $PY setup.py build_ext --inplace
+# The `cuda` tests include the first-step check: bf16 runs with either head start each iteration
+# with a margin of exactly 0 (tests/test_train_head.py), seconds on an H200.
 step tests 210 $PY -m pytest -q -m cuda tests -p no:cacheprovider --durations=8
 step bench_loss 170 $PY benchmarks/bench_loss.py ${LOSS_SWEEP:+--sweep}  # LOSS_SWEEP=1: re-tune launch configs
 step bench_head 180 $PY benchmarks/bench_head.py  # 3 shapes x 6 rows; Liger's torch.compile per shape

@@ -126,3 +126,15 @@ def test_bench_e2e_tiny_run_goes_through_the_trainer_with_the_flags_it_names(tmp
 def test_bench_tokenize_measures_the_data_path():
     out = run_script("bench_tokenize.py", "--records", "40", "--max-length", "4096")
     assert "40 records (" in out and "records/s" in out and "read back from the cache" in out, out
+
+
+def test_bench_bf16_noise_measures_the_step_against_each_precision():
+    spec = importlib.util.spec_from_file_location("bench_bf16_noise", os.path.join(BENCHMARKS, "bench_bf16_noise.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # A step at a large lr on a tiny shape: its change dwarfs fp32 rounding, and bf16 still blurs it.
+    result = bench.main(["--hidden", "32", "--layers", "1", "--heads", "2", "--vocab", "64", "--pairs", "4",
+                         "--seq-len", "16", "--lr", "1e-4"])
+    fp32, bf16 = result["rows"]["float32"], result["rows"]["bfloat16"]
+    assert fp32["correlation"] > 0.999 and fp32["error"] < 1e-3 * result["signal"]
+    assert bf16["error"] > 10 * fp32["error"]

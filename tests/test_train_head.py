@@ -1,8 +1,10 @@
 """--head fused (hidden states -> log-probs and the SPIN loss, no logits) equals --head logits in one
 process: whole runs with each reference mode (per-step losses and metrics, evaluation rows with the
 SFT validation loss, final weights), SFT training steps, tied embeddings; the fused head's errors;
---head's default per device. The sharded runs (tp=2, FSDP, FSDP x TP, bf16 mixed precision) are in
-test_train_parallel.py, --dtype bfloat16 under autocast in test_train_precision.py."""
+--head's default per device; in bf16 runs, each iteration's first step has a margin of exactly 0
+with either head (also on CUDA: gpu_check.sh runs the `cuda` tests). The sharded runs (tp=2, FSDP,
+FSDP x TP, bf16 mixed precision) are in test_train_parallel.py, --dtype bfloat16 in
+test_train_precision.py."""
 import os
 from collections import Counter
 
@@ -56,7 +58,9 @@ def test_fused_run_equals_the_logits_run(setup, tmp_path, head_calls, reference)
         # Every log-prob of the run (reference, policy loss, SFT validation, held-out SPIN acc) went
         # through the chosen head only.
         if head == "fused":
-            assert head_calls["linear_spin_loss"] == 16 and head_calls["linear_token_logprobs"] > 16  # 8 steps x 2 micro-batches
+            # 8 steps x 2 micro-batches of the policy, plus the reference's pair log-probs (the same op,
+            # so that π − ref is exactly 0 at θ_t); the per-token op for the SFT validation loss.
+            assert head_calls["linear_spin_loss"] > 16 and head_calls["linear_token_logprobs"] > 0
             assert head_calls["token_logprobs"] == 0
         else:
             assert head_calls["token_logprobs"] > 8 and head_calls.keys() == {"token_logprobs"}
@@ -145,3 +149,20 @@ def test_head_default_per_device_and_option_errors(setup, tmp_path):
     assert parse_config(["--out", "x", "--head", "fused"]).model.head == "fused"
     with pytest.raises(SystemExit):
         parse_config(["--out", "x", "--head", "chunked"])
+
+
+@pytest.mark.parametrize("device, head, reference", [
+    ("cpu", "fused", "precompute"), ("cpu", "fused", "swap"), ("cpu", "logits", "resident"),
+    pytest.param("cuda", "fused", "precompute", marks=pytest.mark.cuda),
+    pytest.param("cuda", "logits", "precompute", marks=pytest.mark.cuda)])
+def test_bf16_runs_start_each_iteration_with_a_margin_of_exactly_zero(setup, tmp_path, device, head, reference):
+    """π − ref is exactly 0 for every pair at θ_t: precomputed at the iteration's start in other
+    batches (dataset order) than the step's (shuffled), on a GPU where bf16 matmuls of other shapes
+    may round otherwise; swapped into (or copied from) the policy's FSDP DTensors on a 1-rank mesh."""
+    out = str(tmp_path / "run")
+    train_cli.main(train_args(*setup, out, "--device", device, "--dtype", "bfloat16", "--head", head,
+                              "--reference", reference, "--lr", "5e-3"))
+    records = metric_records(out, "train")
+    firsts = [(r["iteration"], r["margin_mean"], r["rewards_all_std"]) for r in records if r["step"] in (1, 5)]
+    assert firsts == [(1, 0.0, 0.0), (2, 0.0, 0.0)]
+    assert records[1]["rewards_all_std"] > 0   # the steps after it do move the policy away from θ_t

@@ -1,6 +1,6 @@
-"""--dtype bfloat16 keeps SPIN-sized updates (fp32 master weights, bf16 compute by autocast), with
-either LM head (--head: the fused head casts the fp32 weight to bf16, as F.linear under autocast
-does); the old pure-bf16 mode (--pure-low-precision) loses them, and the same check says so."""
+"""--dtype bfloat16 keeps SPIN-sized updates (fp32 master weights, bf16 compute by FSDP's cast, on a
+1-rank mesh in one process), with either LM head (--head: the fused head takes FSDP's bf16 weight);
+the old pure-bf16 mode (--pure-low-precision) loses them, and the same check says so."""
 import pytest
 import torch
 
@@ -9,7 +9,8 @@ from trainer_cases import fixed_pairs, metric_records, step_trainer, tiny_setup
 from spin_trainer.data import collate_pairs
 from spin_trainer.logprobs import Scorer
 from spin_trainer.model import load_model, load_tokenizer
-from spin_trainer.parallel.mesh import ParallelContext
+from spin_trainer.parallel.apply import parallelize_model
+from spin_trainer.parallel.mesh import setup_parallel, teardown_parallel
 from spin_trainer.parallel.precision import Precision
 
 LR = 5e-7   # the SPIN paper's learning rate
@@ -24,18 +25,27 @@ def model_dir(tmp_path_factory):
 
 def weight_updates(model_dir, precision, head="logits"):
     """{name: fp32 (after − before)} of STEPS AdamW steps at LR on fixed pairs."""
-    scorer = Scorer(ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu")), precision, head)
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=precision.param_dtype_name, compute_dtype=precision.dtype)
-    examples, generated = fixed_pairs(tokenizer, PAIRS)
-    batch = collate_pairs(examples, generated, tokenizer.pad_token_id)
-    reference = torch.linspace(-9.0, -5.0, 2 * PAIRS)
-    trainer = step_trainer(model, scorer, pairs=PAIRS, lr=LR, micro_batch_size=PAIRS)
-    before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-    for _ in range(STEPS):
-        trainer.train_step([(batch, reference, sum(map(len, generated)))])
-    assert {p.dtype for p in model.parameters()} == {precision.param_dtype}
-    return {n: (p.detach().float() - before[n]).flatten() for n, p in model.named_parameters()}
+    ctx = setup_parallel(1, "cpu", fsdp_alone=precision.mixed)
+    try:
+        scorer = Scorer(ctx, precision, head)
+        tokenizer = load_tokenizer(model_dir)
+        model = parallelize_model(load_model(model_dir, dtype=precision.param_dtype_name,
+                                             compute_dtype=precision.dtype), ctx, precision)
+        examples, generated = fixed_pairs(tokenizer, PAIRS)
+        batch = collate_pairs(examples, generated, tokenizer.pad_token_id)
+        reference = torch.linspace(-9.0, -5.0, 2 * PAIRS)
+        trainer = step_trainer(model, scorer, pairs=PAIRS, lr=LR, micro_batch_size=PAIRS)
+        before = {n: full_tensor(p).float().clone() for n, p in model.named_parameters()}
+        for _ in range(STEPS):
+            trainer.train_step([(batch, reference, sum(map(len, generated)))])
+        assert {p.dtype for p in model.parameters()} == {precision.param_dtype}
+        return {n: (full_tensor(p).float() - before[n]).flatten() for n, p in model.named_parameters()}
+    finally:
+        teardown_parallel(ctx)
+
+
+def full_tensor(param):
+    return param.detach().full_tensor() if hasattr(param, "full_tensor") else param.detach()
 
 
 def problems_against(updates, reference):
@@ -78,8 +88,8 @@ def test_bf16_through_the_fused_head_computes_in_bf16_and_moves_as_fp32_does(mod
 
     monkeypatch.setattr(logprobs, "linear_spin_loss", recording)
     updates = weight_updates(model_dir, Precision("bfloat16"), head="fused")
-    # Autocast leaves the hidden states fp32 (fp32 residual stream) and the weight is the fp32
-    # master: both were cast to bf16 for the head, and the gradient still reached the fp32 weight.
+    # FSDP's cast: the head saw bf16 hidden states and FSDP's bf16 weight, and the gradient still
+    # reached the fp32 master weight.
     assert dtypes == {(torch.bfloat16, torch.bfloat16)}
     assert problems_against(updates, fp32_updates) == []
     logits_updates = weight_updates(model_dir, Precision("bfloat16"))
@@ -104,13 +114,17 @@ def test_precision_options():
         parse_config(["--pure-low-precision"])
     with pytest.raises(SystemExit):
         parse_config(["--dtype", "fp8"])
+    # The streamed reference runs a plain model: it cannot take FSDP's cast of fp32 master weights.
+    with pytest.raises(UsageError, match="--reference streamed runs a plain model, but --dtype bfloat16"):
+        parse_config(["--reference", "streamed", "--dtype", "bfloat16"])
+    assert parse_config(["--reference", "streamed", "--dtype", "bfloat16", "--pure-low-precision"])
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_fast_path_trains_like_the_plain_bf16_step(tmp_path):
-    """On a GPU, --dtype bfloat16 (fp32 master weights, autocast, generation's CUDA-graph decoder
-    under autocast) with the optimizer stepped in the backward (fused AdamW per parameter) and whole
+    """On a GPU, --dtype bfloat16 (fp32 master weights, FSDP's cast on a 1-rank mesh, generation's
+    CUDA-graph decoder on its bf16 weights) with the optimizer stepped in the backward (fused AdamW per parameter) and whole
     layers recomputed gives the plain step's losses, to bf16 rounding."""
     from trainer_cases import train_args
 

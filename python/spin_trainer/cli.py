@@ -148,7 +148,9 @@ def run_training(config, on_step):
                               min_new_tokens=g.min_new_tokens,
                               stop_sequences=stop_sequences(g.stop, g.stop_ids, tokenizer))
 
-    ctx = setup_parallel(par.tp, device_type, dp_shard=par.dp_shard)
+    precision = Precision(m.dtype, pure=m.pure_low_precision)
+    # Mixed precision is FSDP's cast in every layout, one process included (parallel/precision.py).
+    ctx = setup_parallel(par.tp, device_type, dp_shard=par.dp_shard, fsdp_alone=precision.mixed)
     lock = None
     try:
         lock = lock_run(run.out, ctx)   # every rank learns the verdict before anything is written
@@ -169,7 +171,6 @@ def run_training(config, on_step):
         fingerprints = run_fingerprints(model_dir, tokenizer, data_paths(config))
         config.check_layout(ctx.dp_size, ctx.dp_shard, len(train_examples))
         checkpoint = find_resume_checkpoint(config, ctx, fingerprints) if run.resume else None
-        precision = Precision(m.dtype, pure=m.pure_low_precision)
         scorer = Scorer(ctx, precision, m.head or default_head(device_type))
         model = load_model(model_dir, attention=m.attn, dtype=precision.param_dtype_name, compute_dtype=m.dtype,
                            device=ctx.device, trust_remote_code=m.trust_remote_code)

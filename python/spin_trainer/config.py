@@ -325,6 +325,10 @@ class RunConfig:
             raise UsageError(f"{option('max_prompt_length')} {self.data.max_prompt_length} must be less than "
                              f"{option('max_length')} {self.data.max_length} (a response needs a token)")
         check_fields(*self.data.record_fields())
+        if self.spin.reference == "streamed" and self.model.dtype != "float32" and not self.model.pure_low_precision:
+            raise UsageError(f"{option('reference')} streamed runs a plain model, but {option('dtype')} "
+                             f"{self.model.dtype} with fp32 master weights casts through FSDP in every layout; use "
+                             f"{option('reference')} swap (or precompute)")
         if "{prompt}" not in self.data.prompt_template:
             raise UsageError(f"{option('prompt_template')} {self.data.prompt_template!r}: must contain {{prompt}}")
         return self

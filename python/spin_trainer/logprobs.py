@@ -9,8 +9,8 @@ logits and of the loss's work. Both heads (`Scorer.head`) run inside the model's
 forward, as the output embedding's call, so that FSDP's and tensor parallelism's hooks run as
 usual:
 
-A `Scorer` also owns the forward's precision context: autocast where no FSDP module casts the fp32
-parameters itself (one process, tensor parallelism alone).
+Mixed precision is FSDP's cast in every layout (parallel/precision.py): a `Scorer` of a mixed
+precision needs a model under FSDP, on a data-parallel axis of one rank if need be.
 
 - "logits": a pre-hook on the output embedding compacts the hidden states to the labelled
   positions [N, H]; the head writes their logits [N, V] (under tensor parallelism this rank's vocab
@@ -33,12 +33,10 @@ parameters itself (one process, tensor parallelism alone).
   hidden states as a DTensor and its weight is the vocab-sharded DTensor: the fused head takes
   their local tensors with `process_group=ctx.tp_group` (d hidden summed over the group, which is
   the all-reduce the logits path's DTensor backward does), and its output goes back wrapped as the
-  Shard(-1) DTensor the plan's output hook turns into a local tensor (parallel/tp_plan.py). Under autocast
-  (one process, --dtype bfloat16, fp32 master weights) the weight is cast to the compute dtype, as
-  F.linear under autocast does; autograd carries the gradient back to the fp32 parameter.
+  Shard(-1) DTensor the plan's output hook turns into a local tensor (parallel/tp_plan.py).
 """
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -110,12 +108,7 @@ def redirected_head(head, ctx, compute):
         assert (mesh is None) == (ctx.tp_group is None), "the LM head is vocab-parallel exactly under --tp"
         h, w = _local(hidden), _local(head.weight)
         b = None if head.bias is None else _local(head.bias)
-        device_type = h.device.type
-        if torch.is_autocast_enabled(device_type):   # what F.linear under autocast computes in
-            dtype = torch.get_autocast_dtype(device_type)
-            h, w, b = h.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
-        with torch.autocast(device_type, enabled=False):
-            out = compute(h, w, b)
+        out = compute(h, w, b)
         produced.append(out)
         if mesh is None:
             return out
@@ -151,14 +144,12 @@ class Scorer:
     precision: Precision = Precision()
     head: str = "logits"
 
-    def compute(self):
-        """The forward's precision context: autocast where FSDP does not cast the weights itself."""
-        if self.ctx.dp_mesh is not None:
-            return nullcontext()   # FSDP's (or replicate's) MixedPrecisionPolicy casts the weights
-        return self.precision.autocast(self.ctx.device.type)
+    def __post_init__(self):
+        assert self.ctx.dp_mesh is not None or not self.precision.mixed, \
+            "mixed precision is FSDP's cast: setup_parallel(..., fsdp_alone=True) and parallelize_model"
 
     def _run(self, model, batch):
-        with self.compute(), warnings.catch_warnings():
+        with warnings.catch_warnings():
             # Under TP the LM head returns its local vocab shard, a view (DTensor.to_local), which FSDP
             # warns about in case the caller modifies it in place in the forward. Nothing does: the
             # loss's in-place write (inplace_backward) is its own gradient, in the backward, after
@@ -192,8 +183,13 @@ class Scorer:
 
     @torch.no_grad()
     def sequence_logps(self, model, batch):
-        """[S] masked sums of the response log-probs (EOS included), float32, no gradient."""
-        return self.labelled_logps(model, batch).sequence_sums()
+        """[2b] masked sums of the response log-probs (EOS included) of a pair batch, float32, no
+        gradient: the reference's numbers, by `pair_loss`'s own arithmetic (the fused head: its op,
+        with its chunks and its summation order), so that π − ref is exactly 0 at θ_t."""
+        if self.head == "logits":
+            return self.labelled_logps(model, batch).sequence_sums()
+        unused = torch.zeros(batch.labels.shape[0], device=batch.labels.device)
+        return self.pair_loss(model, batch, unused, beta=1.0, loss_type="sigmoid").policy_logps
 
     def pair_loss(self, model, batch, ref_logps, *, beta, loss_type):
         """The SPIN loss (a SpinLossOutput: loss, metrics, per-sequence log-probs and rewards) of a

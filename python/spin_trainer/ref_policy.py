@@ -159,8 +159,7 @@ class StreamedReference(SwappedReference):
 
     @torch.no_grad()
     def batch_logps(self, batch):
-        with self.scorer.compute():
-            logits = streamed_reference_forward(self.model, self.bank, batch.input_ids, batch.attention_mask)
+        logits = streamed_reference_forward(self.model, self.bank, batch.input_ids, batch.attention_mask)
         return sequence_logprobs(logits, batch.labels, batch.loss_mask)
 
 

@@ -138,6 +138,9 @@ def linear_spin_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
 
     `ref_logps` is `[2B]` (per-sequence masked sums) or `[2B, T]` (per-token, masked here the same
     way as the policy's). Rewards (`out.rewards`, and in the metrics) include β.
+    `out.policy_logps` of a call under `torch.no_grad()` are reference log-probs of the same
+    arithmetic (chunks, summation order): at θ_t they equal the policy's bit for bit, which
+    `linear_sequence_logprobs`, chunked over the rows in another order, does not promise.
     """
     check_pair_rows("hidden", hidden, "H", ref_logps)
     beta = check_loss_args(beta, loss_type)  # before any work

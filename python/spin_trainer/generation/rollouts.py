@@ -86,7 +86,7 @@ def generate(model, examples, sampling, scorer, *, tokenizer, max_length, batch_
     prompts = [list(e.prompt_ids) for e in examples[start:end]]
     parked = parked_optimizer.parked() if parked_optimizer is not None else nullcontext()
     # (generate_responses itself runs in eval mode and without autograd)
-    with parked, full_weights(model), full_vocab_logits(model, ctx), scorer.compute():
+    with parked, full_weights(model), full_vocab_logits(model, ctx):
         responses = generate_responses(
             model, prompts, sampling, eos_token_id=eos_token_ids(model, tokenizer),
             pad_token_id=tokenizer.pad_token_id, max_length=max_length, batch_size=batch_size,

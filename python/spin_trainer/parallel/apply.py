@@ -128,7 +128,7 @@ def copy_local_tensors(target, source):
     with torch.no_grad(), sharded(target), sharded(source):
         pairs = list(zip(tensors(target), tensors(source), strict=True))
         for (name, dst), (source_name, src) in pairs:
-            assert name == source_name, (name, source_name)
+            assert name == source_name and dst.dtype == src.dtype, (name, source_name, dst.dtype, src.dtype)
             local_tensor(dst).copy_(local_tensor(src))
 
 
@@ -143,10 +143,14 @@ def frozen_copy(model, ctx, precision):
     if ctx.dp_mesh is None:
         return copy.deepcopy(model).eval().requires_grad_(False)
 
-    dtype = local_tensor(next(model.parameters())).dtype
+    buffer_dtypes = {name: buffer.dtype for name, buffer in model.named_buffers()}
     with torch.device("meta"):
         twin = AutoModelForCausalLM.from_config(model.config, attn_implementation=model.config._attn_implementation)
-    twin.to(dtype)
+    # The stored dtype, not the policy's parameters' dtype now: after a forward its root holds FSDP's
+    # gathered bf16 copies under mixed precision, which made a bf16 (pure-precision) reference.
+    twin.to(precision.param_dtype)
+    for name, buffer in twin.named_buffers():   # e.g. RoPE's inv_freq stays fp32 beside bf16 weights
+        buffer.data = buffer.data.to(buffer_dtypes[name])
     disable_dropout(twin)
     apply_tensor_parallel(twin, ctx)
     apply_fsdp(twin, ctx, precision, root_reshards_after_forward=True)

@@ -1,4 +1,6 @@
-"""Process groups of one run: one 2-D (dp, tp) DeviceMesh under torchrun, nothing when alone.
+"""Process groups of one run: one 2-D (dp, tp) DeviceMesh under torchrun; alone, nothing, or (in
+mixed precision) a 1-rank group whose dp axis carries FSDP, so that one process casts exactly as
+FSDP does on many (parallel/precision.py).
 
 NCCL on GPUs, gloo on CPUs. The tensor-parallel plan works on the `tp` axis; on the `dp` axis
 FSDP2 shards parameters, gradients and optimizer state (the default with more than one
@@ -54,11 +56,12 @@ def check_layout(world_size, tp):
                          f"launch with torchrun --nproc_per_node a multiple of {option('tp')}")
 
 
-def setup_parallel(tp, device_type="auto", *, dp_shard=None):
+def setup_parallel(tp, device_type="auto", *, dp_shard=None, fsdp_alone=False):
     """Initialises the process group (under torchrun) and the (dp, tp) mesh.
 
     `dp_shard`: FSDP on the data-parallel axis; None means on whenever there is more than one
-    data-parallel rank.
+    data-parallel rank, or with `fsdp_alone` (mixed precision) on a data-parallel axis of one rank
+    too: one process then gets a 1-rank process group of its own.
     """
     device_type = choose_device(device_type)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -70,15 +73,20 @@ def setup_parallel(tp, device_type="auto", *, dp_shard=None):
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    backend = "nccl" if device_type == "cuda" else "gloo"
     if world_size == 1:
-        return ParallelContext(0, 1, 1, 1, 0, 0, device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return mesh_context(rank, world_size, tp, device, dp_shard=dp_shard)
+        if not fsdp_alone:
+            return ParallelContext(0, 1, 1, 1, 0, 0, device)
+        if not dist.is_initialized():   # in memory: no rendezvous, no port
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    elif not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return mesh_context(rank, world_size, tp, device, dp_shard=dp_shard, fsdp_alone=fsdp_alone)
 
 
-def mesh_context(rank, world_size, tp, device, *, dp_shard=None):
-    """The context of `rank` on a (world_size / tp, tp) mesh of an initialised process group.
+def mesh_context(rank, world_size, tp, device, *, dp_shard=None, fsdp_alone=False):
+    """The context of `rank` on a (world_size / tp, tp) mesh of an initialised process group;
+    `fsdp_alone`: a dp axis of one rank still carries FSDP (or replicate), for its precision policy.
 
     Needs nothing but the process group: `--plan` builds it on PyTorch's fake process group.
     """
@@ -90,16 +98,17 @@ def mesh_context(rank, world_size, tp, device, *, dp_shard=None):
         # collective on the flattened group instead of one per axis.
         mesh[("dp", "tp")]._flatten("dp_tp")
     tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
+    fsdp = dp > 1 or fsdp_alone
     return ParallelContext(
         rank=rank, world_size=world_size, tp_size=tp, dp_size=dp,
         tp_rank=tp_mesh.get_local_rank(), dp_rank=dp_mesh.get_local_rank(), device=device,
         tp_mesh=tp_mesh if tp > 1 else None, tp_group=tp_mesh.get_group() if tp > 1 else None,
-        dp_group=dp_mesh.get_group() if dp > 1 else None, dp_mesh=dp_mesh if dp > 1 else None,
-        dp_shard=dp > 1 and dp_shard is not False)
+        dp_group=dp_mesh.get_group() if dp > 1 else None, dp_mesh=dp_mesh if fsdp else None,
+        dp_shard=fsdp and dp_shard is not False)
 
 
 def teardown_parallel(ctx):
-    if ctx.world_size > 1 and dist.is_initialized():
+    if (ctx.world_size > 1 or ctx.dp_mesh is not None) and dist.is_initialized():
         dist.destroy_process_group()
 
 

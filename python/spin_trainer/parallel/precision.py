@@ -6,19 +6,20 @@ lr 5e-7 is far below a bf16 weight's rounding step (2^-8 relative), so a bf16 we
 its old value: 10 AdamW steps at 5e-7 on a bf16 Linear(2048, 2048) change about 1 % of the
 weights, and all of them in fp32 (tests/test_train_precision.py measures it).
 
-- With FSDP (`--dp-shard`, more than one data-parallel rank) the cast is FSDP2's
-  `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: the all-gathered weights are bf16,
-  gradients are reduced in fp32 into the fp32 shards.
-- Without FSDP (one process, `--no-dp-shard`, or tensor parallelism alone) the fp32 parameters are
-  read through `torch.autocast` (what torchtitan does without FSDP and what Hugging Face Trainer's
-  `bf16: true` does).
-- float32 is the plain path: no autocast, no casts.
+- The cast is FSDP2's `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)` in every layout:
+  the all-gathered weights are bf16 (embeddings and norms too, so the residual stream is bf16),
+  gradients are reduced in fp32 into the fp32 shards. One process and tensor parallelism alone
+  put `fully_shard` (`replicate` with `--no-dp-shard`) on a data-parallel axis of one rank for it
+  (parallel/mesh.py, as torchtitan does), so that every layout is one numerical model: the first
+  step's log-probs and the generations of one process and of FSDP over many are the same bits.
+  (torch.autocast, the other common way, keeps embeddings, norm weights and the residual stream in
+  fp32: another model, whose bf16 results differ from FSDP's.)
+- float32 is the plain path: no casts (and one process without FSDP).
 
 `--pure-low-precision` keeps the parameters, gradients and optimizer state themselves in --dtype
 (the old behaviour: half the memory of the weights, but updates below a weight's rounding step are
 lost).
 """
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +57,3 @@ class Precision:
         if not self.mixed:
             return MixedPrecisionPolicy()
         return MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
-
-    def autocast(self, device_type):
-        """The forward's context where nothing else casts the fp32 parameters (no FSDP)."""
-        if not self.mixed:
-            return nullcontext()
-        return torch.autocast(device_type, dtype=self.compute_dtype)
