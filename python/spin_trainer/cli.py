@@ -36,7 +36,7 @@ from .parallel.apply import parallelize_model
 from .parallel.mesh import choose_device, setup_parallel, teardown_parallel
 from .parallel.precision import Precision
 from .parallel.tp_plan import check_tensor_parallel
-from .plan.report import check_replicas_fit, run_plan
+from .plan.report import check_memory, run_plan
 from .plots import TABLE_LEGEND, format_table, plot_curves
 from .trainer import SpinTrainer
 
@@ -125,8 +125,7 @@ def train(config, on_step=None):
     check_context_length(d.max_length, source_config)
     check_tensor_parallel(source_config, par.tp)
     device_type = choose_device(m.device)
-    if par.dp_shard is False:
-        check_replicas_fit(config, source_config, device_type)
+    check_memory(config, source_config, device_type)
     export_dtype = resolve_export_dtype(m.export_dtype, source_config)
     tokenizer = load_tokenizer(m.model)
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, do_sample=not g.greedy,
