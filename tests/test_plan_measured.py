@@ -151,6 +151,21 @@ def test_host_terms_equal_the_measured_rss():
     assert offloaded == pytest.approx(plan.host.optimizer_offload, rel=0.1)
 
 
+def test_loading_term_equals_the_measured_rss(tmp_path):
+    """Every rank reads the whole model: a bf16 checkpoint loaded as fp32 master weights is converted
+    into new host memory, the plan's loading term."""
+    from spin_trainer.model import load_model
+
+    build_tiny_llama(4096, hidden_size=512, intermediate_size=1376, num_layers=2, num_heads=8, num_kv_heads=4,
+                     dtype=torch.bfloat16).save_pretrained(tmp_path)
+    before = rss()
+    model = load_model(str(tmp_path), attention="sdpa", dtype="float32")
+    loaded = rss() - before
+    plan = memory_plan(model.config, nproc=1, tp=1, precision=Precision("bfloat16"))
+    assert loaded == pytest.approx(plan.host.loading, rel=0.1)
+    assert plan.loading == plan.host.loading   # and on the device, before parallelize_model
+
+
 def test_plan_prints_per_node_host_memory(capsys):
     """70B at tp 8: --reference swap pins 2x the local fp32 weights, 72.6 GiB per 8-GPU node, and
     --offload-optimizer 36 GiB more; the node holds the larger of that and loading the model."""

@@ -7,7 +7,9 @@
     optimizer offload    --offload-optimizer: the optimizer state's local shards
     model loading        every rank reads the whole model into host memory in the parameter dtype
                          before moving and parallelizing it (model.load_model): a transient at the
-                         start, when no bank exists yet
+                         start, when no bank exists yet. A checkpoint in another dtype (bf16 under
+                         fp32 master weights) is converted into new memory; one already in the
+                         parameter dtype is mapped from its file (page cache): an upper bound then
     allowance            per rank, what no formula here counts: the CUDA context and libraries,
                          the Python heap, the tokenizer and the tokenized data
 
