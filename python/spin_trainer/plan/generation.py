@@ -19,11 +19,14 @@ compute dtype's bytes and r the residual stream's (4 under autocast: fp32 embedd
                    norms    HF's RMSNorm upcasts its input to fp32: input, fp32 copy, its square
                             or x·rsqrt, output: 12h bytes for fp32 input, (r + 8)h otherwise;
                             the second norm also holds the layer's input: + r·h
-                   attention  the layer's input and the norm's output 2r·h, q, k, v b(q + 2w)/t,
-                            RoPE's three q-sized temporaries 3·max(b, r)·q/t, the key/value heads
-                            repeated for the query heads 2b·q/t, the output b·q/t
+                   attention  the layer's input r·h and (Hugging Face) the norm's output r·h;
+                            q, k, v b(q + 2w)/t with RoPE's three q-sized temporaries
+                            3·max(b, r)·q/t, or, in SDPA, q, the output and (static decoder: k, v
+                            written to the cache and freed, the key/value heads repeated for the
+                            query heads) 2b·q/t more, with SDPA's additive mask b·P
                    MLP      three hidden states 3r·h (input, after attention, normed) and
-                            act(gate), up and their product 3b·I/t
+                            act(gate), up and their product 3b·I/t, or the product and the
+                            down projection's output b·I/t + b·h
                  plus, for the whole prefill, the attention mask [rows, 1, P, P] as booleans (and
                  as SDPA's additive float mask in the attention phase, b bytes per element), the
                  RoPE tables of every position, 2·r·head_dim per token, and per batch the [P, P]
@@ -32,7 +35,7 @@ compute dtype's bytes and r the residual stream's (4 under autocast: fp32 embedd
     decode step  Hugging Face's cache grows by concatenation: one layer's keys and values twice
                  (old and new); the static decoder writes in place
 
-tests/test_plan_generation.py measures these against the allocations of real CPU runs.
+tests/test_plan_measured.py measures these against the tensors a CPU run allocates.
 """
 from dataclasses import dataclass
 
@@ -65,22 +68,23 @@ def _norm_peak(h, r):
     return 12 * h if r == 4 else (r + 8) * h
 
 
-def prefill_bytes_per_token(shape, mode, prompt, *, cpu=False):
-    """Bytes the prefill of one prompt of `prompt` tokens keeps at its peak, per token. `cpu`: the
-    CPU's bf16/fp16 matmul computes into an fp32 buffer of its output (cuBLAS does not), which
-    makes the up projection hold act(gate), its output and that buffer at once."""
+def prefill_bytes_per_token(shape, mode, prompt, static):
+    """Bytes the prefill of one prompt of `prompt` tokens keeps at its peak, per token."""
     h, w, t, b, r = shape.hidden, shape.kv_width, mode.tp, mode.compute_bytes, mode.residual_bytes
-    q, matmul_buffer = shape.heads * shape.head_dim, 4 if cpu and b < 4 else 0
+    q, i = shape.heads * shape.head_dim // t, shape.intermediate // t
     norm = max(_norm_peak(h, r), r * h + _norm_peak(h, r))
-    # RoPE's temporaries are gone before the key/value heads are repeated and SDPA runs
-    attention = 2 * r * h + (b * (q + 2 * w) + matmul_buffer * w) // t + max(
-        3 * max(b, r) * q // t, 3 * b * q // t + b * prompt)
-    mlp = 3 * r * h + max(3 * b, 2 * b + matmul_buffer) * shape.intermediate // t
+    projected = b * (q + 2 * w // t)
+    if static:   # the norm's output and k, v die once written to the cache; the heads are repeated
+        attention = r * h + max(projected + 3 * max(b, r) * q, 4 * b * q + b * prompt)
+    else:        # Hugging Face keeps them to the end of the attention
+        attention = 2 * r * h + projected + max(3 * max(b, r) * q, 3 * b * q + b * prompt)
+    # act(gate), up and their product; or the product and the down projection's output
+    mlp = 3 * r * h + max(3 * b * i, b * i + b * h)
     whole_prefill = prompt + 2 * r * shape.head_dim
     return max(norm, attention, mlp) + whole_prefill
 
 
-def generation_memory(shape, mode, *, max_length, max_new_tokens, static_decoder=None, cpu=False):
+def generation_memory(shape, mode, *, max_length, max_new_tokens, static_decoder=None):
     """GenerationMemory of one rank; the decoder the run would choose unless `static_decoder` says
     (the static one on one tensor-parallel rank, Hugging Face's under tensor parallelism)."""
     static = mode.tp == 1 if static_decoder is None else static_decoder
@@ -93,7 +97,7 @@ def generation_memory(shape, mode, *, max_length, max_new_tokens, static_decoder
         length = slots - 1
         cache_bytes = max(mode.compute_bytes, mode.residual_bytes)
     layer_cache = length * 2 * shape.kv_width // mode.tp * cache_bytes
-    prefill = prompt * prefill_bytes_per_token(shape, mode, prompt, cpu=cpu)
+    prefill = prompt * prefill_bytes_per_token(shape, mode, prompt, static)
     decode = 0 if static else 2 * layer_cache
     return GenerationMemory(static_decoder=static, cache_length=length, kv_cache_per_row=shape.layers * layer_cache,
                             transient_per_row=max(prefill, decode), transient_per_batch=(2 if static else 1) * prompt * prompt)
