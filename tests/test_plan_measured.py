@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_flatten
 from trainer_cases import ROOT, tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
+from spin_trainer.options import parse_config
 from spin_trainer.generation.decode import SamplingConfig, generate_responses
 from spin_trainer.generation.static_decoder import StaticKVDecoder
 from spin_trainer.model import build_tiny_llama
@@ -225,9 +226,11 @@ def test_a_training_run_lowers_the_generation_batch_to_what_fits(tmp_path, monke
     data = tiny_setup(str(tmp_path))
     argv = train_args(os.path.join(CONFIGS, "llama-2-7b"), *data[1:], str(tmp_path / "out"), "--max-length", "1024",
                       "--device-memory-gib", "120", "--gen-batch-size", "64")
+    config = parse_config(argv)
     with pytest.raises(Exception, match="tokenizer"):
-        train_cli.main(argv)
+        train_cli.train(config)
     fitting = int(re.search(r"--gen-batch-size 64 lowered to (\d+)", capsys.readouterr().err).group(1))
+    assert config.generation.gen_batch_size == fitting   # what the rollouts and held-out evaluation read
     from transformers import AutoConfig
     plan = memory_plan(AutoConfig.from_pretrained(os.path.join(CONFIGS, "llama-2-7b")), nproc=1, tp=1,
                        precision=Precision("float32"), max_length=1024, max_new_tokens=5, gen_batch_size=64)
