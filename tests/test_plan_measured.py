@@ -35,32 +35,31 @@ NEW_TOKENS = 40
 class LiveTensorBytes(TorchDispatchMode):
     """The peak bytes of the storages that ATen operators return, live at once: what a GPU run
     allocates too. Kernels' private scratch is not seen (on the CPU, a bf16 matmul's fp32 result
-    buffer, which cuBLAS does not need); storages that existed before (the weights) are not counted."""
+    buffer, which cuBLAS does not need); storages that existed before (the weights) are not counted.
+    A storage's Python object lives exactly as long as the storage (also when only autograd's saved
+    tensors or autocast's cache hold it), so its finalizer marks the free."""
 
     def __init__(self, existing):
         super().__init__()
         self.existing = {t.untyped_storage().data_ptr() for t in existing}
-        self.storages = {}   # data pointer -> [live tensors, bytes]
+        self.live = {}   # data pointer -> bytes
         self.current = self.peak = 0
 
     def _release(self, pointer):
-        entry = self.storages[pointer]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.current -= entry[1]
-            del self.storages[pointer]
+        self.current -= self.live.pop(pointer)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor) or tensor.untyped_storage().data_ptr() in self.existing:
+            if not isinstance(tensor, torch.Tensor):
                 continue
             storage = tensor.untyped_storage()
-            entry = self.storages.setdefault(storage.data_ptr(), [0, storage.nbytes()])
-            if entry[0] == 0:
-                self.current += entry[1]
-            entry[0] += 1
-            weakref.finalize(tensor, self._release, storage.data_ptr())
+            pointer = storage.data_ptr()
+            if pointer in self.existing or pointer in self.live or storage.nbytes() == 0:
+                continue
+            self.live[pointer] = storage.nbytes()
+            self.current += storage.nbytes()
+            weakref.finalize(storage, self._release, pointer)
         self.peak = max(self.peak, self.current)
         return out
 
