@@ -234,6 +234,8 @@ def test_plan_terms_follow_the_options():
     (["--model", os.path.join(CONFIGS, "llama-2-7b"), "--nproc", "8", "--max-length", "8192"], "--max-length"),
     (["--model", os.path.join(CONFIGS, "llama-2-7b"), "--nproc", "8", "--device-memory-gib", "0"],
      "--device-memory-gib"),
+    (["--model", os.path.join(CONFIGS, "llama-2-7b"), "--nproc", "8", "--host-memory-gib", "0"], "--host-memory-gib"),
+    (["--model", os.path.join(CONFIGS, "llama-2-7b"), "--nproc", "8", "--gpus-per-node", "0"], "--gpus-per-node"),
 ])
 def test_plan_refuses_bad_input_by_option(argv, message):
     with pytest.raises(UsageError, match=re.escape(message)):

@@ -41,7 +41,7 @@ from .parallel.apply import parallelize_model
 from .parallel.mesh import choose_device, setup_parallel, teardown_parallel
 from .parallel.precision import Precision
 from .parallel.tp_plan import check_tensor_parallel
-from .plan.report import check_replicas_fit, run_plan
+from .plan.report import check_memory, run_plan
 from .plots import plot_curves, table_legend
 from .progress_lines import ProgressLines, plain_lines_wanted
 from .report_to import check_installed, make_sinks
@@ -137,8 +137,7 @@ def run_training(config, on_step):
     check_context_length(d.max_length, source_config)
     check_tensor_parallel(source_config, par.tp)
     device_type = choose_device(m.device)
-    if par.dp_shard is False:
-        check_replicas_fit(config, source_config, device_type)
+    check_memory(config, source_config, device_type)
     export_dtype = resolve_export_dtype(m.export_dtype, source_config)
     iteration_export_dtype = resolve_export_dtype(m.iteration_export_dtype, source_config,
                                                   name="iteration_export_dtype")

@@ -249,6 +249,11 @@ class PlanSettings:
                                                     "(default 80); training with --no-dp-shard uses the visible "
                                                     "GPU's memory, or this on a CPU run",
                                               check=optional(finite_at_least(0, True)))
+    host_memory_gib: float | None = setting(None, "--plan: host memory of one node, against which the plan checks "
+                                                  "its per-node host estimate (default 2048: an 8-GPU H100/H200 "
+                                                  "node)", check=optional(finite_at_least(0, True)))
+    gpus_per_node: int | None = setting(None, "--plan: processes (GPUs) per node (default 8, or --nproc if fewer)",
+                                        check=optional(at_least(1)))
 
 
 GROUPS = {"model": ModelSettings, "data": DataSettings, "spin": SpinSettings, "train": TrainSettings,

@@ -101,6 +101,14 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
     return out.transpose(1, 2).reshape(batch, steps, query_heads * head_dim)
 
 
+def compute_dtype(model, device: torch.device) -> torch.dtype:
+    """The dtype the projections compute in: autocast's when it is on (fp32 weights, bf16 matmuls),
+    else the weights' own (FSDP's gathered bf16 weights under its mixed precision, or plain weights)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.model.layers[0].self_attn.q_proj.weight.dtype
+
+
 def gather_full_logits(x: torch.Tensor) -> torch.Tensor:
     # A tensor-parallel LM head may return a vocab-sharded DTensor; sampling needs every column.
     full_tensor = getattr(x, "full_tensor", None)
@@ -133,7 +141,7 @@ class StaticKVDecoder:
     # -- buffers -----------------------------------------------------------------------------
 
     def _prepare(self, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (batch, length, device, dtype)
+        shape = (batch, length, device, dtype, self.compute_dtype)
         if shape == self._shape:
             return
         # Free the previous graph's memory pool and cache before allocating the new ones.
@@ -153,31 +161,39 @@ class StaticKVDecoder:
     def _cache_for(self, index: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         if self.keys[index] is None:
             batch, kv_heads, _, head_dim = keys.shape
-            length = self.valid.shape[1]
-            self.keys[index] = torch.zeros(batch, kv_heads, length, head_dim, dtype=keys.dtype, device=keys.device)
-            self.values[index] = torch.zeros(batch, kv_heads, length, values.shape[-1], dtype=values.dtype, device=values.device)
+            length, dtype = self.valid.shape[1], self.compute_dtype
+            self.keys[index] = torch.zeros(batch, kv_heads, length, head_dim, dtype=dtype, device=keys.device)
+            self.values[index] = torch.zeros(batch, kv_heads, length, values.shape[-1], dtype=dtype, device=values.device)
 
     # -- the forward pass --------------------------------------------------------------------
 
     def _layer(self, index: int, hidden, cos, sin, slots, mask, kv_length: int):
         layer = self.layers[index]
-        attention = layer.self_attn
+        # The attention's intermediates die with _attention's frame, before the MLP's are made (the
+        # prefill's peak, which the memory plan counts: plan/generation.py).
+        attended = self._attention(index, layer.input_layernorm(hidden), cos, sin, slots, mask, kv_length)
+        hidden = hidden + layer.self_attn.o_proj(attended)
+        del attended
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def _attention(self, index: int, x, cos, sin, slots, mask, kv_length: int):
+        attention = self.layers[index].self_attn
         head_dim = attention.head_dim
-        batch, steps, _ = hidden.shape
-        x = layer.input_layernorm(hidden)
+        batch, steps, _ = x.shape
         q = attention.q_proj(x).view(batch, steps, -1, head_dim).transpose(1, 2)
         k = attention.k_proj(x).view(batch, steps, -1, head_dim).transpose(1, 2)
         v = attention.v_proj(x).view(batch, steps, -1, head_dim).transpose(1, 2)
-        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        del x
+        # RoPE's tables may be fp32 (fp32 weights under autocast) and promote q and k: attention and
+        # the cache stay in the compute dtype, so the cache's bytes do not depend on the cast rules.
+        q = _apply_rope(q, cos, sin).to(self.compute_dtype)
         self._cache_for(index, k, v)
-        self.keys[index].index_copy_(2, slots, k.to(self.keys[index].dtype))
-        self.values[index].index_copy_(2, slots, v.to(self.values[index].dtype))
+        self.keys[index].index_copy_(2, slots, _apply_rope(k, cos, sin).to(self.compute_dtype))
+        self.values[index].index_copy_(2, slots, v.to(self.compute_dtype))
+        del k, v
         keys = self.keys[index][:, :, :kv_length]
         values = self.values[index][:, :, :kv_length]
-        scale = getattr(attention, "scaling", head_dim**-0.5)
-        attended = _attend(q, keys.to(q.dtype), values.to(q.dtype), mask, scale)
-        hidden = hidden + attention.o_proj(attended)
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return _attend(q, keys, values, mask, getattr(attention, "scaling", head_dim**-0.5))
 
     def _logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         return gather_full_logits(self.model.lm_head(self.body.norm(hidden_last)))
@@ -189,6 +205,7 @@ class StaticKVDecoder:
         length = -(-(prompt_length + max_steps) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
         embedding = self.body.embed_tokens
         dtype = next(self.model.parameters()).dtype
+        self.compute_dtype = compute_dtype(self.model, input_ids.device)
         self._prepare(batch, length, input_ids.device, dtype)
         present = attention_mask.bool()
         self.valid.zero_()

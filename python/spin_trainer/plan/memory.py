@@ -25,14 +25,17 @@ The rest is arithmetic on those numbers and on the model's shape, stated term by
     backward working set   one layer's activations in flight (two under full recompute)
     generation             parameters, optimizer state (unless --offload-optimizer), the full
                            weights in the compute dtype (FSDP unsharded for the whole generation;
-                           autocast's cached copies) and the KV cache of --gen-batch-size rows of
-                           --max-length tokens
+                           autocast's cached copies), and the KV cache and the prefill's transients
+                           of --gen-batch-size rows (plan/generation.py)
+    model loading          the whole model in the parameter dtype on every rank, before it is
+                           parallelized (model.load_model, then parallelize_model)
+    host memory            plan/host.py
 
     training peak    = parameters + gradients + optimizer state (+ a resident reference)
                        + activations + FSDP gathered weights and gradient buffers + working set
                        (or, if larger, the state with the root's gradient buffers at the end of
                        the backward)
-    per-rank peak    = max(training peak, generation peak)
+    per-rank peak    = max(model loading, training peak, generation peak)
 
 With --optimizer-in-backward each gradient is freed by its own update, so at most one FSDP unit's
 (decoder layer's or root's) gradients exist at once.
@@ -52,6 +55,8 @@ from ..optim import make_optimizer
 from ..parallel.apply import decoder_layers, parallelize_model
 from ..parallel.mesh import ParallelContext, mesh_context
 from .activations import ComputeMode, DecoderShape, estimate_activations
+from .generation import generation_memory
+from .host import DEFAULT_GPUS_PER_NODE, host_memory
 
 GIB = 2 ** 30
 DEFAULT_DEVICE_MEMORY_GIB = 80.0
@@ -110,8 +115,19 @@ class MemoryPlan:
     fsdp_gradient_buffers: int   # one layer's unsharded gradients (+ fp32 reduce-scatter copy)
     end_of_backward: int         # the root's gathered weights and gradient buffers
     generation_weights: int      # full weights in the compute dtype while generating
-    kv_cache: int
+    generation: object           # generation.GenerationMemory (per row of a generation batch)
+    gen_batch_size: int
+    loading: int                 # the whole model in the parameter dtype
+    host: object                 # host.HostMemory
     offload_optimizer: bool
+
+    @property
+    def kv_cache(self):
+        return self.generation.kv_cache(self.gen_batch_size)
+
+    @property
+    def generation_transient(self):
+        return self.generation.transient(self.gen_batch_size)
 
     @property
     def state(self):
@@ -124,13 +140,22 @@ class MemoryPlan:
         return self.state + max(during, self.end_of_backward)
 
     @property
-    def generation_peak(self):
+    def generation_resident(self):
+        """What generation holds besides its batch's KV cache and transients."""
         optimizer = 0 if self.offload_optimizer else self.optimizer_state
-        return self.parameters + optimizer + self.reference + self.generation_weights + self.kv_cache
+        return self.parameters + optimizer + self.reference + self.generation_weights
+
+    @property
+    def generation_peak(self):
+        return self.generation_resident + self.kv_cache + self.generation_transient
+
+    def generation_rows_that_fit(self, device_bytes):
+        """The largest generation batch (rows at once, per rank) whose peak fits `device_bytes`."""
+        return self.generation.rows_that_fit(int(device_bytes) - self.generation_resident)
 
     @property
     def peak(self):
-        return max(self.training_peak, self.generation_peak)
+        return max(self.loading, self.training_peak, self.generation_peak)
 
 
 def _context(nproc, tp, dp_shard, rank):
@@ -150,8 +175,9 @@ def _units(model, layers):
 
 
 def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none", optimizer_options=None,
-                micro_batch_size=1, max_length=1024, gen_batch_size=64, reference="precompute",
-                offload_optimizer=False, head="logits", rank=0, name="model"):
+                micro_batch_size=1, max_length=1024, max_new_tokens=None, gen_batch_size=64, reference="precompute",
+                generate_every="iteration", offload_optimizer=False, head="logits", gpus_per_node=None, rank=0,
+                name="model"):
     """The MemoryPlan of `rank` in a run of `nproc` processes with tensor parallelism `tp` (a
     Hugging Face config; nothing is allocated)."""
     optimizer_options = dict(optimizer_options or {})
@@ -183,6 +209,7 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
         parameters = sum(local_bytes(p) for p in model.parameters())
         gradients = sum(local_bytes(p.grad) for p in params)
         parameter_count = sum(p.numel() for p in model.parameters())
+        full_parameters = parameter_count * precision.param_dtype.itemsize
         dp_shard, dp_size = ctx.dp_shard, ctx.dp_size
 
     b = precision.compute_dtype.itemsize
@@ -201,7 +228,11 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
     else:
         fsdp_gathered = fsdp_buffers = end_of_backward = 0
         generation_weights = activations.weight_copies
-    kv_cache = gen_batch_size * max_length * shape.layers * 2 * shape.kv_width // tp * b
+    generation = generation_memory(shape, mode, max_length=max_length,
+                                   max_new_tokens=max_new_tokens or max(1, max_length // 2))
+    host = host_memory(parameters=parameters, full_parameters=full_parameters, optimizer_state=optimizer_state,
+                       reference=reference, generate_every=generate_every, offload_optimizer=offload_optimizer,
+                       ranks_per_node=min(nproc, gpus_per_node or DEFAULT_GPUS_PER_NODE))
     optimizer_name = optimizer_options.get("name", "adamw")
     description = [
         f"memory plan: {name} ({architecture}, {parameter_count / 1e9:.2f} B parameters), {nproc} "
@@ -218,7 +249,8 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
         optimizer_state=optimizer_state, optimizer_state_names=state_names,
         reference=parameters if reference == "resident" else 0, activations=activations,
         fsdp_gathered=fsdp_gathered, fsdp_gradient_buffers=fsdp_buffers, end_of_backward=end_of_backward,
-        generation_weights=generation_weights, kv_cache=kv_cache, offload_optimizer=offload_optimizer)
+        generation_weights=generation_weights, generation=generation, gen_batch_size=gen_batch_size,
+        loading=full_parameters, host=host, offload_optimizer=offload_optimizer)
 
 
 def _precision_words(precision, dp_shard):

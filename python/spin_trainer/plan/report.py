@@ -1,5 +1,5 @@
 """The command line of the memory plan: `spin-train --plan ...` (its checks and its printout), and
-the check that refuses a run without FSDP whose replicas cannot fit (memory.py)."""
+the checks of a training run by the plan: replicas that cannot fit, the generation batch that fits."""
 import json
 import os
 import sys
@@ -14,6 +14,7 @@ from ..model import check_config_values, check_context_length, check_shipped_cod
 from ..parallel.mesh import check_layout
 from ..parallel.precision import Precision
 from ..parallel.tp_plan import LLAMA_FAMILY, check_tensor_parallel
+from .host import DEFAULT_HOST_MEMORY_GIB
 from .memory import DEFAULT_DEVICE_MEMORY_GIB, GIB, memory_plan
 
 
@@ -30,13 +31,14 @@ def plan_of(run, config, nproc, device_type):
         dp_shard=run.parallel.dp_shard, recompute=run.parallel.recompute,
         optimizer_options=dict(name=t.optimizer, weight_decay=t.weight_decay, betas=t.adam_betas, eps=t.adam_eps,
                                in_backward=t.optimizer_in_backward),
-        micro_batch_size=t.micro_batch_size, max_length=run.data.max_length,
+        micro_batch_size=t.micro_batch_size, max_length=run.data.max_length, max_new_tokens=run.max_new_tokens,
         gen_batch_size=run.generation.gen_batch_size, reference=run.spin.reference,
-        offload_optimizer=t.offload_optimizer, head=run.model.head or default_head(device_type),
-        name=run.model.model)
+        generate_every=run.spin.generate_every, offload_optimizer=t.offload_optimizer,
+        head=run.model.head or default_head(device_type), gpus_per_node=run.plan.gpus_per_node, name=run.model.model)
 
 
-def format_plan(plan, *, micro_batch_size, max_length, gen_batch_size, device_memory_gib):
+def format_plan(plan, *, micro_batch_size, max_length, gen_batch_size, device_memory_gib,
+                host_memory_gib=DEFAULT_HOST_MEMORY_GIB):
     """The printout; its last line is `per-rank peak estimate: X GiB`."""
     a = plan.activations
     per_token_layer = a.layer_per_token
@@ -61,17 +63,44 @@ def format_plan(plan, *, micro_batch_size, max_length, gen_batch_size, device_me
     if plan.fsdp_gathered:
         lines += [f"  FSDP gathered weights   {_gib(plan.fsdp_gathered)}  (root + 2 decoder layers)",
                   f"  FSDP gradient buffers   {_gib(plan.fsdp_gradient_buffers)}  (one decoder layer)"]
+    g = plan.generation
+    decoder = "static-cache decoder" if g.static_decoder else "Hugging Face's decoder (tensor parallel)"
+    device = device_memory_gib * GIB
+    fitting = int(plan.generation_rows_that_fit(device))
     lines += [
+        f"  KV cache                {_gib(plan.kv_cache)}  ({gen_batch_size} rows x {g.cache_length} slots, "
+        f"{decoder})",
+        f"  generation transients   {_gib(plan.generation_transient)}  (prefill of {gen_batch_size} prompts of "
+        f"{max_length - 1} tokens: RMSNorm's fp32 upcast, attention, MLP)",
         f"training step peak:       {_gib(plan.training_peak)}",
         f"generation peak:          {_gib(plan.generation_peak)}  ("
         + (f"full weights {plan.generation_weights / GIB:.2f} GiB, " if plan.generation_weights else "")
-        + f"KV cache {plan.kv_cache / GIB:.2f} GiB for {gen_batch_size} x {max_length} tokens"
+        + f"{option('gen_batch_size')} {gen_batch_size}"
         + (", optimizer state offloaded" if plan.offload_optimizer else "") + ")",
+        f"  largest generation batch that fits: {fitting} rows"
+        + (f" (a run uses at most that many; {option('gen_batch_size')} {gen_batch_size} is larger)"
+           if fitting < gen_batch_size else ""),
+        f"model loading:            {_gib(plan.loading)}  (the whole model on every rank before it is "
+        f"parallelized)",
     ]
-    verdict = "fits" if plan.peak <= device_memory_gib * GIB else "does NOT fit"
+    verdict = "fits" if plan.peak <= device else "does NOT fit"
+    lines += _host_lines(plan.host, host_memory_gib)
     lines += [f"device memory: {device_memory_gib:g} GiB; the estimate {verdict}",
               f"per-rank peak estimate: {plan.peak / GIB:.2f} GiB"]
     return "\n".join(lines)
+
+
+def _host_lines(host, host_memory_gib):
+    verdict = "fits" if host.per_node <= host_memory_gib * GIB else "does NOT fit"
+    return [
+        "host memory per rank:",
+        f"  reference bank          {_gib(host.reference_bank)}  ({option('reference')}: θ_t and the stash, pinned)",
+        f"  optimizer offload       {_gib(host.optimizer_offload)}  ({option('offload_optimizer')})",
+        f"  model loading           {_gib(host.loading)}  (transient, before the banks exist)",
+        f"  allowance               {_gib(host.allowance)}  (CUDA context, libraries, Python heap, data)",
+        f"host memory per node:     {_gib(host.per_node)}  ({host.ranks_per_node} ranks x "
+        f"{host.per_rank / GIB:.2f} GiB); {host_memory_gib:g} GiB per node: the estimate {verdict}",
+    ]
 
 
 def _read_config(model_dir, trust_remote_code):
@@ -117,9 +146,10 @@ def run_plan(run):
                          f"to plan")
     _check_options(run, config, nproc)
     memory = DEFAULT_DEVICE_MEMORY_GIB if run.plan.device_memory_gib is None else run.plan.device_memory_gib
+    host = DEFAULT_HOST_MEMORY_GIB if run.plan.host_memory_gib is None else run.plan.host_memory_gib
     plan = plan_of(run, config, nproc, "cuda")   # a plan sizes GPUs
     print(format_plan(plan, micro_batch_size=run.train.micro_batch_size, max_length=run.data.max_length,
-                      gen_batch_size=run.generation.gen_batch_size, device_memory_gib=memory))
+                      gen_batch_size=run.generation.gen_batch_size, device_memory_gib=memory, host_memory_gib=host))
     return plan
 
 
@@ -131,13 +161,13 @@ def device_memory_bytes(run, device_type):
     return None if gib is None else gib * GIB
 
 
-def check_replicas_fit(run, config, device_type):
-    """Replicas (FSDP off): UsageError when the plan's model state (parameters, gradients, optimizer
-    state) alone exceeds a device; a warning naming the estimate when its peak does. Runs before
-    any model is loaded and before the process group exists."""
+def check_memory(run, config, device_type):
+    """Before any model is loaded and before the process group exists, by the plan: refuses replicas
+    (FSDP off) whose model state alone exceeds a device and warns when their peak estimate does;
+    lowers --gen-batch-size to the largest generation batch that fits (at least 1), with a note."""
     memory = device_memory_bytes(run, device_type)
-    if memory is None:
-        return   # a CPU run without --device-memory-gib: host memory is not planned
+    if memory is None or config.model_type not in LLAMA_FAMILY:
+        return   # a CPU run without --device-memory-gib, or a model the plan's formulas do not describe
     if dist.is_initialized():
         # The caller set up the process group itself (train() called from its own script): the
         # fake group of the simulation cannot be the default one too. `spin-train --plan` still can.
@@ -146,6 +176,19 @@ def check_replicas_fit(run, config, device_type):
     check_layout(world, run.parallel.tp)
     plan = plan_of(run, config, world, device_type)
     where = f"{memory / GIB:.1f} GiB per device"
+    main = int(os.environ.get("RANK", "0")) == 0
+    if run.parallel.dp_shard is False:
+        _check_replicas(plan, where, memory, main)
+    fitting = max(1, plan.generation_rows_that_fit(memory))
+    if fitting < run.generation.gen_batch_size:
+        if main:
+            print(f"note: {option('gen_batch_size')} {run.generation.gen_batch_size} lowered to {fitting}: the largest "
+                  f"generation batch whose KV cache and prefill fit {where} by the plan's estimate (spin-train "
+                  f"--plan prints the terms)", file=sys.stderr)
+        run.generation.gen_batch_size = fitting
+
+
+def _check_replicas(plan, where, memory, main):
     if plan.state > memory:
         raise UsageError(
             f"{option('dp_shard', negated=True)}: every data-parallel rank would hold a full replica of the model state: parameters "
@@ -153,7 +196,7 @@ def check_replicas_fit(run, config, device_type):
             f"{plan.optimizer_state / GIB:.1f} GiB = {plan.state / GIB:.1f} GiB per rank (by --plan), against "
             f"{where}; drop {option('dp_shard', negated=True)} (FSDP shards the state over the data-parallel ranks) or raise "
             f"{option('tp')}")
-    if plan.peak > memory and int(os.environ.get("RANK", "0")) == 0:
+    if plan.peak > memory and main:
         print(f"warning: {option('dp_shard', negated=True)}: the per-rank peak estimate is {plan.peak / GIB:.1f} GiB (model state "
               f"{plan.state / GIB:.1f} GiB, activations {plan.activations.total / GIB:.1f} GiB per micro-batch; "
               f"spin-train --plan prints the terms) against {where}; the run may run out of memory",
