@@ -27,3 +27,14 @@ def test_a_recipe_parses_and_every_value_is_applied(path):
         assert applied[key] == expected, key
     # The command line still overrides the file.
     assert parse_config(["--config", path, "--seed", "7"]).run.seed == 7
+
+
+def test_a_recipe_runs_fewer_iterations_with_its_first_values():
+    """The paper's four iterations of --beta and --lr: a run of two takes the first two, so a short
+    run (and one extended later with --resume --iterations N) uses the recipe as written."""
+    path = os.path.join(ROOT, "configs", "recipes", "spin-paper.yaml")
+    config = parse_config(["--config", path, "--iterations", "2"]).check()
+    assert config.per_iteration("beta") == [0.1, 0.1]
+    assert config.per_iteration("lr") == [5e-7, 5e-7]
+    config = parse_config(["--config", path, "--iterations", "4"]).check()
+    assert config.per_iteration("beta") == [0.1, 0.1, 0.1, 5.0]

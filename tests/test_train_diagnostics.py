@@ -11,6 +11,7 @@ from trainer_cases import tiny_setup, train_args
 from spin_trainer import cli as train_cli
 from spin_trainer.data import Example
 from spin_trainer.evaluate import fraction_equal_to_gold, iteration_diagnostics
+from spin_trainer.generation.decode import Responses
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,8 @@ def test_spin_rows_carry_the_iteration_diagnostics(tiny, tmp_path, monkeypatch):
     def half_gold(model, examples, *args, **kwargs):
         """Every other response is the gold one; the rest are the gold one without its EOS."""
         real_generate(model, examples, *args, **kwargs)
-        return [list(e.response_ids) if i % 2 == 0 else list(e.response_ids)[:-1] for i, e in enumerate(examples)]
+        return Responses([list(e.response_ids) if i % 2 == 0 else list(e.response_ids)[:-1]
+                          for i, e in enumerate(examples)], truncated=[i % 2 == 1 for i in range(len(examples))])
 
     monkeypatch.setattr(loop, "generate", half_gold)
     steps = []

@@ -145,7 +145,7 @@ def test_first_step_equals_an_independent_recomputation(tiny, tmp_path):
     (["--tp", "3"], "--tp 3 does not divide the model's num_attention_heads (4)"),
     (["--global-batch-size", "6", "--micro-batch-size", "4"], "--global-batch-size 6 must be a multiple"),
     (["--global-batch-size", "64"], "--global-batch-size 64 is larger than the 32 training prompts"),
-    (["--beta", "0.1", "0.2", "0.3"], "--beta: give one value or one per iteration (2), got 3"),
+    (["--iterations", "3", "--beta", "0.1", "0.2"], "--beta: give one value or at least one per iteration (3), got 2"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--model", "/nonexistent/model"], "--model '/nonexistent/model': no such directory"),
     (["--val-data", "/nonexistent/val.jsonl"], "--val-data '/nonexistent/val.jsonl': no such file"),

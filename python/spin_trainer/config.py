@@ -62,9 +62,10 @@ def optional(check):
 
 
 def per_iteration(values, iterations):
-    """One float per iteration of a --beta or --lr list (a single value is repeated)."""
+    """One float per iteration of a --beta or --lr list: a single value is repeated; a longer list
+    (a recipe's values for more iterations than this run has) gives its first `iterations`."""
     values = [float(v) for v in values]
-    return values * iterations if len(values) == 1 else values
+    return values * iterations if len(values) == 1 else values[:iterations]
 
 
 # ---- the tree ------------------------------------------------------------------------------------
@@ -130,10 +131,11 @@ class DataSettings:
 class SpinSettings:
     iterations: int = setting(2, "SPIN iterations (θ_t → θ_t+1)", check=at_least(1), resume=True)
     epochs: int = setting(1, "epochs over the iteration's pairs", check=at_least(1), resume=True)
-    beta: tuple[float, ...] = setting((0.1,), "one value, or one per iteration", check=finite_at_least(0, True),
-                                      resume=True)
+    beta: tuple[float, ...] = setting((0.1,), "one value, or one per iteration (of a longer list, the first "
+                                              "--iterations)", check=finite_at_least(0, True), resume=True)
     # lr >= 1 moves AdamW/RMSprop weights by about their own size each step; 0 trains nothing.
-    lr: tuple[float, ...] = setting((5e-7,), "one value, or one per iteration", resume=True,
+    lr: tuple[float, ...] = setting((5e-7,), "one value, or one per iteration (of a longer list, the first "
+                                             "--iterations)", resume=True,
                                     check=within(0, 1, low_open=True, high_open=True))
     loss_type: str = setting("sigmoid", "sigmoid (the paper) or hinge", choices=("sigmoid", "hinge"), resume=True)
     reference: str = setting("precompute", "the reference policy θ_t: its log-probs precomputed at each iteration's "
@@ -274,7 +276,7 @@ class RunConfig:
 
     # ---- derived values --------------------------------------------------------------------------
     def per_iteration(self, name):
-        """--beta or --lr as one value per iteration (a single value is repeated)."""
+        """--beta or --lr as one value per iteration."""
         return per_iteration(getattr(self.spin, name), self.spin.iterations)
 
     @property
@@ -317,9 +319,9 @@ class RunConfig:
                 raise UsageError(f"{option(f.name)} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
         for name in ("beta", "lr"):
             count = len(getattr(self.spin, name))
-            if count not in (1, self.spin.iterations):
-                raise UsageError(f"{option(name)}: give one value or one per iteration ({self.spin.iterations}), "
-                                 f"got {count}")
+            if count != 1 and count < self.spin.iterations:
+                raise UsageError(f"{option(name)}: give one value or at least one per iteration "
+                                 f"({self.spin.iterations}), got {count}")
         if self.generation.min_new_tokens > self.max_new_tokens:
             raise UsageError(f"{option('min_new_tokens')} must be in [0, {option('max_new_tokens')} "
                              f"{self.max_new_tokens}], got {self.generation.min_new_tokens}")
