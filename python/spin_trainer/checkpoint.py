@@ -51,7 +51,10 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from .errors import CheckpointNotWritten, UsageError, option
+from spin_kernels.dtensor import local_tensor
+
+from .errors import CheckpointNotWritten, TrainingDiverged, UsageError, option
+from .parallel.mesh import all_reduce_max
 from .manifest import all_ranks, files_problem, fsync_path, on_main, read_manifest, write_manifest
 from .state_file import STRUCTURE_FILE, TENSORS_FILE, read_state, write_state
 
@@ -336,3 +339,15 @@ def restore_rng(states, ctx):
     random.setstate(state["python"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def check_finite_weights(model, ctx, step, last_checkpoint):
+    """A non-finite update must never reach a checkpoint (or the export): stop with a true message.
+    `last_checkpoint`: (step, path) of the newest one written, or None."""
+    finite = torch.stack([torch.isfinite(local_tensor(w)).all() for w in model.parameters()]).all()
+    if all_reduce_max((~finite).to(torch.int32).reshape(1), ctx.world_size).item():
+        newest = (f"the newest checkpoint, {last_checkpoint[1]} (step {last_checkpoint[0]}), is intact"
+                  if last_checkpoint is not None else "no checkpoint had been written yet")
+        raise TrainingDiverged(f"training diverged: after step {step} the weights hold non-finite values (NaN or "
+                               f"inf), so no checkpoint was written for it; {newest}. Lower the learning rate "
+                               f"(float16 has no loss scaling here: use bfloat16 or float32)")

@@ -7,6 +7,10 @@ import json
 import math
 import os
 
+import torch
+
+from .parallel.mesh import all_reduce_sum
+
 # Wall-clock measurements of a step: the only fields that differ between two identical runs.
 TIMING_KEYS = ("step_time", "tokens_per_second")
 
@@ -84,3 +88,15 @@ def read_records(path):
             print(f"warning: {path}:{number}: the last line is cut short (was the run killed while writing it?); "
                    f"dropped it")
     return records
+
+
+def global_step_metrics(sums, dp_group):
+    """A step's micro-batch sums summed over the data-parallel ranks, as floats; the rewards' std
+    from the global Σr, Σr² and count (Bessel-corrected; 0 for a single reward)."""
+    names = sorted(sums)
+    stacked = all_reduce_sum(torch.stack([sums[n].double().reshape(()) for n in names]), dp_group)
+    result = dict(zip(names, stacked.tolist()))
+    count, total, squares = (result.pop(k) for k in ("rewards_count", "rewards_sum", "rewards_sq_sum"))
+    result["rewards_all_std"] = (math.sqrt(max(0.0, (squares - total * total / count) / (count - 1)))
+                                 if count >= 2 else 0.0)
+    return result

@@ -22,28 +22,24 @@ so the update is the same for any micro-batch size, accumulation and data-parall
 logged metrics are global: weighted means summed, and the rewards' std from the global Σr, Σr² and
 count (Bessel-corrected, as NeMo-Aligner logs `rewards_all.std()`).
 """
-import math
 import os
-import random
 import time
 from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
-from spin_kernels.dtensor import local_tensor
-
-from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import check_finite_weights, load_checkpoint, restore_rng, save_checkpoint
 from .config import RunConfig
 from .data import collate_pairs
-from .errors import TrainingDiverged, option
+from .errors import option
 from .evaluate import fraction_equal_to_gold, iteration_diagnostics, spin_pair_accuracy
-from .generation.rollouts import ParkedOptimizer, drop_truncated, generate, pair_logps, sampling_seed
+from .generation.rollouts import ParkedOptimizer, generate, iteration_pairs, pair_logps, sampling_seed
 from .generations import generation_rows, generations_path, write_generations
 from .loop_state import IterationData, LoopPosition, StopSignal, TrainingStopped
+from .metrics import global_step_metrics
 from .optim import (apply_update, epoch_order, learning_rate_schedule, make_optimizer, make_scheduler,
                     reset_state)
-from .parallel.mesh import all_reduce_max, all_reduce_sum
 from .progress_lines import ProgressLines, flushed_print
 from .ref_policy import make_reference
 
@@ -156,24 +152,15 @@ class SpinTrainer:
                         progress=self.config.progress, parked_optimizer=self.parked_optimizer)
 
     def iteration_pairs(self, samples):
-        """(examples, generated, pairs dropped) of the iteration: one pair per training prompt (pairs cut
-        at the length cap replaced with drop_truncated, None without it), plus a share of the previous
-        iteration's pairs."""
+        """(examples, generated, pairs dropped) of the iteration (rollouts.iteration_pairs)."""
         c, t = self.config, self.position.iteration
-        examples, generated, dropped = list(self.examples), list(samples), None
-        if c.spin.drop_truncated:
-            examples, generated = drop_truncated(examples, samples, seed=c.run.seed * 37 + t)
-            dropped = sum(map(bool, samples.truncated))
-            if self.ctx.is_main:
-                self.report(f"iteration {t + 1}: {option('drop_truncated')} left out {dropped} of {len(samples)} "
-                            f"pairs (their generation was cut at {option('max_new_tokens')} or the context); "
-                            f"their slots went to finished pairs")
-        n_mix = c.mixed_pairs(len(self.examples)) if t > 0 else 0
-        if n_mix and self.previous_pairs is not None:
-            previous_examples, previous_generated = self.previous_pairs
-            picks = random.Random(c.run.seed * 31 + t).sample(range(len(previous_examples)), n_mix)
-            examples += [previous_examples[i] for i in picks]
-            generated += [previous_generated[i] for i in picks]
+        examples, generated, dropped = iteration_pairs(
+            self.examples, samples, self.previous_pairs, drop=c.spin.drop_truncated,
+            mixed=c.mixed_pairs(len(self.examples)) if t > 0 else 0, seed=c.run.seed, iteration=t)
+        if dropped is not None and self.ctx.is_main:
+            self.report(f"iteration {t + 1}: {option('drop_truncated')} left out {dropped} of {len(samples)} pairs "
+                        f"(their generation was cut at {option('max_new_tokens')} or the context); their slots went "
+                        f"to finished pairs")
         return examples, generated, dropped
 
     def prepare_data(self, model, epoch):
@@ -293,7 +280,7 @@ class SpinTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         grad_norm = apply_update(self.model, self.optimizer, self.scheduler, max_grad_norm=c.train.max_grad_norm,
                                  loss=sums["loss"])
-        record = self.global_metrics(sums)
+        record = global_step_metrics(sums, self.ctx.dp_group)
         step_time = time.perf_counter() - started   # global_metrics read the device: synchronized
         return {"beta": beta, **record, "grad_norm": float(grad_norm), "lr": float(lr), "step_time": step_time,
                 "tokens_per_second": record["tokens"] / step_time}
@@ -309,17 +296,6 @@ class SpinTrainer:
         self.metrics.write(record)
         self.lines.step(record)
         return record
-
-    def global_metrics(self, sums):
-        """The micro-batch sums summed over data-parallel ranks, as floats; the rewards' std from the
-        global Σr, Σr² and count (Bessel-corrected; 0 for a single reward)."""
-        names = sorted(sums)
-        stacked = all_reduce_sum(torch.stack([sums[n].double().reshape(()) for n in names]), self.ctx.dp_group)
-        result = dict(zip(names, stacked.tolist()))
-        count, total, squares = (result.pop(k) for k in ("rewards_count", "rewards_sum", "rewards_sq_sum"))
-        result["rewards_all_std"] = (math.sqrt(max(0.0, (squares - total * total / count) / (count - 1)))
-                                     if count >= 2 else 0.0)
-        return result
 
     # ---- evaluate --------------------------------------------------------------------------------
     def record_eval(self, row):
@@ -374,25 +350,13 @@ class SpinTrainer:
         """Writes a checkpoint of the current step (once per step); returns its path."""
         step = self.position.global_step
         if self.last_checkpoint is None or self.last_checkpoint[0] != step:
-            self.check_finite_weights()
+            check_finite_weights(self.model, self.ctx, step, self.last_checkpoint)
             with self.lines.phase(f"checkpoint at step {step}"):
                 path = save_checkpoint(self.checkpoint_root, step, model=self.model, optimizer=self.optimizer,
                                        reference=self.reference.state if self.data is not None else None,
                                        loop_state=self.loop_state(), ctx=self.ctx, keep=self.config.run.keep)
             self.last_checkpoint = (step, path)
         return self.last_checkpoint[1]
-
-    def check_finite_weights(self):
-        """A non-finite update must never reach a checkpoint (or the export): stop with a true message."""
-        finite = torch.stack([torch.isfinite(local_tensor(w)).all() for w in self.model.parameters()]).all()
-        flag = all_reduce_max((~finite).to(torch.int32).reshape(1), self.ctx.world_size)
-        if flag.item():
-            newest = (f"the newest checkpoint, {self.last_checkpoint[1]} (step {self.last_checkpoint[0]}), is intact"
-                      if self.last_checkpoint is not None else "no checkpoint had been written yet")
-            raise TrainingDiverged(f"training diverged: after step {self.position.global_step} the weights hold "
-                                   f"non-finite values (NaN or inf), so no checkpoint was written for it; {newest}. "
-                                   f"Lower the learning rate (float16 has no loss scaling here: use bfloat16 or "
-                                   f"float32)")
 
     def restore(self, checkpoint):
         """Continues from `checkpoint` (found, and its settings checked, by the caller)."""

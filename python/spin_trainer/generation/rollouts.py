@@ -54,6 +54,22 @@ def drop_truncated(examples, generated, seed):
     return [examples[i] for i in picks], [generated[i] for i in picks]
 
 
+def iteration_pairs(examples, samples, previous_pairs, *, drop, mixed, seed, iteration):
+    """(examples, generated, pairs dropped) of SPIN iteration `iteration`: one pair per training
+    prompt (with `drop`, pairs cut at the length cap are replaced through drop_truncated; dropped is
+    None without it), plus `mixed` pairs drawn from the previous iteration's `previous_pairs`."""
+    examples, generated, dropped = list(examples), list(samples), None
+    if drop:
+        examples, generated = drop_truncated(examples, samples, seed=seed * 37 + iteration)
+        dropped = sum(map(bool, samples.truncated))
+    if mixed and previous_pairs is not None:
+        previous_examples, previous_generated = previous_pairs
+        picks = random.Random(seed * 31 + iteration).sample(range(len(previous_examples)), mixed)
+        examples += [previous_examples[i] for i in picks]
+        generated += [previous_generated[i] for i in picks]
+    return examples, generated, dropped
+
+
 class ParkedOptimizer:
     """Offloading: the optimizer's state waits in host memory while the model generates.
 
