@@ -43,12 +43,13 @@ def padded_logps(model, pairs):
     """[2B] sums of the trainer's padded path (data.collate_pairs + logprobs.Scorer)."""
     examples = [Example(tuple(p), tuple(g)) for p, g, _ in pairs]
     batch = collate_pairs(examples, [generated for _, _, generated in pairs], PAD)
-    return Scorer(ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))).sequence_logps(model, batch)
+    device = model.device
+    return Scorer(ParallelContext(0, 1, 1, 1, 0, 0, device)).sequence_logps(model, batch.to(device))
 
 
 @torch.no_grad()
 def packed_logps(model, pairs, *, share_prompt=True):
-    packed = pack_pairs(pairs, share_prompt=share_prompt)
+    packed = pack_pairs(pairs, share_prompt=share_prompt).to(model.device)
     return packed.sequence_sums(packed_token_logps(model, packed))
 
 
@@ -84,17 +85,18 @@ def test_packed_sums_equal_padded_fp32(family, attention):
     torch.testing.assert_close(packed_logps(model, pairs, share_prompt=False), want, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_packed_sums_bf16_within_bf16_noise(family):
-    """bf16 packed vs bf16 padded differ by reduction order only: at most 2% relative on these sums
-    (measured: about 0.3% at most), the same size as either layout's distance from fp32."""
+    """bf16 packed vs bf16 padded differ by reduction order only: by no more than bf16's own noise
+    (the padded bf16 sums' distance from fp32, 0.9e-4 to 2e-4 relative here); measured at most
+    3.1e-5 relative on seeds 3-7 of all three families, so 1e-3 relative is a bound with margin."""
     pairs = random_pairs(3)
     exact = padded_logps(tiny_model(family), pairs)
     model = tiny_model(family, dtype=torch.bfloat16)
     packed, padded = packed_logps(model, pairs), padded_logps(model, pairs)
     noise = (padded - exact).abs().max()
-    assert (packed - padded).abs().max() <= 2 * noise + 1e-6
-    torch.testing.assert_close(packed, padded, rtol=2e-2, atol=0)
+    assert (packed - padded).abs().max() <= noise
+    torch.testing.assert_close(packed, padded, rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
@@ -149,6 +151,18 @@ def test_block_mask_is_the_dense_rule():
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(packed, window))
         got = flex_attention(q, k, v, block_mask=block_mask(packed, window))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_flex_attention_through_hugging_face(family):
+    """The GPU path: HF's "flex_attention" implementation takes the BlockMask as its attention_mask.
+    (On the CPU the same check passes too, measured 1.2e-7 relative, but inductor's CPU compile of
+    flex_attention takes ~45 s, too long for CI.)"""
+    pairs = random_pairs(2)
+    want = padded_logps(tiny_model(family).cuda(), pairs)
+    got = packed_logps(tiny_model(family, "flex_attention").cuda(), pairs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
 
 
 def test_unsupported_attention_needs_the_fallback():
