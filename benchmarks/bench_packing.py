@@ -41,7 +41,8 @@ from timing import PeakMemory, synchronize  # noqa: E402
 from spin_kernels.loss import spin_loss_from_logps  # noqa: E402
 from spin_trainer.data import Example, collate_pairs  # noqa: E402
 from spin_trainer.logprobs import Scorer  # noqa: E402
-from spin_trainer.packing import pack_pairs, packed_token_logps  # noqa: E402
+from spin_trainer.packed_attention import packed_token_logps  # noqa: E402
+from spin_trainer.packing import pack_pairs  # noqa: E402
 from spin_trainer.parallel.mesh import ParallelContext  # noqa: E402
 
 TEMPLATE_TOKENS = 20

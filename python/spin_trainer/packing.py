@@ -19,17 +19,10 @@ no extra token in any layer, and the backward sums both rows' gradients into tha
 Sequence ids: pair i's gold response is sequence i, its generated one B + i (the order of
 `spin_loss`'s rows); per-sequence sums are `index_add` over `targets.sequences`, with no host sync.
 
-Attention through Hugging Face's own mask path, which works alike for Llama, Mistral and Qwen2 in
-transformers 5.x: `create_causal_mask` / `create_sliding_window_causal_mask` return a 4D
-`attention_mask` (tensor or `BlockMask`) unchanged, and Qwen2 also takes a dict per layer type.
-The mask's form follows `config._attn_implementation`: "sdpa" a boolean [1, 1, N, N] (True =
-attend), "eager" the additive float mask its `attn_weights + mask` expects, "flex_attention" a
-`BlockMask` from `create_block_mask` with the same rule as its `mask_mod`. Sliding windows are part
-of the rule (a 4D mask bypasses HF's own window), on position ids, as in the padded row. Other
-implementations (flash-attn) cannot take such a mask: `pack_pairs(..., share_prompt=False)` is the
-plain padding-free fallback, `[prompt | gold]` and `[prompt | generated]` as separate documents
-whose position ids restart at 0, which HF turns into per-document attention itself
-(`find_packed_sequence_indices`, or flash-attn's varlen from position ids).
+Attention: `attention_rule` is the one definition of who sees whom; `dense_mask` and `block_mask`
+(FlexAttention) are its two forms, and packed_attention.py hands them to Hugging Face models. The
+plain padding-free fallback (no custom mask) is `pack_pairs(..., share_prompt=False)`: `[prompt |
+gold]` and `[prompt | generated]` as separate documents whose position ids restart at 0.
 """
 from dataclasses import dataclass
 
@@ -38,7 +31,6 @@ import torch
 from .data import IGNORE_INDEX
 
 PROMPT, GOLD, GENERATED = 0, 1, 2
-PROMPT_SHARING_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
 @dataclass(frozen=True)
@@ -62,6 +54,7 @@ class PackedPairs:
     targets: Targets             # every scored token, the first generated ones included
     num_sequences: int           # 2B
     share_prompt: bool
+    segments: tuple              # (start, end) of each document, host ints (no sync to slice by them)
 
     @property
     def num_tokens(self):
@@ -72,7 +65,8 @@ class PackedPairs:
                  ("input_ids", "position_ids", "documents", "parts", "sequence_ids", "labels", "loss_mask")}
         targets = Targets(*(t.to(device) for t in (self.targets.positions, self.targets.labels,
                                                   self.targets.sequences)))
-        return PackedPairs(**moved, targets=targets, num_sequences=self.num_sequences, share_prompt=self.share_prompt)
+        return PackedPairs(**moved, targets=targets, num_sequences=self.num_sequences, share_prompt=self.share_prompt,
+                           segments=self.segments)
 
     def sequence_sums(self, token_logps):
         """[2B] float32 sums of `token_logps` ([M], in `targets` order), differentiable."""
@@ -86,6 +80,12 @@ def _check_pair(index, prompt, gold, generated):
     for name, response in (("gold", gold), ("generated", generated)):
         if len(response) < 1:
             raise ValueError(f"pair {index}: the {name} response is empty")
+
+
+def _segments(documents):
+    """(start, end) of each run of equal document ids."""
+    starts = [t for t in range(len(documents)) if t == 0 or documents[t] != documents[t - 1]]
+    return tuple(zip(starts, starts[1:] + [len(documents)]))
 
 
 def pack_pairs(pairs, *, share_prompt=True):
@@ -148,6 +148,7 @@ def pack_pairs(pairs, *, share_prompt=True):
         targets=Targets(target_positions, target_labels, target_sequences),
         num_sequences=2 * count,
         share_prompt=share_prompt,
+        segments=_segments(documents),
     )
 
 
@@ -166,9 +167,11 @@ def attention_rule(packed, sliding_window=None):
     return rule
 
 
-def dense_mask(packed, sliding_window=None):
-    """[1, 1, N, N] bool, True where attention is allowed."""
-    index = torch.arange(packed.num_tokens, device=packed.input_ids.device)
+def dense_mask(packed, sliding_window=None, span=None):
+    """[1, 1, N, N] bool, True where attention is allowed; the [L, L] block of tokens [start, end)
+    with `span=(start, end)`."""
+    start, end = span or (0, packed.num_tokens)
+    index = torch.arange(start, end, device=packed.input_ids.device)
     return attention_rule(packed, sliding_window)(index[:, None], index[None, :])[None, None]
 
 
@@ -178,57 +181,3 @@ def block_mask(packed, sliding_window=None):
     rule = attention_rule(packed, sliding_window)
     n = packed.num_tokens
     return create_block_mask(lambda b, h, q, kv: rule(q, kv), None, None, n, n, device=packed.input_ids.device)
-
-
-def _mask_for(implementation, packed, sliding_window, dtype):
-    if implementation == "flex_attention":
-        return block_mask(packed, sliding_window)
-    allowed = dense_mask(packed, sliding_window)
-    if implementation == "sdpa":
-        return allowed
-    additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return additive.masked_fill_(~allowed, torch.finfo(dtype).min)   # eager adds it to the scores
-
-
-def supports_prompt_sharing(model):
-    return model.config._attn_implementation in PROMPT_SHARING_ATTENTION
-
-
-def _windows(config):
-    """{layer type: window or None} of the attention layers of a HF config."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is None:   # Mistral: one kind of layer, windowed when sliding_window is set
-        return {"full_attention": window}
-    return {kind: (window if kind == "sliding_attention" else None) for kind in set(layer_types)}
-
-
-def model_inputs(model, packed):
-    """The keyword arguments of a HF causal LM's forward on `packed` (input_ids, position_ids, and
-    the prompt-sharing attention mask)."""
-    inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
-    if not packed.share_prompt:
-        return inputs   # attention_mask None: HF's own per-document attention from the position ids
-    config = model.config
-    implementation = config._attn_implementation
-    if implementation not in PROMPT_SHARING_ATTENTION:
-        raise ValueError(f"attention implementation {implementation!r} takes no custom mask, so the prompt "
-                         f"cannot be shared; pack with share_prompt=False (supported: {PROMPT_SHARING_ATTENTION})")
-    dtype = model.get_input_embeddings().weight.dtype
-    windows = _windows(config)
-    masks = {kind: _mask_for(implementation, packed, window, dtype) for kind, window in windows.items()}
-    # One mask for every layer, or one per layer type (Qwen2-style models take the dict).
-    inputs["attention_mask"] = masks if len(masks) > 1 else next(iter(masks.values()))
-    return inputs
-
-
-def packed_token_logps(model, packed):
-    """[M] float32 log-probs of `packed.targets` under `model` (a HF causal LM), the LM head run only
-    on the target positions (the last prompt position twice), as the Scorer's "logits" head does."""
-    from spin_kernels.loss import token_logprobs
-
-    from .logprobs import compacted_input, output_embedding
-
-    with compacted_input(output_embedding(model), packed.targets.positions):
-        logits = model(**model_inputs(model, packed)).logits   # [M, V]
-    return token_logprobs(logits, packed.targets.labels)
