@@ -96,42 +96,38 @@ def pack_pairs(pairs, *, share_prompt=True):
     if not pairs:
         raise ValueError("pack_pairs needs at least one pair")
     count = len(pairs)
-    ids, positions, documents, parts, sequence_ids, labels = [], [], [], [], [], []
+    ids, positions, documents, parts, sequence_ids, labels, label_sequences = [], [], [], [], [], [], []
     extra = []   # (position, label, sequence) of each first generated token under prompt sharing
 
-    def add(tokens, first_position, document, part, sequence, next_tokens):
+    def add(tokens, first_position, document, part, sequence, next_tokens, scores):
+        """`scores`: the sequence the labels belong to (a prompt's last label: the response after it)."""
         ids.extend(tokens)
         positions.extend(range(first_position, first_position + len(tokens)))
         documents.extend([document] * len(tokens))
         parts.extend([part] * len(tokens))
         sequence_ids.extend([sequence] * len(tokens))
         labels.extend(next_tokens)
+        label_sequences.extend(-1 if label == IGNORE_INDEX else scores for label in next_tokens)
 
     for i, (prompt, gold, generated) in enumerate(pairs):
         prompt, gold, generated = list(prompt), list(gold), list(generated)
         _check_pair(i, prompt, gold, generated)
         prompt_next = [IGNORE_INDEX] * (len(prompt) - 1)
         if share_prompt:
-            add(prompt, 0, i, PROMPT, -1, prompt_next + [gold[0]])
-            add(gold, len(prompt), i, GOLD, i, gold[1:] + [IGNORE_INDEX])
+            add(prompt, 0, i, PROMPT, -1, prompt_next + [gold[0]], i)
+            add(gold, len(prompt), i, GOLD, i, gold[1:] + [IGNORE_INDEX], i)
             extra.append((len(ids) - len(gold) - 1, generated[0], count + i))
-            add(generated, len(prompt), i, GENERATED, count + i, generated[1:] + [IGNORE_INDEX])
+            add(generated, len(prompt), i, GENERATED, count + i, generated[1:] + [IGNORE_INDEX], count + i)
         else:
             for document, part, sequence, response in ((2 * i, GOLD, i, gold),
                                                        (2 * i + 1, GENERATED, count + i, generated)):
-                add(prompt, 0, document, PROMPT, -1, prompt_next + [response[0]])
-                add(response, len(prompt), document, part, sequence, response[1:] + [IGNORE_INDEX])
+                add(prompt, 0, document, PROMPT, -1, prompt_next + [response[0]], sequence)
+                add(response, len(prompt), document, part, sequence, response[1:] + [IGNORE_INDEX], sequence)
 
     labels = torch.tensor(labels, dtype=torch.long)
     scored = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-    parts_t, sequence_t = torch.tensor(parts, dtype=torch.long), torch.tensor(sequence_ids, dtype=torch.long)
-    # The sequence a scored position's label belongs to: the last prompt token scores the response after it.
-    label_sequence = sequence_t.clone()
-    prompt_ends = (parts_t == PROMPT) & (labels != IGNORE_INDEX)
-    response_after = torch.tensor([*sequence_ids[1:], -1], dtype=torch.long)
-    label_sequence[prompt_ends] = response_after[prompt_ends]
     target_positions, target_labels = scored, labels[scored]
-    target_sequences = label_sequence[scored]
+    target_sequences = torch.tensor(label_sequences, dtype=torch.long)[scored]
     if extra:
         extra_t = torch.tensor(extra, dtype=torch.long)
         target_positions = torch.cat([target_positions, extra_t[:, 0]])
@@ -141,8 +137,8 @@ def pack_pairs(pairs, *, share_prompt=True):
         input_ids=torch.tensor(ids, dtype=torch.long)[None],
         position_ids=torch.tensor(positions, dtype=torch.long)[None],
         documents=torch.tensor(documents, dtype=torch.long),
-        parts=parts_t,
-        sequence_ids=sequence_t,
+        parts=torch.tensor(parts, dtype=torch.long),
+        sequence_ids=torch.tensor(sequence_ids, dtype=torch.long),
         labels=labels[None],
         loss_mask=(labels != IGNORE_INDEX).float()[None],
         targets=Targets(target_positions, target_labels, target_sequences),
