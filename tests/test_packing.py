@@ -137,8 +137,9 @@ def test_attention_never_crosses_segments(share_prompt, attention):
     assert not (mask & (documents[:, None] != documents[None, :])).any()
 
 
-def test_gradients_equal_padded():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_gradients_equal_padded(family):
+    model = tiny_model(family)
     pairs = random_pairs(6, count=3)
     examples = [Example(tuple(p), tuple(g)) for p, g, _ in pairs]
     batch = collate_pairs(examples, [g for _, _, g in pairs], PAD)
