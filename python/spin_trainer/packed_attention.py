@@ -1,0 +1,134 @@
+"""A Hugging Face causal LM's forward over a packed pair batch (packing.py), through HF's own
+attention entry points, alike for Llama, Mistral and Qwen2 in transformers 5.x:
+
+- "segments" (the default for "sdpa" models, the CPU path): a function registered with HF's
+  `AttentionInterface` runs HF's own `sdpa_attention_forward` once per segment (pair), with that
+  segment's [L, L] mask. HF builds no mask for an implementation it has no mask function for, so
+  nothing is N x N: attention costs the sum of the segments' L^2, as FlexAttention's skipped blocks
+  do on a GPU, instead of N^2 (a dense mask over the whole packed row computes every masked score).
+  The segment bounds come from `pack_pairs` as host ints: no host sync. The model's attention
+  implementation is switched to it for the duration of the call only.
+- "block_mask" (for "flex_attention" models, the GPU path): a FlexAttention `BlockMask` from
+  `create_block_mask`, the rule as its mask_mod, as the 4D `attention_mask`.
+- "mask": a 4D `attention_mask` over the whole row, boolean for "sdpa", additive for "eager" (its
+  `attn_weights + mask`). HF's `create_causal_mask` and `create_sliding_window_causal_mask` return
+  a 4D mask (tensor or BlockMask) unchanged; Qwen2 also takes a dict of masks per layer type.
+- a batch packed with `share_prompt=False` needs no custom mask: only position ids, from which HF
+  derives per-document attention itself (sdpa, eager, flex), or flash-attn its varlen bounds.
+
+A 4D mask bypasses HF's sliding window, so the rule applies the window itself, on position ids,
+as in the padded row (Mistral's `sliding_window`, Qwen2's windowed layers).
+"""
+from contextlib import contextmanager
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .packing import block_mask, dense_mask
+
+SEGMENTED_SDPA = "spin_packed_segments"
+MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+
+
+class SegmentMasks:
+    """Each segment's [1, 1, L, L] boolean mask, per sliding window, built once per forward."""
+
+    def __init__(self, packed):
+        self.packed, self._masks = packed, {}
+
+    def get(self, index, window):
+        key = (index, window)
+        if key not in self._masks:
+            self._masks[key] = dense_mask(self.packed, window, span=self.packed.segments[index])
+        return self._masks[key]
+
+
+def segmented_sdpa(module, query, key, value, attention_mask, *, packed_segments=None, sliding_window=None,
+                   **kwargs):
+    """HF attention function: query/key/value [1, heads, N, D] of a packed row -> ([1, N, heads, D], None)."""
+    if packed_segments is None:
+        raise ValueError(f"attention {SEGMENTED_SDPA!r} runs packed pair batches only (packed_forward)")
+    outputs = []
+    for index, (start, end) in enumerate(packed_segments.packed.segments):
+        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
+                                        value[:, :, start:end], packed_segments.get(index, sliding_window), **kwargs)
+        outputs.append(out)
+    return torch.cat(outputs, dim=1), None
+
+
+AttentionInterface.register(SEGMENTED_SDPA, segmented_sdpa)
+
+
+def _windows(config):
+    """{layer type: window or None} of the attention layers of a HF config."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:   # Llama, Mistral: one kind of layer, windowed when sliding_window is set
+        return {"full_attention": window}
+    return {kind: (window if kind == "sliding_attention" else None) for kind in set(layer_types)}
+
+
+def _full_mask(implementation, packed, window, dtype):
+    if implementation == "flex_attention":
+        return block_mask(packed, window)
+    allowed = dense_mask(packed, window)
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def default_attention(model, packed):
+    if not packed.share_prompt:
+        return "positions"
+    return {"sdpa": "segments", "flex_attention": "block_mask", "eager": "mask"}.get(
+        model.config._attn_implementation, "unsupported")
+
+
+@contextmanager
+def _implementation(config, name):
+    saved = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = saved
+
+
+def packed_forward(model, packed, *, attention=None):
+    """`model`'s output on `packed` (logits [1, N, V], or fewer rows under logprobs.compacted_input).
+    `attention`: "segments", "block_mask", "mask" or "positions" (share_prompt=False); None: the
+    model's implementation's default."""
+    config = model.config
+    implementation = config._attn_implementation
+    attention = attention or default_attention(model, packed)
+    inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
+    if attention == "positions" or not packed.share_prompt:
+        if packed.share_prompt:
+            raise ValueError("attention 'positions' cannot share the prompt; pack with share_prompt=False")
+        return model(**inputs)   # attention_mask None: HF's own per-document attention from the position ids
+    if attention == "segments":
+        with _implementation(config, SEGMENTED_SDPA):
+            return model(**inputs, packed_segments=SegmentMasks(packed))
+    if attention not in ("mask", "block_mask") or implementation not in MASK_IMPLEMENTATIONS \
+            or (attention == "block_mask") != (implementation == "flex_attention"):
+        raise ValueError(f"attention {attention!r} with the model's attention implementation {implementation!r} "
+                         f"cannot share the prompt; use 'segments', 'block_mask' with flex_attention, 'mask' with "
+                         f"{MASK_IMPLEMENTATIONS}, or pack with share_prompt=False")
+    dtype = model.get_input_embeddings().weight.dtype
+    masks = {kind: _full_mask(implementation, packed, window, dtype) for kind, window in _windows(config).items()}
+    # One mask for every layer, or one per layer type (Qwen2-style models take the dict).
+    inputs["attention_mask"] = masks if len(masks) > 1 else next(iter(masks.values()))
+    return model(**inputs)
+
+
+def packed_token_logps(model, packed, *, attention=None):
+    """[M] float32 log-probs of `packed.targets` under `model`, the LM head run only on the target
+    positions (the last prompt position twice), as the Scorer's "logits" head does."""
+    from spin_kernels.loss import token_logprobs
+
+    from .logprobs import compacted_input, output_embedding
+
+    with compacted_input(output_embedding(model), packed.targets.positions):
+        logits = packed_forward(model, packed, attention=attention).logits   # [M, V]
+    return token_logprobs(logits, packed.targets.labels)

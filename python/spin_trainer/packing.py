@@ -1,0 +1,179 @@
+"""Packed pair micro-batches: every token once, each prompt shared by its two responses.
+
+A micro-batch of B pairs (prompt, gold response, generated response) becomes one flat row
+[1, N] of segments `[prompt | gold | generated]`, concatenated with no padding. The gold tokens
+keep the positions of their padded row; the generated tokens continue from the prompt's end, so
+they also have exactly the positions of their own padded row (`data.collate_pairs`). Attention
+is causal within a segment, never crosses segments, and the generated tokens never see the gold
+ones, so every response token sees exactly what it sees in its padded row.
+
+Labels follow data.py's alignment: `labels[t]` is token t + 1 of the sequence t belongs to. The
+last prompt token has two next tokens (gold[0] and generated[0]): `labels` holds gold[0], and the
+generated response's first token is scored from the same position's output a second time. The
+scorer therefore reads the flat `targets` (positions, labels, sequences), where the last prompt
+position of each pair appears twice; the LM head runs on the gathered [M, H] hidden states (as
+logprobs.compacted_input does with its `index_select`), so the duplicate costs one head row and
+no extra token in any layer, and the backward sums both rows' gradients into that position.
+(An extra duplicated query token would cost a token in every layer and a mask exception.)
+
+Sequence ids: pair i's gold response is sequence i, its generated one B + i (the order of
+`spin_loss`'s rows); per-sequence sums are `index_add` over `targets.sequences`, with no host sync.
+
+Attention: `attention_rule` is the one definition of who sees whom; `dense_mask` and `block_mask`
+(FlexAttention) are its two forms, and packed_attention.py hands them to Hugging Face models. The
+plain padding-free fallback (no custom mask) is `pack_pairs(..., share_prompt=False)`: `[prompt |
+gold]` and `[prompt | generated]` as separate documents whose position ids restart at 0.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .data import IGNORE_INDEX
+
+PROMPT, GOLD, GENERATED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The scored tokens of a packed batch, flat [M]: the position whose output scores each, its
+    label, and its sequence (i gold, B + i generated)."""
+    positions: torch.Tensor
+    labels: torch.Tensor
+    sequences: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PackedPairs:
+    input_ids: torch.Tensor      # [1, N]
+    position_ids: torch.Tensor   # [1, N] each token's position in its own padded row
+    documents: torch.Tensor      # [N] segment of each token; attention never crosses segments
+    parts: torch.Tensor          # [N] PROMPT, GOLD or GENERATED
+    sequence_ids: torch.Tensor   # [N] i on pair i's gold tokens, B + i on its generated ones, -1 on prompts
+    labels: torch.Tensor         # [1, N] token t + 1 of t's sequence where loss_mask is 1, else IGNORE_INDEX
+    loss_mask: torch.Tensor      # [1, N] float, 1 where labels score a response token
+    targets: Targets             # every scored token, the first generated ones included
+    num_sequences: int           # 2B
+    share_prompt: bool
+    segments: tuple              # (start, end) of each document, host ints (no sync to slice by them)
+
+    @property
+    def num_tokens(self):
+        return self.input_ids.shape[1]
+
+    def to(self, device):
+        moved = {name: getattr(self, name).to(device) for name in
+                 ("input_ids", "position_ids", "documents", "parts", "sequence_ids", "labels", "loss_mask")}
+        targets = Targets(*(t.to(device) for t in (self.targets.positions, self.targets.labels,
+                                                  self.targets.sequences)))
+        return PackedPairs(**moved, targets=targets, num_sequences=self.num_sequences, share_prompt=self.share_prompt,
+                           segments=self.segments)
+
+    def sequence_sums(self, token_logps):
+        """[2B] float32 sums of `token_logps` ([M], in `targets` order), differentiable."""
+        sums = token_logps.new_zeros(self.num_sequences, dtype=torch.float32)
+        return sums.index_add(0, self.targets.sequences, token_logps.float())
+
+
+def _check_pair(index, prompt, gold, generated):
+    if len(prompt) < 1:
+        raise ValueError(f"pair {index}: the prompt is empty (a response is scored from the prompt's last token)")
+    for name, response in (("gold", gold), ("generated", generated)):
+        if len(response) < 1:
+            raise ValueError(f"pair {index}: the {name} response is empty")
+
+
+def _segments(documents):
+    """(start, end) of each run of equal document ids."""
+    starts = [t for t in range(len(documents)) if t == 0 or documents[t] != documents[t - 1]]
+    return tuple(zip(starts, starts[1:] + [len(documents)]))
+
+
+def pack_pairs(pairs, *, share_prompt=True):
+    """A PackedPairs of `pairs`, a list of (prompt_ids, gold_ids, generated_ids) token sequences.
+
+    share_prompt=False is the fallback without a custom mask: each response gets its own copy of
+    the prompt, as its own document."""
+    if not pairs:
+        raise ValueError("pack_pairs needs at least one pair")
+    count = len(pairs)
+    ids, positions, documents, parts, sequence_ids, labels, label_sequences = [], [], [], [], [], [], []
+    extra = []   # (position, label, sequence) of each first generated token under prompt sharing
+
+    def add(tokens, first_position, document, part, sequence, next_tokens, scores):
+        """`scores`: the sequence the labels belong to (a prompt's last label: the response after it)."""
+        ids.extend(tokens)
+        positions.extend(range(first_position, first_position + len(tokens)))
+        documents.extend([document] * len(tokens))
+        parts.extend([part] * len(tokens))
+        sequence_ids.extend([sequence] * len(tokens))
+        labels.extend(next_tokens)
+        label_sequences.extend(-1 if label == IGNORE_INDEX else scores for label in next_tokens)
+
+    for i, (prompt, gold, generated) in enumerate(pairs):
+        prompt, gold, generated = list(prompt), list(gold), list(generated)
+        _check_pair(i, prompt, gold, generated)
+        prompt_next = [IGNORE_INDEX] * (len(prompt) - 1)
+        if share_prompt:
+            add(prompt, 0, i, PROMPT, -1, prompt_next + [gold[0]], i)
+            add(gold, len(prompt), i, GOLD, i, gold[1:] + [IGNORE_INDEX], i)
+            extra.append((len(ids) - len(gold) - 1, generated[0], count + i))
+            add(generated, len(prompt), i, GENERATED, count + i, generated[1:] + [IGNORE_INDEX], count + i)
+        else:
+            for document, part, sequence, response in ((2 * i, GOLD, i, gold),
+                                                       (2 * i + 1, GENERATED, count + i, generated)):
+                add(prompt, 0, document, PROMPT, -1, prompt_next + [response[0]], sequence)
+                add(response, len(prompt), document, part, sequence, response[1:] + [IGNORE_INDEX], sequence)
+
+    labels = torch.tensor(labels, dtype=torch.long)
+    scored = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    target_positions, target_labels = scored, labels[scored]
+    target_sequences = torch.tensor(label_sequences, dtype=torch.long)[scored]
+    if extra:
+        extra_t = torch.tensor(extra, dtype=torch.long)
+        target_positions = torch.cat([target_positions, extra_t[:, 0]])
+        target_labels = torch.cat([target_labels, extra_t[:, 1]])
+        target_sequences = torch.cat([target_sequences, extra_t[:, 2]])
+    return PackedPairs(
+        input_ids=torch.tensor(ids, dtype=torch.long)[None],
+        position_ids=torch.tensor(positions, dtype=torch.long)[None],
+        documents=torch.tensor(documents, dtype=torch.long),
+        parts=torch.tensor(parts, dtype=torch.long),
+        sequence_ids=torch.tensor(sequence_ids, dtype=torch.long),
+        labels=labels[None],
+        loss_mask=(labels != IGNORE_INDEX).float()[None],
+        targets=Targets(target_positions, target_labels, target_sequences),
+        num_sequences=2 * count,
+        share_prompt=share_prompt,
+        segments=_segments(documents),
+    )
+
+
+def attention_rule(packed, sliding_window=None):
+    """rule(q, kv) -> bool tensor: may query token q attend to key token kv? Works on broadcast
+    index tensors (the dense mask) and inside FlexAttention's mask_mod alike."""
+    documents, parts, positions = packed.documents, packed.parts, packed.position_ids[0]
+
+    def rule(q, kv):
+        allowed = (documents[q] == documents[kv]) & (kv <= q)
+        allowed = allowed & ~((parts[q] == GENERATED) & (parts[kv] == GOLD))
+        if sliding_window is not None:   # HF's window: kv > q - window, on the padded row's positions
+            allowed = allowed & (positions[q] - positions[kv] < sliding_window)
+        return allowed
+
+    return rule
+
+
+def dense_mask(packed, sliding_window=None, span=None):
+    """[1, 1, N, N] bool, True where attention is allowed; the [L, L] block of tokens [start, end)
+    with `span=(start, end)`."""
+    start, end = span or (0, packed.num_tokens)
+    index = torch.arange(start, end, device=packed.input_ids.device)
+    return attention_rule(packed, sliding_window)(index[:, None], index[None, :])[None, None]
+
+
+def block_mask(packed, sliding_window=None):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rule = attention_rule(packed, sliding_window)
+    n = packed.num_tokens
+    return create_block_mask(lambda b, h, q, kv: rule(q, kv), None, None, n, n, device=packed.input_ids.device)
