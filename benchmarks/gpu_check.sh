@@ -15,7 +15,7 @@ LOG_DIR=benchmarks/results/logs
 mkdir -p "$LOG_DIR"
 status=0
 
-steps=" ${*:-build tests bench_loss bench_head bench_swap bench_e2e} "
+steps=" ${*:-build tests bench_loss bench_head bench_swap bench_e2e bench_packing} "
 # The whole script stays inside one device call of 8 minutes: each step gets at most what is left
 # of GPU_CHECK_BUDGET seconds (a step cut short still leaves its log; the later ones are skipped).
 # The per-step limits below are ceilings that add up to more than the budget, not expected times.
@@ -52,6 +52,8 @@ step bench_loss 170 $PY benchmarks/bench_loss.py ${LOSS_SWEEP:+--sweep}  # LOSS_
 step bench_head 180 $PY benchmarks/bench_head.py  # 3 shapes x 6 rows; Liger's torch.compile per shape
 step bench_swap 100 $PY benchmarks/bench_swap.py
 step bench_e2e 150 $PY benchmarks/bench_e2e.py
+# Packed prompt-sharing pairs against padded ones (tokens per pair, step time and peak memory).
+step bench_packing 60 $PY benchmarks/bench_packing.py --out benchmarks/results/packing
 [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_check.tgz" benchmarks/results
 for name in $steps; do
   f=benchmarks/results/${name#bench_}.md
