@@ -171,3 +171,100 @@ def test_fused_head_equals_padded_call(device, backend, rows_per_chunk, layout, 
         seq = linear_sequence_logprobs(hf, w2, flat_labels, flat_mask, bias=b2, backend=backend,
                                        **packed)
     torch.testing.assert_close(seq, want.policy_logps, atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_layout_scores_a_shared_position_twice():
+    # packing.py's layout: one prompt [p0 p1 p2] shared by gold [a0 a1] and generated [g0]; the
+    # head runs on gathered rows [M, H], the last prompt position twice (gold[0], then gen[0]).
+    hidden, weight, _ = make_head((1, 6), H, V, torch.float32, "cpu", seed=9, bias=False)
+    # Tokens p0 p1 p2 a0 a1 | g0 (g0 after p2): hidden[0, t] is the output at token t.
+    positions = torch.tensor([2, 3, 4, 2])  # p2 -> a0, a0 -> a1, a1 -> eos, p2 -> g0
+    labels = torch.tensor([11, 30, 1, 7])
+    seq = torch.tensor([0, 0, 0, 1])
+    ref = torch.tensor([-9.0, -4.0])
+    hp, wp = leaves(hidden[0], weight)
+    got = linear_spin_loss(hp[positions], wp, labels, ref, seq_ids=seq, num_sequences=2, beta=0.5)
+    got.loss.backward()
+    # The same pair padded: rows [p0 p1 p2 a0 a1] and [p0 p1 p2 g0 -], the prompt's hidden states
+    # shared (a causal model gives both rows the same ones).
+    rows = torch.stack([hidden[0, :5], torch.cat([hidden[0, :3], hidden[0, 5:], hidden[0, :1]])])
+    hr, wr = leaves(rows, weight)
+    padded_labels = torch.full((2, 5), IGNORE)
+    padded_labels[0, 2:] = torch.tensor([11, 30, 1])
+    padded_labels[1, 2] = 7
+    want = linear_spin_loss(hr, wr, padded_labels, ref, beta=0.5)
+    want.loss.backward()
+    torch.testing.assert_close(got.loss, want.loss)
+    torch.testing.assert_close(wp.grad, wr.grad)
+    # Position 2's gradient is the sum of both rows' (gold's p2 and generated's p2).
+    torch.testing.assert_close(hp.grad[2], hr.grad[0, 2] + hr.grad[1, 2])
+
+
+def _errors_case():
+    logits = make_logits((6,), 11, torch.float32, "cpu", seed=1)
+    labels = torch.tensor([3, 4, IGNORE, 5, 6, 7])
+    return logits, labels, torch.tensor([0, 0, -1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(seq_ids="ids", num_sequences=2), ValueError, "seq_ids must be a 1-D integer tensor"),
+    (dict(seq_ids=torch.zeros(6), num_sequences=2), TypeError, "seq_ids must be an integer"),
+    (dict(seq_ids=torch.zeros(5, dtype=torch.long), num_sequences=2), ValueError, r"\[6\]"),
+    (dict(seq_ids=torch.tensor([0, 0, -1, 1, 2, 1]), num_sequences=2), ValueError,
+     r"\[0, 2\) or equal -1 \(no sequence\); found \[2\] at \[4\]"),
+    (dict(seq_ids=torch.tensor([0, 0, -2, 1, 1, 1]), num_sequences=2), ValueError, "found \\[-2\\]"),
+    (dict(seq_ids=torch.zeros(6, dtype=torch.long)), ValueError, "needs num_sequences="),
+    (dict(seq_ids=torch.zeros(6, dtype=torch.long), num_sequences=True), ValueError,
+     "num_sequences="),
+    (dict(num_sequences=2), ValueError, "exactly one of"),
+    (dict(seq_ids=torch.zeros(6, dtype=torch.long), num_sequences=2,
+          cu_seqlens=torch.tensor([0, 3, 6])), ValueError, "exactly one of"),
+    (dict(cu_seqlens=torch.tensor([0, 3, 5])), ValueError, "from 0 to the number of tokens 6"),
+    (dict(cu_seqlens=torch.tensor([1, 3, 6])), ValueError, "from 0"),
+    (dict(cu_seqlens=torch.tensor([0, 4, 3, 6])), ValueError, "without decreasing"),
+    (dict(cu_seqlens=torch.tensor([0])), ValueError, "S \\+ 1 >= 2"),
+    (dict(cu_seqlens=torch.tensor([0, 3, 6]), num_sequences=3), ValueError, "contradicts"),
+])
+def test_bad_packing_is_refused_with_its_name(kwargs, error, match):
+    logits, labels, _ = _errors_case()
+    with pytest.raises(error, match=match):
+        sequence_logprobs(logits, labels, backend="torch", **kwargs)
+
+
+def test_bad_packed_shapes_are_refused():
+    logits, labels, seq = _errors_case()
+    with pytest.raises(ValueError, match=r"packed logits must be \[N, V\]"):
+        sequence_logprobs(logits[None], labels[None], seq_ids=seq, num_sequences=2)
+    with pytest.raises(ValueError, match=r"packed labels must be \[N\] = \(6,\)"):
+        sequence_logprobs(logits, labels[:5], seq_ids=seq, num_sequences=2)
+    with pytest.raises(ValueError, match="even number of sequences"):
+        spin_loss(logits, labels, torch.zeros(3), seq_ids=seq, num_sequences=3)
+    with pytest.raises(ValueError, match=r"packed ref_logps must be \[2\] \(per sequence\) or \[6\]"):
+        spin_loss(logits, labels, torch.zeros(4), seq_ids=seq, num_sequences=2)
+    hidden, weight, _ = make_head((6,), H, 11, torch.float32, "cpu", bias=False)
+    with pytest.raises(ValueError, match=r"packed hidden must be \[N, H\]"):
+        linear_spin_loss(hidden[None], weight, labels[None], torch.zeros(2), seq_ids=seq,
+                         num_sequences=2)
+    with pytest.raises(ValueError, match=r"\[0, 2\) or equal -1"):
+        linear_spin_loss(hidden, weight, labels, torch.zeros(2), seq_ids=seq + 1, num_sequences=2)
+
+
+def test_fullgraph_compile_reads_no_ids_on_the_host():
+    # No host sync: fullgraph would fail on a read of the ids (.item(), .tolist(), a branch). In a
+    # graph the ids are not checked on the host, as on a GPU: bad ids give NaN, never a wrong sum.
+    logits, labels, seq = _errors_case()
+    ref = torch.tensor([-5.0, -7.0])
+
+    def loss_fn(x, ids):
+        return spin_loss(x, labels, ref, seq_ids=ids, num_sequences=2, beta=0.3,
+                         backend="torch").loss
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    x_eager, x_comp = leaves(logits, logits)
+    loss_eager = loss_fn(x_eager, seq)
+    loss_eager.backward()
+    loss_comp = compiled(x_comp, seq)
+    loss_comp.backward()
+    torch.testing.assert_close(loss_comp, loss_eager)
+    torch.testing.assert_close(x_comp.grad, x_eager.grad)
+    assert torch.isnan(compiled(logits, torch.tensor([0, 0, -1, 1, 2, 1])))
