@@ -268,3 +268,4 @@ def test_fullgraph_compile_reads_no_ids_on_the_host():
     torch.testing.assert_close(loss_comp, loss_eager)
     torch.testing.assert_close(x_comp.grad, x_eager.grad)
     assert torch.isnan(compiled(logits, torch.tensor([0, 0, -1, 1, 2, 1])))
+

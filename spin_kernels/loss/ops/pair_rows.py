@@ -50,7 +50,8 @@ def pair_order(labelled: torch.Tensor, seq_ids: Optional[torch.Tensor], T: int,
     seq = seq_ids if seq_ids is not None else torch.arange(labelled.numel(),
                                                            device=labelled.device) // T
     counted = labelled & (seq >= 0)
-    per_seq = torch.bincount(seq.masked_fill(~counted, two_b), minlength=two_b + 1)[:two_b].tolist()
+    seq_counts = torch.bincount(seq.masked_fill(~counted, two_b), minlength=two_b + 1)[:two_b]
+    per_seq = seq_counts.tolist()
     found = torch.nonzero_static(counted, size=sum(per_seq)).squeeze(1)
     key = seq[found] % half * 2 + seq[found] // half  # (pair, side)
     rows = found[torch.sort(key, stable=True).indices]
@@ -59,8 +60,7 @@ def pair_order(labelled: torch.Tensor, seq_ids: Optional[torch.Tensor], T: int,
         return PairOrder(rows, seq, pair_rows, T, rows)
     # Packed: [2B, longest], each sequence's rows in order, so that summing a row of it is as
     # deterministic as the padded sum over T.
-    counts = torch.tensor([per_seq[side * half + i] for i in range(half) for side in (0, 1)],
-                          device=labelled.device)  # rows of each (pair, side), pair-major
+    counts = seq_counts.view(2, half).t().reshape(-1)  # rows of each (pair, side), pair-major
     starts = counts.cumsum(0) - counts  # the compacted index of each one's first row
     row_seq = seq[rows]
     rank = torch.arange(rows.numel(), device=rows.device) - starts[row_seq % half * 2
