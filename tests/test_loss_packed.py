@@ -5,8 +5,8 @@ import torch
 
 from head_cases import chunk_bytes, leaves, make_head, oracle_spin  # noqa: F401
 from loss_cases import IGNORE, backend_cases, make_labels, make_logits
-from spin_kernels import (linear_sequence_logprobs, linear_spin_loss, sequence_logprobs,
-                          spin_loss)
+from spin_kernels import (SpinLoss, linear_sequence_logprobs, linear_spin_loss,
+                          sequence_logprobs, spin_loss)
 from spin_kernels.loss.torch_backend import naive_token_logprobs
 
 B, T, V, H = 4, 7, 37, 13  # odd T, V, H; 2B = 8 padded sequences
@@ -116,9 +116,9 @@ def test_logits_path_equals_padded_call(device, backend, layout, dtype):
     torch.testing.assert_close(got.policy_logps, want.policy_logps, atol=1e-5, rtol=1e-5)
     assert got.policy_logps[1] == 0 and got.policy_logps[2] == 0  # empty responses
     _close(_unflat(flat.grad, rows, ts), full.grad, dtype, "d logits")
-    # Per-sequence reference sums, and the float64 oracle of the padded formula.
-    again = spin_loss(flat.detach(), flat_labels, ref, loss_mask=flat_mask, beta=0.6,
-                      backend=backend, **packed)
+    # Per-sequence reference sums (through the module), and the float64 oracle.
+    again = SpinLoss(beta=0.6, backend=backend)(flat.detach(), flat_labels, ref, flat_mask,
+                                                **packed)
     torch.testing.assert_close(again.loss, want.loss, atol=1e-6, rtol=1e-5)
     oracle = naive_token_logprobs(logits.cpu(), labels.masked_fill(~mask, IGNORE).cpu(),
                                   ignore_index=IGNORE, dtype=torch.float64).sum(-1)

@@ -158,8 +158,10 @@ class SpinLoss(torch.nn.Module):
         self.process_group, self.backend = process_group, backend
         self.inplace_backward = inplace_backward
 
-    def forward(self, logits, labels, ref_logps, loss_mask=None) -> SpinLossOutput:
-        return spin_loss(logits, labels, ref_logps, loss_mask=loss_mask, beta=self.beta,
+    def forward(self, logits, labels, ref_logps, loss_mask=None, *, seq_ids=None, cu_seqlens=None,
+                num_sequences=None) -> SpinLossOutput:
+        return spin_loss(logits, labels, ref_logps, loss_mask=loss_mask, seq_ids=seq_ids,
+                         cu_seqlens=cu_seqlens, num_sequences=num_sequences, beta=self.beta,
                          loss_type=self.loss_type, ignore_index=self.ignore_index,
                          temperature=self.temperature, process_group=self.process_group,
                          backend=self.backend, inplace_backward=self.inplace_backward)
