@@ -168,9 +168,12 @@ def test_fused_head_equals_padded_call(device, backend, rows_per_chunk, layout, 
         torch.testing.assert_close(got.loss.double().cpu(), oracle[0], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(w2.grad.double().cpu(), oracle[2], atol=1e-6, rtol=1e-5)
     with torch.no_grad():
-        seq = linear_sequence_logprobs(hf, w2, flat_labels, flat_mask, bias=b2, backend=backend,
-                                       **packed)
-    torch.testing.assert_close(seq, want.policy_logps, atol=1e-5, rtol=1e-5)
+        for average in (False, True):
+            seq = linear_sequence_logprobs(hf, w2, flat_labels, flat_mask, bias=b2,
+                                           average=average, backend=backend, **packed)
+            pad = linear_sequence_logprobs(h, w, labels, mask, bias=b, average=average,
+                                           backend=backend)
+            torch.testing.assert_close(seq, pad, atol=1e-5, rtol=1e-5)
 
 
 def test_trainer_layout_scores_a_shared_position_twice():
@@ -253,19 +256,25 @@ def test_fullgraph_compile_reads_no_ids_on_the_host():
     # No host sync: fullgraph would fail on a read of the ids (.item(), .tolist(), a branch). In a
     # graph the ids are not checked on the host, as on a GPU: bad ids give NaN, never a wrong sum.
     logits, labels, seq = _errors_case()
+    hidden, weight, _ = make_head((6,), H, 11, torch.float32, "cpu", seed=2, bias=False)
     ref = torch.tensor([-5.0, -7.0])
 
-    def loss_fn(x, ids):
-        return spin_loss(x, labels, ref, seq_ids=ids, num_sequences=2, beta=0.3,
-                         backend="torch").loss
+    def loss_fn(x, h, ids):
+        kwargs = dict(seq_ids=ids, num_sequences=2, beta=0.3, backend="torch")
+        return (spin_loss(x, labels, ref, **kwargs).loss
+                + linear_spin_loss(h, weight, labels, ref, **kwargs).loss)
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
-    x_eager, x_comp = leaves(logits, logits)
-    loss_eager = loss_fn(x_eager, seq)
+    x_eager, h_eager, x_comp, h_comp = leaves(logits, hidden, logits, hidden)
+    loss_eager = loss_fn(x_eager, h_eager, seq)
     loss_eager.backward()
-    loss_comp = compiled(x_comp, seq)
+    loss_comp = compiled(x_comp, h_comp, seq)
     loss_comp.backward()
     torch.testing.assert_close(loss_comp, loss_eager)
     torch.testing.assert_close(x_comp.grad, x_eager.grad)
-    assert torch.isnan(compiled(logits, torch.tensor([0, 0, -1, 1, 2, 1])))
-
+    torch.testing.assert_close(h_comp.grad, h_eager.grad)
+    bad = torch.tensor([0, 0, -1, 1, 2, 1])
+    assert torch.isnan(compiled(logits, hidden, bad))
+    assert torch.isnan(torch.compile(lambda h, ids: linear_spin_loss(
+        h, weight, labels, ref, seq_ids=ids, num_sequences=2, backend="torch").loss,
+        fullgraph=True, backend="aot_eager")(hidden, bad))
