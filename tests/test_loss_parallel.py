@@ -55,6 +55,7 @@ def _worker(rank, store_path, backends):
             assert err <= 1.5 * eager_err + 1e-9, (backend, err, eager_err)
 
             _check_fused_head(rank, backend)
+            _check_packed(rank, backend)
 
         # Labels are global ids: valid up to V on every shard (above), out of range from V on.
         with pytest.raises(ValueError, match=rf"\[0, {V}\)"):
@@ -97,6 +98,39 @@ def _check_fused_head(rank, backend):
         torch.testing.assert_close(shard[0].grad, full[0].grad, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(shard[1].grad, full[1].grad[mine], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(shard[2].grad, full[2].grad[mine], atol=1e-6, rtol=1e-5)
+
+
+def _check_packed(rank, backend):
+    """Packed input (shuffled tokens with sequence ids, -1 on some) on a vocab shard equals the
+    unsharded padded call, from logits and from hidden states."""
+    hidden, weight, bias = make_head((2 * B, T), 13, V, torch.float32, "cpu", seed=15)
+    labels = make_labels((2 * B, T), V, "cpu", seed=16)
+    ref = torch.randn(2 * B, generator=torch.Generator().manual_seed(17)) - 40
+    g = torch.Generator().manual_seed(18)
+    order = torch.randperm(2 * B * T, generator=g)
+    seq = torch.arange(2 * B).repeat_interleave(T)[order]
+    none = (torch.rand(order.shape, generator=g) < 0.2)  # tokens in no sequence count nowhere
+    seq[none] = -1
+    mask = torch.ones(2 * B * T, dtype=torch.bool)
+    mask[order[none]] = False
+    mask = mask.view(2 * B, T)
+    mine = slice(rank * (V // WORLD), (rank + 1) * (V // WORLD))
+    full = leaves(hidden, weight, bias)
+    want = linear_spin_loss(*full[:2], labels, ref, bias=full[2], loss_mask=mask, beta=0.4)
+    want.loss.backward()
+    flat = hidden.reshape(-1, 13)[order]
+    packed = dict(seq_ids=seq, num_sequences=2 * B, beta=0.4, process_group=dist.group.WORLD,
+                  backend=backend)
+    shard = leaves(flat, weight[mine], bias[mine])
+    got = linear_spin_loss(*shard[:2], labels.reshape(-1)[order], ref, bias=shard[2], **packed)
+    got.loss.backward()
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(shard[0].grad, full[0].grad.reshape(-1, 13)[order], atol=1e-6,
+                               rtol=1e-5)
+    torch.testing.assert_close(shard[1].grad, full[1].grad[mine], atol=1e-6, rtol=1e-5)
+    logits = torch.nn.functional.linear(flat, weight[mine], bias[mine])
+    got = spin_loss(logits, labels.reshape(-1)[order], ref, **packed)
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-6, rtol=1e-5)
 
 
 def test_two_rank_vocab_parallel_equals_unsharded(tmp_path):

@@ -10,8 +10,10 @@ materializing the vocabulary softmax.
     validation.py     argument checks (β and loss_type once per call) and the backend choice
     torch_backend.py  pure PyTorch: the CPU backend, the float64 test oracle, the eager baselines
     parallel.py       the vocab-parallel combine of per-shard statistics
+    packed.py         packed (padding-free) input: sequence ids or cu_seqlens, per-sequence sums
     ops/              one op a file: logprobs.py (the Triton kernels of the logits path),
-                      linear_logprobs.py (the fused LM head: chunk loop, custom ops, autograd)
+                      linear_logprobs.py (the fused LM head: chunk loop, custom ops, autograd),
+                      pair_rows.py (the fused SPIN head's pair-by-pair row order)
 """
 from spin_kernels.loss.linear import (linear_sequence_logprobs, linear_spin_loss,
                                       linear_token_logprobs)

@@ -44,6 +44,8 @@ import torch
 
 from spin_kernels.dtensor import is_dtensor
 from spin_kernels.loss.ops.linear_logprobs import fused_spin_loss, fused_token_logprobs
+from spin_kernels.loss.logits import sequence_totals
+from spin_kernels.loss.packed import packed_ref, packing
 from spin_kernels.loss.pair import SpinLossOutput
 from spin_kernels.loss.validation import (LOGIT_DTYPES, check_labels, check_loss_args,
                                           check_pair_rows, check_temperature, masked_labels,
@@ -105,31 +107,34 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
 
 def linear_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             loss_mask=None, *, bias=None, average: bool = False,
+                             loss_mask=None, *, seq_ids=None, cu_seqlens=None,
+                             num_sequences=None, bias=None, average: bool = False,
                              ignore_index: int = -100, temperature: float = 1.0,
                              process_group=None, backend: str = "auto") -> torch.Tensor:
     """Masked sum (or, with `average`, mean over the mask) of the log-probs of each sequence, from
     hidden `[S, T, H]`, labels `[S, T]`, loss_mask `[S, T]`. Returns `[S]`; positions outside the
-    mask are compacted away before any matmul."""
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+    mask are compacted away before any matmul. Packed: hidden `[N, H]`, labels `[N]` and sequence
+    ids as `sequence_logprobs` takes them."""
+    pack = packing(hidden, "hidden", "H", labels, seq_ids, cu_seqlens, num_sequences)
+    if pack is not None:
+        labels = pack.labels(labels, loss_mask, ignore_index)
+    elif not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise ValueError(f"hidden must be [S, T, H], got {shape_of(hidden)}")
-    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:2]):
+    elif not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:2]):
         raise ValueError(f"labels must be [S, T] = {tuple(hidden.shape[:2])} for hidden "
                          f"{tuple(hidden.shape)}, got {shape_of(labels)}")
-    labels = masked_labels(labels, loss_mask, ignore_index)
+    else:
+        labels = masked_labels(labels, loss_mask, ignore_index)
     tok = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                 temperature=temperature, process_group=process_group,
                                 backend=backend)
-    total = tok.sum(-1)
-    if average:
-        total = total / (labels != ignore_index).sum(-1).clamp(min=1)
-    return total
+    return sequence_totals(tok, labels, pack, average, ignore_index)
 
 
 def linear_spin_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                     ref_logps: torch.Tensor, *, bias=None, loss_mask=None, beta=0.1,
-                     loss_type: str = "sigmoid", ignore_index: int = -100,
-                     temperature: float = 1.0, process_group=None,
+                     ref_logps: torch.Tensor, *, bias=None, loss_mask=None, seq_ids=None,
+                     cu_seqlens=None, num_sequences=None, beta=0.1, loss_type: str = "sigmoid",
+                     ignore_index: int = -100, temperature: float = 1.0, process_group=None,
                      backend: str = "auto") -> SpinLossOutput:
     """SPIN loss from hidden states `[2B, T, H]` (rows [0, B) actual, [B, 2B) generated) and the LM
     head `weight [V or V_local, H]` (+ `bias`): the loss and metrics of
@@ -141,13 +146,21 @@ def linear_spin_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     `out.policy_logps` of a call under `torch.no_grad()` are reference log-probs of the same
     arithmetic (chunks, summation order): at θ_t they equal the policy's bit for bit, which
     `linear_sequence_logprobs`, chunked over the rows in another order, does not promise.
+    Packed: hidden `[N, H]`, labels `[N]`, sequence ids as `spin_loss` takes them (i actual,
+    B + i generated), `ref_logps` `[2B]` or per-token `[N]`; chunks still hold whole pairs.
     """
-    check_pair_rows("hidden", hidden, "H", ref_logps)
+    pack = packing(hidden, "hidden", "H", labels, seq_ids, cu_seqlens, num_sequences, pairs=True)
+    if pack is None:
+        check_pair_rows("hidden", hidden, "H", ref_logps)
     beta = check_loss_args(beta, loss_type)  # before any work
     backend = _check_head(hidden, weight, bias, labels, ignore_index, temperature, process_group,
                           backend)
-    labels = masked_labels(labels, loss_mask, ignore_index)
-    if ref_logps.dim() == 2:
-        ref_logps = (ref_logps.float() * (labels != ignore_index)).sum(-1)
+    if pack is not None:
+        labels = pack.labels(labels, loss_mask, ignore_index)
+        ref_logps = packed_ref(ref_logps, pack, labels, ignore_index)
+    else:
+        labels = masked_labels(labels, loss_mask, ignore_index)
+        if ref_logps.dim() == 2:
+            ref_logps = (ref_logps.float() * (labels != ignore_index)).sum(-1)
     return fused_spin_loss(hidden, weight, bias, labels, ref_logps, beta, loss_type, ignore_index,
-                           temperature, process_group, backend)
+                           temperature, process_group, backend, pack)

@@ -10,6 +10,7 @@ Hugging Face model: `logits[:, :-1]` with `input_ids[:, 1:]`). Backends: "triton
 """
 import torch
 
+from spin_kernels.loss.packed import packed_ref, packing
 from spin_kernels.loss.pair import SpinLossOutput, pair_loss
 from spin_kernels.loss.parallel import combine_shard_stats, shard_bounds
 from spin_kernels.loss.torch_backend import stats_logprobs
@@ -80,45 +81,66 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, loss_mask=None, *,
+                      seq_ids=None, cu_seqlens=None, num_sequences=None,
                       average: bool = False, ignore_index: int = -100, temperature: float = 1.0,
                       process_group=None, backend: str = "auto",
                       inplace_backward: bool = False) -> torch.Tensor:
     """Masked sum (or, with `average`, mean over the mask) of the log-probs of each sequence.
 
     logits `[S, T, V]`, labels `[S, T]`, loss_mask `[S, T]` (nonzero = counted). Returns `[S]`;
-    a sequence with no counted position gives 0.
+    a sequence with no counted position gives 0. Packed: logits `[N, V]`, labels and loss_mask
+    `[N]`, with `seq_ids` `[N]` (-1 = no sequence) and `num_sequences`, or `cu_seqlens` `[S + 1]`.
     """
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+    pack = packing(logits, "logits", "V", labels, seq_ids, cu_seqlens, num_sequences)
+    if pack is not None:
+        labels = pack.labels(labels, loss_mask, ignore_index)
+    elif not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         raise ValueError(f"logits must be [S, T, V], got {shape_of(logits)}")
-    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(logits.shape[:2]):
+    elif not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(logits.shape[:2]):
         raise ValueError(f"labels must be [S, T] = {tuple(logits.shape[:2])} for logits "
                          f"{tuple(logits.shape)}, got {shape_of(labels)}")
-    labels = masked_labels(labels, loss_mask, ignore_index)
+    else:
+        labels = masked_labels(labels, loss_mask, ignore_index)
     tok = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
                          process_group=process_group, backend=backend,
                          inplace_backward=inplace_backward)
-    total = tok.sum(-1)
+    return sequence_totals(tok, labels, pack, average, ignore_index)
+
+
+def sequence_totals(tok, labels, pack, average: bool, ignore_index: int) -> torch.Tensor:
+    """Per-sequence sums (means with `average`) of token log-probs, padded [S, T] or packed [N]."""
+    counted = labels != ignore_index
+    total = tok.sum(-1) if pack is None else pack.sums(tok)
     if average:
-        total = total / (labels != ignore_index).sum(-1).clamp(min=1)
+        count = counted.sum(-1) if pack is None else pack.sums(counted)
+        total = total / count.clamp(min=1)
     return total
 
 
 def spin_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logps: torch.Tensor, *,
-              loss_mask=None, beta=0.1, loss_type: str = "sigmoid", ignore_index: int = -100,
-              temperature: float = 1.0, process_group=None, backend: str = "auto",
+              loss_mask=None, seq_ids=None, cu_seqlens=None, num_sequences=None, beta=0.1,
+              loss_type: str = "sigmoid", ignore_index: int = -100, temperature: float = 1.0,
+              process_group=None, backend: str = "auto",
               inplace_backward: bool = False) -> SpinLossOutput:
     """SPIN loss from logits `[2B, T, V]`: rows [0, B) actual, rows [B, 2B) generated.
 
     `ref_logps` is `[2B]` (per-sequence masked sums) or `[2B, T]` (per-token, masked here the
     same way as the policy's). Rewards (`out.rewards`, and in the metrics) include β:
-    `β·(π − ref)`.
+    `β·(π − ref)`. Packed: logits `[N, V]` and sequence ids as `sequence_logprobs` takes them,
+    sequence i actual and B + i generated; `ref_logps` `[2B]` or per-token `[N]`.
     """
-    check_pair_rows("logits", logits, "V", ref_logps)
+    pack = packing(logits, "logits", "V", labels, seq_ids, cu_seqlens, num_sequences, pairs=True)
+    if pack is None:
+        check_pair_rows("logits", logits, "V", ref_logps)
+    else:
+        ref_logps = packed_ref(ref_logps, pack, pack.labels(labels, loss_mask, ignore_index),
+                               ignore_index)
     beta = check_loss_args(beta, loss_type)  # before any work
-    policy = sequence_logprobs(logits, labels, loss_mask, ignore_index=ignore_index,
+    policy = sequence_logprobs(logits, labels, loss_mask, seq_ids=seq_ids, cu_seqlens=cu_seqlens,
+                               num_sequences=num_sequences, ignore_index=ignore_index,
                                temperature=temperature, process_group=process_group,
                                backend=backend, inplace_backward=inplace_backward)
-    if ref_logps.dim() == 2:
+    if pack is None and ref_logps.dim() == 2:
         counted = masked_labels(labels, loss_mask, ignore_index) != ignore_index
         ref_logps = (ref_logps.float() * counted).sum(-1)
     return pair_loss(policy, ref_logps, beta, loss_type)
@@ -136,8 +158,10 @@ class SpinLoss(torch.nn.Module):
         self.process_group, self.backend = process_group, backend
         self.inplace_backward = inplace_backward
 
-    def forward(self, logits, labels, ref_logps, loss_mask=None) -> SpinLossOutput:
-        return spin_loss(logits, labels, ref_logps, loss_mask=loss_mask, beta=self.beta,
+    def forward(self, logits, labels, ref_logps, loss_mask=None, *, seq_ids=None, cu_seqlens=None,
+                num_sequences=None) -> SpinLossOutput:
+        return spin_loss(logits, labels, ref_logps, loss_mask=loss_mask, seq_ids=seq_ids,
+                         cu_seqlens=cu_seqlens, num_sequences=num_sequences, beta=self.beta,
                          loss_type=self.loss_type, ignore_index=self.ignore_index,
                          temperature=self.temperature, process_group=self.process_group,
                          backend=self.backend, inplace_backward=self.inplace_backward)

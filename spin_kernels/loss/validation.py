@@ -147,3 +147,59 @@ def masked_labels(labels: torch.Tensor, loss_mask, ignore_index: int) -> torch.T
         raise ValueError(f"loss_mask must have the shape of labels {tuple(labels.shape)}, got "
                          f"{shape_of(loss_mask)}")
     return labels.masked_fill(loss_mask == 0, ignore_index)
+
+
+def packed_sequences(tokens: int, device: torch.device, seq_ids, cu_seqlens, num_sequences):
+    """The sequence of each of `tokens` packed positions: ([tokens] int64, -1 = none; S), from
+    `seq_ids` [tokens] with `num_sequences` = S, or from flash-attn's `cu_seqlens` [S + 1].
+
+    Checked on the host for CPU tensors. On a device (or in a compiled graph) nothing is read back:
+    `packed_invalid` flags bad ids or bounds, and the sums built from them come out NaN.
+    """
+    if (seq_ids is None) == (cu_seqlens is None):
+        raise ValueError("packed input needs exactly one of seq_ids= (with num_sequences=) and "
+                         "cu_seqlens=")
+    given = seq_ids if cu_seqlens is None else cu_seqlens
+    name = "seq_ids" if cu_seqlens is None else "cu_seqlens"
+    if not isinstance(given, torch.Tensor) or given.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D integer tensor, got {shape_of(given)}")
+    if given.dtype.is_floating_point or given.dtype.is_complex or given.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {given.dtype}")
+    if given.device != device:
+        raise ValueError(f"{name} is on {given.device}, the scores it groups on {device}")
+    host_check = device.type == "cpu" and not torch.compiler.is_compiling()
+    if cu_seqlens is not None:
+        if num_sequences is not None and num_sequences != cu_seqlens.numel() - 1:
+            raise ValueError(f"num_sequences={num_sequences!r} contradicts cu_seqlens, which "
+                             f"delimits {cu_seqlens.numel() - 1} sequences")
+        if cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must hold S + 1 >= 2 offsets, got {cu_seqlens.numel()}")
+        bounds = cu_seqlens.long()
+        if host_check and (bounds[0] != 0 or bounds[-1] != tokens or (bounds.diff() < 0).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to the number of tokens {tokens} "
+                             f"without decreasing, got {cu_seqlens[:8].tolist()}...")
+        positions = torch.arange(tokens, device=device)
+        seq = torch.searchsorted(bounds, positions, right=True) - 1
+        return seq.masked_fill(seq >= bounds.numel() - 1, -1), bounds.numel() - 1
+    if isinstance(num_sequences, bool) or not isinstance(num_sequences, int) or num_sequences < 1:
+        raise ValueError(f"seq_ids needs num_sequences=, an int >= 1 (not read from the ids: that "
+                         f"would be a host sync), got {num_sequences!r}")
+    if seq_ids.numel() != tokens:
+        raise ValueError(f"seq_ids must be [{tokens}], one id per packed token, got "
+                         f"{tuple(seq_ids.shape)}")
+    seq = seq_ids.long()
+    if host_check:
+        bad = (seq < -1) | (seq >= num_sequences)
+        if bad.any():
+            raise ValueError(f"seq_ids must lie in [0, {num_sequences}) or equal -1 (no sequence); "
+                             f"found {seq[bad][:5].tolist()} at {bad.nonzero()[:5].flatten().tolist()}")
+    return seq, num_sequences
+
+
+def packed_invalid(seq: torch.Tensor, num_sequences: int, cu_seqlens=None) -> torch.Tensor:
+    """0-dim bool: ids or bounds that a CPU call would have refused (computed on the device)."""
+    bad = ((seq < -1) | (seq >= num_sequences)).any()
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.long()
+        bad = bad | (bounds[0] != 0) | (bounds[-1] != seq.numel()) | (bounds.diff() < 0).any()
+    return bad

@@ -28,11 +28,13 @@ count depends on the labels, stays eager) -> autograd.Functions -> `fused_token_
 log-probs [2B] and the SPIN loss's gradients, formed pair by pair in the forward, 6·H·V) and
 `scale_grad_` (a preformed gradient times the upstream gradient, in fp32).
 """
+import math
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from spin_kernels.loss.ops.pair_rows import pair_groups, pair_order, token_chunks
 from spin_kernels.loss.pair import SpinLossOutput, pair_loss, pair_loss_slopes
 from spin_kernels.loss.parallel import combine_shard_stats, shard_bounds
 from spin_kernels.loss.torch_backend import stats_logprobs
@@ -53,34 +55,6 @@ def labelled_rows(keep: torch.Tensor) -> torch.Tensor:
     keep = keep.reshape(-1)
     count = int(keep.sum())
     return torch.nonzero_static(keep, size=count).squeeze(1)
-
-
-def token_chunks(count: int, rows: int) -> list[tuple[int, int]]:
-    """[start, end) ranges over `count` compacted rows, `rows` at a time."""
-    return [(start, min(start + rows, count)) for start in range(0, count, rows)]
-
-
-def pair_groups(pair_rows: list[int], rows: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
-    """Consecutive whole pairs packed into groups of at most `rows` compacted rows.
-
-    Returns (first pair, end pair, [start, end) chunks of the group's rows). A group is one chunk,
-    except a single pair larger than `rows`, which is cut into several: its loss is known only once
-    all of them are folded, so their logits are computed again for the gradient (8 instead of 6
-    FLOPs·H·V per row, memory still bounded).
-    """
-    groups, first, start, size = [], 0, 0, 0
-
-    def close(end_pair):
-        groups.append((first, end_pair, [(start + s, start + e) for s, e in token_chunks(size, rows)]))
-
-    for pair, count in enumerate(pair_rows):
-        if pair > first and size + count > rows:
-            close(pair)
-            first, start, size = pair, start + size, 0
-        size += count
-    if pair_rows:
-        close(len(pair_rows))
-    return groups
 
 
 def gather_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -241,12 +215,14 @@ def _(grad, hidden, weight, bias, labels, stats, ignore_index, inv_temperature, 
 
 @torch.library.custom_op("spin_kernels::linear_spin_forward", mutates_args=())
 def linear_spin_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        labels: torch.Tensor, ref_logps: torch.Tensor, beta: torch.Tensor,
+                        labels: torch.Tensor, seq_ids: Optional[torch.Tensor], num_sequences: int,
+                        ref_logps: torch.Tensor, beta: torch.Tensor,
                         loss_type: str, ignore_index: int, inv_temperature: float,
                         vocab_start: int, vocab_total: int, group_name: str, backend: str,
                         need_hidden: bool, need_weight: bool, need_bias: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(policy log-probs [2B], d hidden, d weight, d bias) of the SPIN loss on hidden [2B, T, H].
+    """(policy log-probs [2B], d hidden, d weight, d bias) of the SPIN loss on hidden [2B, T, H],
+    or on packed hidden [N, H] whose rows belong to sequences `seq_ids` [N] (-1: none).
 
     Rows are compacted pair by pair (sequence i, then B + i); a chunk of whole pairs is folded,
     its pairs' loss slopes are then known, and the chunk's logits buffer turns into dlogits in
@@ -256,45 +232,42 @@ def linear_spin_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
     if group_name:  # a custom op takes the group by name, as torch's functional collectives do
         from torch.distributed.distributed_c10d import _resolve_process_group
         group = _resolve_process_group(group_name)
-    two_b, T = labels.shape
-    half = two_b // 2
+    two_b, half = num_sequences, num_sequences // 2
     head = ChunkedHead(hidden, weight, bias, backend=backend, ignore_index=ignore_index,
                        inv_temperature=inv_temperature, vocab_start=vocab_start,
                        vocab_total=vocab_total, group=group,
                        need_grads=(need_hidden, need_weight, need_bias))
-    labelled = (labels != ignore_index).view(2, half, T).transpose(0, 1)  # [B, 2, T]: pair-major
-    pair_rows = labelled.sum((1, 2)).tolist()  # the one host sync
-    found = torch.nonzero_static(labelled.reshape(-1), size=sum(pair_rows)).squeeze(1)
-    seq = (found // T) % 2 * half + found // (2 * T)  # side·B + pair
-    rows = seq * T + found % T  # flat row of hidden [2B, T, H] / labels [2B, T]
     flat = labels.reshape(-1)
-
-    token_logps = torch.zeros(two_b, T, dtype=torch.float32, device=hidden.device)
+    order = pair_order(flat != ignore_index, seq_ids, labels.shape[-1], two_b)
+    rows, seq = order.rows, order.seq
+    token_logps = torch.zeros(two_b, order.width, dtype=torch.float32, device=hidden.device)
     policy = torch.zeros(two_b, dtype=torch.float32, device=hidden.device)
-    groups = pair_groups(pair_rows, head.rows_per_chunk)
+    groups = pair_groups(order.pair_rows, head.rows_per_chunk)
     head.reserve([chunk for _, _, chunks in groups for chunk in chunks])
     for first, end, chunks in groups:
         stats, kept = [], None
-        for chunk in head.chunks(rows, chunks):
+        for chunk, (start, stop) in zip(head.chunks(rows, chunks), chunks):
             ids, _, logits = kept = chunk
             stats.append(head.stats(logits, flat[ids]))
-            token_logps.view(-1)[ids] = stats_logprobs(stats[-1], flat[ids], ignore_index)
+            logps = stats_logprobs(stats[-1], flat[ids], ignore_index)
+            token_logps.view(-1)[order.slots[start:stop]] = logps
         for side in (slice(first, end), slice(half + first, half + end)):
-            policy[side] = token_logps[side].sum(-1)  # as sequence_logprobs sums: over T
+            policy[side] = token_logps[side].sum(-1)  # padded: as sequence_logprobs sums, over T
         if not head.needs_grads or not chunks:
             continue
         coef = pair_loss_slopes(policy, ref_logps, beta, loss_type, first, end)
         # One chunk: its logits are still in the buffer; a pair cut in several: computed again.
         again = [kept] if len(chunks) == 1 else head.chunks(rows, chunks)
         for (ids, h, logits), chunk_stats in zip(again, stats):
-            head.backprop(ids, h, logits, flat[ids], chunk_stats, coef[ids // T])  # ids // T: seq
+            head.backprop(ids, h, logits, flat[ids], chunk_stats, coef[seq[ids]])
     return (policy, *head.gradients())
 
 
 @linear_spin_forward.register_fake
-def _(hidden, weight, bias, labels, ref_logps, beta, loss_type, ignore_index, inv_temperature,
-      vocab_start, vocab_total, group_name, backend, need_hidden, need_weight, need_bias):
-    policy = hidden.new_empty(labels.shape[0], dtype=torch.float32)
+def _(hidden, weight, bias, labels, seq_ids, num_sequences, ref_logps, beta, loss_type,
+      ignore_index, inv_temperature, vocab_start, vocab_total, group_name, backend, need_hidden,
+      need_weight, need_bias):
+    policy = hidden.new_empty(num_sequences, dtype=torch.float32)
     return (policy, *_fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias))
 
 
@@ -374,17 +347,21 @@ def fused_token_logprobs(hidden, weight, bias, labels, ignore_index: int, temper
 
 def fused_spin_loss(hidden, weight, bias, labels, ref_logps, beta, loss_type: str,
                     ignore_index: int, temperature: float, process_group,
-                    backend: str) -> SpinLossOutput:
+                    backend: str, pack=None) -> SpinLossOutput:
     """The SPIN loss of checked arguments (`linear.linear_spin_loss`): labels already masked,
-    `ref_logps` per-sequence sums [2B], β from `check_loss_args`."""
+    `ref_logps` per-sequence sums [2B], β from `check_loss_args`; `pack` (`packed.Packing`) for
+    packed hidden [N, H]."""
     vocab_start, vocab_total = shard_bounds(weight.shape[0], process_group)
     needs = _needs_grad(hidden, weight, bias)
     beta_tensor = torch.as_tensor(beta, dtype=torch.float32, device=hidden.device).detach()
     policy, *grads = linear_spin_forward(
         hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels,
+        None if pack is None else pack.seq, labels.shape[0] if pack is None else pack.num_sequences,
         ref_logps.detach().float(), beta_tensor, loss_type, ignore_index, 1.0 / float(temperature),
         vocab_start, vocab_total, "" if process_group is None else process_group.group_name,
         backend, *needs)
+    if pack is not None and pack.invalid is not None:  # bad ids on a device: NaN, as a CPU call raises
+        policy = policy + torch.where(pack.invalid, math.nan, 0.0)
     out = pair_loss(policy, ref_logps, beta, loss_type)
     if not any(needs):
         return out
