@@ -80,7 +80,7 @@ def weight_locations(path):
                 for key in f.keys():
                     locations[key] = (file, tuple(f.get_slice(key).get_shape()))
     except LOAD_ERRORS as exc:
-        raise UsageError(f"{option('model')} {path!r}: the weight files could not be read "
+        raise UsageError(f"{option('model')} {path!r}: could not load a causal LM "
                          f"({type(exc).__name__}: {exc})") from exc
     return locations
 
