@@ -54,6 +54,14 @@ def model_dirs(tmp_path_factory):
     create_default_model(dirs["llama"], **SMALL)
     create_default_model(dirs["llama_bf16_files"], dtype=torch.bfloat16, seed=1, **SMALL)
     save_tied_qwen2(dirs["qwen2_tied"])
+    # The same weights in several files (model.safetensors.index.json), and pickled (.bin) alone.
+    model = load_model(dirs["llama"])
+    dirs["llama_shards"] = str(root / "llama_shards")
+    model.save_pretrained(dirs["llama_shards"], max_shard_size="20KB")
+    assert len(set(loading.weight_locations(dirs["llama_shards"])[k][0] for k in model.state_dict())) > 1
+    dirs["llama_bin"] = str(root / "llama_bin")
+    model.config.save_pretrained(dirs["llama_bin"])
+    torch.save(model.state_dict(), os.path.join(dirs["llama_bin"], "pytorch_model.bin"))
     return dirs
 
 
@@ -179,10 +187,10 @@ def test_loading_into_the_layout_equals_loading_then_parallelizing(model_dirs, t
             assert got["read"] == got["full"] if replicated else got["read"] < 0.6 * got["full"], (rank, case)
 
 
-@pytest.mark.parametrize("name", ["llama_bf16_files", "qwen2_tied"])
+@pytest.mark.parametrize("name", ["llama_bf16_files", "qwen2_tied", "llama_shards", "llama_bin"])
 def test_one_process_without_fsdp_loads_the_same_model_with_tied_weights_shared(model_dirs, name):
     """No FSDP (one process, fp32): to_empty gives each name of a tied weight its own tensor; the
-    loader ties them again."""
+    loader ties them again. Weights in several files are found; pickled ones load the old way."""
     ctx = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
     plain = load_model(model_dirs[name], attention="sdpa")
     streamed = load_parallel_model(model_dirs[name], ctx, Precision("float32"), attention="sdpa")
