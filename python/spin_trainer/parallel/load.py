@@ -45,9 +45,13 @@ def load_parallel_model(path, ctx, precision, *, attention="auto", compute_dtype
                            device=ctx.device, trust_remote_code=trust_remote_code)
         return parallelize_model(model, ctx, precision, recompute=recompute)
     attn_implementation = choose_attention(attention, ctx.device, DTYPES[compute_dtype or precision.param_dtype_name])
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
-                                                 dtype=precision.param_dtype, trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+                                                     dtype=precision.param_dtype, trust_remote_code=trust_remote_code)
+    except LOAD_ERRORS as exc:
+        raise UsageError(f"{option('model')} {path!r}: could not load a causal LM "
+                         f"({type(exc).__name__}: {exc})") from exc
     file_keys = match_weights(model, locations, path)
     disable_dropout(model)
     parallelize_model(model, ctx, precision, recompute=recompute)
@@ -57,8 +61,10 @@ def load_parallel_model(path, ctx, precision, *, attention="auto", compute_dtype
     with torch.no_grad(), sharded(model):
         read_local_shards(model, file_keys, locations)
         initialize_buffers(model, file_keys)
-    if os.path.isfile(os.path.join(path, "generation_config.json")):
+    try:   # as from_pretrained: the directory's generation defaults, where it has readable ones
         model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass
     return model.eval()
 
 
