@@ -49,9 +49,11 @@ def one_rank_mesh(tmp_path):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fails the test if the trainer loads a model: for errors that must come before any."""
+    import spin_trainer.cli
     import spin_trainer.model
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the error")
 
     monkeypatch.setattr(spin_trainer.model, "load_model", refuse)
+    monkeypatch.setattr(spin_trainer.cli, "load_parallel_model", refuse)   # the name the trainer calls

@@ -182,19 +182,21 @@ def test_host_terms_equal_the_measured_rss():
     assert offloaded == pytest.approx(plan.host.optimizer_offload, rel=0.1)
 
 
-def test_loading_term_equals_the_measured_rss(tmp_path):
-    """Every rank reads the whole model: a bf16 checkpoint loaded as fp32 master weights is converted
-    into new host memory, the plan's loading term."""
-    from spin_trainer.model import load_model
+def test_loading_term_equals_the_measured_allocations(tmp_path):
+    """Loading allocates the local shards and, one weight at a time, the slice read from the files:
+    beside the shards, at most the largest one (the plan's loading term), not the whole model."""
+    from spin_trainer.parallel.load import load_parallel_model
+    from spin_trainer.parallel.mesh import ParallelContext
 
-    build_tiny_llama(4096, hidden_size=512, intermediate_size=1376, num_layers=2, num_heads=8, num_kv_heads=4,
-                     dtype=torch.bfloat16).save_pretrained(tmp_path)
-    before = rss()
-    model = load_model(str(tmp_path), attention="sdpa", dtype="float32")
-    loaded = rss() - before
-    plan = memory_plan(model.config, nproc=1, tp=1, precision=Precision("bfloat16"))
-    assert loaded == pytest.approx(plan.host.loading, rel=0.1)
-    assert plan.loading == plan.host.loading   # and on the device, before parallelize_model
+    build_tiny_llama(4096, hidden_size=512, intermediate_size=1376, num_layers=2, num_heads=8,
+                     num_kv_heads=4).save_pretrained(tmp_path)
+    ctx = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
+    with LiveTensorBytes([]) as live:
+        model = load_parallel_model(str(tmp_path), ctx, Precision("float32"), attention="sdpa")
+    plan = memory_plan(model.config, nproc=1, tp=1, precision=Precision("float32"))
+    assert live.peak - plan.parameters == pytest.approx(plan.host.loading, rel=0.1)
+    assert plan.host.loading < plan.parameters / 4
+    assert plan.loading == plan.parameters + plan.host.loading   # on the device: the shards, then the slice
 
 
 def test_plan_prints_per_node_host_memory(capsys):
@@ -207,7 +209,7 @@ def test_plan_prints_per_node_host_memory(capsys):
     assert host.ranks_per_node == 8
     assert 8 * host.reference_bank / GIB == pytest.approx(72.6, abs=0.05)
     assert 8 * host.optimizer_offload / GIB == pytest.approx(72.6, abs=0.05)   # AdamW: 2 x 4 bytes / 64 ranks
-    assert host.loading == 4 * plan.parameter_count
+    assert host.loading == 4 * 128256 * 8192 // 8   # the embeddings' FSDP shard (dp 8), fp32
     assert host.per_node == 8 * (max(host.loading, host.reference_bank + host.optimizer_offload) + host.allowance)
     out = capsys.readouterr().out
     match = re.search(r"host memory per node: +(\d+\.\d\d) GiB .* 4096 GiB per node: the estimate fits", out)

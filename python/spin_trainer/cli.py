@@ -36,8 +36,8 @@ from .generation.sampling import SamplingConfig
 from .logprobs import Scorer, default_head
 from .loop_state import TrainingStopped
 from .metrics import MetricsLog, read_records
-from .model import check_context_length, load_model, load_tokenizer, local_model_dir, read_model_config
-from .parallel.apply import parallelize_model
+from .model import check_context_length, load_tokenizer, local_model_dir, read_model_config
+from .parallel.load import load_parallel_model
 from .parallel.mesh import choose_device, setup_parallel, teardown_parallel
 from .parallel.precision import Precision
 from .parallel.tp_plan import check_tensor_parallel
@@ -171,9 +171,8 @@ def run_training(config, on_step):
         config.check_layout(ctx.dp_size, ctx.dp_shard, len(train_examples))
         checkpoint = find_resume_checkpoint(config, ctx, fingerprints) if run.resume else None
         scorer = Scorer(ctx, precision, m.head or default_head(device_type))
-        model = load_model(model_dir, attention=m.attn, dtype=precision.param_dtype_name, compute_dtype=m.dtype,
-                           device=ctx.device, trust_remote_code=m.trust_remote_code)
-        parallelize_model(model, ctx, precision, recompute=par.recompute)
+        model = load_parallel_model(model_dir, ctx, precision, attention=m.attn, compute_dtype=m.dtype,
+                                    recompute=par.recompute, trust_remote_code=m.trust_remote_code)
         if ctx.is_main:   # after the model loaded: a model refused leaves the run's --out as it was
             write_config(config, os.path.join(run.out, CONFIG_FILE))
         metrics = MetricsLog(os.path.join(run.out, "metrics.jsonl"), enabled=ctx.is_main,

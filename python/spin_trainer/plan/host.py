@@ -5,11 +5,12 @@
                          stash that keeps the policy's own while θ_t is swapped in: 2x the local
                          parameter bytes (ref_policy.py); --reference streamed: the bank alone, 1x
     optimizer offload    --offload-optimizer: the optimizer state's local shards
-    model loading        every rank reads the whole model into host memory in the parameter dtype
-                         before moving and parallelizing it (model.load_model): a transient at the
-                         start, when no bank exists yet. A checkpoint in another dtype (bf16 under
-                         fp32 master weights) is converted into new memory; one already in the
-                         parameter dtype is mapped from its file (page cache): an upper bound then
+    model loading        each rank reads from the safetensors files only the slices its shards
+                         hold, one weight at a time, straight into its shards on the device
+                         (parallel/load.py): a transient at the start, when no bank exists yet, of
+                         the largest local parameter shard, counted in the parameter dtype (a file
+                         in bf16 under fp32 master weights: half that); the files themselves are
+                         mapped (page cache)
     allowance            per rank, what no formula here counts: the CUDA context and libraries,
                          the Python heap, the tokenizer and the tokenized data
 
@@ -53,10 +54,10 @@ class HostMemory:
         return self.ranks_per_node * self.per_rank
 
 
-def host_memory(*, parameters, full_parameters, optimizer_state, reference, generate_every, offload_optimizer,
+def host_memory(*, parameters, largest_shard, optimizer_state, reference, generate_every, offload_optimizer,
                 ranks_per_node):
-    """HostMemory of a rank whose local parameter bytes are `parameters` (the whole model's:
-    `full_parameters`, both in the parameter dtype)."""
+    """HostMemory of a rank whose local parameter bytes are `parameters` (its largest parameter
+    shard's: `largest_shard`, both in the parameter dtype)."""
     return HostMemory(ranks_per_node=ranks_per_node,
                       reference_bank=reference_bank_copies(reference, generate_every) * parameters,
-                      optimizer_offload=optimizer_state if offload_optimizer else 0, loading=full_parameters)
+                      optimizer_offload=optimizer_state if offload_optimizer else 0, loading=largest_shard)

@@ -27,8 +27,8 @@ The rest is arithmetic on those numbers and on the model's shape, stated term by
                            weights in the compute dtype (FSDP unsharded for the whole generation;
                            autocast's cached copies), and the KV cache and the prefill's transients
                            of --gen-batch-size rows (plan/generation.py)
-    model loading          the whole model in the parameter dtype on every rank, before it is
-                           parallelized (model.load_model, then parallelize_model)
+    model loading          the local parameter shards and the slice of one weight being read
+                           into them, at most the largest local shard (parallel/load.py)
     host memory            plan/host.py
 
     training peak    = parameters + gradients + optimizer state (+ a resident reference)
@@ -117,7 +117,7 @@ class MemoryPlan:
     generation_weights: int      # full weights in the compute dtype while generating
     generation: object           # generation.GenerationMemory (per row of a generation batch)
     gen_batch_size: int
-    loading: int                 # the whole model in the parameter dtype
+    loading: int                 # the local shards + the largest one's slice, as it is read
     host: object                 # host.HostMemory
     offload_optimizer: bool
 
@@ -207,9 +207,9 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
         root, layers = _units(model, layers)
         linear_numel = sum(tp_local_numel(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear))
         parameters = sum(local_bytes(p) for p in model.parameters())
+        largest_shard = max(local_bytes(p) for p in model.parameters())
         gradients = sum(local_bytes(p.grad) for p in params)
         parameter_count = sum(p.numel() for p in model.parameters())
-        full_parameters = parameter_count * precision.param_dtype.itemsize
         dp_shard, dp_size = ctx.dp_shard, ctx.dp_size
 
     b = precision.compute_dtype.itemsize
@@ -230,7 +230,7 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
         generation_weights = activations.weight_copies
     generation = generation_memory(shape, mode, max_length=max_length,
                                    max_new_tokens=max_new_tokens or max(1, max_length // 2))
-    host = host_memory(parameters=parameters, full_parameters=full_parameters, optimizer_state=optimizer_state,
+    host = host_memory(parameters=parameters, largest_shard=largest_shard, optimizer_state=optimizer_state,
                        reference=reference, generate_every=generate_every, offload_optimizer=offload_optimizer,
                        ranks_per_node=min(nproc, gpus_per_node or DEFAULT_GPUS_PER_NODE))
     optimizer_name = optimizer_options.get("name", "adamw")
@@ -250,7 +250,7 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
         reference=parameters if reference == "resident" else 0, activations=activations,
         fsdp_gathered=fsdp_gathered, fsdp_gradient_buffers=fsdp_buffers, end_of_backward=end_of_backward,
         generation_weights=generation_weights, generation=generation, gen_batch_size=gen_batch_size,
-        loading=full_parameters, host=host, offload_optimizer=offload_optimizer)
+        loading=parameters + largest_shard, host=host, offload_optimizer=offload_optimizer)
 
 
 def _precision_words(precision, dp_shard):

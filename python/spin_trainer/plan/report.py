@@ -80,8 +80,8 @@ def format_plan(plan, *, micro_batch_size, max_length, gen_batch_size, device_me
         f"  largest generation batch that fits: {fitting} rows"
         + (f" (a run uses at most that many; {option('gen_batch_size')} {gen_batch_size} is larger)"
            if fitting < gen_batch_size else ""),
-        f"model loading:            {_gib(plan.loading)}  (the whole model on every rank before it is "
-        f"parallelized)",
+        f"model loading:            {_gib(plan.loading)}  (the local shards and the slice of one weight being "
+        f"read)",
     ]
     verdict = "fits" if plan.peak <= device else "does NOT fit"
     lines += _host_lines(plan.host, host_memory_gib)
@@ -96,7 +96,7 @@ def _host_lines(host, host_memory_gib):
         "host memory per rank:",
         f"  reference bank          {_gib(host.reference_bank)}  ({option('reference')}: θ_t and the stash, pinned)",
         f"  optimizer offload       {_gib(host.optimizer_offload)}  ({option('offload_optimizer')})",
-        f"  model loading           {_gib(host.loading)}  (transient, before the banks exist)",
+        f"  model loading           {_gib(host.loading)}  (a weight's local slice at a time, before the banks)",
         f"  allowance               {_gib(host.allowance)}  (CUDA context, libraries, Python heap, data)",
         f"host memory per node:     {_gib(host.per_node)}  ({host.ranks_per_node} ranks x "
         f"{host.per_rank / GIB:.2f} GiB); {host_memory_gib:g} GiB per node: the estimate {verdict}",
