@@ -2,14 +2,18 @@
 equal the padded ones in fp32 (loss, metrics, updated weights, reference log-probs), with either
 head and in both packed layouts; a whole 1-iteration run equals the padded run; where packing
 cannot run, the setting is refused naming it."""
+import os
 from dataclasses import replace
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import transformers
 
-from trainer_cases import assert_runs_match, fixed_pairs, metric_records, step_trainer, tiny_setup, train_args, \
-    torch_cat_pairs
+from trainer_cases import assert_runs_match, fixed_pairs, free_port, metric_records, step_trainer, tiny_setup, \
+    train_args, torch_cat_pairs
 
 import spin_trainer.packed_scoring as packed_scoring
 from spin_trainer import cli as train_cli
@@ -103,6 +107,26 @@ def test_a_packed_run_equals_the_padded_run(tiny, tmp_path, monkeypatch, referen
     for key, value in want.items():
         if key not in UNTIMED and isinstance(value, float):
             assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def _run_on_ranks(rank, world_size, port, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=180))
+    packed_calls, pack = [], packed_scoring.pack_pairs
+    packed_scoring.pack_pairs = lambda *a, **k: packed_calls.append(1) or pack(*a, **k)
+    train_cli.main(args)   # the trainer tears the process group down when it is done
+    assert packed_calls, "the run on two ranks did not pack"
+
+
+def test_a_packed_run_under_fsdp_on_two_ranks_equals_the_padded_run(tiny, tmp_path):
+    padded, packed = str(tmp_path / "padded"), str(tmp_path / "packed")
+    common = ("--greedy", "--iterations", "1", "--reference", "swap")
+    train_cli.main(train_args(*tiny, padded, *common))
+    mp.spawn(_run_on_ranks, args=(2, free_port(), train_args(*tiny, packed, *common, "--pack-pairs")), nprocs=2,
+             join=True)
+    assert_runs_match(packed, padded, steps=[1], tolerance=1e-5)
 
 
 def _tiny_llama(attention="sdpa"):
