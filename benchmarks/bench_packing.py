@@ -172,7 +172,8 @@ def markdown(args, device, tokens, steps):
     for row in tokens["rows"]:
         lines.append(f"| {row['pairs_per_batch']} | {row['min_per_pair']:.1f} | {row['padded_per_pair']:.1f} | "
                      f"{row['packed_per_pair']:.1f} | {row['padded_ratio']:.3f} | {row['packed_ratio']:.3f} |")
-    lines += ["", f"(b) SpinTrainer.train_step (without / with --pack-pairs), Llama hidden {args.hidden}, {args.layers} layers, V {args.vocab}, "
+    lines += ["", f"(b) SpinTrainer.train_step (without / with --pack-pairs), Llama hidden {args.hidden}, "
+              f"{args.layers} layers, V {args.vocab}, "
               f"{args.pairs_per_step} pairs per step, median of {args.reps} steps, {args.threads} thread(s)", "",
               "| layout | tokens | ms | saved for backward MiB | peak MiB | steps ms |", "|---|---|---|---|---|---|"]
     for name in ("padded", "packed"):

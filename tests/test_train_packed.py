@@ -162,3 +162,9 @@ def test_packing_is_refused_where_it_cannot_run(case):
 def test_the_trainer_refuses_packing_with_the_streamed_reference(tiny):
     with pytest.raises(UsageError, match="--pack-pairs.*--reference"):
         step_trainer(load_model(tiny[0]), Scorer(CTX), pairs=PAIRS, extra=["--pack-pairs", "--reference", "streamed"])
+
+
+def test_a_micro_batch_with_an_empty_generated_response_is_scored_padded(pairs):
+    tokenizer, examples, generated = pairs
+    batch = pair_batch(examples[:2], [generated[0], []], tokenizer.pad_token_id, "shared")
+    assert not isinstance(batch, PackedPairs) and batch.loss_mask[3].sum() == 0   # its sum is 0, as padded
