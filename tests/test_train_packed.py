@@ -72,7 +72,8 @@ def _step(model_dir, pairs, head, packing):
     return metrics, precomputed, per_batch, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("head,layout", [("logits", "shared"), ("fused", "shared"), ("logits", "separate")])
+@pytest.mark.parametrize("head,layout", [("logits", "shared"), ("fused", "shared"), ("logits", "separate"),
+                                         ("fused", "separate")])
 def test_packed_step_equals_the_padded_step(tiny, pairs, head, layout):
     want_metrics, want_pre, want_batch, want_grads, want_weights = _step(tiny[0], pairs, head, None)
     got_metrics, got_pre, got_batch, got_grads, got_weights = _step(tiny[0], pairs, head, layout)
