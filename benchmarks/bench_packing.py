@@ -4,15 +4,15 @@
     response, generated response), over many pairs drawn from the length distribution below, for
     micro-batches of b pairs: padded = 2b rows x the longest `prompt + response` row (data.collate_pairs);
     packed = one flat row of `[prompt | actual | generated]` segments (each prompt once, no padding).
-(b) One SPIN forward + backward of a small Llama (hidden 256, 4 layers, GQA 8/4 heads, V 8192, fp32,
-    sdpa) at the same pairs per step: padded = Scorer.pair_loss on collate_pairs (the trainer's
-    step path, "logits" head on the labelled positions); packed = packing.pack_pairs +
-    packed_attention.packed_token_logps (the model's "sdpa" default, attention "segments": HF's
-    sdpa per pair; the same compacted LM head, the last prompt position scored twice) +
-    spin_loss_from_logps. Both start from a tokenized pair list (collation included). Time is
-    the median over `--reps` timed steps, each step a fresh draw of pairs (the same draws for both
-    layouts). Memory: the bytes autograd saves for the backward (activations; the CPU keeps no
-    allocator peak), median over the same steps; on CUDA the allocator's peak too.
+(b) One optimizer step of the trainer's own `SpinTrainer.train_step` (SPIN forward + backward of
+    one micro-batch, AdamW update) on a small Llama (hidden 256, 4 layers, GQA 8/4 heads, V 8192,
+    fp32, sdpa, "logits" head) at the same pairs per step, without and with `--pack-pairs`: the
+    micro-batch made as the trainer makes it (packed_scoring.pair_batch: data.collate_pairs, or
+    packing.pack_pairs scored through packed_attention's "segments" attention, HF's sdpa per pair).
+    Both start from a tokenized pair list (collation included). Time is the median over `--reps`
+    timed steps, each step a fresh draw of pairs (the same draws for both layouts). Memory: the
+    bytes autograd saves for the backward (activations; the CPU keeps no allocator peak), median
+    over the same steps; on CUDA the allocator's peak too.
 
 Length distribution, shaped like HuggingFaceH4/ultrachat_200k single-turn pairs (SPIN's data). No
 published per-turn token statistics were found, so this is an assumption, checked against the
@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_file import write_results  # noqa: E402
 from timing import PeakMemory, synchronize  # noqa: E402
 
-from spin_kernels.loss import spin_loss_from_logps  # noqa: E402
-from spin_trainer.data import Example, collate_pairs  # noqa: E402
+from spin_trainer.data import Example  # noqa: E402
 from spin_trainer.logprobs import Scorer  # noqa: E402
-from spin_trainer.packed_attention import packed_token_logps  # noqa: E402
+from spin_trainer.options import parse_config  # noqa: E402
+from spin_trainer.packed_scoring import pair_batch  # noqa: E402
 from spin_trainer.packing import pack_pairs  # noqa: E402
 from spin_trainer.parallel.mesh import ParallelContext  # noqa: E402
 
@@ -99,7 +99,7 @@ def tiny_llama(vocab, hidden, layers):
 
 
 def saved_bytes(step):
-    """Bytes of the distinct storages autograd saves for the backward while `step()` runs its forward."""
+    """Bytes of the distinct storages autograd saves for the backward while `step()` runs."""
     storages = {}
 
     def keep(tensor):
@@ -107,38 +107,44 @@ def saved_bytes(step):
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        loss = step()
-    return loss, sum(storages.values())
+        step()
+    return sum(storages.values())
 
 
-def padded_step(model, scorer, pairs, ref):
+def trainer_for(model, device, pairs_per_step, pack):
+    """A SpinTrainer whose train_step takes one micro-batch of `pairs_per_step` pairs (no data or
+    generation: the benchmark hands it the micro-batch)."""
+    from spin_trainer.trainer import SpinTrainer
+
+    flags = ["--global-batch-size", str(pairs_per_step), "--micro-batch-size", str(pairs_per_step), "--lr", "1e-6",
+             "--beta", "0.1"] + (["--pack-pairs"] if pack else [])
+    scorer = Scorer(ParallelContext(0, 1, 1, 1, 0, 0, device))
+    return SpinTrainer(model, None, [None] * pairs_per_step, [], parse_config(flags), scorer, out_dir="unused",
+                       held_out=None, metrics=None, sampling=None)
+
+
+def trainer_step(trainer, pairs, ref, device):
     examples = [Example(tuple(p), tuple(a)) for p, a, _ in pairs]
-    batch = collate_pairs(examples, [g for _, _, g in pairs], 0)
-    return scorer.pair_loss(model, batch, ref, beta=0.1, loss_type="sigmoid").loss
-
-
-def packed_step(model, pairs, ref):
-    packed = pack_pairs(pairs)
-    policy = packed.sequence_sums(packed_token_logps(model, packed))
-    return spin_loss_from_logps(policy, ref, beta=0.1, loss_type="sigmoid").loss
+    generated = [g for _, _, g in pairs]
+    batch = pair_batch(examples, generated, 0, trainer.scorer.packing).to(device)
+    trainer.train_step(iter([(batch, ref, sum(map(len, generated)))]))
 
 
 def step_table(args, device):
     model = tiny_llama(args.vocab, args.hidden, args.layers).to(device)
-    scorer = Scorer(ParallelContext(0, 1, 1, 1, 0, 0, device))
+    trainers = {"padded": trainer_for(model, device, args.pairs_per_step, pack=False),
+                "packed": trainer_for(model, device, args.pairs_per_step, pack=True)}
+    assert trainers["packed"].scorer.packing == "shared" and trainers["padded"].scorer.packing is None
     generator = torch.Generator().manual_seed(args.seed + 1)
     draws = [draw_pairs(generator, args.pairs_per_step, args.length_scale, args.vocab) for _ in range(args.reps + 1)]
     results = {"padded": [], "packed": []}
     for rep, pairs in enumerate(draws):
         ref = torch.zeros(2 * len(pairs), device=device)
-        for name, step in (("padded", lambda: padded_step(model, scorer, pairs, ref)),
-                           ("packed", lambda: packed_step(model, pairs, ref))):
-            model.zero_grad(set_to_none=True)
+        for name, trainer in trainers.items():
             synchronize(device)
             began = time.perf_counter()
             with PeakMemory(device) as peak:
-                loss, saved = saved_bytes(step)
-                loss.backward()
+                saved = saved_bytes(lambda: trainer_step(trainer, pairs, ref, device))
             synchronize(device)
             if rep > 0:   # the first draw warms up
                 results[name].append({"ms": (time.perf_counter() - began) * 1e3, "saved_mib": saved / 2**20,
@@ -166,7 +172,8 @@ def markdown(args, device, tokens, steps):
     for row in tokens["rows"]:
         lines.append(f"| {row['pairs_per_batch']} | {row['min_per_pair']:.1f} | {row['padded_per_pair']:.1f} | "
                      f"{row['packed_per_pair']:.1f} | {row['padded_ratio']:.3f} | {row['packed_ratio']:.3f} |")
-    lines += ["", f"(b) SPIN forward + backward, Llama hidden {args.hidden}, {args.layers} layers, V {args.vocab}, "
+    lines += ["", f"(b) SpinTrainer.train_step (without / with --pack-pairs), Llama hidden {args.hidden}, "
+              f"{args.layers} layers, V {args.vocab}, "
               f"{args.pairs_per_step} pairs per step, median of {args.reps} steps, {args.threads} thread(s)", "",
               "| layout | tokens | ms | saved for backward MiB | peak MiB | steps ms |", "|---|---|---|---|---|---|"]
     for name in ("padded", "packed"):

@@ -122,7 +122,7 @@ def saved_activation_bytes(model, forward):
 
 
 def step_trainer(model, scorer, *, pairs, lr=1e-2, beta=0.1, micro_batch_size=1, weight_decay=0.0,
-                 max_grad_norm=1.0, optimizer="adamw", in_backward=False):
+                 max_grad_norm=1.0, optimizer="adamw", in_backward=False, extra=()):
     """A SpinTrainer whose `train_step` runs steps of `pairs` pairs at a constant `lr` (no data, no
     generation: the caller hands it micro-batches)."""
     from spin_trainer.options import parse_config
@@ -130,7 +130,7 @@ def step_trainer(model, scorer, *, pairs, lr=1e-2, beta=0.1, micro_batch_size=1,
 
     flags = ["--global-batch-size", str(pairs), "--micro-batch-size", str(micro_batch_size), "--lr", str(lr),
              "--beta", str(beta), "--weight-decay", str(weight_decay), "--max-grad-norm", str(max_grad_norm),
-             "--optimizer", optimizer] + (["--optimizer-in-backward"] if in_backward else [])
+             "--optimizer", optimizer] + (["--optimizer-in-backward"] if in_backward else []) + list(extra)
     return SpinTrainer(model, None, [None] * pairs, [], parse_config(flags), scorer, out_dir="unused",
                        held_out=None, metrics=None, sampling=None)
 

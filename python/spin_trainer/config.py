@@ -183,6 +183,9 @@ class TrainSettings:
                                                  "freeing it (needs one micro-batch per step and --max-grad-norm 0)",
                                           resume=True)
     offload_optimizer: bool = setting(False, "optimizer state in host memory while generating")
+    # A resumed run may change it: the packed layout's numbers equal the padded ones within rounding.
+    pack_pairs: bool = setting(False, "score each micro-batch of pairs as one packed row, every prompt once for "
+                                      "both responses, no padding (Llama, Mistral and Qwen2 models)")
 
 
 @dataclass

@@ -46,6 +46,8 @@ from spin_kernels.dtensor import is_dtensor
 from spin_kernels.loss import linear_spin_loss, linear_token_logprobs, spin_loss_from_logps, token_logprobs
 
 from .errors import UsageError, option
+from .packing import PackedPairs
+from .packed_attention import packed_forward
 from .parallel.mesh import ParallelContext
 from .parallel.precision import Precision
 
@@ -143,6 +145,7 @@ class Scorer:
     ctx: ParallelContext
     precision: Precision = Precision()
     head: str = "logits"
+    packing: str | None = None   # --pack-pairs: packed_scoring.packing_layout's; None: padded pair batches
 
     def __post_init__(self):
         assert self.ctx.dp_mesh is not None or not self.precision.mixed, \
@@ -155,6 +158,8 @@ class Scorer:
             # loss's in-place write (inplace_backward) is its own gradient, in the backward, after
             # FSDP's pre-backward hook has run on it.
             warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
+            if isinstance(batch, PackedPairs):
+                return packed_forward(model, batch).logits
             return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
 
     def labelled_logps(self, model, batch, *, inplace_backward=False):
@@ -186,6 +191,9 @@ class Scorer:
         """[2b] masked sums of the response log-probs (EOS included) of a pair batch, float32, no
         gradient: the reference's numbers, by `pair_loss`'s own arithmetic (the fused head: its op,
         with its chunks and its summation order), so that π − ref is exactly 0 at θ_t."""
+        if isinstance(batch, PackedPairs):
+            from .packed_scoring import packed_sequence_logps
+            return packed_sequence_logps(self, model, batch)
         if self.head == "logits":
             return self.labelled_logps(model, batch).sequence_sums()
         unused = torch.zeros(batch.labels.shape[0], device=batch.labels.device)
@@ -194,6 +202,9 @@ class Scorer:
     def pair_loss(self, model, batch, ref_logps, *, beta, loss_type):
         """The SPIN loss (a SpinLossOutput: loss, metrics, per-sequence log-probs and rewards) of a
         [2b]-row pair batch (rows [0, b) actual, [b, 2b) generated) against the reference's [2b] sums."""
+        if isinstance(batch, PackedPairs):
+            from .packed_scoring import packed_pair_loss
+            return packed_pair_loss(self, model, batch, ref_logps, beta=beta, loss_type=loss_type)
         if self.head == "logits":
             # Nothing else reads the logits after the loss: their gradient can take their memory.
             policy = self.labelled_logps(model, batch, inplace_backward=True).sequence_sums()

@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 
 from .checkpoint import check_finite_weights, load_checkpoint, restore_rng, save_checkpoint
 from .config import RunConfig
-from .data import collate_pairs
 from .errors import option
 from .evaluate import fraction_equal_to_gold, iteration_diagnostics, spin_pair_accuracy
 from .generation.rollouts import ParkedOptimizer, generate, iteration_pairs, pair_logps, sampling_seed
@@ -40,6 +39,7 @@ from .loop_state import IterationData, LoopPosition, StopSignal, TrainingStopped
 from .metrics import global_step_metrics
 from .optim import (apply_update, epoch_order, learning_rate_schedule, make_optimizer, make_scheduler,
                     reset_state)
+from .packed_scoring import packing_layout, pair_batch, sequence_tokens
 from .progress_lines import ProgressLines, flushed_print
 from .ref_policy import make_reference
 
@@ -71,6 +71,8 @@ class SpinTrainer:
         self.optimizer = make_optimizer(model, ctx=self.ctx, lr=lr_at(0), name=t.optimizer, weight_decay=t.weight_decay,
                                         betas=t.adam_betas, eps=t.adam_eps, in_backward=t.optimizer_in_backward)
         self.scheduler = make_scheduler(self.optimizer, lr_at)
+        if t.pack_pairs:   # the Scorer scores what pair_batch makes, in the trainer and in pair_logps alike
+            scorer.packing = packing_layout(model, self.ctx, s.reference)
         self.reference = make_reference(s.reference, model, scorer, generate_every_epoch=s.generate_every == "epoch")
         self.parked_optimizer = ParkedOptimizer(self.optimizer) if t.offload_optimizer else None
         self.position = LoopPosition()
@@ -251,8 +253,8 @@ class SpinTrainer:
         for i in range(0, len(pairs), size):
             chunk = pairs[i:i + size]
             generated = [data.generated[k] for k in chunk]
-            batch = collate_pairs([data.examples[k] for k in chunk], generated,
-                                  self.tokenizer.pad_token_id).to(self.ctx.device)
+            batch = pair_batch([data.examples[k] for k in chunk], generated, self.tokenizer.pad_token_id,
+                               self.scorer.packing).to(self.ctx.device)
             yield batch, self.compute_ref_logps(batch, chunk), sum(map(len, generated))
 
     def train_step(self, micro_batches):
@@ -266,10 +268,10 @@ class SpinTrainer:
         sums = {}
         for batch, ref_logps, generated_tokens in micro_batches:
             out = self.scorer.pair_loss(self.model, batch, ref_logps, beta=beta, loss_type=c.spin.loss_type)
-            weight = batch.input_ids.shape[0] // 2 / global_batch   # the micro-batch's share of the global batch
+            weight = out.policy_logps.shape[0] // 2 / global_batch   # the micro-batch's share of the global batch
             (out.loss * weight).backward()
             rewards = out.rewards.double()
-            step_sums = {"loss": out.loss.detach() * weight, "tokens": batch.attention_mask.sum().float(),
+            step_sums = {"loss": out.loss.detach() * weight, "tokens": sequence_tokens(batch).float(),
                          # new_full fills on the device: no host copy holding the backward's launch
                          "generated_length_mean": rewards.new_full((), generated_tokens / global_batch),
                          "rewards_sum": rewards.sum(), "rewards_sq_sum": rewards.square().sum(),

@@ -16,9 +16,9 @@ import torch
 
 from spin_kernels.swap import offload_optimizer, onload_optimizer
 
-from ..data import collate_pairs
 from ..errors import UsageError, option
 from ..model import evaluating
+from ..packed_scoring import pair_batch
 from ..parallel.apply import full_weights
 from ..parallel.mesh import gather_objects, shard_range
 from ..parallel.tp_plan import full_vocab_logits
@@ -126,7 +126,7 @@ def pair_logps(model, examples, generated, scorer, *, micro_batch_size, pad_toke
     with evaluating(model):
         for i in range(start, end, micro_batch_size):
             j = min(i + micro_batch_size, end)
-            batch = collate_pairs(examples[i:j], generated[i:j], pad_token_id).to(ctx.device)
+            batch = pair_batch(examples[i:j], generated[i:j], pad_token_id, scorer.packing).to(ctx.device)
             logps = scorer.sequence_logps(model, batch).float().cpu()
             b = j - i
             rows.extend(torch.stack([logps[:b], logps[b:]], dim=1).tolist())

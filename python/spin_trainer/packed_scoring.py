@@ -1,0 +1,92 @@
+"""--pack-pairs: the Scorer's pair batches in packing.py's layout instead of padded rows.
+
+`pair_batch` makes the micro-batches of the policy step and of the reference log-probs (the
+trainer's and generation/rollouts.pair_logps'); the Scorer sends a PackedPairs here. Both heads
+run on the gathered target positions (the last prompt position twice, packing.py): "logits" by
+the padded path's own arithmetic (token_logprobs, per-sequence sums, spin_loss_from_logps), "fused"
+by linear_spin_loss with `seq_ids`, so that π − ref is exactly 0 at θ_t in either layout.
+"""
+import torch
+
+from spin_kernels.loss import linear_spin_loss, spin_loss_from_logps, token_logprobs
+
+from .data import collate_pairs
+from .errors import UsageError, option
+from .logprobs import _fused_output, compacted_input, output_embedding, redirected_head
+from .packing import PROMPT, PackedPairs, pack_pairs
+
+# The families whose attention layers pass packed_attention's keyword arguments and mask through
+# (tested in tests/test_packing.py).
+PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def packing_layout(model, ctx, reference):
+    """"shared" (one prompt for both responses) or "separate" (flash-attn: a prompt per response,
+    documents told apart by position ids) for `model`; a UsageError where --pack-pairs cannot run."""
+    name, config = option("pack_pairs"), model.config
+    if config.model_type not in PACKABLE_MODEL_TYPES:
+        raise UsageError(f"{name}: model type {config.model_type!r} is not one of {PACKABLE_MODEL_TYPES}, whose "
+                         f"attention takes the packed layout; drop {name}")
+    if ctx.tp_size > 1:
+        raise UsageError(f"{name} does not run under {option('tp')} > 1; drop one of them")
+    if reference == "streamed":
+        raise UsageError(f"{name}: {option('reference')} streamed runs its own padded forward; use another "
+                         f"{option('reference')} or drop {name}")
+    implementation = config._attn_implementation
+    if implementation in ("sdpa", "eager", "flex_attention"):
+        return "shared"
+    if implementation == "flash_attention_2":
+        return "separate"
+    raise UsageError(f"{name}: attention implementation {implementation!r} cannot take packed pairs; use "
+                     f"{option('attn')} sdpa or drop {name}")
+
+
+def pair_batch(examples, generated, pad_token_id, packing):
+    """The pair batch of `examples` and their `generated` responses: padded (data.collate_pairs)
+    when `packing` is None or a response is empty (a packed response needs a token), else packed."""
+    if packing is None or not all(len(g) for g in generated):
+        return collate_pairs(examples, generated, pad_token_id)
+    return pack_pairs([(e.prompt_ids, e.response_ids, g) for e, g in zip(examples, generated)],
+                      share_prompt=packing == "shared")
+
+
+def sequence_tokens(batch):
+    """Tokens of the batch's 2b sequences, a shared prompt counted in both: the padded batch's
+    real tokens in either layout (the `tokens` metric does not depend on --pack-pairs)."""
+    if not isinstance(batch, PackedPairs):
+        return batch.attention_mask.sum()
+    return (batch.parts == PROMPT).sum() * int(batch.share_prompt) + batch.num_tokens
+
+
+def _policy_sums(scorer, model, packed, *, inplace_backward):
+    targets = packed.targets
+    with compacted_input(output_embedding(model), targets.positions):
+        logits = scorer._run(model, packed)   # [M, V]
+    token_logps = token_logprobs(logits, targets.labels, inplace_backward=inplace_backward)
+    return packed.sequence_sums(token_logps)
+
+
+def packed_pair_loss(scorer, model, packed, ref_logps, *, beta, loss_type):
+    if scorer.head == "logits":
+        policy = _policy_sums(scorer, model, packed, inplace_backward=True)
+        return spin_loss_from_logps(policy, ref_logps, beta=beta, loss_type=loss_type)
+    targets, results = packed.targets, []
+
+    def compute(hidden, weight, bias):   # hidden [M, H]: the target positions
+        out = linear_spin_loss(hidden, weight, targets.labels, ref_logps, bias=bias, seq_ids=targets.sequences,
+                               num_sequences=packed.num_sequences, beta=beta, loss_type=loss_type)
+        results.append(out)
+        return out.loss.reshape(1)
+
+    head = output_embedding(model)
+    with compacted_input(head, targets.positions), redirected_head(head, scorer.ctx, compute) as produced:
+        loss = _fused_output(model, produced, scorer._run(model, packed))
+    return results[0]._replace(loss=loss[0])
+
+
+@torch.no_grad()
+def packed_sequence_logps(scorer, model, packed):
+    if scorer.head == "logits":
+        return _policy_sums(scorer, model, packed, inplace_backward=False)
+    unused = torch.zeros(packed.num_sequences, device=packed.input_ids.device)
+    return packed_pair_loss(scorer, model, packed, unused, beta=1.0, loss_type="sigmoid").policy_logps
