@@ -18,7 +18,7 @@ import torch
 from .errors import UsageError, option
 from .parallel.mesh import all_reduce_max
 
-TOKENIZED_DIR = "tokenized"   # the data cache (data.py), written before the lock is taken
+TOKENIZED_DIR = "tokenized"   # the tokenized-data cache (data.py), which a refused run may leave
 LOCK_FILE = ".lock"
 
 
