@@ -8,15 +8,25 @@ import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
+from spin_kernels.loss import token_logprobs
 from spin_trainer.data import IGNORE_INDEX, Example, collate_pairs
+from spin_trainer.lm_head import compacted_input, output_embedding
 from spin_trainer.logprobs import Scorer
-from spin_trainer.packed_attention import packed_token_logps
+from spin_trainer.packed_attention import packed_forward
 from spin_trainer.packing import GENERATED, GOLD, PROMPT, block_mask, dense_mask, pack_pairs
 from spin_trainer.parallel.mesh import ParallelContext
 
 VOCAB, PAD = 61, 0
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD)
+
+
+def packed_token_logps(model, packed, *, attention=None):
+    """[M] float32 log-probs of `packed.targets` under `model`, the LM head run only on the target
+    positions (the last prompt position twice), as the Scorer's "logits" head does."""
+    with compacted_input(output_embedding(model), packed.targets.positions):
+        logits = packed_forward(model, packed, attention=attention).logits   # [M, V]
+    return token_logprobs(logits, packed.targets.labels)
 
 
 def tiny_model(family, attention="sdpa", dtype=torch.float32):

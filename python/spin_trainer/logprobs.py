@@ -36,18 +36,16 @@ precision needs a model under FSDP, on a data-parallel axis of one rank if need 
   Shard(-1) DTensor the plan's output hook turns into a local tensor (parallel/tp_plan.py).
 """
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.tensor import DTensor, Shard
 
-from spin_kernels.dtensor import is_dtensor
 from spin_kernels.loss import linear_spin_loss, linear_token_logprobs, spin_loss_from_logps, token_logprobs
 
-from .errors import UsageError, option
-from .packing import PackedPairs
+from .lm_head import compacted_input, fused_output, output_embedding, redirected_head
 from .packed_attention import packed_forward
+from .packed_scoring import packed_pair_loss, packed_sequence_logps
+from .packing import PackedPairs
 from .parallel.mesh import ParallelContext
 from .parallel.precision import Precision
 
@@ -67,76 +65,6 @@ class LabelledLogps:
         """[S] float32 sum per row (differentiable); a row with no labelled token gives 0."""
         sums = self.token_logps.new_zeros(self.num_rows)
         return sums.index_add(0, self.rows, self.token_logps)
-
-
-def output_embedding(model):
-    head = model.get_output_embeddings()
-    if head is None:
-        raise UsageError(f"model: {type(model).__name__} has no output embeddings (LM head)")
-    return head
-
-
-@contextmanager
-def compacted_input(head, positions):
-    """Inside, `head` sees only the hidden states of the flat `positions` of its [S, T, H] input."""
-    def compact(module, args):
-        hidden = args[0]   # [S, T, H]
-        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions),) + tuple(args[1:])
-
-    # Prepended: it runs before tensor parallelism's input hook turns the hidden states into a DTensor.
-    handle = head.register_forward_pre_hook(compact, prepend=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _local(tensor):
-    """A DTensor's local tensor, differentiably (its gradient returns with the same placements)."""
-    return tensor.to_local() if is_dtensor(tensor) else tensor
-
-
-@contextmanager
-def redirected_head(head, ctx, compute):
-    """Inside, a call of the LM head `head` (nn.Linear) returns `compute(hidden, weight, bias)` of
-    plain tensors in one dtype, instead of the logits; yields the list of what it returned."""
-    if not isinstance(head, torch.nn.Linear):
-        raise UsageError(f"{option('head')} fused: the model's output embedding is a {type(head).__name__}, not "
-                         f"an nn.Linear whose weight the fused head can take; use {option('head')} logits")
-    produced = []
-
-    def forward(hidden):
-        mesh = hidden.device_mesh if is_dtensor(hidden) else None
-        assert (mesh is None) == (ctx.tp_group is None), "the LM head is vocab-parallel exactly under --tp"
-        h, w = _local(hidden), _local(head.weight)
-        b = None if head.bias is None else _local(head.bias)
-        out = compute(h, w, b)
-        produced.append(out)
-        if mesh is None:
-            return out
-
-        # The plan's output hook (ColwiseParallel(use_local_output=True), tp_plan.py) takes a Shard(-1)
-        # DTensor back to its local tensor: this rank's result passes through unchanged.
-        return DTensor.from_local(out, mesh, [Shard(-1)], run_check=False)
-
-    saved = head.__dict__.get("forward")   # an instance attribute someone set before, if any
-    head.forward = forward
-    try:
-        yield produced
-    finally:
-        if saved is None:
-            del head.forward
-        else:
-            head.forward = saved
-
-
-def _fused_output(model, produced, got):
-    """The model's output, checked to be what the fused head returned (not transformed after the head)."""
-    if len(produced) != 1 or got.data_ptr() != produced[0].data_ptr() or got.shape != produced[0].shape:
-        raise UsageError(f"{option('head')} fused: {type(model).__name__}'s forward transforms its LM head's output "
-                         f"(e.g. logit soft-capping or scaling) or calls the head more than once, which the fused "
-                         f"head cannot follow; use {option('head')} logits")
-    return got
 
 
 @dataclass
@@ -179,7 +107,7 @@ class Scorer:
                     return linear_token_logprobs(hidden, weight, labels, bias=bias, process_group=ctx.tp_group)
 
                 with redirected_head(head, ctx, compute) as produced:
-                    logps = _fused_output(model, produced, self._run(model, batch))
+                    logps = fused_output(model, produced, self._run(model, batch))
             else:
                 logits = self._run(model, batch)
                 assert logits.shape[0] == positions.shape[0], (tuple(logits.shape), positions.shape)
@@ -192,7 +120,6 @@ class Scorer:
         gradient: the reference's numbers, by `pair_loss`'s own arithmetic (the fused head: its op,
         with its chunks and its summation order), so that π − ref is exactly 0 at θ_t."""
         if isinstance(batch, PackedPairs):
-            from .packed_scoring import packed_sequence_logps
             return packed_sequence_logps(self, model, batch)
         if self.head == "logits":
             return self.labelled_logps(model, batch).sequence_sums()
@@ -203,7 +130,6 @@ class Scorer:
         """The SPIN loss (a SpinLossOutput: loss, metrics, per-sequence log-probs and rewards) of a
         [2b]-row pair batch (rows [0, b) actual, [b, 2b) generated) against the reference's [2b] sums."""
         if isinstance(batch, PackedPairs):
-            from .packed_scoring import packed_pair_loss
             return packed_pair_loss(self, model, batch, ref_logps, beta=beta, loss_type=loss_type)
         if self.head == "logits":
             # Nothing else reads the logits after the loss: their gradient can take their memory.
@@ -218,5 +144,5 @@ class Scorer:
             return out.loss.reshape(1)   # a dim to be the plan's Shard(-1) under --tp
 
         with redirected_head(output_embedding(model), self.ctx, compute) as produced:
-            loss = _fused_output(model, produced, self._run(model, batch))
+            loss = fused_output(model, produced, self._run(model, batch))
         return results[0]._replace(loss=loss[0])

@@ -120,15 +120,3 @@ def packed_forward(model, packed, *, attention=None):
     # One mask for every layer, or one per layer type (Qwen2-style models take the dict).
     inputs["attention_mask"] = masks if len(masks) > 1 else next(iter(masks.values()))
     return model(**inputs)
-
-
-def packed_token_logps(model, packed, *, attention=None):
-    """[M] float32 log-probs of `packed.targets` under `model`, the LM head run only on the target
-    positions (the last prompt position twice), as the Scorer's "logits" head does."""
-    from spin_kernels.loss import token_logprobs
-
-    from .logprobs import compacted_input, output_embedding
-
-    with compacted_input(output_embedding(model), packed.targets.positions):
-        logits = packed_forward(model, packed, attention=attention).logits   # [M, V]
-    return token_logprobs(logits, packed.targets.labels)

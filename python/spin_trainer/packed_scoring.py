@@ -12,7 +12,7 @@ from spin_kernels.loss import linear_spin_loss, spin_loss_from_logps, token_logp
 
 from .data import collate_pairs
 from .errors import UsageError, option
-from .logprobs import _fused_output, compacted_input, output_embedding, redirected_head
+from .lm_head import compacted_input, fused_output, output_embedding, redirected_head
 from .packing import PROMPT, PackedPairs, pack_pairs
 
 # The families whose attention layers pass packed_attention's keyword arguments and mask through
@@ -80,7 +80,7 @@ def packed_pair_loss(scorer, model, packed, ref_logps, *, beta, loss_type):
 
     head = output_embedding(model)
     with compacted_input(head, targets.positions), redirected_head(head, scorer.ctx, compute) as produced:
-        loss = _fused_output(model, produced, scorer._run(model, packed))
+        loss = fused_output(model, produced, scorer._run(model, packed))
     return results[0]._replace(loss=loss[0])
 
 
