@@ -94,4 +94,4 @@ def test_drop_truncated_and_stops_in_a_run(tmp_path):
     data = read_state(os.path.join(root, sorted(os.listdir(root))[0]))["data"]
     assert len(data["generated"]) == len(data["examples"]) == 32
     assert all(len(g) >= 2 and g[-1] in stops for g in data["generated"]), data["generated"]
-    assert len({e.prompt_ids for e in data["examples"]}) < 32  # cut pairs' slots went to finished ones
+    assert len({tuple(e.prompt_ids) for e in data["examples"]}) < 32  # cut pairs' slots went to finished ones

@@ -92,10 +92,10 @@ def test_mixed_pairs_keep_their_own_generations(run):
     """Iteration 2's pairs from iteration 1 are iteration 1's pairs, each prompt with its own response."""
     _, out = run
     previous = loop_data(out, 3)["data"]
-    pairs = {(e.prompt_ids, e.response_ids, tuple(g)) for e, g in zip(previous["examples"], previous["generated"])}
+    pairs = {(tuple(e.prompt_ids), tuple(e.response_ids), tuple(g)) for e, g in zip(previous["examples"], previous["generated"])}
     current = loop_data(out, 5)["data"]
     assert len(current["examples"]) == 40
     mixed = list(zip(current["examples"][32:], current["generated"][32:]))
-    assert all((e.prompt_ids, e.response_ids, tuple(g)) in pairs for e, g in mixed)
+    assert all((tuple(e.prompt_ids), tuple(e.response_ids), tuple(g)) in pairs for e, g in mixed)
     # Iteration 1's pairs are not all alike: a shifted pairing would not be found among them.
     assert len({tuple(g) for _, g in mixed}) > 1

@@ -123,7 +123,7 @@ def test_long_prompts_are_cut_from_the_left_by_default(tmp_path):
     whole, _ = load_data(path, tokenizer, max_length=256)
     cut, summary = load_data(path, tokenizer, max_length=256, max_prompt_length=10)
     assert len(whole[0].prompt_ids) > 10
-    assert cut[0].prompt_ids == (tokenizer.bos_token_id,) + whole[0].prompt_ids[-9:]
+    assert list(cut[0].prompt_ids) == [tokenizer.bos_token_id] + list(whole[0].prompt_ids[-9:])
     assert cut[0].response_ids == whole[0].response_ids and cut[1] == whole[1]
     assert summary.startswith("1 prompt(s) over 10 tokens cut from the left (first: data ") and "record 1" in summary
     # Without --max-prompt-length, the context bounds the prompt (one token left for the response).

@@ -19,6 +19,7 @@ import json
 import os
 import time
 import zipfile
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,8 +54,7 @@ def cache_key(data, tokenizer, settings):
 
 def save_cache(path, examples, summary):
     """Atomically (a temporary file, then a rename): a killed run never leaves half a cache."""
-    lengths = np.array([(len(e.prompt_ids), len(e.response_ids)) for e in examples], dtype=np.int64).reshape(-1, 2)
-    ids = np.fromiter((t for e in examples for t in e.prompt_ids + e.response_ids), dtype=np.int64)
+    lengths, ids = token_buffers(examples)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
@@ -64,12 +64,35 @@ def save_cache(path, examples, summary):
 
 def read_cache(path):
     with np.load(path) as cache:
-        lengths, ids, summary = cache["lengths"], cache["ids"].tolist(), str(cache["summary"])
+        lengths, ids, summary = cache["lengths"], cache["ids"], str(cache["summary"])
+    return examples_from_buffers(lengths, ids), summary
+
+
+def token_buffers(examples):
+    """([n, 2] prompt and response lengths, the flat int32 ids) of `examples`: what save_cache and
+    checkpoints store (not a Python int per token)."""
+    lengths = np.array([(len(e.prompt_ids), len(e.response_ids)) for e in examples], dtype=np.int64).reshape(-1, 2)
+    flat = array("i")
+    for e in examples:
+        flat += e.prompt_ids
+        flat += e.response_ids
+    return lengths, np.frombuffer(flat, dtype=np.int32)
+
+
+def examples_from_buffers(lengths, ids):
+    """The Examples of token_buffers' (lengths, ids)."""
+    ids = np.ascontiguousarray(ids, dtype=np.int32)
+
+    def ids_at(start, end):
+        out = array("i")
+        out.frombytes(ids[start:end].tobytes())
+        return out
+
     examples, at = [], 0
     for p, r in lengths.tolist():
-        examples.append(Example(tuple(ids[at:at + p]), tuple(ids[at + p:at + p + r])))
+        examples.append(Example(ids_at(at, at + p), ids_at(at + p, at + p + r)))
         at += p + r
-    return examples, summary
+    return examples
 
 
 def load_data(spec, tokenizer, *, max_length, template=DEFAULT_PROMPT_TEMPLATE, source="data", split=None,

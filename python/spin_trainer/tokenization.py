@@ -23,6 +23,7 @@ response) and tokenized once, then split at the prompt's end:
   A response longer than what the context leaves is cut (its EOS lost) and counted.
 """
 import re
+from array import array
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,9 +35,19 @@ BATCH = 4096  # records per batched tokenizer call: large enough for the Rust si
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized record: the prompt and the gold response (EOS included when it fits)."""
-    prompt_ids: tuple
-    response_ids: tuple
+    """One tokenized record: the prompt and the gold response (EOS included when it fits), each an
+    array of int32 token ids (any sequence of ints given is converted). 4 bytes a token, where a
+    tuple of Python ints takes 36: UltraChat's 152M tokens are 0.6 GB per process instead of 5.5 GB."""
+    prompt_ids: array
+    response_ids: array
+
+    __hash__ = None   # arrays are mutable: an Example is not a dict key
+
+    def __post_init__(self):
+        for name in ("prompt_ids", "response_ids"):
+            ids = getattr(self, name)
+            if not (isinstance(ids, array) and ids.typecode == "i"):
+                object.__setattr__(self, name, array("i", ids))
 
 
 def leading_special_ids(tokenizer):
@@ -192,7 +203,7 @@ class Encoder:
         if len(response) > room:
             response = response[:room]
             self.note("response_cut", c)
-        return Example(tuple(prompt), tuple(response))
+        return Example(prompt, response)
 
     def summary(self):
         """One line of what was cut or skipped, or '' when nothing was."""
