@@ -143,21 +143,21 @@ def test_packing_layout_per_attention_implementation():
     assert packing_layout(_tiny_llama("eager"), CTX, "swap") == "shared"
     # flash-attn takes no custom mask: a prompt per response, the documents told apart by position ids.
     assert packing_layout(_tiny_llama("flash_attention_2"), CTX, "resident") == "separate"
+    # Tensor parallelism packs too (tests/test_packing_equality.py runs it on dp2 x tp2).
+    assert packing_layout(_tiny_llama("sdpa"), replace(CTX, world_size=2, tp_size=2), "swap") == "shared"
 
 
-@pytest.mark.parametrize("case", ["gpt2", "tp", "streamed", "attention"])
+@pytest.mark.parametrize("case", ["gpt2", "streamed", "attention"])
 def test_packing_is_refused_where_it_cannot_run(case):
-    model, ctx, reference = _tiny_llama(), CTX, "precompute"
+    model, reference = _tiny_llama(), "precompute"
     if case == "gpt2":
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=16, n_embd=16, n_layer=1, n_head=2))
-    elif case == "tp":
-        ctx = replace(CTX, world_size=2, tp_size=2)
     elif case == "streamed":
         reference = "streamed"
     else:
         model.config._attn_implementation = "flash_attention_3"
     with pytest.raises(UsageError, match="--pack-pairs"):
-        packing_layout(model, ctx, reference)
+        packing_layout(model, CTX, reference)
 
 
 def test_the_trainer_refuses_packing_with_the_streamed_reference(tiny):

@@ -5,6 +5,12 @@ trainer's and generation/rollouts.pair_logps'); the Scorer sends a PackedPairs h
 run on the gathered target positions (the last prompt position twice, packing.py): "logits" by
 the padded path's own arithmetic (token_logprobs, per-sequence sums, spin_loss_from_logps), "fused"
 by linear_spin_loss with `seq_ids`, so that π − ref is exactly 0 at θ_t in either layout.
+
+Under --tp the packed forward is the padded one's: the compacted head input is taken before tensor
+parallelism's input hook makes it a DTensor (lm_head.compacted_input), the attention layers see
+their rank's heads with the whole row's positions and mask, and the LM head's output is this rank's
+vocab shard, which both heads read vocab-parallel over the tp group (`process_group`), as the
+padded path does.
 """
 import torch
 
@@ -27,8 +33,6 @@ def packing_layout(model, ctx, reference):
     if config.model_type not in PACKABLE_MODEL_TYPES:
         raise UsageError(f"{name}: model type {config.model_type!r} is not one of {PACKABLE_MODEL_TYPES}, whose "
                          f"attention takes the packed layout; drop {name}")
-    if ctx.tp_size > 1:
-        raise UsageError(f"{name} does not run under {option('tp')} > 1; drop one of them")
     if reference == "streamed":
         raise UsageError(f"{name}: {option('reference')} streamed runs its own padded forward; use another "
                          f"{option('reference')} or drop {name}")
@@ -61,8 +65,9 @@ def sequence_tokens(batch):
 def _policy_sums(scorer, model, packed, *, inplace_backward):
     targets = packed.targets
     with compacted_input(output_embedding(model), targets.positions):
-        logits = scorer._run(model, packed)   # [M, V]
-    token_logps = token_logprobs(logits, targets.labels, inplace_backward=inplace_backward)
+        logits = scorer._run(model, packed)   # [M, V], under --tp this rank's vocab shard [M, V/tp]
+    token_logps = token_logprobs(logits, targets.labels, process_group=scorer.ctx.tp_group,
+                                 inplace_backward=inplace_backward)
     return packed.sequence_sums(token_logps)
 
 
@@ -74,7 +79,8 @@ def packed_pair_loss(scorer, model, packed, ref_logps, *, beta, loss_type):
 
     def compute(hidden, weight, bias):   # hidden [M, H]: the target positions
         out = linear_spin_loss(hidden, weight, targets.labels, ref_logps, bias=bias, seq_ids=targets.sequences,
-                               num_sequences=packed.num_sequences, beta=beta, loss_type=loss_type)
+                               num_sequences=packed.num_sequences, beta=beta, loss_type=loss_type,
+                               process_group=scorer.ctx.tp_group)
         results.append(out)
         return out.loss.reshape(1)
 
