@@ -73,34 +73,29 @@ class DecoderShape:
 @dataclass(frozen=True)
 class ComputeMode:
     compute_bytes: int    # b
-    autocast: bool        # fp32 weights read through torch.autocast (no FSDP, mixed precision)
     tp: int = 1
 
-    @property
-    def residual_bytes(self):   # r
-        return 4 if self.autocast else self.compute_bytes
 
-
-def _norm_bytes(shape, mode, recompute, consumers):
-    h, b, r = shape.hidden, mode.compute_bytes, mode.residual_bytes
-    kept = 4 * h + r * h + 4 if recompute == "none" else r * h
-    return kept + (consumers if mode.autocast else 1) * b * h
+def _norm_bytes(shape, mode, recompute):
+    h, b = shape.hidden, mode.compute_bytes
+    kept = 4 * h + b * h + 4 if recompute == "none" else b * h
+    return kept + b * h
 
 
 def layer_bytes_per_token(shape, mode, recompute):
     """Bytes one decoder layer keeps for the backward, per token of the micro-batch."""
     h, w, b, t = shape.hidden, shape.kv_width, mode.compute_bytes, mode.tp
     if recompute == "full":
-        return mode.residual_bytes * h
+        return b * h
     attention = b * (2 * h + 2 * w) // t + 4 * shape.heads // t
     mlp = (4 if recompute == "none" else 3) * b * shape.intermediate // t
-    return _norm_bytes(shape, mode, recompute, 3) + attention + _norm_bytes(shape, mode, recompute, 2) + mlp
+    return 2 * _norm_bytes(shape, mode, recompute) + attention + mlp
 
 
 def decoder_bytes(shape, mode, recompute, *, rows, length):
     """Bytes the backbone (embeddings, decoder layers, final norm) keeps for one micro-batch of
-    `rows` x `length` tokens, without autocast's weight copies."""
-    h, r = shape.hidden, mode.residual_bytes
+    `rows` x `length` tokens."""
+    h, r = shape.hidden, mode.compute_bytes
     tokens = rows * length
     per_token = shape.layers * layer_bytes_per_token(shape, mode, recompute) + 8 + 4 * h + r * h + 4
     rope = 0 if recompute == "full" else 2 * length * shape.head_dim * r
@@ -124,28 +119,32 @@ class ActivationEstimate:
     layer_per_token: int        # bytes per token per decoder layer
     decoder: int                # bytes: backbone
     head: int                   # bytes: LM head and loss
-    weight_copies: int          # bytes: autocast's compute-dtype copies of the Linear weights
-    backward_working_set: int   # bytes: one layer's activations in flight in the backward
+    backward_working_set: int   # bytes: a decoder layer's backward, beside the saved tensors
 
     @property
     def total(self):
-        return self.decoder + self.head + self.weight_copies
+        return self.decoder + self.head
+
+    @property
+    def top_layer(self):
+        """Bytes the last decoder layer keeps (freed by its backward, the first of the layers')."""
+        return self.tokens * self.layer_per_token
 
 
-def estimate_activations(shape, mode, recompute, *, micro_batch_size, max_length, linear_weight_numel,
-                         head="logits"):
-    """The micro-batch's activations (2·micro_batch_size rows of max_length tokens, all labelled).
+def working_set_per_token(shape, mode):
+    """A decoder layer's backward, at its largest (in the MLP's): the gradients of the MLP's
+    intermediates d(act(gate)·up), d act(gate) and d up."""
+    return 3 * mode.compute_bytes * shape.intermediate // mode.tp
 
-    `linear_weight_numel`: this rank's elements of Linear weights (autocast copies them)."""
+
+def estimate_activations(shape, mode, recompute, *, micro_batch_size, max_length, head="logits"):
+    """The micro-batch's activations (2·micro_batch_size rows of max_length tokens, all labelled)."""
     rows = 2 * micro_batch_size
     tokens = rows * max_length
-    full_layer = tokens * layer_bytes_per_token(shape, mode, "none")
-    # The backward of a layer holds the gradients of its intermediates next to its saved tensors
-    # (about one layer's activations); under full recompute the layer's activations are rebuilt first.
-    working_set = full_layer * (2 if recompute == "full" else 1)
+    working_set = tokens * working_set_per_token(shape, mode)
+    if recompute == "full":   # the layer's activations are rebuilt before its backward
+        working_set += tokens * layer_bytes_per_token(shape, mode, "none")
     return ActivationEstimate(
         tokens=tokens, labelled=tokens, layer_per_token=layer_bytes_per_token(shape, mode, recompute),
         decoder=decoder_bytes(shape, mode, recompute, rows=rows, length=max_length),
-        head=head_bytes(shape, mode, tokens, head),
-        weight_copies=mode.compute_bytes * linear_weight_numel if mode.autocast else 0,
-        backward_working_set=working_set)
+        head=head_bytes(shape, mode, tokens, head), backward_working_set=working_set)

@@ -70,7 +70,7 @@ def _norm_peak(h, r):
 
 def prefill_bytes_per_token(shape, mode, prompt, static):
     """Bytes the prefill of one prompt of `prompt` tokens keeps at its peak, per token."""
-    h, w, t, b, r = shape.hidden, shape.kv_width, mode.tp, mode.compute_bytes, mode.residual_bytes
+    h, w, t, b, r = shape.hidden, shape.kv_width, mode.tp, mode.compute_bytes, mode.compute_bytes
     q, i = shape.heads * shape.head_dim // t, shape.intermediate // t
     norm = max(_norm_peak(h, r), r * h + _norm_peak(h, r))
     projected = b * (q + 2 * w // t)
@@ -95,7 +95,7 @@ def generation_memory(shape, mode, *, max_length, max_new_tokens, static_decoder
         cache_bytes = mode.compute_bytes
     else:
         length = slots - 1
-        cache_bytes = max(mode.compute_bytes, mode.residual_bytes)
+        cache_bytes = mode.compute_bytes
     layer_cache = length * 2 * shape.kv_width // mode.tp * cache_bytes
     prefill = prompt * prefill_bytes_per_token(shape, mode, prompt, static)
     decode = 0 if static else 2 * layer_cache
