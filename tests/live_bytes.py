@@ -21,6 +21,7 @@ class LiveTensorBytes(TorchDispatchMode):
         self.live = {}        # the storage's C object -> bytes
         self.resized_keys = set()
         self.current = self.peak = self.resized = self.resized_peak = 0
+        self.paused = False
 
     def _set(self, key, nbytes):
         change = nbytes - self.live.get(key, 0)
@@ -48,11 +49,30 @@ class LiveTensorBytes(TorchDispatchMode):
             weakref.finalize(storage, self._release, key)
         self._set(key, nbytes)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+    def one_kernel(self, function):
+        """`function` as the one GPU kernel it stands for: only its outputs are counted, not the
+        tensors its CPU twin works in (spin_kernels' torch backend of the Triton log-prob kernels:
+        chunks of the logits in fp32)."""
+        def counted_outputs(*args, **kwargs):
+            self.paused = True
+            try:
+                out = function(*args, **kwargs)
+            finally:
+                self.paused = False
+            self._track_outputs(out)
+            return out
+
+        return counted_outputs
+
+    def _track_outputs(self, out):
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata not in self.live:
                 self._track(tensor.untyped_storage(), tensor.untyped_storage().nbytes())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.paused:
+            self._track_outputs(out)
         return out
 
     def __enter__(self):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from live_bytes import LiveTensorBytes
+from spin_kernels.loss import torch_backend
 from trainer_cases import step_trainer
 
 from spin_trainer.data import Example, collate_pairs
@@ -39,9 +40,10 @@ def local_bytes(tensor):
     return local.numel() * local.element_size()
 
 
-def measured_step(precision, dp_shard, recompute):
+def measured_step(precision, dp_shard, recompute, monkeypatch):
     """This step's bytes: the model state, what one micro-batch's forward leaves, FSDP's gathered
-    weights at their largest, and the step's peak beside the model state."""
+    weights at their largest, and the peak of the forwards and backwards beside the model state (the
+    update after them is not the plan's: on the CPU torch's optimizers step tensor by tensor)."""
     ctx = setup_parallel(1, "cpu", dp_shard=dp_shard, fsdp_alone=precision.mixed)   # as cli.py
     try:
         model = build_tiny_llama(VOCAB, hidden_size=HIDDEN, intermediate_size=MLP, num_layers=LAYERS, num_heads=8,
@@ -55,8 +57,9 @@ def measured_step(precision, dp_shard, recompute):
         state = [v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         seen = {}
 
-        def before_update(*args):
+        def before_update(*args):   # the forwards and backwards are done: their peak is the plan's
             seen.setdefault("gradients", sum(local_bytes(p.grad) for p in model.parameters()))
+            seen.setdefault("peak", live.peak)
 
         trainer.optimizer.register_step_pre_hook(before_update)
         pair_loss = scorer.pair_loss
@@ -68,8 +71,11 @@ def measured_step(precision, dp_shard, recompute):
 
         scorer.pair_loss = recorded_pair_loss
         with LiveTensorBytes(list(model.parameters()) + list(model.buffers()) + state) as live:
+            # the log-prob op as the GPU runs it: one Triton kernel with no working memory of its own
+            for name in ("logprob_stats", "logprob_grad"):
+                monkeypatch.setattr(torch_backend, name, live.one_kernel(getattr(torch_backend, name)))
             trainer.train_step(micro_batches)
-        seen.update(peak=live.peak, gathered=live.resized_peak, parameters=sum(map(local_bytes, model.parameters())),
+        seen.update(gathered=live.resized_peak, parameters=sum(map(local_bytes, model.parameters())),
                     optimizer_state=sum(local_bytes(v) for v in state if v.dim() > 0))
         return model.config, seen
     finally:
@@ -87,11 +93,11 @@ CASES = {   # name: (--dtype, --pure-low-precision, --dp-shard, --recompute)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_training_terms_equal_a_measured_step(case):
+def test_training_terms_equal_a_measured_step(case, monkeypatch):
     torch.set_num_threads(1)
     dtype, pure, dp_shard, recompute = CASES[case]
     precision = Precision(dtype, pure=pure)
-    config, got = measured_step(precision, dp_shard, recompute)
+    config, got = measured_step(precision, dp_shard, recompute, monkeypatch)
     plan = memory_plan(config, nproc=1, tp=1, precision=precision, dp_shard=dp_shard, recompute=recompute,
                        micro_batch_size=PAIRS, max_length=LENGTH, head="logits")
     a, step = plan.activations, plan.step
@@ -103,5 +109,9 @@ def test_training_terms_equal_a_measured_step(case):
     assert got["peak"] == pytest.approx(plan.training_peak - plan.parameters - plan.optimizer_state, rel=0.1)
     if plan.fsdp:
         assert plan.fsdp_gathered > 0 and plan.fsdp_gradient_buffers > 0
-    else:
-        assert plan.fsdp_gathered == plan.fsdp_gradient_buffers == 0
+        return
+    assert plan.fsdp_gathered == plan.fsdp_gradient_buffers == 0
+    # Without FSDP the peak beside the activations (the LM head's freed) is at most the working set.
+    # Not yet within 10%: the CPU step measures 0.82 of the formula in pure bf16, 0.6 in fp32
+    # (the formula's three [n, I] gradients are not all live at once; which ones is still open).
+    assert got["peak"] - plan.gradients - (a.total - a.head) <= plan.backward_working_set

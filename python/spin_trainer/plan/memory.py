@@ -244,7 +244,7 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
                       group=group, replicate=not dp_shard) if fsdp else None
     # gradients are reduced in float32 in mixed precision (MixedPrecisionPolicy), else in their own dtype
     step = training_step(units, activations, compute_bytes=b, reduce_bytes=precision.param_dtype.itemsize,
-                         head=head_numel, largest_weight=largest_weight)
+                         head=head_numel, largest_weight=largest_weight, fused_head=head == "fused")
     # generation (full_weights): every unit gathered in the compute dtype
     generation_weights = b * (root.gathered_numel + sum(u.gathered_numel for u in layers)) if fsdp else 0
     generation = generation_memory(shape, mode, max_length=max_length,

@@ -62,7 +62,7 @@ def format_plan(plan, *, micro_batch_size, max_length, gen_batch_size, device_me
     ]
     if plan.fsdp:
         kept = ("every decoder layer, kept from its forward to its backward (replicate)" if plan.step_units.replicate
-                else f"{2 if plan.step_units.group > 1 else 1} decoder layer(s)")
+                else "2 decoder layers (one prefetched)" if plan.step_units.group > 1 else "1 decoder layer")
         lines += [f"  FSDP gathered weights   {_gib(plan.fsdp_gathered)}  (root + {kept})",
                   f"  FSDP gradient buffers   {_gib(plan.fsdp_gradient_buffers)}  (the LM head's unsharded gradient, "
                   f"a layer's reduce input)"]

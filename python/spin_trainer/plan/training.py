@@ -53,7 +53,7 @@ class FsdpUnits:
     layer: int           # U, the largest decoder layer
     layers: int          # L
     head: int            # Hd
-    group: int           # g; 0 without FSDP
+    group: int           # g
     replicate: bool
 
 
@@ -65,26 +65,28 @@ class TrainingStep:
     reduce: int              # the top layer's reduce: its buffers (the layer's gathered weights freed)
     end_of_backward: int
     working_set: int
-
     head_gradient: int       # the LM head weight's gradient, from the loss's backward on
+    head_gradient_formed: int = 0   # the part the loss's backward adds (--head fused forms it in the forward)
 
     def peak_phase(self, activations):
         """The largest phase of the backward, beside the model state (activations: an ActivationEstimate)."""
         a = activations
         return max(
-            a.total + self.gathered_after_forward + self.head_gradient,
+            a.total + self.gathered_after_forward + self.head_gradient_formed,
             a.total - a.head + self.working_set + self.gathered + self.gradient_buffers,
             a.total - a.head - a.top_layer + self.reduce,
             self.end_of_backward)
 
 
-def training_step(units, activations, *, compute_bytes, reduce_bytes, head, largest_weight):
+def training_step(units, activations, *, compute_bytes, reduce_bytes, head, largest_weight, fused_head=False):
     """TrainingStep of `units` (FsdpUnits; None without FSDP); `head`: the LM head weight's elements,
-    `largest_weight`: the largest weight's (without FSDP, a gradient is formed whole, then added)."""
+    `largest_weight`: the largest weight's (without FSDP, a gradient is formed whole, then added);
+    `fused_head`: the fused head's d weight is among the activations already (activations.py)."""
     a, b, r = activations, compute_bytes, reduce_bytes
     if units is None:
         return TrainingStep(gathered=0, gathered_after_forward=0, gradient_buffers=0, reduce=0, end_of_backward=0,
-                            working_set=a.backward_working_set + r * largest_weight, head_gradient=r * head)
+                            working_set=a.backward_working_set + r * largest_weight, head_gradient=r * head,
+                            head_gradient_formed=0 if fused_head else r * head)
     u = units
     kept_layers = u.layers if u.replicate else 2 if u.group > 1 else 1
     gathered = b * (u.root + kept_layers * u.layer)
@@ -101,4 +103,4 @@ def training_step(units, activations, *, compute_bytes, reduce_bytes, head, larg
         reduce=gathered - b * u.layer + head_gradient + reduce_transients(u.layer),
         end_of_backward=b * u.root + reduce_transients(u.root),
         working_set=a.backward_working_set + b * largest_weight,
-        head_gradient=head_gradient)
+        head_gradient=head_gradient, head_gradient_formed=0 if fused_head else head_gradient)
