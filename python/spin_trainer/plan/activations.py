@@ -6,12 +6,11 @@ an upper bound (prompts and padding have no label, so the head runs on fewer row
 
 What autograd keeps for the backward, in bytes per token, with h the hidden size, w the key/value
 width (KV heads x head dim), I the MLP width, a the attention heads, t the tensor-parallel size,
-b the compute dtype's bytes and r the residual stream's (b, except 4 under autocast, where the
-fp32 weights make fp32 embeddings and residual sums):
+b the compute dtype's bytes (mixed precision is FSDP's cast of every weight, embeddings included,
+so the residual stream is in the compute dtype too: r = b):
 
     RMSNorm (HF: fp32 upcast, x·rsqrt, weight·x)  4h + r·h + 4, plus its output: b·h read by all
-                                                  its consumers, or under autocast one b·h cast
-                                                  per consuming Linear (3 for attention, 2 for MLP)
+                                                  its consumers
     attention (a fused kernel)                    b·(2h + 2w)/t for q, k, v and the output (o_proj
                                                   reads it in place) + 4a/t for the log-sum-exp
     SwiGLU MLP                                    4·b·I/t: gate, up, act(gate), act(gate)·up
@@ -23,8 +22,7 @@ fp32 weights make fp32 embeddings and residual sums):
                                                   are rebuilt in the backward: counted as a transient)
 
     per micro-batch    n·(L·layer + 8 (input ids) + final norm 4h + r·h + 4) + RoPE tables 2·T·d·r
-                       (d the head dim; none/elementwise) + under autocast the compute-dtype copies
-                       of every Linear weight (cached by autocast for the whole forward)
+                       (d the head dim; none/elementwise)
     LM head and loss   --head logits: N·(b·h (the head's input) + b·V/t (logits, which the loss's
                        gradient overwrites in place) + 32 (fp32 log-sum-exp and log-prob; int64
                        label, position and row))
@@ -42,7 +40,8 @@ attention kernel (tests/test_train_plan.py measures it with saved-tensor hooks o
 --recompute and precision). Not counted: with padding, Hugging Face's flash-attention-2 path
 unpads q/k/v into copies and re-pads the output (about one more b·h/t per token and layer without
 recompute); an attention mask materialised as [rows, T, T] (eager or SDPA with padding); the
-cuBLAS/NCCL workspaces and allocator fragmentation.
+cuBLAS/NCCL workspaces and allocator fragmentation. The backward's working set and the training
+step's phases: plan/training.py.
 """
 from dataclasses import dataclass
 

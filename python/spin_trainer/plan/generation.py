@@ -7,13 +7,12 @@ choose_backend). Every prompt is taken at --max-length - 1 tokens and every batc
 the length-sorted batching can form (its longest prompt that long, a short one that leaves
 --max-new-tokens steps), so the figures are upper bounds. With h the hidden size, q and w the query
 and key/value widths (heads x head dim), I the MLP width, t the tensor-parallel size, b the
-compute dtype's bytes and r the residual stream's (4 under autocast: fp32 embeddings):
+compute dtype's bytes and r the residual stream's (= b: mixed precision is FSDP's cast, which
+makes the embeddings bf16 too):
 
     KV cache     rows x length x layers x 2w/t x bytes. Length: the static decoder's slots run to
                  the batch's padded prompt + its steps, rounded up to a multiple of 64; Hugging
-                 Face's cache ends one token short of that, unrounded. Bytes: the compute dtype in
-                 the static decoder; Hugging Face's cache keeps k as RoPE leaves it, promoted to
-                 the residual's dtype (fp32 under autocast)
+                 Face's cache ends one token short of that, unrounded. Bytes: the compute dtype
     prefill      per prompt token, the largest of the phases of one decoder layer (the hidden
                  state is replicated over the tensor-parallel ranks):
                    norms    HF's RMSNorm upcasts its input to fp32: input, fp32 copy, its square

@@ -16,25 +16,21 @@ dimension (the 0-dim `step` counters live on the host unless the optimizer is fu
 The rest is arithmetic on those numbers and on the model's shape, stated term by term:
 
     activations            plan/activations.py (formula and assumptions there)
-    FSDP gathered weights  the root (embeddings, final norm, LM head; kept gathered from the
-                           forward to the end of the backward) + two decoder layers (the one
-                           computing and the one prefetched), in the compute dtype
-    FSDP gradient buffers  one decoder layer's unsharded gradients (compute dtype) and, in mixed
-                           precision, their fp32 copy for the reduce-scatter (MixedPrecisionPolicy
-                           reduce_dtype); for the root at the end of the backward
-    backward working set   one layer's activations in flight (two under full recompute)
+    FSDP gathered weights, FSDP gradient buffers, backward working set, training peak:
+                           plan/training.py (the phases of the backward). In mixed precision every
+                           layout casts with FSDP's MixedPrecisionPolicy (one process on a data-
+                           parallel axis of one rank, --no-dp-shard through replicate), as
+                           setup_parallel does; the plan builds the same context on the fake group
     generation             parameters, optimizer state (unless --offload-optimizer), the full
-                           weights in the compute dtype (FSDP unsharded for the whole generation;
-                           autocast's cached copies), and the KV cache and the prefill's transients
+                           weights in the compute dtype (FSDP or replicate unsharded for the whole
+                           generation), and the KV cache and the prefill's transients
                            of --gen-batch-size rows (plan/generation.py)
     model loading          the local parameter shards and the slice of one weight being read
                            into them, at most the largest local shard (parallel/load.py)
     host memory            plan/host.py
 
     training peak    = parameters + gradients + optimizer state (+ a resident reference)
-                       + activations + FSDP gathered weights and gradient buffers + working set
-                       (or, if larger, the state with the root's gradient buffers at the end of
-                       the backward)
+                       + the largest phase of the backward (plan/training.py)
     per-rank peak    = max(model loading, training peak, generation peak)
 
 With --optimizer-in-backward each gradient is freed by its own update, so at most one FSDP unit's
