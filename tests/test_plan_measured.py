@@ -1,18 +1,18 @@
 """`--plan`'s generation and host-memory terms against measured CPU runs, within 10%: the peak of
 the bytes the CPU allocator hands out while the trainer's own generate_responses runs (both
-decoders; fp32, autocast and pure bf16), and the RSS that the trainer's own reference bank and
-optimizer offload add. The static decoder's KV cache is in the compute dtype whatever casts the
+decoders; fp32, bf16 mixed precision as the trainer runs it, inside full_weights of a model under
+FSDP's MixedPrecisionPolicy on a data-parallel axis of one rank, and pure bf16), and the RSS that
+the trainer's own reference bank and optimizer offload add. The static decoder's KV cache is in the compute dtype whatever casts the
 weights; a training run lowers --gen-batch-size to the largest generation batch the plan fits."""
 import ctypes
 import os
 import re
-import weakref
+from contextlib import nullcontext
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from live_bytes import LiveTensorBytes, allocated_peak
 from trainer_cases import ROOT, tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
@@ -20,6 +20,8 @@ from spin_trainer.options import parse_config
 from spin_trainer.generation.decode import SamplingConfig, generate_responses
 from spin_trainer.generation.static_decoder import StaticKVDecoder
 from spin_trainer.model import build_tiny_llama
+from spin_trainer.parallel.apply import full_weights, parallelize_model
+from spin_trainer.parallel.mesh import setup_parallel, teardown_parallel
 from spin_trainer.parallel.precision import Precision
 from spin_trainer.plan.activations import ComputeMode, DecoderShape
 from spin_trainer.plan.generation import generation_memory
@@ -32,48 +34,8 @@ SHAPES = {"a": (256, 704, 8, 2, 4, 129), "b": (64, 160, 4, 2, 2, 513), "c": (256
 NEW_TOKENS = 40
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """The peak bytes of the storages that ATen operators return, live at once: what a GPU run
-    allocates too. Kernels' private scratch is not seen (on the CPU, a bf16 matmul's fp32 result
-    buffer, which cuBLAS does not need); storages that existed before (the weights) are not counted.
-    A storage's Python object lives exactly as long as the storage (also when only autograd's saved
-    tensors or autocast's cache hold it), so its finalizer marks the free."""
-
-    def __init__(self, existing):
-        super().__init__()
-        self.existing = {t.untyped_storage().data_ptr() for t in existing}
-        self.live = {}   # data pointer -> bytes
-        self.current = self.peak = 0
-
-    def _release(self, pointer):
-        self.current -= self.live.pop(pointer)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            pointer = storage.data_ptr()
-            if pointer in self.existing or pointer in self.live or storage.nbytes() == 0:
-                continue
-            self.live[pointer] = storage.nbytes()
-            self.current += storage.nbytes()
-            weakref.finalize(storage, self._release, pointer)
-        self.peak = max(self.peak, self.current)
-        return out
-
-
-def allocated_peak(model, fn):
-    with LiveTensorBytes(list(model.parameters()) + list(model.buffers())) as live:
-        fn()
-    return live.peak
-
-
 def model_of(shape, precision, seed=0):
     hidden, mlp, heads, kv_heads, _, _ = SHAPES[shape]
-    # c's vocabulary is small: under autocast the LM head's cached bf16 copy, which the plan adds to the
-    # prefill's peak, is made only after it (an upper bound by V·h bytes, here 1/32 of the peak)
     model = build_tiny_llama(128 if shape == "c" else 512, hidden_size=hidden, intermediate_size=mlp, num_layers=2, num_heads=heads,
                              num_kv_heads=kv_heads, head_dim=16 if shape == "b" else 32, max_position_embeddings=1024,
                              attn_implementation="sdpa", initializer_range=0.3, seed=seed).eval()
@@ -85,34 +47,50 @@ def worst_batch(rows, max_length):
     return [[3 + i] * (max_length - 1) for i in range(rows - 1)] + [[5]]
 
 
-def generate(model, prompts, precision, backend, max_length):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
-        return generate_responses(model, prompts, SamplingConfig(max_new_tokens=NEW_TOKENS, do_sample=False),
-                                  eos_token_id=-1, pad_token_id=0, max_length=max_length, batch_size=len(prompts),
-                                  progress=False, backend=backend)
+def generate(model, prompts, backend, max_length):
+    return generate_responses(model, prompts, SamplingConfig(max_new_tokens=NEW_TOKENS, do_sample=False),
+                              eos_token_id=-1, pad_token_id=0, max_length=max_length, batch_size=len(prompts),
+                              progress=False, backend=backend)
+
+
+def measured_generation(model, precision, backend, rows, max_length):
+    """Peak bytes of the trainer's generation: in mixed precision FSDP (one rank, as cli.py sets it up)
+    holds the full weights in bf16 for it (full_weights), which the measurement counts."""
+    def run():
+        with full_weights(model) if mixed else nullcontext():
+            generate(model, worst_batch(rows, max_length), backend, max_length)
+
+    mixed = precision == "mixed"
+    ctx = setup_parallel(1, "cpu", fsdp_alone=mixed)
+    try:
+        if mixed:
+            parallelize_model(model, ctx, Precision("bfloat16"))
+        return allocated_peak(model, run)
+    finally:
+        teardown_parallel(ctx)
 
 
 @pytest.mark.parametrize("shape, precision, backend", [
-    ("a", "fp32", "static"), ("a", "autocast", "static"), ("a", "autocast", "hf"), ("a", "bf16", "hf"),
-    ("b", "fp32", "hf"), ("b", "autocast", "static"), ("b", "bf16", "static"),
-    ("c", "autocast", "static"), ("c", "bf16", "static"), ("c", "autocast", "hf"),
+    ("a", "fp32", "static"), ("a", "mixed", "static"), ("a", "mixed", "hf"), ("a", "bf16", "hf"),
+    ("b", "fp32", "hf"), ("b", "mixed", "static"), ("b", "bf16", "static"),
+    ("c", "mixed", "static"), ("c", "bf16", "static"), ("c", "mixed", "hf"),
 ])
 def test_generation_terms_equal_a_measured_cpu_run(shape, precision, backend):
     torch.set_num_threads(1)
     model = model_of(shape, precision)
     rows, max_length = SHAPES[shape][4:]
-    measured = allocated_peak(model, lambda: generate(model, worst_batch(rows, max_length), precision, backend, max_length))
     dtype = "float32" if precision == "fp32" else "bfloat16"
     plan = memory_plan(model.config, nproc=1, tp=1, precision=Precision(dtype, pure=precision == "bf16"),
                        max_length=max_length, max_new_tokens=NEW_TOKENS, gen_batch_size=rows)
-    mode = ComputeMode(compute_bytes=4 if precision == "fp32" else 2, autocast=precision == "autocast")
+    measured = measured_generation(model, precision, backend, rows, max_length)
+    mode = ComputeMode(compute_bytes=4 if precision == "fp32" else 2)
     # the plan's decoder choice (static on one tensor-parallel rank) is set here to measure Hugging
     # Face's too
     generation = generation_memory(DecoderShape.of(model.config), mode, max_length=max_length,
                                    max_new_tokens=NEW_TOKENS, static_decoder=backend == "static")
     if backend == "static":
         assert generation.kv_cache(rows) == plan.kv_cache
-    expected = plan.generation_weights + generation.total(rows)   # autocast's cached bf16 weights
+    expected = plan.generation_weights + generation.total(rows)   # FSDP's gathered bf16 weights
     assert expected == pytest.approx(measured, rel=0.1), (measured, expected)
 
 
@@ -134,8 +112,8 @@ def test_static_cache_is_in_the_compute_dtype_whatever_casts_the_weights():
     assert sum(t.numel() * t.element_size() for t in cache) == plan.kv_cache
 
     short = [[7, 8, 9, 10], [11, 12], [13, 14, 15, 16, 17, 18]]
-    got = generate(model, short, "autocast", "static", 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = generate(model, short, "static", 64)
         want = [model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
                 for p in short]

@@ -6,12 +6,11 @@ an upper bound (prompts and padding have no label, so the head runs on fewer row
 
 What autograd keeps for the backward, in bytes per token, with h the hidden size, w the key/value
 width (KV heads x head dim), I the MLP width, a the attention heads, t the tensor-parallel size,
-b the compute dtype's bytes and r the residual stream's (b, except 4 under autocast, where the
-fp32 weights make fp32 embeddings and residual sums):
+b the compute dtype's bytes (mixed precision is FSDP's cast of every weight, embeddings included,
+so the residual stream is in the compute dtype too: r = b):
 
     RMSNorm (HF: fp32 upcast, x·rsqrt, weight·x)  4h + r·h + 4, plus its output: b·h read by all
-                                                  its consumers, or under autocast one b·h cast
-                                                  per consuming Linear (3 for attention, 2 for MLP)
+                                                  its consumers
     attention (a fused kernel)                    b·(2h + 2w)/t for q, k, v and the output (o_proj
                                                   reads it in place) + 4a/t for the log-sum-exp
     SwiGLU MLP                                    4·b·I/t: gate, up, act(gate), act(gate)·up
@@ -23,8 +22,7 @@ fp32 weights make fp32 embeddings and residual sums):
                                                   are rebuilt in the backward: counted as a transient)
 
     per micro-batch    n·(L·layer + 8 (input ids) + final norm 4h + r·h + 4) + RoPE tables 2·T·d·r
-                       (d the head dim; none/elementwise) + under autocast the compute-dtype copies
-                       of every Linear weight (cached by autocast for the whole forward)
+                       (d the head dim; none/elementwise)
     LM head and loss   --head logits: N·(b·h (the head's input) + b·V/t (logits, which the loss's
                        gradient overwrites in place) + 32 (fp32 log-sum-exp and log-prob; int64
                        label, position and row))
@@ -42,7 +40,8 @@ attention kernel (tests/test_train_plan.py measures it with saved-tensor hooks o
 --recompute and precision). Not counted: with padding, Hugging Face's flash-attention-2 path
 unpads q/k/v into copies and re-pads the output (about one more b·h/t per token and layer without
 recompute); an attention mask materialised as [rows, T, T] (eager or SDPA with padding); the
-cuBLAS/NCCL workspaces and allocator fragmentation.
+cuBLAS/NCCL workspaces and allocator fragmentation. The backward's working set and the training
+step's phases: plan/training.py.
 """
 from dataclasses import dataclass
 
@@ -73,34 +72,29 @@ class DecoderShape:
 @dataclass(frozen=True)
 class ComputeMode:
     compute_bytes: int    # b
-    autocast: bool        # fp32 weights read through torch.autocast (no FSDP, mixed precision)
     tp: int = 1
 
-    @property
-    def residual_bytes(self):   # r
-        return 4 if self.autocast else self.compute_bytes
 
-
-def _norm_bytes(shape, mode, recompute, consumers):
-    h, b, r = shape.hidden, mode.compute_bytes, mode.residual_bytes
-    kept = 4 * h + r * h + 4 if recompute == "none" else r * h
-    return kept + (consumers if mode.autocast else 1) * b * h
+def _norm_bytes(shape, mode, recompute):
+    h, b = shape.hidden, mode.compute_bytes
+    kept = 4 * h + b * h + 4 if recompute == "none" else b * h
+    return kept + b * h
 
 
 def layer_bytes_per_token(shape, mode, recompute):
     """Bytes one decoder layer keeps for the backward, per token of the micro-batch."""
     h, w, b, t = shape.hidden, shape.kv_width, mode.compute_bytes, mode.tp
     if recompute == "full":
-        return mode.residual_bytes * h
+        return b * h
     attention = b * (2 * h + 2 * w) // t + 4 * shape.heads // t
     mlp = (4 if recompute == "none" else 3) * b * shape.intermediate // t
-    return _norm_bytes(shape, mode, recompute, 3) + attention + _norm_bytes(shape, mode, recompute, 2) + mlp
+    return 2 * _norm_bytes(shape, mode, recompute) + attention + mlp
 
 
 def decoder_bytes(shape, mode, recompute, *, rows, length):
     """Bytes the backbone (embeddings, decoder layers, final norm) keeps for one micro-batch of
-    `rows` x `length` tokens, without autocast's weight copies."""
-    h, r = shape.hidden, mode.residual_bytes
+    `rows` x `length` tokens."""
+    h, r = shape.hidden, mode.compute_bytes
     tokens = rows * length
     per_token = shape.layers * layer_bytes_per_token(shape, mode, recompute) + 8 + 4 * h + r * h + 4
     rope = 0 if recompute == "full" else 2 * length * shape.head_dim * r
@@ -124,28 +118,32 @@ class ActivationEstimate:
     layer_per_token: int        # bytes per token per decoder layer
     decoder: int                # bytes: backbone
     head: int                   # bytes: LM head and loss
-    weight_copies: int          # bytes: autocast's compute-dtype copies of the Linear weights
-    backward_working_set: int   # bytes: one layer's activations in flight in the backward
+    backward_working_set: int   # bytes: a decoder layer's backward, beside the saved tensors
 
     @property
     def total(self):
-        return self.decoder + self.head + self.weight_copies
+        return self.decoder + self.head
+
+    @property
+    def top_layer(self):
+        """Bytes the last decoder layer keeps (freed by its backward, the first of the layers')."""
+        return self.tokens * self.layer_per_token
 
 
-def estimate_activations(shape, mode, recompute, *, micro_batch_size, max_length, linear_weight_numel,
-                         head="logits"):
-    """The micro-batch's activations (2·micro_batch_size rows of max_length tokens, all labelled).
+def working_set_per_token(shape, mode):
+    """A decoder layer's backward, at its largest (in the MLP's): the gradients of the MLP's
+    intermediates d(act(gate)·up), d act(gate) and d up."""
+    return 3 * mode.compute_bytes * shape.intermediate // mode.tp
 
-    `linear_weight_numel`: this rank's elements of Linear weights (autocast copies them)."""
+
+def estimate_activations(shape, mode, recompute, *, micro_batch_size, max_length, head="logits"):
+    """The micro-batch's activations (2·micro_batch_size rows of max_length tokens, all labelled)."""
     rows = 2 * micro_batch_size
     tokens = rows * max_length
-    full_layer = tokens * layer_bytes_per_token(shape, mode, "none")
-    # The backward of a layer holds the gradients of its intermediates next to its saved tensors
-    # (about one layer's activations); under full recompute the layer's activations are rebuilt first.
-    working_set = full_layer * (2 if recompute == "full" else 1)
+    working_set = tokens * working_set_per_token(shape, mode)
+    if recompute == "full":   # the layer's activations are rebuilt before its backward
+        working_set += tokens * layer_bytes_per_token(shape, mode, "none")
     return ActivationEstimate(
         tokens=tokens, labelled=tokens, layer_per_token=layer_bytes_per_token(shape, mode, recompute),
         decoder=decoder_bytes(shape, mode, recompute, rows=rows, length=max_length),
-        head=head_bytes(shape, mode, tokens, head),
-        weight_copies=mode.compute_bytes * linear_weight_numel if mode.autocast else 0,
-        backward_working_set=working_set)
+        head=head_bytes(shape, mode, tokens, head), backward_working_set=working_set)

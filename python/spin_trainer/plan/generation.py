@@ -7,13 +7,12 @@ choose_backend). Every prompt is taken at --max-length - 1 tokens and every batc
 the length-sorted batching can form (its longest prompt that long, a short one that leaves
 --max-new-tokens steps), so the figures are upper bounds. With h the hidden size, q and w the query
 and key/value widths (heads x head dim), I the MLP width, t the tensor-parallel size, b the
-compute dtype's bytes and r the residual stream's (4 under autocast: fp32 embeddings):
+compute dtype's bytes and r the residual stream's (= b: mixed precision is FSDP's cast, which
+makes the embeddings bf16 too):
 
     KV cache     rows x length x layers x 2w/t x bytes. Length: the static decoder's slots run to
                  the batch's padded prompt + its steps, rounded up to a multiple of 64; Hugging
-                 Face's cache ends one token short of that, unrounded. Bytes: the compute dtype in
-                 the static decoder; Hugging Face's cache keeps k as RoPE leaves it, promoted to
-                 the residual's dtype (fp32 under autocast)
+                 Face's cache ends one token short of that, unrounded. Bytes: the compute dtype
     prefill      per prompt token, the largest of the phases of one decoder layer (the hidden
                  state is replicated over the tensor-parallel ranks):
                    norms    HF's RMSNorm upcasts its input to fp32: input, fp32 copy, its square
@@ -70,7 +69,7 @@ def _norm_peak(h, r):
 
 def prefill_bytes_per_token(shape, mode, prompt, static):
     """Bytes the prefill of one prompt of `prompt` tokens keeps at its peak, per token."""
-    h, w, t, b, r = shape.hidden, shape.kv_width, mode.tp, mode.compute_bytes, mode.residual_bytes
+    h, w, t, b, r = shape.hidden, shape.kv_width, mode.tp, mode.compute_bytes, mode.compute_bytes
     q, i = shape.heads * shape.head_dim // t, shape.intermediate // t
     norm = max(_norm_peak(h, r), r * h + _norm_peak(h, r))
     projected = b * (q + 2 * w // t)
@@ -95,7 +94,7 @@ def generation_memory(shape, mode, *, max_length, max_new_tokens, static_decoder
         cache_bytes = mode.compute_bytes
     else:
         length = slots - 1
-        cache_bytes = max(mode.compute_bytes, mode.residual_bytes)
+        cache_bytes = mode.compute_bytes
     layer_cache = length * 2 * shape.kv_width // mode.tp * cache_bytes
     prefill = prompt * prefill_bytes_per_token(shape, mode, prompt, static)
     decode = 0 if static else 2 * layer_cache

@@ -16,25 +16,21 @@ dimension (the 0-dim `step` counters live on the host unless the optimizer is fu
 The rest is arithmetic on those numbers and on the model's shape, stated term by term:
 
     activations            plan/activations.py (formula and assumptions there)
-    FSDP gathered weights  the root (embeddings, final norm, LM head; kept gathered from the
-                           forward to the end of the backward) + two decoder layers (the one
-                           computing and the one prefetched), in the compute dtype
-    FSDP gradient buffers  one decoder layer's unsharded gradients (compute dtype) and, in mixed
-                           precision, their fp32 copy for the reduce-scatter (MixedPrecisionPolicy
-                           reduce_dtype); for the root at the end of the backward
-    backward working set   one layer's activations in flight (two under full recompute)
+    FSDP gathered weights, FSDP gradient buffers, backward working set, training peak:
+                           plan/training.py (the phases of the backward). In mixed precision every
+                           layout casts with FSDP's MixedPrecisionPolicy (one process on a data-
+                           parallel axis of one rank, --no-dp-shard through replicate), as
+                           setup_parallel does; the plan builds the same context on the fake group
     generation             parameters, optimizer state (unless --offload-optimizer), the full
-                           weights in the compute dtype (FSDP unsharded for the whole generation;
-                           autocast's cached copies), and the KV cache and the prefill's transients
+                           weights in the compute dtype (FSDP or replicate unsharded for the whole
+                           generation), and the KV cache and the prefill's transients
                            of --gen-batch-size rows (plan/generation.py)
     model loading          the local parameter shards and the slice of one weight being read
                            into them, at most the largest local shard (parallel/load.py)
     host memory            plan/host.py
 
     training peak    = parameters + gradients + optimizer state (+ a resident reference)
-                       + activations + FSDP gathered weights and gradient buffers + working set
-                       (or, if larger, the state with the root's gradient buffers at the end of
-                       the backward)
+                       + the largest phase of the backward (plan/training.py)
     per-rank peak    = max(model loading, training peak, generation peak)
 
 With --optimizer-in-backward each gradient is freed by its own update, so at most one FSDP unit's
@@ -50,6 +46,7 @@ from transformers import AutoModelForCausalLM
 from spin_kernels.dtensor import is_dtensor, local_tensor
 
 from ..errors import option
+from ..lm_head import output_embedding
 from ..model import disable_dropout
 from ..optim import make_optimizer
 from ..parallel.apply import decoder_layers, parallelize_model
@@ -57,6 +54,7 @@ from ..parallel.mesh import ParallelContext, mesh_context
 from .activations import ComputeMode, DecoderShape, estimate_activations
 from .generation import generation_memory
 from .host import DEFAULT_GPUS_PER_NODE, host_memory
+from .training import FsdpUnits, training_step
 
 GIB = 2 ** 30
 DEFAULT_DEVICE_MEMORY_GIB = 80.0
@@ -111,9 +109,9 @@ class MemoryPlan:
     optimizer_state_names: tuple
     reference: int               # a resident reference's local shards
     activations: object          # activations.ActivationEstimate
-    fsdp_gathered: int           # root + two layers, compute dtype
-    fsdp_gradient_buffers: int   # one layer's unsharded gradients (+ fp32 reduce-scatter copy)
-    end_of_backward: int         # the root's gathered weights and gradient buffers
+    step: object                 # training.TrainingStep: FSDP's gathered weights and buffers, working set
+    step_units: object           # training.FsdpUnits (None without FSDP or replicate)
+    recompute: str
     generation_weights: int      # full weights in the compute dtype while generating
     generation: object           # generation.GenerationMemory (per row of a generation batch)
     gen_batch_size: int
@@ -134,10 +132,25 @@ class MemoryPlan:
         return self.parameters + self.gradients_held + self.optimizer_state + self.reference
 
     @property
+    def fsdp(self):
+        """FSDP or replicate holds the units' weights in the compute dtype."""
+        return self.step_units is not None
+
+    @property
+    def fsdp_gathered(self):
+        return self.step.gathered
+
+    @property
+    def fsdp_gradient_buffers(self):
+        return self.step.gradient_buffers
+
+    @property
+    def backward_working_set(self):
+        return self.step.working_set
+
+    @property
     def training_peak(self):
-        a = self.activations
-        during = a.total + self.fsdp_gathered + self.fsdp_gradient_buffers + a.backward_working_set
-        return self.state + max(during, self.end_of_backward)
+        return self.state + self.step.peak_phase(self.activations)
 
     @property
     def generation_resident(self):
@@ -158,10 +171,12 @@ class MemoryPlan:
         return max(self.loading, self.training_peak, self.generation_peak)
 
 
-def _context(nproc, tp, dp_shard, rank):
-    if nproc == 1:
+def _context(nproc, tp, dp_shard, rank, precision):
+    """The run's ParallelContext, as setup_parallel makes it: in mixed precision FSDP (or replicate)
+    carries the cast on a data-parallel axis of one rank too."""
+    if nproc == 1 and not precision.mixed:
         return ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
-    return mesh_context(rank, nproc, tp, torch.device("cpu"), dp_shard=dp_shard)
+    return mesh_context(rank, nproc, tp, torch.device("cpu"), dp_shard=dp_shard, fsdp_alone=precision.mixed)
 
 
 def _units(model, layers):
@@ -181,9 +196,9 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
     """The MemoryPlan of `rank` in a run of `nproc` processes with tensor parallelism `tp` (a
     Hugging Face config; nothing is allocated)."""
     optimizer_options = dict(optimizer_options or {})
-    group = fake_process_group(rank, nproc) if nproc > 1 else nullcontext()
+    group = fake_process_group(rank, nproc) if nproc > 1 or precision.mixed else nullcontext()
     with group:
-        ctx = _context(nproc, tp, dp_shard, rank)
+        ctx = _context(nproc, tp, dp_shard, rank, precision)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         architecture = type(model).__name__
@@ -205,7 +220,9 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
         state_names = tuple(sorted({k for s in states for k, v in s.items()
                                     if isinstance(v, torch.Tensor) and v.dim() > 0}))
         root, layers = _units(model, layers)
-        linear_numel = sum(tp_local_numel(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear))
+        head_numel = tp_local_numel(output_embedding(model).weight)
+        largest_weight = max(tp_local_numel(p) for p in params)
+        fsdp, group = ctx.dp_mesh is not None, ctx.dp_size if ctx.dp_shard else 1
         parameters = sum(local_bytes(p) for p in model.parameters())
         largest_shard = max(local_bytes(p) for p in model.parameters())
         gradients = sum(local_bytes(p.grad) for p in params)
@@ -213,21 +230,19 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
         dp_shard, dp_size = ctx.dp_shard, ctx.dp_size
 
     b = precision.compute_dtype.itemsize
-    mode = ComputeMode(compute_bytes=b, autocast=not dp_shard and precision.mixed, tp=tp)
+    mode = ComputeMode(compute_bytes=b, tp=tp)
     shape = DecoderShape.of(config)
     activations = estimate_activations(shape, mode, recompute, micro_batch_size=micro_batch_size,
-                                       max_length=max_length, linear_weight_numel=linear_numel, head=head)
+                                       max_length=max_length, head=head)
     largest = max(layers, key=lambda u: u.gathered_numel)
-    reduce_copy = 4 if precision.mixed else 0   # fp32 reduce-scatter input of a low-precision gradient
     in_backward = optimizer_options.get("in_backward", False)
-    if dp_shard:
-        fsdp_gathered = b * (root.gathered_numel + 2 * largest.gathered_numel)
-        fsdp_buffers = (b + reduce_copy) * largest.gathered_numel
-        end_of_backward = (2 * b + reduce_copy) * root.gathered_numel
-        generation_weights = b * (root.gathered_numel + sum(u.gathered_numel for u in layers))
-    else:
-        fsdp_gathered = fsdp_buffers = end_of_backward = 0
-        generation_weights = activations.weight_copies
+    units = FsdpUnits(root=root.gathered_numel, layer=largest.gathered_numel, layers=len(layers), head=head_numel,
+                      group=group, replicate=not dp_shard) if fsdp else None
+    # gradients are reduced in float32 in mixed precision (MixedPrecisionPolicy), else in their own dtype
+    step = training_step(units, activations, compute_bytes=b, reduce_bytes=precision.param_dtype.itemsize,
+                         head=head_numel, largest_weight=largest_weight, fused_head=head == "fused")
+    # generation (full_weights): every unit gathered in the compute dtype
+    generation_weights = b * (root.gathered_numel + sum(u.gathered_numel for u in layers)) if fsdp else 0
     generation = generation_memory(shape, mode, max_length=max_length,
                                    max_new_tokens=max_new_tokens or max(1, max_length // 2))
     host = host_memory(parameters=parameters, largest_shard=largest_shard, optimizer_state=optimizer_state,
@@ -248,13 +263,13 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
         gradients_held=max(u.gradient_bytes for u in [root, *layers]) if in_backward else gradients,
         optimizer_state=optimizer_state, optimizer_state_names=state_names,
         reference=parameters if reference == "resident" else 0, activations=activations,
-        fsdp_gathered=fsdp_gathered, fsdp_gradient_buffers=fsdp_buffers, end_of_backward=end_of_backward,
-        generation_weights=generation_weights, generation=generation, gen_batch_size=gen_batch_size,
+        step=step, step_units=units, recompute=recompute, generation_weights=generation_weights, generation=generation, gen_batch_size=gen_batch_size,
         loading=parameters + largest_shard, host=host, offload_optimizer=offload_optimizer)
 
 
 def _precision_words(precision, dp_shard):
     if not precision.mixed:
         return f"{precision.dtype} parameters, gradients and optimizer state"
-    cast = "FSDP MixedPrecisionPolicy" if dp_shard else "torch.autocast"
-    return f"{precision.dtype} compute ({cast}) with float32 master weights, gradients and optimizer state"
+    cast = "fully_shard" if dp_shard else "replicate"
+    return (f"{precision.dtype} compute ({cast}'s MixedPrecisionPolicy) with float32 master weights, gradients "
+            f"and optimizer state")

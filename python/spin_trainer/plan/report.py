@@ -56,13 +56,16 @@ def format_plan(plan, *, micro_batch_size, max_length, gen_batch_size, device_me
         lines.append(f"  resident reference      {_gib(plan.reference)}")
     lines += [
         f"  activations             {_gib(a.total)}  per micro-batch: decoder {a.decoder / GIB:.2f} GiB "
-        f"({per_token_layer} B per token and layer), LM head and loss {a.head / GIB:.2f} GiB"
-        + (f", autocast weight copies {a.weight_copies / GIB:.2f} GiB" if a.weight_copies else ""),
-        f"  backward working set    {_gib(a.backward_working_set)}",
+        f"({per_token_layer} B per token and layer), LM head and loss {a.head / GIB:.2f} GiB",
+        f"  backward working set    {_gib(plan.backward_working_set)}  (a decoder layer's MLP gradients"
+        + (", its activations rebuilt" if plan.recompute == "full" else "") + ")",
     ]
-    if plan.fsdp_gathered:
-        lines += [f"  FSDP gathered weights   {_gib(plan.fsdp_gathered)}  (root + 2 decoder layers)",
-                  f"  FSDP gradient buffers   {_gib(plan.fsdp_gradient_buffers)}  (one decoder layer)"]
+    if plan.fsdp:
+        kept = ("every decoder layer, kept from its forward to its backward (replicate)" if plan.step_units.replicate
+                else "2 decoder layers (one prefetched)" if plan.step_units.group > 1 else "1 decoder layer")
+        lines += [f"  FSDP gathered weights   {_gib(plan.fsdp_gathered)}  (root + {kept})",
+                  f"  FSDP gradient buffers   {_gib(plan.fsdp_gradient_buffers)}  (the LM head's unsharded gradient, "
+                  f"a layer's reduce input)"]
     g = plan.generation
     decoder = "static-cache decoder" if g.static_decoder else "Hugging Face's decoder (tensor parallel)"
     device = device_memory_gib * GIB

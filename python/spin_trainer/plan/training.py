@@ -1,0 +1,106 @@
+"""The training step's peak, phase by phase, as FSDP2 (or replicate) and autograd allocate it (for
+`--plan`). Every figure is per rank; the model state (parameters, optimizer state, a resident
+reference) comes on top.
+
+With U the largest decoder layer's elements once gathered (tensor-parallel local), R the root's
+(embeddings, final norm, LM head) and Hd the LM head weight's, b the compute dtype's bytes, r the
+gradient reduction's (float32 in mixed precision, else the parameters' dtype), g the FSDP shard
+group's size (the data-parallel size under FSDP; 1 for one process and for `replicate`):
+
+    gathered weights   FSDP all-gathers each unit in the compute dtype (MixedPrecisionPolicy's
+                       cast; on a group of one it copies the sharded parameter). The root stays
+                       gathered from the forward to the end of the backward; a decoder layer from
+                       its pre-forward to its post-forward and again in its backward, with the
+                       next one prefetched when g > 1 (two layers), alone when g = 1. `replicate`
+                       keeps every layer's copy from its forward to its own backward.
+    gradients          all of them (the gradients of the earlier micro-batches of the step are
+                       there from the second micro-batch on; a step of one micro-batch holds only
+                       the layers already reduced, so then this is an upper bound)
+    gradient buffers   the LM head's unsharded gradient (b·Hd, formed in the loss's backward and
+                       reduced with the root's at the end of the backward), the layer's unsharded
+                       gradients (b·U) and, from the second layer on, the previous layer's
+                       reduce-scatter input (r·U: FSDP keeps one until the next reduce). At the
+                       layer's reduce: its input r·U and the output r·U/g (a new tensor, then added
+                       into the accumulated gradient); on a group of one the trainer's divide factor
+                       of 1 makes one more r·U (FSDP's `input / factor` copy)
+    backward working set  in a decoder layer's backward the gradients of the MLP's intermediates,
+                       d(act(gate)·up), d act(gate) and d up (3·b·I/t per token), and the residual
+                       stream's gradient (b·h); under --recompute full the layer's activations are
+                       rebuilt first (one layer's activations without recompute)
+
+    training peak = state + the largest of the phases
+        loss backward        activations + gathered weights + b·Hd
+        top layer backward   activations − the LM head's + working set + gathered weights
+                             + b·Hd + b·U + max(0, r·U − one layer's activations)
+        top layer reduce     activations − the LM head's − one layer's + gathered weights (the
+                             layer's own freed) + b·Hd + reduce transients
+        end of backward      the root: gathered, its unsharded gradients b·R and reduce
+                             transients as a layer's
+
+Without FSDP (float32 or --pure-low-precision on one process, or tensor parallelism alone)
+autograd adds each weight's gradient into the parameter's: no gathered weights and no buffers,
+and the working set holds one weight's gradient (the largest) as it is formed.
+
+tests/test_plan_training.py measures every term against a real step of the trainer's code.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FsdpUnits:
+    """This rank's FSDP units in elements once gathered, and the layout around them."""
+    root: int            # R
+    layer: int           # U, the largest decoder layer
+    layers: int          # L
+    head: int            # Hd
+    group: int           # g
+    replicate: bool
+
+
+@dataclass(frozen=True)
+class TrainingStep:
+    gathered: int            # during the top layer's backward
+    gathered_after_forward: int
+    gradient_buffers: int    # during the top layer's backward
+    reduce: int              # the top layer's reduce: its buffers (the layer's gathered weights freed)
+    end_of_backward: int
+    working_set: int
+    head_gradient: int       # the LM head weight's gradient, from the loss's backward on
+    head_gradient_formed: int = 0   # the part the loss's backward adds (--head fused forms it in the forward)
+
+    def peak_phase(self, activations):
+        """The largest phase of the backward, beside the model state (activations: an ActivationEstimate)."""
+        a = activations
+        return max(
+            a.total + self.gathered_after_forward + self.head_gradient_formed,
+            a.total - a.head + self.working_set + self.gathered + self.gradient_buffers,
+            a.total - a.head - a.top_layer + self.reduce,
+            self.end_of_backward)
+
+
+def training_step(units, activations, *, compute_bytes, reduce_bytes, head, largest_weight, fused_head=False):
+    """TrainingStep of `units` (FsdpUnits; None without FSDP); `head`: the LM head weight's elements,
+    `largest_weight`: the largest weight's (without FSDP, a gradient is formed whole, then added);
+    `fused_head`: the fused head's d weight is among the activations already (activations.py)."""
+    a, b, r = activations, compute_bytes, reduce_bytes
+    if units is None:
+        return TrainingStep(gathered=0, gathered_after_forward=0, gradient_buffers=0, reduce=0, end_of_backward=0,
+                            working_set=a.backward_working_set + r * largest_weight, head_gradient=r * head,
+                            head_gradient_formed=0 if fused_head else r * head)
+    u = units
+    kept_layers = u.layers if u.replicate else 2 if u.group > 1 else 1
+    gathered = b * (u.root + kept_layers * u.layer)
+    head_gradient = b * head
+
+    def reduce_transients(n):   # the reduce of n elements (the unsharded gradients in b, then r)
+        if u.group == 1:   # input, input / 1 and the output
+            return max(b * n + r * n, 3 * r * n)
+        return max(b * n + r * n, r * n + r * n // u.group)
+
+    return TrainingStep(
+        gathered=gathered, gathered_after_forward=b * (u.root + (u.layers * u.layer if u.replicate else 0)),
+        gradient_buffers=head_gradient + max(0, r * u.layer - a.top_layer),
+        reduce=gathered - b * u.layer + head_gradient + reduce_transients(u.layer),
+        end_of_backward=b * u.root + reduce_transients(u.root),
+        working_set=a.backward_working_set + b * largest_weight,
+        head_gradient=head_gradient, head_gradient_formed=0 if fused_head else head_gradient)

@@ -1,0 +1,98 @@
+"""The bytes a run allocates, measured on the CPU as a GPU run would allocate them (no tests here)."""
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """The peak bytes of the storages that ATen operators return, and of the storages FSDP2 resizes
+    (its unsharded parameters are storages it grows and shrinks in place, no operator's output),
+    live at once: what a GPU run allocates too. Kernels' private scratch is not seen (on the CPU, a
+    bf16 matmul's fp32 result buffer, which cuBLAS does not need); storages that existed before
+    (the weights) are not counted. A storage's Python object lives exactly as long as the storage
+    (also when only autograd's saved tensors hold it), so its finalizer marks the free.
+    `resized` is the bytes of the resized storages alone (FSDP's gathered weights)."""
+
+    def __init__(self, existing):
+        super().__init__()
+        self.existing = {t.untyped_storage()._cdata for t in existing}
+        self.live = {}        # the storage's C object -> bytes
+        self.resized_keys = set()
+        self.current = self.peak = self.resized = self.resized_peak = 0
+        self.paused = False
+
+    def _set(self, key, nbytes):
+        change = nbytes - self.live.get(key, 0)
+        self.live[key] = nbytes
+        self.current += change
+        self.peak = max(self.peak, self.current)
+        if key in self.resized_keys:
+            self.resized += change
+            self.resized_peak = max(self.resized_peak, self.resized)
+
+    def _release(self, key):
+        self._set(key, 0)
+        del self.live[key]
+        self.resized_keys.discard(key)
+
+    def _track(self, storage, nbytes, resized=False):
+        key = storage._cdata
+        if key in self.existing:
+            return
+        if resized:
+            self.resized_keys.add(key)
+        if key not in self.live:
+            if nbytes == 0:
+                return
+            weakref.finalize(storage, self._release, key)
+        self._set(key, nbytes)
+
+    def one_kernel(self, function):
+        """`function` as the one GPU kernel it stands for: only its outputs are counted, not the
+        tensors its CPU twin works in (spin_kernels' torch backend of the Triton log-prob kernels:
+        chunks of the logits in fp32)."""
+        def counted_outputs(*args, **kwargs):
+            self.paused = True
+            try:
+                out = function(*args, **kwargs)
+            finally:
+                self.paused = False
+            self._track_outputs(out)
+            return out
+
+        return counted_outputs
+
+    def _track_outputs(self, out):
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata not in self.live:
+                self._track(tensor.untyped_storage(), tensor.untyped_storage().nbytes())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.paused:
+            self._track_outputs(out)
+        return out
+
+    def __enter__(self):
+        resize, live = torch.UntypedStorage.resize_, self
+
+        def tracked_resize(storage, size):
+            result = resize(storage, size)
+            live._track(storage, size, resized=True)
+            return result
+
+        self._resize = resize
+        torch.UntypedStorage.resize_ = tracked_resize
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
+
+
+def allocated_peak(model, fn):
+    with LiveTensorBytes(list(model.parameters()) + list(model.buffers())) as live:
+        fn()
+    return live.peak
