@@ -133,6 +133,22 @@ def test_generated_never_sees_gold(family, attention):
     assert not torch.allclose(before[:3], after[:3])     # the gold ones do
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_a_generated_response_equal_to_the_gold_one_gets_exactly_its_sums(family, share_prompt):
+    """As two identical padded rows: r(actual) − r(generated) exactly 0 (a second segment differs by
+    rounding, which SPIN's acc would count as won or lost), and no token for the duplicate."""
+    model = tiny_model(family)
+    pairs = random_pairs(3, count=4)
+    pairs = [(p, a, list(a) if i % 2 else g) for i, (p, a, g) in enumerate(pairs)]   # pairs 1 and 3: gen = gold
+    got = packed_logps(model, pairs, share_prompt=share_prompt)
+    assert torch.equal(got[1], got[5]) and torch.equal(got[3], got[7])
+    torch.testing.assert_close(got, padded_logps(model, pairs), rtol=1e-5, atol=0)
+    prompts = 1 if share_prompt else 2
+    assert pack_pairs(pairs, share_prompt=share_prompt).num_tokens == sum(
+        len(p) + len(a) + (0 if i % 2 else prompts * len(p) - len(p) + len(g)) for i, (p, a, g) in enumerate(pairs))
+
+
 @pytest.mark.parametrize("share_prompt,attention", [(True, "segments"), (True, "mask"), (False, None)])
 def test_attention_never_crosses_segments(share_prompt, attention):
     model = tiny_model("llama")

@@ -22,7 +22,7 @@ from spin_trainer.evaluate import sft_loss
 from spin_trainer.generation.rollouts import pair_logps
 from spin_trainer.logprobs import Scorer
 from spin_trainer.model import load_model, load_tokenizer
-from spin_trainer.packed_scoring import choose_packing, packing_layout, pair_batch
+from spin_trainer.packed_scoring import choose_packing, packing_layout, pair_batch, sequence_tokens
 from spin_trainer.packing import PackedPairs
 from spin_trainer.parallel.mesh import ParallelContext
 from spin_trainer.parallel.precision import Precision
@@ -216,6 +216,22 @@ def test_the_packed_sft_validation_loss_equals_the_padded_one(tiny, pairs, monke
     with torch.no_grad():   # and both are the mean NLL per response token of plain unpadded forwards
         nll = -sum(float(independent_logps(model, e.prompt_ids, e.response_ids)) for e in examples)
     assert got == pytest.approx(nll / sum(len(e.response_ids) for e in examples), rel=1e-6)
+
+
+@pytest.mark.parametrize("head", ["logits", "fused"])
+def test_a_pair_whose_generated_response_is_the_gold_one_has_a_margin_of_exactly_zero(tiny, pairs, head):
+    """As in the padded layout: SPIN's acc never counts such a pair (packing.pack_pairs)."""
+    tokenizer, examples, generated = pairs
+    generated = [list(e.response_ids) if i % 2 else g for i, (e, g) in enumerate(zip(examples, generated))]
+    batch = pair_batch(examples, generated, tokenizer.pad_token_id, "shared")
+    reference = torch.randn(PAIRS, generator=torch.Generator().manual_seed(1)).repeat(2)   # the same for both rows
+    out = Scorer(CTX, head=head, packing="shared").pair_loss(load_model(tiny[0]), batch, reference, beta=0.5,
+                                                             loss_type="sigmoid")
+    margins = out.rewards[:PAIRS] - out.rewards[PAIRS:]
+    assert torch.all(margins[1::2] == 0) and torch.all(margins[::2] != 0), margins
+    # The tokens metric still counts both sequences, as the padded batch does.
+    padded = pair_batch(examples, generated, tokenizer.pad_token_id, None)
+    assert int(sequence_tokens(batch)) == int(sequence_tokens(padded)) > batch.num_tokens
 
 
 def test_a_micro_batch_with_an_empty_generated_response_is_scored_padded(pairs):

@@ -15,7 +15,7 @@ from spin_kernels.loss import linear_spin_loss, spin_loss_from_logps, token_logp
 from .data import collate_pairs, collate_sft
 from .errors import UsageError, option
 from .lm_head import compacted_input, fused_output, output_embedding, redirected_head
-from .packing import PROMPT, PackedPairs, pack_pairs, pack_sequences
+from .packing import PackedPairs, pack_pairs, pack_sequences
 
 # The families whose attention layers pass packed_attention's keyword arguments and mask through
 # (tested in tests/test_packing.py).
@@ -76,8 +76,10 @@ def pair_batch_tokens(examples, generated, packing):
     if not _packs(generated, packing):
         return 2 * len(examples) * max(len(e.prompt_ids) + max(len(e.response_ids), len(g))
                                        for e, g in zip(examples, generated))
-    prompts = 1 if packing == "shared" else 2
-    return sum(prompts * len(e.prompt_ids) + len(e.response_ids) + len(g) for e, g in zip(examples, generated))
+    # A generated response equal to the gold one adds no token (packing.pack_pairs scores the gold rows again).
+    return sum(len(e.prompt_ids) + len(e.response_ids) + (0 if list(g) == list(e.response_ids) else
+                                                           len(g) + len(e.prompt_ids) * (packing == "separate"))
+               for e, g in zip(examples, generated))
 
 
 def sft_batch(examples, pad_token_id, packing):
@@ -99,7 +101,7 @@ def sequence_tokens(batch):
     real tokens in either layout (the `tokens` metric does not depend on --pack-pairs)."""
     if not isinstance(batch, PackedPairs):
         return batch.attention_mask.sum()
-    return (batch.parts == PROMPT).sum() * int(batch.share_prompt) + batch.num_tokens
+    return batch.input_ids.new_full((), batch.sequence_tokens)   # filled on the device: no host copy
 
 
 def _policy_sums(scorer, model, packed, *, inplace_backward):

@@ -15,6 +15,8 @@ position of each pair appears twice; the LM head runs on the gathered [M, H] hid
 logprobs.compacted_input does with its `index_select`), so the duplicate costs one head row and
 no extra token in any layer, and the backward sums both rows' gradients into that position.
 (An extra duplicated query token would cost a token in every layer and a mask exception.)
+A generated response equal to the gold one gets no segment: its targets are the gold response's,
+so both sums are the same numbers added in the same order, and their difference exactly 0.
 
 Sequence ids: pair i's gold response is sequence i, its generated one B + i (the order of
 `spin_loss`'s rows); per-sequence sums are `index_add` over `targets.sequences`, with no host sync.
@@ -56,6 +58,7 @@ class PackedPairs:
     num_sequences: int           # 2B
     share_prompt: bool
     segments: tuple              # (start, end) of each document, host ints (no sync to slice by them)
+    sequence_tokens: int         # tokens of the 2B sequences [prompt | response], each prompt in both
 
     @property
     def num_tokens(self):
@@ -67,7 +70,7 @@ class PackedPairs:
         targets = Targets(*(t.to(device) for t in (self.targets.positions, self.targets.labels,
                                                   self.targets.sequences)))
         return PackedPairs(**moved, targets=targets, num_sequences=self.num_sequences, share_prompt=self.share_prompt,
-                           segments=self.segments)
+                           segments=self.segments, sequence_tokens=self.sequence_tokens)
 
     def sequence_sums(self, token_logps):
         """[2B] float32 sums of `token_logps` ([M], in `targets` order), differentiable."""
@@ -114,7 +117,7 @@ class _Row:
         self.add(response, len(prompt), document, part, sequence, (list(response[1:]) + [IGNORE_INDEX])[:len(response)],
                  sequence)
 
-    def packed(self, num_sequences, share_prompt):
+    def packed(self, num_sequences, share_prompt, sequence_tokens):
         assert len(self.labels) == len(self.ids), (len(self.labels), len(self.ids))
         labels = torch.tensor(self.labels, dtype=torch.long)
         scored = (labels != IGNORE_INDEX).nonzero().squeeze(1)
@@ -137,6 +140,7 @@ class _Row:
             num_sequences=num_sequences,
             share_prompt=share_prompt,
             segments=_segments(self.documents),
+            sequence_tokens=sequence_tokens,
         )
 
 
@@ -151,14 +155,21 @@ def pack_pairs(pairs, *, share_prompt=True):
     for i, (prompt, gold, generated) in enumerate(pairs):
         prompt, gold, generated = list(prompt), list(gold), list(generated)
         _check_pair(i, prompt, gold, generated)
-        if share_prompt:
-            row.add_document(prompt, gold, i, GOLD, i)
-            row.extra.append((len(row.ids) - len(gold) - 1, generated[0], count + i))
+        row.add_document(prompt, gold, i if share_prompt else 2 * i, GOLD, i)
+        last_prompt = len(row.ids) - len(gold) - 1
+        if generated == gold:
+            # The same tokens after the same prompt: the gold response's rows are scored again as
+            # sequence B + i, in the same order, so r(actual) − r(generated) is exactly 0 (as two
+            # identical padded rows make it: SPIN can learn nothing from such a pair, and its acc
+            # never counts it) instead of the rounding noise of a second segment, which costs nothing.
+            row.extra.extend((last_prompt + k, token, count + i) for k, token in enumerate(gold))
+        elif share_prompt:
+            row.extra.append((last_prompt, generated[0], count + i))
             row.add(generated, len(prompt), i, GENERATED, count + i, generated[1:] + [IGNORE_INDEX], count + i)
         else:
-            row.add_document(prompt, gold, 2 * i, GOLD, i)
             row.add_document(prompt, generated, 2 * i + 1, GENERATED, count + i)
-    return row.packed(2 * count, share_prompt)
+    sequence_tokens = sum(2 * len(p) + len(a) + len(g) for p, a, g in pairs)
+    return row.packed(2 * count, share_prompt, sequence_tokens)
 
 
 def pack_sequences(sequences, *, share_prompt=True):
@@ -173,7 +184,7 @@ def pack_sequences(sequences, *, share_prompt=True):
         if len(prompt) < 1:
             raise ValueError(f"sequence {i}: the prompt is empty (a response is scored from the prompt's last token)")
         row.add_document(list(prompt), list(response), i, GOLD, i)
-    return row.packed(len(sequences), share_prompt)
+    return row.packed(len(sequences), share_prompt, sum(len(p) + len(r) for p, r in sequences))
 
 
 def attention_rule(packed, sliding_window=None):

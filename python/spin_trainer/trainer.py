@@ -18,7 +18,8 @@ batches and samples and reproduces the uninterrupted run.
 
 Scaling: each micro-batch's loss is weighted by its share of the global batch, and the gradients
 are summed over micro-batches and data-parallel ranks (FSDP's reduce-scatter set to a plain sum),
-so the update is the same for any micro-batch size, accumulation and data-parallel width. The
+so the update is the same for any micro-batch size, token bound, accumulation and data-parallel
+width (micro_batches.py cuts the step's pairs, the same number of micro-batches on every rank). The
 logged metrics are global: weighted means summed, and the rewards' std from the global Σr, Σr² and
 count (Bessel-corrected, as NeMo-Aligner logs `rewards_all.std()`).
 """
