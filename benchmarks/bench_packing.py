@@ -79,7 +79,8 @@ def token_table(pairs_per_batch, num_pairs, scale, seed):
         used = lengths[: num_pairs - num_pairs % b]
         batches = used.reshape(-1, b, 3)
         padded = (2 * b * (batches[..., 0] + batches[..., 1:].max(-1).values).max(-1).values).sum().item()
-        packed = sum(pack_pairs([([1] * p, [1] * a, [1] * g) for p, a, g in batch.tolist()]).num_tokens
+        # Generated tokens unlike the gold ones: a generated response equal to its gold one packs as no token.
+        packed = sum(pack_pairs([([1] * p, [1] * a, [2] * g) for p, a, g in batch.tolist()]).num_tokens
                      for batch in batches)
         floor = used.sum().item()
         rows.append({"pairs_per_batch": b, "min_per_pair": floor / len(used), "padded_per_pair": padded / len(used),
