@@ -21,13 +21,14 @@ import spin_trainer.evaluate as evaluate
 import spin_trainer.generation.rollouts as rollouts
 import spin_trainer.trainer as trainer_module
 from spin_trainer import cli as train_cli
-from spin_trainer.data import Example
+from spin_trainer.errors import UsageError
 from spin_trainer.evaluate import sft_loss
 from spin_trainer.generation.rollouts import pair_logps
 from spin_trainer.logprobs import Scorer
 from spin_trainer.loop_state import IterationData
 from spin_trainer.micro_batches import greedy_spans, rank_spans
 from spin_trainer.model import load_model, load_tokenizer
+from spin_trainer.options import parse_config
 from spin_trainer.packed_scoring import pair_batch, pair_batch_tokens, sft_batch, sft_batch_tokens
 from spin_trainer.packing import PackedPairs
 from spin_trainer.parallel.mesh import ParallelContext, shard_range
@@ -146,6 +147,13 @@ def test_bounded_reference_and_validation_log_probs_equal_the_unbounded_ones(tin
     want = sft_loss(model, examples, scorer, micro_batch_size=8, pad_token_id=pad)
     assert sft_loss(model, examples, scorer, micro_batch_size=8, pad_token_id=pad, max_tokens=15) == \
         pytest.approx(want, rel=1e-6)
+
+
+def test_the_bound_is_refused_with_the_optimizer_in_backward():
+    """That optimizer steps once per micro-batch: a step cut into several would be several updates."""
+    parse_config(["--optimizer-in-backward", "--max-grad-norm", "0"])
+    with pytest.raises(UsageError, match="--optimizer-in-backward.*--max-tokens-per-batch"):
+        parse_config(["--optimizer-in-backward", "--max-grad-norm", "0", "--max-tokens-per-batch", "64"])
 
 
 def _counting(module, log):

@@ -83,8 +83,7 @@ class ModelSettings:
                                               "rounding step, e.g. at lr 5e-7 in bf16, are lost)", resume=True)
     head: str | None = setting(None, "how the LM head scores tokens: fused (hidden states -> log-probs, never "
                                      "materializing the [tokens, vocab] logits) or logits (the model's head, then "
-                                     "the log-prob kernels). Default: fused on CUDA, logits elsewhere",
-                               choices=HEADS)
+                                     "the log-prob kernels). Default: fused on CUDA, logits elsewhere", choices=HEADS)
     attn: str = setting("auto", "attention kernel; auto: flash_attention_2 if usable, else sdpa", choices=ATTENTION)
     device: str = setting("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     export_dtype: str = setting("auto", "dtype of the final Hugging Face model (OUT/final); auto: the input model's "
@@ -103,11 +102,9 @@ class DataSettings:
                                          "held-out pairs")
     test_data: str | None = setting(None, "held-out records (as --train-data) for exact-match accuracy (giving it "
                                           "turns --exact-match on)")
-    train_split: str | None = setting(None, "split of --train-data (default: its only split, or 'train')",
-                                      resume=True)
+    train_split: str | None = setting(None, "split of --train-data (default: its only split, or 'train')", resume=True)
     val_split: str | None = setting(None, "split of --val-data (default: its only split, or 'train')", resume=True)
-    test_split: str | None = setting(None, "split of --test-data (default: its only split, or 'train')",
-                                     resume=True)
+    test_split: str | None = setting(None, "split of --test-data (default: its only split, or 'train')", resume=True)
     prompt_field: str | None = setting(None, "read each record's prompt from this field (a string or a list of "
                                              "messages); with --response-field", resume=True)
     response_field: str | None = setting(None, "read each record's gold response from this field (a string or one "
@@ -339,6 +336,9 @@ class RunConfig:
             raise UsageError(f"{option('reference')} streamed runs a plain model, but {option('dtype')} "
                              f"{self.model.dtype} with fp32 master weights casts through FSDP in every layout; use "
                              f"{option('reference')} swap (or precompute)")
+        if self.train.optimizer_in_backward and self.train.max_tokens_per_batch:   # it steps once per micro-batch
+            raise UsageError(f"{option('optimizer_in_backward')} needs one micro-batch per step, and "
+                             f"{option('max_tokens_per_batch')} may cut a step into several; drop one of them")
         if "{prompt}" not in self.data.prompt_template:
             raise UsageError(f"{option('prompt_template')} {self.data.prompt_template!r}: must contain {{prompt}}")
         return self
