@@ -6,9 +6,10 @@
     packed = one flat row of `[prompt | actual | generated]` segments (each prompt once, no padding).
 (b) One optimizer step of the trainer's own `SpinTrainer.train_step` (SPIN forward + backward of
     one micro-batch, AdamW update) on a small Llama (hidden 256, 4 layers, GQA 8/4 heads, V 8192,
-    fp32, sdpa, "logits" head) at the same pairs per step, without and with `--pack-pairs`: the
-    micro-batch made as the trainer makes it (packed_scoring.pair_batch: data.collate_pairs, or
-    packing.pack_pairs scored through packed_attention's "segments" attention, HF's sdpa per pair).
+    fp32, sdpa, "logits" head) at the same pairs per step, with `--no-pack-pairs` and `--pack-pairs`
+    (this model's default): the micro-batch made as the trainer makes it (packed_scoring.pair_batch:
+    data.collate_pairs, or packing.pack_pairs scored through packed_attention's "segments"
+    attention, HF's sdpa per pair).
     Both start from a tokenized pair list (collation included). Time is the median over `--reps`
     timed steps, each step a fresh draw of pairs (the same draws for both layouts). Memory: the
     bytes autograd saves for the backward (activations; the CPU keeps no allocator peak), median
@@ -78,7 +79,8 @@ def token_table(pairs_per_batch, num_pairs, scale, seed):
         used = lengths[: num_pairs - num_pairs % b]
         batches = used.reshape(-1, b, 3)
         padded = (2 * b * (batches[..., 0] + batches[..., 1:].max(-1).values).max(-1).values).sum().item()
-        packed = sum(pack_pairs([([1] * p, [1] * a, [1] * g) for p, a, g in batch.tolist()]).num_tokens
+        # Generated tokens unlike the gold ones: a generated response equal to its gold one packs as no token.
+        packed = sum(pack_pairs([([1] * p, [1] * a, [2] * g) for p, a, g in batch.tolist()]).num_tokens
                      for batch in batches)
         floor = used.sum().item()
         rows.append({"pairs_per_batch": b, "min_per_pair": floor / len(used), "padded_per_pair": padded / len(used),
@@ -117,7 +119,7 @@ def trainer_for(model, device, pairs_per_step, pack):
     from spin_trainer.trainer import SpinTrainer
 
     flags = ["--global-batch-size", str(pairs_per_step), "--micro-batch-size", str(pairs_per_step), "--lr", "1e-6",
-             "--beta", "0.1"] + (["--pack-pairs"] if pack else [])
+             "--beta", "0.1", "--pack-pairs" if pack else "--no-pack-pairs"]
     scorer = Scorer(ParallelContext(0, 1, 1, 1, 0, 0, device))
     return SpinTrainer(model, None, [None] * pairs_per_step, [], parse_config(flags), scorer, out_dir="unused",
                        held_out=None, metrics=None, sampling=None)
@@ -172,7 +174,7 @@ def markdown(args, device, tokens, steps):
     for row in tokens["rows"]:
         lines.append(f"| {row['pairs_per_batch']} | {row['min_per_pair']:.1f} | {row['padded_per_pair']:.1f} | "
                      f"{row['packed_per_pair']:.1f} | {row['padded_ratio']:.3f} | {row['packed_ratio']:.3f} |")
-    lines += ["", f"(b) SpinTrainer.train_step (without / with --pack-pairs), Llama hidden {args.hidden}, "
+    lines += ["", f"(b) SpinTrainer.train_step (--no-pack-pairs / --pack-pairs), Llama hidden {args.hidden}, "
               f"{args.layers} layers, V {args.vocab}, "
               f"{args.pairs_per_step} pairs per step, median of {args.reps} steps, {args.threads} thread(s)", "",
               "| layout | tokens | ms | saved for backward MiB | peak MiB | steps ms |", "|---|---|---|---|---|---|"]

@@ -1,6 +1,6 @@
 """Packed pair batches (spin_trainer.packing) give the padded layout's log-probs, on tiny Llama,
 Mistral and Qwen2 models, and their attention keeps the generated response from the gold one and
-every segment from the others."""
+every segment from the others; packed SFT sequences give the padded SFT batch's log-probs."""
 from contextlib import nullcontext
 
 import pytest
@@ -9,11 +9,11 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
                           Qwen2ForCausalLM)
 
 from spin_kernels.loss import token_logprobs
-from spin_trainer.data import IGNORE_INDEX, Example, collate_pairs
+from spin_trainer.data import IGNORE_INDEX, Example, collate_pairs, collate_sft
 from spin_trainer.lm_head import compacted_input, output_embedding
 from spin_trainer.logprobs import Scorer
 from spin_trainer.packed_attention import packed_forward
-from spin_trainer.packing import GENERATED, GOLD, PROMPT, block_mask, dense_mask, pack_pairs
+from spin_trainer.packing import GENERATED, GOLD, PROMPT, block_mask, dense_mask, pack_pairs, pack_sequences
 from spin_trainer.parallel.mesh import ParallelContext
 
 VOCAB, PAD = 61, 0
@@ -133,6 +133,22 @@ def test_generated_never_sees_gold(family, attention):
     assert not torch.allclose(before[:3], after[:3])     # the gold ones do
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_a_generated_response_equal_to_the_gold_one_gets_exactly_its_sums(family, share_prompt):
+    """As two identical padded rows: r(actual) − r(generated) exactly 0 (a second segment differs by
+    rounding, which SPIN's acc would count as won or lost), and no token for the duplicate."""
+    model = tiny_model(family)
+    pairs = random_pairs(3, count=4)
+    pairs = [(p, a, list(a) if i % 2 else g) for i, (p, a, g) in enumerate(pairs)]   # pairs 1 and 3: gen = gold
+    got = packed_logps(model, pairs, share_prompt=share_prompt)
+    assert torch.equal(got[1], got[5]) and torch.equal(got[3], got[7])
+    torch.testing.assert_close(got, padded_logps(model, pairs), rtol=1e-5, atol=0)
+    prompts = 1 if share_prompt else 2
+    assert pack_pairs(pairs, share_prompt=share_prompt).num_tokens == sum(
+        len(p) + len(a) + (0 if i % 2 else prompts * len(p) - len(p) + len(g)) for i, (p, a, g) in enumerate(pairs))
+
+
 @pytest.mark.parametrize("share_prompt,attention", [(True, "segments"), (True, "mask"), (False, None)])
 def test_attention_never_crosses_segments(share_prompt, attention):
     model = tiny_model("llama")
@@ -195,6 +211,30 @@ def test_unsupported_attention_needs_the_fallback():
         packed_logps(model, random_pairs(8))
     with pytest.raises(ValueError, match="share_prompt=False"):
         packed_logps(tiny_model("llama"), random_pairs(8), attention="positions")
+
+
+def test_layout_of_sft_sequences():
+    packed = pack_sequences([([5, 6], [7, 8]), ([9], [10]), ([4], [])])   # an empty response scores nothing
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 4]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 0]]
+    assert packed.labels.tolist() == [[IGNORE_INDEX, 7, 8, IGNORE_INDEX, 10, IGNORE_INDEX, IGNORE_INDEX]]
+    assert packed.targets.sequences.tolist() == [0, 0, 1] and packed.num_sequences == 3
+    assert packed.segments == ((0, 4), (4, 6), (6, 7))
+    assert dense_mask(packed)[0, 0, 4].int().tolist() == [0, 0, 0, 0, 1, 0, 0]   # nothing across documents
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("implementation,attention,share_prompt", [("sdpa", "segments", True), ("eager", "mask", True),
+                                                                   ("sdpa", None, False)])
+def test_packed_sft_sequences_equal_padded_fp32(family, implementation, attention, share_prompt):
+    model = tiny_model(family, implementation)
+    examples = [Example(tuple(p), tuple(a)) for p, a, _ in random_pairs(9, count=5)]
+    scorer = Scorer(ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu")))
+    with torch.no_grad():
+        want = scorer.labelled_logps(model, collate_sft(examples, PAD)).token_logps
+        packed = pack_sequences([(e.prompt_ids, e.response_ids) for e in examples], share_prompt=share_prompt)
+        got = packed_token_logps(model, packed, attention=attention)   # the same tokens in the same order
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_pairs():

@@ -14,6 +14,7 @@ import torch
 from trainer_cases import assert_runs_match, fixed_pairs, metric_records, tiny_setup, train_args
 
 import spin_trainer.logprobs as logprobs
+import spin_trainer.packed_scoring as packed_scoring
 from spin_trainer import cli as train_cli
 from spin_trainer.options import parse_config
 from spin_trainer.data import collate_pairs, collate_sft
@@ -37,14 +38,19 @@ def setup(tmp_path_factory):
 
 @pytest.fixture
 def head_calls(monkeypatch):
-    """Counts the calls of each head's log-prob functions (as spin_trainer.logprobs calls them)."""
+    """Counts the calls of each head's log-prob functions (as spin_trainer.logprobs calls them, and
+    packed_scoring for packed pair batches, the default)."""
     calls = Counter()
-    for name in ("linear_spin_loss", "linear_token_logprobs", "token_logprobs"):
-        def counting(*args, _name=name, _function=getattr(logprobs, name), **kwargs):
-            calls[_name] += 1
-            return _function(*args, **kwargs)
+    for module in (logprobs, packed_scoring):
+        for name in ("linear_spin_loss", "linear_token_logprobs", "token_logprobs"):
+            if not hasattr(module, name):
+                continue
 
-        monkeypatch.setattr(logprobs, name, counting)
+            def counting(*args, _name=name, _function=getattr(module, name), **kwargs):
+                calls[_name] += 1
+                return _function(*args, **kwargs)
+
+            monkeypatch.setattr(module, name, counting)
     return calls
 
 

@@ -181,7 +181,8 @@ def run_training(config, on_step):
                               every=run.log_every)
         held_out = HeldOut(test_examples, val_examples, scorer, tokenizer=tokenizer, max_length=d.max_length,
                            max_new_tokens=config.max_new_tokens, batch_size=g.gen_batch_size,
-                           micro_batch_size=config.train.micro_batch_size, exact_match=config.exact_match)
+                           micro_batch_size=config.train.micro_batch_size,
+                           max_tokens=config.train.max_tokens_per_batch, exact_match=config.exact_match)
         title = "SPIN, per iteration (iteration 0 = the starting model)"
         if config.exact_match and not d.test_data:
             title += f"; no {option('test_data')} given: 'test exact match' is measured on {option('val_data')}"

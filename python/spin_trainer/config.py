@@ -83,8 +83,7 @@ class ModelSettings:
                                               "rounding step, e.g. at lr 5e-7 in bf16, are lost)", resume=True)
     head: str | None = setting(None, "how the LM head scores tokens: fused (hidden states -> log-probs, never "
                                      "materializing the [tokens, vocab] logits) or logits (the model's head, then "
-                                     "the log-prob kernels). Default: fused on CUDA, logits elsewhere",
-                               choices=HEADS)
+                                     "the log-prob kernels). Default: fused on CUDA, logits elsewhere", choices=HEADS)
     attn: str = setting("auto", "attention kernel; auto: flash_attention_2 if usable, else sdpa", choices=ATTENTION)
     device: str = setting("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     export_dtype: str = setting("auto", "dtype of the final Hugging Face model (OUT/final); auto: the input model's "
@@ -103,11 +102,9 @@ class DataSettings:
                                          "held-out pairs")
     test_data: str | None = setting(None, "held-out records (as --train-data) for exact-match accuracy (giving it "
                                           "turns --exact-match on)")
-    train_split: str | None = setting(None, "split of --train-data (default: its only split, or 'train')",
-                                      resume=True)
+    train_split: str | None = setting(None, "split of --train-data (default: its only split, or 'train')", resume=True)
     val_split: str | None = setting(None, "split of --val-data (default: its only split, or 'train')", resume=True)
-    test_split: str | None = setting(None, "split of --test-data (default: its only split, or 'train')",
-                                     resume=True)
+    test_split: str | None = setting(None, "split of --test-data (default: its only split, or 'train')", resume=True)
     prompt_field: str | None = setting(None, "read each record's prompt from this field (a string or a list of "
                                              "messages); with --response-field", resume=True)
     response_field: str | None = setting(None, "read each record's gold response from this field (a string or one "
@@ -154,15 +151,13 @@ class SpinSettings:
 @dataclass
 class TrainSettings:
     micro_batch_size: int = setting(1, "pairs per forward on each rank", check=at_least(1))
-    global_batch_size: int = setting(8, "pairs per optimizer step, all ranks together", check=at_least(1),
-                                     resume=True)
+    global_batch_size: int = setting(8, "pairs per optimizer step, all ranks together", check=at_least(1), resume=True)
     optimizer: str = setting("adamw", "the SPIN paper's recipe uses rmsprop", choices=OPTIMIZERS, resume=True)
     adam_betas: tuple[float, ...] = setting((0.9, 0.999), "AdamW betas", nargs=2, metavar=("BETA1", "BETA2"),
                                             check=lambda v: None if all(0 <= b < 1 for b in v)
                                             else f"must be two values in [0, 1), got {list(v)}", resume=True)
     # A larger epsilon swamps the gradient's scale (the step becomes lr * g / eps: nothing trains).
-    adam_eps: float = setting(1e-8, "epsilon of AdamW and of RMSprop", check=within(0, 1e-2, low_open=True),
-                              resume=True)
+    adam_eps: float = setting(1e-8, "AdamW's and RMSprop's epsilon", check=within(0, 1e-2, low_open=True), resume=True)
     weight_decay: float = setting(0.0, "weight decay of the weight matrices (biases and norm weights never decay, as "
                                        "in Hugging Face's Trainer; AdamW: decoupled; RMSprop: L2)",
                                   check=within(0, 1), resume=True)
@@ -183,9 +178,11 @@ class TrainSettings:
                                                  "freeing it (needs one micro-batch per step and --max-grad-norm 0)",
                                           resume=True)
     offload_optimizer: bool = setting(False, "optimizer state in host memory while generating")
-    # A resumed run may change it: the packed layout's numbers equal the padded ones within rounding.
-    pack_pairs: bool = setting(False, "score each micro-batch of pairs as one packed row, every prompt once for "
-                                      "both responses, no padding (Llama, Mistral and Qwen2 models)")
+    # Neither changes the results beyond fp32 rounding: a resumed run may change them.
+    pack_pairs: bool | None = setting(None, "each micro-batch of pairs or SFT sequences as one row, each prompt once, "
+                                            "no padding (default: on where it can run: Llama, Mistral, Qwen2)")
+    max_tokens_per_batch: int = setting(0, "tokens a micro-batch holds at most, as computed (the packed row, or padded "
+                                           "rows x the longest); a longer pair goes alone (0: off)", check=at_least(0))
 
 
 @dataclass
@@ -339,6 +336,9 @@ class RunConfig:
             raise UsageError(f"{option('reference')} streamed runs a plain model, but {option('dtype')} "
                              f"{self.model.dtype} with fp32 master weights casts through FSDP in every layout; use "
                              f"{option('reference')} swap (or precompute)")
+        if self.train.optimizer_in_backward and self.train.max_tokens_per_batch:   # it steps once per micro-batch
+            raise UsageError(f"{option('optimizer_in_backward')} needs one micro-batch per step, and "
+                             f"{option('max_tokens_per_batch')} may cut a step into several; drop one of them")
         if "{prompt}" not in self.data.prompt_template:
             raise UsageError(f"{option('prompt_template')} {self.data.prompt_template!r}: must contain {{prompt}}")
         return self

@@ -16,9 +16,10 @@ import torch
 
 from spin_kernels.loss import spin_loss_from_logps
 
-from .data import collate_sft
 from .generation.rollouts import generate, greedy, pair_logps
+from .micro_batches import rank_spans
 from .model import evaluating
+from .packed_scoring import sft_batch, sft_batch_tokens
 from .parallel.mesh import all_reduce_sum, shard_range
 
 
@@ -55,29 +56,37 @@ def exact_match(model, examples, scorer, *, tokenizer, max_length, max_new_token
 
 
 @torch.no_grad()
-def sft_loss(model, examples, scorer, *, micro_batch_size, pad_token_id):
-    """Mean negative log-likelihood per response token (EOS included) over `examples`."""
+def sft_loss(model, examples, scorer, *, micro_batch_size, pad_token_id, max_tokens=0):
+    """Mean negative log-likelihood per response token (EOS included) over `examples`, in
+    micro-batches as pair_logps makes them (packed where the Scorer packs pairs)."""
     if not examples:
         return None
     ctx = scorer.ctx
-    start, end = shard_range(len(examples), ctx.dp_rank, ctx.dp_size)
+    shards = [shard_range(len(examples), rank, ctx.dp_size) for rank in range(ctx.dp_size)]
+
+    def tokens(i, j):
+        return sft_batch_tokens(examples[i:j], scorer.packing)
+
     totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
     with evaluating(model):
-        for i in range(start, end, micro_batch_size):
-            batch = collate_sft(examples[i:min(i + micro_batch_size, end)], pad_token_id).to(ctx.device)
+        for i, j, counted in rank_spans(shards, ctx.dp_rank, tokens, max_items=micro_batch_size,
+                                        max_tokens=max_tokens):
+            batch = sft_batch(examples[i:j], pad_token_id, scorer.packing).to(ctx.device)
             token_logps = scorer.labelled_logps(model, batch).token_logps
-            totals[0] -= token_logps.sum().double()
-            totals[1] += token_logps.numel()
+            if counted:
+                totals[0] -= token_logps.sum().double()
+                totals[1] += token_logps.numel()
     all_reduce_sum(totals, ctx.dp_group)
     return float(totals[0] / totals[1])
 
 
-def spin_pair_accuracy(model, examples, generated, ref_logps, scorer, *, beta, micro_batch_size, pad_token_id):
+def spin_pair_accuracy(model, examples, generated, ref_logps, scorer, *, beta, micro_batch_size, pad_token_id,
+                       max_tokens=0):
     """(acc, mean margin) of the policy on held-out pairs: margin = β·((π−ref)_actual − (π−ref)_gen)."""
     if not examples:
         return None, None
     policy = pair_logps(model, examples, generated, scorer, micro_batch_size=micro_batch_size,
-                        pad_token_id=pad_token_id)   # [P, 2]
+                        pad_token_id=pad_token_id, max_tokens=max_tokens)   # [P, 2]
     losses = spin_loss_from_logps(torch.cat([policy[:, 0], policy[:, 1]]), torch.cat([ref_logps[:, 0], ref_logps[:, 1]]),
                                   beta=beta)
     rewards = losses.rewards.reshape(2, -1)
@@ -94,10 +103,10 @@ class HeldOut:
     """
 
     def __init__(self, test_examples, val_examples, scorer, *, tokenizer, max_length, max_new_tokens,
-                 batch_size, micro_batch_size, exact_match=False, val_exact_match=False):
+                 batch_size, micro_batch_size, max_tokens=0, exact_match=False, val_exact_match=False):
         self.test_examples, self.val_examples, self.scorer = test_examples, val_examples, scorer
         self.tokenizer, self.max_length, self.max_new_tokens = tokenizer, max_length, max_new_tokens
-        self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
+        self.batch_size, self.micro_batch_size, self.max_tokens = batch_size, micro_batch_size, max_tokens
         self.exact_match, self.val_exact_match = exact_match, val_exact_match
 
     def __call__(self, model):
@@ -107,7 +116,7 @@ class HeldOut:
                 model, self.test_examples, self.scorer, tokenizer=self.tokenizer, max_length=self.max_length,
                 max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
         row["val_sft_loss"] = sft_loss(model, self.val_examples, self.scorer, micro_batch_size=self.micro_batch_size,
-                                       pad_token_id=self.tokenizer.pad_token_id)
+                                       pad_token_id=self.tokenizer.pad_token_id, max_tokens=self.max_tokens)
         if self.val_exact_match:
             row["val_exact_match"], _ = exact_match(model, self.val_examples, self.scorer, tokenizer=self.tokenizer,
                                                     max_length=self.max_length, max_new_tokens=self.max_new_tokens,

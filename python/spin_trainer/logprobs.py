@@ -73,7 +73,7 @@ class Scorer:
     ctx: ParallelContext
     precision: Precision = Precision()
     head: str = "logits"
-    packing: str | None = None   # --pack-pairs: packed_scoring.packing_layout's; None: padded pair batches
+    packing: str | None = None   # packed_scoring.choose_packing's layout (pair and SFT batches); None: padded
 
     def __post_init__(self):
         assert self.ctx.dp_mesh is not None or not self.precision.mixed, \

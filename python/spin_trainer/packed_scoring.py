@@ -1,7 +1,9 @@
 """--pack-pairs: the Scorer's pair batches in packing.py's layout instead of padded rows.
 
 `pair_batch` makes the micro-batches of the policy step and of the reference log-probs (the
-trainer's and generation/rollouts.pair_logps'); the Scorer sends a PackedPairs here. Both heads
+trainer's and generation/rollouts.pair_logps'), `sft_batch` those of the SFT validation loss;
+`*_tokens` count what they compute, for --max-tokens-per-batch (micro_batches.py). The Scorer
+sends a PackedPairs of pairs here. Both heads
 run on the gathered target positions (the last prompt position twice, packing.py): "logits" by
 the padded path's own arithmetic (token_logprobs, per-sequence sums, spin_loss_from_logps), "fused"
 by linear_spin_loss with `seq_ids`, so that π − ref is exactly 0 at θ_t in either layout.
@@ -16,10 +18,10 @@ import torch
 
 from spin_kernels.loss import linear_spin_loss, spin_loss_from_logps, token_logprobs
 
-from .data import collate_pairs
+from .data import collate_pairs, collate_sft
 from .errors import UsageError, option
 from .lm_head import compacted_input, fused_output, output_embedding, redirected_head
-from .packing import PROMPT, PackedPairs, pack_pairs
+from .packing import PackedPairs, pack_pairs, pack_sequences
 
 # The families whose attention layers pass packed_attention's keyword arguments and mask through
 # (tested in tests/test_packing.py).
@@ -45,13 +47,57 @@ def packing_layout(model, ctx, reference):
                      f"{option('attn')} sdpa or drop {name}")
 
 
+def choose_packing(model, ctx, reference, requested):
+    """(layout, why padded) of --pack-pairs `requested`: True packs or raises packing_layout's
+    UsageError; False: (None, None); None (the default): packs where packing_layout allows, else
+    (None, the reason), the part of its refusal before "; " (each reads "why; what to do")."""
+    if requested is False:
+        return None, None
+    try:
+        return packing_layout(model, ctx, reference), None
+    except UsageError as refused:
+        if requested:
+            raise
+        return None, str(refused).split("; ")[0]
+
+
+def _packs(generated, packing):
+    return packing is not None and all(len(g) for g in generated)
+
+
 def pair_batch(examples, generated, pad_token_id, packing):
     """The pair batch of `examples` and their `generated` responses: padded (data.collate_pairs)
     when `packing` is None or a response is empty (a packed response needs a token), else packed."""
-    if packing is None or not all(len(g) for g in generated):
+    if not _packs(generated, packing):
         return collate_pairs(examples, generated, pad_token_id)
     return pack_pairs([(e.prompt_ids, e.response_ids, g) for e, g in zip(examples, generated)],
                       share_prompt=packing == "shared")
+
+
+def pair_batch_tokens(examples, generated, packing):
+    """Tokens that pair_batch(examples, generated, ..., packing) computes: the packed row's length
+    (a prompt per response without sharing), or 2b padded rows x the longest."""
+    if not _packs(generated, packing):
+        return 2 * len(examples) * max(len(e.prompt_ids) + max(len(e.response_ids), len(g))
+                                       for e, g in zip(examples, generated))
+    # A generated response equal to the gold one adds no token (packing.pack_pairs scores the gold rows again).
+    return sum(len(e.prompt_ids) + len(e.response_ids) + (0 if list(g) == list(e.response_ids) else
+                                                           len(g) + len(e.prompt_ids) * (packing == "separate"))
+               for e, g in zip(examples, generated))
+
+
+def sft_batch(examples, pad_token_id, packing):
+    """The SFT batch of `examples` ([prompt | gold] each): padded (data.collate_sft) when `packing`
+    is None, else one packed row, a document per example (packing.pack_sequences)."""
+    if packing is None:
+        return collate_sft(examples, pad_token_id)
+    return pack_sequences([(e.prompt_ids, e.response_ids) for e in examples], share_prompt=packing == "shared")
+
+
+def sft_batch_tokens(examples, packing):
+    """Tokens that sft_batch(examples, ..., packing) computes."""
+    lengths = [len(e.prompt_ids) + len(e.response_ids) for e in examples]
+    return sum(lengths) if packing is not None else len(lengths) * max(lengths)
 
 
 def sequence_tokens(batch):
@@ -59,7 +105,7 @@ def sequence_tokens(batch):
     real tokens in either layout (the `tokens` metric does not depend on --pack-pairs)."""
     if not isinstance(batch, PackedPairs):
         return batch.attention_mask.sum()
-    return (batch.parts == PROMPT).sum() * int(batch.share_prompt) + batch.num_tokens
+    return batch.input_ids.new_full((), batch.sequence_tokens)   # filled on the device: no host copy
 
 
 def _policy_sums(scorer, model, packed, *, inplace_backward):

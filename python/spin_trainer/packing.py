@@ -15,6 +15,8 @@ position of each pair appears twice; the LM head runs on the gathered [M, H] hid
 logprobs.compacted_input does with its `index_select`), so the duplicate costs one head row and
 no extra token in any layer, and the backward sums both rows' gradients into that position.
 (An extra duplicated query token would cost a token in every layer and a mask exception.)
+A generated response equal to the gold one gets no segment: its targets are the gold response's,
+so both sums are the same numbers added in the same order, and their difference exactly 0.
 
 Sequence ids: pair i's gold response is sequence i, its generated one B + i (the order of
 `spin_loss`'s rows); per-sequence sums are `index_add` over `targets.sequences`, with no host sync.
@@ -23,6 +25,7 @@ Attention: `attention_rule` is the one definition of who sees whom; `dense_mask`
 (FlexAttention) are its two forms, and packed_attention.py hands them to Hugging Face models. The
 plain padding-free fallback (no custom mask) is `pack_pairs(..., share_prompt=False)`: `[prompt |
 gold]` and `[prompt | generated]` as separate documents whose position ids restart at 0.
+`pack_sequences` packs SFT sequences `[prompt | response]` the same way, a document each.
 """
 from dataclasses import dataclass
 
@@ -55,6 +58,7 @@ class PackedPairs:
     num_sequences: int           # 2B
     share_prompt: bool
     segments: tuple              # (start, end) of each document, host ints (no sync to slice by them)
+    sequence_tokens: int         # tokens of the 2B sequences [prompt | response], each prompt in both
 
     @property
     def num_tokens(self):
@@ -66,7 +70,7 @@ class PackedPairs:
         targets = Targets(*(t.to(device) for t in (self.targets.positions, self.targets.labels,
                                                   self.targets.sequences)))
         return PackedPairs(**moved, targets=targets, num_sequences=self.num_sequences, share_prompt=self.share_prompt,
-                           segments=self.segments)
+                           segments=self.segments, sequence_tokens=self.sequence_tokens)
 
     def sequence_sums(self, token_logps):
         """[2B] float32 sums of `token_logps` ([M], in `targets` order), differentiable."""
@@ -88,6 +92,58 @@ def _segments(documents):
     return tuple(zip(starts, starts[1:] + [len(documents)]))
 
 
+class _Row:
+    """A packed row as it is built, token by token (host lists), then as a PackedPairs."""
+
+    def __init__(self):
+        self.ids, self.positions, self.documents, self.parts, self.sequence_ids = [], [], [], [], []
+        self.labels, self.label_sequences = [], []
+        self.extra = []   # (position, label, sequence) of each first generated token under prompt sharing
+
+    def add(self, tokens, first_position, document, part, sequence, next_tokens, scores):
+        """`scores`: the sequence the labels belong to (a prompt's last label: the response after it)."""
+        self.ids.extend(tokens)
+        self.positions.extend(range(first_position, first_position + len(tokens)))
+        self.documents.extend([document] * len(tokens))
+        self.parts.extend([part] * len(tokens))
+        self.sequence_ids.extend([sequence] * len(tokens))
+        self.labels.extend(next_tokens)
+        self.label_sequences.extend(-1 if label == IGNORE_INDEX else scores for label in next_tokens)
+
+    def add_document(self, prompt, response, document, part, sequence):
+        """[prompt | response] as one document whose labels score the response (none if it is empty)."""
+        after_prompt = list(response[:1]) or [IGNORE_INDEX]
+        self.add(prompt, 0, document, PROMPT, -1, [IGNORE_INDEX] * (len(prompt) - 1) + after_prompt, sequence)
+        self.add(response, len(prompt), document, part, sequence, (list(response[1:]) + [IGNORE_INDEX])[:len(response)],
+                 sequence)
+
+    def packed(self, num_sequences, share_prompt, sequence_tokens):
+        assert len(self.labels) == len(self.ids), (len(self.labels), len(self.ids))
+        labels = torch.tensor(self.labels, dtype=torch.long)
+        scored = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        target_positions, target_labels = scored, labels[scored]
+        target_sequences = torch.tensor(self.label_sequences, dtype=torch.long)[scored]
+        if self.extra:
+            extra_t = torch.tensor(self.extra, dtype=torch.long)
+            target_positions = torch.cat([target_positions, extra_t[:, 0]])
+            target_labels = torch.cat([target_labels, extra_t[:, 1]])
+            target_sequences = torch.cat([target_sequences, extra_t[:, 2]])
+        return PackedPairs(
+            input_ids=torch.tensor(self.ids, dtype=torch.long)[None],
+            position_ids=torch.tensor(self.positions, dtype=torch.long)[None],
+            documents=torch.tensor(self.documents, dtype=torch.long),
+            parts=torch.tensor(self.parts, dtype=torch.long),
+            sequence_ids=torch.tensor(self.sequence_ids, dtype=torch.long),
+            labels=labels[None],
+            loss_mask=(labels != IGNORE_INDEX).float()[None],
+            targets=Targets(target_positions, target_labels, target_sequences),
+            num_sequences=num_sequences,
+            share_prompt=share_prompt,
+            segments=_segments(self.documents),
+            sequence_tokens=sequence_tokens,
+        )
+
+
 def pack_pairs(pairs, *, share_prompt=True):
     """A PackedPairs of `pairs`, a list of (prompt_ids, gold_ids, generated_ids) token sequences.
 
@@ -95,57 +151,40 @@ def pack_pairs(pairs, *, share_prompt=True):
     the prompt, as its own document."""
     if not pairs:
         raise ValueError("pack_pairs needs at least one pair")
-    count = len(pairs)
-    ids, positions, documents, parts, sequence_ids, labels, label_sequences = [], [], [], [], [], [], []
-    extra = []   # (position, label, sequence) of each first generated token under prompt sharing
-
-    def add(tokens, first_position, document, part, sequence, next_tokens, scores):
-        """`scores`: the sequence the labels belong to (a prompt's last label: the response after it)."""
-        ids.extend(tokens)
-        positions.extend(range(first_position, first_position + len(tokens)))
-        documents.extend([document] * len(tokens))
-        parts.extend([part] * len(tokens))
-        sequence_ids.extend([sequence] * len(tokens))
-        labels.extend(next_tokens)
-        label_sequences.extend(-1 if label == IGNORE_INDEX else scores for label in next_tokens)
-
+    count, row = len(pairs), _Row()
     for i, (prompt, gold, generated) in enumerate(pairs):
         prompt, gold, generated = list(prompt), list(gold), list(generated)
         _check_pair(i, prompt, gold, generated)
-        prompt_next = [IGNORE_INDEX] * (len(prompt) - 1)
-        if share_prompt:
-            add(prompt, 0, i, PROMPT, -1, prompt_next + [gold[0]], i)
-            add(gold, len(prompt), i, GOLD, i, gold[1:] + [IGNORE_INDEX], i)
-            extra.append((len(ids) - len(gold) - 1, generated[0], count + i))
-            add(generated, len(prompt), i, GENERATED, count + i, generated[1:] + [IGNORE_INDEX], count + i)
+        row.add_document(prompt, gold, i if share_prompt else 2 * i, GOLD, i)
+        last_prompt = len(row.ids) - len(gold) - 1
+        if generated == gold:
+            # The same tokens after the same prompt: the gold response's rows are scored again as
+            # sequence B + i, in the same order, so r(actual) − r(generated) is exactly 0 (as two
+            # identical padded rows make it: SPIN can learn nothing from such a pair, and its acc
+            # never counts it) instead of the rounding noise of a second segment, which costs nothing.
+            row.extra.extend((last_prompt + k, token, count + i) for k, token in enumerate(gold))
+        elif share_prompt:
+            row.extra.append((last_prompt, generated[0], count + i))
+            row.add(generated, len(prompt), i, GENERATED, count + i, generated[1:] + [IGNORE_INDEX], count + i)
         else:
-            for document, part, sequence, response in ((2 * i, GOLD, i, gold),
-                                                       (2 * i + 1, GENERATED, count + i, generated)):
-                add(prompt, 0, document, PROMPT, -1, prompt_next + [response[0]], sequence)
-                add(response, len(prompt), document, part, sequence, response[1:] + [IGNORE_INDEX], sequence)
+            row.add_document(prompt, generated, 2 * i + 1, GENERATED, count + i)
+    sequence_tokens = sum(2 * len(p) + len(a) + len(g) for p, a, g in pairs)
+    return row.packed(2 * count, share_prompt, sequence_tokens)
 
-    labels = torch.tensor(labels, dtype=torch.long)
-    scored = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-    target_positions, target_labels = scored, labels[scored]
-    target_sequences = torch.tensor(label_sequences, dtype=torch.long)[scored]
-    if extra:
-        extra_t = torch.tensor(extra, dtype=torch.long)
-        target_positions = torch.cat([target_positions, extra_t[:, 0]])
-        target_labels = torch.cat([target_labels, extra_t[:, 1]])
-        target_sequences = torch.cat([target_sequences, extra_t[:, 2]])
-    return PackedPairs(
-        input_ids=torch.tensor(ids, dtype=torch.long)[None],
-        position_ids=torch.tensor(positions, dtype=torch.long)[None],
-        documents=torch.tensor(documents, dtype=torch.long),
-        parts=torch.tensor(parts, dtype=torch.long),
-        sequence_ids=torch.tensor(sequence_ids, dtype=torch.long),
-        labels=labels[None],
-        loss_mask=(labels != IGNORE_INDEX).float()[None],
-        targets=Targets(target_positions, target_labels, target_sequences),
-        num_sequences=2 * count,
-        share_prompt=share_prompt,
-        segments=_segments(documents),
-    )
+
+def pack_sequences(sequences, *, share_prompt=True):
+    """A PackedPairs of SFT `sequences`, a list of (prompt_ids, response_ids): `[prompt | response]`
+    as document i, its response sequence i, no padding (the SFT validation loss). It is pack_pairs'
+    layout without generated responses: `share_prompt` chooses only how attention keeps the
+    documents apart (True: attention_rule's mask; False: position ids, for flash-attn)."""
+    if not sequences:
+        raise ValueError("pack_sequences needs at least one sequence")
+    row = _Row()
+    for i, (prompt, response) in enumerate(sequences):
+        if len(prompt) < 1:
+            raise ValueError(f"sequence {i}: the prompt is empty (a response is scored from the prompt's last token)")
+        row.add_document(list(prompt), list(response), i, GOLD, i)
+    return row.packed(len(sequences), share_prompt, sum(len(p) + len(r) for p, r in sequences))
 
 
 def attention_rule(packed, sliding_window=None):

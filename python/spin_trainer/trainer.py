@@ -18,7 +18,8 @@ batches and samples and reproduces the uninterrupted run.
 
 Scaling: each micro-batch's loss is weighted by its share of the global batch, and the gradients
 are summed over micro-batches and data-parallel ranks (FSDP's reduce-scatter set to a plain sum),
-so the update is the same for any micro-batch size, accumulation and data-parallel width. The
+so the update is the same for any micro-batch size, token bound, accumulation and data-parallel
+width (micro_batches.py cuts the step's pairs, the same number of micro-batches on every rank). The
 logged metrics are global: weighted means summed, and the rewards' std from the global Σr, Σr² and
 count (Bessel-corrected, as NeMo-Aligner logs `rewards_all.std()`).
 """
@@ -39,7 +40,8 @@ from .loop_state import IterationData, LoopPosition, StopSignal, TrainingStopped
 from .metrics import global_step_metrics
 from .optim import (apply_update, epoch_order, learning_rate_schedule, make_optimizer, make_scheduler,
                     reset_state)
-from .packed_scoring import packing_layout, pair_batch, sequence_tokens
+from .micro_batches import rank_spans
+from .packed_scoring import choose_packing, pair_batch, pair_batch_tokens, sequence_tokens
 from .progress_lines import ProgressLines, flushed_print
 from .ref_policy import make_reference
 
@@ -71,8 +73,10 @@ class SpinTrainer:
         self.optimizer = make_optimizer(model, ctx=self.ctx, lr=lr_at(0), name=t.optimizer, weight_decay=t.weight_decay,
                                         betas=t.adam_betas, eps=t.adam_eps, in_backward=t.optimizer_in_backward)
         self.scheduler = make_scheduler(self.optimizer, lr_at)
-        if t.pack_pairs:   # the Scorer scores what pair_batch makes, in the trainer and in pair_logps alike
-            scorer.packing = packing_layout(model, self.ctx, s.reference)
+        # The Scorer scores what pair_batch and sft_batch make, in the trainer and in evaluate.py alike.
+        scorer.packing, padded_because = choose_packing(model, self.ctx, s.reference, t.pack_pairs)
+        if padded_because and self.ctx.is_main:
+            report(f"padded pair batches: {padded_because}")
         self.reference = make_reference(s.reference, model, scorer, generate_every_epoch=s.generate_every == "epoch")
         self.parked_optimizer = ParkedOptimizer(self.optimizer) if t.offload_optimizer else None
         self.position = LoopPosition()
@@ -170,14 +174,11 @@ class SpinTrainer:
         `model`, which holds θ_t: the policy at the start of an iteration, else the reference's weights."""
         samples = self.generate_for(model, self.examples, epoch)
         examples, generated, dropped = self.iteration_pairs(samples)
-        micro, pad = self.config.train.micro_batch_size, self.tokenizer.pad_token_id
-        cached = (pair_logps(model, examples, generated, self.scorer, micro_batch_size=micro, pad_token_id=pad)
-                  if self.reference.precomputes_logps else None)
+        cached = self.pair_logps(model, examples, generated) if self.reference.precomputes_logps else None
         self.record_generations(model, samples, cached, epoch)
         val_examples = self.validation_prompts()
         val_generated = self.generate_for(model, val_examples, epoch + 10_000)
-        val_ref = pair_logps(model, val_examples, val_generated, self.scorer, micro_batch_size=micro,
-                             pad_token_id=pad)
+        val_ref = self.pair_logps(model, val_examples, val_generated)
         # The diagnostics describe what the model sampled, one response per training prompt in the
         # prompts' order: before drop_truncated reassigns slots and the previous iteration's mix.
         lengths = [len(g) for g in samples]
@@ -186,6 +187,12 @@ class SpinTrainer:
                              train_gen_length=sum(lengths) / len(lengths),
                              gen_equals_gold=fraction_equal_to_gold(self.examples, samples),
                              dropped_truncated=dropped)
+
+    def pair_logps(self, model, examples, generated):
+        """[P, 2] log-prob sums of pairs under `model`, in the training step's micro-batches' bounds."""
+        t = self.config.train
+        return pair_logps(model, examples, generated, self.scorer, micro_batch_size=t.micro_batch_size,
+                          pad_token_id=self.tokenizer.pad_token_id, max_tokens=t.max_tokens_per_batch)
 
     def validation_prompts(self):
         """The validation prompts θ_t answers: for the evaluation at the iteration's end and --val-every only."""
@@ -204,9 +211,7 @@ class SpinTrainer:
         if cached is not None and not self.config.spin.drop_truncated:
             ref = cached[:n]
         else:
-            ref = pair_logps(model, self.examples, samples, self.scorer,
-                             micro_batch_size=self.config.train.micro_batch_size,
-                             pad_token_id=self.tokenizer.pad_token_id)
+            ref = self.pair_logps(model, self.examples, samples)
         if self.ctx.is_main:
             write_generations(generations_path(self.out_dir, self.position.iteration, epoch, self.run),
                               generation_rows(self.examples, samples, samples.truncated, ref, self.tokenizer))
@@ -240,22 +245,27 @@ class SpinTrainer:
 
     # ---- train -----------------------------------------------------------------------------------
     def step_pairs(self):
-        """This rank's share of the next global batch: indices into the iteration's pairs."""
+        """The next global batch: indices into the iteration's pairs, rank r's share the r-th of
+        dp-size equal slices."""
         c, p = self.config, self.position
         order = epoch_order(len(self.data.examples), c.run.seed, p.iteration, p.epoch)
-        per_rank = c.train.global_batch_size // self.ctx.dp_size
-        start = p.step * c.train.global_batch_size + self.ctx.dp_rank * per_rank
-        return order[start:start + per_rank]
+        start = p.step * c.train.global_batch_size
+        return order[start:start + c.train.global_batch_size]
 
     def micro_batches(self, pairs):
-        """(pair batch, its reference log-probs, generated tokens) of each micro-batch of `pairs`."""
-        data, size = self.data, self.config.train.micro_batch_size
-        for i in range(0, len(pairs), size):
-            chunk = pairs[i:i + size]
-            generated = [data.generated[k] for k in chunk]
-            batch = pair_batch([data.examples[k] for k in chunk], generated, self.tokenizer.pad_token_id,
+        """(pair batch, its reference log-probs, generated tokens) of each of this rank's micro-batches
+        of the global batch `pairs`, as many as every other rank's (micro_batches.py)."""
+        data, t, dp = self.data, self.config.train, self.ctx.dp_size
+        examples, generated = [data.examples[k] for k in pairs], [data.generated[k] for k in pairs]
+        per_rank = len(pairs) // dp
+        spans = rank_spans([(r * per_rank, (r + 1) * per_rank) for r in range(dp)], self.ctx.dp_rank,
+                           lambda i, j: pair_batch_tokens(examples[i:j], generated[i:j], self.scorer.packing),
+                           max_items=t.micro_batch_size, max_tokens=t.max_tokens_per_batch)
+        for i, j, counted in spans:
+            assert counted, "training shards are equal: no filler forward"
+            batch = pair_batch(examples[i:j], generated[i:j], self.tokenizer.pad_token_id,
                                self.scorer.packing).to(self.ctx.device)
-            yield batch, self.compute_ref_logps(batch, chunk), sum(map(len, generated))
+            yield batch, self.compute_ref_logps(batch, pairs[i:j]), sum(map(len, generated[i:j]))
 
     def train_step(self, micro_batches):
         """One optimizer step: for each micro-batch (pair batch, reference log-probs, generated tokens)
@@ -316,7 +326,7 @@ class SpinTrainer:
             row["val_spin_acc"], row["val_margin"] = spin_pair_accuracy(
                 self.model, self.val_examples, data.val_generated, data.val_ref_logps, self.scorer,
                 beta=self.betas[p.iteration], micro_batch_size=self.config.train.micro_batch_size,
-                pad_token_id=self.tokenizer.pad_token_id)
+                pad_token_id=self.tokenizer.pad_token_id, max_tokens=self.config.train.max_tokens_per_batch)
             row["val_gen_length"] = sum(map(len, data.val_generated)) / len(data.val_generated)
         return row
 

@@ -18,7 +18,8 @@ from spin_kernels.swap import offload_optimizer, onload_optimizer
 
 from ..errors import UsageError, option
 from ..model import evaluating
-from ..packed_scoring import pair_batch
+from ..micro_batches import rank_spans
+from ..packed_scoring import pair_batch, pair_batch_tokens
 from ..parallel.apply import full_weights
 from ..parallel.mesh import gather_objects, shard_range
 from ..parallel.tp_plan import full_vocab_logits
@@ -118,17 +119,24 @@ def greedy(max_new_tokens):
 
 
 @torch.no_grad()
-def pair_logps(model, examples, generated, scorer, *, micro_batch_size, pad_token_id):
-    """[P, 2] float32 (actual, generated) response log-prob sums under `model`, on every rank."""
+def pair_logps(model, examples, generated, scorer, *, micro_batch_size, pad_token_id, max_tokens=0):
+    """[P, 2] float32 (actual, generated) response log-prob sums under `model`, on every rank: each
+    rank scores its shard in micro-batches of at most `micro_batch_size` pairs and `max_tokens`
+    tokens (0: no bound), as many as every other rank (micro_batches.py)."""
     ctx = scorer.ctx
-    start, end = shard_range(len(examples), ctx.dp_rank, ctx.dp_size)
+    shards = [shard_range(len(examples), rank, ctx.dp_size) for rank in range(ctx.dp_size)]
+
+    def tokens(i, j):
+        return pair_batch_tokens(examples[i:j], generated[i:j], scorer.packing)
+
     rows = []
     with evaluating(model):
-        for i in range(start, end, micro_batch_size):
-            j = min(i + micro_batch_size, end)
+        for i, j, counted in rank_spans(shards, ctx.dp_rank, tokens, max_items=micro_batch_size,
+                                        max_tokens=max_tokens):
             batch = pair_batch(examples[i:j], generated[i:j], pad_token_id, scorer.packing).to(ctx.device)
             logps = scorer.sequence_logps(model, batch).float().cpu()
-            b = j - i
-            rows.extend(torch.stack([logps[:b], logps[b:]], dim=1).tolist())
+            if counted:
+                b = j - i
+                rows.extend(torch.stack([logps[:b], logps[b:]], dim=1).tolist())
     gathered = gather_objects(rows, ctx.dp_group, ctx.dp_size)
     return torch.tensor(gathered, dtype=torch.float32).reshape(len(examples), 2)
