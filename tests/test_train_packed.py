@@ -24,8 +24,10 @@ from spin_trainer.logprobs import Scorer
 from spin_trainer.model import load_model, load_tokenizer
 from spin_trainer.packed_scoring import choose_packing, packing_layout, pair_batch, sequence_tokens
 from spin_trainer.packing import PackedPairs
+from spin_trainer.parallel.apply import decoder_layers
 from spin_trainer.parallel.mesh import ParallelContext
 from spin_trainer.parallel.precision import Precision
+from spin_trainer.parallel.recompute import apply_recompute
 
 CTX = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
 PAIRS, MICRO = 8, 4
@@ -46,12 +48,13 @@ def pairs(tiny):
     return tokenizer, *fixed_pairs(tokenizer, PAIRS)
 
 
-def _step(model_dir, pairs, head, packing):
+def _step(model_dir, pairs, head, packing, recompute="none"):
     """(metrics, precomputed reference [P, 2], per-batch reference [2P], gradients, weights after one
     step)."""
     tokenizer, examples, generated = pairs
     pad = tokenizer.pad_token_id
     model = load_model(model_dir)
+    apply_recompute(decoder_layers(model), recompute)
     scorer = Scorer(CTX, Precision(), head)
     trainer = step_trainer(model, scorer, pairs=PAIRS, lr=1e-3, beta=0.5, micro_batch_size=MICRO,
                            extra=EXTRA + (["--pack-pairs"] if packing else ["--no-pack-pairs"]))
@@ -73,11 +76,14 @@ def _step(model_dir, pairs, head, packing):
     return metrics, precomputed, per_batch, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("head,layout", [("logits", "shared"), ("fused", "shared"), ("logits", "separate"),
-                                         ("fused", "separate")])
-def test_packed_step_equals_the_padded_step(tiny, pairs, head, layout):
+@pytest.mark.parametrize("head,layout,recompute", [
+    ("logits", "shared", "none"), ("fused", "shared", "none"), ("logits", "separate", "none"),
+    ("fused", "separate", "none"),
+    # The backward recomputes each layer's packed attention (the paper recipe's gradient checkpointing).
+    ("logits", "shared", "full"), ("fused", "shared", "elementwise")])
+def test_packed_step_equals_the_padded_step(tiny, pairs, head, layout, recompute):
     want_metrics, want_pre, want_batch, want_grads, want_weights = _step(tiny[0], pairs, head, None)
-    got_metrics, got_pre, got_batch, got_grads, got_weights = _step(tiny[0], pairs, head, layout)
+    got_metrics, got_pre, got_batch, got_grads, got_weights = _step(tiny[0], pairs, head, layout, recompute)
     assert got_metrics.keys() == want_metrics.keys()
     for key, value in want_metrics.items():
         assert got_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key

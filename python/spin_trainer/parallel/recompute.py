@@ -35,9 +35,31 @@ def _recompute(function, *args, **kwargs):
     return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
 
+def _with_attention_of_now(module, function):
+    """`function`, run with the attention implementation that `module`'s config names now. The
+    backward's recompute runs after the forward's call has returned: a packed forward
+    (packed_attention.packed_forward) switches the model's implementation for its call only, and
+    a recompute with the model's own would attend across the packed segments."""
+    config = next((m.config for m in module.modules() if hasattr(m, "config")), None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation is None:
+        return function
+
+    def run(*args, **kwargs):
+        saved = config._attn_implementation
+        config._attn_implementation = implementation
+        try:
+            return function(*args, **kwargs)
+        finally:
+            config._attn_implementation = saved
+
+    return run
+
+
 def _recomputed_forward(self, *args, **kwargs):
-    """The module's class forward, its activations recomputed in the backward."""
-    return _recompute(type(self).forward.__get__(self), *args, **kwargs)
+    """The module's class forward, its activations recomputed in the backward (with the attention
+    implementation of the forward)."""
+    return _recompute(_with_attention_of_now(self, type(self).forward.__get__(self)), *args, **kwargs)
 
 
 def _act_times_up(act_fn, gate, up):
