@@ -13,21 +13,29 @@ class LiveTensorBytes(TorchDispatchMode):
     bf16 matmul's fp32 result buffer, which cuBLAS does not need); storages that existed before
     (the weights) are not counted. A storage's Python object lives exactly as long as the storage
     (also when only autograd's saved tensors hold it), so its finalizer marks the free.
-    `resized` is the bytes of the resized storages alone (FSDP's gathered weights)."""
+    `resized` is the bytes of the resized storages alone (FSDP's gathered weights). With
+    `snapshots`, `at_peak` is what was live at the peak: (bytes, the operator that made it), largest
+    first (to find which tensors make a peak; costs a copy at every new peak)."""
 
-    def __init__(self, existing):
+    def __init__(self, existing, snapshots=False):
         super().__init__()
+        self.snapshots, self.made_by, self.peak_live = snapshots, {}, {}
         self.existing = {t.untyped_storage()._cdata for t in existing}
         self.live = {}        # the storage's C object -> bytes
         self.resized_keys = set()
         self.current = self.peak = self.resized = self.resized_peak = 0
+        self.window_peak = None   # the peak since open_window(), None when no window is open
         self.paused = False
 
     def _set(self, key, nbytes):
         change = nbytes - self.live.get(key, 0)
         self.live[key] = nbytes
         self.current += change
+        if self.current > self.peak and self.snapshots:
+            self.peak_live = {k: (n, self.made_by.get(k, "resized by FSDP")) for k, n in self.live.items()}
         self.peak = max(self.peak, self.current)
+        if self.window_peak is not None:
+            self.window_peak = max(self.window_peak, self.current)
         if key in self.resized_keys:
             self.resized += change
             self.resized_peak = max(self.resized_peak, self.resized)
@@ -36,11 +44,26 @@ class LiveTensorBytes(TorchDispatchMode):
         self._set(key, 0)
         del self.live[key]
         self.resized_keys.discard(key)
+        self.made_by.pop(key, None)
 
-    def _track(self, storage, nbytes, resized=False):
+    def open_window(self):
+        """Starts a peak of its own (a phase of the step: close_window() returns it)."""
+        self.window_peak = self.current
+
+    def close_window(self):
+        peak, self.window_peak = self.window_peak, None
+        return peak
+
+    @property
+    def at_peak(self):
+        return sorted(self.peak_live.values(), reverse=True)
+
+    def _track(self, storage, nbytes, resized=False, made_by=None):
         key = storage._cdata
         if key in self.existing:
             return
+        if made_by and key not in self.live:
+            self.made_by[key] = made_by
         if resized:
             self.resized_keys.add(key)
         if key not in self.live:
@@ -64,15 +87,16 @@ class LiveTensorBytes(TorchDispatchMode):
 
         return counted_outputs
 
-    def _track_outputs(self, out):
+    def _track_outputs(self, out, func=None):
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata not in self.live:
-                self._track(tensor.untyped_storage(), tensor.untyped_storage().nbytes())
+                made_by = f"{func} {tuple(tensor.shape)} {tensor.dtype}" if self.snapshots else None
+                self._track(tensor.untyped_storage(), tensor.untyped_storage().nbytes(), made_by=made_by)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not self.paused:
-            self._track_outputs(out)
+            self._track_outputs(out, func)
         return out
 
     def __enter__(self):

@@ -145,7 +145,7 @@ def test_activation_formula_equals_what_autograd_saves(recompute, precision):
     apply_recompute(decoder_layers(model), recompute)
     input_ids = torch.randint(0, 96, (rows, length), generator=torch.Generator().manual_seed(0))
     mode = ComputeMode(compute_bytes=2 if precision != "float32" else 4)
-    expected = decoder_bytes(DecoderShape.of(model.config), mode, recompute, rows=rows, length=length)
+    expected = decoder_bytes(DecoderShape.of(model.config), mode, recompute, tokens=rows * length, positions=length)
     assert saved_bytes(model, input_ids) == expected
 
 
@@ -266,3 +266,16 @@ def test_no_dp_shard_warns_when_the_peak_estimate_exceeds_the_device(tmp_path, m
     with pytest.raises(UsageError, match="tokenizer"):
         train_cli.main(_train_argv(tmp_path, "--device-memory-gib", "120"))
     assert re.search(r"warning: --no-dp-shard: the per-rank peak estimate is \d+\.\d GiB", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("extra, layout", [([], "shared"), (["--no-pack-pairs"], None),
+                                           (["--reference", "streamed", "--pure-low-precision"], None), (["--attn", "flash_attention_2"], "separate")])
+def test_plan_packs_pair_batches_where_the_trainer_would(extra, layout, capsys):
+    """Packed by default (Llama on SDPA: this machine has no flash-attn), not with --no-pack-pairs or
+    where the trainer falls back to padded rows; the micro-batch line gives the token budget."""
+    plan = train_cli.main(["--plan", "--model", os.path.join(CONFIGS, "llama-2-7b"), "--nproc", "8", "--max-length", "1024",
+                           "--micro-batch-size", "2", "--global-batch-size", "16", "--dtype", "bfloat16", *extra])
+    assert plan.micro_batch.layout == layout
+    budget = 2 * 2 * 1024 if layout in (None, "separate") else 2 * (1024 + 512)
+    assert plan.activations.tokens == budget
+    assert f"a token budget of {budget} tokens" in capsys.readouterr().out

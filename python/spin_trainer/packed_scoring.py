@@ -31,14 +31,19 @@ PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
 def packing_layout(model, ctx, reference):
     """"shared" (one prompt for both responses) or "separate" (flash-attn: a prompt per response,
     documents told apart by position ids) for `model`; a UsageError where --pack-pairs cannot run."""
-    name, config = option("pack_pairs"), model.config
-    if config.model_type not in PACKABLE_MODEL_TYPES:
-        raise UsageError(f"{name}: model type {config.model_type!r} is not one of {PACKABLE_MODEL_TYPES}, whose "
+    return layout_of(model.config.model_type, model.config._attn_implementation, reference)
+
+
+def layout_of(model_type, implementation, reference):
+    """packing_layout of a model of `model_type` on attention `implementation` (also `--plan`'s,
+    which has a config and the run's settings but no model)."""
+    name = option("pack_pairs")
+    if model_type not in PACKABLE_MODEL_TYPES:
+        raise UsageError(f"{name}: model type {model_type!r} is not one of {PACKABLE_MODEL_TYPES}, whose "
                          f"attention takes the packed layout; drop {name}")
     if reference == "streamed":
         raise UsageError(f"{name}: {option('reference')} streamed runs its own padded forward; use another "
                          f"{option('reference')} or drop {name}")
-    implementation = config._attn_implementation
     if implementation in ("sdpa", "eager", "flex_attention"):
         return "shared"
     if implementation == "flash_attention_2":
@@ -51,10 +56,15 @@ def choose_packing(model, ctx, reference, requested):
     """(layout, why padded) of --pack-pairs `requested`: True packs or raises packing_layout's
     UsageError; False: (None, None); None (the default): packs where packing_layout allows, else
     (None, the reason), the part of its refusal before "; " (each reads "why; what to do")."""
+    return choose_layout(model.config.model_type, model.config._attn_implementation, reference, requested)
+
+
+def choose_layout(model_type, implementation, reference, requested):
+    """choose_packing of a model of `model_type` on attention `implementation`."""
     if requested is False:
         return None, None
     try:
-        return packing_layout(model, ctx, reference), None
+        return layout_of(model_type, implementation, reference), None
     except UsageError as refused:
         if requested:
             raise

@@ -15,6 +15,8 @@ dimension (the 0-dim `step` counters live on the host unless the optimizer is fu
 
 The rest is arithmetic on those numbers and on the model's shape, stated term by term:
 
+    the micro-batch        plan/micro_batch.py: its token budget and LM head rows, padded or
+                           packed (the layout the trainer would choose: packed_scoring.py)
     activations            plan/activations.py (formula and assumptions there)
     FSDP gathered weights, FSDP gradient buffers, backward working set, training peak:
                            plan/training.py (the phases of the backward). In mixed precision every
@@ -54,6 +56,7 @@ from ..parallel.mesh import ParallelContext, mesh_context
 from .activations import ComputeMode, DecoderShape, estimate_activations
 from .generation import generation_memory
 from .host import DEFAULT_GPUS_PER_NODE, host_memory
+from .micro_batch import micro_batch
 from .training import FsdpUnits, training_step
 
 GIB = 2 ** 30
@@ -108,6 +111,7 @@ class MemoryPlan:
     optimizer_state: int
     optimizer_state_names: tuple
     reference: int               # a resident reference's local shards
+    micro_batch: object          # micro_batch.MicroBatch: the largest one
     activations: object          # activations.ActivationEstimate
     step: object                 # training.TrainingStep: FSDP's gathered weights and buffers, working set
     step_units: object           # training.FsdpUnits (None without FSDP or replicate)
@@ -191,10 +195,11 @@ def _units(model, layers):
 
 def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none", optimizer_options=None,
                 micro_batch_size=1, max_length=1024, max_new_tokens=None, gen_batch_size=64, reference="precompute",
-                generate_every="iteration", offload_optimizer=False, head="logits", gpus_per_node=None, rank=0,
-                name="model"):
+                generate_every="iteration", offload_optimizer=False, head="logits", packing=None, attention="sdpa",
+                max_tokens_per_batch=0, gpus_per_node=None, rank=0, name="model"):
     """The MemoryPlan of `rank` in a run of `nproc` processes with tensor parallelism `tp` (a
-    Hugging Face config; nothing is allocated)."""
+    Hugging Face config; nothing is allocated); `packing`: the pair batches' layout (None: padded;
+    "shared", "separate": packed_scoring.packing_layout's), `attention` the attention implementation."""
     optimizer_options = dict(optimizer_options or {})
     group = fake_process_group(rank, nproc) if nproc > 1 or precision.mixed else nullcontext()
     with group:
@@ -219,9 +224,9 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
                               if isinstance(v, torch.Tensor) and v.dim() > 0)
         state_names = tuple(sorted({k for s in states for k, v in s.items()
                                     if isinstance(v, torch.Tensor) and v.dim() > 0}))
+        largest_layer_weight = max(tp_local_numel(p) for layer in layers for p in layer.parameters())
         root, layers = _units(model, layers)
         head_numel = tp_local_numel(output_embedding(model).weight)
-        largest_weight = max(tp_local_numel(p) for p in params)
         fsdp, group = ctx.dp_mesh is not None, ctx.dp_size if ctx.dp_shard else 1
         parameters = sum(local_bytes(p) for p in model.parameters())
         largest_shard = max(local_bytes(p) for p in model.parameters())
@@ -232,19 +237,22 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
     b = precision.compute_dtype.itemsize
     mode = ComputeMode(compute_bytes=b, tp=tp)
     shape = DecoderShape.of(config)
-    activations = estimate_activations(shape, mode, recompute, micro_batch_size=micro_batch_size,
-                                       max_length=max_length, head=head)
+    new_tokens = max_new_tokens or max(1, max_length // 2)
+    batch = micro_batch(packing, pairs=micro_batch_size, max_length=max_length, max_new_tokens=new_tokens,
+                        token_bound=max_tokens_per_batch)
+    activations = estimate_activations(shape, mode, recompute, batch, head=head,
+                                       segmented=packing == "shared" and attention == "sdpa")
     largest = max(layers, key=lambda u: u.gathered_numel)
     in_backward = optimizer_options.get("in_backward", False)
     units = FsdpUnits(root=root.gathered_numel, layer=largest.gathered_numel, layers=len(layers), head=head_numel,
                       group=group, replicate=not dp_shard) if fsdp else None
     # gradients are reduced in float32 in mixed precision (MixedPrecisionPolicy), else in their own dtype
     step = training_step(units, activations, compute_bytes=b, reduce_bytes=precision.param_dtype.itemsize,
-                         head=head_numel, largest_weight=largest_weight, fused_head=head == "fused")
+                         head=head_numel, largest_layer_weight=largest_layer_weight, fused_head=head == "fused")
     # generation (full_weights): every unit gathered in the compute dtype
     generation_weights = b * (root.gathered_numel + sum(u.gathered_numel for u in layers)) if fsdp else 0
     generation = generation_memory(shape, mode, max_length=max_length,
-                                   max_new_tokens=max_new_tokens or max(1, max_length // 2))
+                                   max_new_tokens=new_tokens)
     host = host_memory(parameters=parameters, largest_shard=largest_shard, optimizer_state=optimizer_state,
                        reference=reference, generate_every=generate_every, offload_optimizer=offload_optimizer,
                        ranks_per_node=min(nproc, gpus_per_node or DEFAULT_GPUS_PER_NODE))
@@ -262,7 +270,7 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
         description=description, parameter_count=parameter_count, parameters=parameters, gradients=gradients,
         gradients_held=max(u.gradient_bytes for u in [root, *layers]) if in_backward else gradients,
         optimizer_state=optimizer_state, optimizer_state_names=state_names,
-        reference=parameters if reference == "resident" else 0, activations=activations,
+        reference=parameters if reference == "resident" else 0, micro_batch=batch, activations=activations,
         step=step, step_units=units, recompute=recompute, generation_weights=generation_weights, generation=generation, gen_batch_size=gen_batch_size,
         loading=parameters + largest_shard, host=host, offload_optimizer=offload_optimizer)
 

@@ -10,7 +10,8 @@ from transformers import AutoConfig
 
 from ..errors import UsageError, option
 from ..logprobs import default_head
-from ..model import check_config_values, check_context_length, check_shipped_code
+from ..model import check_config_values, check_context_length, check_shipped_code, choose_attention
+from ..packed_scoring import choose_layout
 from ..parallel.mesh import check_layout
 from ..parallel.precision import Precision
 from ..parallel.tp_plan import LLAMA_FAMILY, check_tensor_parallel
@@ -24,20 +25,28 @@ def _gib(value):
 
 def plan_of(run, config, nproc, device_type):
     """memory_plan of the run the settings `run` describe (a RunConfig), on `nproc` processes of
-    `device_type` (whose default head it takes: the fused head on GPUs)."""
+    `device_type` (whose default head it takes: the fused head on GPUs), its pair batches packed
+    where the trainer would pack them (--pack-pairs, the model type, the attention --attn chooses
+    on that device, --reference)."""
     t = run.train
+    precision = Precision(run.model.dtype, pure=run.model.pure_low_precision)
+    attention = run.model.attn
+    if attention == "auto":   # flash_attention_2 where this machine can run it on `device_type`, else sdpa
+        attention = choose_attention(attention, torch.device(device_type), precision.compute_dtype)
+    packing, _ = choose_layout(config.model_type, attention, run.spin.reference, t.pack_pairs)
     return memory_plan(
-        config, nproc=nproc, tp=run.parallel.tp, precision=Precision(run.model.dtype, pure=run.model.pure_low_precision),
+        config, nproc=nproc, tp=run.parallel.tp, precision=precision,
         dp_shard=run.parallel.dp_shard, recompute=run.parallel.recompute,
         optimizer_options=dict(name=t.optimizer, weight_decay=t.weight_decay, betas=t.adam_betas, eps=t.adam_eps,
                                in_backward=t.optimizer_in_backward),
         micro_batch_size=t.micro_batch_size, max_length=run.data.max_length, max_new_tokens=run.max_new_tokens,
         gen_batch_size=run.generation.gen_batch_size, reference=run.spin.reference,
         generate_every=run.spin.generate_every, offload_optimizer=t.offload_optimizer,
-        head=run.model.head or default_head(device_type), gpus_per_node=run.plan.gpus_per_node, name=run.model.model)
+        head=run.model.head or default_head(device_type), packing=packing, attention=attention,
+        max_tokens_per_batch=t.max_tokens_per_batch, gpus_per_node=run.plan.gpus_per_node, name=run.model.model)
 
 
-def format_plan(plan, *, micro_batch_size, max_length, gen_batch_size, device_memory_gib,
+def format_plan(plan, *, max_length, gen_batch_size, device_memory_gib,
                 host_memory_gib=DEFAULT_HOST_MEMORY_GIB):
     """The printout; its last line is `per-rank peak estimate: X GiB`."""
     a = plan.activations
@@ -45,8 +54,7 @@ def format_plan(plan, *, micro_batch_size, max_length, gen_batch_size, device_me
     held = ("" if plan.gradients_held == plan.gradients else
             f" (optimizer in backward: at most one unit's {plan.gradients_held / GIB:.2f} GiB at once)")
     lines = list(plan.description) + [
-        f"  micro-batch: {micro_batch_size} pair(s) = {2 * micro_batch_size} rows x {max_length} tokens = {a.tokens} "
-        f"tokens, all taken as labelled (an upper bound)",
+        f"  {plan.micro_batch.describe(max_length)}",
         "per rank:",
         f"  parameters              {_gib(plan.parameters)}",
         f"  gradients               {_gib(plan.gradients_held)}{held}",
@@ -151,7 +159,7 @@ def run_plan(run):
     memory = DEFAULT_DEVICE_MEMORY_GIB if run.plan.device_memory_gib is None else run.plan.device_memory_gib
     host = DEFAULT_HOST_MEMORY_GIB if run.plan.host_memory_gib is None else run.plan.host_memory_gib
     plan = plan_of(run, config, nproc, "cuda")   # a plan sizes GPUs
-    print(format_plan(plan, micro_batch_size=run.train.micro_batch_size, max_length=run.data.max_length,
+    print(format_plan(plan, max_length=run.data.max_length,
                       gen_batch_size=run.generation.gen_batch_size, device_memory_gib=memory, host_memory_gib=host))
     return plan
 

@@ -23,15 +23,19 @@ group's size (the data-parallel size under FSDP; 1 for one process and for `repl
                        layer's reduce: its input r·U and the output r·U/g (a new tensor, then added
                        into the accumulated gradient); on a group of one the trainer's divide factor
                        of 1 makes one more r·U (FSDP's `input / factor` copy)
-    backward working set  in a decoder layer's backward the gradients of the MLP's intermediates,
-                       d(act(gate)·up), d act(gate) and d up (3·b·I/t per token), and the residual
-                       stream's gradient (b·h); under --recompute full the layer's activations are
-                       rebuilt first (one layer's activations without recompute)
+    backward working set  in a decoder layer's backward (activations.py, measured live at the
+                       layer's peak): the residual stream's gradient (b·h per token) and the
+                       larger of the MLP's two steps, d act(gate) and d up beside
+                       d(act(gate)·up) once down_proj's input is freed (2·b·I/t per token;
+                       elementwise 3) or d(act(gate)·up) with down_proj's weight gradient (under
+                       FSDP that gradient, b·I·h/t, stays to the layer's reduce: it is there at
+                       either step); under --recompute full the layer's activations are rebuilt first (one layer's
+                       activations without recompute)
 
     training peak = state + the largest of the phases
         loss backward        activations + gathered weights + b·Hd
-        top layer backward   activations − the LM head's + working set + gathered weights
-                             + b·Hd + b·U + max(0, r·U − one layer's activations)
+        top layer backward   activations − the LM head's − the final norm's + working set
+                             + gathered weights + b·Hd + b·U + max(0, r·U − one layer's activations)
         top layer reduce     activations − the LM head's − one layer's + gathered weights (the
                              layer's own freed) + b·Hd + reduce transients
         end of backward      the root: gathered, its unsharded gradients b·R and reduce
@@ -39,7 +43,8 @@ group's size (the data-parallel size under FSDP; 1 for one process and for `repl
 
 Without FSDP (float32 or --pure-low-precision on one process, or tensor parallelism alone)
 autograd adds each weight's gradient into the parameter's: no gathered weights and no buffers,
-and the working set holds one weight's gradient (the largest) as it is formed.
+and the working set holds a decoder layer's weight gradient (the largest, r bytes an element) as
+it is formed, beside d(act(gate)·up); under FSDP it is formed in the unsharded gradient buffers.
 
 tests/test_plan_training.py measures every term against a real step of the trainer's code.
 """
@@ -68,24 +73,40 @@ class TrainingStep:
     head_gradient: int       # the LM head weight's gradient, from the loss's backward on
     head_gradient_formed: int = 0   # the part the loss's backward adds (--head fused forms it in the forward)
 
-    def peak_phase(self, activations):
-        """The largest phase of the backward, beside the model state (activations: an ActivationEstimate)."""
+    def phases(self, activations):
+        """{phase: bytes} of the backward, beside the model state (activations: an ActivationEstimate)."""
         a = activations
-        return max(
-            a.total + self.gathered_after_forward + self.head_gradient_formed,
-            a.total - a.head + self.working_set + self.gathered + self.gradient_buffers,
-            a.total - a.head - a.top_layer + self.reduce,
-            self.end_of_backward)
+        return {
+            "loss backward": a.total + self.gathered_after_forward + self.head_gradient_formed,
+            "layer backward": a.total - a.head - a.final_norm + self.working_set + self.gathered + self.gradient_buffers,
+            "layer reduce": a.total - a.head - a.top_layer + self.reduce,
+            "end of backward": self.end_of_backward}
+
+    def peak_phase(self, activations):
+        """The largest phase of the backward, beside the model state."""
+        return max(self.phases(activations).values())
 
 
-def training_step(units, activations, *, compute_bytes, reduce_bytes, head, largest_weight, fused_head=False):
+def working_set(activations, weight_gradient, kept):
+    """A decoder layer's backward beside its saved tensors; `weight_gradient`: the bytes of
+    down_proj's weight gradient, formed in the MLP's backward before d act(gate) and d up; `kept`:
+    it stays (FSDP: in the unsharded gradient, to the layer's reduce), else it is added into the
+    parameter's gradient and freed."""
+    a = activations
+    if kept:
+        return a.residual_gradient + a.rebuilt + a.mlp_gradients + weight_gradient
+    return a.residual_gradient + a.rebuilt + max(a.mlp_gradients, a.mlp_product_gradient + weight_gradient)
+
+
+def training_step(units, activations, *, compute_bytes, reduce_bytes, head, largest_layer_weight, fused_head=False):
     """TrainingStep of `units` (FsdpUnits; None without FSDP); `head`: the LM head weight's elements,
-    `largest_weight`: the largest weight's (without FSDP, a gradient is formed whole, then added);
-    `fused_head`: the fused head's d weight is among the activations already (activations.py)."""
+    `largest_layer_weight`: the largest decoder-layer weight's (without FSDP, a gradient is formed
+    whole, then added); `fused_head`: the fused head's d weight is among the activations already
+    (activations.py)."""
     a, b, r = activations, compute_bytes, reduce_bytes
     if units is None:
         return TrainingStep(gathered=0, gathered_after_forward=0, gradient_buffers=0, reduce=0, end_of_backward=0,
-                            working_set=a.backward_working_set + r * largest_weight, head_gradient=r * head,
+                            working_set=working_set(a, r * largest_layer_weight, kept=False), head_gradient=r * head,
                             head_gradient_formed=0 if fused_head else r * head)
     u = units
     kept_layers = u.layers if u.replicate else 2 if u.group > 1 else 1
@@ -102,5 +123,5 @@ def training_step(units, activations, *, compute_bytes, reduce_bytes, head, larg
         gradient_buffers=head_gradient + max(0, r * u.layer - a.top_layer),
         reduce=gathered - b * u.layer + head_gradient + reduce_transients(u.layer),
         end_of_backward=b * u.root + reduce_transients(u.root),
-        working_set=a.backward_working_set + b * largest_weight,
+        working_set=working_set(a, b * largest_layer_weight, kept=True),
         head_gradient=head_gradient, head_gradient_formed=0 if fused_head else head_gradient)
