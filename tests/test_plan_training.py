@@ -126,8 +126,7 @@ CASES = {   # name: (--dtype, --pure-low-precision, --dp-shard, --recompute, --h
     "mixed_fsdp_fused": ("bfloat16", False, None, "none", "fused", False),
     "fp32_fused": ("float32", False, None, "none", "fused", False),
     "packed_mixed_fsdp": ("bfloat16", False, None, "none", "logits", True),
-    # not --recompute full: the recompute of a packed row's layer runs plain SDPA over the whole row
-    # (packed_forward's switch to the segments has ended by the backward) and fails (see the report)
+    "packed_mixed_fsdp_full": ("bfloat16", False, None, "full", "logits", True),
     "packed_fp32_elementwise": ("float32", False, None, "elementwise", "logits", True),
     "packed_mixed_fsdp_fused": ("bfloat16", False, None, "none", "fused", True),
 }
