@@ -195,7 +195,7 @@ def check_memory(run, config, device_type):
         if main:
             print(f"note: {option('gen_batch_size')} {run.generation.gen_batch_size} lowered to {fitting}: the largest "
                   f"generation batch whose KV cache and prefill fit {where} by the plan's estimate (spin-train "
-                  f"--plan prints the terms)", file=sys.stderr)
+                  f"{option('plan')} prints the terms)", file=sys.stderr)
         run.generation.gen_batch_size = fitting
 
 
