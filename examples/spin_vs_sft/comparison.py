@@ -25,6 +25,7 @@ from spin_trainer.generation.sampling import SamplingConfig
 from spin_trainer.logprobs import Scorer
 from spin_trainer.metrics import MetricsLog
 from spin_trainer.model import create_default_model, load_model, load_tokenizer
+from spin_trainer.packed_scoring import choose_packing
 from spin_trainer.parallel.precision import Precision
 from spin_trainer.trainer import SpinTrainer
 
@@ -129,6 +130,9 @@ def prepare(task, seed, out_dir, ctx, *, attention="auto", val_exact_match=False
                        max_new_tokens=task.max_new_tokens, batch_size=256, micro_batch_size=64,
                        exact_match=True, val_exact_match=val_exact_match)   # the tasks have one right answer
     model = load_model(base_dir, attention=attention, device=ctx.device)
+    # The layout the SPIN arm's trainer chooses (SpinTrainer sets the same), from the start: every
+    # held-out number of the study is then scored alike, whichever run comes first.
+    scorer.packing, _ = choose_packing(model, ctx, "precompute", None)
     return Setup(task, seed, out_dir, scorer, model, tokenizer, data, held_out, progress)
 
 
