@@ -145,24 +145,23 @@ def _tiny_llama(attention="sdpa"):
 
 
 def test_packing_layout_per_attention_implementation():
-    assert packing_layout(_tiny_llama("sdpa"), CTX, "precompute") == "shared"
-    assert packing_layout(_tiny_llama("eager"), CTX, "swap") == "shared"
+    assert packing_layout(_tiny_llama("sdpa"), "precompute") == "shared"
+    assert packing_layout(_tiny_llama("eager"), "swap") == "shared"
     # flash-attn takes no custom mask: a prompt per response, the documents told apart by position ids.
-    assert packing_layout(_tiny_llama("flash_attention_2"), CTX, "resident") == "separate"
-    # Tensor parallelism packs too (tests/test_packing_equality.py runs it on dp2 x tp2).
-    assert packing_layout(_tiny_llama("sdpa"), replace(CTX, world_size=2, tp_size=2), "swap") == "shared"
+    assert packing_layout(_tiny_llama("flash_attention_2"), "resident") == "separate"
+    # The layout does not depend on the parallel layout: tests/test_packing_equality.py packs on dp2 x tp2.
 
 
 def _unpackable(case):
-    """(model, ctx, reference) where packing cannot run, for each reason packing_layout has."""
-    model, ctx, reference = _tiny_llama(), CTX, "precompute"
+    """(model, reference) where packing cannot run, for each reason packing_layout has."""
+    model, reference = _tiny_llama(), "precompute"
     if case == "gpt2":
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=16, n_embd=16, n_layer=1, n_head=2))
     elif case == "streamed":
         reference = "streamed"
     else:
         model.config._attn_implementation = "flash_attention_3"
-    return model, ctx, reference
+    return model, reference
 
 
 UNPACKABLE = {"gpt2": "model type 'gpt2'", "streamed": "--reference streamed", "attention": "'flash_attention_3'"}

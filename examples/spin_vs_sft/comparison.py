@@ -132,7 +132,7 @@ def prepare(task, seed, out_dir, ctx, *, attention="auto", val_exact_match=False
     model = load_model(base_dir, attention=attention, device=ctx.device)
     # The layout the SPIN arm's trainer chooses (SpinTrainer sets the same), from the start: every
     # held-out number of the study is then scored alike, whichever run comes first.
-    scorer.packing, _ = choose_packing(model, ctx, "precompute", None)
+    scorer.packing, _ = choose_packing(model, "precompute", None)
     return Setup(task, seed, out_dir, scorer, model, tokenizer, data, held_out, progress)
 
 

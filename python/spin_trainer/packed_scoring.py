@@ -28,7 +28,7 @@ from .packing import PackedPairs, pack_pairs, pack_sequences
 PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-def packing_layout(model, ctx, reference):
+def packing_layout(model, reference):
     """"shared" (one prompt for both responses) or "separate" (flash-attn: a prompt per response,
     documents told apart by position ids) for `model`; a UsageError where --pack-pairs cannot run."""
     return layout_of(model.config.model_type, model.config._attn_implementation, reference)
@@ -52,7 +52,7 @@ def layout_of(model_type, implementation, reference):
                      f"{option('attn')} sdpa or drop {name}")
 
 
-def choose_packing(model, ctx, reference, requested):
+def choose_packing(model, reference, requested):
     """(layout, why padded) of --pack-pairs `requested`: True packs or raises packing_layout's
     UsageError; False: (None, None); None (the default): packs where packing_layout allows, else
     (None, the reason), the part of its refusal before "; " (each reads "why; what to do")."""

@@ -74,7 +74,7 @@ class SpinTrainer:
                                         betas=t.adam_betas, eps=t.adam_eps, in_backward=t.optimizer_in_backward)
         self.scheduler = make_scheduler(self.optimizer, lr_at)
         # The Scorer scores what pair_batch and sft_batch make, in the trainer and in evaluate.py alike.
-        scorer.packing, padded_because = choose_packing(model, self.ctx, s.reference, t.pack_pairs)
+        scorer.packing, padded_because = choose_packing(model, s.reference, t.pack_pairs)
         if padded_because and self.ctx.is_main:
             report(f"padded pair batches: {padded_because}")
         self.reference = make_reference(s.reference, model, scorer, generate_every_epoch=s.generate_every == "epoch")
