@@ -6,7 +6,8 @@ UltraChat-sized records: UltraChat's layout (`prompt`, `prompt_id`, `messages`),
 zephyr's chat template), trained to a 16k vocabulary on the synthetic text.
 
 Prints records/s (wall clock; on a shared machine, also read the CPU seconds) and the time 208k records (UltraChat 200k's train_sft) would take at that rate,
-and the time to read the same data back from the tokenization cache (what a resume does).
+and the time to read the same data back from the tokenization cache (what a resume does), and
+the process's peak RSS.
 
     python benchmarks/bench_tokenize.py --records 20000
 """
@@ -58,6 +59,11 @@ def cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
+def peak_rss_gib():
+    """This process's peak resident memory (Linux reports KiB): the tokenized Examples' cost."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=20000)
@@ -78,7 +84,7 @@ def main():
     print(f"{len(examples)} records ({tokens / len(examples):.0f} tokens each on average) in {seconds:.1f} s "
           f"({cpu:.1f} CPU-s, all threads): {rate:.0f} records/s on {len(os.sched_getaffinity(0))} CPUs; "
           f"{ULTRACHAT_RECORDS} records would take {ULTRACHAT_RECORDS / rate / 60:.1f} min; read back from the "
-          f"cache in {cached:.1f} s" + (f"; {summary}" if summary else ""))
+          f"cache in {cached:.1f} s; peak RSS {peak_rss_gib():.1f} GiB" + (f"; {summary}" if summary else ""))
 
 
 if __name__ == "__main__":
