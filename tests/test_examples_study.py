@@ -134,3 +134,16 @@ def test_an_sft_step_is_the_same_for_any_micro_batch_size(tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     for name, weight in whole_state.items():
         torch.testing.assert_close(split_state[name], weight, rtol=1e-4, atol=1e-6)
+
+
+def test_every_held_out_number_is_scored_in_the_trainers_layout_from_the_start(tmp_path):
+    """The study's Scorer packs as the SPIN arm's trainer will, before any trainer exists: the starting
+    SFT run's validation losses and the arms' are scored alike, whichever runs first."""
+    from comparison import TASKS, prepare
+
+    from spin_trainer.packed_scoring import choose_packing
+    from spin_trainer.parallel.mesh import ParallelContext
+
+    setup = prepare(TASKS["sort"], 0, str(tmp_path), ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu")))
+    assert setup.scorer.packing == "shared"
+    assert setup.scorer.packing == choose_packing(setup.model, "precompute", None)[0]
