@@ -27,6 +27,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from spin_kernels.dtensor import is_dtensor
@@ -103,24 +104,19 @@ def choose_backend(model, backend: str, device: torch.device) -> tuple[str, list
     """Resolve `backend` for this model and device; returns it and the reasons for any downgrade."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    reasons = []
     if backend == "hf":
-        return "hf", reasons
+        return "hf", []
     unsupported = static_decoder_unsupported_reason(model)
     if unsupported is not None:
-        if backend != "auto":
-            reasons.append(f"static decoder unavailable: {unsupported}")
-        return "hf", reasons
+        return "hf", [] if backend == "auto" else [f"static decoder unavailable: {unsupported}"]
     if backend == "auto":
         # Tensor parallelism shards the weights (DTensors); data parallelism alone leaves each rank a
         # whole model, which the static decoder can run.
-        if any(is_dtensor(p) for p in model.parameters()):
-            return "hf", reasons
-        return ("cuda_graph" if device.type == "cuda" else "static"), reasons
+        tensor_parallel = any(is_dtensor(p) for p in model.parameters())
+        return ("hf" if tensor_parallel else "cuda_graph" if device.type == "cuda" else "static"), []
     if backend == "cuda_graph" and device.type != "cuda":
-        reasons.append(f"CUDA graphs need a CUDA device, the model is on {device}")
-        return "static", reasons
-    return backend, reasons
+        return "static", [f"CUDA graphs need a CUDA device, the model is on {device}"]
+    return backend, []
 
 
 def _validate_prompts(prompts, max_length, vocab_size):
@@ -140,12 +136,10 @@ def _validate_prompts(prompts, max_length, vocab_size):
 
 
 def _left_padded(batch, pad_token_id, device):
-    width = max(len(p) for p in batch)
-    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, prompt in enumerate(batch):
-        input_ids[row, width - len(prompt):] = torch.tensor([int(t) for t in prompt], dtype=torch.long)
-        attention_mask[row, width - len(prompt):] = 1
+    """input_ids and attention_mask [B, longest prompt], each prompt right-aligned."""
+    ids = [torch.tensor(prompt, dtype=torch.long) for prompt in batch]
+    input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_token_id, padding_side="left")
+    attention_mask = pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_side="left")
     return input_ids.to(device), attention_mask.to(device)
 
 
