@@ -92,14 +92,6 @@ def _attend(q, keys, values, mask, scale: float) -> torch.Tensor:
     return out.transpose(1, 2).reshape(batch, steps, query_heads * head_dim)
 
 
-def compute_dtype(model, device: torch.device) -> torch.dtype:
-    """The dtype the projections compute in: autocast's when it is on (fp32 weights, bf16 matmuls),
-    else the weights' own (FSDP's gathered bf16 weights under its mixed precision, or plain weights)."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return model.model.layers[0].self_attn.q_proj.weight.dtype
-
-
 def gather_full_logits(x: torch.Tensor) -> torch.Tensor:
     # A tensor-parallel LM head may return a vocab-sharded DTensor; sampling needs every column.
     full_tensor = getattr(x, "full_tensor", None)
@@ -129,8 +121,6 @@ class StaticKVDecoder:
         self._graph = None
         self._graph_logits = None
 
-    # -- buffers -----------------------------------------------------------------------------
-
     def _prepare(self, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (batch, length, device, dtype, self.compute_dtype)
         if shape == self._shape:
@@ -148,8 +138,6 @@ class StaticKVDecoder:
         cos, sin = self.body.rotary_emb(probe, positions)
         self.cos_table, self.sin_table = cos[0].contiguous(), sin[0].contiguous()  # [L, D]
         self._shape = shape
-
-    # -- the forward pass --------------------------------------------------------------------
 
     def _layer(self, index: int, hidden, cos, sin, slots, mask, kv_length: int):
         layer = self.layers[index]
@@ -190,10 +178,12 @@ class StaticKVDecoder:
         """Prefill left-padded prompts [B, P]; the cache gets room for `max_steps` more tokens."""
         batch, prompt_length = input_ids.shape
         length = -(-(prompt_length + max_steps) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
-        embedding = self.body.embed_tokens
-        dtype = next(self.model.parameters()).dtype
-        self.compute_dtype = compute_dtype(self.model, input_ids.device)
-        self._prepare(batch, length, input_ids.device, dtype)
+        # The projections compute in autocast's dtype when it is on (fp32 weights, bf16 matmuls), else
+        # in the weights' own (FSDP's gathered bf16 weights under its mixed precision, or plain weights).
+        autocast = torch.is_autocast_enabled(input_ids.device.type)
+        self.compute_dtype = (torch.get_autocast_dtype(input_ids.device.type) if autocast
+                              else self.layers[0].self_attn.q_proj.weight.dtype)
+        self._prepare(batch, length, input_ids.device, next(self.model.parameters()).dtype)
         present = attention_mask.bool()
         self.valid.zero_()
         self.valid[:, :prompt_length] = present
@@ -206,7 +196,7 @@ class StaticKVDecoder:
         diagonal = torch.eye(prompt_length, dtype=torch.bool, device=input_ids.device)
         mask = ((causal & present[:, None, None, :]) | diagonal)  # [B, 1, P, P]
         slots = torch.arange(prompt_length, device=input_ids.device)
-        hidden = embedding(input_ids)
+        hidden = self.body.embed_tokens(input_ids)
         for index in range(len(self.layers)):
             hidden = self._layer(index, hidden, cos, sin, slots, mask, prompt_length)
         logits = self._logits(hidden[:, -1:])[:, 0]
