@@ -18,8 +18,6 @@ Backends (`backend=`):
 A capture failure falls back to the eager decoder with a warning.
 """
 
-from __future__ import annotations
-
 import inspect
 import numbers
 import time

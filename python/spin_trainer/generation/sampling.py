@@ -17,8 +17,6 @@ both keys collide (2^-64). The top 24 bits give u in (0, 1), E = -ln u ~ Exp(1),
 argmax_v p_v / E_v: the exponential race, which draws v with probability p_v exactly as Gumbel-max
 or multinomial do (up to the 2^-24 resolution of u: Exp(1) is cut below 3e-8 and above 17.3).
 """
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch

@@ -14,8 +14,6 @@ decode.py's Hugging Face path. Nothing here touches `transformers.cache_utils` (
 changed between 5.17 and 5.24), only module names every Llama-family release shares.
 """
 
-from __future__ import annotations
-
 import time
 import warnings
 
