@@ -1,15 +1,12 @@
 """Response generation for SPIN: the policy answers every training prompt once per iteration.
 
-Prompts are sorted by length (less padding) and run in left-padded batches. Sampling (greedy,
-temperature, top-k, top-p; sampling.py) happens on the device with noise that is a hash of (seed,
-example index, step, vocab id): a prompt gets the same response whatever the batch it lands in, the
-batch size, the prompts' order or the number of data-parallel ranks, and every tensor-parallel rank
-draws the same tokens (all see the same full logits); no RNG state is touched. The host looks at
-the tokens only every `EOS_CHECK_INTERVAL` steps, to stop a batch whose rows all ended.
+Prompts are sorted by length (less padding) and run in left-padded batches. Tokens are drawn on the
+device (sampling.py), with noise keyed by each prompt's example index, so a prompt's response does
+not depend on its batch, and every tensor-parallel rank draws the same tokens from the same full
+logits. The host reads the tokens only every `EOS_CHECK_INTERVAL` steps, to stop a finished batch.
 
-A response ends at the first EOS id (any of `eos_token_id`, an int or a list as chat models have),
-or at the end of a stop sequence (`sampling.stop_sequences`), both included in it, but not before
-`sampling.min_new_tokens` tokens. Otherwise it is cut at its length cap, min(max_new_tokens,
+A response ends at the first EOS id or at the end of a stop sequence (both included), but not
+before `sampling.min_new_tokens` tokens; otherwise it is cut at its length cap, min(max_new_tokens,
 max_length - prompt length), and reported `truncated`.
 
 Backends (`backend=`):
@@ -21,8 +18,6 @@ Backends (`backend=`):
 A capture failure falls back to the eager decoder with a warning.
 """
 
-from __future__ import annotations
-
 import inspect
 import numbers
 import time
@@ -30,6 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from spin_kernels.dtensor import is_dtensor
@@ -37,9 +33,6 @@ from spin_kernels.dtensor import is_dtensor
 from ..model import evaluating
 from .sampling import SamplingConfig, sample_next_tokens
 from .static_decoder import StaticKVDecoder, gather_full_logits, static_decoder_unsupported_reason
-
-__all__ = ["GenerationStats", "Responses", "SamplingConfig", "choose_backend", "generate_responses",
-           "sample_next_tokens"]
 
 BACKENDS = ("auto", "cuda_graph", "static", "hf")
 # Stopping a batch early needs the host to read the `finished` flags (a device sync); every 16
@@ -79,105 +72,73 @@ class HFDecoder:
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.keeps_last_logits = "logits_to_keep" in parameters
 
-    @torch.no_grad()
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_steps: int) -> torch.Tensor:
+    def start(self, input_ids, attention_mask, max_steps):
         self.attention_mask = attention_mask
         positions = attention_mask.long().cumsum(-1) - 1
         positions.masked_fill_(attention_mask == 0, 1)
         extra = {"logits_to_keep": 1} if self.keeps_last_logits else {}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **extra)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                         **extra)
         self._keep_cache(out)
         self.next_positions = positions[:, -1:] + 1
         return gather_full_logits(out.logits)[:, -1]
 
-    def _keep_cache(self, out) -> None:
+    def _keep_cache(self, out):
         cache = getattr(out, "cache", None)
         self.cache = cache if cache is not None else getattr(out, "past_key_values", None)
         assert self.cache is not None, "the model returned no cache with use_cache=True"
 
-    @torch.no_grad()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens):
         ones = self.attention_mask.new_ones(self.attention_mask.shape[0], 1)
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
-        out = self.model(
-            input_ids=tokens.view(-1, 1),
-            attention_mask=self.attention_mask,
-            position_ids=self.next_positions,
-            use_cache=True,
-            **{self.cache_argument: self.cache},
-        )
+        out = self.model(input_ids=tokens.view(-1, 1), attention_mask=self.attention_mask,
+                         position_ids=self.next_positions, use_cache=True, **{self.cache_argument: self.cache})
         self._keep_cache(out)
         self.next_positions = self.next_positions + 1
         return gather_full_logits(out.logits)[:, -1]
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _is_tensor_parallel(model) -> bool:
-    # Data parallelism alone leaves each rank a whole model, which the static decoder can run.
-    return any(is_dtensor(p) for p in model.parameters())
 
 
 def choose_backend(model, backend: str, device: torch.device) -> tuple[str, list[str]]:
     """Resolve `backend` for this model and device; returns it and the reasons for any downgrade."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    reasons = []
     if backend == "hf":
-        return "hf", reasons
+        return "hf", []
     unsupported = static_decoder_unsupported_reason(model)
     if unsupported is not None:
-        if backend != "auto":
-            reasons.append(f"static decoder unavailable: {unsupported}")
-        return "hf", reasons
+        return "hf", [] if backend == "auto" else [f"static decoder unavailable: {unsupported}"]
     if backend == "auto":
-        if _is_tensor_parallel(model):
-            return "hf", reasons
-        return ("cuda_graph" if device.type == "cuda" else "static"), reasons
+        # Tensor parallelism shards the weights (DTensors); data parallelism alone leaves each rank a
+        # whole model, which the static decoder can run.
+        tensor_parallel = any(is_dtensor(p) for p in model.parameters())
+        return ("hf" if tensor_parallel else "cuda_graph" if device.type == "cuda" else "static"), []
     if backend == "cuda_graph" and device.type != "cuda":
-        reasons.append(f"CUDA graphs need a CUDA device, the model is on {device}")
-        return "static", reasons
-    return backend, reasons
+        return "static", [f"CUDA graphs need a CUDA device, the model is on {device}"]
+    return backend, []
 
 
-def _validate_prompts(prompts, max_length: int, vocab_size: int | None) -> None:
+def _validate_prompts(prompts, max_length, vocab_size):
     if not isinstance(prompts, (list, tuple)):
         raise TypeError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
     for index, prompt in enumerate(prompts):
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+        if not isinstance(prompt, (list, tuple)) or not all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
             raise TypeError(f"prompts[{index}] must be a list of int token ids")
         if len(prompt) == 0:
             raise ValueError(f"prompts[{index}] is empty; a response needs at least one prompt token")
         if len(prompt) >= max_length:
-            raise ValueError(
-                f"prompts[{index}] has {len(prompt)} tokens, which leaves no room for a response within "
-                f"max_length={max_length}"
-            )
+            raise ValueError(f"prompts[{index}] has {len(prompt)} tokens, which leaves no room for a response "
+                             f"within max_length={max_length}")
         if vocab_size is not None and (min(prompt) < 0 or max(prompt) >= vocab_size):
             raise ValueError(f"prompts[{index}] has token ids outside [0, {vocab_size}) (the model's vocabulary)")
 
 
-def _left_padded(batch: list, pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in batch)
-    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, prompt in enumerate(batch):
-        input_ids[row, width - len(prompt):] = torch.tensor([int(t) for t in prompt], dtype=torch.long)
-        attention_mask[row, width - len(prompt):] = 1
+def _left_padded(batch, pad_token_id, device):
+    """input_ids and attention_mask [B, longest prompt], each prompt right-aligned."""
+    ids = [torch.tensor(prompt, dtype=torch.long) for prompt in batch]
+    input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_token_id, padding_side="left")
+    attention_mask = pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_side="left")
     return input_ids.to(device), attention_mask.to(device)
-
-
-def _stop_hits(tokens: torch.Tensor, step: int, stops: list[torch.Tensor]) -> torch.Tensor | None:
-    """[B] bool: the response ends with one of `stops` after token `step` (None: none fits yet)."""
-    hits = None
-    for stop in stops:
-        if step + 1 < len(stop):
-            continue
-        hit = (tokens[:, step + 1 - len(stop):step + 1] == stop).all(dim=-1)
-        hits = hit if hits is None else hits | hit
-    return hits
 
 
 def _decode_batch(decoder, batch, examples, limits, sampling, eos_ids, pad_token_id, device, vocab_size):
@@ -186,10 +147,9 @@ def _decode_batch(decoder, batch, examples, limits, sampling, eos_ids, pad_token
     max_steps = max(limits)
     logits = decoder.start(input_ids, attention_mask, max_steps)
     if vocab_size is not None and logits.shape[-1] < vocab_size:
-        raise ValueError(
-            f"model: the LM head returned {logits.shape[-1]} logit columns for a vocabulary of {vocab_size}; "
-            "under tensor parallelism it must return a DTensor (use_local_output=False) or replicated logits"
-        )
+        raise ValueError(f"model: the LM head returned {logits.shape[-1]} logit columns for a vocabulary of "
+                         f"{vocab_size}; under tensor parallelism it must return a DTensor (use_local_output=False) "
+                         "or replicated logits")
     rows = len(batch)
     limit = torch.tensor(limits, device=device)
     example_keys = torch.tensor(examples, dtype=torch.long, device=device)
@@ -197,54 +157,44 @@ def _decode_batch(decoder, batch, examples, limits, sampling, eos_ids, pad_token
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     stops = [torch.tensor(stop, dtype=torch.long, device=device) for stop in sampling.stop_sequences]
     # Ids that cannot be drawn before min_new_tokens: EOS and one-token stop sequences.
-    early_ban = sorted({t for t in eos_ids if 0 <= t < logits.shape[-1]}
-                       | {s[0] for s in sampling.stop_sequences if len(s) == 1 and s[0] < logits.shape[-1]})
+    early_ban = [t for t in eos_ids if 0 <= t < logits.shape[-1]] + [
+        s[0] for s in sampling.stop_sequences if len(s) == 1 and s[0] < logits.shape[-1]]
     early_ban = torch.tensor(early_ban, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     stopped = torch.zeros(rows, dtype=torch.bool, device=device)  # ended by EOS or a stop sequence
     lengths = limit.clone()
     tokens = torch.full((rows, max_steps), pad_token_id, dtype=torch.long, device=device)
-    steps_run = max_steps
     for step in range(max_steps):
         if step > 0:
             logits = decoder.step(next_tokens)
         started = step >= sampling.min_new_tokens
-        if not started and early_ban.numel():
+        if not started:
             logits = logits.index_fill(-1, early_ban, float("-inf"))
         next_tokens = sample_next_tokens(logits, sampling, example_keys, step_key)
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
         tokens[:, step] = next_tokens
-        ends = torch.isin(next_tokens, eos) if started else torch.zeros_like(finished)
-        hits = _stop_hits(tokens, step, stops) if started else None
-        if hits is not None:
-            ends |= hits
+        if started:
+            ends = torch.isin(next_tokens, eos)
+            for stop in stops:
+                if len(stop) <= step + 1:
+                    ends |= (tokens[:, step + 1 - len(stop):step + 1] == stop).all(dim=-1)
+        else:
+            ends = torch.zeros_like(finished)
         ends &= ~finished
         stopped |= ends
         lengths = torch.where(ends, step + 1, lengths)
         finished |= ends | (limit <= step + 1)
         step_key += 1
         if (step + 1) % EOS_CHECK_INTERVAL == 0 and step + 1 < max_steps and bool(finished.all()):
-            steps_run = step + 1
             break
-    token_rows = tokens[:, :steps_run].tolist()
-    responses = [row[:length] for row, length in zip(token_rows, lengths.tolist())]
+    responses = [row[:length] for row, length in zip(tokens[:, :step + 1].tolist(), lengths.tolist())]
     return responses, (~stopped).tolist()
 
 
-def generate_responses(
-    model,
-    prompts: list[list[int]],
-    sampling: SamplingConfig,
-    *,
-    eos_token_id: int | list[int],
-    pad_token_id: int,
-    max_length: int,
-    batch_size: int = 64,
-    progress: bool = True,
-    backend: str = "auto",
-    stats: GenerationStats | None = None,
-    example_ids: list[int] | None = None,
-) -> Responses:
+def generate_responses(model, prompts: list[list[int]], sampling: SamplingConfig, *, eos_token_id: int | list[int],
+                       pad_token_id: int, max_length: int, batch_size: int = 64, progress: bool = True,
+                       backend: str = "auto", stats: GenerationStats | None = None,
+                       example_ids: list[int] | None = None) -> Responses:
     """Each prompt's response token ids (prompt excluded; ends with its EOS or stop sequence when
     one was produced), with `.truncated` flags.
 
@@ -276,24 +226,23 @@ def generate_responses(
     if vocab_size is not None and not 0 <= pad_token_id < vocab_size:
         raise ValueError(f"pad_token_id={pad_token_id} is outside the model's vocabulary [0, {vocab_size})")
     _validate_prompts(prompts, max_length, vocab_size)
-    stats = stats if stats is not None else GenerationStats()
+    stats = stats or GenerationStats()
     if len(prompts) == 0:
         return Responses([], [])
 
-    device = _model_device(model)
+    device = next(model.parameters()).device
     chosen, reasons = choose_backend(model, backend, device)
     for reason in reasons:
         warnings.warn(f"generate_responses: backend {backend!r} -> {chosen!r}: {reason}", RuntimeWarning)
     decoder = HFDecoder(model) if chosen == "hf" else StaticKVDecoder(model, use_cuda_graph=chosen == "cuda_graph")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    responses: list[list[int] | None] = [None] * len(prompts)
-    truncated: list[bool | None] = [None] * len(prompts)
+    responses, truncated = [None] * len(prompts), [None] * len(prompts)
     began = time.perf_counter()
     bar = tqdm(total=len(prompts), unit="prompt", desc="generate", disable=not progress)
     with evaluating(model), torch.no_grad(), bar:
         for start in range(0, len(order), batch_size):
             indices = order[start:start + batch_size]
-            batch = [list(prompts[i]) for i in indices]
+            batch = [prompts[i] for i in indices]
             limits = [min(sampling.max_new_tokens, max_length - len(p)) for p in batch]
             outputs, cut = _decode_batch(decoder, batch, [example_ids[i] for i in indices], limits, sampling,
                                          eos_ids, pad_token_id, device, vocab_size)
@@ -312,5 +261,4 @@ def generate_responses(
     stats.backend = chosen
     stats.fallback_reasons.extend(reasons)
     stats.seconds += time.perf_counter() - began
-    assert all(r is not None for r in responses)
     return Responses(responses, truncated)

@@ -1,13 +1,11 @@
 """Generation and reference log-probs over a dataset, split across data-parallel ranks.
 
-Tensor-parallel ranks of one data-parallel slot process the same prompts; the LM head's vocab
-shards are gathered while sampling (parallel/tp_plan.py, full_vocab_logits), and
-generate_responses is deterministic for a seed and identical on every tensor-parallel rank. Each
-prompt's sampling noise is keyed by its index in the dataset and one seed per (iteration, epoch),
-never by rank or batch: a run on any number of processes (or resumed on another) samples the same
-responses.
-Under FSDP the weights are gathered for the whole generation (parallel/apply.py, full_weights)
-and freed after it; generation computes in the run's precision (bf16 for --dtype bfloat16).
+Tensor-parallel ranks of one data-parallel slot process the same prompts and sample the same
+tokens from the gathered vocab shards (parallel/tp_plan.py, full_vocab_logits). Each prompt's
+sampling noise is keyed by its index in the dataset and one seed per (iteration, epoch), never by
+rank or batch: a run on any number of processes (or resumed on another) samples the same responses.
+Under FSDP the weights are gathered for the whole generation (parallel/apply.py, full_weights) and
+freed after it; generation computes in the run's precision (bf16 for --dtype bfloat16).
 """
 import random
 from contextlib import contextmanager, nullcontext
@@ -27,9 +25,7 @@ from .decode import Responses, SamplingConfig, generate_responses
 
 
 def sampling_seed(base_seed, iteration, epoch):
-    """A distinct, reproducible seed per (iteration, epoch). The noise is keyed by the seed and each
-    prompt's index in the dataset (`generate` passes it), so a response does not depend on the
-    data-parallel layout: a run resumed on another number of processes samples the same responses."""
+    """A distinct, reproducible seed per (iteration, epoch)."""
     return (base_seed * 1_000_003 + iteration * 10_007 + epoch * 101) % (2 ** 31 - 1)
 
 

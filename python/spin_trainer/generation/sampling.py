@@ -1,25 +1,22 @@
-"""Choosing the next token: greedy, or a draw after temperature, top-k and top-p, whose randomness
+"""Choosing the next token: greedy, or a draw after temperature, top-k and top-p whose randomness
 depends only on (seed, example index, step, vocab id).
 
-Why a hash and not a `torch.Generator`: a generator's stream is consumed in batch order, so the
-noise a prompt's tokens see would depend on which prompts share its batch, on the batch size and on
-the number of data-parallel ranks, and a run resumed on another world size would sample other
-responses. Here each number is a counter-based hash of its coordinates (the idea of Philox in cuRAND
-and of JAX's `fold_in`), computed with integer tensor ops on the logits' device: no state, no host
-sync, and the example and step keys are device tensors, so a draw can run inside a captured CUDA
-graph.
+Why a hash and not a `torch.Generator`: a generator's stream is consumed in batch order, so a
+prompt's noise would depend on its batch-mates, the batch size and the number of data-parallel
+ranks, and a run resumed on another world size would sample other responses. Here each number is a
+counter-based hash of its coordinates (the idea of Philox in cuRAND and of JAX's `fold_in`), made
+with integer tensor ops on the logits' device: no state, no host sync, and the keys are device
+tensors, so a draw can run inside a captured CUDA graph.
 
-The hash works on 32-bit words held in int64 tensors, with every product exact: a multiplier
-c >= 2^31 is used as c - 2^32 (the same modulo 2^32, and |x·c| < 2^63), so the bits are the same on
-every device and nothing relies on overflow. The mixer is lowbias32 (C. Wellons' hash-prospector:
+The hash works on 32-bit words held in int64 tensors, every product exact: a multiplier c >= 2^31
+is used as c - 2^32 (the same modulo 2^32, and |x·c| < 2^63), so the bits are the same on every
+device and nothing relies on overflow. The mixer is lowbias32 (C. Wellons' hash-prospector:
 16 7feb352d 15 846ca68b 16). Each (example, step) gets two 32-bit keys, fully mixed on [B] only;
 token v of a row gets lowbias32(key1 + v·φ), then key2 mixed in, so two rows share noise only if
 both keys collide (2^-64). The top 24 bits give u in (0, 1), E = -ln u ~ Exp(1), and the token is
 argmax_v p_v / E_v: the exponential race, which draws v with probability p_v exactly as Gumbel-max
 or multinomial do (up to the 2^-24 resolution of u: Exp(1) is cut below 3e-8 and above 17.3).
 """
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +35,10 @@ _LANE2 = _exact(0x21F0AAAD)
 _LANE_SALTS = (0x3C6EF372, 0xA54FF53A)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     max_new_tokens: int
@@ -54,10 +55,9 @@ class SamplingConfig:
     stop_sequences: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if isinstance(self.min_new_tokens, bool) or not isinstance(self.min_new_tokens, int) or not (
-                0 <= self.min_new_tokens <= self.max_new_tokens):
+        if not _is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be an int in [0, max_new_tokens={self.max_new_tokens}], "
                              f"got {self.min_new_tokens!r}")
         if not self.temperature > 0:
@@ -66,17 +66,15 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not _is_int(self.seed):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if not isinstance(self.stop_sequences, (list, tuple)):
-            raise TypeError(f"stop_sequences must be a list of token-id lists, got {type(self.stop_sequences).__name__}")
-        stops = []
+            raise TypeError("stop_sequences must be a list of token-id lists, "
+                            f"got {type(self.stop_sequences).__name__}")
         for index, stop in enumerate(self.stop_sequences):
-            if not isinstance(stop, (list, tuple)) or not stop or not all(
-                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop):
+            if not isinstance(stop, (list, tuple)) or not stop or not all(_is_int(t) and t >= 0 for t in stop):
                 raise ValueError(f"stop_sequences[{index}] must be a non-empty list of token ids >= 0, got {stop!r}")
-            stops.append(tuple(stop))
-        object.__setattr__(self, "stop_sequences", tuple(stops))
+        object.__setattr__(self, "stop_sequences", tuple(map(tuple, self.stop_sequences)))
 
 
 def mix32(x):

@@ -1,23 +1,18 @@
 """A decoder for Llama-family causal LMs over a preallocated KV cache, with the one-token step
 captured in a CUDA graph.
 
-Hugging Face `generate()` with its default cache spends most of a decode step launching ~20 small
+Hugging Face's forward with its default cache spends most of a decode step launching ~20 small
 kernels per layer from Python and growing the cache by concatenation; at batch 64 on a 1.2 B model
 the GPU idles between launches (ANCHORS.md: 4,967 tok/s against a ~88,000 tok/s read floor). Here
 the cache is allocated once per (batch, length) shape, every tensor a step touches lives at a fixed
 address, and the whole step (embedding, all layers, LM head) is replayed as one CUDA graph.
 
-The forward pass calls the model's own submodules (projections, norms, MLP, rotary table, LM head),
-so it reads the weights in place: no copy of the model, and whatever hooks those modules carry
-run as usual. Only the attention arithmetic and the cache are ours, which is why the model family
-is checked first (`static_decoder_unsupported_reason`); everything else goes through the plain
-Hugging Face path in `generation.py`.
-
-Version independence: nothing here touches `transformers.cache_utils` (its `StaticCache` changed
-between 5.17 and 5.24); only module attribute names that every Llama-family release shares.
+The forward calls the model's own submodules (projections, norms, MLP, rotary table, LM head), so
+it reads the weights in place and their hooks run as usual. Only the attention arithmetic and the
+cache are ours, hence the family check (`static_decoder_unsupported_reason`); other models take
+decode.py's Hugging Face path. Nothing here touches `transformers.cache_utils` (its `StaticCache`
+changed between 5.17 and 5.24), only module names every Llama-family release shares.
 """
-
-from __future__ import annotations
 
 import time
 import warnings
@@ -54,11 +49,11 @@ def static_decoder_unsupported_reason(model) -> str | None:
     body = getattr(model, "model", None)
     for owner, names in ((model, ("lm_head",)), (body, ("embed_tokens", "layers", "norm", "rotary_emb"))):
         for name in names:
-            if owner is None or not hasattr(owner, name):
+            if not hasattr(owner, name):
                 return f"the model has no `{name}` module where a Llama-family model has one"
     for layer in body.layers:
         attention = getattr(layer, "self_attn", None)
-        if attention is None or not all(hasattr(attention, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
+        if not all(hasattr(attention, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
             return "a decoder layer lacks self_attn.{q,k,v,o}_proj"
         if hasattr(attention, "q_norm") or hasattr(attention, "k_norm"):
             return "per-head q/k norms are not supported"
@@ -72,17 +67,13 @@ def static_decoder_unsupported_reason(model) -> str | None:
     return None
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _apply_rope(x, cos, sin):
+    """x [B, H, S, D]; cos, sin [B, 1, S, D]."""
     first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [B, H, S, D]; cos, sin [B, 1, S, D]
-    return x * cos + _rotate_half(x) * sin
-
-
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def _attend(q, keys, values, mask, scale: float) -> torch.Tensor:
     """q [B, Hq, S, D], keys/values [B, Hkv, L, D], mask [B, 1, S, L] bool (True = attend) -> [B, S, Hq*D]."""
     batch, query_heads, steps, head_dim = q.shape
     kv_heads = keys.shape[1]
@@ -94,19 +85,9 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
         grouped = q.reshape(batch, kv_heads, groups, head_dim)
         out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
         return out.reshape(batch, 1, query_heads * head_dim)
-    length = keys.shape[2]
-    keys = keys[:, :, None].expand(batch, kv_heads, groups, length, head_dim).reshape(batch, query_heads, length, head_dim)
-    values = values[:, :, None].expand(batch, kv_heads, groups, length, head_dim).reshape(batch, query_heads, length, head_dim)
+    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
     return out.transpose(1, 2).reshape(batch, steps, query_heads * head_dim)
-
-
-def compute_dtype(model, device: torch.device) -> torch.dtype:
-    """The dtype the projections compute in: autocast's when it is on (fp32 weights, bf16 matmuls),
-    else the weights' own (FSDP's gathered bf16 weights under its mixed precision, or plain weights)."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return model.model.layers[0].self_attn.q_proj.weight.dtype
 
 
 def gather_full_logits(x: torch.Tensor) -> torch.Tensor:
@@ -138,16 +119,14 @@ class StaticKVDecoder:
         self._graph = None
         self._graph_logits = None
 
-    # -- buffers -----------------------------------------------------------------------------
-
     def _prepare(self, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (batch, length, device, dtype, self.compute_dtype)
         if shape == self._shape:
             return
         # Free the previous graph's memory pool and cache before allocating the new ones.
         self._graph = self._graph_logits = None
-        self.keys: list[torch.Tensor | None] = [None] * len(self.layers)
-        self.values: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.keys = [None] * len(self.layers)   # allocated by the first prefill, in the compute dtype
+        self.values = [None] * len(self.layers)
         self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)  # slot holds a real token
         self.step_tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.step_positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -157,15 +136,6 @@ class StaticKVDecoder:
         cos, sin = self.body.rotary_emb(probe, positions)
         self.cos_table, self.sin_table = cos[0].contiguous(), sin[0].contiguous()  # [L, D]
         self._shape = shape
-
-    def _cache_for(self, index: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        if self.keys[index] is None:
-            batch, kv_heads, _, head_dim = keys.shape
-            length, dtype = self.valid.shape[1], self.compute_dtype
-            self.keys[index] = torch.zeros(batch, kv_heads, length, head_dim, dtype=dtype, device=keys.device)
-            self.values[index] = torch.zeros(batch, kv_heads, length, values.shape[-1], dtype=dtype, device=values.device)
-
-    # -- the forward pass --------------------------------------------------------------------
 
     def _layer(self, index: int, hidden, cos, sin, slots, mask, kv_length: int):
         layer = self.layers[index]
@@ -187,7 +157,10 @@ class StaticKVDecoder:
         # RoPE's tables may be fp32 (fp32 weights under autocast) and promote q and k: attention and
         # the cache stay in the compute dtype, so the cache's bytes do not depend on the cast rules.
         q = _apply_rope(q, cos, sin).to(self.compute_dtype)
-        self._cache_for(index, k, v)
+        if self.keys[index] is None:
+            cache_shape = (batch, k.shape[1], self.valid.shape[1], head_dim)
+            self.keys[index] = torch.zeros(cache_shape, dtype=self.compute_dtype, device=k.device)
+            self.values[index] = torch.zeros(cache_shape, dtype=self.compute_dtype, device=v.device)
         self.keys[index].index_copy_(2, slots, _apply_rope(k, cos, sin).to(self.compute_dtype))
         self.values[index].index_copy_(2, slots, v.to(self.compute_dtype))
         del k, v
@@ -203,10 +176,12 @@ class StaticKVDecoder:
         """Prefill left-padded prompts [B, P]; the cache gets room for `max_steps` more tokens."""
         batch, prompt_length = input_ids.shape
         length = -(-(prompt_length + max_steps) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
-        embedding = self.body.embed_tokens
-        dtype = next(self.model.parameters()).dtype
-        self.compute_dtype = compute_dtype(self.model, input_ids.device)
-        self._prepare(batch, length, input_ids.device, dtype)
+        # The projections compute in autocast's dtype when it is on (fp32 weights, bf16 matmuls), else
+        # in the weights' own (FSDP's gathered bf16 weights under its mixed precision, or plain weights).
+        autocast = torch.is_autocast_enabled(input_ids.device.type)
+        self.compute_dtype = (torch.get_autocast_dtype(input_ids.device.type) if autocast
+                              else self.layers[0].self_attn.q_proj.weight.dtype)
+        self._prepare(batch, length, input_ids.device, next(self.model.parameters()).dtype)
         present = attention_mask.bool()
         self.valid.zero_()
         self.valid[:, :prompt_length] = present
@@ -219,7 +194,7 @@ class StaticKVDecoder:
         diagonal = torch.eye(prompt_length, dtype=torch.bool, device=input_ids.device)
         mask = ((causal & present[:, None, None, :]) | diagonal)  # [B, 1, P, P]
         slots = torch.arange(prompt_length, device=input_ids.device)
-        hidden = embedding(input_ids)
+        hidden = self.body.embed_tokens(input_ids)
         for index in range(len(self.layers)):
             hidden = self._layer(index, hidden, cos, sin, slots, mask, prompt_length)
         logits = self._logits(hidden[:, -1:])[:, 0]
@@ -267,11 +242,11 @@ class StaticKVDecoder:
             try:
                 self._capture()
             except Exception as error:  # any capture failure: the eager step computes the same thing
-                self._graph = self._graph_logits = None
                 self.use_cuda_graph = False
                 if self.step_tokens.is_cuda:
                     torch.cuda.synchronize(self.step_tokens.device)
-                warnings.warn(f"CUDA graph capture of the decode step failed ({error!r}); decoding eagerly", RuntimeWarning)
+                warnings.warn(f"CUDA graph capture of the decode step failed ({error!r}); decoding eagerly",
+                              RuntimeWarning)
         if self._graph is not None:
             self._graph.replay()
             logits = self._graph_logits
