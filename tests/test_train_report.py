@@ -16,7 +16,7 @@ from trainer_cases import metric_records, tiny_setup, train_args
 
 from spin_trainer import cli as train_cli
 from spin_trainer.errors import UsageError
-from spin_trainer.progress_lines import ProgressLines, duration, plain_lines_wanted
+from spin_trainer.metrics import ProgressLines, duration, plain_lines_wanted
 
 STEPS = 4   # 1 iteration of 32 prompts, 8 pairs per step
 

@@ -35,7 +35,7 @@ from .fingerprint import DATA_OPTIONS, check_fingerprints, run_fingerprints
 from .generation.sampling import SamplingConfig
 from .logprobs import Scorer, default_head
 from .loop_state import TrainingStopped
-from .metrics import MetricsLog, read_records
+from .metrics import MetricsLog, ProgressLines, check_installed, make_sinks, plain_lines_wanted, read_records
 from .model import check_context_length, load_tokenizer, local_model_dir, read_model_config
 from .parallel.load import load_parallel_model
 from .parallel.mesh import choose_device, setup_parallel, teardown_parallel
@@ -43,8 +43,6 @@ from .parallel.precision import Precision
 from .parallel.tp_plan import check_tensor_parallel
 from .plan.report import check_memory, run_plan
 from .plots import plot_curves, table_legend
-from .progress_lines import ProgressLines, plain_lines_wanted
-from .report_to import check_installed, make_sinks
 from .run_dir import TOKENIZED_DIR, check_output_path, lock_run, remove_if_empty
 from .run_outputs import RunOutputs
 from .trainer import SpinTrainer

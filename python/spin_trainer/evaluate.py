@@ -1,14 +1,6 @@
-"""Evaluation: SFT loss on gold responses, SPIN acc and margin on held-out pairs, held-out exact
-match (greedy; only where asked: it means something on tasks with one right answer, and is about 0
-on chat data); and the iteration diagnostics a user reads to see whether SPIN had anything to learn.
-
-- `fraction_equal_to_gold`: how often the model's own response equals the gold one. Such a pair
-  gives SPIN no gradient at all: r(actual) and r(generated) are the same function of θ, so their
-  difference is 0 for every θ.
-- `iteration_diagnostics`: SPIN acc and reward margin at the start and at the end of an
-  iteration (means over its first and last quarter of optimizer steps). At the first step the
-  policy equals the reference, so the margin is 0 and acc is 0 (acc counts margins > 0); a
-  healthy iteration ends with acc near 1 and a positive margin.
+"""Held-out evaluation (SFT loss on gold responses, SPIN acc and margin on held-out pairs, greedy
+exact match where asked: it means something on tasks with one right answer, about 0 on chat data)
+and the diagnostics that show whether SPIN had anything to learn in an iteration.
 """
 import math
 
@@ -24,7 +16,8 @@ from .parallel.mesh import all_reduce_sum, shard_range
 
 
 def fraction_equal_to_gold(examples, generated):
-    """Fraction of `examples` whose generated response ids (EOS included) equal the gold ones."""
+    """Fraction of `examples` whose generated response ids (EOS included) equal the gold ones: such a
+    pair gives SPIN no gradient (r(actual) and r(generated) are the same function of θ)."""
     if not examples:
         return None
     assert len(examples) == len(generated)
@@ -32,7 +25,8 @@ def fraction_equal_to_gold(examples, generated):
 
 
 def iteration_diagnostics(history):
-    """{spin_acc_start, spin_acc_end, margin_start, margin_end} of an iteration's step records."""
+    """{spin_acc_start, spin_acc_end, margin_start, margin_end}: means over the first and last quarter
+    of an iteration's steps. At the first step the policy is the reference: margin 0, acc 0."""
     if not history:
         return {"spin_acc_start": None, "spin_acc_end": None, "margin_start": None, "margin_end": None}
     quarter = max(1, math.ceil(len(history) / 4))

@@ -1,15 +1,23 @@
-"""Metrics: one JSON object per line (metrics.jsonl); the table and curves.png are in plots.py.
+"""What a run reports: metrics.jsonl (one JSON record per line), the same records sent to
+TensorBoard or wandb (--report-to, as TRL's `report_to`), and plain progress lines for a log file.
+Only rank 0 reports. The results table and curves.png are in plots.py.
 
 Records carry `kind` ("train" per optimizer step, "eval" per evaluation point) and `run` (e.g.
-"spin" or "sft"), so several runs of one demo share a file. Only rank 0 writes.
+"spin" or "sft"), so several runs of one demo share a file.
 """
+import importlib
 import json
 import math
 import os
+import sys
+import time
+from contextlib import contextmanager
 
 import torch
 
+from .errors import UsageError, option
 from .parallel.mesh import all_reduce_sum
+from .plots import table_columns
 
 # Wall-clock measurements of a step: the only fields that differ between two identical runs.
 TIMING_KEYS = ("step_time", "tokens_per_second")
@@ -33,7 +41,7 @@ def _line(record):
 
 class MetricsLog:
     """Appends records to `path`, each flushed and fsynced (a kill loses at most the line being
-    written); on resume, drops records past the checkpoint's step first. `sinks` (report_to.py)
+    written); on resume, drops records past the checkpoint's step first. `sinks` (below)
     receive every record too."""
 
     def __init__(self, path, enabled=True, sinks=()):
@@ -100,3 +108,157 @@ def global_step_metrics(sums, dp_group):
     result["rewards_all_std"] = (math.sqrt(max(0.0, (squares - total * total / count) / (count - 1)))
                                  if count >= 2 else 0.0)
     return result
+
+
+# ---- TensorBoard and wandb (report_to): each number of a record is one scalar `<kind>/<key>` at its step
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_installed(names):
+    """A clear error before any work when a chosen integration's package is missing."""
+    for name in names:
+        if name == "none":
+            continue
+        try:
+            importlib.import_module(PACKAGES[name])
+        except ImportError as exc:
+            raise UsageError(f"{option('report_to')} {name}: the {PACKAGES[name]!r} package is not installed "
+                             f"(pip install 'spin_kernels[report]')") from exc
+
+
+def scalars(record):
+    """{"<kind>/<key>": value} of a record's finite numbers (the step is the x axis, not a value)."""
+    return {f"{record['kind']}/{key}": float(value) for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value)}
+
+
+class TensorBoardSink:
+    """Event files in `log_dir`. On resume, the writer opens with purge_step past the checkpoint, so
+    TensorBoard drops what the interrupted run logged after it (as metrics.jsonl does)."""
+
+    def __init__(self, log_dir):
+        self.log_dir, self.purge_step, self.writer = log_dir, None, None
+
+    def truncate_after(self, step):
+        self.purge_step = step + 1 if step >= 0 else None
+
+    def write(self, record):
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=self.purge_step, flush_secs=30)
+        for tag, value in scalars(record).items():
+            self.writer.add_scalar(tag, value, record["step"])
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+class WandbSink:
+    """A wandb run in OUT/wandb (WANDB_MODE, WANDB_PROJECT and the other WANDB_* variables apply; the
+    project defaults to "spin-train"), with the run's settings as its config, started at once so that
+    a wandb that cannot start (not logged in) stops the run before the model loads. A resumed run is a
+    new wandb run that starts at the checkpoint's step."""
+
+    def __init__(self, out, settings):
+        import wandb
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "spin-train"), dir=out,
+                                  name=os.path.basename(os.path.abspath(out)), config=settings)
+        except wandb.errors.Error as exc:
+            raise UsageError(f"{option('report_to')} wandb: wandb could not start a run ({exc}); log in with "
+                             f"`wandb login` or set WANDB_MODE=offline") from exc
+
+    def truncate_after(self, step):
+        pass
+
+    def write(self, record):
+        self.run.log(scalars(record), step=record["step"])
+
+    def close(self):
+        self.run.finish()
+
+
+def make_sinks(names, out, settings):
+    """The sinks of --report-to `names` for a run writing to `out` (on rank 0 only)."""
+    sinks = []
+    if "tensorboard" in names:
+        sinks.append(TensorBoardSink(os.path.join(out, "runs")))
+    if "wandb" in names:
+        sinks.append(WandbSink(out, settings))
+    return sinks
+
+
+# ---- plain progress lines for a log file (stdout redirected: SLURM, nohup), each flushed -----------
+def flushed_print(text):
+    """A message that reaches a log file now, not when the buffer fills."""
+    print(text, flush=True)
+
+
+def plain_lines_wanted(stdout_is_terminal, progress_bar_shown):
+    """On a terminal the progress bar is the display; the lines are for a log file, or for a
+    terminal without a bar (--no-progress)."""
+    return not stdout_is_terminal or not progress_bar_shown
+
+
+def duration(seconds):
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def step_line(record, total_steps, iterations, elapsed, eta):
+    return (f"iteration {record['iteration']}/{iterations}  step {record['step']}/{total_steps}  "
+            f"loss {record['loss']:.4f}  acc {record['acc']:.3f}  margin {record['margin_mean']:+.4f}  "
+            f"lr {record['lr']:.3e}  tokens/s {record['tokens_per_second']:.0f}  elapsed {duration(elapsed)}  "
+            f"ETA {duration(eta)}")
+
+
+def eval_line(row):
+    """The row's numbers, labelled as in the results table (those it has)."""
+    cells = [f"{label} {fmt.format(row[key])}" for key, label, fmt in table_columns([row])[2:]
+             if row.get(key) is not None]
+    where = f"{row['kind']} at iteration {row['iteration']}, step {row['step']}"
+    return f"{where}: " + ("  ".join(cells) if cells else "no held-out data")
+
+
+class ProgressLines:
+    """`begin(total_steps, iterations, done)` as the loop starts (`done`: steps of a resumed run), then
+    `step(record)` per optimizer step, `eval(row)` per evaluation row, `phase(what)` around long work.
+    The ETA is the time per step so far in this process, generation and evaluation included, times
+    the steps left."""
+
+    def __init__(self, enabled=False, every=0, stream=None, clock=time.monotonic):
+        self.enabled, self.every, self.stream, self.clock = enabled, every, stream, clock
+        self.total_steps = self.iterations = self.done_before = 0
+        self.started = clock()
+
+    def say(self, text):
+        if self.enabled:
+            print(text, file=self.stream or sys.stdout, flush=True)
+
+    def begin(self, total_steps, iterations, done):
+        self.total_steps, self.iterations, self.done_before, self.started = total_steps, iterations, done, self.clock()
+
+    def step(self, record):
+        step = record["step"]
+        if not (self.enabled and self.every) or (step % self.every and step != self.total_steps):
+            return
+        elapsed = self.clock() - self.started
+        done_here = max(1, step - self.done_before)
+        self.say(step_line(record, self.total_steps, self.iterations, elapsed,
+                           elapsed / done_here * (self.total_steps - step)))
+
+    def eval(self, row):
+        self.say(eval_line(row))
+
+    @contextmanager
+    def phase(self, what):
+        self.say(f"{what}: started")
+        began = self.clock()
+        yield
+        self.say(f"{what}: done in {duration(self.clock() - began)}")

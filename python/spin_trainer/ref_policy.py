@@ -1,35 +1,28 @@
 """The reference policy θ_t of a SPIN iteration: one small type per mode of the `reference` setting.
 
-At the start of iteration t the policy *is* θ_t. Every mode answers the same four questions:
+At the start of iteration t the policy *is* θ_t. Every mode offers:
 
     begin_iteration()          the policy, as it is now, becomes θ_t
-    batch_logps(batch)         [2b] reference log-prob sums of a pair batch (not in precompute mode:
-                               the trainer reads the iteration's cache)
+    batch_logps(batch)         [2b] reference log-prob sums of a pair batch (precompute: the
+                               trainer reads the iteration's cache instead)
     weights()                  context: a module that computes with θ_t (per-epoch regeneration)
-    state() / load_state()     contexts: the module whose state dict is θ_t, to save from / to load
-                               into (in place); None where the mode keeps no weights
+    state() / load_state()     contexts: the module whose state dict is θ_t, to save from / load
+                               into; None where the mode keeps no weights
 
-    precompute  the whole iteration's reference log-probs are computed at its start from the policy
-                itself: no second model and no swap. θ_t's weights are kept (in a bank, as in swap
-                mode) only when generation runs every epoch, which samples from θ_t.
+    precompute  the iteration's reference log-probs computed at its start from the policy itself;
+                θ_t's weights kept (as in swap) only when generation runs every epoch
     swap        θ_t in a WeightBank in host memory (pinned on CUDA), swapped into the live policy
-                for each batch (NeMo-Aligner's `cpu_weight_swap`).
-    resident    θ_t as a second, frozen copy of the model on the device.
-    streamed    θ_t in a WeightBank in host memory, its layers streamed through two device buffers
-                while the reference forward computes (spin_kernels.swap.streamed_reference_forward):
-                the policy stays resident and untouched, with no second copy on the device. A plain
-                (unsharded) model only: one process, or replicas.
+                per batch (NeMo-Aligner's `cpu_weight_swap`)
+    resident    θ_t as a second, frozen copy of the model on the device
+    streamed    θ_t in a WeightBank, its layers streamed through two device buffers during the
+                reference forward: the policy stays untouched, no second copy on the device (a
+                plain, unsharded model only)
 
-Precision and memory. The bank is copied in place into the live parameters, so it holds θ_t in
-the *parameter* dtype, bit for bit: the swapped-in reference then computes exactly as the policy
-did at the iteration's start, whatever the compute path (a bf16 bank under fp32 master weights
-would need a cast per swap and would differ where the forward reads fp32 weights, e.g. norms
-outside FSDP's mixed precision). Its cost in pinned host memory is the parameter bytes of this
-rank's local shard (4 per parameter with fp32 master weights), plus as much again for the stash
-that `swapped` keeps for the policy while θ_t is in: 8 bytes per local parameter in all in swap
-mode. The bank persists across iterations (`update_from` refills the same arena) instead of
-pinning a new one per iteration. The resident copy is a copy of the policy module, so it also
-holds the parameter dtype, in device memory (no pinned memory).
+The bank holds θ_t in the *parameter* dtype, bit for bit, so the swapped-in reference computes
+exactly as the policy did at the iteration's start (a bf16 bank under fp32 master weights would
+differ wherever the forward reads fp32 weights). Pinned host memory: the local shard's parameter
+bytes, and as much again for the policy's stash while θ_t is in. The bank persists across
+iterations (`update_from` refills the same arena).
 """
 from contextlib import contextmanager
 

@@ -37,12 +37,11 @@ from .evaluate import fraction_equal_to_gold, iteration_diagnostics, spin_pair_a
 from .generation.rollouts import ParkedOptimizer, generate, iteration_pairs, pair_logps, sampling_seed
 from .generations import generation_rows, generations_path, write_generations
 from .loop_state import IterationData, LoopPosition, StopSignal, TrainingStopped
-from .metrics import global_step_metrics
+from .metrics import ProgressLines, flushed_print, global_step_metrics
 from .optim import (apply_update, epoch_order, learning_rate_schedule, make_optimizer, make_scheduler,
                     reset_state)
 from .micro_batches import rank_spans
 from .packed_scoring import choose_packing, pair_batch, pair_batch_tokens, sequence_tokens
-from .progress_lines import ProgressLines, flushed_print
 from .ref_policy import make_reference
 
 
