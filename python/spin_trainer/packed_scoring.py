@@ -17,25 +17,7 @@ PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
 def packing_layout(model, reference):
     """"shared" (one prompt for both responses) or "separate" (flash-attn: a prompt per response,
     documents told apart by position ids) for `model`; a UsageError where --pack-pairs cannot run."""
-    return layout_of(model.config.model_type, model.config._attn_implementation, reference)
-
-
-def layout_of(model_type, implementation, reference):
-    """packing_layout of a model of `model_type` on attention `implementation` (also `--plan`'s,
-    which has a config and the run's settings but no model)."""
-    name = option("pack_pairs")
-    if model_type not in PACKABLE_MODEL_TYPES:
-        raise UsageError(f"{name}: model type {model_type!r} is not one of {PACKABLE_MODEL_TYPES}, whose "
-                         f"attention takes the packed layout; drop {name}")
-    if reference == "streamed":
-        raise UsageError(f"{name}: {option('reference')} streamed runs its own padded forward; use another "
-                         f"{option('reference')} or drop {name}")
-    if implementation in ("sdpa", "eager", "flex_attention"):
-        return "shared"
-    if implementation == "flash_attention_2":
-        return "separate"
-    raise UsageError(f"{name}: attention implementation {implementation!r} cannot take packed pairs; use "
-                     f"{option('attn')} sdpa or drop {name}")
+    return choose_packing(model, reference, True)[0]
 
 
 def choose_packing(model, reference, requested):
@@ -46,15 +28,27 @@ def choose_packing(model, reference, requested):
 
 
 def choose_layout(model_type, implementation, reference, requested):
-    """choose_packing of a model of `model_type` on attention `implementation`."""
+    """choose_packing of a model of `model_type` on attention `implementation` (also `--plan`'s,
+    which has a config and the run's settings but no model)."""
     if requested is False:
         return None, None
-    try:
-        return layout_of(model_type, implementation, reference), None
-    except UsageError as refused:
-        if requested:
-            raise
-        return None, str(refused).split("; ")[0]
+    name = option("pack_pairs")
+    if model_type not in PACKABLE_MODEL_TYPES:
+        refusal = (f"{name}: model type {model_type!r} is not one of {PACKABLE_MODEL_TYPES}, whose attention takes "
+                   f"the packed layout; drop {name}")
+    elif reference == "streamed":
+        refusal = (f"{name}: {option('reference')} streamed runs its own padded forward; use another "
+                   f"{option('reference')} or drop {name}")
+    elif implementation in ("sdpa", "eager", "flex_attention"):
+        return "shared", None
+    elif implementation == "flash_attention_2":
+        return "separate", None
+    else:
+        refusal = (f"{name}: attention implementation {implementation!r} cannot take packed pairs; use "
+                   f"{option('attn')} sdpa or drop {name}")
+    if requested:
+        raise UsageError(refusal)
+    return None, refusal.split("; ")[0]
 
 
 def _packs(generated, packing):

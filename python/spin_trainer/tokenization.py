@@ -173,7 +173,7 @@ class Encoder:
         cut = first_token_from(encoding, prompt_chars, text_chars)
         if cut < len(full_ids) and encoding.token_to_chars(cut)[0] < prompt_chars:
             self.note("boundary_token", c)
-        lead = self.lead if self.lead and full_ids[:len(self.lead)] != self.lead else []
+        lead = self.lead if full_ids[:len(self.lead)] != self.lead else []
         full_ids, cut = lead + full_ids, cut + len(lead)
         if cut == 0:
             raise UsageError(f"{c.where}: the prompt has no token of its own (its first token merges with the "
