@@ -1,10 +1,8 @@
-"""Data: records to tokenized Examples (cached beside the run), exact masks, padded batches.
+"""Data: records (records.py) to tokenized Examples (tokenization.py), exact masks, padded batches.
 
-Records are read by records.py (formats and sources) and tokenized by tokenization.py (the whole
-conversation once, split at the prompt's boundary). The result is cached in the run's directory,
-keyed by the data's content, the split and fields, the tokenizer and the length settings, so that
-a resume reads it back instead of tokenizing again, and so that under torchrun only each node's
-first process tokenizes.
+The Examples are cached in the run's directory, keyed by the data's content, the split and fields,
+the tokenizer and the length settings, so that a resume reads them back instead of tokenizing
+again, and so that under torchrun only each node's first process tokenizes.
 
 Token alignment (the one every log-prob in the trainer uses): a sequence is
 `prompt_ids + response_ids`, where `response_ids` ends with EOS. Position t of `labels` /
@@ -31,7 +29,6 @@ from .records import is_local, load_table, read_conversations
 from .tokenization import Encoder, Example  # noqa: F401  (Example is part of this module's interface)
 
 IGNORE_INDEX = -100
-DEFAULT_PROMPT_TEMPLATE = "{prompt}"
 CACHE_VERSION = 1  # bump when tokenization changes what it produces
 
 
@@ -82,20 +79,12 @@ def token_buffers(examples):
 def examples_from_buffers(lengths, ids):
     """The Examples of token_buffers' (lengths, ids)."""
     ids = np.ascontiguousarray(ids, dtype=np.int32)
-
-    def ids_at(start, end):
-        out = array("i")
-        out.frombytes(ids[start:end].tobytes())
-        return out
-
-    examples, at = [], 0
-    for p, r in lengths.tolist():
-        examples.append(Example(ids_at(at, at + p), ids_at(at + p, at + p + r)))
-        at += p + r
-    return examples
+    ends = np.cumsum(lengths.reshape(-1)).tolist()   # prompt 0, response 0, prompt 1, ...
+    pieces = [array("i", ids[start:end].tobytes()) for start, end in zip([0] + ends, ends)]
+    return [Example(prompt, response) for prompt, response in zip(pieces[0::2], pieces[1::2])]
 
 
-def load_data(spec, tokenizer, *, max_length, template=DEFAULT_PROMPT_TEMPLATE, source="data", split=None,
+def load_data(spec, tokenizer, *, max_length, template="{prompt}", source="data", split=None,
               fields=(None, None, None), max_prompt_length=None, long_prompts="truncate", cache_dir=None):
     """(Examples, one line of what was cut or skipped) of a data source; from `cache_dir` when it
     holds them for the same data, tokenizer and settings."""
@@ -134,13 +123,6 @@ def load_examples(spec, tokenizer, *, max_length, source="data", **settings):
     return examples
 
 
-def response_mask(prompt_length, response_length, padded_length):
-    """[padded_length] mask over shifted positions: 1 exactly where the label is a response token."""
-    mask = torch.zeros(padded_length, dtype=torch.float32)
-    mask[prompt_length - 1:prompt_length - 1 + response_length] = 1.0
-    return mask
-
-
 def collate(sequences, pad_token_id):
     """A right-padded Batch of (prompt_ids, response_ids) pairs."""
     assert sequences, "collate needs at least one sequence"
@@ -154,7 +136,7 @@ def collate(sequences, pad_token_id):
         n = len(prompt) + len(response)
         input_ids[row, :n] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
         attention_mask[row, :n] = 1
-        loss_mask[row] = response_mask(len(prompt), len(response), length)
+        loss_mask[row, len(prompt) - 1:n - 1] = 1.0   # shifted: the positions whose label is a response token
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]
     labels[loss_mask == 0] = IGNORE_INDEX

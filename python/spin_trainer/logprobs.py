@@ -1,41 +1,35 @@
 """Log-probs of the labelled tokens: the one place where the trainer runs a model's LM head.
 
 Every log-prob of the trainer comes from a `Scorer` (the run's layout, precision and LM head): the
-SPIN policy loss, the reference log-probs, the SFT loss and the validation numbers. The backbone runs over the whole batch [S, T], but the LM
-head only over the N positions whose label the loss mask counts (the response tokens, EOS
-included), so prompt and padding positions never produce logits. With SPIN's prompts, a quarter of
-a sequence on the benchmark shape, that is the same share of the head's matmul, of its [N, V]
-logits and of the loss's work. Both heads (`Scorer.head`) run inside the model's own
-forward, as the output embedding's call, so that FSDP's and tensor parallelism's hooks run as
-usual:
+SPIN policy loss, the reference log-probs, the SFT loss and the validation numbers, of padded
+batches (data.py) or packed ones (packing.py). The backbone runs over the whole batch, the LM head
+only over the positions whose label is counted (the response tokens, EOS included; a packed
+batch's `targets`), so prompt and padding positions never produce logits. With SPIN's prompts, a
+quarter of a sequence on the benchmark shape, that is the same share of the head's matmul, of its
+logits and of the loss's work. Both heads (`Scorer.head`) run inside the model's own forward, as
+the output embedding's call (lm_head.py), so that FSDP's and tensor parallelism's hooks run as usual:
+
+- "logits": the hidden states are compacted to the labelled positions [N, H] before the head,
+  which writes their logits [N, V] (under tensor parallelism this rank's vocab shard [N, V/tp]);
+  `token_logprobs` (vocab-parallel over the tp group) reads them.
+- "fused" (the default on CUDA): the head's forward is redirected (as TRL's and verl's "forward
+  redirection") to spin_kernels' fused head, which takes the hidden states and `head.weight` and
+  never materializes logits (its FLOPs and memory: spin_kernels/loss/linear.py's docstring):
+  `linear_token_logprobs` on the compacted rows (SFT loss, validation), `linear_spin_loss` for the
+  policy loss and the reference's sums, on the [2b, T, H] padded batch or a packed batch's
+  compacted targets. Being the module's own call, FSDP2's root pre-forward has unsharded
+  `head.weight` (bf16 under mixed precision), the output reaches the root's pre-backward hook, and
+  the weight's gradient lands on the unsharded parameter for the post-backward reduce-scatter; tied
+  embeddings share that one parameter. Under tensor parallelism the fused head takes the local
+  tensors of the replicated hidden states and of the vocab-sharded weight with
+  `process_group=ctx.tp_group` (d hidden summed over the group: the all-reduce the logits path's
+  DTensor backward does).
 
 Mixed precision is FSDP's cast in every layout (parallel/precision.py): a `Scorer` of a mixed
 precision needs a model under FSDP, on a data-parallel axis of one rank if need be.
-
-- "logits": a pre-hook on the output embedding compacts the hidden states to the labelled
-  positions [N, H]; the head writes their logits [N, V] (under tensor parallelism this rank's vocab
-  shard [N, V/tp]) and `token_logprobs` (vocab-parallel over the tp group) reads them.
-- "fused" (the default on CUDA): for the duration of the call, the output embedding's forward is
-  redirected (as TRL's and verl's "forward redirection") to spin_kernels' fused head, which takes
-  the hidden states and `head.weight` and never materializes logits: `linear_token_logprobs` on the
-  compacted [N, H] rows (SFT loss, reference and validation log-probs), or for the SPIN policy
-  loss `linear_spin_loss` on the [2b, T, H] pair batch, whose gradients are formed in the forward.
-  Memory: no [N, V] logits nor their gradient, only one chunk's (at most 1 GiB) and, for a bf16
-  weight, an fp32 accumulator of d weight (4·V/tp·H bytes); the loss's preformed d hidden [2b, T, H]
-  and d weight are held from the forward to the backward. FLOPs: the policy loss 6·N·H·V, as the
-  logits path; the per-token function 2·N·H·V under no_grad and 8·N·H·V with a gradient (its
-  backward recomputes the logits). spin_kernels/loss/linear.py's docstring has the details. Being
-  the module's own call, FSDP2's
-  root pre-forward has unsharded `head.weight` (the bf16 unsharded parameter under mixed
-  precision), the output reaches the root's pre-backward hook, and the weight's gradient lands on
-  the unsharded parameter for the post-backward reduce-scatter. Tied embeddings share that one
-  parameter. Under tensor parallelism the head's input hook hands the forward the replicated
-  hidden states as a DTensor and its weight is the vocab-sharded DTensor: the fused head takes
-  their local tensors with `process_group=ctx.tp_group` (d hidden summed over the group, which is
-  the all-reduce the logits path's DTensor backward does), and its output goes back wrapped as the
-  Shard(-1) DTensor the plan's output hook turns into a local tensor (parallel/tp_plan.py).
 """
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +38,6 @@ from spin_kernels.loss import linear_spin_loss, linear_token_logprobs, spin_loss
 
 from .lm_head import compacted_input, fused_output, output_embedding, redirected_head
 from .packed_attention import packed_forward
-from .packed_scoring import packed_pair_loss, packed_sequence_logps
 from .packing import PackedPairs
 from .parallel.mesh import ParallelContext
 from .parallel.precision import Precision
@@ -90,59 +83,73 @@ class Scorer:
                 return packed_forward(model, batch).logits
             return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
 
-    def labelled_logps(self, model, batch, *, inplace_backward=False):
-        """Log-probs of the labelled tokens of `batch` (a data.Batch) under `model`.
-
-        `inplace_backward=True` lets the loss's gradient overwrite the logits' memory (nothing else
-        reads them after the loss; the fused head has no logits).
-        """
-        ctx = self.ctx
-        num_rows, width = batch.labels.shape
-        positions = batch.loss_mask.reshape(-1).nonzero().squeeze(1)   # [N]
-        labels = batch.labels.reshape(-1).index_select(0, positions)    # [N]
-        head = output_embedding(model)
+    def _token_logps(self, model, batch, positions, labels, *, inplace_backward):
+        """[M] float32 log-probs of `labels`, each scored from the output at one of the flat `positions`."""
+        ctx, head = self.ctx, output_embedding(model)
         with compacted_input(head, positions):
             if self.head == "fused":
                 def compute(hidden, weight, bias):
                     return linear_token_logprobs(hidden, weight, labels, bias=bias, process_group=ctx.tp_group)
 
                 with redirected_head(head, ctx, compute) as produced:
-                    logps = fused_output(model, produced, self._run(model, batch))
-            else:
-                logits = self._run(model, batch)
-                assert logits.shape[0] == positions.shape[0], (tuple(logits.shape), positions.shape)
-                logps = token_logprobs(logits, labels, process_group=ctx.tp_group, inplace_backward=inplace_backward)
+                    return fused_output(model, produced, self._run(model, batch))
+            logits = self._run(model, batch)   # [M, V], under --tp this rank's vocab shard [M, V/tp]
+            assert logits.shape[0] == positions.shape[0], (tuple(logits.shape), positions.shape)
+            return token_logprobs(logits, labels, process_group=ctx.tp_group, inplace_backward=inplace_backward)
+
+    def labelled_logps(self, model, batch, *, inplace_backward=False):
+        """Log-probs of the tokens that `batch.loss_mask` counts (a data.Batch, or a PackedPairs as one row).
+
+        `inplace_backward=True` lets the loss's gradient overwrite the logits' memory (nothing else
+        reads them after the loss; the fused head has no logits).
+        """
+        num_rows, width = batch.labels.shape
+        positions = batch.loss_mask.reshape(-1).nonzero().squeeze(1)   # [N]
+        labels = batch.labels.reshape(-1).index_select(0, positions)    # [N]
+        logps = self._token_logps(model, batch, positions, labels, inplace_backward=inplace_backward)
         return LabelledLogps(logps, torch.div(positions, width, rounding_mode="floor"), num_rows)
+
+    def _logits_sums(self, model, batch, *, inplace_backward):
+        """[2b] float32 sums of a pair batch's response log-probs by the "logits" head."""
+        if isinstance(batch, PackedPairs):   # the targets: the first generated tokens too (packing.py)
+            targets = batch.targets
+            return batch.sequence_sums(self._token_logps(model, batch, targets.positions, targets.labels,
+                                                         inplace_backward=inplace_backward))
+        return self.labelled_logps(model, batch, inplace_backward=inplace_backward).sequence_sums()
 
     @torch.no_grad()
     def sequence_logps(self, model, batch):
         """[2b] masked sums of the response log-probs (EOS included) of a pair batch, float32, no
         gradient: the reference's numbers, by `pair_loss`'s own arithmetic (the fused head: its op,
         with its chunks and its summation order), so that π − ref is exactly 0 at θ_t."""
-        if isinstance(batch, PackedPairs):
-            return packed_sequence_logps(self, model, batch)
         if self.head == "logits":
-            return self.labelled_logps(model, batch).sequence_sums()
-        unused = torch.zeros(batch.labels.shape[0], device=batch.labels.device)
+            return self._logits_sums(model, batch, inplace_backward=False)
+        count = batch.num_sequences if isinstance(batch, PackedPairs) else batch.labels.shape[0]
+        unused = torch.zeros(count, device=batch.labels.device)
         return self.pair_loss(model, batch, unused, beta=1.0, loss_type="sigmoid").policy_logps
 
     def pair_loss(self, model, batch, ref_logps, *, beta, loss_type):
         """The SPIN loss (a SpinLossOutput: loss, metrics, per-sequence log-probs and rewards) of a
-        [2b]-row pair batch (rows [0, b) actual, [b, 2b) generated) against the reference's [2b] sums."""
-        if isinstance(batch, PackedPairs):
-            return packed_pair_loss(self, model, batch, ref_logps, beta=beta, loss_type=loss_type)
+        [2b]-sequence pair batch (sequences [0, b) actual, [b, 2b) generated) against the reference's [2b] sums."""
         if self.head == "logits":
             # Nothing else reads the logits after the loss: their gradient can take their memory.
-            policy = self.labelled_logps(model, batch, inplace_backward=True).sequence_sums()
+            policy = self._logits_sums(model, batch, inplace_backward=True)
             return spin_loss_from_logps(policy, ref_logps, beta=beta, loss_type=loss_type)
+        head = output_embedding(model)
+        if isinstance(batch, PackedPairs):   # hidden [M, H]: the targets' positions
+            targets = batch.targets
+            compacted = compacted_input(head, targets.positions)
+            labels, layout = targets.labels, dict(seq_ids=targets.sequences, num_sequences=batch.num_sequences)
+        else:   # hidden [2b, T, H]: the fused head compacts the labelled rows itself
+            compacted, labels, layout = nullcontext(), batch.labels, dict(loss_mask=batch.loss_mask)
         results = []
 
-        def compute(hidden, weight, bias):   # hidden [2b, T, H]: the fused head compacts the labelled rows
-            out = linear_spin_loss(hidden, weight, batch.labels, ref_logps, bias=bias, loss_mask=batch.loss_mask,
-                                   beta=beta, loss_type=loss_type, process_group=self.ctx.tp_group)
+        def compute(hidden, weight, bias):
+            out = linear_spin_loss(hidden, weight, labels, ref_logps, bias=bias, beta=beta, loss_type=loss_type,
+                                   process_group=self.ctx.tp_group, **layout)
             results.append(out)
             return out.loss.reshape(1)   # a dim to be the plan's Shard(-1) under --tp
 
-        with redirected_head(output_embedding(model), self.ctx, compute) as produced:
+        with compacted, redirected_head(head, self.ctx, compute) as produced:
             loss = fused_output(model, produced, self._run(model, batch))
         return results[0]._replace(loss=loss[0])

@@ -1,24 +1,19 @@
 """Micro-batches: a rank's items (pairs, or SFT sequences) cut into forwards of at most
---micro-batch-size items and at most --max-tokens-per-batch tokens, the same number on every
-data-parallel rank.
+--micro-batch-size items and --max-tokens-per-batch tokens, the same number on every data-parallel rank.
 
-The items of a micro-batch are consecutive in the order the caller gives (the step's pairs, a
-shard of the validation set), taken greedily: a micro-batch grows while both bounds hold. Its
-tokens are what its batch computes (`tokens(start, end)`, packed_scoring.pair_batch_tokens): the
-packed row's length, or 2 x pairs x the longest row padded. One item over the token bound is a
-micro-batch of its own (it cannot be cut; the bound is then exceeded by that one item only).
+A micro-batch is consecutive items in the caller's order, grown greedily while both bounds hold;
+its tokens are what its batch computes (`tokens(start, end)`, packed_scoring.pair_batch_tokens).
+One item over the token bound is a micro-batch of its own (it cannot be cut).
 
-Data parallelism: FSDP gathers each layer's weights in every forward, and data-parallel replicas
-reduce gradients in every backward, so every rank of the data-parallel group must run the same
-number of forwards. Every rank holds every rank's items (the step's order, the whole validation
-set) and knows the shards, so each computes every rank's greedy count, takes the largest and cuts
-its own items into that many micro-batches: no collective and no host sync. Cutting a micro-batch
-in two never raises either part's tokens above its own (packed: a sum; padded: rows x the longest
-row), so the cut ones stay within both bounds. The loss weight of each micro-batch is its share of
-the global batch (trainer.py), so how the pairs are cut does not change the update. A rank whose
-shard has fewer items than that count (validation shards differ by one item; one may be empty)
-runs filler forwards of one item, whose results it drops (`Span.counted` False). Training shards
-are equal, so training never needs one.
+Every rank of the data-parallel group must run the same number of forwards (FSDP gathers each
+layer's weights in every forward, replicas reduce gradients in every backward). Every rank holds
+every rank's items and knows the shards, so each computes every rank's greedy count, takes the
+largest and cuts its own items into that many: no collective, no host sync. Halving a micro-batch
+never raises either half's tokens (packed: a sum; padded: rows x the longest row), so both bounds
+still hold; each micro-batch's loss weight is its share of the global batch (trainer.py), so the
+cut does not change the update. A rank with fewer items than that count (validation shards differ
+by one item; one may be empty) runs filler forwards of one item whose results it drops
+(`Span.counted` False); training shards are equal and never need one.
 """
 from typing import NamedTuple
 
@@ -61,10 +56,10 @@ def rank_spans(shards, rank, tokens, *, max_items, max_tokens=0):
     share of one list of items, `tokens(start, end)` the tokens of items [start, end) as a batch.
     Every rank gets as many spans as the rank whose greedy cut is longest (filler spans where its
     shard has fewer items than that)."""
-    count = max(len(greedy_spans(a, b, tokens, max_items=max_items, max_tokens=max_tokens)) for a, b in shards)
+    greedy = [greedy_spans(a, b, tokens, max_items=max_items, max_tokens=max_tokens) for a, b in shards]
+    count = max(map(len, greedy))
     start, end = shards[rank]
-    own = greedy_spans(start, end, tokens, max_items=max_items, max_tokens=max_tokens)
-    spans = [Span(a, b, True) for a, b in cut_into(own, min(count, end - start), tokens)]
+    spans = [Span(a, b, True) for a, b in cut_into(greedy[rank], min(count, end - start), tokens)]
     # A filler runs one item: this rank's first, or (an empty shard) the first of the whole list.
     filler = Span(start, start + 1, False) if end > start else Span(0, 1, False)
     return spans + [filler] * (count - len(spans))

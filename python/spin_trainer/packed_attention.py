@@ -1,26 +1,21 @@
 """A Hugging Face causal LM's forward over a packed pair batch (packing.py), through HF's own
 attention entry points, alike for Llama, Mistral and Qwen2 in transformers 5.x:
 
-- "segments" (the default for "sdpa" models, the CPU path): a function registered with HF's
-  `AttentionInterface` runs HF's own `sdpa_attention_forward` once per segment (pair), with that
-  segment's [L, L] mask. HF builds no mask for an implementation it has no mask function for, so
-  nothing is N x N: attention costs the sum of the segments' L^2, as FlexAttention's skipped blocks
-  do on a GPU, instead of N^2 (a dense mask over the whole packed row computes every masked score).
-  The segment bounds come from `pack_pairs` as host ints: no host sync. The model's attention
-  implementation is switched to it for the duration of the call only.
-- "block_mask" (for "flex_attention" models, the GPU path): a FlexAttention `BlockMask` from
-  `create_block_mask`, the rule as its mask_mod, as the 4D `attention_mask`.
+- "segments" (the default for "sdpa" models, the CPU path): an `AttentionInterface` function runs
+  HF's `sdpa_attention_forward` once per segment (pair) with that segment's [L, L] mask, the model
+  switched to it for the call only. HF builds no mask for an implementation it has no mask function
+  for, so attention costs the sum of the segments' L^2 (as FlexAttention's skipped blocks on a GPU)
+  instead of a dense mask's N^2. The segment bounds are host ints: no host sync.
+- "block_mask" (for "flex_attention" models, the GPU path): a FlexAttention `BlockMask` of the rule.
 - "mask": a 4D `attention_mask` over the whole row, boolean for "sdpa", additive for "eager" (its
   `attn_weights + mask`). HF's `create_causal_mask` and `create_sliding_window_causal_mask` return
-  a 4D mask (tensor or BlockMask) unchanged; Qwen2 also takes a dict of masks per layer type.
-- a batch packed with `share_prompt=False` needs no custom mask: only position ids, from which HF
-  derives per-document attention itself (sdpa, eager, flex), or flash-attn its varlen bounds.
+  a 4D mask unchanged; Qwen2 also takes a dict of masks per layer type.
+- "positions" (`share_prompt=False`): no custom mask; HF derives per-document attention from the
+  position ids itself (sdpa, eager, flex), or flash-attn its varlen bounds.
 
 A 4D mask bypasses HF's sliding window, so the rule applies the window itself, on position ids,
 as in the padded row (Mistral's `sliding_window`, Qwen2's windowed layers).
 """
-from contextlib import contextmanager
-
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -78,38 +73,25 @@ def _full_mask(implementation, packed, window, dtype):
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
-def default_attention(model, packed):
-    if not packed.share_prompt:
-        return "positions"
-    return {"sdpa": "segments", "flex_attention": "block_mask", "eager": "mask"}.get(
-        model.config._attn_implementation, "unsupported")
-
-
-@contextmanager
-def _implementation(config, name):
-    saved = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = saved
-
-
 def packed_forward(model, packed, *, attention=None):
-    """`model`'s output on `packed` (logits [1, N, V], or fewer rows under logprobs.compacted_input).
+    """`model`'s output on `packed` (logits [1, N, V], or fewer rows under lm_head.compacted_input).
     `attention`: "segments", "block_mask", "mask" or "positions" (share_prompt=False); None: the
     model's implementation's default."""
     config = model.config
     implementation = config._attn_implementation
-    attention = attention or default_attention(model, packed)
     inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
-    if attention == "positions" or not packed.share_prompt:
-        if packed.share_prompt:
-            raise ValueError("attention 'positions' cannot share the prompt; pack with share_prompt=False")
+    if not packed.share_prompt:
         return model(**inputs)   # attention_mask None: HF's own per-document attention from the position ids
+    if attention == "positions":
+        raise ValueError("attention 'positions' cannot share the prompt; pack with share_prompt=False")
+    attention = attention or {"sdpa": "segments", "flex_attention": "block_mask", "eager": "mask"}.get(
+        implementation, "unsupported")
     if attention == "segments":
-        with _implementation(config, SEGMENTED_SDPA):
+        config._attn_implementation = SEGMENTED_SDPA   # for this call only
+        try:
             return model(**inputs, packed_segments=SegmentMasks(packed))
+        finally:
+            config._attn_implementation = implementation
     if attention not in ("mask", "block_mask") or implementation not in MASK_IMPLEMENTATIONS \
             or (attention == "block_mask") != (implementation == "flex_attention"):
         raise ValueError(f"attention {attention!r} with the model's attention implementation {implementation!r} "

@@ -1,33 +1,32 @@
 """Packed pair micro-batches: every token once, each prompt shared by its two responses.
 
-A micro-batch of B pairs (prompt, gold response, generated response) becomes one flat row
-[1, N] of segments `[prompt | gold | generated]`, concatenated with no padding. The gold tokens
-keep the positions of their padded row; the generated tokens continue from the prompt's end, so
-they also have exactly the positions of their own padded row (`data.collate_pairs`). Attention
-is causal within a segment, never crosses segments, and the generated tokens never see the gold
-ones, so every response token sees exactly what it sees in its padded row.
+A micro-batch of B pairs (prompt, gold response, generated response) becomes one flat row [1, N]
+of segments `[prompt | gold | generated]`, with no padding. Each token keeps the position it has
+in its padded row (`data.collate_pairs`): the generated tokens continue from the prompt's end.
+Attention is causal within a segment, never crosses segments, and the generated tokens never see
+the gold ones, so every response token sees exactly what it sees in its padded row.
 
-Labels follow data.py's alignment: `labels[t]` is token t + 1 of the sequence t belongs to. The
-last prompt token has two next tokens (gold[0] and generated[0]): `labels` holds gold[0], and the
-generated response's first token is scored from the same position's output a second time. The
-scorer therefore reads the flat `targets` (positions, labels, sequences), where the last prompt
-position of each pair appears twice; the LM head runs on the gathered [M, H] hidden states (as
-logprobs.compacted_input does with its `index_select`), so the duplicate costs one head row and
-no extra token in any layer, and the backward sums both rows' gradients into that position.
-(An extra duplicated query token would cost a token in every layer and a mask exception.)
-A generated response equal to the gold one gets no segment: its targets are the gold response's,
-so both sums are the same numbers added in the same order, and their difference exactly 0.
+Labels follow data.py's alignment: `labels[t]` is token t + 1 of t's sequence. The last prompt
+token has two next tokens: `labels` holds gold[0], and generated[0] is scored from the same
+position's output a second time. The scorer reads the flat `targets` (positions, labels,
+sequences), where that position appears twice: the LM head runs on the gathered [M, H] hidden
+states, so the duplicate costs one head row and no token in any layer (a duplicated query token
+would cost a token in every layer and a mask exception), and the backward sums both rows'
+gradients into that position. A generated response equal to the gold one gets no segment: its
+targets are the gold response's, so both sums are the same numbers added in the same order and
+their difference is exactly 0 (as with two identical padded rows).
 
-Sequence ids: pair i's gold response is sequence i, its generated one B + i (the order of
-`spin_loss`'s rows); per-sequence sums are `index_add` over `targets.sequences`, with no host sync.
+Sequence ids: pair i's gold response is sequence i, its generated one B + i (`spin_loss`'s row
+order); per-sequence sums are `index_add` over `targets.sequences`, with no host sync.
 
 Attention: `attention_rule` is the one definition of who sees whom; `dense_mask` and `block_mask`
-(FlexAttention) are its two forms, and packed_attention.py hands them to Hugging Face models. The
-plain padding-free fallback (no custom mask) is `pack_pairs(..., share_prompt=False)`: `[prompt |
-gold]` and `[prompt | generated]` as separate documents whose position ids restart at 0.
-`pack_sequences` packs SFT sequences `[prompt | response]` the same way, a document each.
+(FlexAttention) are its two forms, which packed_attention.py hands to Hugging Face models. The
+fallback without a custom mask is `share_prompt=False`: `[prompt | gold]` and `[prompt | generated]`
+as separate documents whose position ids restart at 0. `pack_sequences` packs SFT sequences
+`[prompt | response]` the same way, a document each.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -36,8 +35,7 @@ from .data import IGNORE_INDEX
 PROMPT, GOLD, GENERATED = 0, 1, 2
 
 
-@dataclass(frozen=True)
-class Targets:
+class Targets(NamedTuple):
     """The scored tokens of a packed batch, flat [M]: the position whose output scores each, its
     label, and its sequence (i gold, B + i generated)."""
     positions: torch.Tensor
@@ -67,29 +65,12 @@ class PackedPairs:
     def to(self, device):
         moved = {name: getattr(self, name).to(device) for name in
                  ("input_ids", "position_ids", "documents", "parts", "sequence_ids", "labels", "loss_mask")}
-        targets = Targets(*(t.to(device) for t in (self.targets.positions, self.targets.labels,
-                                                  self.targets.sequences)))
-        return PackedPairs(**moved, targets=targets, num_sequences=self.num_sequences, share_prompt=self.share_prompt,
-                           segments=self.segments, sequence_tokens=self.sequence_tokens)
+        return replace(self, **moved, targets=Targets(*(t.to(device) for t in self.targets)))
 
     def sequence_sums(self, token_logps):
         """[2B] float32 sums of `token_logps` ([M], in `targets` order), differentiable."""
         sums = token_logps.new_zeros(self.num_sequences, dtype=torch.float32)
         return sums.index_add(0, self.targets.sequences, token_logps.float())
-
-
-def _check_pair(index, prompt, gold, generated):
-    if len(prompt) < 1:
-        raise ValueError(f"pair {index}: the prompt is empty (a response is scored from the prompt's last token)")
-    for name, response in (("gold", gold), ("generated", generated)):
-        if len(response) < 1:
-            raise ValueError(f"pair {index}: the {name} response is empty")
-
-
-def _segments(documents):
-    """(start, end) of each run of equal document ids."""
-    starts = [t for t in range(len(documents)) if t == 0 or documents[t] != documents[t - 1]]
-    return tuple(zip(starts, starts[1:] + [len(documents)]))
 
 
 class _Row:
@@ -98,7 +79,7 @@ class _Row:
     def __init__(self):
         self.ids, self.positions, self.documents, self.parts, self.sequence_ids = [], [], [], [], []
         self.labels, self.label_sequences = [], []
-        self.extra = []   # (position, label, sequence) of each first generated token under prompt sharing
+        self.extra = []   # (position, label, sequence) of each token scored a second time, after the row's
 
     def add(self, tokens, first_position, document, part, sequence, next_tokens, scores):
         """`scores`: the sequence the labels belong to (a prompt's last label: the response after it)."""
@@ -121,13 +102,10 @@ class _Row:
         assert len(self.labels) == len(self.ids), (len(self.labels), len(self.ids))
         labels = torch.tensor(self.labels, dtype=torch.long)
         scored = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-        target_positions, target_labels = scored, labels[scored]
-        target_sequences = torch.tensor(self.label_sequences, dtype=torch.long)[scored]
+        targets = [scored, labels[scored], torch.tensor(self.label_sequences, dtype=torch.long)[scored]]
         if self.extra:
-            extra_t = torch.tensor(self.extra, dtype=torch.long)
-            target_positions = torch.cat([target_positions, extra_t[:, 0]])
-            target_labels = torch.cat([target_labels, extra_t[:, 1]])
-            target_sequences = torch.cat([target_sequences, extra_t[:, 2]])
+            targets = [torch.cat([t, extra]) for t, extra in zip(targets, torch.tensor(self.extra, dtype=torch.long).T)]
+        starts = [t for t in range(len(self.documents)) if t == 0 or self.documents[t] != self.documents[t - 1]]
         return PackedPairs(
             input_ids=torch.tensor(self.ids, dtype=torch.long)[None],
             position_ids=torch.tensor(self.positions, dtype=torch.long)[None],
@@ -136,10 +114,10 @@ class _Row:
             sequence_ids=torch.tensor(self.sequence_ids, dtype=torch.long),
             labels=labels[None],
             loss_mask=(labels != IGNORE_INDEX).float()[None],
-            targets=Targets(target_positions, target_labels, target_sequences),
+            targets=Targets(*targets),
             num_sequences=num_sequences,
             share_prompt=share_prompt,
-            segments=_segments(self.documents),
+            segments=tuple(zip(starts, starts[1:] + [len(self.documents)])),
             sequence_tokens=sequence_tokens,
         )
 
@@ -154,14 +132,14 @@ def pack_pairs(pairs, *, share_prompt=True):
     count, row = len(pairs), _Row()
     for i, (prompt, gold, generated) in enumerate(pairs):
         prompt, gold, generated = list(prompt), list(gold), list(generated)
-        _check_pair(i, prompt, gold, generated)
+        if not prompt:
+            raise ValueError(f"pair {i}: the prompt is empty (a response is scored from the prompt's last token)")
+        for name, response in (("gold", gold), ("generated", generated)):
+            if not response:
+                raise ValueError(f"pair {i}: the {name} response is empty")
         row.add_document(prompt, gold, i if share_prompt else 2 * i, GOLD, i)
         last_prompt = len(row.ids) - len(gold) - 1
-        if generated == gold:
-            # The same tokens after the same prompt: the gold response's rows are scored again as
-            # sequence B + i, in the same order, so r(actual) − r(generated) is exactly 0 (as two
-            # identical padded rows make it: SPIN can learn nothing from such a pair, and its acc
-            # never counts it) instead of the rounding noise of a second segment, which costs nothing.
+        if generated == gold:   # no segment: the gold rows scored again as sequence B + i, in the same order
             row.extra.extend((last_prompt + k, token, count + i) for k, token in enumerate(gold))
         elif share_prompt:
             row.extra.append((last_prompt, generated[0], count + i))
@@ -174,9 +152,9 @@ def pack_pairs(pairs, *, share_prompt=True):
 
 def pack_sequences(sequences, *, share_prompt=True):
     """A PackedPairs of SFT `sequences`, a list of (prompt_ids, response_ids): `[prompt | response]`
-    as document i, its response sequence i, no padding (the SFT validation loss). It is pack_pairs'
-    layout without generated responses: `share_prompt` chooses only how attention keeps the
-    documents apart (True: attention_rule's mask; False: position ids, for flash-attn)."""
+    as document i, its response sequence i, no padding (the SFT validation loss). `share_prompt`
+    chooses only how attention keeps the documents apart (True: attention_rule's mask; False:
+    position ids, for flash-attn)."""
     if not sequences:
         raise ValueError("pack_sequences needs at least one sequence")
     row = _Row()

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from .errors import UsageError, option
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+FORMATS = {"messages": {"messages"}, "real/generated": {"real"}, "prompt/response": {"prompt", "response"},
+           "prompt/completion": {"prompt", "completion"}}   # each format's fields a record must fill
 
 
 @dataclass(frozen=True)
@@ -70,23 +72,24 @@ def load_table(spec, split, source):
     except UsageError:
         raise
     except Exception as exc:  # datasets raises many kinds (network, builder, arrow, file not found)
-        if os.path.isfile(spec) and spec.lower().endswith(".jsonl"):
-            diagnose_jsonl(spec, source)
+        diagnose_jsonl(spec, source)
         where = "" if is_local(spec) else " (a Hub dataset name: is it spelled right, and is the Hub reachable?)"
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""   # datasets wraps the reader's own message
         raise UsageError(f"{source} {spec!r}: could not be read{where}: {type(exc).__name__}: {exc}{cause}") from exc
     return pick_split(loaded, split, spec, source)
 
 
-def diagnose_jsonl(path, source):
-    """Raises a UsageError naming the first line of `path` that is not a JSON object (if any)."""
+def diagnose_jsonl(spec, source):
+    """When `spec` is a JSONL file, raises a UsageError naming its first line that is not a JSON object (if any)."""
+    if not (os.path.isfile(spec) and spec.lower().endswith(".jsonl")):
+        return
     seen = False
-    with open(path, "rb") as f:  # bytes, decoded line by line, so that a decoding error has a line
+    with open(spec, "rb") as f:  # bytes, decoded line by line, so that a decoding error has a line
         for line_no, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                raise UsageError(f"{source} {path}:{line_no}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} "
+                raise UsageError(f"{source} {spec}:{line_no}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} "
                                  f"at column {exc.start + 1})") from exc
             if not line.strip():
                 continue
@@ -94,11 +97,11 @@ def diagnose_jsonl(path, source):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UsageError(f"{source} {path}:{line_no}: not valid JSON ({exc.msg})") from exc
+                raise UsageError(f"{source} {spec}:{line_no}: not valid JSON ({exc.msg})") from exc
             if not isinstance(record, dict):
-                raise UsageError(f"{source} {path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+                raise UsageError(f"{source} {spec}:{line_no}: expected a JSON object, got {type(record).__name__}")
     if not seen:
-        raise UsageError(f"{source} {path!r}: the data has no records")
+        raise UsageError(f"{source} {spec!r}: the data has no records")
 
 
 # ---- formats -------------------------------------------------------------------------------------
@@ -115,21 +118,21 @@ def check_messages(messages, where, name):
     return cleaned
 
 
-def split_conversation(messages, where, name):
-    """(context, response) of a conversation whose last message is the assistant's."""
+def from_messages(messages, where, name):
+    """The Conversation of a list of messages whose last one is the assistant's response."""
     messages = check_messages(messages, where, name)
     if messages[-1]["role"] != "assistant":
         raise UsageError(f"{where}: the last message of {name!r} must have role 'assistant' (the response), "
                          f"got {messages[-1]['role']!r}")
     if len(messages) < 2:
         raise UsageError(f"{where}: {name!r} needs at least one message before the assistant's response")
-    return messages[:-1], messages[-1]["content"]
+    return Conversation(messages[:-1], messages[-1]["content"], True, where)
 
 
-def prompt_and_response(prompt, response, where, names):
-    """A Conversation of a prompt field (string or messages) and a response field (string, or one
-    assistant message in a list, as TRL's conversational completions)."""
-    p, r = names
+def from_prompt_and_response(record, where, p, r):
+    """The Conversation of a prompt field `p` (string or messages) and a response field `r` (string, or
+    one assistant message in a list, as TRL's conversational completions)."""
+    prompt, response = record[p], record[r]
     if isinstance(response, list):
         messages = check_messages(response, where, r)
         if len(messages) != 1 or messages[0]["role"] != "assistant":
@@ -144,28 +147,21 @@ def prompt_and_response(prompt, response, where, names):
     return Conversation(prompt, response, False, where)
 
 
-def formats_of(record):
-    filled = {key for key, value in record.items() if value is not None}
-    found = [name for name, keys in (("messages", {"messages"}), ("real/generated", {"real"}),
-                                     ("prompt/response", {"prompt", "response"}),
-                                     ("prompt/completion", {"prompt", "completion"})) if keys <= filled]
-    return found, filled
-
-
 def to_conversation(record, where, fields):
     """The Conversation of one record, by `fields` (prompt, response, messages names) or its format."""
     prompt_field, response_field, messages_field = fields
     if messages_field:
         if record.get(messages_field) is None:
             raise UsageError(f"{where}: no {messages_field!r} field (named by {option('messages_field')})")
-        return Conversation(*split_conversation(record[messages_field], where, messages_field), True, where)
+        return from_messages(record[messages_field], where, messages_field)
     if prompt_field:
         for name in (prompt_field, response_field):
             if record.get(name) is None:
                 raise UsageError(f"{where}: no {name!r} field (named by {option('prompt_field')}/"
                                  f"{option('response_field')})")
-        return prompt_and_response(record[prompt_field], record[response_field], where, (prompt_field, response_field))
-    found, filled = formats_of(record)
+        return from_prompt_and_response(record, where, prompt_field, response_field)
+    filled = {key for key, value in record.items() if value is not None}
+    found = [name for name, keys in FORMATS.items() if keys <= filled]
     if len(found) > 1:
         raise UsageError(f"{where}: the record fits two formats ({' and '.join(found)}); leave one out, or "
                          f"name the fields to read with {option('messages_field')} or "
@@ -174,12 +170,10 @@ def to_conversation(record, where, fields):
         raise UsageError(f"{where}: no known format in fields {sorted(filled)}; each record needs 'prompt' and "
                          f"'response', 'prompt' and 'completion', 'messages', or 'real' (or name its fields with "
                          f"{option('prompt_field')}/{option('response_field')} or {option('messages_field')})")
-    kind = found[0]
-    if kind in ("messages", "real/generated"):
-        name = kind.split("/")[0]
-        return Conversation(*split_conversation(record[name], where, name), True, where)
-    second = kind.split("/")[1]
-    return prompt_and_response(record["prompt"], record[second], where, ("prompt", second))
+    first, _, second = found[0].partition("/")
+    if first == "prompt":
+        return from_prompt_and_response(record, where, first, second)
+    return from_messages(record[first], where, first)
 
 
 def check_fields(prompt_field, response_field, messages_field):
@@ -193,15 +187,13 @@ def check_fields(prompt_field, response_field, messages_field):
 def read_conversations(table, spec, source, fields=(None, None, None)):
     """[Conversation] of every record of `table` (loaded from `spec`), in order."""
     check_fields(*fields)
-    jsonl = os.path.isfile(spec) and spec.lower().endswith(".jsonl")
     try:
         if len(table) == 0:
             raise UsageError(f"{source} {spec!r}: the data has no records")
         return [to_conversation(record, f"{source} {spec} record {i}", fields)
                 for i, record in enumerate(table.to_list(), start=1)]
     except (UsageError, UnicodeDecodeError) as exc:
-        if jsonl:  # a line that is not a JSON object reads as a record of no format: name the line
-            diagnose_jsonl(spec, source)
+        diagnose_jsonl(spec, source)   # a line that is not a JSON object reads as a record of no format: name it
         if isinstance(exc, UnicodeDecodeError):
             raise UsageError(f"{source} {spec!r}: not valid UTF-8 ({exc})") from exc
         raise

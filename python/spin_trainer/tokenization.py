@@ -27,6 +27,7 @@ from array import array
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 
 from .errors import UsageError, option
 
@@ -67,8 +68,6 @@ def special_text_pattern(tokenizer):
 
 def render(conversations, tokenizer, template):
     """[(prompt text, whole conversation text)] of one batch of Conversations."""
-    if not conversations:
-        return []
     chats = [c for c in conversations if c.chat]
     if chats and not getattr(tokenizer, "chat_template", None):
         raise UsageError(f"{chats[0].where}: chat records need a tokenizer with a chat template; this one has none "
@@ -97,11 +96,6 @@ def render(conversations, tokenizer, template):
     return texts
 
 
-def contents(conversation):
-    messages = conversation.prompt if conversation.chat else [{"content": conversation.prompt}]
-    return [m["content"] for m in messages] + [conversation.response]
-
-
 def first_token_from(encoding, position, text_chars):
     """The first token holding a character at or after `position` (the count of tokens if none)."""
     for char in range(position, text_chars):
@@ -125,7 +119,7 @@ class Encoder:
         self.lead = leading_special_ids(tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)
         self.special_text = special_text_pattern(tokenizer)
-        self.blank = {}   # token id -> whether it decodes to whitespace only
+        self.is_blank = cache(lambda token: not tokenizer.decode([token]).strip())   # token id -> whitespace only?
         self.counts = Counter()
         self.first = {}   # count name -> the first record it counted
 
@@ -153,7 +147,8 @@ class Encoder:
         for c in batch:
             if not c.response.strip():
                 raise UsageError(f"{c.where}: empty response")
-            if self.special_text and any(self.special_text.search(text) for text in contents(c)):
+            texts = [m["content"] for m in c.prompt] if c.chat else [c.prompt]
+            if self.special_text and any(self.special_text.search(text) for text in texts + [c.response]):
                 self.note("special_text", c)
             else:
                 kept.append(c)
@@ -162,11 +157,6 @@ class Encoder:
     def finish(self, ready, encoding):
         split = (self.split(c, e, len(prompt), len(full)) for (c, prompt, full), e in zip(ready, encoding.result()))
         return [example for example in split if example is not None]
-
-    def is_blank(self, token):
-        if token not in self.blank:
-            self.blank[token] = not self.tokenizer.decode([token]).strip()
-        return self.blank[token]
 
     def response_end(self, response):
         """`response` up to its last special token if only whitespace follows it, else + [EOS]."""
@@ -183,7 +173,7 @@ class Encoder:
         cut = first_token_from(encoding, prompt_chars, text_chars)
         if cut < len(full_ids) and encoding.token_to_chars(cut)[0] < prompt_chars:
             self.note("boundary_token", c)
-        lead = self.lead if self.lead and full_ids[:len(self.lead)] != self.lead else []
+        lead = self.lead if full_ids[:len(self.lead)] != self.lead else []
         full_ids, cut = lead + full_ids, cut + len(lead)
         if cut == 0:
             raise UsageError(f"{c.where}: the prompt has no token of its own (its first token merges with the "
