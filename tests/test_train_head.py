@@ -14,7 +14,6 @@ import torch
 from trainer_cases import assert_runs_match, fixed_pairs, metric_records, tiny_setup, train_args
 
 import spin_trainer.logprobs as logprobs
-import spin_trainer.packed_scoring as packed_scoring
 from spin_trainer import cli as train_cli
 from spin_trainer.options import parse_config
 from spin_trainer.data import collate_pairs, collate_sft
@@ -38,19 +37,16 @@ def setup(tmp_path_factory):
 
 @pytest.fixture
 def head_calls(monkeypatch):
-    """Counts the calls of each head's log-prob functions (as spin_trainer.logprobs calls them, and
-    packed_scoring for packed pair batches, the default)."""
+    """Counts the calls of each head's log-prob functions, as spin_trainer.logprobs calls them (padded
+    and packed batches alike)."""
     calls = Counter()
-    for module in (logprobs, packed_scoring):
-        for name in ("linear_spin_loss", "linear_token_logprobs", "token_logprobs"):
-            if not hasattr(module, name):
-                continue
+    for name in ("linear_spin_loss", "linear_token_logprobs", "token_logprobs"):
 
-            def counting(*args, _name=name, _function=getattr(module, name), **kwargs):
-                calls[_name] += 1
-                return _function(*args, **kwargs)
+        def counting(*args, _name=name, _function=getattr(logprobs, name), **kwargs):
+            calls[_name] += 1
+            return _function(*args, **kwargs)
 
-            monkeypatch.setattr(module, name, counting)
+        monkeypatch.setattr(logprobs, name, counting)
     return calls
 
 
