@@ -10,6 +10,7 @@ temporary name and renamed into place.
 Memory: a dtype conversion (e.g. fp32 master weights exported as bfloat16) makes one converted
 copy of this rank's local shards on their device.
 """
+import copy
 import json
 import os
 import shutil
@@ -45,9 +46,8 @@ def resolve_export_dtype(requested, source_config, name="export_dtype"):
 def file_index(state_dict, dtype, max_bytes=MAX_FILE_BYTES):
     """{name: output file number (1-based)}: tensors in order, a new file once one would pass `max_bytes`."""
     mapping, index, used = {}, 1, 0
-    itemsize = torch.empty((), dtype=dtype).element_size()
     for name, tensor in state_dict.items():
-        size = tensor.numel() * itemsize
+        size = tensor.numel() * dtype.itemsize
         if used and used + size > max_bytes:
             index, used = index + 1, 0
         mapping[name] = index
@@ -101,11 +101,9 @@ def export_hf(model, tokenizer, out_dir, ctx, *, dtype=torch.float32, max_file_b
     if ctx.is_main:
         shutil.rmtree(writer.path)   # the per-rank shards, now consolidated
         single_file(tmp)
-        compute_dtype, model.config.dtype = model.config.dtype, dtype
-        try:
-            model.config.save_pretrained(tmp)
-        finally:
-            model.config.dtype = compute_dtype
+        config = copy.deepcopy(model.config)   # the live model keeps its compute dtype
+        config.dtype = dtype
+        config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

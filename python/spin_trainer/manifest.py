@@ -28,7 +28,6 @@ def fsync_path(path):
 
 
 def files_under(directory):
-    """Relative paths of every file under `directory`, sorted."""
     return sorted(os.path.relpath(os.path.join(parent, name), directory)
                   for parent, _, names in os.walk(directory) for name in names)
 
