@@ -1,41 +1,33 @@
-"""Checkpoints through torch.distributed.checkpoint: never half-written, resumable onto another
-number of processes or another --tp.
+"""Checkpoints through torch.distributed.checkpoint (DCP): never half-written, resumable onto
+another number of processes or another --tp.
 
 A checkpoint is a directory `step-00000042/`:
 
     model/          DCP: {"model", "optimizer"} from `get_state_dict` (each rank writes its shards)
-    reference/      DCP: θ_t's weights, where the reference mode keeps them (swap, resident, or
-                    per-epoch regeneration) and an iteration is in progress
+    reference/      DCP: θ_t's weights, where the reference mode keeps them and an iteration is in progress
     loop.json       rank 0: the loop's state (position, cached generations and reference log-probs,
-    loop.safetensors    previous pairs, scheduler, eval rows, settings, fingerprints, and every rank's
-                    RNG states), in files that cannot run code when read (state_file.py)
-    manifest.json   sizes and SHA-256 of every file
+    loop.safetensors    previous pairs, scheduler, eval rows, settings, fingerprints, every rank's RNG
+                    states), in files that cannot run code when read (state_file.py)
+    manifest.json   sizes and SHA-256 of every file (manifest.py)
 
-It is written into `.tmp-step-00000042/`, every file fsynced, and renamed into place only when
-complete. On load each rank checks a share of the files against the manifest; a checkpoint with a
-missing, unreadable or mismatching manifest or file is reported, moved aside to
-`step-00000042.corrupt` (never deleted, never counted among the `--keep` kept ones) and the
-previous one is used; when none is left, --resume is refused (a run never starts over silently).
-Pruning keeps the newest `--keep`, always including the one just written. A full disk while
-writing removes the partial checkpoint and says which one is intact.
+It is written into `.tmp-step-00000042/`, every file fsynced, and renamed into place when complete.
+On load a checkpoint whose manifest or files are missing, unreadable or mismatching is reported,
+moved aside to `step-00000042.corrupt` (never deleted, never counted among the `--keep` kept ones)
+and the previous one is used; with none left, --resume is refused (a run never starts over
+silently). Pruning keeps the newest `--keep`, always including the one just written. A full disk
+removes the partial checkpoint and says which one is intact.
 
-Resharding is PyTorch's: DCP stores each tensor's global shape and the offsets of every shard,
-and `set_state_dict` loads them into whatever layout the model has now (another process count,
-another --tp). We write no resharding code. A checkpoint whose tensors do not fit this model
-(another model, another vocabulary) is refused before anything is loaded, naming the tensor.
+Resharding is PyTorch's: DCP stores each tensor's global shape and every shard's offsets, and
+`set_state_dict` loads them into this run's layout; we write no resharding code. A checkpoint whose
+tensors do not fit this model (another model, another vocabulary) is refused before anything loads.
 
-What a resume onto another world size reproduces:
-- exactly: the weights, the optimizer state, the scheduler, the position, the iteration's cached
-  generations and reference log-probs, θ_t, the previous pairs, the evaluation rows;
-- not bit for bit: the steps after the resume add gradients in another order (the data-parallel
-  all-reduce over another number of ranks, tensor-parallel matmuls split another way), so the
-  weights move apart by float rounding (float32: relative differences of order 1e-6 after a few
-  steps); the global RNG streams carry over rank by rank at the same world size, and otherwise rank
-  r takes saved rank r mod N (the loop itself draws no global random numbers: the batch order and
-  the sampling noise come from their own seeds). Sampled generations after the resume are the
-  same responses (unless that rounding flips a token at a near-tie): the noise is keyed by each prompt's index in the dataset,
-  not by the rank that generates it (rollouts.sampling_seed).
-At the same world size and --tp a resumed run reproduces the uninterrupted one bit for bit.
+At the same world size and --tp a resumed run reproduces the uninterrupted one bit for bit. At
+another, every saved state is restored exactly, but later steps add gradients in another order
+(all-reduce over other ranks, matmuls split another way), so the weights drift apart by float
+rounding (float32: relative 1e-6 after a few steps). Rank r takes saved rank r mod N's RNG states;
+the loop draws no global random numbers: batch order and sampling noise have their own seeds, the
+noise keyed by each prompt's index, not by the rank (rollouts.sampling_seed), so sampled responses
+stay the same unless that rounding flips a near-tie.
 """
 import errno
 import os
@@ -60,10 +52,12 @@ from .state_file import STRUCTURE_FILE, TENSORS_FILE, read_state, write_state
 
 PREFIX = "step-"
 CORRUPT_SUFFIX = ".corrupt"
-LOOP_FILES = (STRUCTURE_FILE, TENSORS_FILE)
-PICKLED_LOOP_FILE = "loop.pt"   # before state_file.py: a pickle, never read
+PICKLED_LOOP_FILE = "loop.pt"   # the loop state of older versions: a pickle, never read
 TRAIN_DIR = "model"
 REFERENCE_DIR = "reference"
+# The optimizer's state keyed by parameter name, not by parameter-group index: the groups follow the
+# device meshes (spin_trainer.optim), so another process count or --tp has another number of groups.
+FLAT_OPTIMIZER = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 @dataclass
@@ -72,21 +66,13 @@ class Checkpoint:
     path: str
     loop_state: dict
 
-    @property
-    def has_reference(self):
-        return os.path.isdir(os.path.join(self.path, REFERENCE_DIR))
-
-
-def _step_of(name):
-    return int(name[len(PREFIX):])
-
 
 def list_checkpoints(root):
     """Checkpoint directories under `root` (corrupt ones moved aside excluded), oldest first."""
     if not os.path.isdir(root):
         return []
     names = [n for n in os.listdir(root) if n.startswith(PREFIX) and n[len(PREFIX):].isdigit()]
-    return [os.path.join(root, n) for n in sorted(names, key=_step_of)]
+    return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[len(PREFIX):]))]
 
 
 def replace_directory(new, final):
@@ -134,39 +120,35 @@ def dcp_load(state_dict, directory, ctx):
         load(state_dict, storage_reader=FileSystemReader(directory), no_dist=ctx.world_size == 1)
 
 
-def _flat_optimizer_options():
-    """The optimizer's state and hyperparameters keyed by parameter name, not by parameter-group
-    index: the groups follow the device meshes (spin_trainer.optim), so another process count or
-    --tp has another number of groups."""
-    return StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-def train_state(model, optimizer):
-    """{"model", "optimizer"} state dicts for DCP; an optimizer that has not stepped yet has no
-    state to save (asking DCP for it would initialise it with a zero step and change the run)."""
-    if not optimizer.state:
-        return {"model": get_model_state_dict(model)}
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=_flat_optimizer_options())
-    return {"model": model_state, "optimizer": optimizer_state}
-
-
 def save_train_state(directory, model, optimizer, ctx):
-    dcp_save(train_state(model, optimizer), directory, ctx)
+    """{"model", "optimizer"} state dicts to DCP `directory`; an optimizer that has not stepped yet
+    has no state to save (asking DCP for it would initialise it with a zero step and change the run)."""
+    if optimizer.state:
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=FLAT_OPTIMIZER)
+        state = {"model": model_state, "optimizer": optimizer_state}
+    else:
+        state = {"model": get_model_state_dict(model)}
+    dcp_save(state, directory, ctx)
+
+
+def load_weights(module, directory, ctx, key=None):
+    """Loads `module`'s weights from DCP `directory` (saved under `key`, if given) into its layout."""
+    state = get_model_state_dict(module)
+    dcp_load({key: state} if key else state, directory, ctx)
+    set_model_state_dict(module, state)
 
 
 def load_train_state(directory, model, optimizer, ctx):
     """Loads model and (if saved) optimizer state from `directory`, resharded to this run's layout."""
     saved = FileSystemReader(directory).read_metadata().state_dict_metadata
     if any(key.startswith("optimizer.") for key in saved):
-        model_state, optimizer_state = get_state_dict(model, optimizer, options=_flat_optimizer_options())
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=FLAT_OPTIMIZER)
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp_load(state, directory, ctx)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=_flat_optimizer_options())
+                       options=FLAT_OPTIMIZER)
     else:
-        state = {"model": get_model_state_dict(model)}
-        dcp_load(state, directory, ctx)
-        set_model_state_dict(model, state["model"])
+        load_weights(model, directory, ctx, key="model")
 
 
 def save_checkpoint(root, step, *, model, optimizer, reference, loop_state, ctx, keep):
@@ -179,8 +161,16 @@ def save_checkpoint(root, step, *, model, optimizer, reference, loop_state, ctx,
     final = os.path.join(root, f"{PREFIX}{step:08d}")
     tmp = fresh_directory(os.path.join(root, f".tmp-{PREFIX}{step:08d}"), ctx)
     try:
-        _write_checkpoint(tmp, step, model=model, optimizer=optimizer, reference=reference, loop_state=loop_state,
-                          ctx=ctx)
+        save_train_state(os.path.join(tmp, TRAIN_DIR), model, optimizer, ctx)
+        if reference is not None:
+            with reference() as module:
+                if module is not None:
+                    dcp_save(get_model_state_dict(module), os.path.join(tmp, REFERENCE_DIR), ctx)
+        rng = all_ranks([{"torch": torch.get_rng_state(), "python": random.getstate(),
+                          # this process's device only: another machine may see another number of GPUs
+                          "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}], ctx)
+        on_main(lambda: write_state({**loop_state, "rng": rng}, tmp), ctx)
+        write_manifest(tmp, ctx, step=step, world_size=ctx.world_size, tp_size=ctx.tp_size)
     except BaseException as exc:   # DCP's CheckpointException is a BaseException
         if not _disk_full(exc):
             raise
@@ -194,23 +184,6 @@ def save_checkpoint(root, step, *, model, optimizer, reference, loop_state, ctx,
     on_main(lambda: (replace_directory(tmp, final), prune(root, keep=keep, newest=final)), ctx)
     ctx.barrier()
     return final
-
-
-def _write_checkpoint(tmp, step, *, model, optimizer, reference, loop_state, ctx):
-    save_train_state(os.path.join(tmp, TRAIN_DIR), model, optimizer, ctx)
-    if reference is not None:
-        with reference() as module:
-            if module is not None:
-                dcp_save(get_model_state_dict(module), os.path.join(tmp, REFERENCE_DIR), ctx)
-    rng = all_ranks([{"torch": torch.get_rng_state(), "python": random.getstate(),
-                      # this process's device only: another machine may see another number of GPUs
-                      "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}], ctx)
-
-    def write_loop_state():
-        for path in write_state({**loop_state, "rng": rng}, tmp):
-            fsync_path(path)
-    on_main(write_loop_state, ctx)
-    write_manifest(tmp, ctx, step=step, world_size=ctx.world_size, tp_size=ctx.tp_size)
 
 
 def _disk_full(exc):
@@ -235,23 +208,21 @@ def prune(root, *, keep, newest):
 
 # ---- loading -------------------------------------------------------------------------------------------
 def checkpoint_problem(path, ctx):
-    """None if this rank's share of checkpoint `path`'s files is intact, else what is wrong."""
+    """None if this rank's share of checkpoint `path`'s files is intact, else what is wrong. A checkpoint
+    of an older layout is intact but unreadable: refused (UsageError), never moved aside as corrupt."""
     manifest, problem = read_manifest(path)
     if problem is not None:
         return problem
     listed = set(manifest["files"])
     if "shared.pt" in listed and PICKLED_LOOP_FILE not in listed:
-        # Intact, only of the layout before torch.distributed.checkpoint: refuse rather than move
-        # it aside and start the run over.
         raise UsageError(f"{option('resume')}: {path} was written by an older spin_trainer (rank*.pt files, no "
                          f"torch.distributed.checkpoint); this version cannot resume it: finish that run with "
                          f"the version that wrote it, or start a new one in another {option('out')}")
     if PICKLED_LOOP_FILE in listed and STRUCTURE_FILE not in listed:
-        # A pickle runs code when read: refused unread, and not moved aside (it is not corrupt).
         raise UsageError(f"{option('resume')}: {path} keeps its loop state in {PICKLED_LOOP_FILE}, a pickle of an "
                          f"older spin_trainer; this version does not read pickles (they can run code); finish "
                          f"that run with the version that wrote it, or start a new one in another {option('out')}")
-    return files_problem(path, manifest, LOOP_FILES, ctx)
+    return files_problem(path, manifest, (STRUCTURE_FILE, TENSORS_FILE), ctx)
 
 
 def move_aside(path):
@@ -295,41 +266,42 @@ def find_latest_checkpoint(root, ctx, report=print):
                      f"replaced), or use another {option('out')}")
 
 
+def saved_shapes(directory, prefix):
+    """{name: shape as a list} of the tensors DCP `directory` holds under `prefix` (cut off the names)."""
+    metadata = FileSystemReader(directory).read_metadata().state_dict_metadata
+    return {key[len(prefix):]: list(meta.size) for key, meta in metadata.items()
+            if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+
+
 def check_fits(directory, module, what):
-    """ValueError naming the first tensor that cannot be loaded into `module` from DCP `directory`."""
-    prefix = "model." if what == "model" else ""
-    saved = {key[len(prefix):]: tuple(meta.size)
-             for key, meta in FileSystemReader(directory).read_metadata().state_dict_metadata.items()
-             if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
-    here = {name: tuple(tensor.shape) for name, tensor in get_model_state_dict(module).items()}
+    """UsageError naming the first tensor that cannot be loaded into `module` from DCP `directory`."""
+    saved = saved_shapes(directory, "model." if what == "model" else "")
+    here = {name: list(tensor.shape) for name, tensor in get_model_state_dict(module).items()}
     missing, unexpected = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
+    again = f"resume with the {option('model')} it was written with"
     if missing or unexpected:
-        raise UsageError(f"{option('resume')}: {directory} holds another model's {what} weights: {len(missing)} tensor(s) of "
-                         f"this model are not in it (e.g. {missing[:3]}), {len(unexpected)} of its tensor(s) are "
-                         f"not in this model (e.g. {unexpected[:3]}); resume with the {option('model')} it was written with")
+        raise UsageError(f"{option('resume')}: {directory} holds another model's {what} weights: {len(missing)} "
+                         f"tensor(s) of this model are not in it (e.g. {missing[:3]}), {len(unexpected)} of its "
+                         f"tensor(s) are not in this model (e.g. {unexpected[:3]}); {again}")
     for name, shape in here.items():
         if saved[name] != shape:
             hint = (f" (another vocabulary: another tokenizer or {option('model')}?)"
                     if ("embed" in name or "lm_head" in name) and saved[name][1:] == shape[1:] else "")
-            raise UsageError(f"{option('resume')}: {directory} cannot be loaded into this model: {what} tensor {name} has "
-                             f"shape {list(saved[name])} there and {list(shape)} here{hint}; resume with the "
-                             f"{option('model')} it was written with")
+            raise UsageError(f"{option('resume')}: {directory} cannot be loaded into this model: {what} tensor "
+                             f"{name} has shape {saved[name]} there and {shape} here{hint}; {again}")
 
 
 def load_checkpoint(checkpoint, *, model, optimizer, reference, ctx):
     """Loads the tensors of `checkpoint` (resharded to this run); `reference()` is a context manager
     yielding the module to load θ_t into (called only when the checkpoint holds θ_t)."""
-    train_dir = os.path.join(checkpoint.path, TRAIN_DIR)
+    train_dir, reference_dir = (os.path.join(checkpoint.path, name) for name in (TRAIN_DIR, REFERENCE_DIR))
     check_fits(train_dir, model, "model")
     load_train_state(train_dir, model, optimizer, ctx)
-    if checkpoint.has_reference:
+    if os.path.isdir(reference_dir):
         with reference() as module:
             assert module is not None, "the checkpoint holds θ_t but this reference mode keeps no weights"
-            directory = os.path.join(checkpoint.path, REFERENCE_DIR)
-            check_fits(directory, module, "reference")
-            state = get_model_state_dict(module)
-            dcp_load(state, directory, ctx)
-            set_model_state_dict(module, state)
+            check_fits(reference_dir, module, "reference")
+            load_weights(module, reference_dir, ctx)
 
 
 def restore_rng(states, ctx):

@@ -1,16 +1,16 @@
-"""The final model in Hugging Face format, consolidated on one rank, tensor by tensor.
+"""The model in Hugging Face format, consolidated on one rank, tensor by tensor.
 
-Every rank writes its own shards of the model's state dict in safetensors format (PyTorch's
-`HuggingFaceStorageWriter` through `torch.distributed.checkpoint`); rank 0 then consolidates them
-into full tensors, copying from the shard files tensor by tensor, so no rank gathers the whole
-model in memory. Output files hold at most `MAX_FILE_BYTES` each (HF's `model-0000i-of-0000n`
-layout with `model.safetensors.index.json`). config.json (with the export dtype), the generation
-config and the tokenizer are written beside them. The directory appears atomically: it is built
-in a temporary directory and renamed into place.
+Every rank writes its shards of the model's state dict as safetensors (PyTorch's
+`HuggingFaceStorageWriter` through DCP); rank 0 then consolidates them into full tensors, copying
+tensor by tensor, so no rank gathers the whole model in memory. Files hold at most `MAX_FILE_BYTES`
+(HF's `model-0000i-of-0000n` layout with `model.safetensors.index.json`), beside config.json (with
+the export dtype), the generation config and the tokenizer. The directory is built under a
+temporary name and renamed into place.
 
 Memory: a dtype conversion (e.g. fp32 master weights exported as bfloat16) makes one converted
-copy of this rank's local shards on their device before they are written.
+copy of this rank's local shards on their device.
 """
+import copy
 import json
 import os
 import shutil
@@ -24,6 +24,7 @@ from spin_kernels.dtensor import is_dtensor
 from .checkpoint import fresh_directory, replace_directory, single_process_quiet
 from .config import DTYPES
 from .errors import UsageError, option
+from .manifest import files_under, fsync_path
 
 MAX_FILE_BYTES = 5 * 1024 ** 3   # HF's usual shard size
 
@@ -45,9 +46,8 @@ def resolve_export_dtype(requested, source_config, name="export_dtype"):
 def file_index(state_dict, dtype, max_bytes=MAX_FILE_BYTES):
     """{name: output file number (1-based)}: tensors in order, a new file once one would pass `max_bytes`."""
     mapping, index, used = {}, 1, 0
-    itemsize = torch.empty((), dtype=dtype).element_size()
     for name, tensor in state_dict.items():
-        size = tensor.numel() * itemsize
+        size = tensor.numel() * dtype.itemsize
         if used and used + size > max_bytes:
             index, used = index + 1, 0
         mapping[name] = index
@@ -67,12 +67,14 @@ def without_tied_aliases(model, state):
 def full_state_dict(model):
     """CPU state dict with every DTensor gathered to its full tensor, on every rank (a collective):
     for comparing and copying small models, not for export."""
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if is_dtensor(tensor):
-            tensor = tensor.full_tensor()
-        state[name] = tensor.detach().to("cpu", copy=True)
-    return state
+    return {name: (tensor.full_tensor() if is_dtensor(tensor) else tensor).detach().to("cpu", copy=True)
+            for name, tensor in model.state_dict().items()}
+
+
+def staging_directory(out_dir, ctx):
+    """An empty `.tmp-export-NAME` beside `out_dir`, where an export is built (all ranks call it)."""
+    out_dir = os.path.abspath(out_dir)
+    return fresh_directory(os.path.join(os.path.dirname(out_dir), f".tmp-export-{os.path.basename(out_dir)}"), ctx)
 
 
 def single_file(directory):
@@ -87,8 +89,7 @@ def single_file(directory):
 
 def export_hf(model, tokenizer, out_dir, ctx, *, dtype=torch.float32, max_file_bytes=MAX_FILE_BYTES):
     """Saves the full model in `dtype` + tokenizer to `out_dir` in HF format (all ranks call it)."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    tmp = fresh_directory(os.path.join(parent, f".tmp-export-{os.path.basename(os.path.abspath(out_dir))}"), ctx)
+    tmp = staging_directory(out_dir, ctx)
     with torch.no_grad():
         state = {name: tensor.detach().to(dtype)
                  for name, tensor in without_tied_aliases(model, get_model_state_dict(model)).items()}
@@ -100,19 +101,14 @@ def export_hf(model, tokenizer, out_dir, ctx, *, dtype=torch.float32, max_file_b
     if ctx.is_main:
         shutil.rmtree(writer.path)   # the per-rank shards, now consolidated
         single_file(tmp)
-        compute_dtype, model.config.dtype = model.config.dtype, dtype
-        try:
-            model.config.save_pretrained(tmp)
-        finally:
-            model.config.dtype = compute_dtype
+        config = copy.deepcopy(model.config)   # the live model keeps its compute dtype
+        config.dtype = dtype
+        config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        for parent_dir, _, names in os.walk(tmp):
-            for name in names:
-                fd = os.open(os.path.join(parent_dir, name), os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
+        for name in files_under(tmp):
+            fsync_path(os.path.join(tmp, name))
         replace_directory(tmp, out_dir)
     ctx.barrier()
     return out_dir
@@ -121,11 +117,8 @@ def export_hf(model, tokenizer, out_dir, ctx, *, dtype=torch.float32, max_file_b
 def link_export(source, out_dir, ctx):
     """`out_dir` as the export `source` again, its files hard links (no second copy of the weights on
     disk; copies where the filesystem has no links); appears atomically, as export_hf's (all ranks call it)."""
+    tmp = staging_directory(out_dir, ctx)
     if ctx.is_main:
-        tmp = os.path.join(os.path.dirname(os.path.abspath(out_dir)), f".tmp-export-{os.path.basename(out_dir)}")
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
         for name in os.listdir(source):
             try:
                 os.link(os.path.join(source, name), os.path.join(tmp, name))

@@ -11,12 +11,10 @@ import argparse
 import os
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from .checkpoint import TRAIN_DIR, checkpoint_problem, dcp_load
+from .checkpoint import TRAIN_DIR, checkpoint_problem, load_weights, saved_shapes
 from .config import DTYPES
 from .errors import UsageError
 from .export import export_hf, resolve_export_dtype
@@ -47,9 +45,7 @@ def run_model_dir(checkpoint):
 
 def check_fits(directory, model, model_dir):
     """The checkpoint holds exactly this model's tensors, in its shapes."""
-    saved = {key[len("model."):]: list(meta.size)
-             for key, meta in FileSystemReader(directory).read_metadata().state_dict_metadata.items()
-             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    saved = saved_shapes(directory, "model.")
     here = {name: list(tensor.shape) for name, tensor in get_model_state_dict(model).items()}
     for name in sorted(set(saved) | set(here)):
         if saved.get(name) != here.get(name):
@@ -81,9 +77,7 @@ def export_checkpoint(checkpoint, out, *, dtype="auto", model_dir=None):
         pass
     directory = os.path.join(checkpoint, TRAIN_DIR)
     check_fits(directory, model, model_dir)
-    state = {"model": get_model_state_dict(model)}
-    dcp_load(state, directory, ONE_PROCESS)   # converted to the export dtype as it is copied in
-    set_model_state_dict(model, state["model"])
+    load_weights(model, directory, ONE_PROCESS, key="model")   # converted to the export dtype as it is copied in
     return export_hf(model, load_tokenizer(model_dir), out, ONE_PROCESS, dtype=export_dtype)
 
 

@@ -17,6 +17,7 @@ import json
 import os
 
 from .errors import UsageError, option
+from .manifest import files_under, sha256_of
 
 FULL_HASH_BYTES = 64 << 20
 SAMPLES = 64
@@ -28,12 +29,10 @@ DATA_OPTIONS = ("train_data", "val_data", "test_data")
 
 def file_fingerprint(path):
     size = os.path.getsize(path)
+    if size <= FULL_HASH_BYTES:
+        return f"sha256 {sha256_of(path)}"
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        if size <= FULL_HASH_BYTES:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-            return f"sha256 {digest.hexdigest()}"
         for i in range(SAMPLES):
             f.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
             digest.update(f.read(SAMPLE_BYTES))
@@ -61,9 +60,7 @@ def data_fingerprint(spec):
     if os.path.isfile(spec):
         return file_fingerprint(spec)
     if os.path.isdir(spec):
-        files = sorted(os.path.relpath(os.path.join(root, name), spec)
-                       for root, _, names in os.walk(spec) for name in names)
-        return {name: file_fingerprint(os.path.join(spec, name)) for name in files}
+        return {name: file_fingerprint(os.path.join(spec, name)) for name in files_under(spec)}
     return f"hub dataset {spec}"
 
 
@@ -75,16 +72,17 @@ def run_fingerprints(model_dir, tokenizer, data_paths):
 
 def check_fingerprints(saved, current, checkpoint_path, *, model_dir, data_paths):
     """UsageError naming the option whose input differs from the one the checkpoint was written with."""
+    written = f"{option('resume')}: {checkpoint_path} was written"
     again = f"resume with the inputs it was written with, or use another {option('out')}"
     if saved.get("model") != current["model"]:
         before, now = saved.get("model") or {}, current["model"]
         changed = sorted(n for n in set(before) | set(now) if before.get(n) != now.get(n))
-        raise UsageError(f"{option('resume')}: {checkpoint_path} was written from another {option('model')}: in {model_dir!r}, "
-                         f"{', '.join(changed)} differ(s) from the model it was written from; {again}")
+        raise UsageError(f"{written} from another {option('model')}: in {model_dir!r}, {', '.join(changed)} "
+                         f"differ(s) from the model it was written from; {again}")
     if saved.get("tokenizer") != current["tokenizer"]:
-        raise UsageError(f"{option('resume')}: {checkpoint_path} was written with another tokenizer (the vocabulary, special "
-                         f"tokens or chat template of {option('model')} {model_dir!r} changed); {again}")
+        raise UsageError(f"{written} with another tokenizer (the vocabulary, special tokens or chat template of "
+                         f"{option('model')} {model_dir!r} changed); {again}")
     for name in DATA_OPTIONS:
         if saved.get(name) != current[name]:
-            raise UsageError(f"{option('resume')}: {checkpoint_path} was written with another {option(name)}: "
-                             f"{data_paths[name]!r} has {current[name]}, the run's data had {saved.get(name)}; {again}")
+            raise UsageError(f"{written} with another {option(name)}: {data_paths[name]!r} has {current[name]}, "
+                             f"the run's data had {saved.get(name)}; {again}")

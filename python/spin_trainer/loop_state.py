@@ -1,9 +1,6 @@
-"""What the SPIN loop carries between steps: where it is, the current iteration's data, and
-whether a stop was asked for.
-
-The position and the data are saved in every checkpoint (as plain dicts of their fields), so that
-a resumed run continues mid-iteration with the same generations and reference log-probs.
-"""
+"""What the SPIN loop carries between steps: where it is and the current iteration's data (saved in
+every checkpoint as plain dicts of their fields, so that a resumed run continues mid-iteration with
+the same generations and reference log-probs), and whether a stop was asked for."""
 import signal
 import threading
 from contextlib import contextmanager

@@ -15,11 +15,8 @@ MANIFEST = "manifest.json"
 
 
 def sha256_of(path):
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def fsync_path(path):
@@ -31,11 +28,8 @@ def fsync_path(path):
 
 
 def files_under(directory):
-    """Relative paths of every file under `directory`, sorted."""
-    found = []
-    for parent, _, names in os.walk(directory):
-        found += [os.path.relpath(os.path.join(parent, n), directory) for n in names]
-    return sorted(found)
+    return sorted(os.path.relpath(os.path.join(parent, name), directory)
+                  for parent, _, names in os.walk(directory) for name in names)
 
 
 def all_ranks(items, ctx):

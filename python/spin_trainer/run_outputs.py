@@ -16,11 +16,8 @@ class RunOutputs:
         """`iteration_dtype`: the OUT/iter-N exports' dtype; None exports OUT/final only."""
         self.model, self.tokenizer, self.ctx, self.out = model, tokenizer, ctx, out
         self.table_title, self.final_dtype, self.iteration_dtype = table_title, final_dtype, iteration_dtype
-        self.last_export = None   # (iteration, path, dtype) of this process's newest OUT/iter-N
+        self.last_export = None   # (iteration, path) of this process's newest OUT/iter-N
         self.tables_printed = 0
-
-    def iteration_path(self, iteration):
-        return os.path.join(self.out, f"iter-{iteration}")
 
     def print_table(self, rows):
         if self.ctx.is_main:
@@ -32,9 +29,9 @@ class RunOutputs:
         self.print_table(rows)
         if self.iteration_dtype is None:
             return
-        path = export_hf(self.model, self.tokenizer, self.iteration_path(iteration), self.ctx,
+        path = export_hf(self.model, self.tokenizer, os.path.join(self.out, f"iter-{iteration}"), self.ctx,
                          dtype=self.iteration_dtype)
-        self.last_export = (iteration, path, self.iteration_dtype)
+        self.last_export = (iteration, path)
         if self.ctx.is_main:
             print(f"iteration {iteration} model: {path}", flush=True)
 
@@ -43,6 +40,6 @@ class RunOutputs:
         if not self.tables_printed:
             self.print_table(rows)
         path = os.path.join(self.out, "final")
-        if self.last_export is not None and self.last_export[0::2] == (iterations, self.final_dtype):
+        if self.iteration_dtype == self.final_dtype and self.last_export and self.last_export[0] == iterations:
             return link_export(self.last_export[1], path, self.ctx)
         return export_hf(self.model, self.tokenizer, path, self.ctx, dtype=self.final_dtype)

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .data import Example, examples_from_buffers, token_buffers
+from .manifest import fsync_path
 
 STRUCTURE_FILE = "loop.json"
 TENSORS_FILE = "loop.safetensors"
@@ -32,40 +33,24 @@ def _tensor(value, tensors):
     return name
 
 
-def _flat_token_ids(lists):
-    """The int32 ids of `lists` (lists of ints) flat, or None if any item is not an int id."""
-    flat = np.array(list(chain.from_iterable(lists)))
+def _token_buffers(value):
+    """(tag, lengths, flat int32 ids) of a non-empty list of Examples or of token-id lists, else None."""
+    if value and all(isinstance(v, Example) for v in value):
+        return "__examples__", *token_buffers(value)
+    if not value or not all(type(v) is list for v in value):
+        return None
+    flat = np.array(list(chain.from_iterable(value)))
     if flat.size and (flat.dtype != np.int64 or flat.min() < 0 or flat.max() > np.iinfo(np.int32).max):
         return None
-    return flat.astype(np.int32)
-
-
-def _encode_sequences(value, tensors):
-    """The tagged form of a list of Examples or of token-id lists, or None for any other list."""
-    if value and all(isinstance(v, Example) for v in value):
-        lengths, ids = token_buffers(value)
-        tag = "__examples__"
-    elif value and all(type(v) is list for v in value) and (ids := _flat_token_ids(value)) is not None:
-        lengths = np.array([len(v) for v in value], dtype=np.int64)
-        tag = "__token_lists__"
-    else:
-        return None
-    return {tag: [_tensor(torch.from_numpy(lengths), tensors), _tensor(torch.from_numpy(ids.copy()), tensors)]}
-
-
-def _decode_sequences(tag, lengths, ids):
-    if tag == "__examples__":
-        return examples_from_buffers(lengths.numpy(), ids.numpy())
-    ends = lengths.cumsum(0).tolist()
-    flat = ids.tolist()
-    return [flat[end - n:end] for n, end in zip(lengths.tolist(), ends)]
+    return "__token_lists__", np.array([len(v) for v in value], dtype=np.int64), flat.astype(np.int32)
 
 
 def _encode(value, tensors):
     if isinstance(value, torch.Tensor):
         return {"__tensor__": _tensor(value, tensors)}
-    if isinstance(value, list) and (packed := _encode_sequences(value, tensors)) is not None:
-        return packed
+    if isinstance(value, list) and (buffers := _token_buffers(value)) is not None:
+        tag, lengths, ids = buffers
+        return {tag: [_tensor(torch.from_numpy(lengths), tensors), _tensor(torch.from_numpy(ids.copy()), tensors)]}
     if isinstance(value, Example):
         return {"__example__": [list(value.prompt_ids), list(value.response_ids)]}
     if isinstance(value, tuple):
@@ -84,28 +69,31 @@ def _decode(value, tensors):
         return [_decode(v, tensors) for v in value]
     if not isinstance(value, dict):
         return value
-    if set(value) == {"__tensor__"}:
-        return tensors[value["__tensor__"]]
-    if set(value) == {"__tuple__"}:
-        return tuple(_decode(v, tensors) for v in value["__tuple__"])
-    if set(value) == {"__example__"}:
-        return Example(*value["__example__"])
-    if len(value) == 1 and next(iter(value)) in ("__examples__", "__token_lists__"):
-        (tag, (lengths, ids)), = value.items()
-        return _decode_sequences(tag, tensors[lengths], tensors[ids])
+    tag = next(iter(value)) if len(value) == 1 else None
+    if tag == "__tensor__":
+        return tensors[value[tag]]
+    if tag == "__tuple__":
+        return tuple(_decode(v, tensors) for v in value[tag])
+    if tag == "__example__":
+        return Example(*value[tag])
+    if tag == "__examples__":
+        lengths, ids = (tensors[name] for name in value[tag])
+        return examples_from_buffers(lengths.numpy(), ids.numpy())
+    if tag == "__token_lists__":
+        lengths, ids = (tensors[name] for name in value[tag])
+        flat = ids.tolist()
+        return [flat[end - n:end] for n, end in zip(lengths.tolist(), lengths.cumsum(0).tolist())]
     return {k: _decode(v, tensors) for k, v in value.items()}
 
 
 def write_state(state, directory):
-    """Writes `state` (dicts, lists, tuples, numbers, strings, tensors, Examples) to `directory`;
-    returns the paths written (to be fsynced by the caller)."""
+    """Writes `state` (dicts, lists, tuples, numbers, strings, tensors, Examples) to `directory`, fsynced."""
     tensors = {}
-    structure = _encode(state, tensors)
-    paths = os.path.join(directory, STRUCTURE_FILE), os.path.join(directory, TENSORS_FILE)
-    with open(paths[0], "w", encoding="utf-8") as f:
-        json.dump(structure, f)
-    save_file(tensors, paths[1])
-    return paths
+    with open(os.path.join(directory, STRUCTURE_FILE), "w", encoding="utf-8") as f:
+        json.dump(_encode(state, tensors), f)
+    save_file(tensors, os.path.join(directory, TENSORS_FILE))
+    for name in (STRUCTURE_FILE, TENSORS_FILE):
+        fsync_path(os.path.join(directory, name))
 
 
 def read_state(directory):
