@@ -14,8 +14,6 @@ import math
 import sys
 from dataclasses import dataclass, field, fields
 
-import yaml
-
 from .errors import UsageError, option
 from .records import check_fields
 

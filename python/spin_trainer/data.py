@@ -25,6 +25,7 @@ import torch
 
 from .errors import UsageError
 from .fingerprint import data_fingerprint, tokenizer_fingerprint
+from .manifest import replaced_atomically
 from .records import is_local, load_table, read_conversations
 from .tokenization import Encoder, Example  # noqa: F401  (Example is part of this module's interface)
 
@@ -50,13 +51,10 @@ def cache_key(data, tokenizer, settings):
 
 
 def save_cache(path, examples, summary):
-    """Atomically (a temporary file, then a rename): a killed run never leaves half a cache."""
+    """Atomically: a killed run never leaves half a cache."""
     lengths, ids = token_buffers(examples)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
+    with replaced_atomically(path, "wb") as f:
         np.savez(f, lengths=lengths, ids=ids, summary=np.array(summary))
-    os.replace(tmp, path)
 
 
 def read_cache(path):

@@ -9,6 +9,8 @@ iteration (--mix-previous) are that iteration's lines. Rank 0 writes the file, a
 import json
 import os
 
+from .manifest import replaced_atomically
+
 
 def generations_path(out_dir, iteration, epoch=0, run="spin"):
     """OUT/generations/iter-N.jsonl of 0-based `iteration`; regenerations (--generate-every epoch) add
@@ -32,13 +34,7 @@ def generation_rows(examples, samples, truncated, ref_logps, tokenizer):
 
 
 def write_generations(path, rows):
-    """`rows` as JSONL at `path`: written to a temporary file, fsynced and renamed into place."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """`rows` as JSONL at `path`, atomically."""
+    with replaced_atomically(path) as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     return path

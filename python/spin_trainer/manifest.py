@@ -8,6 +8,7 @@ every rank, so that no rank waits at a barrier for a rank that failed.
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 
 import torch.distributed as dist
 
@@ -17,6 +18,19 @@ MANIFEST = "manifest.json"
 def sha256_of(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@contextmanager
+def replaced_atomically(path, mode="w"):
+    """A file to write that replaces `path` once it is written and fsynced: a crash leaves the old
+    file or the new one, never half of one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def fsync_path(path):

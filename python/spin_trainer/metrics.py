@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from .errors import UsageError, option
+from .manifest import replaced_atomically
 from .parallel.mesh import all_reduce_sum
 from .plots import table_columns
 
@@ -73,12 +74,8 @@ class MetricsLog:
             return
         kept = [r for r in read_records(self.path)
                 if r.get("run") != run or r.get("step", 0) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with replaced_atomically(self.path) as f:
             f.writelines(_line(record) for record in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
 
 def read_records(path):

@@ -14,6 +14,7 @@ import yaml
 
 from .config import GROUPS, RunConfig
 from .errors import UsageError, option
+from .manifest import replaced_atomically
 
 CONFIG = "--config"   # the one option that is not a setting: the file of settings
 
@@ -123,14 +124,10 @@ def parse_config(argv=None, description=None):
 
 
 def write_config(config, path):
-    """The resolved settings as YAML (atomically: a crash leaves the old file or the new one)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    """The resolved settings as YAML, atomically."""
+    with replaced_atomically(path) as f:
         f.write("# The resolved settings of this run (spin-train --config reads this file).\n")
         yaml.safe_dump(config.as_options(), f, sort_keys=False, allow_unicode=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_saved_options(path):
