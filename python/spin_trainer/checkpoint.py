@@ -67,6 +67,11 @@ class Checkpoint:
     loop_state: dict
 
 
+def checkpoint_root(out, run="spin"):
+    """Where a run writes its checkpoints: OUT/checkpoints/RUN (the command line's run is "spin")."""
+    return os.path.join(out, "checkpoints", run)
+
+
 def list_checkpoints(root):
     """Checkpoint directories under `root` (corrupt ones moved aside excluded), oldest first."""
     if not os.path.isdir(root):

@@ -25,7 +25,7 @@ import time
 from transformers.utils import logging as hf_logging
 
 from . import export_command
-from .checkpoint import find_latest_checkpoint, list_checkpoints
+from .checkpoint import checkpoint_root, find_latest_checkpoint, list_checkpoints
 from .options import parse_config, read_saved_options, write_config
 from .data import load_examples
 from .errors import CheckpointNotWritten, UsageError, option
@@ -72,7 +72,7 @@ def find_resume_checkpoint(config, ctx, fingerprints):
     """The newest intact checkpoint of the run in --out (none: refused), after checking that this
     run keeps every setting that changes results (against OUT/config.yaml) and the same inputs."""
     out = config.run.out
-    found = find_latest_checkpoint(os.path.join(out, "checkpoints", "spin"), ctx)
+    found = find_latest_checkpoint(checkpoint_root(out), ctx)
     saved_file = os.path.join(out, CONFIG_FILE)
     saved = read_saved_options(saved_file) if os.path.isfile(saved_file) else found.loop_state["settings"]
     mismatches = config.resume_mismatches(saved)
@@ -104,7 +104,7 @@ def check_min_new_tokens(min_new_tokens, max_length, named_examples):
 
 def check_no_earlier_run(config):
     """Refuses to start over checkpoints a previous run left (they would be overwritten)."""
-    if not config.run.resume and list_checkpoints(os.path.join(config.run.out, "checkpoints", "spin")):
+    if not config.run.resume and list_checkpoints(checkpoint_root(config.run.out)):
         raise UsageError(f"{option('out')} {config.run.out!r} already holds checkpoints of a run; pass "
                          f"{option('resume')} to continue it or choose another {option('out')}")
 

@@ -23,14 +23,13 @@ width (micro_batches.py cuts the step's pairs, the same number of micro-batches 
 logged metrics are global: weighted means summed, and the rewards' std from the global Σr, Σr² and
 count (Bessel-corrected, as NeMo-Aligner logs `rewards_all.std()`).
 """
-import os
 import time
 from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import check_finite_weights, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import check_finite_weights, checkpoint_root, load_checkpoint, restore_rng, save_checkpoint
 from .config import RunConfig
 from .errors import option
 from .evaluate import fraction_equal_to_gold, iteration_diagnostics, spin_pair_accuracy
@@ -60,7 +59,7 @@ class SpinTrainer:
         self.fingerprints = fingerprints or {}   # of the inputs, kept in checkpoints (fingerprint.py)
         self.out_dir = out_dir
         self.on_iteration_end = on_iteration_end   # (iterations done, eval rows) after each iteration's checkpoint
-        self.checkpoint_root = os.path.join(out_dir, "checkpoints", run)
+        self.checkpoint_root = checkpoint_root(out_dir, run)
         s, t = config.spin, config.train
         self.betas, self.lrs = config.per_iteration("beta"), config.per_iteration("lr")
         self.steps_per_epoch = [config.pairs_in_iteration(i, len(train_examples)) // t.global_batch_size
