@@ -8,7 +8,8 @@ import torch
 
 from spin_kernels.loss import spin_loss_from_logps
 
-from .generation.rollouts import generate, greedy, pair_logps
+from .generation.rollouts import generate, pair_logps
+from .generation.sampling import SamplingConfig
 from .micro_batches import rank_spans
 from .model import evaluating
 from .packed_scoring import sft_batch, sft_batch_tokens
@@ -43,8 +44,9 @@ def exact_match(model, examples, scorer, *, tokenizer, max_length, max_new_token
     """(fraction of prompts whose greedy response equals the gold one, EOS included; mean length)."""
     if not examples:
         return None, None
-    responses = generate(model, examples, greedy(max_new_tokens), scorer, tokenizer=tokenizer,
-                         max_length=max_length, batch_size=batch_size, progress=progress)
+    greedy = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False)
+    responses = generate(model, examples, greedy, scorer, tokenizer=tokenizer, max_length=max_length,
+                         batch_size=batch_size, progress=progress)
     hits = sum(list(r) == list(e.response_ids) for r, e in zip(responses, examples))
     return hits / len(examples), sum(len(r) for r in responses) / len(responses)
 

@@ -21,16 +21,17 @@ def generations_path(out_dir, iteration, epoch=0, run="spin"):
     return os.path.join(directory, f"iter-{iteration + 1}{suffix}.jsonl")
 
 
-def generation_rows(examples, samples, truncated, ref_logps, tokenizer):
-    """The file's records: one per (example, sample); `ref_logps` [P, 2] (real, generated)."""
+def generation_rows(examples, samples, ref_logps, tokenizer):
+    """The file's records: one per (example, sample); `samples`: Responses (with their `truncated`
+    flags); `ref_logps` [P, 2] (real, generated)."""
     def text(ids):
         return tokenizer.decode(list(ids), skip_special_tokens=False)
 
     return [{"index": i, "prompt": text(example.prompt_ids), "real": text(example.response_ids),
              "generated": text(sample), "truncated": bool(cut), "ref_logp_real": float(logps[0]),
              "ref_logp_generated": float(logps[1])}
-            for i, (example, sample, cut, logps) in enumerate(zip(examples, samples, truncated, ref_logps.tolist(),
-                                                                  strict=True))]
+            for i, (example, sample, cut, logps)
+            in enumerate(zip(examples, samples, samples.truncated, ref_logps.tolist(), strict=True))]
 
 
 def write_generations(path, rows):

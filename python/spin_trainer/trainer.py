@@ -212,7 +212,7 @@ class SpinTrainer:
             ref = self.pair_logps(model, self.examples, samples)
         if self.ctx.is_main:
             write_generations(generations_path(self.out_dir, self.position.iteration, epoch, self.run),
-                              generation_rows(self.examples, samples, samples.truncated, ref, self.tokenizer))
+                              generation_rows(self.examples, samples, ref, self.tokenizer))
 
     def begin_iteration(self):
         self.reference.begin_iteration()   # the policy, as it is now, becomes θ_t

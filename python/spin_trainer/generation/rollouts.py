@@ -21,7 +21,7 @@ from ..packed_scoring import pair_batch, pair_batch_tokens
 from ..parallel.apply import full_weights
 from ..parallel.mesh import gather_objects, shard_range
 from ..parallel.tp_plan import full_vocab_logits
-from .decode import Responses, SamplingConfig, generate_responses
+from .decode import Responses, generate_responses
 
 
 def sampling_seed(base_seed, iteration, epoch):
@@ -108,10 +108,6 @@ def generate(model, examples, sampling, scorer, *, tokenizer, max_length, batch_
     gathered = gather_objects([(list(r), cut) for r, cut in zip(responses, responses.truncated)],
                               ctx.dp_group, ctx.dp_size)
     return Responses([r for r, _ in gathered], [cut for _, cut in gathered])
-
-
-def greedy(max_new_tokens):
-    return SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False)
 
 
 @torch.no_grad()
