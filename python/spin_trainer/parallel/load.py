@@ -1,13 +1,14 @@
 """Loads the policy straight into the run's parallel layout, so that no rank ever holds the whole
 model (torchtitan's recipe): built on the meta device from config.json, its weights checked against
-the files, parallelized, its local shards alone allocated (to_empty), and each filled from the slice
-of its weight in the safetensors files (host memory: one slice at a time); transformers'
-initialize_weights sets the buffers the files lack (RoPE's inv_freq), as from_pretrained does.
+the files, then parallelized; to_empty allocates the local shards alone, each filled from its slice
+of the safetensors files (host memory: one slice at a time); transformers' initialize_weights sets
+the buffers the files lack (RoPE's inv_freq), as from_pretrained does.
+
 A directory without safetensors files (pickled .bin weights) loads the whole model, then parallelizes it.
 """
 import json
 import os
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 
 import torch
 from safetensors import safe_open
@@ -53,10 +54,8 @@ def load_parallel_model(path, ctx, precision, *, attention="auto", compute_dtype
     with torch.no_grad(), sharded(model):
         read_local_shards(model, file_keys, locations)
         initialize_buffers(model, file_keys)
-    try:   # as from_pretrained: the directory's generation defaults, where it has readable ones
+    with suppress(OSError):   # as from_pretrained: the directory's generation defaults, where it has readable ones
         model.generation_config = GenerationConfig.from_pretrained(path)
-    except OSError:
-        pass
     return model.eval()
 
 

@@ -24,7 +24,7 @@ class ParallelContext:
     tp_mesh: object = None    # 1-D DeviceMesh of this rank's tensor-parallel group (None when tp == 1)
     tp_group: object = None   # ProcessGroup handed to spin_loss(process_group=...)
     dp_group: object = None
-    dp_mesh: object = None    # 1-D DeviceMesh of the data-parallel axis (None when dp == 1)
+    dp_mesh: object = None    # 1-D DeviceMesh of the data-parallel axis when it carries FSDP (or replicas)
     dp_shard: bool = False    # FSDP2 on the dp axis (else replicas)
 
     @property
