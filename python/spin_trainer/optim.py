@@ -6,8 +6,8 @@ on the 2-D (dp, tp) mesh, the norms and embeddings on the 1-D dp mesh (plain ten
 and PyTorch's multi-tensor (foreach) kernels take one mesh per call.
 
 Learning rate: transformers' get_{constant,linear,cosine}_schedule_with_warmup step for step. Over a
-span of S optimizer steps (one SPIN iteration, the paper's recipe, where each iteration is a fresh
-run from θ_t; or the whole run), w warm-up steps and k = 0 .. S-1 the step within it:
+span of S optimizer steps (one SPIN iteration or the whole run: --schedule-span), w warm-up steps
+and k = 0 .. S-1 the step within it:
 
     warm-up    lr · k / w                             for k < w (the first step's rate is 0, as in HF)
     constant   lr

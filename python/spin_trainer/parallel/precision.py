@@ -1,18 +1,11 @@
 """Numeric precision of a run: what the parameters are stored in and what the forward computes in.
 
 `--dtype bfloat16` (or float16) is mixed precision: fp32 master weights, gradient reduction and
-optimizer state, compute in the low-precision dtype. A SPIN update at lr 5e-7 is far below a bf16
-weight's rounding step (2^-8 relative): 10 AdamW steps at 5e-7 on a bf16 Linear(2048, 2048) change
-about 1 % of the weights, and all of them in fp32 (tests/test_train_precision.py measures it).
-
-The cast is FSDP2's `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)` in every layout
-(embeddings and norms too, so the residual stream is bf16): one process and tensor parallelism alone
-put FSDP on a data-parallel axis of one rank for it (mesh.py, as torchtitan does), so that one
-process and FSDP over many give the same bits. torch.autocast keeps embeddings, norm weights and the
-residual stream in fp32: another model, whose bf16 results differ from FSDP's. float32 casts nothing.
-
-`--pure-low-precision` keeps parameters, gradients and optimizer state in --dtype: half the memory
-of the weights, but updates below a weight's rounding step are lost.
+optimizer state, as a bf16 weight cannot hold a SPIN-sized update (tests/test_train_precision.py
+measures it). The cast is FSDP2's MixedPrecisionPolicy in every layout, one process included
+(mesh.py, as torchtitan does), so that every layout is one numerical model; torch.autocast would be
+another (fp32 embeddings, norms and residual stream). `--pure-low-precision` stores everything in
+--dtype: half the weight memory, but updates below a weight's rounding step are lost.
 """
 from dataclasses import dataclass
 
