@@ -1,12 +1,9 @@
-"""The policy model and its tokenizer: the built-in tiny default, any local HF causal-LM directory,
-or a Hub id (downloaded to the Hugging Face cache first).
+"""The policy model and its tokenizer: the built-in tiny default (built locally and saved in Hugging
+Face format, so that it takes a real model's path), any local HF causal-LM directory, or a Hub id.
 
 A model directory is checked before anything runs from it: config.json a mapping with positive
 sizes, a causal-LM architecture, every weight of that architecture in the weight files and none
 besides. The Python code a directory may ship (`auto_map`) runs only with --trust-remote-code.
-
-The default is built locally (no download) and saved in Hugging Face format, so that everything
-downstream (loading, tensor parallelism, export) takes the same path as a real model.
 """
 import importlib.util
 import json
@@ -70,13 +67,9 @@ def build_char_tokenizer(alphabet):
 def build_tiny_llama(vocab_size, *, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                      intermediate_size=128, max_position_embeddings=64, pad_token_id=None, bos_token_id=None,
                      eos_token_id=None, seed=0, dtype=torch.float32, device="cpu", **config):
-    """A randomly initialised Llama, by default small enough to train in seconds on a CPU: the one
-    builder of the default model, the tests and the benchmarks.
-
-    The weights depend only on `seed` (and the device's generator): the global RNG state is left as
-    it was. `config` sets any other `LlamaConfig` field (tie_word_embeddings, initializer_range,
-    rope_scaling, attention_dropout, ...).
-    """
+    """A randomly initialised Llama, by default small enough to train in seconds on a CPU. The weights
+    depend only on `seed` (and the device's generator); the global RNG state is left as it was.
+    `config` sets any other `LlamaConfig` field."""
     config = {"tie_word_embeddings": False, "attention_dropout": 0.0, "initializer_range": 0.05, **config}
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -93,14 +86,10 @@ def build_tiny_llama(vocab_size, *, hidden_size=64, num_layers=2, num_heads=4, n
 
 def create_default_model(out_dir, *, alphabet="0123456789+=", vocab_multiple=4, seed=0, **model_kwargs):
     """Builds the tiny tokenizer + Llama and saves both to `out_dir` (HF format); returns out_dir.
-
-    The vocabulary is padded to a multiple of `vocab_multiple` so that it shards evenly under
-    tensor parallelism (the extra ids are never produced by the tokenizer).
-    """
+    The vocabulary is padded to a multiple of `vocab_multiple` to shard evenly under tensor parallelism."""
     tokenizer = build_char_tokenizer(alphabet)
     vocab_size = -(-len(tokenizer) // vocab_multiple) * vocab_multiple
-    model = build_tiny_llama(vocab_size, pad_token_id=tokenizer.pad_token_id,
-                             bos_token_id=tokenizer.bos_token_id,
+    model = build_tiny_llama(vocab_size, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, seed=seed, **model_kwargs)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
@@ -141,8 +130,7 @@ def local_model_dir(name, *, trust_remote_code=False):
 
 
 def check_model_dir(path):
-    """A clear error for a model path that is not a local Hugging Face model directory with a
-    usable config.json."""
+    """UsageError unless `path` is a local Hugging Face model directory with a usable config.json."""
     if not os.path.isdir(path):
         raise UsageError(f"{option('model')} {path!r}: no such directory (a local Hugging Face model directory "
                          f"with config.json, weights and tokenizer files, or a Hub id, is expected)")
@@ -230,15 +218,29 @@ def disable_dropout(model):
     return model
 
 
+def load_failure(path, exc):
+    """The UsageError for a causal LM that transformers could not build or load from `path`."""
+    return UsageError(f"{option('model')} {path!r}: could not load a causal LM ({type(exc).__name__}: {exc})")
+
+
+def check_weight_names(path, model, *, missing, unexpected, mismatched):
+    """UsageError for weights of `model` missing from the files, in the files but not in `model`, or of
+    another shape (transformers would train a randomly initialised model and only warn)."""
+    kind = type(model).__name__
+    for names, what in ((missing, f"weight(s) of {kind} are not in the weight files"),
+                        (unexpected, f"weight(s) in the weight files are not part of {kind}"),
+                        (mismatched, "weight(s) have another shape in the weight files than config.json gives")):
+        names = sorted(str(n) for n in names or ())
+        if names:
+            raise UsageError(f"{option('model')} {path!r}: {len(names)} {what} (e.g. {names[:3]}); do config.json "
+                             f"(model type {model.config.model_type!r}) and the weights belong to the same model?")
+
+
 def load_model(path, *, attention="auto", dtype="float32", device=torch.device("cpu"), compute_dtype=None,
                trust_remote_code=False):
     """Loads a causal LM from a local directory with the chosen attention kernel and no dropout.
-
-    `dtype` is what the parameters are stored in; `compute_dtype` (default: the same) what the
-    forward computes in, which decides whether flash-attention can run. Weights of the
-    architecture missing from the files, or weights in the files the architecture lacks, are an
-    error (transformers would train a randomly initialised model and only warn).
-    """
+    `dtype`: what the parameters are stored in; `compute_dtype` (default: the same): what the forward
+    computes in, which decides whether flash-attention can run."""
     check_model_dir(path)
     config = read_model_config(path, trust_remote_code=trust_remote_code)
     attn_implementation = choose_attention(attention, device, DTYPES[compute_dtype or dtype])
@@ -247,16 +249,9 @@ def load_model(path, *, attention="auto", dtype="float32", device=torch.device("
             path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
             output_loading_info=True)
     except LOAD_ERRORS as exc:
-        raise UsageError(f"{option('model')} {path!r}: could not load a causal LM "
-                         f"({type(exc).__name__}: {exc})") from exc
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        names = sorted(str(n) for n in info.get(kind) or ())
-        if names:
-            what = {"missing_keys": f"weight(s) of {type(model).__name__} are not in the weight files",
-                    "unexpected_keys": f"weight(s) in the weight files are not part of {type(model).__name__}",
-                    "mismatched_keys": "weight(s) have another shape in the weight files than config.json gives"}[kind]
-            raise UsageError(f"{option('model')} {path!r}: {len(names)} {what} (e.g. {names[:3]}); do config.json "
-                             f"(model type {config.model_type!r}) and the weights belong to the same model?")
+        raise load_failure(path, exc) from exc
+    check_weight_names(path, model, missing=info.get("missing_keys"), unexpected=info.get("unexpected_keys"),
+                       mismatched=info.get("mismatched_keys"))
     assert model.config.model_type == config.model_type
     return disable_dropout(model).to(device)
 

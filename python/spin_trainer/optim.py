@@ -1,27 +1,20 @@
 """The optimizer (AdamW or RMSprop), optionally stepped inside the backward; the update of a step
-(gradient clipping by the global norm over parameters on different meshes, the divergence check);
-and what a step sees: the order of the examples and the learning rate.
+(clipping by the global norm, the divergence check); the order of the examples; the learning rate.
 
-Parameter groups follow the device meshes: under FSDP x TP the tensor-parallel weights are
-DTensors on the 2-D (dp, tp) mesh and the norms and embeddings on the 1-D dp mesh (plain tensors
-without FSDP), and PyTorch's multi-tensor (foreach) kernels take one mesh per call. The learning
-rate of every group is set by the schedule (StepScheduler).
+Parameter groups follow the device meshes: under FSDP x TP the tensor-parallel weights are DTensors
+on the 2-D (dp, tp) mesh, the norms and embeddings on the 1-D dp mesh (plain tensors without FSDP),
+and PyTorch's multi-tensor (foreach) kernels take one mesh per call.
 
-Learning rate: Hugging Face's schedules (transformers' get_{constant,linear,cosine}_schedule_with_warmup)
-step for step. Over a span of S optimizer steps (one SPIN iteration, the paper's recipe, where each
-iteration is a fresh run from θ_t; or the whole run), w warm-up steps and k = 0 .. S-1 the step
-within it:
+Learning rate: transformers' get_{constant,linear,cosine}_schedule_with_warmup step for step. Over a
+span of S optimizer steps (one SPIN iteration or the whole run: --schedule-span), w warm-up steps
+and k = 0 .. S-1 the step within it:
 
     warm-up    lr · k / w                             for k < w (the first step's rate is 0, as in HF)
     constant   lr
     linear     lr · (S − k) / (S − w)                 from lr at k = w down to lr / (S − w)
     cosine     lr · (1 + cos(π · (k − w) / (S − w))) / 2
 
-w = ceil(warmup_ratio · S) as in Hugging Face's Trainer, or --warmup-steps when given (which, as
-there, overrides the ratio).
-
-Weight decay applies to the weight matrices only: biases, norm weights and every other 1-D parameter
-are left out, as Hugging Face's Trainer and TRL do (`get_decay_parameter_names`).
+w = ceil(warmup_ratio · S) as in Hugging Face's Trainer, or --warmup-steps when given.
 """
 import math
 from collections.abc import Mapping
@@ -32,11 +25,6 @@ from spin_kernels.dtensor import is_dtensor, local_tensor
 
 from .errors import TrainingDiverged, UsageError, option
 from .parallel.apply import sharded
-from .parallel.mesh import all_reduce_sum
-
-
-def mesh_of(tensor):
-    return tensor.device_mesh if is_dtensor(tensor) else None
 
 
 def group_by_mesh(tensors):
@@ -44,29 +32,19 @@ def group_by_mesh(tensors):
     Meshes compare by value: FSDP builds its own 2-D mesh object per module it shards."""
     groups = {}
     for tensor in tensors:
-        groups.setdefault(mesh_of(tensor), []).append(tensor)
+        groups.setdefault(tensor.device_mesh if is_dtensor(tensor) else None, []).append(tensor)
     return list(groups.values())
 
 
-def _across_meshes(tensors, norm_of_group):
-    """Combines per-mesh 2-norms: `norm_of_group` of each mesh's tensors, made whole by DTensor's own
-    reduction (`full_tensor()` of the mesh's partial norm, one collective), then their norm."""
+def norm_across_meshes(tensors, norm_of_group):
+    """The global 2-norm of `tensors` (local shards, replicas, DTensors on any meshes): `norm_of_group`
+    of each mesh's tensors, made whole by DTensor's own reduction (`full_tensor()`, one collective
+    per mesh), then the norm of those."""
     per_mesh = []
     for group in group_by_mesh(tensors):
         norm = norm_of_group(group)
         per_mesh.append((norm.full_tensor() if is_dtensor(norm) else norm).float())
     return torch.linalg.vector_norm(torch.stack(per_mesh))
-
-
-def global_grad_norm(grads):
-    """The global 2-norm of `grads`: local shards, replicas and DTensors on any meshes (torch's
-    total norm per mesh, with multi-tensor kernels on CUDA)."""
-    return _across_meshes(grads, torch.nn.utils.get_total_norm)
-
-
-def norm_of_norms(norms):
-    """The global 2-norm of tensors given by their 2-norms (0-dim, DTensors partial over their mesh)."""
-    return _across_meshes(norms, lambda group: torch.linalg.vector_norm(torch.stack(group)))
 
 
 def _single_optimizer(name, params, *, lr, weight_decay, betas, eps, **extra):
@@ -135,8 +113,8 @@ class _StateByParameter(Mapping):
 
 class InBackwardOptimizer(torch.optim.Optimizer):
     """One optimizer per parameter, stepped as soon as that parameter's gradient is complete (a
-    post-accumulate-grad hook; under FSDP2 the hook runs on the sharded gradient after the
-    reduce-scatter), which then frees the gradient: the full set of gradients never exists at once.
+    post-accumulate-grad hook; under FSDP2 on the sharded gradient after the reduce-scatter), which
+    then frees the gradient: the full set of gradients never exists at once.
 
     Valid only when one backward makes the whole gradient of a step (one micro-batch per rank and
     step) and nothing needs all of it before the update (no clipping); SpinConfig refuses the rest.
@@ -145,8 +123,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     To the rest of the trainer it is one optimizer: `param_groups` are the per-parameter
     optimizers' own group dicts (a scheduler that sets `lr` here sets it where the step reads it),
     `state` maps each parameter to its state, and `state_dict()`/`load_state_dict()` use the plain
-    Optimizer format, one parameter per group. `optimizers` lists the per-parameter optimizers (for
-    torch.distributed.checkpoint's `get_state_dict(model, optimizers=...)`).
+    Optimizer format, one parameter per group.
     """
 
     in_backward = True
@@ -171,7 +148,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         """The global norm of the gradients the hooks consumed since the last call."""
         norms, self._grad_norms = self._grad_norms, []
         assert norms, "no gradient reached the optimizer in this backward"
-        return norm_of_norms(norms)
+        return norm_across_meshes(norms, lambda group: torch.linalg.vector_norm(torch.stack(group)))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -205,7 +182,7 @@ def clip_gradients(parameters, max_norm):
     """The global gradient norm; scales the gradients to `max_norm` when it is larger (> 0)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     with torch.no_grad():
-        norm = global_grad_norm(grads)
+        norm = norm_across_meshes(grads, torch.nn.utils.get_total_norm)   # multi-tensor kernels on CUDA
         if max_norm > 0:
             scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for grad in grads:
@@ -216,8 +193,8 @@ def clip_gradients(parameters, max_norm):
 
 def apply_update(model, optimizer, scheduler, *, max_grad_norm, loss):
     """The update after a step's backwards (which summed the gradients over data-parallel ranks):
-    gradients clipped, checked to be finite, applied; the schedule moves on. Returns the gradient norm (a 0-dim tensor). With an
-    optimizer-in-backward the update already happened in the backward."""
+    gradients clipped, checked to be finite, applied; the schedule moves on. Returns the gradient
+    norm (a 0-dim tensor). With an optimizer-in-backward the update already happened in the backward."""
     in_backward = getattr(optimizer, "in_backward", False)
     if in_backward:
         grad_norm = optimizer.take_grad_norm()
@@ -227,8 +204,9 @@ def apply_update(model, optimizer, scheduler, *, max_grad_norm, loss):
         applied = ("; the update was applied inside the backward (optimizer in backward), so the weights in "
                    "memory are not usable, but" if in_backward else "; no update was made and")
         # Stop before the update: a NaN step would poison every weight and every later checkpoint.
+        loss = float(loss.detach()) if torch.is_tensor(loss) else loss
         raise TrainingDiverged(f"training diverged: the gradient norm is {float(grad_norm)} (this rank's loss "
-                               f"{float(loss.detach()) if torch.is_tensor(loss) else loss}){applied} the last checkpoint is intact. With float16 (no loss "
+                               f"{loss}){applied} the last checkpoint is intact. With float16 (no loss "
                                f"scaling) use bfloat16 or float32, or lower the learning rate")
     optimizer.step()
     scheduler.step()
@@ -244,14 +222,14 @@ def epoch_order(count, seed, iteration, epoch):
 
 
 def warmup_steps_for(steps, *, warmup_ratio=0.0, warmup_steps=0):
-    """Warm-up steps of a run of `steps` steps: `warmup_steps` if > 0, else ceil(ratio · steps)
-    (more warm-up steps than steps, as in Hugging Face's Trainer, never reach the peak rate)."""
+    """w for a span of `steps` steps (more warm-up steps than steps, as in Hugging Face's Trainer,
+    never reach the peak rate)."""
     return warmup_steps if warmup_steps > 0 else math.ceil(warmup_ratio * steps)
 
 
 def lr_factor(k, steps, warmup, shape):
-    """The multiplier of the peak learning rate at step `k` of a span of `steps` steps: transformers'
-    lr_lambda of the shape (the first warm-up step's factor is 0)."""
+    """The multiplier of the peak learning rate at step `k` of a span of `steps` steps (transformers'
+    lr_lambda of the shape)."""
     if k < warmup:
         return k / warmup
     if shape == "constant" or steps <= warmup:
@@ -287,8 +265,9 @@ def learning_rate_schedule(lrs, steps_per_iteration, *, shape="constant", warmup
 class StepScheduler:
     """Sets every parameter group's learning rate to `lr_at(k)` for optimizer step k.
 
-    Its state is the step count alone: the parameter groups follow the device meshes, so a checkpoint resumed onto another process count or --tp may have
-    another number of groups, which torch's LambdaLR state (one base lr per group) would refuse.
+    Its state is the step count alone: the parameter groups follow the device meshes, so a checkpoint
+    resumed onto another process count or --tp may have another number of groups, which torch's
+    LambdaLR state (one base lr per group) would refuse.
     """
 
     def __init__(self, optimizer, lr_at):

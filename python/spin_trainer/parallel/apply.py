@@ -1,20 +1,12 @@
-"""Applies the run's parallelism to a model, in torchtitan's order:
-
-    1. tensor parallelism on the mesh's `tp` axis: the plan as data (tp_plan.py), the LM head
-       sharded over the vocabulary, its output the local shard for the vocab-parallel loss;
-    2. activation recompute of the decoder layers (recompute.py);
-    3. FSDP2 `fully_shard` of each decoder layer, then of the root (embeddings, final norm, LM
-       head), on the `dp` axis, with the precision's MixedPrecisionPolicy.
-
-Parameters that tensor parallelism sharded end up as DTensors on the 2-D (dp, tp) mesh, the others
-(norms, embeddings) on the 1-D dp mesh; optimizer and clipping handle both (spin_trainer.optim,
-trainer.py). Nothing here touches a device or reads data: `parallelize_model` runs on a
-model on the meta device with a fake process group as well (`--plan`).
+"""Applies the run's parallelism to a model, in torchtitan's order: the tensor-parallel plan on the
+`tp` axis (tp_plan.py), activation recompute (recompute.py), then FSDP2 `fully_shard` (or
+`replicate`) of each decoder layer and of the root on the `dp` axis, with the precision's
+MixedPrecisionPolicy. It touches no device: `--plan` runs it on the meta device and a fake process group.
 
 FSDP keeps the root's parameters gathered after a forward (the backward needs them at once), and a
 decoder layer's only between its forward and backward. Code that reads or writes the local shards
-outside FSDP's own forward and backward (the reference bank, a resident copy) therefore runs
-inside `sharded(model)`; generation runs inside `full_weights(model)`.
+outside FSDP's forward and backward (the reference bank, a resident copy) therefore runs inside
+`sharded(model)`; generation runs inside `full_weights(model)`.
 """
 import copy
 from contextlib import contextmanager
@@ -48,18 +40,14 @@ def fsdp_modules(model):
 
 
 def apply_fsdp(model, ctx, precision, *, root_reshards_after_forward=False):
-    """fully_shard each decoder layer, then the root, on ctx.dp_mesh; or, with sharding off
-    (ctx.dp_shard False), PyTorch's replicate() the same way: a full replica per rank, gradients
-    all-reduced per layer in the backward, the same MixedPrecisionPolicy."""
+    """fully_shard each decoder layer, then the root, on ctx.dp_mesh; with ctx.dp_shard False,
+    replicate() the same way (a full replica per rank, gradients all-reduced per layer)."""
+    wrap = fully_shard if ctx.dp_shard else replicate
     policy = precision.mp_policy()
-    if ctx.dp_shard:
-        for layer in decoder_layers(model):
-            fully_shard(layer, mesh=ctx.dp_mesh, mp_policy=policy)
-        fully_shard(model, mesh=ctx.dp_mesh, mp_policy=policy, reshard_after_forward=root_reshards_after_forward)
-    else:
-        for layer in decoder_layers(model):
-            replicate(layer, mesh=ctx.dp_mesh, mp_policy=policy)
-        replicate(model, mesh=ctx.dp_mesh, mp_policy=policy)
+    for layer in decoder_layers(model):
+        wrap(layer, mesh=ctx.dp_mesh, mp_policy=policy)
+    root_options = {"reshard_after_forward": root_reshards_after_forward} if ctx.dp_shard else {}
+    wrap(model, mesh=ctx.dp_mesh, mp_policy=policy, **root_options)
     # FSDP keeps this setting in private state; full_weights restores it from here.
     model.root_reshards_after_forward = root_reshards_after_forward
     for module in fsdp_modules(model):
@@ -101,11 +89,8 @@ def sharded(model):
 
 @contextmanager
 def full_weights(model):
-    """Inside, every FSDP module holds its full (all-gathered) weights and keeps them across
-    forwards, for generation: Hugging Face's decoder and the static/CUDA-graph decoder both read
-    them as plain (or tensor-parallel) parameters. The memory is freed on the way out, and FSDP's
-    behaviour is restored as apply_fsdp set it (layers reshard after their forward; the root does
-    not, except a frozen copy's)."""
+    """Inside, every FSDP module holds its full (all-gathered) weights across forwards, for the
+    decoders of generation; on the way out they are freed and resharding is as apply_fsdp set it."""
     modules = fsdp_modules(model)
     for module in modules:
         module.unshard()
@@ -126,8 +111,7 @@ def copy_local_tensors(target, source):
         return list(module.named_parameters()) + list(module.named_buffers())
 
     with torch.no_grad(), sharded(target), sharded(source):
-        pairs = list(zip(tensors(target), tensors(source), strict=True))
-        for (name, dst), (source_name, src) in pairs:
+        for (name, dst), (source_name, src) in zip(tensors(target), tensors(source), strict=True):
             assert name == source_name and dst.dtype == src.dtype, (name, source_name, dst.dtype, src.dtype)
             local_tensor(dst).copy_(local_tensor(src))
 
@@ -135,10 +119,9 @@ def copy_local_tensors(target, source):
 def frozen_copy(model, ctx, precision):
     """A frozen, eval-mode copy of the policy, parallelized like it (the resident reference).
 
-    FSDP modules cannot be deep-copied: under FSDP (or replicate) the copy is built on the meta
-    device from the model's config, parallelized, materialised and filled with the policy's local
-    shards; its root reshards after each forward, so no gathered copy of its embeddings and LM head
-    stays behind.
+    FSDP modules cannot be deep-copied: the copy is built on the meta device, parallelized,
+    materialised and filled with the policy's local shards; its root reshards after each forward,
+    so no gathered copy of its embeddings and LM head stays behind.
     """
     if ctx.dp_mesh is None:
         return copy.deepcopy(model).eval().requires_grad_(False)

@@ -1,21 +1,14 @@
 """Loads the policy straight into the run's parallel layout, so that no rank ever holds the whole
-model (torchtitan's recipe):
+model (torchtitan's recipe): built on the meta device from config.json, its weights checked against
+the files, then parallelized; to_empty allocates the local shards alone, each filled from its slice
+of the safetensors files (host memory: one slice at a time); transformers' initialize_weights sets
+the buffers the files lack (RoPE's inv_freq), as from_pretrained does.
 
-    1. the model is built on the meta device from config.json (no memory, no random init);
-    2. parallelize_model shards it (tensor-parallel plan, FSDP or replicas) as a loaded one would be;
-    3. to_empty allocates the local shards alone, on the run's device;
-    4. each rank reads from the safetensors files only the slice of each weight that its shard holds
-       (the DTensor's offset and shape), converted to the parameter dtype on the copy;
-    5. the buffers the files lack (RoPE's inv_freq) are set by transformers' own initialize_weights,
-       every loaded tensor marked as loaded, as from_pretrained does.
-
-Host memory: the slice of one weight at a time. The model's weights are checked against the files
-before anything is allocated (missing, unexpected or mis-shaped weights: UsageError). A directory
-without safetensors files (pickled .bin weights) loads the whole model first, then parallelizes it.
+A directory without safetensors files (pickled .bin weights) loads the whole model, then parallelizes it.
 """
 import json
 import os
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 
 import torch
 from safetensors import safe_open
@@ -25,7 +18,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from spin_kernels.dtensor import is_dtensor, local_tensor
 
 from ..errors import UsageError, option
-from ..model import LOAD_ERRORS, check_model_dir, choose_attention, disable_dropout, load_model, read_model_config
+from ..model import (LOAD_ERRORS, check_model_dir, check_weight_names, choose_attention, disable_dropout, load_failure,
+                     load_model, read_model_config)
 from .apply import parallelize_model, sharded
 from .precision import DTYPES
 
@@ -50,8 +44,7 @@ def load_parallel_model(path, ctx, precision, *, attention="auto", compute_dtype
             model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
                                                      dtype=precision.param_dtype, trust_remote_code=trust_remote_code)
     except LOAD_ERRORS as exc:
-        raise UsageError(f"{option('model')} {path!r}: could not load a causal LM "
-                         f"({type(exc).__name__}: {exc})") from exc
+        raise load_failure(path, exc) from exc
     file_keys = match_weights(model, locations, path)
     disable_dropout(model)
     parallelize_model(model, ctx, precision, recompute=recompute)
@@ -61,10 +54,8 @@ def load_parallel_model(path, ctx, precision, *, attention="auto", compute_dtype
     with torch.no_grad(), sharded(model):
         read_local_shards(model, file_keys, locations)
         initialize_buffers(model, file_keys)
-    try:   # as from_pretrained: the directory's generation defaults, where it has readable ones
+    with suppress(OSError):   # as from_pretrained: the directory's generation defaults, where it has readable ones
         model.generation_config = GenerationConfig.from_pretrained(path)
-    except OSError:
-        pass
     return model.eval()
 
 
@@ -86,8 +77,7 @@ def weight_locations(path):
                 for key in f.keys():
                     locations[key] = (file, tuple(f.get_slice(key).get_shape()))
     except LOAD_ERRORS as exc:
-        raise UsageError(f"{option('model')} {path!r}: could not load a causal LM "
-                         f"({type(exc).__name__}: {exc})") from exc
+        raise load_failure(path, exc) from exc
     return locations
 
 
@@ -95,14 +85,11 @@ def match_weights(model, locations, path):
     """{tensor name: weight name in the files} for the parameters and persistent buffers of the
     (meta) `model`; a tied parameter is found under any of its names. UsageError, as load_model
     gives it, for weights missing, unexpected or of another shape."""
-    aliases = {}   # id(tensor) -> (tensor, [names])
     persistent = set(model.state_dict())
     named = list(model.named_parameters(remove_duplicate=False)) + [
         (name, buffer) for name, buffer in model.named_buffers(remove_duplicate=False) if name in persistent]
-    for name, tensor in named:
-        aliases.setdefault(id(tensor), (tensor, []))[1].append(name)
     file_keys, missing, mismatched = {}, [], []
-    for tensor, names in aliases.values():
+    for tensor, names in aliases(named):
         found = [name for name in names if name in locations]
         if not found:
             missing.append(names[0])
@@ -111,23 +98,21 @@ def match_weights(model, locations, path):
         file_keys.update((name, found[0]) for name in names if found)
     ignored = [name for name, buffer in model.named_buffers() if name not in persistent]
     unexpected = [key for key in locations if key not in file_keys and key not in ignored]
-    kind = type(model).__name__
-    for names, what in ((missing, f"weight(s) of {kind} are not in the weight files"),
-                        (unexpected, f"weight(s) in the weight files are not part of {kind}"),
-                        (mismatched, "weight(s) have another shape in the weight files than config.json gives")):
-        if names:
-            raise UsageError(f"{option('model')} {path!r}: {len(names)} {what} (e.g. {sorted(names)[:3]}); do "
-                             f"config.json (model type {model.config.model_type!r}) and the weights belong to the "
-                             f"same model?")
+    check_weight_names(path, model, missing=missing, unexpected=unexpected, mismatched=mismatched)
     return file_keys
+
+
+def aliases(named_tensors):
+    """[(tensor, [its names])], each tensor once: a tied one has several names."""
+    names = {}
+    for name, tensor in named_tensors:
+        names.setdefault(id(tensor), (tensor, []))[1].append(name)
+    return list(names.values())
 
 
 def tied_names(model):
     """The names of each parameter that is shared under more than one (tied embeddings)."""
-    names = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), []).append(name)
-    return [group for group in names.values() if len(group) > 1]
+    return [names for _, names in aliases(model.named_parameters(remove_duplicate=False)) if len(names) > 1]
 
 
 def retie(model, tied):

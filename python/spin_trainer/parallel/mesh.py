@@ -1,11 +1,6 @@
-"""Process groups of one run: one 2-D (dp, tp) DeviceMesh under torchrun; alone, nothing, or (in
-mixed precision) a 1-rank group whose dp axis carries FSDP, so that one process casts exactly as
-FSDP does on many (parallel/precision.py).
-
-NCCL on GPUs, gloo on CPUs. The tensor-parallel plan works on the `tp` axis; on the `dp` axis
-FSDP2 shards parameters, gradients and optimizer state (the default with more than one
-data-parallel rank), or every rank keeps a replica (spin_trainer.parallel.apply applies both).
-The context holds ranks, meshes, groups and the device only.
+"""Process groups of one run: a 2-D (dp, tp) DeviceMesh under torchrun (NCCL on GPUs, gloo on CPUs);
+alone, none, or under mixed precision a 1-rank group whose dp axis carries FSDP, so that one process
+casts exactly as FSDP does on many (precision.py).
 """
 import os
 from dataclasses import dataclass
@@ -29,7 +24,7 @@ class ParallelContext:
     tp_mesh: object = None    # 1-D DeviceMesh of this rank's tensor-parallel group (None when tp == 1)
     tp_group: object = None   # ProcessGroup handed to spin_loss(process_group=...)
     dp_group: object = None
-    dp_mesh: object = None    # 1-D DeviceMesh of the data-parallel axis (None when dp == 1)
+    dp_mesh: object = None    # 1-D DeviceMesh of the data-parallel axis when it carries FSDP (or replicas)
     dp_shard: bool = False    # FSDP2 on the dp axis (else replicas)
 
     @property
@@ -57,12 +52,8 @@ def check_layout(world_size, tp):
 
 
 def setup_parallel(tp, device_type="auto", *, dp_shard=None, fsdp_alone=False):
-    """Initialises the process group (under torchrun) and the (dp, tp) mesh.
-
-    `dp_shard`: FSDP on the data-parallel axis; None means on whenever there is more than one
-    data-parallel rank, or with `fsdp_alone` (mixed precision) on a data-parallel axis of one rank
-    too: one process then gets a 1-rank process group of its own.
-    """
+    """Initialises the process group (under torchrun; alone, an in-memory one for `fsdp_alone`) and
+    the (dp, tp) mesh of mesh_context."""
     device_type = choose_device(device_type)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -73,23 +64,18 @@ def setup_parallel(tp, device_type="auto", *, dp_shard=None, fsdp_alone=False):
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    if world_size == 1:
-        if not fsdp_alone:
-            return ParallelContext(0, 1, 1, 1, 0, 0, device)
-        if not dist.is_initialized():   # in memory: no rendezvous, no port
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    elif not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+    if world_size == 1 and not fsdp_alone:
+        return ParallelContext(0, 1, 1, 1, 0, 0, device)
+    if not dist.is_initialized():
+        alone = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if world_size == 1 else {}
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", **alone)
     return mesh_context(rank, world_size, tp, device, dp_shard=dp_shard, fsdp_alone=fsdp_alone)
 
 
 def mesh_context(rank, world_size, tp, device, *, dp_shard=None, fsdp_alone=False):
-    """The context of `rank` on a (world_size / tp, tp) mesh of an initialised process group;
-    `fsdp_alone`: a dp axis of one rank still carries FSDP (or replicate), for its precision policy.
-
-    Needs nothing but the process group: `--plan` builds it on PyTorch's fake process group.
-    """
+    """The context of `rank` on a (world_size / tp, tp) mesh of an initialised process group (`--plan`:
+    PyTorch's fake one). The dp axis carries FSDP (`dp_shard` False: replicas) when it has more than
+    one rank, or with `fsdp_alone`, for the mixed-precision policy."""
     check_layout(world_size, tp)
     dp = world_size // tp
     mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))

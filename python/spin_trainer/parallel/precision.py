@@ -1,24 +1,11 @@
 """Numeric precision of a run: what the parameters are stored in and what the forward computes in.
 
-`--dtype bfloat16` (or float16) is mixed precision, the standard way: fp32 master weights, fp32
-gradient reduction and fp32 optimizer state, compute in the low-precision dtype. A SPIN update at
-lr 5e-7 is far below a bf16 weight's rounding step (2^-8 relative), so a bf16 weight mostly keeps
-its old value: 10 AdamW steps at 5e-7 on a bf16 Linear(2048, 2048) change about 1 % of the
-weights, and all of them in fp32 (tests/test_train_precision.py measures it).
-
-- The cast is FSDP2's `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)` in every layout:
-  the all-gathered weights are bf16 (embeddings and norms too, so the residual stream is bf16),
-  gradients are reduced in fp32 into the fp32 shards. One process and tensor parallelism alone
-  put `fully_shard` (`replicate` with `--no-dp-shard`) on a data-parallel axis of one rank for it
-  (parallel/mesh.py, as torchtitan does), so that every layout is one numerical model: the first
-  step's log-probs and the generations of one process and of FSDP over many are the same bits.
-  (torch.autocast, the other common way, keeps embeddings, norm weights and the residual stream in
-  fp32: another model, whose bf16 results differ from FSDP's.)
-- float32 is the plain path: no casts (and one process without FSDP).
-
-`--pure-low-precision` keeps the parameters, gradients and optimizer state themselves in --dtype
-(the old behaviour: half the memory of the weights, but updates below a weight's rounding step are
-lost).
+`--dtype bfloat16` (or float16) is mixed precision: fp32 master weights, gradient reduction and
+optimizer state, as a bf16 weight cannot hold a SPIN-sized update (tests/test_train_precision.py
+measures it). The cast is FSDP2's MixedPrecisionPolicy in every layout, one process included
+(mesh.py, as torchtitan does), so that every layout is one numerical model; torch.autocast would be
+another (fp32 embeddings, norms and residual stream). `--pure-low-precision` stores everything in
+--dtype: half the weight memory, but updates below a weight's rounding step are lost.
 """
 from dataclasses import dataclass
 

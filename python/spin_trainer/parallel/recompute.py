@@ -1,19 +1,16 @@
 """Activation recompute of decoder layers (`--recompute {none,elementwise,full}`).
 
-    full         each decoder layer keeps only its input; everything inside is recomputed in the
-                 backward (one more forward of the layers: ~1/3 more compute, the least memory)
-    elementwise  the layers keep their matmul outputs but recompute the cheap elementwise parts:
-                 the RMSNorms (whose fp32 intermediates they would otherwise keep) and the SwiGLU
-                 product act(gate) * up. On the 1.24 B Llama shape at 8192 tokens per step this
-                 took the peak from 22.6 to 18.6 GiB for 7 % more step time (benchmarks/results/e2e.md)
-    none         nothing is recomputed
+    full         each decoder layer keeps only its input; the backward recomputes the rest
+                 (~1/3 more compute, the least memory)
+    elementwise  the layers keep their matmul outputs but recompute the RMSNorms (whose fp32
+                 intermediates they would otherwise keep) and the SwiGLU product act(gate) * up. On
+                 the 1.24 B Llama shape at 8192 tokens per step this took the peak from 22.6 to
+                 18.6 GiB for 7 % more step time (benchmarks/results/e2e.md)
 
-The recompute wraps a module's own `forward` (an instance attribute bound to the module, so the
-parameter names, the state dict and a deep copy stay those of the plain model) in non-reentrant
-`torch.utils.checkpoint`. Without grad (generation, reference and evaluation forwards) the wrapped
-forward runs as it is. It is applied before `fully_shard` (apply.py): FSDP's
-hooks sit around the layer call and its pre-backward all-gather is in place when the backward
-recomputes.
+It wraps a module's own `forward` (an instance attribute, so parameter names, state dict and deep
+copies stay the plain model's) in non-reentrant `torch.utils.checkpoint`, and runs it as it is
+without grad. Applied before `fully_shard`, so FSDP's pre-backward all-gather is in place when the
+backward recomputes.
 """
 import types
 
@@ -62,15 +59,11 @@ def _recomputed_forward(self, *args, **kwargs):
     return _recompute(_with_attention_of_now(self, type(self).forward.__get__(self)), *args, **kwargs)
 
 
-def _act_times_up(act_fn, gate, up):
-    return act_fn(gate) * up
-
-
 def _recomputed_swiglu_forward(self, x):
     """Llama MLP: gate and up are kept, act(gate) * up is recomputed (it is also down_proj's
     saved input, so act(gate) is the intermediate-sized tensor this saves)."""
     gate, up = self.gate_proj(x), self.up_proj(x)
-    return self.down_proj(_recompute(_act_times_up, self.act_fn, gate, up))
+    return self.down_proj(_recompute(lambda gate, up: self.act_fn(gate) * up, gate, up))
 
 
 _PATCHES = (_recomputed_forward, _recomputed_swiglu_forward)
@@ -97,8 +90,8 @@ def apply_recompute(layers, mode):
         elif mode == "elementwise":
             mlp = getattr(layer, "mlp", None)
             if not all(hasattr(layer, n) for n in NORM_NAMES) or not all(hasattr(mlp, n) for n in SWIGLU_NAMES):
-                raise UsageError(f"{option('recompute')} elementwise: {type(layer).__name__} is not a Llama-family layer "
-                                 f"(input/post-attention RMSNorms and a gate/up/down SwiGLU MLP); "
+                raise UsageError(f"{option('recompute')} elementwise: {type(layer).__name__} is not a Llama-family "
+                                 f"layer (input/post-attention RMSNorms and a gate/up/down SwiGLU MLP); "
                                  f"use {option('recompute')} full")
             for name in NORM_NAMES:
                 _patch(getattr(layer, name), _recomputed_forward)

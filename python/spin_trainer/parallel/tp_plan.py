@@ -1,10 +1,8 @@
-"""Tensor-parallel plan of Llama-family models, written as data for `parallelize_module`.
-
-Attention: q/k/v column-parallel (each rank owns heads/tp heads), o_proj row-parallel. MLP:
-gate/up column-parallel, down row-parallel. LM head column-parallel over the vocabulary with its
-output kept as the local shard [B, T, V/tp]: `spin_loss(process_group=tp_group)` consumes that
-shard directly, so the full [B, T, V] logits never exist on any rank. Embeddings and norms stay
-replicated (their gradients arrive complete on every rank through the column-parallel inputs).
+"""Tensor-parallel plan of Llama-family models, written as data for `parallelize_module` (each rank
+owns heads/tp attention heads). The LM head is column-parallel over the vocabulary, its output kept
+as the local shard [B, T, V/tp] that `spin_loss(process_group=tp_group)` consumes: the full
+[B, T, V] logits never exist on any rank. Embeddings and norms stay replicated (their gradients
+arrive complete on every rank through the column-parallel inputs).
 """
 from contextlib import contextmanager
 
@@ -15,17 +13,14 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from ..errors import UsageError, option
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+LAYER_PLAN = {"self_attn.q_proj": ColwiseParallel, "self_attn.k_proj": ColwiseParallel,
+              "self_attn.v_proj": ColwiseParallel, "mlp.gate_proj": ColwiseParallel, "mlp.up_proj": ColwiseParallel,
+              "self_attn.o_proj": RowwiseParallel, "mlp.down_proj": RowwiseParallel}
 
 
 def llama_tp_plan(num_layers):
     """{module FQN: ParallelStyle} for a HF *ForCausalLM of the Llama family."""
-    plan = {}
-    for layer in range(num_layers):
-        prefix = f"model.layers.{layer}."
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
-            plan[prefix + name] = ColwiseParallel()
-        for name in ("self_attn.o_proj", "mlp.down_proj"):
-            plan[prefix + name] = RowwiseParallel()
+    plan = {f"model.layers.{i}.{name}": style() for i in range(num_layers) for name, style in LAYER_PLAN.items()}
     plan["lm_head"] = ColwiseParallel(use_local_output=True)
     return plan
 
@@ -45,14 +40,14 @@ def check_tensor_parallel(config, tp):
             raise UsageError(f"{option('tp')} {tp} does not divide the model's {name} ({size})")
     if getattr(config, "tie_word_embeddings", False):
         raise UsageError(f"{option('tp')} {tp}: the model ties its LM head to the input embeddings "
-                         f"(tie_word_embeddings=True), which the vocab-sharded LM head cannot keep; use {option('tp')} 1")
+                         f"(tie_word_embeddings=True), which the vocab-sharded LM head cannot keep; "
+                         f"use {option('tp')} 1")
 
 
 def apply_tensor_parallel(model, ctx):
     """Shards `model` in place over ctx.tp_mesh (no-op when tp == 1); returns the model."""
     if ctx.tp_size == 1:
         return model
-
     check_tensor_parallel(model.config, ctx.tp_size)
     plan = llama_tp_plan(model.config.num_hidden_layers)
     modules = dict(model.named_modules())
