@@ -19,10 +19,11 @@ The rest is arithmetic on those numbers and on the model's shape, stated term by
                            packed (the layout the trainer would choose: packed_scoring.py)
     activations            plan/activations.py (formula and assumptions there)
     FSDP gathered weights, FSDP gradient buffers, backward working set, training peak:
-                           plan/training.py (the phases of the backward). In mixed precision every
-                           layout casts with FSDP's MixedPrecisionPolicy (one process on a data-
-                           parallel axis of one rank, --no-dp-shard through replicate), as
-                           setup_parallel does; the plan builds the same context on the fake group
+                           plan/training.py (the phases of the backward). In mixed
+                           precision every layout casts with FSDP's MixedPrecisionPolicy (one
+                           process on a data-parallel axis of one rank, --no-dp-shard through
+                           replicate), as setup_parallel does; the plan builds the same context
+                           on the fake group
     generation             parameters, optimizer state (unless --offload-optimizer), the full
                            weights in the compute dtype (FSDP or replicate unsharded for the whole
                            generation), and the KV cache and the prefill's transients
@@ -45,7 +46,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from spin_kernels.dtensor import is_dtensor, local_tensor
+from spin_kernels.dtensor import is_dtensor
 
 from ..errors import option
 from ..lm_head import output_embedding
@@ -57,7 +58,7 @@ from .activations import ComputeMode, DecoderShape, estimate_activations
 from .generation import generation_memory
 from .host import DEFAULT_GPUS_PER_NODE, host_memory
 from .micro_batch import micro_batch
-from .training import FsdpUnits, training_step
+from .training import FsdpUnits, local_bytes, training_step
 
 GIB = 2 ** 30
 DEFAULT_DEVICE_MEMORY_GIB = 80.0
@@ -75,11 +76,6 @@ def fake_process_group(rank, world_size):
         yield
     finally:
         dist.destroy_process_group()
-
-
-def local_bytes(tensor):
-    local = local_tensor(tensor)
-    return local.numel() * local.element_size()
 
 
 def tp_local_numel(param):
@@ -153,8 +149,13 @@ class MemoryPlan:
         return self.step.working_set
 
     @property
+    def training_peak_phase(self):
+        """The phase of the training step at its peak (plan/training.py)."""
+        return self.step.peak_phase(self.activations)[0]
+
+    @property
     def training_peak(self):
-        return self.state + self.step.peak_phase(self.activations)
+        return self.state + self.step.peak_phase(self.activations)[1]
 
     @property
     def generation_resident(self):
@@ -217,6 +218,8 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
         for p in params:
             p.grad = torch.zeros_like(p)
         optimizer.step()   # allocates the state (on the meta device: shapes only)
+        optimizer_name = optimizer_options.get("name", "adamw")
+        in_backward = optimizer_options.get("in_backward", False)
         if getattr(optimizer, "in_backward", False):
             optimizer.remove_hooks()
         states = [optimizer.state.get(p, {}) for p in params]
@@ -243,7 +246,6 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
     activations = estimate_activations(shape, mode, recompute, batch, head=head,
                                        segmented=packing == "shared" and attention == "sdpa")
     largest = max(layers, key=lambda u: u.gathered_numel)
-    in_backward = optimizer_options.get("in_backward", False)
     units = FsdpUnits(root=root.gathered_numel, layer=largest.gathered_numel, layers=len(layers), head=head_numel,
                       group=group, replicate=not dp_shard) if fsdp else None
     # gradients are reduced in float32 in mixed precision (MixedPrecisionPolicy), else in their own dtype
@@ -256,7 +258,6 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
     host = host_memory(parameters=parameters, largest_shard=largest_shard, optimizer_state=optimizer_state,
                        reference=reference, generate_every=generate_every, offload_optimizer=offload_optimizer,
                        ranks_per_node=min(nproc, gpus_per_node or DEFAULT_GPUS_PER_NODE))
-    optimizer_name = optimizer_options.get("name", "adamw")
     description = [
         f"memory plan: {name} ({architecture}, {parameter_count / 1e9:.2f} B parameters), {nproc} "
         f"process{'es' if nproc > 1 else ''} = {dp_size} data-parallel x {tp} tensor-parallel; rank {rank}"
