@@ -2,7 +2,8 @@
 process, the model parallelized as cli.py does it (in mixed precision FSDP's `fully_shard`, or
 `replicate` with --no-dp-shard, on a data-parallel axis of one rank), SpinTrainer.train_step over
 two micro-batches (from the second one on every gradient is there, as the plan counts them), the
-bytes measured as the tensors the operators and FSDP allocate (tests/live_bytes.py).
+bytes measured as the tensors the operators and FSDP allocate (tests/live_bytes.py), the update
+multi-tensor as on CUDA.
 
 The shapes make every term visible: weights, activations and FSDP's copies of a similar size; a
 16x vocabulary makes the LM head's gradient a large part of the loss's backward. Every batch is
@@ -28,8 +29,9 @@ from spin_trainer.logprobs import Scorer
 from spin_trainer.packed_scoring import pair_batch_tokens
 from spin_trainer.packing import pack_pairs
 from spin_trainer.model import build_tiny_llama
+from spin_trainer.optim import make_optimizer
 from spin_trainer.parallel.apply import decoder_layers, parallelize_model
-from spin_trainer.parallel.mesh import setup_parallel, teardown_parallel
+from spin_trainer.parallel.mesh import ParallelContext, setup_parallel, teardown_parallel
 from spin_trainer.parallel.precision import Precision
 from spin_trainer.plan.memory import memory_plan
 from spin_trainer.plan.micro_batch import micro_batch
@@ -72,8 +74,8 @@ def measured_step(case, monkeypatch):
     leaves, FSDP's gathered weights at their largest, the whole step's peak beside the model state,
     and each phase's peak beside it (the second micro-batch's, every gradient there): the loss's
     backward, a decoder layer's backward to the end of its MLP's (the top two layers'), the top two
-    layers' backward with the top one's reduce, and the end of the backward (from the
-    embeddings' backward on)."""
+    layers' backward with the top one's reduce, the end of the backward (from the embeddings'
+    backward on) and the optimizer's update, multi-tensor as CUDA runs it."""
     vocab, hidden, mlp, layer_count = SHAPES[case["shape"]]
     precision = Precision(case["dtype"], pure=case["pure"])
     ctx = setup_parallel(1, "cpu", dp_shard=case["dp_shard"], fsdp_alone=precision.mixed)   # as cli.py
@@ -90,6 +92,8 @@ def measured_step(case, monkeypatch):
                  else full_pairs(vocab, LENGTH, pairs))
         micro_batches = [(batch, torch.zeros(2 * pairs), 0)] * 2
         trainer.train_step(micro_batches)   # the first step makes the optimizer's state
+        for group in trainer.optimizer.param_groups:   # CUDA's default; the CPU's steps tensor by tensor
+            group["foreach"] = True
         state = [v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         seen, phases = {}, {}
 
@@ -122,13 +126,14 @@ def measured_step(case, monkeypatch):
             out.register_hook(window(opens=["end of backward"]))
 
         model.get_input_embeddings().register_forward_hook(at_embeddings_gradient)
-        backward_done = window(closes=["end of backward"])
+        backward_done = window(closes=["end of backward"], opens=["optimizer step"])
 
         def before_update(*args):
             seen["gradients"] = sum(local_bytes(p.grad) for p in model.parameters())
             backward_done()
 
         trainer.optimizer.register_step_pre_hook(before_update)
+        trainer.optimizer.register_step_post_hook(window(closes=["optimizer step"]))
         with LiveTensorBytes(list(model.parameters()) + list(model.buffers()) + state) as live:
             # the log-prob ops as the GPU runs them: one Triton kernel with no working memory of its
             # own (the fused head's chunk loop is seen, its op run as plain Python; its CPU-only fp32
@@ -221,14 +226,39 @@ def assert_step_equals_plan(case, got, plan):
     # backward, whose part beside the rest (saved activations less the LM head's and the final
     # norm's, FSDP's copies and buffers) is the working set (so a term of the rest that is wrong by
     # a tenth of the working set fails here too: FSDP's down_proj gradient, the final norm's
-    # activations, the LM head's gradient)
+    # activations, the LM head's gradient); the optimizer's update (its temporaries alone)
     assert got["layers"] == pytest.approx(max(phases["layer backward"], phases["layer reduce"]), rel=0.1)
     beside = got["layer backward"] - (phases["layer backward"] - step.working_set)
     assert beside == pytest.approx(step.working_set, rel=0.1)
+    assert got["optimizer step"] == pytest.approx(phases["optimizer step"], rel=0.1)
     if plan.fsdp:   # without FSDP the embeddings' gradient is formed, then added: less than the loss's backward
         assert got["end of backward"] == pytest.approx(phases["end of backward"], rel=0.1)
     if case["shape"] == "vocab":   # elsewhere the final norm's fp32 backward (not counted) can set it
         assert got["loss backward"] == pytest.approx(phases["loss backward"], rel=0.1)
+
+
+@pytest.mark.parametrize("name, weight_decay, in_backward", [
+    ("adamw", 0.1, False), ("rmsprop", 0.0, False), ("rmsprop", 0.1, False), ("adamw", 0.1, True),
+    ("rmsprop", 0.1, True)])
+def test_update_temporaries_equal_a_measured_update(name, weight_decay, in_backward):
+    """The trainer's optimizer stepped as on CUDA: multi-tensor (RMSprop with weight decay adds the
+    decayed gradients to the square root), a parameter group at a time; in the backward AdamW fused
+    (nothing), RMSprop one parameter's. Measured beside the parameters, gradients and state."""
+    model = build_tiny_llama(512, hidden_size=256, intermediate_size=704, num_layers=2)
+    optimizer = make_optimizer(model, ctx=ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu")), lr=1e-3, name=name,
+                               weight_decay=weight_decay, in_backward=in_backward)
+    for group in optimizer.param_groups:   # CUDA's choices; the CPU's default steps tensor by tensor
+        group["fused" if in_backward and name == "adamw" else "foreach"] = True
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()   # makes the state
+    state = [v for s in optimizer.state.values() for v in s.values()]
+    with LiveTensorBytes([*model.parameters(), *(p.grad for p in model.parameters()), *state]) as live:
+        optimizer.step()
+    plan = memory_plan(model.config, nproc=1, tp=1, precision=Precision("float32"),
+                       optimizer_options=dict(name=name, weight_decay=weight_decay, in_backward=in_backward))
+    assert live.peak == pytest.approx(plan.optimizer_update, rel=0.1)
+    assert (plan.optimizer_update == 0) == (in_backward and name == "adamw")
 
 
 @pytest.mark.parametrize("layout", ["shared", "separate"])

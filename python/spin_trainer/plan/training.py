@@ -36,6 +36,15 @@ group's size (the data-parallel size under FSDP; 1 for one process and for `repl
                        either step); under --recompute full the layer's activations are rebuilt
                        first (one layer's activations without recompute)
 
+    optimizer update   torch.optim's multi-tensor (foreach) step, CUDA's default, steps one
+                       parameter group at a time (make_optimizer: one per device mesh and weight-
+                       decay choice) and allocates, for the group's local elements in the state's
+                       dtype (the parameters'): AdamW the square root of exp_avg_sq, RMSprop that
+                       of square_avg and, with weight decay, the decayed gradients beside it
+                       (torch/optim/adam.py, rmsprop.py: _multi_tensor_*). With
+                       --optimizer-in-backward each parameter is stepped in the backward as its
+                       gradient is complete: AdamW fused (in place, nothing), RMSprop (no fused
+                       kernel) one parameter's, on top of any phase of the backward (a bound)
 
     training peak = state + the largest of the phases
         loss backward        activations (the fused head's transients freed) + gathered weights
@@ -53,6 +62,7 @@ group's size (the data-parallel size under FSDP; 1 for one process and for `repl
                              reduce transients as a layer's); `replicate` holds every layer's
                              reduced gradient (r·U each) to the end of the backward once the
                              gradients accumulate
+        optimizer step       the update's temporaries (the activations and FSDP's copies are gone)
 
 Without FSDP (float32 or --pure-low-precision on one process, or tensor parallelism alone)
 autograd adds each weight's gradient into the parameter's: no gathered weights and no buffers,
@@ -88,24 +98,41 @@ class TrainingStep:
     working_set: int
     head_gradient: int       # the LM head weight's gradient, from the loss's backward on
     head_gradient_formed: int = 0   # the part the loss's backward adds (--head fused forms it in the forward)
+    update: int = 0          # the optimizer update's temporaries (update_bytes)
+    update_in_backward: bool = False
 
     def phases(self, activations):
-        """{phase: bytes} of the backward, beside the model state (activations: an ActivationEstimate)."""
-        a = activations
-        return {
+        """{phase: bytes} of the step, beside the model state (activations: an ActivationEstimate)."""
+        a, in_backward = activations, self.update if self.update_in_backward else 0
+        backward = {
             "loss backward": a.total - a.head_transient + self.gathered_after_forward + self.head_gradient_formed,
             "layer backward": a.total - a.head - a.final_norm + self.working_set + self.gathered + self.gradient_buffers,
             "layer reduce": a.total - a.head - a.top_layer + self.reduce,
             "end of backward": self.end_of_backward}
+        return {**{name: value + in_backward for name, value in backward.items()},
+                "optimizer step": 0 if self.update_in_backward else self.update}
 
     def peak_phase(self, activations):
-        """(name, bytes) of the largest phase of the backward, beside the model state."""
+        """(name, bytes) of the largest phase of the step, beside the model state."""
         return max(self.phases(activations).items(), key=lambda phase: phase[1])
 
 
 def local_bytes(tensor):
     local = local_tensor(tensor)
     return local.numel() * local.element_size()
+
+
+def update_bytes(optimizer, name, in_backward):
+    """The largest temporaries of one multi-tensor update of `optimizer` (make_optimizer's: an
+    InBackwardOptimizer's param_groups are its parameters' own), as CUDA runs it (docstring above)."""
+    if in_backward and name == "adamw":
+        return 0   # fused on CUDA: in place
+
+    def group_bytes(group):
+        copies = 2 if name == "rmsprop" and group["weight_decay"] else 1
+        return copies * sum(local_bytes(p) for p in group["params"])
+
+    return max(map(group_bytes, optimizer.param_groups))
 
 
 def working_set(activations, weight_gradient, kept):
@@ -119,16 +146,18 @@ def working_set(activations, weight_gradient, kept):
     return a.residual_gradient + a.rebuilt + max(a.mlp_gradients, a.mlp_product_gradient + weight_gradient)
 
 
-def training_step(units, activations, *, compute_bytes, reduce_bytes, head, largest_layer_weight, fused_head=False):
+def training_step(units, activations, *, compute_bytes, reduce_bytes, head, largest_layer_weight, fused_head=False,
+                  update=0, update_in_backward=False):
     """TrainingStep of `units` (FsdpUnits; None without FSDP); `head`: the LM head weight's elements,
     `largest_layer_weight`: the largest decoder-layer weight's (without FSDP, a gradient is formed
     whole, then added); `fused_head`: the fused head's d weight is among the activations already
-    (activations.py)."""
+    (activations.py); `update`: update_bytes, stepped `update_in_backward` or after it."""
     a, b, r = activations, compute_bytes, reduce_bytes
+    updates = dict(update=update, update_in_backward=update_in_backward)
     if units is None:
         return TrainingStep(gathered=0, gathered_after_forward=0, gradient_buffers=0, reduce=0, end_of_backward=0,
                             working_set=working_set(a, r * largest_layer_weight, kept=False), head_gradient=r * head,
-                            head_gradient_formed=0 if fused_head else r * head)
+                            head_gradient_formed=0 if fused_head else r * head, **updates)
     u = units
     kept_layers = u.layers if u.replicate else 2 if u.group > 1 else 1
     gathered = b * (u.root + kept_layers * u.layer)
@@ -152,4 +181,4 @@ def training_step(units, activations, *, compute_bytes, reduce_bytes, head, larg
         end_of_backward=max(2 * b * u.root + r * u.layer, reduce_transients(u.root))
         + (u.layers * r * u.layer if u.replicate else 0),
         working_set=working_set(a, b * largest_layer_weight, kept=True),
-        head_gradient=head_gradient, head_gradient_formed=0 if fused_head else head_gradient)
+        head_gradient=head_gradient, head_gradient_formed=0 if fused_head else head_gradient, **updates)
