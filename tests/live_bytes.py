@@ -5,6 +5,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from spin_kernels.dtensor import local_tensor
+
 
 class LiveTensorBytes(TorchDispatchMode):
     """The peak bytes of the storages that ATen operators return, and of the storages FSDP2 resizes
@@ -13,18 +15,19 @@ class LiveTensorBytes(TorchDispatchMode):
     bf16 matmul's fp32 result buffer, which cuBLAS does not need); storages that existed before
     (the weights) are not counted. A storage's Python object lives exactly as long as the storage
     (also when only autograd's saved tensors hold it), so its finalizer marks the free.
-    `resized` is the bytes of the resized storages alone (FSDP's gathered weights). With
-    `snapshots`, `at_peak` is what was live at the peak: (bytes, the operator that made it), largest
-    first (to find which tensors make a peak; costs a copy at every new peak)."""
+    `resized` is the bytes of the resized storages alone, and of all_gather()'s outputs (FSDP's
+    gathered weights). With `snapshots`, `at_peak` is what was live at the peak: (bytes, the
+    operator that made it), largest first (to find which tensors make a peak; costs a copy at every
+    new peak)."""
 
     def __init__(self, existing, snapshots=False):
         super().__init__()
         self.snapshots, self.made_by, self.peak_live = snapshots, {}, {}
-        self.existing = {t.untyped_storage()._cdata for t in existing}
+        self.existing = {local_tensor(t).untyped_storage()._cdata for t in existing}
         self.live = {}        # the storage's C object -> bytes
         self.resized_keys = set()
         self.current = self.peak = self.resized = self.resized_peak = 0
-        self.window_peak = None   # the peak since open_window(), None when no window is open
+        self.windows = {}   # name -> the peak since open_window(name), while that window is open
         self.paused = False
 
     def _set(self, key, nbytes):
@@ -34,8 +37,8 @@ class LiveTensorBytes(TorchDispatchMode):
         if self.current > self.peak and self.snapshots:
             self.peak_live = {k: (n, self.made_by.get(k, "resized by FSDP")) for k, n in self.live.items()}
         self.peak = max(self.peak, self.current)
-        if self.window_peak is not None:
-            self.window_peak = max(self.window_peak, self.current)
+        for name, peak in self.windows.items():
+            self.windows[name] = max(peak, self.current)
         if key in self.resized_keys:
             self.resized += change
             self.resized_peak = max(self.resized_peak, self.resized)
@@ -46,13 +49,13 @@ class LiveTensorBytes(TorchDispatchMode):
         self.resized_keys.discard(key)
         self.made_by.pop(key, None)
 
-    def open_window(self):
-        """Starts a peak of its own (a phase of the step: close_window() returns it)."""
-        self.window_peak = self.current
+    def open_window(self, name):
+        """Starts a peak of its own (a phase of the step: close_window(name) returns it); windows of
+        different names may overlap."""
+        self.windows[name] = self.current
 
-    def close_window(self):
-        peak, self.window_peak = self.window_peak, None
-        return peak
+    def close_window(self, name):
+        return self.windows.pop(name)
 
     @property
     def at_peak(self):
@@ -87,8 +90,25 @@ class LiveTensorBytes(TorchDispatchMode):
 
         return counted_outputs
 
+    def all_gather(self, collective):
+        """`collective` (an all-gather into its first argument) as one kernel whose output counts with
+        the resized storages: FSDP's all-gather output holds a unit's gathered weights until their
+        copy-out (a prefetched unit's during the backward of the one before)."""
+        run = self.one_kernel(collective)
+
+        def gathered(output, *args, **kwargs):
+            key = local_tensor(output).untyped_storage()._cdata
+            if key in self.live and key not in self.resized_keys:
+                self.resized_keys.add(key)
+                self.resized += self.live[key]
+                self.resized_peak = max(self.resized_peak, self.resized)
+            return run(output, *args, **kwargs)
+
+        return gathered
+
     def _track_outputs(self, out, func=None):
         for tensor in tree_flatten(out)[0]:
+            tensor = local_tensor(tensor)   # a DTensor op (the mode sees it before DTensor does): its shard
             if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata not in self.live:
                 made_by = f"{func} {tuple(tensor.shape)} {tensor.dtype}" if self.snapshots else None
                 self._track(tensor.untyped_storage(), tensor.untyped_storage().nbytes(), made_by=made_by)

@@ -18,11 +18,12 @@ The rest is arithmetic on those numbers and on the model's shape, stated term by
     the micro-batch        plan/micro_batch.py: its token budget and LM head rows, padded or
                            packed (the layout the trainer would choose: packed_scoring.py)
     activations            plan/activations.py (formula and assumptions there)
-    FSDP gathered weights, FSDP gradient buffers, backward working set, training peak:
-                           plan/training.py (the phases of the backward). In mixed precision every
-                           layout casts with FSDP's MixedPrecisionPolicy (one process on a data-
-                           parallel axis of one rank, --no-dp-shard through replicate), as
-                           setup_parallel does; the plan builds the same context on the fake group
+    FSDP gathered weights, FSDP gradient buffers, backward working set, optimizer update,
+                           training peak: plan/training.py (the phases of the step). In mixed
+                           precision every layout casts with FSDP's MixedPrecisionPolicy (one
+                           process on a data-parallel axis of one rank, --no-dp-shard through
+                           replicate), as setup_parallel does; the plan builds the same context
+                           on the fake group
     generation             parameters, optimizer state (unless --offload-optimizer), the full
                            weights in the compute dtype (FSDP or replicate unsharded for the whole
                            generation), and the KV cache and the prefill's transients
@@ -32,7 +33,8 @@ The rest is arithmetic on those numbers and on the model's shape, stated term by
     host memory            plan/host.py
 
     training peak    = parameters + gradients + optimizer state (+ a resident reference)
-                       + the largest phase of the backward (plan/training.py)
+                       + the largest phase of the step: the backward's or the optimizer
+                       update's (plan/training.py)
     per-rank peak    = max(model loading, training peak, generation peak)
 
 With --optimizer-in-backward each gradient is freed by its own update, so at most one FSDP unit's
@@ -45,7 +47,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from spin_kernels.dtensor import is_dtensor, local_tensor
+from spin_kernels.dtensor import is_dtensor
 
 from ..errors import option
 from ..lm_head import output_embedding
@@ -57,7 +59,7 @@ from .activations import ComputeMode, DecoderShape, estimate_activations
 from .generation import generation_memory
 from .host import DEFAULT_GPUS_PER_NODE, host_memory
 from .micro_batch import micro_batch
-from .training import FsdpUnits, training_step
+from .training import FsdpUnits, local_bytes, training_step, update_bytes
 
 GIB = 2 ** 30
 DEFAULT_DEVICE_MEMORY_GIB = 80.0
@@ -75,11 +77,6 @@ def fake_process_group(rank, world_size):
         yield
     finally:
         dist.destroy_process_group()
-
-
-def local_bytes(tensor):
-    local = local_tensor(tensor)
-    return local.numel() * local.element_size()
 
 
 def tp_local_numel(param):
@@ -153,8 +150,17 @@ class MemoryPlan:
         return self.step.working_set
 
     @property
+    def training_peak_phase(self):
+        """The phase of the training step at its peak (plan/training.py)."""
+        return self.step.peak_phase(self.activations)[0]
+
+    @property
+    def optimizer_update(self):
+        return self.step.update
+
+    @property
     def training_peak(self):
-        return self.state + self.step.peak_phase(self.activations)
+        return self.state + self.step.peak_phase(self.activations)[1]
 
     @property
     def generation_resident(self):
@@ -217,6 +223,9 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
         for p in params:
             p.grad = torch.zeros_like(p)
         optimizer.step()   # allocates the state (on the meta device: shapes only)
+        optimizer_name = optimizer_options.get("name", "adamw")
+        in_backward = optimizer_options.get("in_backward", False)
+        update = update_bytes(optimizer, optimizer_name, in_backward)   # as CUDA steps it
         if getattr(optimizer, "in_backward", False):
             optimizer.remove_hooks()
         states = [optimizer.state.get(p, {}) for p in params]
@@ -243,12 +252,12 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
     activations = estimate_activations(shape, mode, recompute, batch, head=head,
                                        segmented=packing == "shared" and attention == "sdpa")
     largest = max(layers, key=lambda u: u.gathered_numel)
-    in_backward = optimizer_options.get("in_backward", False)
     units = FsdpUnits(root=root.gathered_numel, layer=largest.gathered_numel, layers=len(layers), head=head_numel,
                       group=group, replicate=not dp_shard) if fsdp else None
     # gradients are reduced in float32 in mixed precision (MixedPrecisionPolicy), else in their own dtype
     step = training_step(units, activations, compute_bytes=b, reduce_bytes=precision.param_dtype.itemsize,
-                         head=head_numel, largest_layer_weight=largest_layer_weight, fused_head=head == "fused")
+                         head=head_numel, largest_layer_weight=largest_layer_weight, fused_head=head == "fused",
+                         update=update, update_in_backward=in_backward)
     # generation (full_weights): every unit gathered in the compute dtype
     generation_weights = b * (root.gathered_numel + sum(u.gathered_numel for u in layers)) if fsdp else 0
     generation = generation_memory(shape, mode, max_length=max_length,
@@ -256,7 +265,6 @@ def memory_plan(config, *, nproc, tp, precision, dp_shard=None, recompute="none"
     host = host_memory(parameters=parameters, largest_shard=largest_shard, optimizer_state=optimizer_state,
                        reference=reference, generate_every=generate_every, offload_optimizer=offload_optimizer,
                        ranks_per_node=min(nproc, gpus_per_node or DEFAULT_GPUS_PER_NODE))
-    optimizer_name = optimizer_options.get("name", "adamw")
     description = [
         f"memory plan: {name} ({architecture}, {parameter_count / 1e9:.2f} B parameters), {nproc} "
         f"process{'es' if nproc > 1 else ''} = {dp_size} data-parallel x {tp} tensor-parallel; rank {rank}"

@@ -74,6 +74,9 @@ def format_plan(plan, *, max_length, gen_batch_size, device_memory_gib,
         lines += [f"  FSDP gathered weights   {_gib(plan.fsdp_gathered)}  (root + {kept})",
                   f"  FSDP gradient buffers   {_gib(plan.fsdp_gradient_buffers)}  (the LM head's unsharded gradient, "
                   f"a layer's reduce input)"]
+    lines.append(f"  optimizer update        {_gib(plan.optimizer_update)}  ("
+                 + ("in the backward, a parameter at a time" if plan.step.update_in_backward
+                    else "multi-tensor temporaries, a parameter group at a time") + ")")
     g = plan.generation
     decoder = "static-cache decoder" if g.static_decoder else "Hugging Face's decoder (tensor parallel)"
     device = device_memory_gib * GIB
@@ -83,7 +86,7 @@ def format_plan(plan, *, max_length, gen_batch_size, device_memory_gib,
         f"{decoder})",
         f"  generation transients   {_gib(plan.generation_transient)}  (prefill of {gen_batch_size} prompts of "
         f"{max_length - 1} tokens: RMSNorm's fp32 upcast, attention, MLP)",
-        f"training step peak:       {_gib(plan.training_peak)}",
+        f"training step peak:       {_gib(plan.training_peak)}  (its largest phase: {plan.training_peak_phase})",
         f"generation peak:          {_gib(plan.generation_peak)}  ("
         + (f"full weights {plan.generation_weights / GIB:.2f} GiB, " if plan.generation_weights else "")
         + f"{option('gen_batch_size')} {gen_batch_size}"
