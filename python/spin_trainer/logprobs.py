@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from spin_kernels.loss import linear_spin_loss, linear_token_logprobs, spin_loss_from_logps, token_logprobs
+from spin_kernels.loss.packed import sums_by_index
 
 from .lm_head import compacted_input, fused_output, output_embedding, redirected_head
 from .packed_attention import packed_forward
@@ -56,8 +57,7 @@ class LabelledLogps:
 
     def sequence_sums(self):
         """[S] float32 sum per row (differentiable); a row with no labelled token gives 0."""
-        sums = self.token_logps.new_zeros(self.num_rows)
-        return sums.index_add(0, self.rows, self.token_logps)
+        return sums_by_index(self.token_logps, self.rows, self.num_rows)
 
 
 @dataclass

@@ -17,7 +17,7 @@ targets are the gold response's, so both sums are the same numbers added in the 
 their difference is exactly 0 (as with two identical padded rows).
 
 Sequence ids: pair i's gold response is sequence i, its generated one B + i (`spin_loss`'s row
-order); per-sequence sums are `index_add` over `targets.sequences`, with no host sync.
+order); per-sequence sums are `sums_by_index` over `targets.sequences`, with no host sync.
 
 Attention: `attention_rule` is the one definition of who sees whom; `dense_mask` and `block_mask`
 (FlexAttention) are its two forms, which packed_attention.py hands to Hugging Face models. The
@@ -29,6 +29,8 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
+
+from spin_kernels.loss.packed import sums_by_index
 
 from .data import IGNORE_INDEX
 
@@ -69,8 +71,7 @@ class PackedPairs:
 
     def sequence_sums(self, token_logps):
         """[2B] float32 sums of `token_logps` ([M], in `targets` order), differentiable."""
-        sums = token_logps.new_zeros(self.num_sequences, dtype=torch.float32)
-        return sums.index_add(0, self.targets.sequences, token_logps.float())
+        return sums_by_index(token_logps, self.targets.sequences, self.num_sequences)
 
 
 class _Row:

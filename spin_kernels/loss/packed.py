@@ -1,6 +1,6 @@
 """Packed (padding-free) input: flat `[N, V]` logits or `[N, H]` hidden states whose tokens carry
 sequence ids, given as `seq_ids` [N] (-1 = no sequence) with `num_sequences`, or as flash-attn's
-`cu_seqlens` [S + 1]. Per-sequence sums are `index_add` over the ids: no host sync, no padding.
+`cu_seqlens` [S + 1]. Per-sequence sums are `sums_by_index` over the ids: no host sync, no padding.
 """
 import math
 from typing import NamedTuple, Optional
@@ -9,6 +9,18 @@ import torch
 
 from spin_kernels.loss.validation import (masked_labels, packed_invalid, packed_sequences,
                                           shape_of)
+
+
+def sums_by_index(values: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor:
+    """[count] float32 sums of `values` [N] by `index` [N] (ids in [0, count)), differentiable, and
+    the same on every call. On CUDA `index_add` adds with atomics, in any order, so the same input
+    could give sums that differ in the last bit (and a policy that is the reference a margin that is
+    not exactly 0); `index_put` with accumulate sorts the ids and adds each one's values in order.
+    On the CPU `index_add` adds in order (`index_put` may split the work over threads)."""
+    zeros = values.new_zeros(count, dtype=torch.float32)
+    if values.is_cuda:
+        return zeros.index_put((index,), values.float(), accumulate=True)
+    return zeros.index_add(0, index, values.float())
 
 
 class Packing(NamedTuple):
@@ -25,8 +37,7 @@ class Packing(NamedTuple):
         would have refused."""
         spill = self.num_sequences  # one extra bin for the tokens of no sequence, then dropped
         index = self.seq.masked_fill(self.seq < 0, spill)
-        sums = values.new_zeros(spill + 1, dtype=torch.float32).index_add(0, index, values.float())
-        sums = sums[:spill]
+        sums = sums_by_index(values, index, spill + 1)[:spill]
         if self.invalid is not None:
             sums = sums + torch.where(self.invalid, math.nan, 0.0)
         return sums
