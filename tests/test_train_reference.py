@@ -119,3 +119,28 @@ def test_the_loop_pins_one_bank_for_the_whole_run(tmp_path, monkeypatch):
     rows = train_cli.main(train_args(*setup, str(tmp_path / "run"), "--reference", "swap", "--greedy"))
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert len(allocated) == 1
+
+
+@pytest.mark.parametrize("extra", [(), ("--no-pack-pairs", "--max-tokens-per-batch", "56")])
+def test_the_reference_is_precomputed_in_the_first_epochs_own_micro_batches(tmp_path, monkeypatch, extra):
+    """Every micro-batch the first epoch trains on was scored, as it is, for the iteration's
+    reference cache: on a GPU a row's log-probs may round otherwise in a batch of another shape, and
+    π − ref is exactly 0 at θ_t only if the reference saw the step's own batches."""
+    setup = tiny_setup(str(tmp_path))
+    scored, trained = [], []
+    original_logps, original_loss = Scorer.sequence_logps, Scorer.pair_loss
+
+    def sequence_logps(self, model, batch):
+        scored.append(batch.input_ids.tolist())
+        return original_logps(self, model, batch)
+
+    def pair_loss(self, model, batch, ref_logps, **kwargs):
+        if torch.is_grad_enabled():
+            trained.append(batch.input_ids.tolist())
+        return original_loss(self, model, batch, ref_logps, **kwargs)
+
+    monkeypatch.setattr(Scorer, "sequence_logps", sequence_logps)
+    monkeypatch.setattr(Scorer, "pair_loss", pair_loss)
+    train_cli.main(train_args(*setup, str(tmp_path / "run"), "--iterations", "1", *extra))
+    assert len(trained) >= 8   # 4 steps of 32 pairs in global batches of 8, 2 or more micro-batches each
+    assert all(batch in scored for batch in trained)

@@ -11,10 +11,10 @@ Per iteration t (`train`):
     checkpoint   after each iteration (and every `save_every` steps)
 
 At the start of iteration t the policy *is* the reference θ_t, so generations and (by default)
-the reference log-probs of the whole iteration are computed then, from the policy itself; the
-reference policy's weights are kept only where a mode needs them (ref_policy.py). Everything
-random is a function of (seed, iteration, epoch): a run resumed from a checkpoint replays the same
-batches and samples and reproduces the uninterrupted run.
+the reference log-probs of the whole iteration are computed then, from the policy itself, in the
+first epoch's own micro-batches (π − ref is then exactly 0 at its first step); the reference
+policy's weights are kept only where a mode needs them (ref_policy.py). Everything random is a
+function of (seed, iteration, epoch): a resumed run replays the same batches and samples.
 
 Scaling: each micro-batch's loss is weighted by its share of the global batch, and the gradients
 are summed over micro-batches and data-parallel ranks (FSDP's reduce-scatter set to a plain sum),
@@ -172,7 +172,8 @@ class SpinTrainer:
         `model`, which holds θ_t: the policy at the start of an iteration, else the reference's weights."""
         samples = self.generate_for(model, self.examples, epoch)
         examples, generated, dropped = self.iteration_pairs(samples)
-        cached = self.pair_logps(model, examples, generated) if self.reference.precomputes_logps else None
+        cached = (self.pair_logps(model, examples, generated, batches=self.step_batches(len(examples), epoch))
+                  if self.reference.precomputes_logps else None)
         self.record_generations(model, samples, cached, epoch)
         val_examples = self.validation_prompts()
         val_generated = self.generate_for(model, val_examples, epoch + 10_000)
@@ -186,11 +187,13 @@ class SpinTrainer:
                              gen_equals_gold=fraction_equal_to_gold(self.examples, samples),
                              dropped_truncated=dropped)
 
-    def pair_logps(self, model, examples, generated):
-        """[P, 2] log-prob sums of pairs under `model`, in the training step's micro-batches' bounds."""
+    def pair_logps(self, model, examples, generated, batches=None):
+        """[P, 2] log-prob sums of pairs under `model`, in the training step's micro-batches' bounds
+        (`batches`: the steps' global batches, scored as the steps take them; rollouts.pair_logps)."""
         t = self.config.train
         return pair_logps(model, examples, generated, self.scorer, micro_batch_size=t.micro_batch_size,
-                          pad_token_id=self.tokenizer.pad_token_id, max_tokens=t.max_tokens_per_batch)
+                          pad_token_id=self.tokenizer.pad_token_id, max_tokens=t.max_tokens_per_batch,
+                          batches=batches)
 
     def validation_prompts(self):
         """The validation prompts θ_t answers: for the evaluation at the iteration's end and --val-every only."""
@@ -242,13 +245,15 @@ class SpinTrainer:
         return self.reference.batch_logps(batch)
 
     # ---- train -----------------------------------------------------------------------------------
+    def step_batches(self, count, epoch):
+        """The global batches of the current iteration's `epoch` over its `count` pairs, one per
+        optimizer step: indices into the pairs, rank r's share the r-th of dp-size equal slices."""
+        size = self.config.train.global_batch_size
+        order = epoch_order(count, self.config.run.seed, self.position.iteration, epoch)
+        return [order[start:start + size] for start in range(0, count - size + 1, size)]
+
     def step_pairs(self):
-        """The next global batch: indices into the iteration's pairs, rank r's share the r-th of
-        dp-size equal slices."""
-        c, p = self.config, self.position
-        order = epoch_order(len(self.data.examples), c.run.seed, p.iteration, p.epoch)
-        start = p.step * c.train.global_batch_size
-        return order[start:start + c.train.global_batch_size]
+        return self.step_batches(len(self.data.examples), self.position.epoch)[self.position.step]
 
     def micro_batches(self, pairs):
         """(pair batch, its reference log-probs, generated tokens) of each of this rank's micro-batches

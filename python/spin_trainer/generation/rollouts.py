@@ -111,24 +111,38 @@ def generate(model, examples, sampling, scorer, *, tokenizer, max_length, batch_
 
 
 @torch.no_grad()
-def pair_logps(model, examples, generated, scorer, *, micro_batch_size, pad_token_id, max_tokens=0):
-    """[P, 2] float32 (actual, generated) response log-prob sums under `model`, on every rank: each
-    rank scores its shard in micro-batches of at most `micro_batch_size` pairs and `max_tokens`
-    tokens (0: no bound), as many as every other rank (micro_batches.py)."""
+def pair_logps(model, examples, generated, scorer, *, micro_batch_size, pad_token_id, max_tokens=0, batches=None):
+    """[P, 2] float32 (actual, generated) response log-prob sums under `model`, on every rank.
+
+    `batches`: lists of pair indices scored as the training steps take them (trainer.micro_batches:
+    rank r the r-th of equal slices, then micro-batches of at most `micro_batch_size` pairs and
+    `max_tokens` tokens, 0: no bound, as many as every other rank), the pairs they leave out after
+    them; None: all pairs as one batch. Scored in a step's own micro-batches, the reference's sums
+    at θ_t are the policy's of that step to the bit on any device (a GPU's matmuls may round a row
+    otherwise in a batch of another shape)."""
     ctx = scorer.ctx
-    shards = [shard_range(len(examples), rank, ctx.dp_size) for rank in range(ctx.dp_size)]
-
-    def tokens(i, j):
-        return pair_batch_tokens(examples[i:j], generated[i:j], scorer.packing)
-
+    batches = [list(range(len(examples)))] if batches is None else [list(b) for b in batches]
+    left = sorted(set(range(len(examples))).difference(*batches))
     rows = []
     with evaluating(model):
-        for i, j, counted in rank_spans(shards, ctx.dp_rank, tokens, max_items=micro_batch_size,
-                                        max_tokens=max_tokens):
-            batch = pair_batch(examples[i:j], generated[i:j], pad_token_id, scorer.packing).to(ctx.device)
-            logps = scorer.sequence_logps(model, batch).float().cpu()
-            if counted:
-                b = j - i
-                rows.extend(torch.stack([logps[:b], logps[b:]], dim=1).tolist())
+        for indices in batches + ([left] if left else []):
+            pairs = [examples[k] for k in indices], [generated[k] for k in indices]
+            shards = [shard_range(len(indices), rank, ctx.dp_size) for rank in range(ctx.dp_size)]
+
+            def tokens(i, j):
+                return pair_batch_tokens(pairs[0][i:j], pairs[1][i:j], scorer.packing)
+
+            for i, j, counted in rank_spans(shards, ctx.dp_rank, tokens, max_items=micro_batch_size,
+                                            max_tokens=max_tokens):
+                batch = pair_batch(pairs[0][i:j], pairs[1][i:j], pad_token_id, scorer.packing).to(ctx.device)
+                logps = scorer.sequence_logps(model, batch).float().cpu()
+                if counted:
+                    b = j - i
+                    rows.extend(zip(indices[i:j], logps[:b].tolist(), logps[b:].tolist()))
     gathered = gather_objects(rows, ctx.dp_group, ctx.dp_size)
-    return torch.tensor(gathered, dtype=torch.float32).reshape(len(examples), 2)
+    assert sorted(row[0] for row in gathered) == list(range(len(examples))), "every pair scored once"
+    result = torch.empty(len(examples), 2, dtype=torch.float32)
+    if gathered:
+        index, actual, generated_sums = zip(*gathered)
+        result[list(index)] = torch.tensor([actual, generated_sums], dtype=torch.float32).T
+    return result
