@@ -153,6 +153,11 @@ def test_a_tied_model_sharded_by_fsdp_on_2_ranks_exports_and_reloads(tmp_path):
     with pytest.raises(UsageError, match=r"tensor lm_head.weight has shape \[16, 32\] there and \[24, 32\] in that"):
         train_cli.main(["export", step, str(tmp_path / "y"), "--model", other_vocab])
     assert not os.path.exists(tmp_path / "y")
+    for taken in (run, converted["float32"]):   # a run's OUT, an earlier export: never replaced
+        before = sorted(os.listdir(taken))
+        with pytest.raises(UsageError, match="already exists and is not empty"):
+            train_cli.main(["export", step, taken, "--model", model_dir])
+        assert sorted(os.listdir(taken)) == before
 
     with open(os.path.join(run, "generations", "iter-1.jsonl"), encoding="utf-8") as f:
         assert [json.loads(line)["index"] for line in f] == list(range(32))   # both ranks' prompts, once

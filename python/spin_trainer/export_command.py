@@ -29,7 +29,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="spin-train export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint: OUT/checkpoints/spin/step-N")
-    parser.add_argument("out", metavar="OUT_DIR", help="the Hugging Face directory to write")
+    parser.add_argument("out", metavar="OUT_DIR", help="the Hugging Face directory to write (new, or empty)")
     parser.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",
                         help="dtype of the exported weights; auto: the model's config.torch_dtype (default: auto)")
     parser.add_argument("--model", help="the model directory the run was trained from (default: the run's "
@@ -56,6 +56,10 @@ def check_fits(directory, model, model_dir):
 
 def export_checkpoint(checkpoint, out, *, dtype="auto", model_dir=None):
     """Writes checkpoint `checkpoint`'s model to `out` in Hugging Face format; returns `out`."""
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        # A user's directory (a run's OUT, the demo's, another model) would be replaced whole.
+        raise UsageError(f"OUT_DIR {out!r} already exists and is not empty; the export writes a new directory: "
+                         f"choose another path, or remove that one first")
     checkpoint = os.path.abspath(checkpoint)
     if not os.path.isdir(os.path.join(checkpoint, TRAIN_DIR)):
         raise UsageError(f"{checkpoint!r}: not a checkpoint directory (expected OUT/checkpoints/spin/step-N, "
