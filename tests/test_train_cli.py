@@ -17,13 +17,13 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("extra, expected", [
     (["--tp", "0"], "--tp must be >= 1, got 0"),
-    (["--lr", "inf"], "--lr must be in (0, 1), got (inf,)"),
-    (["--lr", "1e-3", "nan"], "--lr must be in (0, 1), got (0.001, nan)"),
-    (["--lr", "1e38"], "--lr must be in (0, 1), got (1e+38,)"),
-    (["--lr", "0"], "--lr must be in (0, 1), got (0.0,)"),
+    (["--lr", "inf"], "--lr must be in (0, 1), got inf"),
+    (["--lr", "1e-3", "nan"], "--lr must be in (0, 1), got [0.001, nan]"),
+    (["--lr", "1e38"], "--lr must be in (0, 1), got 1e+38"),
+    (["--lr", "0"], "--lr must be in (0, 1), got 0.0"),
     (["--adam-eps", "inf"], "--adam-eps must be in (0, 0.01], got inf"),
     (["--adam-eps", "1e30"], "--adam-eps must be in (0, 0.01], got 1e+30"),
-    (["--beta", "inf"], "--beta must be finite and > 0, got (inf,)"),
+    (["--beta", "inf"], "--beta must be finite and > 0, got inf"),
     (["--weight-decay", "inf"], "--weight-decay must be in [0, 1], got inf"),
     (["--max-grad-norm", "nan"], "--max-grad-norm must be finite and >= 0"),
     (["--temperature", "inf"], "--temperature must be finite and > 0, got inf"),
@@ -97,6 +97,14 @@ def test_a_config_file_is_keyed_by_option_names_and_the_command_line_overrides_i
     # The resolved settings a run writes read back as the same settings.
     write_config(config, str(tmp_path / "config.yaml"))
     assert parse_config(["--config", str(tmp_path / "config.yaml")]) == config
+    # An on/off setting a file turns on, the command line turns off; --resume is this command's
+    # action, not the run's setting: a run's config.yaml reused for a new run does not resume.
+    path.write_text("greedy: true\nresume: true\n", encoding="utf-8")
+    config = parse_config(["--config", str(path), "--no-greedy"])
+    assert not config.generation.greedy and config.run.resume
+    assert not parse_config(["--config", str(path), "--no-resume"]).run.resume
+    write_config(config, str(tmp_path / "config.yaml"))
+    assert not parse_config(["--config", str(tmp_path / "config.yaml")]).run.resume
     path.write_text("learning-rate: 1e-6\n", encoding="utf-8")
     with pytest.raises(UsageError, match="unknown setting 'learning-rate'"):
         parse_config(["--config", str(path)])
@@ -125,3 +133,8 @@ def test_a_run_writes_its_resolved_settings_and_a_usage_error_prints_without_a_t
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: --tp must be >= 1, got 0" and "Traceback" not in err
+    monkeypatch.setattr("sys.argv", ["spin-train", "--out", str(tmp_path / "other"), "--max-lenght", "8"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.cli()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: unrecognized arguments: --max-lenght 8 (--help lists the options)\n"

@@ -87,6 +87,14 @@ def test_resume_into_an_empty_out_is_refused_and_leaves_no_out(tiny, tmp_path):
     with pytest.raises(UsageError, match=r"--resume: no usable checkpoint under .* \(found: none\)"):
         train_cli.main(train_args(*tiny, str(out), *SHORT, "--resume"))
     assert not out.exists()
+    # An --out that exists: refused before the data is tokenized (minutes on a large set).
+    out.mkdir(parents=True)
+    with pytest.raises(UsageError, match=r"--resume: no usable checkpoint"):
+        train_cli.main(train_args(*tiny, str(out), *SHORT, "--resume"))
+    assert not (out / "tokenized").exists()
+    with pytest.raises(UsageError, match=r"--model is required; a resumed run takes its settings again: --config "
+                                         r".*run/config.yaml --resume"):
+        train_cli.main(["--out", str(out), "--resume"])
 
 
 class WritesMarkerWhenUnpickled:

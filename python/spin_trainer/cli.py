@@ -26,7 +26,7 @@ from transformers.utils import logging as hf_logging
 
 from . import export_command
 from .checkpoint import checkpoint_root, find_latest_checkpoint, list_checkpoints
-from .options import parse_config, read_saved_options, write_config
+from .options import CONFIG, parse_config, read_saved_options, write_config
 from .data import load_examples
 from .errors import CheckpointNotWritten, UsageError, option
 from .evaluate import HeldOut
@@ -115,7 +115,9 @@ def train(config, on_step=None):
     and wrote nothing into."""
     for name, value in (("model", config.model.model), ("train_data", config.data.train_data)):
         if not value:
-            raise UsageError(f"{option(name)} is required")
+            hint = (f"; a resumed run takes its settings again: {CONFIG} "
+                    f"{os.path.join(config.run.out, CONFIG_FILE)} {option('resume')}" if config.run.resume else "")
+            raise UsageError(f"{option(name)} is required{hint}")
     check_installed(config.run.report_to)
     created = check_output_path(config.run.out)
     try:
@@ -151,6 +153,10 @@ def run_training(config, on_step):
     lock = None
     try:
         lock = lock_run(run.out, ctx)   # every rank learns the verdict before anything is written
+        check_no_earlier_run(config)
+        # Before the data is tokenized (minutes on a large set): a refused resume costs nothing.
+        fingerprints = run_fingerprints(model_dir, tokenizer, data_paths(config))
+        checkpoint = find_resume_checkpoint(config, ctx, fingerprints) if run.resume else None
 
         def examples(name):
             return load_examples(getattr(d, name), tokenizer, max_length=d.max_length, template=d.prompt_template,
@@ -164,10 +170,7 @@ def run_training(config, on_step):
         check_min_new_tokens(g.min_new_tokens, d.max_length, [("train_data", train_examples),
                                                                ("val_data", val_examples),
                                                                ("test_data", test_examples if d.test_data else [])])
-        check_no_earlier_run(config)
-        fingerprints = run_fingerprints(model_dir, tokenizer, data_paths(config))
         config.check_layout(ctx.dp_size, ctx.dp_shard, len(train_examples))
-        checkpoint = find_resume_checkpoint(config, ctx, fingerprints) if run.resume else None
         scorer = Scorer(ctx, precision, m.head or default_head(device_type))
         model = load_parallel_model(model_dir, ctx, precision, attention=m.attn, compute_dtype=m.dtype,
                                     recompute=par.recompute, trust_remote_code=m.trust_remote_code)

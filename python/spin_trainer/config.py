@@ -28,9 +28,10 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 LONG_PROMPT_POLICIES = ("truncate", "skip", "error")
 
 
-def setting(default, help, *, check=None, resume=False, choices=None, nargs=None, metavar=None):
-    """A field of the tree. `check(value)` returns what is wrong with a value, or None."""
-    return field(default=default, metadata=dict(help=help, check=check, resume=resume, choices=choices,
+def setting(default, help, *, check=None, resume=False, saved=True, choices=None, nargs=None, metavar=None):
+    """A field of the tree. `check(value)` returns what is wrong with a value, or None; `saved=False`:
+    left out of OUT/config.yaml."""
+    return field(default=default, metadata=dict(help=help, check=check, resume=resume, saved=saved, choices=choices,
                                                 nargs=nargs, metavar=metavar))
 
 
@@ -39,11 +40,16 @@ def at_least(low):
     return lambda v: None if v >= low else f"must be >= {low}, got {v}"
 
 
+def shown(v):
+    """A value as the user typed it: one number of a list alone, several as a list."""
+    return (v[0] if len(v) == 1 else list(v)) if isinstance(v, tuple) else v
+
+
 def finite_at_least(low, strict=False):
     def check(v):
         values = v if isinstance(v, tuple) else (v,)
         ok = all(math.isfinite(x) and (x > low if strict else x >= low) for x in values)
-        return None if ok else f"must be finite and {'>' if strict else '>='} {low}, got {v}"
+        return None if ok else f"must be finite and {'>' if strict else '>='} {low}, got {shown(v)}"
     return check
 
 
@@ -51,7 +57,8 @@ def within(low, high, low_open=False, high_open=False):
     def check(v):
         values = v if isinstance(v, tuple) else (v,)
         ok = all((low < x if low_open else low <= x) and (x < high if high_open else x <= high) for x in values)
-        return None if ok else f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}, got {v}"
+        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        return None if ok else f"must be in {bounds}, got {shown(v)}"
     return check
 
 
@@ -216,8 +223,9 @@ class RunSettings:
     out: str | None = setting(None, "output directory (config.yaml, metrics, checkpoints, final model); required "
                                     "except with --plan")
     seed: int = setting(0, "data order, sampling and initialization", resume=True)
+    # What this command does, not how the run trains: a config.yaml reused for a new run starts it.
     resume: bool = setting(False, "continue from the newest intact checkpoint in --out, also with another process "
-                                  "count or --tp")
+                                  "count or --tp", saved=False)
     save_every: int = setting(0, "a checkpoint every N optimizer steps besides the one at each iteration's end",
                               check=at_least(0))
     val_every: int = setting(0, "validation every N optimizer steps besides the evaluated iterations' ends",
@@ -378,7 +386,7 @@ class RunConfig:
     def as_options(self, resume_only=False):
         """{long option name: value} in the config file's form (lists for tuples)."""
         return {f.name.replace("_", "-"): list(v) if isinstance(v, tuple) else v
-                for _, f, v in self.items() if f.metadata["resume"] or not resume_only}
+                for _, f, v in self.items() if f.metadata["saved"] and (f.metadata["resume"] or not resume_only)}
 
     def resume_mismatches(self, saved):
         """[(option, saved value, this run's value)] of the settings a resumed run must keep. More

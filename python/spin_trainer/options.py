@@ -29,13 +29,18 @@ def _value_type(annotation):
     return annotation, False
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    def error(self, message):   # argparse would print the usage of every option first: 50 lines
+        self.exit(2, f"error: {message} (--help lists the options)\n")
+
+
 def build_parser(description=None):
     """argparse over every setting, plus --config; every default is SUPPRESS, so a parse holds only
     what was typed (the file and the tree's defaults fill the rest)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
+    parser = OneLineErrors(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           argument_default=argparse.SUPPRESS)
     parser.add_argument(CONFIG, metavar="FILE", help="YAML file of settings, keyed by the long option names "
-                                                          "(e.g. 'micro-batch-size: 4'); the command line overrides it")
+                                                     "(e.g. 'micro-batch-size: 4'); the command line overrides it")
     for group_name, group in GROUPS.items():
         section = parser.add_argument_group(group_name)
         for f in fields(group):
@@ -44,8 +49,9 @@ def build_parser(description=None):
             text = meta["help"] + ("" if f.default in (None, False, ()) else f" (default: {_shown(f.default)})")
             kwargs = dict(help=text.replace("%", "%%"), dest=f"{group_name}.{f.name}")
             if kind is bool:
-                # --no-X where the default is unset or on
-                action = argparse.BooleanOptionalAction if f.default in (None, True) else "store_true"
+                # --X and --no-X, so that the command line can turn off what a config file turns on
+                # (no_progress, a negation itself, has its one form)
+                action = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
                 section.add_argument(option(f.name), action=action, **kwargs)
                 continue
             if many:
