@@ -1,4 +1,4 @@
-"""SPIN against continued SFT on a built-in task, over 3 seeds, in a few minutes on 2 CPU cores (`make demo`).
+"""SPIN against continued SFT on a built-in task, over 3 seeds, in under a minute on 2 CPU cores (`make demo`).
 
     python examples/spin_vs_sft/demo.py --out runs/demo [--seed S] [--attn sdpa] [--no-progress]
 
