@@ -48,7 +48,7 @@ def check_layout(world_size, tp):
     """UsageError naming --tp when the processes cannot be split into (dp, tp)."""
     if world_size % tp != 0:
         raise UsageError(f"{option('tp')} {tp} does not divide the number of processes ({world_size}); "
-                         f"launch with torchrun --nproc_per_node a multiple of {option('tp')}")
+                         f"run a multiple of {option('tp')} processes")
 
 
 def setup_parallel(tp, device_type="auto", *, dp_shard=None, fsdp_alone=False):
