@@ -1,14 +1,9 @@
 """The run's settings: one tree of dataclasses, from which the command line and `--config FILE` are
-made (options.py).
-
-Each setting is declared once, below, with its type, default, help, check and whether a resumed
-run must keep it (`resume=True`: changing it changes the results). Its command-line option is the
-field's name with dashes (`micro_batch_size` is `--micro-batch-size`); a YAML config file's keys
-are the same long option names (`micro-batch-size: 4`), and the command line overrides the file.
-The resolved settings are written to OUT/config.yaml, which `--resume` compares against.
-
-Lower modules receive values, never option names: a mistake they find is a `UsageError` that names
-the setting through `errors.option`.
+made (options.py). Each setting is declared once, below, with its type, default, help, check and
+whether a resumed run must keep it (`resume=True`: changing it changes the results). Its option is
+the field's name with dashes, also as a config file's key; OUT/config.yaml holds the resolved
+settings, which `--resume` compares against. Lower modules receive values, never option names: a
+mistake they find is a `UsageError` that names the setting through `errors.option`.
 """
 import math
 import sys
