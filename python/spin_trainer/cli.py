@@ -153,7 +153,6 @@ def run_training(config, on_step):
     lock = None
     try:
         lock = lock_run(run.out, ctx)   # every rank learns the verdict before anything is written
-        check_no_earlier_run(config)
         # Before the data is tokenized (minutes on a large set): a refused resume costs nothing.
         fingerprints = run_fingerprints(model_dir, tokenizer, data_paths(config))
         checkpoint = find_resume_checkpoint(config, ctx, fingerprints) if run.resume else None
@@ -170,6 +169,7 @@ def run_training(config, on_step):
         check_min_new_tokens(g.min_new_tokens, d.max_length, [("train_data", train_examples),
                                                                ("val_data", val_examples),
                                                                ("test_data", test_examples if d.test_data else [])])
+        check_no_earlier_run(config)
         config.check_layout(ctx.dp_size, ctx.dp_shard, len(train_examples))
         scorer = Scorer(ctx, precision, m.head or default_head(device_type))
         model = load_parallel_model(model_dir, ctx, precision, attention=m.attn, compute_dtype=m.dtype,
