@@ -82,6 +82,31 @@ def test_resume_without_a_usable_checkpoint_is_refused_naming_each(tiny, short_r
         train_cli.main(train_args(*tiny, out, *SHORT, "--resume"))
 
 
+def test_an_out_holding_a_users_own_files_is_refused_and_left_as_it_was(tiny, short_run, tmp_path):
+    """A run writes config.yaml, metrics.jsonl, final/ ... into --out: a directory of other files
+    (a project's data, another tool's model) is refused; an earlier run's is accepted."""
+    from spin_trainer.run_dir import check_output_path
+
+    theirs = tmp_path / "theirs"
+    (theirs / "final").mkdir(parents=True)
+    (theirs / "final" / "model.safetensors").write_bytes(b"someone's model")
+    (theirs / "metrics.jsonl").write_text("not ours\n", encoding="utf-8")
+    (theirs / "config.yaml").write_text("lr: 1\n", encoding="utf-8")   # a config, not a run's
+    before = {p: p.read_bytes() for p in theirs.rglob("*") if p.is_file()}
+    with pytest.raises(UsageError, match=r"--out .*theirs' holds files that are not a run's \(config.yaml, final, "
+                                         r"metrics.jsonl, \.\.\.\)"):
+        train_cli.main(train_args(*tiny, str(theirs), *SHORT))
+    assert {p: p.read_bytes() for p in theirs.rglob("*") if p.is_file()} == before
+    refused = tmp_path / "refused"   # what a run refused before its model loaded leaves
+    (refused / "tokenized").mkdir(parents=True)
+    (refused / ".lock").write_text("", encoding="utf-8")
+    for out in (short_run, str(tmp_path / "empty"), str(refused)):
+        os.makedirs(out, exist_ok=True)
+        check_output_path(out)   # accepted
+    shutil.rmtree(os.path.join(copy_of(short_run, tmp_path), "checkpoints"))
+    check_output_path(str(tmp_path / "run"))   # a run's own config.yaml
+
+
 def test_resume_into_an_empty_out_is_refused_and_leaves_no_out(tiny, tmp_path):
     out = tmp_path / "new" / "run"
     with pytest.raises(UsageError, match=r"--resume: no usable checkpoint under .* \(found: none\)"):

@@ -67,9 +67,12 @@ class Checkpoint:
     loop_state: dict
 
 
+CHECKPOINTS_DIR = "checkpoints"
+
+
 def checkpoint_root(out, run="spin"):
     """Where a run writes its checkpoints: OUT/checkpoints/RUN (the command line's run is "spin")."""
-    return os.path.join(out, "checkpoints", run)
+    return os.path.join(out, CHECKPOINTS_DIR, run)
 
 
 def list_checkpoints(root):

@@ -43,12 +43,11 @@ from .parallel.precision import Precision
 from .parallel.tp_plan import check_tensor_parallel
 from .plan.report import check_memory, run_plan
 from .plots import plot_curves, table_legend
-from .run_dir import TOKENIZED_DIR, check_output_path, lock_run, remove_if_empty
+from .run_dir import CONFIG_FILE, TOKENIZED_DIR, check_output_path, lock_run, remove_if_empty
 from .run_outputs import RunOutputs
 from .trainer import SpinTrainer
 
 RANK_0_FIRST_S = 5
-CONFIG_FILE = "config.yaml"
 
 
 def stop_sequences(strings, ids, tokenizer):

@@ -17,6 +17,7 @@ from .errors import UsageError, option
 from .manifest import replaced_atomically
 
 CONFIG = "--config"   # the one option that is not a setting: the file of settings
+CONFIG_HEADER = "# The resolved settings of this run (spin-train --config reads this file).\n"
 
 
 def _value_type(annotation):
@@ -132,7 +133,7 @@ def parse_config(argv=None, description=None):
 def write_config(config, path):
     """The resolved settings as YAML, atomically."""
     with replaced_atomically(path) as f:
-        f.write("# The resolved settings of this run (spin-train --config reads this file).\n")
+        f.write(CONFIG_HEADER)
         yaml.safe_dump(config.as_options(), f, sort_keys=False, allow_unicode=True)
 
 

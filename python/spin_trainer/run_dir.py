@@ -15,11 +15,27 @@ import time
 
 import torch
 
+from .checkpoint import CHECKPOINTS_DIR
 from .errors import UsageError, option
+from .options import CONFIG_HEADER
 from .parallel.mesh import all_reduce_max
 
 TOKENIZED_DIR = "tokenized"   # the tokenized-data cache (data.py), which a refused run may leave
 LOCK_FILE = ".lock"
+CONFIG_FILE = "config.yaml"   # the run's resolved settings, written once its model has loaded
+
+
+def is_a_runs(path):
+    """Whether the existing directory `path` is empty or an earlier run's: its config.yaml, its
+    checkpoints, or what a run refused before its model loaded leaves (the lock, the data cache)."""
+    names = set(os.listdir(path))
+    if names <= {LOCK_FILE, TOKENIZED_DIR} or CHECKPOINTS_DIR in names:
+        return True
+    try:
+        with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+            return f.readline() == CONFIG_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def check_output_path(out):
@@ -28,6 +44,11 @@ def check_output_path(out):
     path = os.path.abspath(out)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{option('out')} {out!r} is a file, not a directory")
+    if os.path.isdir(path) and not is_a_runs(path):
+        # A run writes config.yaml, metrics.jsonl, final/ ... there: a user's own files would be replaced.
+        shown = ", ".join(sorted(os.listdir(path))[:3])
+        raise UsageError(f"{option('out')} {out!r} holds files that are not a run's ({shown}, ...); choose a new or "
+                         f"empty directory, or an earlier run's")
     existing = path
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
