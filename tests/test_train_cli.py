@@ -42,6 +42,7 @@ def test_bad_numbers_are_refused_before_the_model_is_loaded(tiny, tmp_path, no_m
 @pytest.mark.parametrize("extra, expected", [
     (["--lr", "inf"], r"--lr must be in \(0, 1\)"), (["--beta", "0"], "--beta must be finite and > 0"),
     (["--epochs", "0"], "--epochs must be >= 1"), (["--keep", "0"], "--keep must be >= 1"),
+    (["--exact-match"], r"--exact-match measures on --test-data \(or --val-data\); give one of them"),
 ])
 def test_a_bad_setting_is_named_before_any_file_is_read(tmp_path, extra, expected):
     """Neither the model directory (no tokenizer here) nor the data file exists: the setting wins."""

@@ -71,6 +71,8 @@ def test_stop_strings_and_ids(tokenizer):
         stop_sequences([], [99], tokenizer)
     with pytest.raises(UsageError, match="--stop '': the tokenizer gives no tokens"):
         stop_sequences([""], [], tokenizer)
+    with pytest.raises(UsageError, match="--stop 'x': the tokenizer does not know it \\(it gives '<unk>'\\)"):
+        stop_sequences(["x"], [], tokenizer)   # '<unk>' would end a response at any unknown text
 
 
 def test_generation_options_from_the_command_line():

@@ -59,6 +59,9 @@ def stop_sequences(strings, ids, tokenizer):
         tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not tokens:
             raise UsageError(f"{option('stop')} {text!r}: the tokenizer gives no tokens for it")
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in tokens:   # would stop at any unknown text
+            raise UsageError(f"{option('stop')} {text!r}: the tokenizer does not know it (it gives "
+                             f"{tokenizer.unk_token!r})")
         sequences.append(tuple(tokens))
     for token in ids:
         if not 0 <= token < len(tokenizer):

@@ -24,13 +24,11 @@ LONG_PROMPT_POLICIES = ("truncate", "skip", "error")
 
 
 def setting(default, help, *, check=None, resume=False, saved=True, choices=None, nargs=None, metavar=None):
-    """A field of the tree. `check(value)` returns what is wrong with a value, or None; `saved=False`:
-    left out of OUT/config.yaml."""
+    """A field of the tree; `check(value)` says what is wrong with a value (None: nothing)."""
     return field(default=default, metadata=dict(help=help, check=check, resume=resume, saved=saved, choices=choices,
                                                 nargs=nargs, metavar=metavar))
 
 
-# ---- checks of single values ---------------------------------------------------------------------
 def at_least(low):
     return lambda v: None if v >= low else f"must be >= {low}, got {v}"
 
@@ -68,7 +66,6 @@ def per_iteration(values, iterations):
     return values * iterations if len(values) == 1 else values[:iterations]
 
 
-# ---- the tree ------------------------------------------------------------------------------------
 @dataclass
 class ModelSettings:
     model: str | None = setting(None, "local Hugging Face causal-LM directory or a Hub id (or, with --plan, a "
@@ -218,7 +215,7 @@ class RunSettings:
     out: str | None = setting(None, "output directory (config.yaml, metrics, checkpoints, final model); required "
                                     "except with --plan")
     seed: int = setting(0, "data order, sampling and initialization", resume=True)
-    # What this command does, not how the run trains: a config.yaml reused for a new run starts it.
+    # saved=False: an action of this command; a config.yaml reused for a new run starts that run
     resume: bool = setting(False, "continue from the newest intact checkpoint in --out, also with another process "
                                   "count or --tp", saved=False)
     save_every: int = setting(0, "a checkpoint every N optimizer steps besides the one at each iteration's end",
@@ -340,6 +337,9 @@ class RunConfig:
         if self.train.optimizer_in_backward and self.train.max_tokens_per_batch:   # it steps once per micro-batch
             raise UsageError(f"{option('optimizer_in_backward')} needs one micro-batch per step, and "
                              f"{option('max_tokens_per_batch')} may cut a step into several; drop one of them")
+        if self.run.exact_match and not (self.data.test_data or self.data.val_data):
+            raise UsageError(f"{option('exact_match')} measures on {option('test_data')} (or {option('val_data')}); "
+                             f"give one of them")
         if "{prompt}" not in self.data.prompt_template:
             raise UsageError(f"{option('prompt_template')} {self.data.prompt_template!r}: must contain {{prompt}}")
         return self
