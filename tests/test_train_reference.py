@@ -144,3 +144,18 @@ def test_the_reference_is_precomputed_in_the_first_epochs_own_micro_batches(tmp_
     train_cli.main(train_args(*setup, str(tmp_path / "run"), "--iterations", "1", *extra))
     assert len(trained) >= 8   # 4 steps of 32 pairs in global batches of 8, 2 or more micro-batches each
     assert all(batch in scored for batch in trained)
+
+
+@pytest.mark.parametrize("head", ["logits", "fused"])
+def test_streamed_reference_starts_each_iteration_with_a_margin_of_exactly_zero(tmp_path, head):
+    """θ_t's layers streamed from host memory, then the policy's own head arithmetic: at each
+    iteration's first step every pair's β·(π − ref) is 0 to the bit, as in the other modes."""
+    from trainer_cases import metric_records
+
+    out = str(tmp_path / "run")
+    train_cli.main(train_args(*tiny_setup(str(tmp_path)), out, "--reference", "streamed", "--head", head,
+                              "--lr", "5e-3"))
+    records = metric_records(out, "train")
+    firsts = [(r["iteration"], r["margin_mean"], r["rewards_all_std"]) for r in records if r["step"] in (1, 5)]
+    assert firsts == [(1, 0.0, 0.0), (2, 0.0, 0.0)]
+    assert records[1]["rewards_all_std"] > 0   # the steps after it do move the policy away from θ_t

@@ -28,10 +28,12 @@ from contextlib import contextmanager
 
 import torch
 
-from spin_kernels.loss import sequence_logprobs
+from spin_kernels.loss import linear_spin_loss, token_logprobs
 from spin_kernels.swap import WeightBank, streamed_reference_forward, swapped
 
 from .errors import UsageError, option
+from .lm_head import output_embedding
+from .logprobs import LabelledLogps
 from .parallel.apply import copy_local_tensors, frozen_copy, sharded
 
 
@@ -152,8 +154,22 @@ class StreamedReference(SwappedReference):
 
     @torch.no_grad()
     def batch_logps(self, batch):
-        logits = streamed_reference_forward(self.model, self.bank, batch.input_ids, batch.attention_mask)
-        return sequence_logprobs(logits, batch.labels, batch.loss_mask)
+        """θ_t's hidden states, then the Scorer's own arithmetic of the policy's head (logprobs.py):
+        "logits", the head on the labelled positions, the log-prob kernel and the per-sequence sums;
+        "fused", linear_spin_loss on the padded batch. So π − ref is exactly 0 at θ_t."""
+        hidden = streamed_reference_forward(self.model, self.bank, batch.input_ids, batch.attention_mask,
+                                            return_hidden=True)   # [2b, T, H]
+        head = output_embedding(self.model)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        weights = {name: self.bank[names[id(p)]].to(hidden.device) for name, p in head.named_parameters()}
+        if self.scorer.head == "fused":
+            unused = torch.zeros(batch.labels.shape[0], device=hidden.device)
+            return linear_spin_loss(hidden, weights["weight"], batch.labels, unused, bias=weights.get("bias"),
+                                    beta=1.0, loss_mask=batch.loss_mask).policy_logps
+        positions = batch.loss_mask.reshape(-1).nonzero().squeeze(1)
+        logits = torch.func.functional_call(head, weights, (hidden.reshape(-1, hidden.shape[-1])[positions],))
+        token_logps = token_logprobs(logits, batch.labels.reshape(-1)[positions])
+        return LabelledLogps(token_logps, positions // batch.labels.shape[1], batch.labels.shape[0]).sequence_sums()
 
 
 def make_reference(mode, model, scorer, *, generate_every_epoch):
