@@ -75,8 +75,7 @@ def measured_step(case, monkeypatch):
     and each phase's peak beside it (the second micro-batch's, every gradient there): the loss's
     backward, a decoder layer's backward to the end of its MLP's (the top two layers'), the top two
     layers' backward with the top one's reduce, the end of the backward (from the embeddings'
-    backward on) and the optimizer's update, multi-tensor as CUDA runs it. In a process group of
-    several processes (test_plan_data_parallel.py) the mesh is data-parallel over them."""
+    backward on) and the optimizer's update, multi-tensor as CUDA runs it."""
     vocab, hidden, mlp, layer_count = SHAPES[case["shape"]]
     precision = Precision(case["dtype"], pure=case["pure"])
     ctx = setup_parallel(1, "cpu", dp_shard=case["dp_shard"], fsdp_alone=precision.mixed)   # as cli.py

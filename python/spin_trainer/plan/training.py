@@ -70,7 +70,7 @@ and the working set holds a decoder layer's weight gradient (the largest, r byte
 it is formed, beside d(act(gate)·up); under FSDP it is formed in the unsharded gradient buffers.
 
 tests/test_plan_training.py measures every term and phase against a real step of the trainer's
-code, on one process and on each of two (test_plan_data_parallel.py).
+code on one process (over gloo the prefetched layer's bytes vary from run to run: not measured).
 """
 from dataclasses import dataclass
 
