@@ -100,6 +100,7 @@ def test_an_out_holding_a_users_own_files_is_refused_and_left_as_it_was(tiny, sh
     refused = tmp_path / "refused"   # what a run refused before its model loaded leaves
     (refused / "tokenized").mkdir(parents=True)
     (refused / ".lock").write_text("", encoding="utf-8")
+    (refused / ".write-test-12345").write_text("", encoding="utf-8")   # another rank's probe, at the same moment
     for out in (short_run, str(tmp_path / "empty"), str(refused)):
         os.makedirs(out, exist_ok=True)
         check_output_path(out)   # accepted

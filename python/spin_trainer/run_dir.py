@@ -22,13 +22,15 @@ from .parallel.mesh import all_reduce_max
 
 TOKENIZED_DIR = "tokenized"   # the tokenized-data cache (data.py), which a refused run may leave
 LOCK_FILE = ".lock"
+WRITE_PROBE = ".write-test-"   # each rank's check that --out is writable, removed at once
 CONFIG_FILE = "config.yaml"   # the run's resolved settings, written once its model has loaded
 
 
 def is_a_runs(path):
     """Whether the existing directory `path` is empty or an earlier run's: its config.yaml, its
     checkpoints, or what a run refused before its model loaded leaves (the lock, the data cache)."""
-    names = set(os.listdir(path))
+    # (the other ranks' write probes, made at the same moment, do not count)
+    names = {name for name in os.listdir(path) if not name.startswith(WRITE_PROBE)}
     if names <= {LOCK_FILE, TOKENIZED_DIR} or CHECKPOINTS_DIR in names:
         return True
     try:
@@ -46,7 +48,7 @@ def check_output_path(out):
         raise UsageError(f"{option('out')} {out!r} is a file, not a directory")
     if os.path.isdir(path) and not is_a_runs(path):
         # A run writes config.yaml, metrics.jsonl, final/ ... there: a user's own files would be replaced.
-        shown = ", ".join(sorted(os.listdir(path))[:3])
+        shown = ", ".join(sorted(name for name in os.listdir(path) if not name.startswith(WRITE_PROBE))[:3])
         raise UsageError(f"{option('out')} {out!r} holds files that are not a run's ({shown}, ...); choose a new or "
                          f"empty directory, or an earlier run's")
     existing = path
@@ -57,7 +59,7 @@ def check_output_path(out):
     created = not os.path.exists(path)
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        probe = os.path.join(path, f"{WRITE_PROBE}{os.getpid()}")
         with open(probe, "w", encoding="utf-8"):
             pass
         os.remove(probe)
