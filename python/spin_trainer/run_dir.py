@@ -11,6 +11,7 @@ import fcntl
 import os
 import shutil
 import socket
+import tempfile
 import time
 
 import torch
@@ -59,10 +60,8 @@ def check_output_path(out):
     created = not os.path.exists(path)
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f"{WRITE_PROBE}{os.getpid()}")
-        with open(probe, "w", encoding="utf-8"):
+        with tempfile.TemporaryFile(prefix=WRITE_PROBE, dir=path):   # unnamed where the filesystem can
             pass
-        os.remove(probe)
     except OSError as exc:
         raise UsageError(f"{option('out')} {out!r} is not writable ({exc.strerror or exc})") from exc
     return created
@@ -81,20 +80,9 @@ def remove_if_empty(out):
         pass   # someone else's file appeared in it: it is not ours to remove
 
 
-class RunLock:
-    """The exclusive lock on a run's --out (rank 0 holds it; None on other ranks)."""
-
-    def __init__(self, fd):
-        self.fd = fd
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)   # closing the last descriptor releases the flock
-            self.fd = None
-
-
 def lock_run(out, ctx):
-    """Takes the exclusive lock on `out` (all ranks call this) or refuses, naming the holder."""
+    """Takes the exclusive lock on `out` (all ranks call this) or refuses, naming the holder. Returns
+    the lock's file descriptor on rank 0 (closing it releases the lock), None on the other ranks."""
     fd, holder = None, None
     if ctx.is_main:
         fd = os.open(os.path.join(out, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
@@ -112,4 +100,4 @@ def lock_run(out, ctx):
     if all_reduce_max(refused, ctx.world_size).item() > 0:
         raise UsageError(f"{option('out')} {out!r} is in use by another run ({holder or 'see rank 0'}); wait for "
                          f"it to finish or stop it, or use another {option('out')}")
-    return RunLock(fd)
+    return fd
