@@ -9,6 +9,7 @@ the process holds one copy of the weights in that dtype.
 """
 import argparse
 import os
+from contextlib import suppress
 
 import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -61,7 +62,8 @@ def export_checkpoint(checkpoint, out, *, dtype="auto", model_dir=None):
         raise UsageError(f"OUT_DIR {out!r} already exists and is not empty; the export writes a new directory: "
                          f"choose another path, or remove that one first")
     checkpoint = os.path.abspath(checkpoint)
-    if not os.path.isdir(os.path.join(checkpoint, TRAIN_DIR)):
+    directory = os.path.join(checkpoint, TRAIN_DIR)
+    if not os.path.isdir(directory):
         raise UsageError(f"{checkpoint!r}: not a checkpoint directory (expected OUT/checkpoints/spin/step-N, "
                          f"holding {TRAIN_DIR}/)")
     problem = checkpoint_problem(checkpoint, ONE_PROCESS)
@@ -75,11 +77,8 @@ def export_checkpoint(checkpoint, out, *, dtype="auto", model_dir=None):
     config = read_model_config(model_dir)   # trust_remote_code=False: a checkpoint's model runs no shipped code
     export_dtype = resolve_export_dtype(dtype, config, name="dtype")
     model = AutoModelForCausalLM.from_config(config, dtype=export_dtype)
-    try:
+    with suppress(OSError):   # the model has no generation_config.json: keep the one derived from its config
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
-    except OSError:   # the model has no generation_config.json: keep the one derived from its config
-        pass
-    directory = os.path.join(checkpoint, TRAIN_DIR)
     check_fits(directory, model, model_dir)
     load_weights(model, directory, ONE_PROCESS, key="model")   # converted to the export dtype as it is copied in
     return export_hf(model, load_tokenizer(model_dir), out, ONE_PROCESS, dtype=export_dtype)
