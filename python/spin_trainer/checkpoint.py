@@ -45,7 +45,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from spin_kernels.dtensor import local_tensor
 
 from .errors import CheckpointNotWritten, TrainingDiverged, UsageError, option
-from .parallel.mesh import all_reduce_max
 from .manifest import all_ranks, files_problem, fsync_path, on_main, read_manifest, write_manifest
 from .state_file import STRUCTURE_FILE, TENSORS_FILE, read_state, write_state
 
@@ -171,21 +170,15 @@ def save_checkpoint(root, step, *, model, optimizer, reference, loop_state, ctx,
             + (f"the previous checkpoint, {intact[-1]}, is intact" if intact else "no checkpoint had been written "
                "before it") + f"; free space and rerun with {option('resume')}") from None
     on_main(lambda: (replace_directory(tmp, final), prune(root, keep=keep, newest=final)), ctx)
-    ctx.barrier()
     return final
 
 
 def _disk_full(exc):
     """Whether `exc`, its cause, or a rank's failure that DCP collected in it is ENOSPC (or EDQUOT)."""
-    pending = [exc]
-    while pending:
-        e = pending.pop()
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if isinstance(e, CheckpointException):
-            pending += [failure[0] for failure in e.failures.values()]
-        pending += [c for c in (e.__cause__, e.__context__) if c is not None]
-    return False
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    failures = [failure[0] for failure in exc.failures.values()] if isinstance(exc, CheckpointException) else []
+    return any(_disk_full(e) for e in (exc.__cause__, exc.__context__, *failures) if e is not None)
 
 
 def prune(root, *, keep, newest):
@@ -239,8 +232,7 @@ def find_latest_checkpoint(root, ctx, report=print):
         problems = [p for p in all_ranks([problem], ctx) if p is not None]
         if not problems:
             return Checkpoint(path, loop_state)
-        ctx.barrier()
-        if ctx.is_main:
+        if ctx.is_main:   # every rank has read it: all_ranks waited for each
             target = move_aside(path)
             report(f"warning: checkpoint {path} is corrupt or incomplete: {problems[0]}; moved aside to {target}")
             name = os.path.basename(target)
@@ -253,17 +245,18 @@ def find_latest_checkpoint(root, ctx, report=print):
                      f"are replaced), or use another {option('out')}")
 
 
-def saved_shapes(directory, prefix):
-    """{name: shape as a list} of the tensors DCP `directory` holds under `prefix` (cut off the names)."""
+def shapes(directory, prefix, module):
+    """{name: shape as a list} of the tensors DCP `directory` holds under `prefix` (cut off the names),
+    and of `module`'s state dict."""
     metadata = FileSystemReader(directory).read_metadata().state_dict_metadata
-    return {key[len(prefix):]: list(meta.size) for key, meta in metadata.items()
-            if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+    return ({key[len(prefix):]: list(meta.size) for key, meta in metadata.items()
+             if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)},
+            {name: list(tensor.shape) for name, tensor in get_model_state_dict(module).items()})
 
 
 def check_fits(directory, module, what):
     """UsageError naming the first tensor that cannot be loaded into `module` from DCP `directory`."""
-    saved = saved_shapes(directory, "model." if what == "model" else "")
-    here = {name: list(tensor.shape) for name, tensor in get_model_state_dict(module).items()}
+    saved, here = shapes(directory, "model." if what == "model" else "", module)
     missing, unexpected = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
     again = f"resume with the {option('model')} it was written with"
     if missing or unexpected:
@@ -304,7 +297,7 @@ def check_finite_weights(model, ctx, step, last_checkpoint):
     """A non-finite update must never reach a checkpoint (or the export): stop with a true message.
     `last_checkpoint`: (step, path) of the newest one written, or None."""
     finite = torch.stack([torch.isfinite(local_tensor(w)).all() for w in model.parameters()]).all()
-    if all_reduce_max((~finite).to(torch.int32).reshape(1), ctx.world_size).item():
+    if not all(all_ranks([bool(finite)], ctx)):
         newest = (f"the newest checkpoint, {last_checkpoint[1]} (step {last_checkpoint[0]}), is intact"
                   if last_checkpoint is not None else "no checkpoint had been written yet")
         raise TrainingDiverged(f"training diverged: after step {step} the weights hold non-finite values (NaN or "

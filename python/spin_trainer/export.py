@@ -90,9 +90,8 @@ def single_file(directory):
 def export_hf(model, tokenizer, out_dir, ctx, *, dtype=torch.float32, max_file_bytes=MAX_FILE_BYTES):
     """Saves the full model in `dtype` + tokenizer to `out_dir` in HF format (all ranks call it)."""
     tmp = staging_directory(out_dir, ctx)
-    with torch.no_grad():
-        state = {name: tensor.detach().to(dtype)
-                 for name, tensor in without_tied_aliases(model, get_model_state_dict(model)).items()}
+    state = {name: tensor.detach().to(dtype)
+             for name, tensor in without_tied_aliases(model, get_model_state_dict(model)).items()}
     writer = HuggingFaceStorageWriter(tmp, fqn_to_index_mapping=file_index(state, dtype, max_file_bytes),
                                       save_distributed=True, enable_consolidation=True)
     dcp(save, state, ctx, storage_writer=writer)

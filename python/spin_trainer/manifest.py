@@ -56,7 +56,8 @@ def all_ranks(items, ctx):
 
 
 def on_main(write, ctx):
-    """Runs `write()` on rank 0; an OSError it raises is raised on every rank."""
+    """Runs `write()` on rank 0; every rank returns once it is done (a collective), and an OSError
+    it raises is raised on every rank."""
     error, failure = None, None
     if ctx.is_main:
         try:
@@ -88,12 +89,11 @@ def write_manifest(directory, ctx, **header):
 
 def read_manifest(path):
     """(manifest, None) or (None, what is wrong with it)."""
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isfile(manifest_path):
-        return None, "manifest.json is missing (half-written)"
     try:
-        with open(manifest_path, encoding="utf-8") as f:
+        with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
             manifest = json.load(f)
+    except (FileNotFoundError, IsADirectoryError):
+        return None, "manifest.json is missing (half-written)"
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return None, f"manifest.json is unreadable ({exc})"
     files = manifest.get("files") if isinstance(manifest, dict) else None

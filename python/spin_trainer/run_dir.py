@@ -13,13 +13,13 @@ import shutil
 import socket
 import tempfile
 import time
-
-import torch
+from contextlib import suppress
+from pathlib import Path
 
 from .checkpoint import CHECKPOINTS_DIR
 from .errors import UsageError, option
+from .manifest import all_ranks
 from .options import CONFIG_HEADER
-from .parallel.mesh import all_reduce_max
 
 TOKENIZED_DIR = "tokenized"   # the tokenized-data cache (data.py), which a refused run may leave
 LOCK_FILE = ".lock"
@@ -70,14 +70,11 @@ def check_output_path(out):
 def remove_if_empty(out):
     """Removes `out`, which this run created, if it holds nothing but the lock file and the tokenized
     data cache (a run refused before training)."""
-    try:
+    with suppress(OSError):   # someone else's file appeared in it: it is not ours to remove
         if set(os.listdir(out)) <= {LOCK_FILE, TOKENIZED_DIR}:
             shutil.rmtree(os.path.join(out, TOKENIZED_DIR), ignore_errors=True)
-            if os.path.exists(os.path.join(out, LOCK_FILE)):
-                os.remove(os.path.join(out, LOCK_FILE))
+            Path(out, LOCK_FILE).unlink(missing_ok=True)
             os.rmdir(out)
-    except OSError:
-        pass   # someone else's file appeared in it: it is not ours to remove
 
 
 def lock_run(out, ctx):
@@ -96,8 +93,7 @@ def lock_run(out, ctx):
             os.ftruncate(fd, 0)
             os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
                          f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
-    refused = torch.tensor([1.0 if ctx.is_main and fd is None else 0.0], device=ctx.device)
-    if all_reduce_max(refused, ctx.world_size).item() > 0:
+    if any(all_ranks([ctx.is_main and fd is None], ctx)):   # refused on rank 0
         raise UsageError(f"{option('out')} {out!r} is in use by another run ({holder or 'see rank 0'}); wait for "
                          f"it to finish or stop it, or use another {option('out')}")
     return fd
