@@ -34,8 +34,7 @@ import os
 import random
 import shutil
 import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections import namedtuple
 
 import torch
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter, load, save
@@ -46,7 +45,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from spin_kernels.dtensor import local_tensor
 
 from .errors import CheckpointNotWritten, TrainingDiverged, UsageError, option
-from .parallel.mesh import all_reduce_max
 from .manifest import all_ranks, files_problem, fsync_path, on_main, read_manifest, write_manifest
 from .state_file import STRUCTURE_FILE, TENSORS_FILE, read_state, write_state
 
@@ -60,13 +58,7 @@ REFERENCE_DIR = "reference"
 FLAT_OPTIMIZER = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-@dataclass
-class Checkpoint:
-    """An intact checkpoint found for --resume: its path and its non-tensor loop state."""
-    path: str
-    loop_state: dict
-
-
+Checkpoint = namedtuple("Checkpoint", ["path", "loop_state"])   # an intact one found for --resume
 CHECKPOINTS_DIR = "checkpoints"
 
 
@@ -85,14 +77,12 @@ def list_checkpoints(root):
 
 def replace_directory(new, final):
     """Renames `new` to `final`; an existing `final` stays intact until the new one is in place."""
-    previous = None
+    previous = f"{final}.previous-{os.getpid()}"
     if os.path.exists(final):
-        previous = f"{final}.previous-{os.getpid()}"
         os.rename(final, previous)
     os.rename(new, final)
     fsync_path(os.path.dirname(os.path.abspath(final)))
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 # ---- saving --------------------------------------------------------------------------------------------
@@ -107,56 +97,45 @@ def fresh_directory(path, ctx):
     return path
 
 
-@contextmanager
-def single_process_quiet(ctx):
-    """DCP warns on every call of a run without a process group that it assumes one process:
-    that is what a one-process run means, so the warning says nothing."""
+def dcp(operation, state_dict, ctx, **storage):
+    """DCP's `save` or `load` of `state_dict` with `storage` (its storage_writer or storage_reader);
+    `load` loads into the state dict's tensors in place (their layout: this run's). DCP warns on every
+    call of a run without a process group that it assumes one process: that is what a one-process run
+    means, so the warning says nothing."""
     with warnings.catch_warnings():
         if ctx.world_size == 1:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
+        operation(state_dict, no_dist=ctx.world_size == 1, **storage)
 
 
-def dcp_save(state_dict, directory, ctx):
-    with single_process_quiet(ctx):
-        save(state_dict, storage_writer=FileSystemWriter(directory, sync_files=True), no_dist=ctx.world_size == 1)
-
-
-def dcp_load(state_dict, directory, ctx):
-    """Loads `directory` into `state_dict`'s tensors in place (their layout: this run's)."""
-    with single_process_quiet(ctx):
-        load(state_dict, storage_reader=FileSystemReader(directory), no_dist=ctx.world_size == 1)
+def train_state(model, optimizer):
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=FLAT_OPTIMIZER)
+    return {"model": model_state, "optimizer": optimizer_state}
 
 
 def save_train_state(directory, model, optimizer, ctx):
     """{"model", "optimizer"} state dicts to DCP `directory`; an optimizer that has not stepped yet
     has no state to save (asking DCP for it would initialise it with a zero step and change the run)."""
-    if optimizer.state:
-        model_state, optimizer_state = get_state_dict(model, optimizer, options=FLAT_OPTIMIZER)
-        state = {"model": model_state, "optimizer": optimizer_state}
-    else:
-        state = {"model": get_model_state_dict(model)}
-    dcp_save(state, directory, ctx)
+    state = train_state(model, optimizer) if optimizer.state else {"model": get_model_state_dict(model)}
+    dcp(save, state, ctx, storage_writer=FileSystemWriter(directory, sync_files=True))
 
 
 def load_weights(module, directory, ctx, key=None):
     """Loads `module`'s weights from DCP `directory` (saved under `key`, if given) into its layout."""
     state = get_model_state_dict(module)
-    dcp_load({key: state} if key else state, directory, ctx)
+    dcp(load, {key: state} if key else state, ctx, storage_reader=FileSystemReader(directory))
     set_model_state_dict(module, state)
 
 
 def load_train_state(directory, model, optimizer, ctx):
     """Loads model and (if saved) optimizer state from `directory`, resharded to this run's layout."""
     saved = FileSystemReader(directory).read_metadata().state_dict_metadata
-    if any(key.startswith("optimizer.") for key in saved):
-        model_state, optimizer_state = get_state_dict(model, optimizer, options=FLAT_OPTIMIZER)
-        state = {"model": model_state, "optimizer": optimizer_state}
-        dcp_load(state, directory, ctx)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=FLAT_OPTIMIZER)
-    else:
-        load_weights(model, directory, ctx, key="model")
+    if not any(key.startswith("optimizer.") for key in saved):
+        return load_weights(model, directory, ctx, key="model")
+    state = train_state(model, optimizer)
+    dcp(load, state, ctx, storage_reader=FileSystemReader(directory))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=FLAT_OPTIMIZER)
 
 
 def save_checkpoint(root, step, *, model, optimizer, reference, loop_state, ctx, keep):
@@ -173,7 +152,8 @@ def save_checkpoint(root, step, *, model, optimizer, reference, loop_state, ctx,
         if reference is not None:
             with reference() as module:
                 if module is not None:
-                    dcp_save(get_model_state_dict(module), os.path.join(tmp, REFERENCE_DIR), ctx)
+                    dcp(save, get_model_state_dict(module), ctx,
+                        storage_writer=FileSystemWriter(os.path.join(tmp, REFERENCE_DIR), sync_files=True))
         rng = all_ranks([{"torch": torch.get_rng_state(), "python": random.getstate(),
                           # this process's device only: another machine may see another number of GPUs
                           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}], ctx)
@@ -190,21 +170,15 @@ def save_checkpoint(root, step, *, model, optimizer, reference, loop_state, ctx,
             + (f"the previous checkpoint, {intact[-1]}, is intact" if intact else "no checkpoint had been written "
                "before it") + f"; free space and rerun with {option('resume')}") from None
     on_main(lambda: (replace_directory(tmp, final), prune(root, keep=keep, newest=final)), ctx)
-    ctx.barrier()
     return final
 
 
 def _disk_full(exc):
     """Whether `exc`, its cause, or a rank's failure that DCP collected in it is ENOSPC (or EDQUOT)."""
-    pending = [exc]
-    while pending:
-        e = pending.pop()
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if isinstance(e, CheckpointException):
-            pending += [failure[0] for failure in e.failures.values()]
-        pending += [c for c in (e.__cause__, e.__context__) if c is not None]
-    return False
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    failures = [failure[0] for failure in exc.failures.values()] if isinstance(exc, CheckpointException) else []
+    return any(_disk_full(e) for e in (exc.__cause__, exc.__context__, *failures) if e is not None)
 
 
 def prune(root, *, keep, newest):
@@ -247,10 +221,9 @@ def find_latest_checkpoint(root, ctx, report=print):
     """The newest intact Checkpoint under `root` (all ranks call this). Corrupt ones are reported
     (once, by rank 0) and moved aside; with none intact, --resume is refused, naming each one found
     and what is wrong with it: starting over is the user's choice, never a fallback."""
-    unusable = []
+    moved = {}   # the names corrupt checkpoints were moved aside to: what was wrong with each
     for path in reversed(list_checkpoints(root)):
         problem = checkpoint_problem(path, ctx)
-        loop_state = None
         if problem is None:
             try:
                 loop_state = read_state(path)
@@ -259,32 +232,31 @@ def find_latest_checkpoint(root, ctx, report=print):
         problems = [p for p in all_ranks([problem], ctx) if p is not None]
         if not problems:
             return Checkpoint(path, loop_state)
-        ctx.barrier()
-        if ctx.is_main:
-            moved = move_aside(path)
-            report(f"warning: checkpoint {path} is corrupt or incomplete: {problems[0]}; moved aside to {moved}")
-            unusable.append(f"{os.path.basename(path)}: {problems[0]} (moved aside to {os.path.basename(moved)})")
+        if ctx.is_main:   # every rank has read it: all_ranks waited for each
+            target = move_aside(path)
+            report(f"warning: checkpoint {path} is corrupt or incomplete: {problems[0]}; moved aside to {target}")
+            name = os.path.basename(target)
+            moved[name] = f"{os.path.basename(path)}: {problems[0]} (moved aside to {name})"
         ctx.barrier()
     earlier = sorted(n for n in os.listdir(root) if CORRUPT_SUFFIX in n) if os.path.isdir(root) else []
-    unusable += [f"{name}: moved aside as corrupt by an earlier run" for name in earlier
-                 if not any(f"moved aside to {name})" in line for line in unusable)]
-    found = "; ".join(unusable) if unusable else "none"
-    raise UsageError(f"{option('resume')}: no usable checkpoint under {root} (found: {found}); nothing was "
-                     f"trained. To start the run over, run without {option('resume')} (its metrics are "
-                     f"replaced), or use another {option('out')}")
+    found = [*moved.values()] + [f"{n}: moved aside as corrupt by an earlier run" for n in earlier if n not in moved]
+    raise UsageError(f"{option('resume')}: no usable checkpoint under {root} (found: {'; '.join(found) or 'none'}); "
+                     f"nothing was trained. To start the run over, run without {option('resume')} (its metrics "
+                     f"are replaced), or use another {option('out')}")
 
 
-def saved_shapes(directory, prefix):
-    """{name: shape as a list} of the tensors DCP `directory` holds under `prefix` (cut off the names)."""
+def shapes(directory, prefix, module):
+    """{name: shape as a list} of the tensors DCP `directory` holds under `prefix` (cut off the names),
+    and of `module`'s state dict."""
     metadata = FileSystemReader(directory).read_metadata().state_dict_metadata
-    return {key[len(prefix):]: list(meta.size) for key, meta in metadata.items()
-            if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+    return ({key[len(prefix):]: list(meta.size) for key, meta in metadata.items()
+             if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)},
+            {name: list(tensor.shape) for name, tensor in get_model_state_dict(module).items()})
 
 
 def check_fits(directory, module, what):
     """UsageError naming the first tensor that cannot be loaded into `module` from DCP `directory`."""
-    saved = saved_shapes(directory, "model." if what == "model" else "")
-    here = {name: list(tensor.shape) for name, tensor in get_model_state_dict(module).items()}
+    saved, here = shapes(directory, "model." if what == "model" else "", module)
     missing, unexpected = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
     again = f"resume with the {option('model')} it was written with"
     if missing or unexpected:
@@ -325,7 +297,7 @@ def check_finite_weights(model, ctx, step, last_checkpoint):
     """A non-finite update must never reach a checkpoint (or the export): stop with a true message.
     `last_checkpoint`: (step, path) of the newest one written, or None."""
     finite = torch.stack([torch.isfinite(local_tensor(w)).all() for w in model.parameters()]).all()
-    if all_reduce_max((~finite).to(torch.int32).reshape(1), ctx.world_size).item():
+    if not all(all_ranks([bool(finite)], ctx)):
         newest = (f"the newest checkpoint, {last_checkpoint[1]} (step {last_checkpoint[0]}), is intact"
                   if last_checkpoint is not None else "no checkpoint had been written yet")
         raise TrainingDiverged(f"training diverged: after step {step} the weights hold non-finite values (NaN or "

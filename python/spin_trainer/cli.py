@@ -213,7 +213,7 @@ def run_training(config, on_step):
         return rows
     finally:
         if lock is not None:
-            lock.release()
+            os.close(lock)   # releases the flock
         teardown_parallel(ctx)
 
 

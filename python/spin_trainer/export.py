@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from spin_kernels.dtensor import is_dtensor
 
-from .checkpoint import fresh_directory, replace_directory, single_process_quiet
+from .checkpoint import dcp, fresh_directory, replace_directory
 from .config import DTYPES
 from .errors import UsageError, option
 from .manifest import files_under, fsync_path
@@ -90,13 +90,11 @@ def single_file(directory):
 def export_hf(model, tokenizer, out_dir, ctx, *, dtype=torch.float32, max_file_bytes=MAX_FILE_BYTES):
     """Saves the full model in `dtype` + tokenizer to `out_dir` in HF format (all ranks call it)."""
     tmp = staging_directory(out_dir, ctx)
-    with torch.no_grad():
-        state = {name: tensor.detach().to(dtype)
-                 for name, tensor in without_tied_aliases(model, get_model_state_dict(model)).items()}
+    state = {name: tensor.detach().to(dtype)
+             for name, tensor in without_tied_aliases(model, get_model_state_dict(model)).items()}
     writer = HuggingFaceStorageWriter(tmp, fqn_to_index_mapping=file_index(state, dtype, max_file_bytes),
                                       save_distributed=True, enable_consolidation=True)
-    with single_process_quiet(ctx):
-        save(state, storage_writer=writer, no_dist=ctx.world_size == 1)
+    dcp(save, state, ctx, storage_writer=writer)
     del state
     if ctx.is_main:
         shutil.rmtree(writer.path)   # the per-rank shards, now consolidated

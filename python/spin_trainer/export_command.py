@@ -9,12 +9,12 @@ the process holds one copy of the weights in that dtype.
 """
 import argparse
 import os
+from contextlib import suppress
 
 import torch
-from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from .checkpoint import TRAIN_DIR, checkpoint_problem, load_weights, saved_shapes
+from .checkpoint import TRAIN_DIR, checkpoint_problem, load_weights, shapes
 from .config import DTYPES
 from .errors import UsageError
 from .export import export_hf, resolve_export_dtype
@@ -25,18 +25,6 @@ from .parallel.mesh import ParallelContext
 ONE_PROCESS = ParallelContext(0, 1, 1, 1, 0, 0, torch.device("cpu"))
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="spin-train export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint: OUT/checkpoints/spin/step-N")
-    parser.add_argument("out", metavar="OUT_DIR", help="the Hugging Face directory to write (new, or empty)")
-    parser.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",
-                        help="dtype of the exported weights; auto: the model's config.torch_dtype (default: auto)")
-    parser.add_argument("--model", help="the model directory the run was trained from (default: the run's "
-                                        "--model, from OUT/config.yaml)")
-    return parser.parse_args(argv)
-
-
 def run_model_dir(checkpoint):
     """The --model of the run that wrote `checkpoint` (OUT/checkpoints/spin/step-N), or None."""
     config_path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(checkpoint))), "config.yaml")
@@ -45,8 +33,7 @@ def run_model_dir(checkpoint):
 
 def check_fits(directory, model, model_dir):
     """The checkpoint holds exactly this model's tensors, in its shapes."""
-    saved = saved_shapes(directory, "model.")
-    here = {name: list(tensor.shape) for name, tensor in get_model_state_dict(model).items()}
+    saved, here = shapes(directory, "model.", model)
     for name in sorted(set(saved) | set(here)):
         if saved.get(name) != here.get(name):
             raise UsageError(f"{directory} does not hold the weights of the model in {model_dir!r}: tensor {name} "
@@ -61,7 +48,8 @@ def export_checkpoint(checkpoint, out, *, dtype="auto", model_dir=None):
         raise UsageError(f"OUT_DIR {out!r} already exists and is not empty; the export writes a new directory: "
                          f"choose another path, or remove that one first")
     checkpoint = os.path.abspath(checkpoint)
-    if not os.path.isdir(os.path.join(checkpoint, TRAIN_DIR)):
+    directory = os.path.join(checkpoint, TRAIN_DIR)
+    if not os.path.isdir(directory):
         raise UsageError(f"{checkpoint!r}: not a checkpoint directory (expected OUT/checkpoints/spin/step-N, "
                          f"holding {TRAIN_DIR}/)")
     problem = checkpoint_problem(checkpoint, ONE_PROCESS)
@@ -75,18 +63,23 @@ def export_checkpoint(checkpoint, out, *, dtype="auto", model_dir=None):
     config = read_model_config(model_dir)   # trust_remote_code=False: a checkpoint's model runs no shipped code
     export_dtype = resolve_export_dtype(dtype, config, name="dtype")
     model = AutoModelForCausalLM.from_config(config, dtype=export_dtype)
-    try:
+    with suppress(OSError):   # the model has no generation_config.json: keep the one derived from its config
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
-    except OSError:   # the model has no generation_config.json: keep the one derived from its config
-        pass
-    directory = os.path.join(checkpoint, TRAIN_DIR)
     check_fits(directory, model, model_dir)
     load_weights(model, directory, ONE_PROCESS, key="model")   # converted to the export dtype as it is copied in
     return export_hf(model, load_tokenizer(model_dir), out, ONE_PROCESS, dtype=export_dtype)
 
 
 def main(argv):
-    args = parse_args(argv)
+    parser = argparse.ArgumentParser(prog="spin-train export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint: OUT/checkpoints/spin/step-N")
+    parser.add_argument("out", metavar="OUT_DIR", help="the Hugging Face directory to write (new, or empty)")
+    parser.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",
+                        help="dtype of the exported weights; auto: the model's config.torch_dtype (default: auto)")
+    parser.add_argument("--model", help="the model directory the run was trained from (default: the run's "
+                                        "--model, from OUT/config.yaml)")
+    args = parser.parse_args(argv)
     out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, model_dir=args.model)
     print(f"exported {args.checkpoint} to {out}")
     return out

@@ -41,9 +41,8 @@ def file_fingerprint(path):
 
 def model_fingerprint(directory):
     """{file name: fingerprint} of the configs and the weight files of a HF model directory."""
-    names = sorted(n for n in os.listdir(directory) if os.path.isfile(os.path.join(directory, n))
-                   and (n in MODEL_CONFIGS or n.endswith(WEIGHT_SUFFIXES)))
-    return {name: file_fingerprint(os.path.join(directory, name)) for name in names}
+    return {n: file_fingerprint(os.path.join(directory, n)) for n in sorted(os.listdir(directory))
+            if (n in MODEL_CONFIGS or n.endswith(WEIGHT_SUFFIXES)) and os.path.isfile(os.path.join(directory, n))}
 
 
 def tokenizer_fingerprint(tokenizer):

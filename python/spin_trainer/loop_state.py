@@ -1,6 +1,7 @@
 """What the SPIN loop carries between steps: where it is and the current iteration's data (saved in
-every checkpoint as plain dicts of their fields, so that a resumed run continues mid-iteration with
-the same generations and reference log-probs), and whether a stop was asked for."""
+every checkpoint as the dicts of their fields, `vars()`, shallow: the Examples stay Examples, so that
+a resumed run continues mid-iteration with the same generations and reference log-probs), and whether
+a stop was asked for."""
 import signal
 import threading
 from contextlib import contextmanager
@@ -17,39 +18,29 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class TrainingStopped(Exception):
-    """Raised after a stop signal once the checkpoint is written: `checkpoint` (its path) and
-    `signal_number` (the signal that stopped the run)."""
+    """Raised after a stop signal once the checkpoint is written: `checkpoint` (its path), the
+    signal's `signal_name` and `exit_status`, what a shell reports for a process the signal ended."""
 
     def __init__(self, checkpoint, signal_number):
         super().__init__(checkpoint)
-        self.checkpoint, self.signal_number = checkpoint, signal_number
-
-    @property
-    def signal_name(self):
-        return signal.Signals(self.signal_number).name
-
-    @property
-    def exit_status(self):
-        return 128 + self.signal_number   # what a shell reports for a process the signal ended
+        self.checkpoint, self.signal_name = checkpoint, signal.Signals(signal_number).name
+        self.exit_status = 128 + signal_number
 
 
 class StopSignal:
-    """SIGTERM or SIGINT sets a flag; `received()` tells every rank the signal any rank got (a
-    collective), 0 if none."""
+    """SIGTERM or SIGINT sets a flag (off the main thread, where no handler can be installed, none
+    does); `received()` tells every rank the signal any rank got (a collective), 0 if none."""
 
     def __init__(self, ctx):
         self.ctx, self.signal_number = ctx, 0
 
     @contextmanager
     def installed(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
         def request_stop(signum, frame):
             self.signal_number = self.signal_number or signum   # the first one is what the user did
 
-        previous = {number: signal.signal(number, request_stop) for number in STOP_SIGNALS}
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        previous = {number: signal.signal(number, request_stop) for number in STOP_SIGNALS} if on_main_thread else {}
         try:
             yield
         finally:
@@ -68,13 +59,6 @@ class LoopPosition:
     step: int = 0          # optimizer steps done in this epoch
     global_step: int = 0   # optimizer steps done in the run
 
-    def state(self):
-        return dict(vars(self))
-
-    @classmethod
-    def from_state(cls, state):
-        return cls(**state)
-
 
 @dataclass
 class IterationData:
@@ -89,10 +73,3 @@ class IterationData:
     history: list = field(default_factory=list)   # the iteration's per-step training records
     gen_equals_gold: float | None = None          # fraction of training prompts answered exactly (no gradient)
     dropped_truncated: int | None = None          # pairs --drop-truncated left out (None: not asked for)
-
-    def state(self):
-        return dict(vars(self))   # shallow: the Examples stay Examples
-
-    @classmethod
-    def from_state(cls, state):
-        return None if state is None else cls(**state)

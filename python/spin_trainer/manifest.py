@@ -56,20 +56,17 @@ def all_ranks(items, ctx):
 
 
 def on_main(write, ctx):
-    """Runs `write()` on rank 0; an OSError it raises is raised on every rank."""
-    error = None
+    """Runs `write()` on rank 0; every rank returns once it is done (a collective), and an OSError
+    it raises is raised on every rank."""
+    error, failure = None, None
     if ctx.is_main:
         try:
             write()
         except OSError as exc:
-            error = exc
-    if ctx.world_size > 1:
-        box = [None if error is None else (error.errno, error.strerror, error.filename)]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is not None and error is None:
-            error = OSError(*box[0])
-    if error is not None:
-        raise error
+            error, failure = exc, (exc.errno, exc.strerror, exc.filename)
+    failure = all_ranks([failure] if ctx.is_main else [], ctx)[0]   # rank 0's, on every rank
+    if failure is not None:
+        raise error or OSError(*failure)
 
 
 def write_manifest(directory, ctx, **header):
@@ -83,10 +80,8 @@ def write_manifest(directory, ctx, **header):
     def write():
         manifest = {**header, "files": {name: {"bytes": size, "sha256": digest}
                                         for name, size, digest in sorted(entries)}}
-        with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
+        with replaced_atomically(os.path.join(directory, MANIFEST)) as f:
             json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
         for parent, _, _ in os.walk(directory):
             fsync_path(parent)
     on_main(write, ctx)
@@ -94,12 +89,11 @@ def write_manifest(directory, ctx, **header):
 
 def read_manifest(path):
     """(manifest, None) or (None, what is wrong with it)."""
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isfile(manifest_path):
-        return None, "manifest.json is missing (half-written)"
     try:
-        with open(manifest_path, encoding="utf-8") as f:
+        with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
             manifest = json.load(f)
+    except (FileNotFoundError, IsADirectoryError):
+        return None, "manifest.json is missing (half-written)"
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return None, f"manifest.json is unreadable ({exc})"
     files = manifest.get("files") if isinstance(manifest, dict) else None

@@ -11,14 +11,15 @@ import fcntl
 import os
 import shutil
 import socket
+import tempfile
 import time
-
-import torch
+from contextlib import suppress
+from pathlib import Path
 
 from .checkpoint import CHECKPOINTS_DIR
 from .errors import UsageError, option
+from .manifest import all_ranks
 from .options import CONFIG_HEADER
-from .parallel.mesh import all_reduce_max
 
 TOKENIZED_DIR = "tokenized"   # the tokenized-data cache (data.py), which a refused run may leave
 LOCK_FILE = ".lock"
@@ -59,10 +60,8 @@ def check_output_path(out):
     created = not os.path.exists(path)
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f"{WRITE_PROBE}{os.getpid()}")
-        with open(probe, "w", encoding="utf-8"):
+        with tempfile.TemporaryFile(prefix=WRITE_PROBE, dir=path):   # unnamed where the filesystem can
             pass
-        os.remove(probe)
     except OSError as exc:
         raise UsageError(f"{option('out')} {out!r} is not writable ({exc.strerror or exc})") from exc
     return created
@@ -71,30 +70,16 @@ def check_output_path(out):
 def remove_if_empty(out):
     """Removes `out`, which this run created, if it holds nothing but the lock file and the tokenized
     data cache (a run refused before training)."""
-    try:
+    with suppress(OSError):   # someone else's file appeared in it: it is not ours to remove
         if set(os.listdir(out)) <= {LOCK_FILE, TOKENIZED_DIR}:
             shutil.rmtree(os.path.join(out, TOKENIZED_DIR), ignore_errors=True)
-            if os.path.exists(os.path.join(out, LOCK_FILE)):
-                os.remove(os.path.join(out, LOCK_FILE))
+            Path(out, LOCK_FILE).unlink(missing_ok=True)
             os.rmdir(out)
-    except OSError:
-        pass   # someone else's file appeared in it: it is not ours to remove
-
-
-class RunLock:
-    """The exclusive lock on a run's --out (rank 0 holds it; None on other ranks)."""
-
-    def __init__(self, fd):
-        self.fd = fd
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)   # closing the last descriptor releases the flock
-            self.fd = None
 
 
 def lock_run(out, ctx):
-    """Takes the exclusive lock on `out` (all ranks call this) or refuses, naming the holder."""
+    """Takes the exclusive lock on `out` (all ranks call this) or refuses, naming the holder. Returns
+    the lock's file descriptor on rank 0 (closing it releases the lock), None on the other ranks."""
     fd, holder = None, None
     if ctx.is_main:
         fd = os.open(os.path.join(out, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
@@ -108,8 +93,7 @@ def lock_run(out, ctx):
             os.ftruncate(fd, 0)
             os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
                          f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
-    refused = torch.tensor([1.0 if ctx.is_main and fd is None else 0.0], device=ctx.device)
-    if all_reduce_max(refused, ctx.world_size).item() > 0:
+    if any(all_ranks([ctx.is_main and fd is None], ctx)):   # refused on rank 0
         raise UsageError(f"{option('out')} {out!r} is in use by another run ({holder or 'see rank 0'}); wait for "
                          f"it to finish or stop it, or use another {option('out')}")
-    return RunLock(fd)
+    return fd

@@ -76,11 +76,10 @@ def _decode(value, tensors):
         return tuple(_decode(v, tensors) for v in value[tag])
     if tag == "__example__":
         return Example(*value[tag])
-    if tag == "__examples__":
+    if tag in ("__examples__", "__token_lists__"):
         lengths, ids = (tensors[name] for name in value[tag])
-        return examples_from_buffers(lengths.numpy(), ids.numpy())
-    if tag == "__token_lists__":
-        lengths, ids = (tensors[name] for name in value[tag])
+        if tag == "__examples__":
+            return examples_from_buffers(lengths.numpy(), ids.numpy())
         flat = ids.tolist()
         return [flat[end - n:end] for n, end in zip(lengths.tolist(), lengths.cumsum(0).tolist())]
     return {k: _decode(v, tensors) for k, v in value.items()}

@@ -356,8 +356,8 @@ class SpinTrainer:
     def loop_state(self):
         """Everything of the run that is not a tensor of the model, optimizer or reference policy."""
         return {"settings": self.config.as_options(resume_only=True), "fingerprints": self.fingerprints,
-                "position": self.position.state(), "scheduler": self.scheduler.state_dict(),
-                "data": self.data.state() if self.data else None, "previous_pairs": self.previous_pairs,
+                "position": vars(self.position), "scheduler": self.scheduler.state_dict(),
+                "data": vars(self.data) if self.data else None, "previous_pairs": self.previous_pairs,
                 "eval_rows": self.eval_rows,
                 "world": {"world_size": self.ctx.world_size, "tp_size": self.ctx.tp_size}}
 
@@ -379,8 +379,8 @@ class SpinTrainer:
         load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer, reference=self.reference.load_state,
                         ctx=self.ctx)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.position = LoopPosition.from_state(state["position"])
-        self.data = IterationData.from_state(state["data"])
+        self.position = LoopPosition(**state["position"])
+        self.data = IterationData(**state["data"]) if state["data"] else None
         self.previous_pairs, self.eval_rows = state["previous_pairs"], state["eval_rows"]
         restore_rng(state["rng"], self.ctx)
         self.last_checkpoint = (self.position.global_step, checkpoint.path)
