@@ -52,13 +52,11 @@ def build_parser(description=None):
             if kind is bool:
                 # --X and --no-X, so that the command line can turn off what a config file turns on
                 # (no_progress, a negation itself, has its one form)
-                action = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
-                section.add_argument(option(f.name), action=action, **kwargs)
-                continue
-            if many:
-                kwargs["nargs"] = meta["nargs"] or "+"
-            metavar = meta["metavar"] or (None if meta["choices"] else f.name.upper())   # not the dest's "GROUP.NAME"
-            section.add_argument(option(f.name), type=kind, choices=meta["choices"], metavar=metavar, **kwargs)
+                kwargs["action"] = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
+            else:   # the metavar of a free value is the option's name, not the dest's "GROUP.NAME"
+                kwargs.update(type=kind, choices=meta["choices"], nargs=(meta["nargs"] or "+") if many else None,
+                              metavar=meta["metavar"] or (None if meta["choices"] else f.name.upper()))
+            section.add_argument(option(f.name), **kwargs)
     return parser
 
 
@@ -105,11 +103,9 @@ def _coerce(value, f, where):
         raise UsageError(f"{where}: expected one value, got a list")
     converted = []
     for item in items:
-        if kind is float and isinstance(item, int) and not isinstance(item, bool):
-            item = float(item)
-        if kind is float and isinstance(item, str):
+        if kind is float and isinstance(item, (int, str)) and not isinstance(item, bool):
             try:
-                item = float(item)   # YAML reads 5e-7 (no dot) as a string
+                item = float(item)   # an int, or a string: YAML reads 5e-7 (no dot) as a string
             except ValueError:
                 pass
         if not isinstance(item, kind) or (kind is not bool and isinstance(item, bool)):
