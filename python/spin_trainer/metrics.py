@@ -5,6 +5,7 @@ Only rank 0 reports. The results table and curves.png are in plots.py.
 Records carry `kind` ("train" per optimizer step, "eval" per evaluation point) and `run` (e.g.
 "spin" or "sft"), so several runs of one demo share a file.
 """
+import functools
 import importlib
 import json
 import math
@@ -108,18 +109,15 @@ def global_step_metrics(sums, dp_group):
 
 
 # ---- TensorBoard and wandb (report_to): each number of a record is one scalar `<kind>/<key>` at its step
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-
-
 def check_installed(names):
-    """A clear error before any work when a chosen integration's package is missing."""
+    """A clear error before any work when a chosen integration's package (named as it) is missing."""
     for name in names:
         if name == "none":
             continue
         try:
-            importlib.import_module(PACKAGES[name])
+            importlib.import_module(name)
         except ImportError as exc:
-            raise UsageError(f"{option('report_to')} {name}: the {PACKAGES[name]!r} package is not installed "
+            raise UsageError(f"{option('report_to')} {name}: the {name!r} package is not installed "
                              f"(pip install 'spin_kernels[report]')") from exc
 
 
@@ -188,9 +186,7 @@ def make_sinks(names, out, settings):
 
 
 # ---- plain progress lines for a log file (stdout redirected: SLURM, nohup), each flushed -----------
-def flushed_print(text):
-    """A message that reaches a log file now, not when the buffer fills."""
-    print(text, flush=True)
+flushed_print = functools.partial(print, flush=True)   # a message reaches a log file now, not when the buffer fills
 
 
 def plain_lines_wanted(stdout_is_terminal, progress_bar_shown):
@@ -206,13 +202,6 @@ def duration(seconds):
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
-
-
-def step_line(record, total_steps, iterations, elapsed, eta):
-    return (f"iteration {record['iteration']}/{iterations}  step {record['step']}/{total_steps}  "
-            f"loss {record['loss']:.4f}  acc {record['acc']:.3f}  margin {record['margin_mean']:+.4f}  "
-            f"lr {record['lr']:.3e}  tokens/s {record['tokens_per_second']:.0f}  elapsed {duration(elapsed)}  "
-            f"ETA {duration(eta)}")
 
 
 def eval_line(row):
@@ -246,9 +235,11 @@ class ProgressLines:
         if not (self.enabled and self.every) or (step % self.every and step != self.total_steps):
             return
         elapsed = self.clock() - self.started
-        done_here = max(1, step - self.done_before)
-        self.say(step_line(record, self.total_steps, self.iterations, elapsed,
-                           elapsed / done_here * (self.total_steps - step)))
+        eta = elapsed / max(1, step - self.done_before) * (self.total_steps - step)
+        self.say(f"iteration {record['iteration']}/{self.iterations}  step {step}/{self.total_steps}  "
+                 f"loss {record['loss']:.4f}  acc {record['acc']:.3f}  margin {record['margin_mean']:+.4f}  "
+                 f"lr {record['lr']:.3e}  tokens/s {record['tokens_per_second']:.0f}  elapsed {duration(elapsed)}  "
+                 f"ETA {duration(eta)}")
 
     def eval(self, row):
         self.say(eval_line(row))
