@@ -104,13 +104,6 @@ def check_min_new_tokens(min_new_tokens, max_length, named_examples):
                              f"{option('min_new_tokens')} or raise {option('max_length')}")
 
 
-def check_no_earlier_run(config):
-    """Refuses to start over checkpoints a previous run left (they would be overwritten)."""
-    if not config.run.resume and list_checkpoints(checkpoint_root(config.run.out)):
-        raise UsageError(f"{option('out')} {config.run.out!r} already holds checkpoints of a run; pass "
-                         f"{option('resume')} to continue it or choose another {option('out')}")
-
-
 def train(config, on_step=None):
     """A SPIN run of `config` (checked): set-up, the SpinTrainer's loop, the export and the report.
     Returns the per-iteration eval rows. A run that fails leaves no --out behind that it created
@@ -165,13 +158,13 @@ def run_training(config, on_step):
                                  fields=d.record_fields(), max_prompt_length=d.max_prompt_length,
                                  long_prompts=d.long_prompts, cache_dir=os.path.join(run.out, TOKENIZED_DIR))
 
-        train_examples = examples("train_data")
-        val_examples = examples("val_data") if d.val_data else []
-        test_examples = examples("test_data") if d.test_data else val_examples
-        check_min_new_tokens(g.min_new_tokens, d.max_length, [("train_data", train_examples),
-                                                               ("val_data", val_examples),
-                                                               ("test_data", test_examples if d.test_data else [])])
-        check_no_earlier_run(config)
+        loaded = {name: examples(name) for name in ("train_data", "val_data", "test_data") if getattr(d, name)}
+        check_min_new_tokens(g.min_new_tokens, d.max_length, loaded.items())
+        train_examples, val_examples = loaded["train_data"], loaded.get("val_data", [])
+        test_examples = loaded.get("test_data", val_examples)
+        if not run.resume and list_checkpoints(checkpoint_root(run.out)):   # they would be overwritten
+            raise UsageError(f"{option('out')} {run.out!r} already holds checkpoints of a run; pass "
+                             f"{option('resume')} to continue it or choose another {option('out')}")
         config.check_layout(ctx.dp_size, ctx.dp_shard, len(train_examples))
         scorer = Scorer(ctx, precision, m.head or default_head(device_type))
         model = load_parallel_model(model_dir, ctx, precision, attention=m.attn, compute_dtype=m.dtype,
