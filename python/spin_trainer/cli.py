@@ -124,7 +124,7 @@ def train(config, on_step=None):
 
 
 def run_training(config, on_step):
-    m, d, g, par, run = config.model, config.data, config.generation, config.parallel, config.run
+    m, d, g, t, par, run = config.model, config.data, config.generation, config.train, config.parallel, config.run
     if not config.progress:
         hf_logging.disable_progress_bar()
     model_dir = local_model_dir(m.model, trust_remote_code=m.trust_remote_code)
@@ -134,12 +134,10 @@ def run_training(config, on_step):
     device_type = choose_device(m.device)
     check_memory(config, source_config, device_type)
     export_dtype = resolve_export_dtype(m.export_dtype, source_config)
-    iteration_export_dtype = resolve_export_dtype(m.iteration_export_dtype, source_config,
-                                                  name="iteration_export_dtype")
+    iteration_dtype = resolve_export_dtype(m.iteration_export_dtype, source_config, name="iteration_export_dtype")
     tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code)
-    sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, do_sample=not g.greedy,
-                              temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                              min_new_tokens=g.min_new_tokens,
+    sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, do_sample=not g.greedy, temperature=g.temperature,
+                              top_p=g.top_p, top_k=g.top_k, min_new_tokens=g.min_new_tokens,
                               stop_sequences=stop_sequences(g.stop, g.stop_ids, tokenizer))
 
     precision = Precision(m.dtype, pure=m.pure_low_precision)
@@ -175,15 +173,14 @@ def run_training(config, on_step):
                              sinks=make_sinks(run.report_to, run.out, config.as_options()) if ctx.is_main else ())
         lines = ProgressLines(enabled=ctx.is_main and plain_lines_wanted(sys.stdout.isatty(), config.progress),
                               every=run.log_every)
-        held_out = HeldOut(test_examples, val_examples, scorer, tokenizer=tokenizer, max_length=d.max_length,
-                           max_new_tokens=config.max_new_tokens, batch_size=g.gen_batch_size,
-                           micro_batch_size=config.train.micro_batch_size,
-                           max_tokens=config.train.max_tokens_per_batch, exact_match=config.exact_match)
+        held_out = HeldOut(test_examples, val_examples, scorer, tokenizer=tokenizer, exact_match=config.exact_match,
+                           max_length=d.max_length, max_new_tokens=config.max_new_tokens, batch_size=g.gen_batch_size,
+                           micro_batch_size=t.micro_batch_size, max_tokens=t.max_tokens_per_batch)
         title = "SPIN, per iteration (iteration 0 = the starting model)"
         if config.exact_match and not d.test_data:
             title += f"; no {option('test_data')} given: 'test exact match' is measured on {option('val_data')}"
         outputs = RunOutputs(model, tokenizer, ctx, out=run.out, table_title=title, final_dtype=export_dtype,
-                             iteration_dtype=iteration_export_dtype if m.export_every_iteration else None)
+                             iteration_dtype=iteration_dtype if m.export_every_iteration else None)
         trainer = SpinTrainer(model, tokenizer, train_examples, val_examples, config, scorer, out_dir=run.out,
                               held_out=held_out, metrics=metrics, sampling=sampling, fingerprints=fingerprints,
                               lines=lines, on_iteration_end=outputs.iteration_end)
