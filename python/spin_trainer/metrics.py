@@ -10,7 +10,6 @@ import importlib
 import json
 import math
 import os
-import sys
 import time
 from contextlib import contextmanager
 
@@ -218,14 +217,12 @@ class ProgressLines:
     The ETA is the time per step so far in this process, generation and evaluation included, times
     the steps left."""
 
-    def __init__(self, enabled=False, every=0, stream=None, clock=time.monotonic):
-        self.enabled, self.every, self.stream, self.clock = enabled, every, stream, clock
-        self.total_steps = self.iterations = self.done_before = 0
-        self.started = clock()
+    def __init__(self, enabled=False, every=0, clock=time.monotonic):
+        self.enabled, self.every, self.clock = enabled, every, clock
 
     def say(self, text):
         if self.enabled:
-            print(text, file=self.stream or sys.stdout, flush=True)
+            print(text, flush=True)
 
     def begin(self, total_steps, iterations, done):
         self.total_steps, self.iterations, self.done_before, self.started = total_steps, iterations, done, self.clock()
