@@ -6,7 +6,6 @@ RunConfig; `write_config` writes the resolved settings (OUT/config.yaml), which 
 """
 import argparse
 import os
-import types
 import typing
 from dataclasses import fields
 
@@ -22,12 +21,8 @@ CONFIG_HEADER = "# The resolved settings of this run (spin-train --config reads 
 
 def _value_type(annotation):
     """(scalar type, is a tuple) of a field's annotation: int, float, str, bool, X | None, tuple[X, ...]."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) is tuple:
-        return args[0], True
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return args[0], False
-    return annotation, False
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]   # X of X | None and tuple[X, ...]
+    return (args[0] if args else annotation), typing.get_origin(annotation) is tuple
 
 
 class OneLineErrors(argparse.ArgumentParser):
