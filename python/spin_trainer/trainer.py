@@ -48,12 +48,10 @@ class SpinTrainer:
     """The SPIN loop of a checked RunConfig on a parallelized model (see python/spin_trainer/cli.py)."""
 
     def __init__(self, model, tokenizer, train_examples, val_examples, config: RunConfig, scorer, *, out_dir,
-                 held_out, metrics, sampling, run="spin", report=flushed_print, fingerprints=None, lines=None,
-                 on_iteration_end=None):
-        self.model, self.tokenizer, self.config, self.scorer = model, tokenizer, config, scorer
-        self.ctx = scorer.ctx
+                 held_out, metrics, sampling, run="spin", fingerprints=None, lines=None, on_iteration_end=None):
+        self.model, self.tokenizer, self.config, self.scorer, self.ctx = model, tokenizer, config, scorer, scorer.ctx
         self.examples, self.val_examples = train_examples, val_examples
-        self.held_out, self.metrics, self.run, self.report = held_out, metrics, run, report
+        self.held_out, self.metrics, self.run = held_out, metrics, run
         self.lines = lines or ProgressLines()   # plain progress lines for a log file (off by default)
         self.sampling = sampling    # SamplingConfig of θ_t's answers; its seed is set per (iteration, epoch)
         self.fingerprints = fingerprints or {}   # of the inputs, kept in checkpoints (fingerprint.py)
@@ -61,20 +59,19 @@ class SpinTrainer:
         self.on_iteration_end = on_iteration_end   # (iterations done, eval rows) after each iteration's checkpoint
         self.checkpoint_root = checkpoint_root(out_dir, run)
         s, t = config.spin, config.train
-        self.betas, self.lrs = config.per_iteration("beta"), config.per_iteration("lr")
+        self.betas = config.per_iteration("beta")
         n = len(train_examples)
         self.steps_per_epoch = [(n + config.mixed_pairs(i, n)) // t.global_batch_size for i in range(s.iterations)]
         self.steps_per_iteration = [steps * s.epochs for steps in self.steps_per_epoch]
-        lr_at = learning_rate_schedule(self.lrs, self.steps_per_iteration, shape=t.lr_schedule,
-                                       warmup_ratio=t.warmup_ratio, warmup_steps=t.warmup_steps,
-                                       span=t.schedule_span)
+        lr_at = learning_rate_schedule(config.per_iteration("lr"), self.steps_per_iteration, shape=t.lr_schedule,
+                                       warmup_ratio=t.warmup_ratio, warmup_steps=t.warmup_steps, span=t.schedule_span)
         self.optimizer = make_optimizer(model, ctx=self.ctx, lr=lr_at(0), name=t.optimizer, weight_decay=t.weight_decay,
                                         betas=t.adam_betas, eps=t.adam_eps, in_backward=t.optimizer_in_backward)
         self.scheduler = make_scheduler(self.optimizer, lr_at)
         # The Scorer scores what pair_batch and sft_batch make, in the trainer and in evaluate.py alike.
         scorer.packing, padded_because = choose_packing(model, s.reference, t.pack_pairs)
         if padded_because and self.ctx.is_main:
-            report(f"padded pair batches: {padded_because}")
+            flushed_print(f"padded pair batches: {padded_because}")
         self.reference = make_reference(s.reference, model, scorer, generate_every_epoch=s.generate_every == "epoch")
         self.parked_optimizer = ParkedOptimizer(self.optimizer) if t.offload_optimizer else None
         self.position = LoopPosition()
@@ -168,9 +165,9 @@ class SpinTrainer:
                 self.examples, samples, self.previous_pairs, drop=c.spin.drop_truncated,
                 mixed=c.mixed_pairs(t, len(self.examples)), seed=c.run.seed, iteration=t)
             if dropped is not None and self.ctx.is_main:
-                self.report(f"iteration {t + 1}: {option('drop_truncated')} left out {dropped} of {len(samples)} "
-                            f"pairs (their generation was cut at {option('max_new_tokens')} or the context); their "
-                            f"slots went to finished pairs")
+                flushed_print(f"iteration {t + 1}: {option('drop_truncated')} left out {dropped} of {len(samples)} "
+                              f"pairs (their generation was cut at {option('max_new_tokens')} or the context); their "
+                              f"slots went to finished pairs")
             cached = (self.pair_logps(model, examples, generated, batches=self.step_batches(len(examples), epoch))
                       if self.reference.precomputes_logps else None)
             self.record_generations(model, samples, cached, epoch)
@@ -304,7 +301,6 @@ class SpinTrainer:
         self.metrics.write(row)
         self.eval_rows.append(row)
         self.lines.eval(row)
-        return row
 
     def validation_row(self):
         """The held-out numbers; SPIN acc and margin of the policy on the validation pairs, and the mean
@@ -375,8 +371,8 @@ class SpinTrainer:
             moved = (f"; written by {world['world_size']} process(es) with {option('tp')} {world['tp_size']}, "
                      f"resharded to {self.ctx.world_size} with {option('tp')} {self.ctx.tp_size}"
                      if (world["world_size"], world["tp_size"]) != (self.ctx.world_size, self.ctx.tp_size) else "")
-            self.report(f"resumed from {checkpoint.path} (iteration {p.iteration + 1}, epoch {p.epoch}, "
-                        f"step {p.global_step}{moved})")
+            flushed_print(f"resumed from {checkpoint.path} (iteration {p.iteration + 1}, epoch {p.epoch}, "
+                          f"step {p.global_step}{moved})")
 
     def check_stop(self):
         """After SIGTERM or SIGINT on any rank: every rank writes its part of a checkpoint, then stops."""
