@@ -104,13 +104,6 @@ def check_min_new_tokens(min_new_tokens, max_length, named_examples):
                              f"{option('min_new_tokens')} or raise {option('max_length')}")
 
 
-def check_no_earlier_run(config):
-    """Refuses to start over checkpoints a previous run left (they would be overwritten)."""
-    if not config.run.resume and list_checkpoints(checkpoint_root(config.run.out)):
-        raise UsageError(f"{option('out')} {config.run.out!r} already holds checkpoints of a run; pass "
-                         f"{option('resume')} to continue it or choose another {option('out')}")
-
-
 def train(config, on_step=None):
     """A SPIN run of `config` (checked): set-up, the SpinTrainer's loop, the export and the report.
     Returns the per-iteration eval rows. A run that fails leaves no --out behind that it created
@@ -131,7 +124,7 @@ def train(config, on_step=None):
 
 
 def run_training(config, on_step):
-    m, d, g, par, run = config.model, config.data, config.generation, config.parallel, config.run
+    m, d, g, t, par, run = config.model, config.data, config.generation, config.train, config.parallel, config.run
     if not config.progress:
         hf_logging.disable_progress_bar()
     model_dir = local_model_dir(m.model, trust_remote_code=m.trust_remote_code)
@@ -141,12 +134,10 @@ def run_training(config, on_step):
     device_type = choose_device(m.device)
     check_memory(config, source_config, device_type)
     export_dtype = resolve_export_dtype(m.export_dtype, source_config)
-    iteration_export_dtype = resolve_export_dtype(m.iteration_export_dtype, source_config,
-                                                  name="iteration_export_dtype")
+    iteration_dtype = resolve_export_dtype(m.iteration_export_dtype, source_config, name="iteration_export_dtype")
     tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code)
-    sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, do_sample=not g.greedy,
-                              temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                              min_new_tokens=g.min_new_tokens,
+    sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, do_sample=not g.greedy, temperature=g.temperature,
+                              top_p=g.top_p, top_k=g.top_k, min_new_tokens=g.min_new_tokens,
                               stop_sequences=stop_sequences(g.stop, g.stop_ids, tokenizer))
 
     precision = Precision(m.dtype, pure=m.pure_low_precision)
@@ -165,13 +156,13 @@ def run_training(config, on_step):
                                  fields=d.record_fields(), max_prompt_length=d.max_prompt_length,
                                  long_prompts=d.long_prompts, cache_dir=os.path.join(run.out, TOKENIZED_DIR))
 
-        train_examples = examples("train_data")
-        val_examples = examples("val_data") if d.val_data else []
-        test_examples = examples("test_data") if d.test_data else val_examples
-        check_min_new_tokens(g.min_new_tokens, d.max_length, [("train_data", train_examples),
-                                                               ("val_data", val_examples),
-                                                               ("test_data", test_examples if d.test_data else [])])
-        check_no_earlier_run(config)
+        loaded = {name: examples(name) for name in ("train_data", "val_data", "test_data") if getattr(d, name)}
+        check_min_new_tokens(g.min_new_tokens, d.max_length, loaded.items())
+        train_examples, val_examples = loaded["train_data"], loaded.get("val_data", [])
+        test_examples = loaded.get("test_data", val_examples)
+        if not run.resume and list_checkpoints(checkpoint_root(run.out)):   # they would be overwritten
+            raise UsageError(f"{option('out')} {run.out!r} already holds checkpoints of a run; pass "
+                             f"{option('resume')} to continue it or choose another {option('out')}")
         config.check_layout(ctx.dp_size, ctx.dp_shard, len(train_examples))
         scorer = Scorer(ctx, precision, m.head or default_head(device_type))
         model = load_parallel_model(model_dir, ctx, precision, attention=m.attn, compute_dtype=m.dtype,
@@ -182,15 +173,14 @@ def run_training(config, on_step):
                              sinks=make_sinks(run.report_to, run.out, config.as_options()) if ctx.is_main else ())
         lines = ProgressLines(enabled=ctx.is_main and plain_lines_wanted(sys.stdout.isatty(), config.progress),
                               every=run.log_every)
-        held_out = HeldOut(test_examples, val_examples, scorer, tokenizer=tokenizer, max_length=d.max_length,
-                           max_new_tokens=config.max_new_tokens, batch_size=g.gen_batch_size,
-                           micro_batch_size=config.train.micro_batch_size,
-                           max_tokens=config.train.max_tokens_per_batch, exact_match=config.exact_match)
+        held_out = HeldOut(test_examples, val_examples, scorer, tokenizer=tokenizer, exact_match=config.exact_match,
+                           max_length=d.max_length, max_new_tokens=config.max_new_tokens, batch_size=g.gen_batch_size,
+                           micro_batch_size=t.micro_batch_size, max_tokens=t.max_tokens_per_batch)
         title = "SPIN, per iteration (iteration 0 = the starting model)"
         if config.exact_match and not d.test_data:
             title += f"; no {option('test_data')} given: 'test exact match' is measured on {option('val_data')}"
         outputs = RunOutputs(model, tokenizer, ctx, out=run.out, table_title=title, final_dtype=export_dtype,
-                             iteration_dtype=iteration_export_dtype if m.export_every_iteration else None)
+                             iteration_dtype=iteration_dtype if m.export_every_iteration else None)
         trainer = SpinTrainer(model, tokenizer, train_examples, val_examples, config, scorer, out_dir=run.out,
                               held_out=held_out, metrics=metrics, sampling=sampling, fingerprints=fingerprints,
                               lines=lines, on_iteration_end=outputs.iteration_end)

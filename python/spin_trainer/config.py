@@ -29,30 +29,30 @@ def setting(default, help, *, check=None, resume=False, saved=True, choices=None
                                                 nargs=nargs, metavar=metavar))
 
 
-def at_least(low):
-    return lambda v: None if v >= low else f"must be >= {low}, got {v}"
-
-
 def shown(v):
     """A value as the user typed it: one number of a list alone, several as a list."""
     return (v[0] if len(v) == 1 else list(v)) if isinstance(v, tuple) else v
 
 
-def finite_at_least(low, strict=False):
+def each(ok, wanted):
+    """The check that every value (one, or each of a list) passes `ok`: else "must be `wanted`, got ..."."""
     def check(v):
-        values = v if isinstance(v, tuple) else (v,)
-        ok = all(math.isfinite(x) and (x > low if strict else x >= low) for x in values)
-        return None if ok else f"must be finite and {'>' if strict else '>='} {low}, got {shown(v)}"
+        return None if all(map(ok, v if isinstance(v, tuple) else (v,))) else f"must be {wanted}, got {shown(v)}"
     return check
+
+
+def at_least(low):
+    return each(lambda x: x >= low, f">= {low}")
+
+
+def finite_at_least(low, strict=False):
+    return each(lambda x: math.isfinite(x) and (x > low if strict else x >= low),
+                f"finite and {'>' if strict else '>='} {low}")
 
 
 def within(low, high, low_open=False, high_open=False):
-    def check(v):
-        values = v if isinstance(v, tuple) else (v,)
-        ok = all((low < x if low_open else low <= x) and (x < high if high_open else x <= high) for x in values)
-        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        return None if ok else f"must be in {bounds}, got {shown(v)}"
-    return check
+    return each(lambda x: (low < x if low_open else low <= x) and (x < high if high_open else x <= high),
+                f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
 
 
 def optional(check):
@@ -256,11 +256,6 @@ class PlanSettings:
                                         check=optional(at_least(1)))
 
 
-GROUPS = {"model": ModelSettings, "data": DataSettings, "spin": SpinSettings, "train": TrainSettings,
-          "generation": GenerationSettings, "parallel": ParallelSettings, "run": RunSettings,
-          "plan": PlanSettings}
-
-
 @dataclass
 class RunConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -297,11 +292,9 @@ class RunConfig:
         """Whether the end of `iteration` (0-based) gets the held-out evaluation (--eval-every; the last does)."""
         return (iteration + 1) % self.run.eval_every == 0 or iteration + 1 == self.spin.iterations
 
-    def mixed_pairs(self, num_examples):
-        return int(round(self.spin.mix_previous * num_examples))
-
-    def pairs_in_iteration(self, iteration, num_examples):
-        return num_examples + (self.mixed_pairs(num_examples) if iteration > 0 else 0)
+    def mixed_pairs(self, iteration, num_examples):
+        """Pairs of the previous iteration mixed into `iteration` (0-based) of `num_examples` prompts."""
+        return int(round(self.spin.mix_previous * num_examples)) if iteration > 0 else 0
 
     # ---- checks ----------------------------------------------------------------------------------
     def check(self):
@@ -361,7 +354,8 @@ class RunConfig:
                 f"{option('optimizer_in_backward')} needs one micro-batch per step on each rank, but "
                 f"{option('global_batch_size')} {t.global_batch_size} = {micro} x {option('micro_batch_size')} "
                 f"{t.micro_batch_size} x data-parallel size {dp_size} accumulates {micro}; set "
-                f"{option('micro_batch_size')} {t.global_batch_size // dp_size} or drop {option('optimizer_in_backward')}")
+                f"{option('micro_batch_size')} {t.global_batch_size // dp_size} or drop "
+                f"{option('optimizer_in_backward')}")
         if t.max_grad_norm > 0:
             raise UsageError(f"{option('optimizer_in_backward')} cannot clip (each parameter is updated before the "
                              f"global gradient norm is known); pass {option('max_grad_norm')} 0 (it is "
@@ -398,3 +392,6 @@ class RunConfig:
             if saved.get(key) != value:
                 mismatches.append((option(key.replace("-", "_")), saved.get(key), value))
         return mismatches
+
+
+GROUPS = {f.name: f.default_factory for f in fields(RunConfig)}   # {"model": ModelSettings, ...}

@@ -5,11 +5,11 @@ Only rank 0 reports. The results table and curves.png are in plots.py.
 Records carry `kind` ("train" per optimizer step, "eval" per evaluation point) and `run` (e.g.
 "spin" or "sft"), so several runs of one demo share a file.
 """
+import functools
 import importlib
 import json
 import math
 import os
-import sys
 import time
 from contextlib import contextmanager
 
@@ -108,18 +108,15 @@ def global_step_metrics(sums, dp_group):
 
 
 # ---- TensorBoard and wandb (report_to): each number of a record is one scalar `<kind>/<key>` at its step
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-
-
 def check_installed(names):
-    """A clear error before any work when a chosen integration's package is missing."""
+    """A clear error before any work when a chosen integration's package (named as it) is missing."""
     for name in names:
         if name == "none":
             continue
         try:
-            importlib.import_module(PACKAGES[name])
+            importlib.import_module(name)
         except ImportError as exc:
-            raise UsageError(f"{option('report_to')} {name}: the {PACKAGES[name]!r} package is not installed "
+            raise UsageError(f"{option('report_to')} {name}: the {name!r} package is not installed "
                              f"(pip install 'spin_kernels[report]')") from exc
 
 
@@ -188,9 +185,7 @@ def make_sinks(names, out, settings):
 
 
 # ---- plain progress lines for a log file (stdout redirected: SLURM, nohup), each flushed -----------
-def flushed_print(text):
-    """A message that reaches a log file now, not when the buffer fills."""
-    print(text, flush=True)
+flushed_print = functools.partial(print, flush=True)   # a message reaches a log file now, not when the buffer fills
 
 
 def plain_lines_wanted(stdout_is_terminal, progress_bar_shown):
@@ -208,13 +203,6 @@ def duration(seconds):
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def step_line(record, total_steps, iterations, elapsed, eta):
-    return (f"iteration {record['iteration']}/{iterations}  step {record['step']}/{total_steps}  "
-            f"loss {record['loss']:.4f}  acc {record['acc']:.3f}  margin {record['margin_mean']:+.4f}  "
-            f"lr {record['lr']:.3e}  tokens/s {record['tokens_per_second']:.0f}  elapsed {duration(elapsed)}  "
-            f"ETA {duration(eta)}")
-
-
 def eval_line(row):
     """The row's numbers, labelled as in the results table (those it has)."""
     cells = [f"{label} {fmt.format(row[key])}" for key, label, fmt in table_columns([row])[2:]
@@ -229,14 +217,12 @@ class ProgressLines:
     The ETA is the time per step so far in this process, generation and evaluation included, times
     the steps left."""
 
-    def __init__(self, enabled=False, every=0, stream=None, clock=time.monotonic):
-        self.enabled, self.every, self.stream, self.clock = enabled, every, stream, clock
-        self.total_steps = self.iterations = self.done_before = 0
-        self.started = clock()
+    def __init__(self, enabled=False, every=0, clock=time.monotonic):
+        self.enabled, self.every, self.clock = enabled, every, clock
 
     def say(self, text):
         if self.enabled:
-            print(text, file=self.stream or sys.stdout, flush=True)
+            print(text, flush=True)
 
     def begin(self, total_steps, iterations, done):
         self.total_steps, self.iterations, self.done_before, self.started = total_steps, iterations, done, self.clock()
@@ -246,9 +232,11 @@ class ProgressLines:
         if not (self.enabled and self.every) or (step % self.every and step != self.total_steps):
             return
         elapsed = self.clock() - self.started
-        done_here = max(1, step - self.done_before)
-        self.say(step_line(record, self.total_steps, self.iterations, elapsed,
-                           elapsed / done_here * (self.total_steps - step)))
+        eta = elapsed / max(1, step - self.done_before) * (self.total_steps - step)
+        self.say(f"iteration {record['iteration']}/{self.iterations}  step {step}/{self.total_steps}  "
+                 f"loss {record['loss']:.4f}  acc {record['acc']:.3f}  margin {record['margin_mean']:+.4f}  "
+                 f"lr {record['lr']:.3e}  tokens/s {record['tokens_per_second']:.0f}  elapsed {duration(elapsed)}  "
+                 f"ETA {duration(eta)}")
 
     def eval(self, row):
         self.say(eval_line(row))

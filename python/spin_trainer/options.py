@@ -6,7 +6,6 @@ RunConfig; `write_config` writes the resolved settings (OUT/config.yaml), which 
 """
 import argparse
 import os
-import types
 import typing
 from dataclasses import fields
 
@@ -22,12 +21,8 @@ CONFIG_HEADER = "# The resolved settings of this run (spin-train --config reads 
 
 def _value_type(annotation):
     """(scalar type, is a tuple) of a field's annotation: int, float, str, bool, X | None, tuple[X, ...]."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) is tuple:
-        return args[0], True
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return args[0], False
-    return annotation, False
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]   # X of X | None and tuple[X, ...]
+    return (args[0] if args else annotation), typing.get_origin(annotation) is tuple
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -52,13 +47,11 @@ def build_parser(description=None):
             if kind is bool:
                 # --X and --no-X, so that the command line can turn off what a config file turns on
                 # (no_progress, a negation itself, has its one form)
-                action = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
-                section.add_argument(option(f.name), action=action, **kwargs)
-                continue
-            if many:
-                kwargs["nargs"] = meta["nargs"] or "+"
-            metavar = meta["metavar"] or (None if meta["choices"] else f.name.upper())   # not the dest's "GROUP.NAME"
-            section.add_argument(option(f.name), type=kind, choices=meta["choices"], metavar=metavar, **kwargs)
+                kwargs["action"] = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
+            else:   # the metavar of a free value is the option's name, not the dest's "GROUP.NAME"
+                kwargs.update(type=kind, choices=meta["choices"], nargs=(meta["nargs"] or "+") if many else None,
+                              metavar=meta["metavar"] or (None if meta["choices"] else f.name.upper()))
+            section.add_argument(option(f.name), **kwargs)
     return parser
 
 
@@ -105,11 +98,9 @@ def _coerce(value, f, where):
         raise UsageError(f"{where}: expected one value, got a list")
     converted = []
     for item in items:
-        if kind is float and isinstance(item, int) and not isinstance(item, bool):
-            item = float(item)
-        if kind is float and isinstance(item, str):
+        if kind is float and isinstance(item, (int, str)) and not isinstance(item, bool):
             try:
-                item = float(item)   # YAML reads 5e-7 (no dot) as a string
+                item = float(item)   # an int, or a string: YAML reads 5e-7 (no dot) as a string
             except ValueError:
                 pass
         if not isinstance(item, kind) or (kind is not bool and isinstance(item, bool)):

@@ -9,24 +9,19 @@ import os
 import matplotlib
 import matplotlib.pyplot as plt
 
+# {key: (label, format)} of the table's columns
+COLUMNS = {"iteration": ("iter", "{:d}"), "step": ("step", "{:d}"), "exact_match": ("test exact match", "{:.3f}"),
+           "val_sft_loss": ("SFT val loss", "{:.4f}"), "val_spin_acc": ("val SPIN acc", "{:.3f}"),
+           "val_margin": ("val margin", "{:+.3f}"), "val_gen_length": ("val gen length", "{:.1f}"),
+           "spin_acc_start": ("SPIN acc start", "{:.2f}"), "spin_acc_end": ("SPIN acc end", "{:.2f}"),
+           "margin_start": ("margin start", "{:+.3f}"), "margin_end": ("margin end", "{:+.3f}"),
+           "gen_equals_gold": ("gen = gold", "{:.3f}"), "gen_length": ("gen length", "{:.2f}")}
 # Rows with exact match (tasks with one right answer, or where asked) lead with it; the others
 # (chat data) with the SFT validation loss and SPIN acc and margin on the validation pairs.
-TABLE_COLUMNS = (
-    ("iteration", "iter", "{:d}"), ("step", "step", "{:d}"), ("exact_match", "test exact match", "{:.3f}"),
-    ("val_sft_loss", "SFT val loss", "{:.4f}"),
-    ("spin_acc_start", "SPIN acc start", "{:.2f}"), ("spin_acc_end", "SPIN acc end", "{:.2f}"),
-    ("margin_start", "margin start", "{:+.3f}"), ("margin_end", "margin end", "{:+.3f}"),
-    ("gen_equals_gold", "gen = gold", "{:.3f}"), ("val_spin_acc", "val SPIN acc", "{:.3f}"),
-    ("gen_length", "gen length", "{:.2f}"),
-)
-CHAT_TABLE_COLUMNS = (
-    ("iteration", "iter", "{:d}"), ("step", "step", "{:d}"), ("val_sft_loss", "SFT val loss", "{:.4f}"),
-    ("val_spin_acc", "val SPIN acc", "{:.3f}"), ("val_margin", "val margin", "{:+.3f}"),
-    ("val_gen_length", "val gen length", "{:.1f}"),
-    ("spin_acc_start", "SPIN acc start", "{:.2f}"), ("spin_acc_end", "SPIN acc end", "{:.2f}"),
-    ("margin_start", "margin start", "{:+.3f}"), ("margin_end", "margin end", "{:+.3f}"),
-    ("gen_equals_gold", "gen = gold", "{:.3f}"),
-)
+EXACT_MATCH_TABLE = ("iteration", "step", "exact_match", "val_sft_loss", "spin_acc_start", "spin_acc_end",
+                     "margin_start", "margin_end", "gen_equals_gold", "val_spin_acc", "gen_length")
+CHAT_TABLE = ("iteration", "step", "val_sft_loss", "val_spin_acc", "val_margin", "val_gen_length", "spin_acc_start",
+              "spin_acc_end", "margin_start", "margin_end", "gen_equals_gold")
 TABLE_LEGEND = ("SPIN acc / margin start and end: training means over the first and the last quarter of the "
                 "iteration's steps (margin = β·(r_actual − r_generated); at the first step the policy is the "
                 "reference, so both are 0). gen = gold: fraction of the training prompts whose sampled response, "
@@ -39,31 +34,30 @@ COLOUR = "tab:orange"   # of a SPIN run
 
 def format_table(rows, title):
     """Plain-text table of eval rows; missing values print as '-', `<key>_se` as ± after exact match."""
+    def cell(row, key, fmt):
+        if row.get(key) is None:
+            return "-"
+        se = row.get(f"{key}_se") if key == "exact_match" else None
+        return fmt.format(row[key]) + ("" if se is None else " ± " + fmt.format(se))
+
     columns = table_columns(rows)
-    header = [label for _, label, _ in columns]
-    body = []
-    for row in rows:
-        cells = []
-        for key, _, fmt in columns:
-            value = row.get(key)
-            cell = "-" if value is None else fmt.format(value)
-            if key == "exact_match" and row.get(f"{key}_se") is not None:
-                cell += " ± " + fmt.format(row[f"{key}_se"])
-            cells.append(cell)
-        body.append(cells)
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
-    line = "  ".join(h.rjust(w) for h, w in zip(header, widths))
-    out = [title, line, "-" * len(line)]
-    out += ["  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in body]
-    return "\n".join(out)
+    table = [[label for _, label, _ in columns]] + [[cell(row, key, fmt) for key, _, fmt in columns] for row in rows]
+    widths = [max(len(cells[i]) for cells in table) for i in range(len(columns))]
+    header, *body = ["  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in table]
+    return "\n".join([title, header, "-" * len(header), *body])
+
+
+def has_exact_match(rows):
+    return any(row.get("exact_match") is not None for row in rows)
 
 
 def table_columns(rows):
-    return TABLE_COLUMNS if any(row.get("exact_match") is not None for row in rows) else CHAT_TABLE_COLUMNS
+    """[(key, label, format)] of the table of `rows`."""
+    return [(key, *COLUMNS[key]) for key in (EXACT_MATCH_TABLE if has_exact_match(rows) else CHAT_TABLE)]
 
 
 def table_legend(rows):
-    return TABLE_LEGEND if table_columns(rows) is TABLE_COLUMNS else CHAT_TABLE_LEGEND
+    return TABLE_LEGEND if has_exact_match(rows) else CHAT_TABLE_LEGEND
 
 
 def points(records, run, kind, key):
@@ -128,10 +122,8 @@ def draw_curves(records, run="spin"):
     fig, axes = panel_grid(len(panels))
     for ax, (title, xlabel, ylabel, kind, key) in zip(axes, panels):
         steps, values = zip(*points(records, run, kind, key))
-        if kind == "train":
-            ax.plot(steps, values, color=COLOUR, linewidth=0.8)
-        else:
-            ax.plot(steps, values, color=COLOUR, marker="o", markersize=3, linewidth=1.6)
+        style = dict(linewidth=0.8) if kind == "train" else dict(marker="o", markersize=3, linewidth=1.6)
+        ax.plot(steps, values, color=COLOUR, **style)
         label_panel(ax, title, xlabel, ylabel)
     fig.tight_layout()
     return fig

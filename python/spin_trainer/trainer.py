@@ -48,12 +48,10 @@ class SpinTrainer:
     """The SPIN loop of a checked RunConfig on a parallelized model (see python/spin_trainer/cli.py)."""
 
     def __init__(self, model, tokenizer, train_examples, val_examples, config: RunConfig, scorer, *, out_dir,
-                 held_out, metrics, sampling, run="spin", report=flushed_print, fingerprints=None, lines=None,
-                 on_iteration_end=None):
-        self.model, self.tokenizer, self.config, self.scorer = model, tokenizer, config, scorer
-        self.ctx = scorer.ctx
+                 held_out, metrics, sampling, run="spin", fingerprints=None, lines=None, on_iteration_end=None):
+        self.model, self.tokenizer, self.config, self.scorer, self.ctx = model, tokenizer, config, scorer, scorer.ctx
         self.examples, self.val_examples = train_examples, val_examples
-        self.held_out, self.metrics, self.run, self.report = held_out, metrics, run, report
+        self.held_out, self.metrics, self.run = held_out, metrics, run
         self.lines = lines or ProgressLines()   # plain progress lines for a log file (off by default)
         self.sampling = sampling    # SamplingConfig of θ_t's answers; its seed is set per (iteration, epoch)
         self.fingerprints = fingerprints or {}   # of the inputs, kept in checkpoints (fingerprint.py)
@@ -61,20 +59,19 @@ class SpinTrainer:
         self.on_iteration_end = on_iteration_end   # (iterations done, eval rows) after each iteration's checkpoint
         self.checkpoint_root = checkpoint_root(out_dir, run)
         s, t = config.spin, config.train
-        self.betas, self.lrs = config.per_iteration("beta"), config.per_iteration("lr")
-        self.steps_per_epoch = [config.pairs_in_iteration(i, len(train_examples)) // t.global_batch_size
-                                for i in range(s.iterations)]
+        self.betas = config.per_iteration("beta")
+        n = len(train_examples)
+        self.steps_per_epoch = [(n + config.mixed_pairs(i, n)) // t.global_batch_size for i in range(s.iterations)]
         self.steps_per_iteration = [steps * s.epochs for steps in self.steps_per_epoch]
-        lr_at = learning_rate_schedule(self.lrs, self.steps_per_iteration, shape=t.lr_schedule,
-                                       warmup_ratio=t.warmup_ratio, warmup_steps=t.warmup_steps,
-                                       span=t.schedule_span)
+        lr_at = learning_rate_schedule(config.per_iteration("lr"), self.steps_per_iteration, shape=t.lr_schedule,
+                                       warmup_ratio=t.warmup_ratio, warmup_steps=t.warmup_steps, span=t.schedule_span)
         self.optimizer = make_optimizer(model, ctx=self.ctx, lr=lr_at(0), name=t.optimizer, weight_decay=t.weight_decay,
                                         betas=t.adam_betas, eps=t.adam_eps, in_backward=t.optimizer_in_backward)
         self.scheduler = make_scheduler(self.optimizer, lr_at)
         # The Scorer scores what pair_batch and sft_batch make, in the trainer and in evaluate.py alike.
         scorer.packing, padded_because = choose_packing(model, s.reference, t.pack_pairs)
         if padded_because and self.ctx.is_main:
-            report(f"padded pair batches: {padded_because}")
+            flushed_print(f"padded pair batches: {padded_because}")
         self.reference = make_reference(s.reference, model, scorer, generate_every_epoch=s.generate_every == "epoch")
         self.parked_optimizer = ParkedOptimizer(self.optimizer) if t.offload_optimizer else None
         self.position = LoopPosition()
@@ -155,29 +152,27 @@ class SpinTrainer:
                         max_length=self.config.data.max_length, batch_size=self.config.generation.gen_batch_size,
                         progress=self.config.progress, parked_optimizer=self.parked_optimizer)
 
-    def iteration_pairs(self, samples):
-        """(examples, generated, pairs dropped) of the iteration (rollouts.iteration_pairs)."""
-        c, t = self.config, self.position.iteration
-        examples, generated, dropped = iteration_pairs(
-            self.examples, samples, self.previous_pairs, drop=c.spin.drop_truncated,
-            mixed=c.mixed_pairs(len(self.examples)) if t > 0 else 0, seed=c.run.seed, iteration=t)
-        if dropped is not None and self.ctx.is_main:
-            self.report(f"iteration {t + 1}: {option('drop_truncated')} left out {dropped} of {len(samples)} pairs "
-                        f"(their generation was cut at {option('max_new_tokens')} or the context); their slots went "
-                        f"to finished pairs")
-        return examples, generated, dropped
-
     def prepare_data(self, model, epoch):
         """θ_t's answers to the training and validation prompts, and their reference log-probs, from
-        `model`, which holds θ_t: the policy at the start of an iteration, else the reference's weights."""
-        samples = self.generate_for(model, self.examples, epoch)
-        examples, generated, dropped = self.iteration_pairs(samples)
-        cached = (self.pair_logps(model, examples, generated, batches=self.step_batches(len(examples), epoch))
-                  if self.reference.precomputes_logps else None)
-        self.record_generations(model, samples, cached, epoch)
-        val_examples = self.validation_prompts()
-        val_generated = self.generate_for(model, val_examples, epoch + 10_000)
-        val_ref = self.pair_logps(model, val_examples, val_generated)
+        `model`, which holds θ_t: the policy at the start of an iteration, else the reference's weights.
+        The validation prompts are answered only for the evaluation at the iteration's end and --val-every."""
+        c, t = self.config, self.position.iteration
+        val_examples = self.val_examples if c.evaluates(t) or c.run.val_every else []
+        with self.lines.phase(f"iteration {t + 1}, epoch {epoch}: generation and reference log-probs "
+                              f"({len(self.examples)} training, {len(val_examples)} validation prompts)"):
+            samples = self.generate_for(model, self.examples, epoch)
+            examples, generated, dropped = iteration_pairs(
+                self.examples, samples, self.previous_pairs, drop=c.spin.drop_truncated,
+                mixed=c.mixed_pairs(t, len(self.examples)), seed=c.run.seed, iteration=t)
+            if dropped is not None and self.ctx.is_main:
+                flushed_print(f"iteration {t + 1}: {option('drop_truncated')} left out {dropped} of {len(samples)} "
+                              f"pairs (their generation was cut at {option('max_new_tokens')} or the context); their "
+                              f"slots went to finished pairs")
+            cached = (self.pair_logps(model, examples, generated, batches=self.step_batches(len(examples), epoch))
+                      if self.reference.precomputes_logps else None)
+            self.record_generations(model, samples, cached, epoch)
+            val_generated = self.generate_for(model, val_examples, epoch + 10_000)
+            val_ref = self.pair_logps(model, val_examples, val_generated)
         # The diagnostics describe what the model sampled, one response per training prompt in the
         # prompts' order: before drop_truncated reassigns slots and the previous iteration's mix.
         lengths = [len(g) for g in samples]
@@ -195,22 +190,11 @@ class SpinTrainer:
                           pad_token_id=self.tokenizer.pad_token_id, max_tokens=t.max_tokens_per_batch,
                           batches=batches)
 
-    def validation_prompts(self):
-        """The validation prompts θ_t answers: for the evaluation at the iteration's end and --val-every only."""
-        c = self.config
-        return self.val_examples if c.evaluates(self.position.iteration) or c.run.val_every else []
-
-    def generation_phase(self):
-        p = self.position
-        return self.lines.phase(f"iteration {p.iteration + 1}, epoch {p.epoch}: generation and reference log-probs "
-                                f"({len(self.examples)} training, {len(self.validation_prompts())} validation prompts)")
-
     def record_generations(self, model, samples, cached, epoch):
         """θ_t's answers to the training prompts as text (generations.py), with their reference log-probs:
         the cache's first rows where they are these pairs, else scored now by `model`, which holds θ_t."""
-        n = len(self.examples)
         if cached is not None and not self.config.spin.drop_truncated:
-            ref = cached[:n]
+            ref = cached[:len(self.examples)]
         else:
             ref = self.pair_logps(model, self.examples, samples)
         if self.ctx.is_main:
@@ -223,13 +207,12 @@ class SpinTrainer:
             # Here and not at the previous iteration's end: a run resumed from that iteration's last
             # checkpoint (which holds its optimizer state) passes here too and starts as fresh.
             reset_state(self.optimizer)
-        with self.generation_phase():
-            self.data = self.prepare_data(self.model, epoch=0)
+        self.data = self.prepare_data(self.model, epoch=0)
 
     def regenerate(self):
         """Per-epoch regeneration (NeMo-Aligner's mode): θ_t samples again, from the reference's weights."""
         history, dropped = self.data.history, self.data.dropped_truncated
-        with self.reference.weights() as reference_model, self.generation_phase():
+        with self.reference.weights() as reference_model:
             self.data = self.prepare_data(reference_model, epoch=self.position.epoch)
         self.data.history = history
         if dropped is not None:   # the iteration's count: every epoch's generations together
@@ -318,7 +301,6 @@ class SpinTrainer:
         self.metrics.write(row)
         self.eval_rows.append(row)
         self.lines.eval(row)
-        return row
 
     def validation_row(self):
         """The held-out numbers; SPIN acc and margin of the policy on the validation pairs, and the mean
@@ -389,8 +371,8 @@ class SpinTrainer:
             moved = (f"; written by {world['world_size']} process(es) with {option('tp')} {world['tp_size']}, "
                      f"resharded to {self.ctx.world_size} with {option('tp')} {self.ctx.tp_size}"
                      if (world["world_size"], world["tp_size"]) != (self.ctx.world_size, self.ctx.tp_size) else "")
-            self.report(f"resumed from {checkpoint.path} (iteration {p.iteration + 1}, epoch {p.epoch}, "
-                        f"step {p.global_step}{moved})")
+            flushed_print(f"resumed from {checkpoint.path} (iteration {p.iteration + 1}, epoch {p.epoch}, "
+                          f"step {p.global_step}{moved})")
 
     def check_stop(self):
         """After SIGTERM or SIGINT on any rank: every rank writes its part of a checkpoint, then stops."""
