@@ -19,19 +19,15 @@ def output_embedding(model):
     return head
 
 
-@contextmanager
 def compacted_input(head, positions):
-    """Inside, `head` sees only the hidden states of the flat `positions` of its [S, T, H] input."""
+    """A context (the hook's handle) inside which `head` sees only the hidden states of the flat
+    `positions` of its [S, T, H] input."""
     def compact(module, args):
         hidden = args[0]   # [S, T, H]
         return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions),) + tuple(args[1:])
 
     # Prepended: it runs before tensor parallelism's input hook turns the hidden states into a DTensor.
-    handle = head.register_forward_pre_hook(compact, prepend=True)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return head.register_forward_pre_hook(compact, prepend=True)
 
 
 def _local(tensor):

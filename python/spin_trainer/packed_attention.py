@@ -16,6 +16,8 @@ attention entry points, alike for Llama, Mistral and Qwen2 in transformers 5.x:
 A 4D mask bypasses HF's sliding window, so the rule applies the window itself, on position ids,
 as in the padded row (Mistral's `sliding_window`, Qwen2's windowed layers).
 """
+from functools import cache, partial
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -26,29 +28,16 @@ SEGMENTED_SDPA = "spin_packed_segments"
 MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 
-class SegmentMasks:
-    """Each segment's [1, 1, L, L] boolean mask, per sliding window, built once per forward."""
-
-    def __init__(self, packed):
-        self.packed, self._masks = packed, {}
-
-    def get(self, index, window):
-        key = (index, window)
-        if key not in self._masks:
-            self._masks[key] = dense_mask(self.packed, window, span=self.packed.segments[index])
-        return self._masks[key]
-
-
 def segmented_sdpa(module, query, key, value, attention_mask, *, packed_segments=None, sliding_window=None,
                    **kwargs):
-    """HF attention function: query/key/value [1, heads, N, D] of a packed row -> ([1, N, heads, D], None)."""
+    """HF attention function: query/key/value [1, heads, N, D] of a packed row -> ([1, N, heads, D], None).
+    `packed_segments`: (the row's segments, segment_mask(window, (start, end)) -> its [1, 1, L, L] mask)."""
     if packed_segments is None:
         raise ValueError(f"attention {SEGMENTED_SDPA!r} runs packed pair batches only (packed_forward)")
-    outputs = []
-    for index, (start, end) in enumerate(packed_segments.packed.segments):
-        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
-                                        value[:, :, start:end], packed_segments.get(index, sliding_window), **kwargs)
-        outputs.append(out)
+    segments, segment_mask = packed_segments
+    outputs = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                                      segment_mask(sliding_window, (start, end)), **kwargs)[0]
+               for start, end in segments]
     return torch.cat(outputs, dim=1), None
 
 
@@ -89,7 +78,8 @@ def packed_forward(model, packed, *, attention=None):
     if attention == "segments":
         config._attn_implementation = SEGMENTED_SDPA   # for this call only
         try:
-            return model(**inputs, packed_segments=SegmentMasks(packed))
+            # Each segment's mask, per sliding window, built once per forward.
+            return model(**inputs, packed_segments=(packed.segments, cache(partial(dense_mask, packed))))
         finally:
             config._attn_implementation = implementation
     if attention not in ("mask", "block_mask") or implementation not in MASK_IMPLEMENTATIONS \

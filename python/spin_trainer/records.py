@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from .errors import UsageError, option
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-FORMATS = {"messages": {"messages"}, "real/generated": {"real"}, "prompt/response": {"prompt", "response"},
-           "prompt/completion": {"prompt", "completion"}}   # each format's fields a record must fill
+FORMATS = {"messages": ("messages",), "real/generated": ("real",), "prompt/response": ("prompt", "response"),
+           "prompt/completion": ("prompt", "completion")}   # each format's fields a record must fill
 
 
 @dataclass(frozen=True)
@@ -150,30 +150,27 @@ def from_prompt_and_response(record, where, p, r):
 def to_conversation(record, where, fields):
     """The Conversation of one record, by `fields` (prompt, response, messages names) or its format."""
     prompt_field, response_field, messages_field = fields
-    if messages_field:
-        if record.get(messages_field) is None:
-            raise UsageError(f"{where}: no {messages_field!r} field (named by {option('messages_field')})")
-        return from_messages(record[messages_field], where, messages_field)
-    if prompt_field:
-        for name in (prompt_field, response_field):
+    named = f"{option('prompt_field')}/{option('response_field')}"
+    if messages_field or prompt_field:
+        names = (messages_field,) if messages_field else (prompt_field, response_field)
+        by = option('messages_field') if messages_field else named
+        for name in names:
             if record.get(name) is None:
-                raise UsageError(f"{where}: no {name!r} field (named by {option('prompt_field')}/"
-                                 f"{option('response_field')})")
-        return from_prompt_and_response(record, where, prompt_field, response_field)
-    filled = {key for key, value in record.items() if value is not None}
-    found = [name for name, keys in FORMATS.items() if keys <= filled]
-    if len(found) > 1:
-        raise UsageError(f"{where}: the record fits two formats ({' and '.join(found)}); leave one out, or "
-                         f"name the fields to read with {option('messages_field')} or "
-                         f"{option('prompt_field')}/{option('response_field')}")
-    if not found:
-        raise UsageError(f"{where}: no known format in fields {sorted(filled)}; each record needs 'prompt' and "
-                         f"'response', 'prompt' and 'completion', 'messages', or 'real' (or name its fields with "
-                         f"{option('prompt_field')}/{option('response_field')} or {option('messages_field')})")
-    first, _, second = found[0].partition("/")
-    if first == "prompt":
-        return from_prompt_and_response(record, where, first, second)
-    return from_messages(record[first], where, first)
+                raise UsageError(f"{where}: no {name!r} field (named by {by})")
+    else:
+        filled = {key for key, value in record.items() if value is not None}
+        found = [name for name, keys in FORMATS.items() if set(keys) <= filled]
+        if len(found) > 1:
+            raise UsageError(f"{where}: the record fits two formats ({' and '.join(found)}); leave one out, or "
+                             f"name the fields to read with {option('messages_field')} or {named}")
+        if not found:
+            raise UsageError(f"{where}: no known format in fields {sorted(filled)}; each record needs 'prompt' and "
+                             f"'response', 'prompt' and 'completion', 'messages', or 'real' (or name its fields "
+                             f"with {named} or {option('messages_field')})")
+        names = FORMATS[found[0]]
+    if len(names) == 1:
+        return from_messages(record[names[0]], where, names[0])
+    return from_prompt_and_response(record, where, *names)
 
 
 def check_fields(prompt_field, response_field, messages_field):
@@ -185,8 +182,8 @@ def check_fields(prompt_field, response_field, messages_field):
 
 
 def read_conversations(table, spec, source, fields=(None, None, None)):
-    """[Conversation] of every record of `table` (loaded from `spec`), in order."""
-    check_fields(*fields)
+    """[Conversation] of every record of `table` (loaded from `spec`), in order; `fields` as
+    check_fields (config.py) allows."""
     try:
         if len(table) == 0:
             raise UsageError(f"{source} {spec!r}: the data has no records")

@@ -68,19 +68,16 @@ def special_text_pattern(tokenizer):
 
 def render(conversations, tokenizer, template):
     """[(prompt text, whole conversation text)] of one batch of Conversations."""
-    chats = [c for c in conversations if c.chat]
-    if chats and not getattr(tokenizer, "chat_template", None):
-        raise UsageError(f"{chats[0].where}: chat records need a tokenizer with a chat template; this one has none "
+    chat = next((c for c in conversations if c.chat), None)
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"{chat.where}: chat records need a tokenizer with a chat template; this one has none "
                          f"(use prompt/response records with {option('prompt_template')})")
-    if chats:
-        contexts = [c.prompt for c in chats]
-        prompts = iter(tokenizer.apply_chat_template(contexts, tokenize=False, add_generation_prompt=True))
-        fulls = iter(tokenizer.apply_chat_template([p + [{"role": "assistant", "content": c.response}]
-                                                    for p, c in zip(contexts, chats)], tokenize=False))
     texts = []
     for c in conversations:
         if c.chat:
-            prompt, full = next(prompts), next(fulls)
+            prompt = tokenizer.apply_chat_template(c.prompt, tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(c.prompt + [{"role": "assistant", "content": c.response}],
+                                                 tokenize=False)
             if not full.startswith(prompt):
                 raise UsageError(f"{c.where}: the chat template renders the prompt differently inside the whole "
                                  f"conversation ({prompt[-40:]!r} is not where {full[len(prompt) - 40:len(prompt)]!r} "
