@@ -51,7 +51,6 @@ class PackedPairs:
     position_ids: torch.Tensor   # [1, N] each token's position in its own padded row
     documents: torch.Tensor      # [N] segment of each token; attention never crosses segments
     parts: torch.Tensor          # [N] PROMPT, GOLD or GENERATED
-    sequence_ids: torch.Tensor   # [N] i on pair i's gold tokens, B + i on its generated ones, -1 on prompts
     labels: torch.Tensor         # [1, N] token t + 1 of t's sequence where loss_mask is 1, else IGNORE_INDEX
     loss_mask: torch.Tensor      # [1, N] float, 1 where labels score a response token
     targets: Targets             # every scored token, the first generated ones included
@@ -75,9 +74,9 @@ class PackedPairs:
 
 def _document(prompt, response, document, part, sequence):
     """The tokens of `[prompt | response]` as one document whose labels score the response, each a row
-    (id, position, document, part, sequence id, label, the sequence its label scores)."""
+    (id, position, document, part, label, the sequence its label scores)."""
     tokens, cut = list(prompt) + list(response), len(prompt)
-    return [(token, t, document, PROMPT if t < cut else part, -1 if t < cut else sequence,
+    return [(token, t, document, PROMPT if t < cut else part,
              tokens[t + 1] if cut - 1 <= t < len(tokens) - 1 else IGNORE_INDEX, sequence)
             for t, token in enumerate(tokens)]
 
@@ -85,15 +84,14 @@ def _document(prompt, response, document, part, sequence):
 def _packed(rows, extra, num_sequences, share_prompt, sequence_tokens):
     """The PackedPairs of `_document` rows; `extra`: (position, label, sequence) of each token scored
     a second time, after the row's."""
-    ids, positions, documents, parts, sequence_ids, labels, scores = (torch.tensor(column, dtype=torch.long)
-                                                                       for column in zip(*rows))
+    ids, positions, documents, parts, labels, scores = (torch.tensor(column, dtype=torch.long) for column in zip(*rows))
     scored = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     targets = [scored, labels[scored], scores[scored]]
     if extra:
         targets = [torch.cat([t, more]) for t, more in zip(targets, torch.tensor(extra, dtype=torch.long).T)]
     starts = [t for t in range(len(rows)) if t == 0 or rows[t][2] != rows[t - 1][2]]
     return PackedPairs(input_ids=ids[None], position_ids=positions[None], documents=documents, parts=parts,
-                       sequence_ids=sequence_ids, labels=labels[None], loss_mask=(labels != IGNORE_INDEX).float()[None],
+                       labels=labels[None], loss_mask=(labels != IGNORE_INDEX).float()[None],
                        targets=Targets(*targets), num_sequences=num_sequences, share_prompt=share_prompt,
                        segments=tuple(zip(starts, starts[1:] + [len(rows)])), sequence_tokens=sequence_tokens)
 
