@@ -57,26 +57,24 @@ def load_table(spec, split, source):
     datasets.disable_progress_bars()
     if is_local(spec) and not os.path.exists(spec):
         raise UsageError(f"{source} {spec!r}: no such file or directory")
+    builder = BUILDERS.get(os.path.splitext(spec)[1].lower())
+    if os.path.isfile(spec) and builder is None:
+        raise UsageError(f"{source} {spec!r}: unknown file type; use .jsonl, .json or .parquet")
     try:
         if os.path.isdir(spec) and any(os.path.exists(os.path.join(spec, n))
                                        for n in ("dataset_info.json", "dataset_dict.json", "state.json")):
             loaded = datasets.load_from_disk(spec)
-            return pick_split(loaded, split, spec, source) if isinstance(loaded, datasets.DatasetDict) else loaded
-        if os.path.isfile(spec):
-            builder = BUILDERS.get(os.path.splitext(spec)[1].lower())
-            if builder is None:
-                raise UsageError(f"{source} {spec!r}: unknown file type; use .jsonl, .json or .parquet")
+        elif os.path.isfile(spec):
             loaded = datasets.load_dataset(builder, data_files=spec)
         else:
             loaded = datasets.load_dataset(spec)
-    except UsageError:
-        raise
     except Exception as exc:  # datasets raises many kinds (network, builder, arrow, file not found)
         diagnose_jsonl(spec, source)
         where = "" if is_local(spec) else " (a Hub dataset name: is it spelled right, and is the Hub reachable?)"
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""   # datasets wraps the reader's own message
         raise UsageError(f"{source} {spec!r}: could not be read{where}: {type(exc).__name__}: {exc}{cause}") from exc
-    return pick_split(loaded, split, spec, source)
+    # load_dataset returns a DatasetDict; load_from_disk a Dataset or a DatasetDict.
+    return pick_split(loaded, split, spec, source) if isinstance(loaded, datasets.DatasetDict) else loaded
 
 
 def diagnose_jsonl(spec, source):
