@@ -129,9 +129,8 @@ def collate(sequences, pad_token_id):
 def collate_pairs(examples, generated, pad_token_id):
     """[2B] batch: rows [0, B) the gold responses, rows [B, 2B) the generated ones, same prompts."""
     assert len(examples) == len(generated)
-    actual = [(e.prompt_ids, e.response_ids) for e in examples]
-    fake = [(e.prompt_ids, tuple(g)) for e, g in zip(examples, generated)]
-    return collate(actual + fake, pad_token_id)
+    return collate([(e.prompt_ids, e.response_ids) for e in examples]
+                   + [(e.prompt_ids, g) for e, g in zip(examples, generated)], pad_token_id)
 
 
 def collate_sft(examples, pad_token_id):

@@ -31,7 +31,8 @@ def compacted_input(head, positions):
 
 
 def _local(tensor):
-    """A DTensor's local tensor, differentiably (its gradient returns with the same placements)."""
+    """A DTensor's local tensor, differentiably (its gradient returns with the same placements);
+    a plain tensor or None as it is."""
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
@@ -47,9 +48,7 @@ def redirected_head(head, ctx, compute):
     def forward(hidden):
         mesh = hidden.device_mesh if is_dtensor(hidden) else None
         assert (mesh is None) == (ctx.tp_group is None), "the LM head is vocab-parallel exactly under --tp"
-        h, w = _local(hidden), _local(head.weight)
-        b = None if head.bias is None else _local(head.bias)
-        out = compute(h, w, b)
+        out = compute(_local(hidden), _local(head.weight), _local(head.bias))
         produced.append(out)
         if mesh is None:
             return out

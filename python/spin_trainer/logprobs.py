@@ -112,9 +112,9 @@ class Scorer:
     def _logits_sums(self, model, batch, *, inplace_backward):
         """[2b] float32 sums of a pair batch's response log-probs by the "logits" head."""
         if isinstance(batch, PackedPairs):   # the targets: the first generated tokens too (packing.py)
-            targets = batch.targets
-            return batch.sequence_sums(self._token_logps(model, batch, targets.positions, targets.labels,
-                                                         inplace_backward=inplace_backward))
+            positions, labels, _ = batch.targets
+            logps = self._token_logps(model, batch, positions, labels, inplace_backward=inplace_backward)
+            return batch.sequence_sums(logps)
         return self.labelled_logps(model, batch, inplace_backward=inplace_backward).sequence_sums()
 
     @torch.no_grad()
@@ -137,9 +137,9 @@ class Scorer:
             return spin_loss_from_logps(policy, ref_logps, beta=beta, loss_type=loss_type)
         head = output_embedding(model)
         if isinstance(batch, PackedPairs):   # hidden [M, H]: the targets' positions
-            targets = batch.targets
-            compacted = compacted_input(head, targets.positions)
-            labels, layout = targets.labels, dict(seq_ids=targets.sequences, num_sequences=batch.num_sequences)
+            positions, labels, sequences = batch.targets
+            compacted = compacted_input(head, positions)
+            layout = dict(seq_ids=sequences, num_sequences=batch.num_sequences)
         else:   # hidden [2b, T, H]: the fused head compacts the labelled rows itself
             compacted, labels, layout = nullcontext(), batch.labels, dict(loss_mask=batch.loss_mask)
         results = []

@@ -25,7 +25,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .packing import block_mask, dense_mask
 
 SEGMENTED_SDPA = "spin_packed_segments"
-MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 
 def segmented_sdpa(module, query, key, value, attention_mask, *, packed_segments=None, sliding_window=None,
@@ -82,11 +81,10 @@ def packed_forward(model, packed, *, attention=None):
             return model(**inputs, packed_segments=(packed.segments, cache(partial(dense_mask, packed))))
         finally:
             config._attn_implementation = implementation
-    if attention not in ("mask", "block_mask") or implementation not in MASK_IMPLEMENTATIONS \
-            or (attention == "block_mask") != (implementation == "flex_attention"):
+    if (attention, implementation) not in (("mask", "sdpa"), ("mask", "eager"), ("block_mask", "flex_attention")):
         raise ValueError(f"attention {attention!r} with the model's attention implementation {implementation!r} "
                          f"cannot share the prompt; use 'segments', 'block_mask' with flex_attention, 'mask' with "
-                         f"{MASK_IMPLEMENTATIONS}, or pack with share_prompt=False")
+                         f"('sdpa', 'eager', 'flex_attention'), or pack with share_prompt=False")
     dtype = model.get_input_embeddings().weight.dtype
     masks = {kind: _full_mask(implementation, packed, window, dtype) for kind, window in _windows(config).items()}
     # One mask for every layer, or one per layer type (Qwen2-style models take the dict).
