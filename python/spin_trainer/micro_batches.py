@@ -15,6 +15,8 @@ cut does not change the update. A rank with fewer items than that count (validat
 by one item; one may be empty) runs filler forwards of one item whose results it drops
 (`counted` False); training shards are equal and never need one.
 """
+
+
 def greedy_spans(start, end, tokens, *, max_items, max_tokens=0):
     """[(start, end)] of consecutive micro-batches covering items [start, end): each holds at most
     `max_items` items and at most `max_tokens` tokens (0: no token bound) by `tokens(start, end)`,

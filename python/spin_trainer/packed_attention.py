@@ -31,8 +31,7 @@ def segmented_sdpa(module, query, key, value, attention_mask, *, packed_segments
                    **kwargs):
     """HF attention function: query/key/value [1, heads, N, D] of a packed row -> ([1, N, heads, D], None).
     `packed_segments`: (the row's segments, segment_mask(window, (start, end)) -> its [1, 1, L, L] mask)."""
-    if packed_segments is None:
-        raise ValueError(f"attention {SEGMENTED_SDPA!r} runs packed pair batches only (packed_forward)")
+    assert packed_segments is not None, f"attention {SEGMENTED_SDPA!r} runs packed pair batches only (packed_forward)"
     segments, segment_mask = packed_segments
     outputs = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
                                       segment_mask(sliding_window, (start, end)), **kwargs)[0]
@@ -45,8 +44,7 @@ AttentionInterface.register(SEGMENTED_SDPA, segmented_sdpa)
 
 def _windows(config):
     """{layer type: window or None} of the attention layers of a HF config."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
+    window, layer_types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
     if layer_types is None:   # Llama, Mistral: one kind of layer, windowed when sliding_window is set
         return {"full_attention": window}
     return {kind: (window if kind == "sliding_attention" else None) for kind in set(layer_types)}

@@ -107,13 +107,11 @@ def check_messages(messages, where, name):
     """The messages without null keys (Arrow fills the union of all records' keys with nulls)."""
     if not isinstance(messages, list) or not messages:
         raise UsageError(f"{where}: {name!r} must be a non-empty list of {{'role', 'content'}} objects")
-    cleaned = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                 or not isinstance(message.get("content"), str):
             raise UsageError(f"{where}: {name}[{i}] must be an object with string 'role' and 'content'")
-        cleaned.append({k: v for k, v in message.items() if v is not None})
-    return cleaned
+    return [{k: v for k, v in message.items() if v is not None} for message in messages]
 
 
 def from_messages(messages, where, name):
