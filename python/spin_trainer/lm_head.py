@@ -50,12 +50,9 @@ def redirected_head(head, ctx, compute):
         assert (mesh is None) == (ctx.tp_group is None), "the LM head is vocab-parallel exactly under --tp"
         out = compute(_local(hidden), _local(head.weight), _local(head.bias))
         produced.append(out)
-        if mesh is None:
-            return out
-
-        # The plan's output hook (ColwiseParallel(use_local_output=True), tp_plan.py) takes a Shard(-1)
-        # DTensor back to its local tensor: this rank's result passes through unchanged.
-        return DTensor.from_local(out, mesh, [Shard(-1)], run_check=False)
+        # Under --tp the plan's output hook (ColwiseParallel(use_local_output=True), tp_plan.py) takes a
+        # Shard(-1) DTensor back to its local tensor: this rank's result passes through unchanged.
+        return out if mesh is None else DTensor.from_local(out, mesh, [Shard(-1)], run_check=False)
 
     saved = head.__dict__.get("forward")   # an instance attribute someone set before, if any
     head.forward = forward

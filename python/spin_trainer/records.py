@@ -40,10 +40,9 @@ def is_local(spec):
 
 def pick_split(splits, split, spec, source):
     """The split named `split`; by default the only one, or 'train'."""
-    if split is None:
-        if len(splits) == 1:
-            return next(iter(splits.values()))
-        split = "train"
+    if split is None and len(splits) == 1:
+        return next(iter(splits.values()))
+    split = "train" if split is None else split
     if split not in splits:
         split_option = source.replace("-data", "-split") if source.startswith("--") else "the split option"
         raise UsageError(f"{source} {spec!r} has no split {split!r}; its splits: {', '.join(splits)} "
