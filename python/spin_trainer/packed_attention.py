@@ -63,8 +63,7 @@ def packed_forward(model, packed, *, attention=None):
     """`model`'s output on `packed` (logits [1, N, V], or fewer rows under lm_head.compacted_input).
     `attention`: "segments", "block_mask", "mask" or "positions" (share_prompt=False); None: the
     model's implementation's default."""
-    config = model.config
-    implementation = config._attn_implementation
+    config, implementation = model.config, model.config._attn_implementation
     inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
     if not packed.share_prompt:
         return model(**inputs)   # attention_mask None: HF's own per-document attention from the position ids
