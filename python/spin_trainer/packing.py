@@ -25,7 +25,7 @@ fallback without a custom mask is `share_prompt=False`: `[prompt | gold]` and `[
 as separate documents whose position ids restart at 0. `pack_sequences` packs SFT sequences
 `[prompt | response]` the same way, a document each.
 """
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -64,7 +64,7 @@ class PackedPairs:
         return self.input_ids.shape[1]
 
     def to(self, device):
-        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.type is torch.Tensor}
+        moved = {name: value.to(device) for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
         return replace(self, **moved, targets=Targets(*(t.to(device) for t in self.targets)))
 
     def sequence_sums(self, token_logps):
