@@ -70,7 +70,6 @@ def test_layout_of_one_pair():
     assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3]]   # generated continues from the prompt
     assert packed.parts.tolist() == [PROMPT, PROMPT, GOLD, GOLD, GOLD, GENERATED, GENERATED]
-    assert packed.sequence_ids.tolist() == [-1, -1, 0, 0, 0, 1, 1]
     assert packed.labels.tolist() == [[IGNORE_INDEX, 7, 8, 9, IGNORE_INDEX, 11, IGNORE_INDEX]]
     assert packed.loss_mask.tolist() == [[0, 1, 1, 1, 0, 1, 0]]
     # The last prompt position (1) scores gold[0] and, a second time, generated[0].

@@ -44,27 +44,8 @@ class Batch:
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.loss_mask)))
 
 
-def cache_key(data, tokenizer, settings):
-    text = json.dumps({"version": CACHE_VERSION, "data": data, "tokenizer": tokenizer_fingerprint(tokenizer),
-                       **settings}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def save_cache(path, examples, summary):
-    """Atomically: a killed run never leaves half a cache."""
-    lengths, ids = token_buffers(examples)
-    with replaced_atomically(path, "wb") as f:
-        np.savez(f, lengths=lengths, ids=ids, summary=np.array(summary))
-
-
-def read_cache(path):
-    with np.load(path) as cache:
-        lengths, ids, summary = cache["lengths"], cache["ids"], str(cache["summary"])
-    return examples_from_buffers(lengths, ids), summary
-
-
 def token_buffers(examples):
-    """([n, 2] prompt and response lengths, the flat int32 ids) of `examples`: what save_cache and
+    """([n, 2] prompt and response lengths, the flat int32 ids) of `examples`: what the cache and
     checkpoints store (not a Python int per token)."""
     lengths = np.array([(len(e.prompt_ids), len(e.response_ids)) for e in examples], dtype=np.int64).reshape(-1, 2)
     flat = array("i")
@@ -86,11 +67,13 @@ def load_data(spec, tokenizer, *, max_length, template="{prompt}", source="data"
               fields=(None, None, None), max_prompt_length=None, long_prompts="truncate", cache_dir=None):
     """(Examples, one line of what was cut or skipped) of a data source; from `cache_dir` when it
     holds them for the same data, tokenizer and settings."""
-    settings = dict(split=split, fields=fields, template=template, max_length=max_length,
-                    max_prompt_length=max_prompt_length, long_prompts=long_prompts)
     table = None if is_local(spec) else load_table(spec, split, source)
     data = data_fingerprint(spec) if table is None else f"hub dataset {spec} {table._fingerprint}"
-    path = cache_dir and os.path.join(cache_dir, f"{source.lstrip('-')}-{cache_key(data, tokenizer, settings)}.npz")
+    key = json.dumps(dict(version=CACHE_VERSION, data=data, tokenizer=tokenizer_fingerprint(tokenizer), split=split,
+                          fields=fields, template=template, max_length=max_length, max_prompt_length=max_prompt_length,
+                          long_prompts=long_prompts), sort_keys=True, default=str)
+    key = hashlib.sha256(key.encode()).hexdigest()[:24]
+    path = cache_dir and os.path.join(cache_dir, f"{source.lstrip('-')}-{key}.npz")
     if path and int(os.environ.get("LOCAL_RANK", "0")) != 0:
         # Under torchrun the node's first process tokenizes, with every core, and the others read
         # its cache (8 processes tokenizing at once would each get an eighth of the CPUs). If it
@@ -99,7 +82,8 @@ def load_data(spec, tokenizer, *, max_length, template="{prompt}", source="data"
             time.sleep(0.2)
     if path and os.path.isfile(path):
         try:
-            return read_cache(path)
+            with np.load(path) as cache:
+                return examples_from_buffers(cache["lengths"], cache["ids"]), str(cache["summary"])
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # a damaged cache is only a cost: tokenize again and rewrite it
     table = table if table is not None else load_table(spec, split, source)
@@ -109,7 +93,9 @@ def load_data(spec, tokenizer, *, max_length, template="{prompt}", source="data"
     if not examples:
         raise UsageError(f"{source} {spec!r}: no record is left to train on ({encoder.summary()})")
     if path:
-        save_cache(path, examples, encoder.summary())
+        lengths, ids = token_buffers(examples)
+        with replaced_atomically(path, "wb") as f:   # a killed run never leaves half a cache
+            np.savez(f, lengths=lengths, ids=ids, summary=np.array(encoder.summary()))
     return examples, encoder.summary()
 
 
@@ -135,18 +121,16 @@ def collate(sequences, pad_token_id):
         input_ids[row, :n] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
         attention_mask[row, :n] = 1
         loss_mask[row, len(prompt) - 1:n - 1] = 1.0   # shifted: the positions whose label is a response token
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:, :-1] = input_ids[:, 1:]
-    labels[loss_mask == 0] = IGNORE_INDEX
+    # Token t + 1 where the mask counts it (never in the last column, which the roll wraps around).
+    labels = input_ids.roll(-1, dims=1).masked_fill(loss_mask == 0, IGNORE_INDEX)
     return Batch(input_ids, attention_mask, labels, loss_mask)
 
 
 def collate_pairs(examples, generated, pad_token_id):
     """[2B] batch: rows [0, B) the gold responses, rows [B, 2B) the generated ones, same prompts."""
     assert len(examples) == len(generated)
-    actual = [(e.prompt_ids, e.response_ids) for e in examples]
-    fake = [(e.prompt_ids, tuple(g)) for e, g in zip(examples, generated)]
-    return collate(actual + fake, pad_token_id)
+    return collate([(e.prompt_ids, e.response_ids) for e in examples]
+                   + [(e.prompt_ids, g) for e, g in zip(examples, generated)], pad_token_id)
 
 
 def collate_sft(examples, pad_token_id):

@@ -19,23 +19,20 @@ def output_embedding(model):
     return head
 
 
-@contextmanager
 def compacted_input(head, positions):
-    """Inside, `head` sees only the hidden states of the flat `positions` of its [S, T, H] input."""
+    """A context (the hook's handle) inside which `head` sees only the hidden states of the flat
+    `positions` of its [S, T, H] input."""
     def compact(module, args):
         hidden = args[0]   # [S, T, H]
         return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions),) + tuple(args[1:])
 
     # Prepended: it runs before tensor parallelism's input hook turns the hidden states into a DTensor.
-    handle = head.register_forward_pre_hook(compact, prepend=True)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return head.register_forward_pre_hook(compact, prepend=True)
 
 
 def _local(tensor):
-    """A DTensor's local tensor, differentiably (its gradient returns with the same placements)."""
+    """A DTensor's local tensor, differentiably (its gradient returns with the same placements);
+    a plain tensor or None as it is."""
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
@@ -51,16 +48,11 @@ def redirected_head(head, ctx, compute):
     def forward(hidden):
         mesh = hidden.device_mesh if is_dtensor(hidden) else None
         assert (mesh is None) == (ctx.tp_group is None), "the LM head is vocab-parallel exactly under --tp"
-        h, w = _local(hidden), _local(head.weight)
-        b = None if head.bias is None else _local(head.bias)
-        out = compute(h, w, b)
+        out = compute(_local(hidden), _local(head.weight), _local(head.bias))
         produced.append(out)
-        if mesh is None:
-            return out
-
-        # The plan's output hook (ColwiseParallel(use_local_output=True), tp_plan.py) takes a Shard(-1)
-        # DTensor back to its local tensor: this rank's result passes through unchanged.
-        return DTensor.from_local(out, mesh, [Shard(-1)], run_check=False)
+        # Under --tp the plan's output hook (ColwiseParallel(use_local_output=True), tp_plan.py) takes a
+        # Shard(-1) DTensor back to its local tensor: this rank's result passes through unchanged.
+        return out if mesh is None else DTensor.from_local(out, mesh, [Shard(-1)], run_check=False)
 
     saved = head.__dict__.get("forward")   # an instance attribute someone set before, if any
     head.forward = forward

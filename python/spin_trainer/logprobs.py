@@ -109,21 +109,11 @@ class Scorer:
         logps = self._token_logps(model, batch, positions, labels, inplace_backward=inplace_backward)
         return LabelledLogps(logps, torch.div(positions, width, rounding_mode="floor"), num_rows)
 
-    def _logits_sums(self, model, batch, *, inplace_backward):
-        """[2b] float32 sums of a pair batch's response log-probs by the "logits" head."""
-        if isinstance(batch, PackedPairs):   # the targets: the first generated tokens too (packing.py)
-            targets = batch.targets
-            return batch.sequence_sums(self._token_logps(model, batch, targets.positions, targets.labels,
-                                                         inplace_backward=inplace_backward))
-        return self.labelled_logps(model, batch, inplace_backward=inplace_backward).sequence_sums()
-
     @torch.no_grad()
     def sequence_logps(self, model, batch):
         """[2b] masked sums of the response log-probs (EOS included) of a pair batch, float32, no
         gradient: the reference's numbers, by `pair_loss`'s own arithmetic (the fused head: its op,
         with its chunks and its summation order), so that π − ref is exactly 0 at θ_t."""
-        if self.head == "logits":
-            return self._logits_sums(model, batch, inplace_backward=False)
         count = batch.num_sequences if isinstance(batch, PackedPairs) else batch.labels.shape[0]
         unused = torch.zeros(count, device=batch.labels.device)
         return self.pair_loss(model, batch, unused, beta=1.0, loss_type="sigmoid").policy_logps
@@ -133,13 +123,17 @@ class Scorer:
         [2b]-sequence pair batch (sequences [0, b) actual, [b, 2b) generated) against the reference's [2b] sums."""
         if self.head == "logits":
             # Nothing else reads the logits after the loss: their gradient can take their memory.
-            policy = self._logits_sums(model, batch, inplace_backward=True)
+            if isinstance(batch, PackedPairs):   # the targets: the first generated tokens too (packing.py)
+                positions, labels, _ = batch.targets
+                policy = batch.sequence_sums(self._token_logps(model, batch, positions, labels, inplace_backward=True))
+            else:
+                policy = self.labelled_logps(model, batch, inplace_backward=True).sequence_sums()
             return spin_loss_from_logps(policy, ref_logps, beta=beta, loss_type=loss_type)
         head = output_embedding(model)
         if isinstance(batch, PackedPairs):   # hidden [M, H]: the targets' positions
-            targets = batch.targets
-            compacted = compacted_input(head, targets.positions)
-            labels, layout = targets.labels, dict(seq_ids=targets.sequences, num_sequences=batch.num_sequences)
+            positions, labels, sequences = batch.targets
+            compacted = compacted_input(head, positions)
+            layout = dict(seq_ids=sequences, num_sequences=batch.num_sequences)
         else:   # hidden [2b, T, H]: the fused head compacts the labelled rows itself
             compacted, labels, layout = nullcontext(), batch.labels, dict(loss_mask=batch.loss_mask)
         results = []

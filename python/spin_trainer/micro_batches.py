@@ -13,15 +13,8 @@ never raises either half's tokens (packed: a sum; padded: rows x the longest row
 still hold; each micro-batch's loss weight is its share of the global batch (trainer.py), so the
 cut does not change the update. A rank with fewer items than that count (validation shards differ
 by one item; one may be empty) runs filler forwards of one item whose results it drops
-(`Span.counted` False); training shards are equal and never need one.
+(`counted` False); training shards are equal and never need one.
 """
-from typing import NamedTuple
-
-
-class Span(NamedTuple):
-    start: int       # items [start, end) of the list the shards cut
-    end: int
-    counted: bool    # False: a filler forward, whose result is dropped
 
 
 def greedy_spans(start, end, tokens, *, max_items, max_tokens=0):
@@ -52,14 +45,15 @@ def cut_into(spans, count, tokens):
 
 
 def rank_spans(shards, rank, tokens, *, max_items, max_tokens=0):
-    """[Span] of rank `rank`'s micro-batches; `shards` [(start, end)] is every data-parallel rank's
+    """[(start, end, counted)] of rank `rank`'s micro-batches, items [start, end) (counted False: a
+    filler forward, whose result is dropped); `shards` [(start, end)] is every data-parallel rank's
     share of one list of items, `tokens(start, end)` the tokens of items [start, end) as a batch.
     Every rank gets as many spans as the rank whose greedy cut is longest (filler spans where its
     shard has fewer items than that)."""
     greedy = [greedy_spans(a, b, tokens, max_items=max_items, max_tokens=max_tokens) for a, b in shards]
     count = max(map(len, greedy))
     start, end = shards[rank]
-    spans = [Span(a, b, True) for a, b in cut_into(greedy[rank], min(count, end - start), tokens)]
+    spans = [(a, b, True) for a, b in cut_into(greedy[rank], min(count, end - start), tokens)]
     # A filler runs one item: this rank's first, or (an empty shard) the first of the whole list.
-    filler = Span(start, start + 1, False) if end > start else Span(0, 1, False)
+    filler = (start, start + 1, False) if end > start else (0, 1, False)
     return spans + [filler] * (count - len(spans))

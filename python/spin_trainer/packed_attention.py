@@ -16,6 +16,8 @@ attention entry points, alike for Llama, Mistral and Qwen2 in transformers 5.x:
 A 4D mask bypasses HF's sliding window, so the rule applies the window itself, on position ids,
 as in the padded row (Mistral's `sliding_window`, Qwen2's windowed layers).
 """
+from functools import cache, partial
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -23,32 +25,17 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .packing import block_mask, dense_mask
 
 SEGMENTED_SDPA = "spin_packed_segments"
-MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
-
-
-class SegmentMasks:
-    """Each segment's [1, 1, L, L] boolean mask, per sliding window, built once per forward."""
-
-    def __init__(self, packed):
-        self.packed, self._masks = packed, {}
-
-    def get(self, index, window):
-        key = (index, window)
-        if key not in self._masks:
-            self._masks[key] = dense_mask(self.packed, window, span=self.packed.segments[index])
-        return self._masks[key]
 
 
 def segmented_sdpa(module, query, key, value, attention_mask, *, packed_segments=None, sliding_window=None,
                    **kwargs):
-    """HF attention function: query/key/value [1, heads, N, D] of a packed row -> ([1, N, heads, D], None)."""
-    if packed_segments is None:
-        raise ValueError(f"attention {SEGMENTED_SDPA!r} runs packed pair batches only (packed_forward)")
-    outputs = []
-    for index, (start, end) in enumerate(packed_segments.packed.segments):
-        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
-                                        value[:, :, start:end], packed_segments.get(index, sliding_window), **kwargs)
-        outputs.append(out)
+    """HF attention function: query/key/value [1, heads, N, D] of a packed row -> ([1, N, heads, D], None).
+    `packed_segments`: (the row's segments, segment_mask(window, (start, end)) -> its [1, 1, L, L] mask)."""
+    assert packed_segments is not None, f"attention {SEGMENTED_SDPA!r} runs packed pair batches only (packed_forward)"
+    segments, segment_mask = packed_segments
+    outputs = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                                      segment_mask(sliding_window, (start, end)), **kwargs)[0]
+               for start, end in segments]
     return torch.cat(outputs, dim=1), None
 
 
@@ -57,8 +44,7 @@ AttentionInterface.register(SEGMENTED_SDPA, segmented_sdpa)
 
 def _windows(config):
     """{layer type: window or None} of the attention layers of a HF config."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
+    window, layer_types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
     if layer_types is None:   # Llama, Mistral: one kind of layer, windowed when sliding_window is set
         return {"full_attention": window}
     return {kind: (window if kind == "sliding_attention" else None) for kind in set(layer_types)}
@@ -77,8 +63,7 @@ def packed_forward(model, packed, *, attention=None):
     """`model`'s output on `packed` (logits [1, N, V], or fewer rows under lm_head.compacted_input).
     `attention`: "segments", "block_mask", "mask" or "positions" (share_prompt=False); None: the
     model's implementation's default."""
-    config = model.config
-    implementation = config._attn_implementation
+    config, implementation = model.config, model.config._attn_implementation
     inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
     if not packed.share_prompt:
         return model(**inputs)   # attention_mask None: HF's own per-document attention from the position ids
@@ -89,14 +74,14 @@ def packed_forward(model, packed, *, attention=None):
     if attention == "segments":
         config._attn_implementation = SEGMENTED_SDPA   # for this call only
         try:
-            return model(**inputs, packed_segments=SegmentMasks(packed))
+            # Each segment's mask, per sliding window, built once per forward.
+            return model(**inputs, packed_segments=(packed.segments, cache(partial(dense_mask, packed))))
         finally:
             config._attn_implementation = implementation
-    if attention not in ("mask", "block_mask") or implementation not in MASK_IMPLEMENTATIONS \
-            or (attention == "block_mask") != (implementation == "flex_attention"):
+    if (attention, implementation) not in (("mask", "sdpa"), ("mask", "eager"), ("block_mask", "flex_attention")):
         raise ValueError(f"attention {attention!r} with the model's attention implementation {implementation!r} "
                          f"cannot share the prompt; use 'segments', 'block_mask' with flex_attention, 'mask' with "
-                         f"{MASK_IMPLEMENTATIONS}, or pack with share_prompt=False")
+                         f"('sdpa', 'eager', 'flex_attention'), or pack with share_prompt=False")
     dtype = model.get_input_embeddings().weight.dtype
     masks = {kind: _full_mask(implementation, packed, window, dtype) for kind, window in _windows(config).items()}
     # One mask for every layer, or one per layer type (Qwen2-style models take the dict).

@@ -51,7 +51,6 @@ class PackedPairs:
     position_ids: torch.Tensor   # [1, N] each token's position in its own padded row
     documents: torch.Tensor      # [N] segment of each token; attention never crosses segments
     parts: torch.Tensor          # [N] PROMPT, GOLD or GENERATED
-    sequence_ids: torch.Tensor   # [N] i on pair i's gold tokens, B + i on its generated ones, -1 on prompts
     labels: torch.Tensor         # [1, N] token t + 1 of t's sequence where loss_mask is 1, else IGNORE_INDEX
     loss_mask: torch.Tensor      # [1, N] float, 1 where labels score a response token
     targets: Targets             # every scored token, the first generated ones included
@@ -65,8 +64,7 @@ class PackedPairs:
         return self.input_ids.shape[1]
 
     def to(self, device):
-        moved = {name: getattr(self, name).to(device) for name in
-                 ("input_ids", "position_ids", "documents", "parts", "sequence_ids", "labels", "loss_mask")}
+        moved = {name: value.to(device) for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
         return replace(self, **moved, targets=Targets(*(t.to(device) for t in self.targets)))
 
     def sequence_sums(self, token_logps):
@@ -74,53 +72,28 @@ class PackedPairs:
         return sums_by_index(token_logps, self.targets.sequences, self.num_sequences)
 
 
-class _Row:
-    """A packed row as it is built, token by token (host lists), then as a PackedPairs."""
+def _document(prompt, response, document, part, sequence):
+    """The tokens of `[prompt | response]` as one document whose labels score the response, each a row
+    (id, position, document, part, label, the sequence its label scores)."""
+    tokens, cut = list(prompt) + list(response), len(prompt)
+    return [(token, t, document, PROMPT if t < cut else part,
+             tokens[t + 1] if cut - 1 <= t < len(tokens) - 1 else IGNORE_INDEX, sequence)
+            for t, token in enumerate(tokens)]
 
-    def __init__(self):
-        self.ids, self.positions, self.documents, self.parts, self.sequence_ids = [], [], [], [], []
-        self.labels, self.label_sequences = [], []
-        self.extra = []   # (position, label, sequence) of each token scored a second time, after the row's
 
-    def add(self, tokens, first_position, document, part, sequence, next_tokens, scores):
-        """`scores`: the sequence the labels belong to (a prompt's last label: the response after it)."""
-        self.ids.extend(tokens)
-        self.positions.extend(range(first_position, first_position + len(tokens)))
-        self.documents.extend([document] * len(tokens))
-        self.parts.extend([part] * len(tokens))
-        self.sequence_ids.extend([sequence] * len(tokens))
-        self.labels.extend(next_tokens)
-        self.label_sequences.extend(-1 if label == IGNORE_INDEX else scores for label in next_tokens)
-
-    def add_document(self, prompt, response, document, part, sequence):
-        """[prompt | response] as one document whose labels score the response (none if it is empty)."""
-        after_prompt = list(response[:1]) or [IGNORE_INDEX]
-        self.add(prompt, 0, document, PROMPT, -1, [IGNORE_INDEX] * (len(prompt) - 1) + after_prompt, sequence)
-        self.add(response, len(prompt), document, part, sequence, (list(response[1:]) + [IGNORE_INDEX])[:len(response)],
-                 sequence)
-
-    def packed(self, num_sequences, share_prompt, sequence_tokens):
-        assert len(self.labels) == len(self.ids), (len(self.labels), len(self.ids))
-        labels = torch.tensor(self.labels, dtype=torch.long)
-        scored = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-        targets = [scored, labels[scored], torch.tensor(self.label_sequences, dtype=torch.long)[scored]]
-        if self.extra:
-            targets = [torch.cat([t, extra]) for t, extra in zip(targets, torch.tensor(self.extra, dtype=torch.long).T)]
-        starts = [t for t in range(len(self.documents)) if t == 0 or self.documents[t] != self.documents[t - 1]]
-        return PackedPairs(
-            input_ids=torch.tensor(self.ids, dtype=torch.long)[None],
-            position_ids=torch.tensor(self.positions, dtype=torch.long)[None],
-            documents=torch.tensor(self.documents, dtype=torch.long),
-            parts=torch.tensor(self.parts, dtype=torch.long),
-            sequence_ids=torch.tensor(self.sequence_ids, dtype=torch.long),
-            labels=labels[None],
-            loss_mask=(labels != IGNORE_INDEX).float()[None],
-            targets=Targets(*targets),
-            num_sequences=num_sequences,
-            share_prompt=share_prompt,
-            segments=tuple(zip(starts, starts[1:] + [len(self.documents)])),
-            sequence_tokens=sequence_tokens,
-        )
+def _packed(rows, extra, num_sequences, share_prompt, sequence_tokens):
+    """The PackedPairs of `_document` rows; `extra`: (position, label, sequence) of each token scored
+    a second time, after the row's."""
+    ids, positions, documents, parts, labels, scores = (torch.tensor(column, dtype=torch.long) for column in zip(*rows))
+    scored = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    targets = [scored, labels[scored], scores[scored]]
+    if extra:
+        targets = [torch.cat([t, more]) for t, more in zip(targets, torch.tensor(extra, dtype=torch.long).T)]
+    starts = [t for t in range(len(rows)) if t == 0 or rows[t][2] != rows[t - 1][2]]
+    return PackedPairs(input_ids=ids[None], position_ids=positions[None], documents=documents, parts=parts,
+                       labels=labels[None], loss_mask=(labels != IGNORE_INDEX).float()[None],
+                       targets=Targets(*targets), num_sequences=num_sequences, share_prompt=share_prompt,
+                       segments=tuple(zip(starts, starts[1:] + [len(rows)])), sequence_tokens=sequence_tokens)
 
 
 def pack_pairs(pairs, *, share_prompt=True):
@@ -130,7 +103,7 @@ def pack_pairs(pairs, *, share_prompt=True):
     the prompt, as its own document."""
     if not pairs:
         raise ValueError("pack_pairs needs at least one pair")
-    count, row = len(pairs), _Row()
+    count, rows, extra = len(pairs), [], []
     for i, (prompt, gold, generated) in enumerate(pairs):
         prompt, gold, generated = list(prompt), list(gold), list(generated)
         if not prompt:
@@ -138,17 +111,17 @@ def pack_pairs(pairs, *, share_prompt=True):
         for name, response in (("gold", gold), ("generated", generated)):
             if not response:
                 raise ValueError(f"pair {i}: the {name} response is empty")
-        row.add_document(prompt, gold, i if share_prompt else 2 * i, GOLD, i)
-        last_prompt = len(row.ids) - len(gold) - 1
+        rows += _document(prompt, gold, i if share_prompt else 2 * i, GOLD, i)
+        last_prompt = len(rows) - len(gold) - 1
         if generated == gold:   # no segment: the gold rows scored again as sequence B + i, in the same order
-            row.extra.extend((last_prompt + k, token, count + i) for k, token in enumerate(gold))
-        elif share_prompt:
-            row.extra.append((last_prompt, generated[0], count + i))
-            row.add(generated, len(prompt), i, GENERATED, count + i, generated[1:] + [IGNORE_INDEX], count + i)
+            extra += [(last_prompt + k, token, count + i) for k, token in enumerate(gold)]
+        elif share_prompt:   # the same document, after the gold tokens; its first token scored from the prompt's last
+            extra.append((last_prompt, generated[0], count + i))
+            rows += _document(prompt, generated, i, GENERATED, count + i)[len(prompt):]
         else:
-            row.add_document(prompt, generated, 2 * i + 1, GENERATED, count + i)
+            rows += _document(prompt, generated, 2 * i + 1, GENERATED, count + i)
     sequence_tokens = sum(2 * len(p) + len(a) + len(g) for p, a, g in pairs)
-    return row.packed(2 * count, share_prompt, sequence_tokens)
+    return _packed(rows, extra, 2 * count, share_prompt, sequence_tokens)
 
 
 def pack_sequences(sequences, *, share_prompt=True):
@@ -158,12 +131,12 @@ def pack_sequences(sequences, *, share_prompt=True):
     position ids, for flash-attn)."""
     if not sequences:
         raise ValueError("pack_sequences needs at least one sequence")
-    row = _Row()
+    rows = []
     for i, (prompt, response) in enumerate(sequences):
         if len(prompt) < 1:
             raise ValueError(f"sequence {i}: the prompt is empty (a response is scored from the prompt's last token)")
-        row.add_document(list(prompt), list(response), i, GOLD, i)
-    return row.packed(len(sequences), share_prompt, sum(len(p) + len(r) for p, r in sequences))
+        rows += _document(prompt, response, i, GOLD, i)
+    return _packed(rows, [], len(sequences), share_prompt, sum(len(p) + len(r) for p, r in sequences))
 
 
 def attention_rule(packed, sliding_window=None):

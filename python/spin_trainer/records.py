@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from .errors import UsageError, option
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-FORMATS = {"messages": {"messages"}, "real/generated": {"real"}, "prompt/response": {"prompt", "response"},
-           "prompt/completion": {"prompt", "completion"}}   # each format's fields a record must fill
+FORMATS = {"messages": ("messages",), "real/generated": ("real",), "prompt/response": ("prompt", "response"),
+           "prompt/completion": ("prompt", "completion")}   # each format's fields a record must fill
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,9 @@ def is_local(spec):
 
 def pick_split(splits, split, spec, source):
     """The split named `split`; by default the only one, or 'train'."""
-    if split is None:
-        if len(splits) == 1:
-            return next(iter(splits.values()))
-        split = "train"
+    if split is None and len(splits) == 1:
+        return next(iter(splits.values()))
+    split = "train" if split is None else split
     if split not in splits:
         split_option = source.replace("-data", "-split") if source.startswith("--") else "the split option"
         raise UsageError(f"{source} {spec!r} has no split {split!r}; its splits: {', '.join(splits)} "
@@ -57,26 +56,24 @@ def load_table(spec, split, source):
     datasets.disable_progress_bars()
     if is_local(spec) and not os.path.exists(spec):
         raise UsageError(f"{source} {spec!r}: no such file or directory")
+    builder = BUILDERS.get(os.path.splitext(spec)[1].lower())
+    if os.path.isfile(spec) and builder is None:
+        raise UsageError(f"{source} {spec!r}: unknown file type; use .jsonl, .json or .parquet")
     try:
         if os.path.isdir(spec) and any(os.path.exists(os.path.join(spec, n))
                                        for n in ("dataset_info.json", "dataset_dict.json", "state.json")):
             loaded = datasets.load_from_disk(spec)
-            return pick_split(loaded, split, spec, source) if isinstance(loaded, datasets.DatasetDict) else loaded
-        if os.path.isfile(spec):
-            builder = BUILDERS.get(os.path.splitext(spec)[1].lower())
-            if builder is None:
-                raise UsageError(f"{source} {spec!r}: unknown file type; use .jsonl, .json or .parquet")
+        elif os.path.isfile(spec):
             loaded = datasets.load_dataset(builder, data_files=spec)
         else:
             loaded = datasets.load_dataset(spec)
-    except UsageError:
-        raise
     except Exception as exc:  # datasets raises many kinds (network, builder, arrow, file not found)
         diagnose_jsonl(spec, source)
         where = "" if is_local(spec) else " (a Hub dataset name: is it spelled right, and is the Hub reachable?)"
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""   # datasets wraps the reader's own message
         raise UsageError(f"{source} {spec!r}: could not be read{where}: {type(exc).__name__}: {exc}{cause}") from exc
-    return pick_split(loaded, split, spec, source)
+    # load_dataset returns a DatasetDict; load_from_disk a Dataset or a DatasetDict.
+    return pick_split(loaded, split, spec, source) if isinstance(loaded, datasets.DatasetDict) else loaded
 
 
 def diagnose_jsonl(spec, source):
@@ -109,13 +106,11 @@ def check_messages(messages, where, name):
     """The messages without null keys (Arrow fills the union of all records' keys with nulls)."""
     if not isinstance(messages, list) or not messages:
         raise UsageError(f"{where}: {name!r} must be a non-empty list of {{'role', 'content'}} objects")
-    cleaned = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                 or not isinstance(message.get("content"), str):
             raise UsageError(f"{where}: {name}[{i}] must be an object with string 'role' and 'content'")
-        cleaned.append({k: v for k, v in message.items() if v is not None})
-    return cleaned
+    return [{k: v for k, v in message.items() if v is not None} for message in messages]
 
 
 def from_messages(messages, where, name):
@@ -150,30 +145,27 @@ def from_prompt_and_response(record, where, p, r):
 def to_conversation(record, where, fields):
     """The Conversation of one record, by `fields` (prompt, response, messages names) or its format."""
     prompt_field, response_field, messages_field = fields
-    if messages_field:
-        if record.get(messages_field) is None:
-            raise UsageError(f"{where}: no {messages_field!r} field (named by {option('messages_field')})")
-        return from_messages(record[messages_field], where, messages_field)
-    if prompt_field:
-        for name in (prompt_field, response_field):
+    named = f"{option('prompt_field')}/{option('response_field')}"
+    if messages_field or prompt_field:
+        names = (messages_field,) if messages_field else (prompt_field, response_field)
+        by = option('messages_field') if messages_field else named
+        for name in names:
             if record.get(name) is None:
-                raise UsageError(f"{where}: no {name!r} field (named by {option('prompt_field')}/"
-                                 f"{option('response_field')})")
-        return from_prompt_and_response(record, where, prompt_field, response_field)
-    filled = {key for key, value in record.items() if value is not None}
-    found = [name for name, keys in FORMATS.items() if keys <= filled]
-    if len(found) > 1:
-        raise UsageError(f"{where}: the record fits two formats ({' and '.join(found)}); leave one out, or "
-                         f"name the fields to read with {option('messages_field')} or "
-                         f"{option('prompt_field')}/{option('response_field')}")
-    if not found:
-        raise UsageError(f"{where}: no known format in fields {sorted(filled)}; each record needs 'prompt' and "
-                         f"'response', 'prompt' and 'completion', 'messages', or 'real' (or name its fields with "
-                         f"{option('prompt_field')}/{option('response_field')} or {option('messages_field')})")
-    first, _, second = found[0].partition("/")
-    if first == "prompt":
-        return from_prompt_and_response(record, where, first, second)
-    return from_messages(record[first], where, first)
+                raise UsageError(f"{where}: no {name!r} field (named by {by})")
+    else:
+        filled = {key for key, value in record.items() if value is not None}
+        found = [name for name, keys in FORMATS.items() if set(keys) <= filled]
+        if len(found) > 1:
+            raise UsageError(f"{where}: the record fits two formats ({' and '.join(found)}); leave one out, or "
+                             f"name the fields to read with {option('messages_field')} or {named}")
+        if not found:
+            raise UsageError(f"{where}: no known format in fields {sorted(filled)}; each record needs 'prompt' and "
+                             f"'response', 'prompt' and 'completion', 'messages', or 'real' (or name its fields "
+                             f"with {named} or {option('messages_field')})")
+        names = FORMATS[found[0]]
+    if len(names) == 1:
+        return from_messages(record[names[0]], where, names[0])
+    return from_prompt_and_response(record, where, *names)
 
 
 def check_fields(prompt_field, response_field, messages_field):
@@ -185,8 +177,8 @@ def check_fields(prompt_field, response_field, messages_field):
 
 
 def read_conversations(table, spec, source, fields=(None, None, None)):
-    """[Conversation] of every record of `table` (loaded from `spec`), in order."""
-    check_fields(*fields)
+    """[Conversation] of every record of `table` (loaded from `spec`), in order; `fields` as
+    check_fields (config.py) allows."""
     try:
         if len(table) == 0:
             raise UsageError(f"{source} {spec!r}: the data has no records")

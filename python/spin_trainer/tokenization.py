@@ -66,36 +66,6 @@ def special_text_pattern(tokenizer):
     return re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True))) if specials else None
 
 
-def render(conversations, tokenizer, template):
-    """[(prompt text, whole conversation text)] of one batch of Conversations."""
-    chats = [c for c in conversations if c.chat]
-    if chats and not getattr(tokenizer, "chat_template", None):
-        raise UsageError(f"{chats[0].where}: chat records need a tokenizer with a chat template; this one has none "
-                         f"(use prompt/response records with {option('prompt_template')})")
-    if chats:
-        contexts = [c.prompt for c in chats]
-        prompts = iter(tokenizer.apply_chat_template(contexts, tokenize=False, add_generation_prompt=True))
-        fulls = iter(tokenizer.apply_chat_template([p + [{"role": "assistant", "content": c.response}]
-                                                    for p, c in zip(contexts, chats)], tokenize=False))
-    texts = []
-    for c in conversations:
-        if c.chat:
-            prompt, full = next(prompts), next(fulls)
-            if not full.startswith(prompt):
-                raise UsageError(f"{c.where}: the chat template renders the prompt differently inside the whole "
-                                 f"conversation ({prompt[-40:]!r} is not where {full[len(prompt) - 40:len(prompt)]!r} "
-                                 f"is), so the prompt's boundary cannot be found")
-        else:
-            try:
-                prompt = template.format(prompt=c.prompt)
-            except (KeyError, IndexError, ValueError) as exc:
-                raise UsageError(f"{option('prompt_template')} {template!r}: must contain {{prompt}} and no other "
-                                 f"field ({exc!r})") from exc
-            full = prompt + c.response
-        texts.append((prompt, full))
-    return texts
-
-
 def first_token_from(encoding, position, text_chars):
     """The first token holding a character at or after `position` (the count of tokens if none)."""
     for char in range(position, text_chars):
@@ -143,7 +113,7 @@ class Encoder:
 
     def prepare(self, batch):
         """[(conversation, prompt text, whole text)] of a batch's records that can be tokenized faithfully."""
-        kept = []
+        ready = []
         for c in batch:
             if not c.response.strip():
                 raise UsageError(f"{c.where}: empty response")
@@ -151,8 +121,29 @@ class Encoder:
             if self.special_text and any(self.special_text.search(text) for text in texts + [c.response]):
                 self.note("special_text", c)
             else:
-                kept.append(c)
-        return [(c, prompt, full) for c, (prompt, full) in zip(kept, render(kept, self.tokenizer, self.template))]
+                ready.append((c, *self.render(c)))
+        return ready
+
+    def render(self, c):
+        """(prompt text, whole conversation text) of a Conversation."""
+        if not c.chat:
+            try:
+                prompt = self.template.format(prompt=c.prompt)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise UsageError(f"{option('prompt_template')} {self.template!r}: must contain {{prompt}} and no "
+                                 f"other field ({exc!r})") from exc
+            return prompt, prompt + c.response
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise UsageError(f"{c.where}: chat records need a tokenizer with a chat template; this one has none "
+                             f"(use prompt/response records with {option('prompt_template')})")
+        prompt = self.tokenizer.apply_chat_template(c.prompt, tokenize=False, add_generation_prompt=True)
+        full = self.tokenizer.apply_chat_template(c.prompt + [{"role": "assistant", "content": c.response}],
+                                                  tokenize=False)
+        if not full.startswith(prompt):
+            raise UsageError(f"{c.where}: the chat template renders the prompt differently inside the whole "
+                             f"conversation ({prompt[-40:]!r} is not where {full[len(prompt) - 40:len(prompt)]!r} "
+                             f"is), so the prompt's boundary cannot be found")
+        return prompt, full
 
     def finish(self, ready, encoding):
         split = (self.split(c, e, len(prompt), len(full)) for (c, prompt, full), e in zip(ready, encoding.result()))
