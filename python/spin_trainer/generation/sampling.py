@@ -23,15 +23,9 @@ import torch
 
 MASK32 = 0xFFFFFFFF
 PHI32 = 0x9E3779B9  # 2^32 / golden ratio: consecutive vocab ids land far apart before mixing
-
-
-def _exact(multiplier: int) -> int:
-    """`multiplier` as a signed value with the same residue modulo 2^32 and |value| < 2^31."""
-    return multiplier - (1 << 32) if multiplier >= 1 << 31 else multiplier
-
-
-_LOWBIAS_1, _LOWBIAS_2 = _exact(0x7FEB352D), _exact(0x846CA68B)
-_LANE2 = _exact(0x21F0AAAD)
+# The multipliers, each >= 2^31 one as c - 2^32 (see above).
+_LOWBIAS_1, _LOWBIAS_2 = 0x7FEB352D, 0x846CA68B - (1 << 32)
+_LANE2 = 0x21F0AAAD
 _LANE_SALTS = (0x3C6EF372, 0xA54FF53A)
 
 
@@ -100,12 +94,8 @@ def row_keys(seed: int, examples: torch.Tensor, step: torch.Tensor) -> tuple[tor
     seed_lo, seed_hi = seed & MASK32, (seed >> 32) & MASK32
     example_lo, example_hi = examples & MASK32, (examples >> 32) & MASK32
     step = step & MASK32
-    keys = []
-    for salt in _LANE_SALTS:
-        key = mix32(mix32(seed_lo ^ salt) ^ seed_hi)  # a Python int: the seed's part costs nothing
-        key = mix32(mix32(mix32(key ^ example_lo) ^ example_hi) ^ step)
-        keys.append(key)
-    return keys[0], keys[1]
+    seed_keys = [mix32(mix32(seed_lo ^ salt) ^ seed_hi) for salt in _LANE_SALTS]  # Python ints: cost nothing
+    return tuple(mix32(mix32(mix32(key ^ example_lo) ^ example_hi) ^ step) for key in seed_keys)
 
 
 def uniform_noise(seed: int, examples: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
