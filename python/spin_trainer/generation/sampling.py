@@ -29,7 +29,7 @@ _LANE2 = 0x21F0AAAD
 _LANE_SALTS = (0x3C6EF372, 0xA54FF53A)
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -49,9 +49,9 @@ class SamplingConfig:
     stop_sequences: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if not _is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+        if not is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be an int in [0, max_new_tokens={self.max_new_tokens}], "
                              f"got {self.min_new_tokens!r}")
         if not self.temperature > 0:
@@ -60,13 +60,13 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if not isinstance(self.stop_sequences, (list, tuple)):
             raise TypeError("stop_sequences must be a list of token-id lists, "
                             f"got {type(self.stop_sequences).__name__}")
         for index, stop in enumerate(self.stop_sequences):
-            if not isinstance(stop, (list, tuple)) or not stop or not all(_is_int(t) and t >= 0 for t in stop):
+            if not isinstance(stop, (list, tuple)) or not stop or not all(is_int(t) and t >= 0 for t in stop):
                 raise ValueError(f"stop_sequences[{index}] must be a non-empty list of token ids >= 0, got {stop!r}")
         object.__setattr__(self, "stop_sequences", tuple(map(tuple, self.stop_sequences)))
 
