@@ -106,18 +106,14 @@ class StaticKVDecoder:
     """
 
     def __init__(self, model, *, use_cuda_graph: bool):
-        reason = static_decoder_unsupported_reason(model)
-        if reason is not None:
-            raise ValueError(f"model: the static-cache decoder cannot run this model: {reason}")
+        assert static_decoder_unsupported_reason(model) is None, "decode.choose_backend picks the decoder"
         self.model = model
         self.body = model.model
         self.layers = list(self.body.layers)
         self.use_cuda_graph = use_cuda_graph
         self.capture_seconds = 0.0
         self.captures = 0
-        self._shape = None
-        self._graph = None
-        self._graph_logits = None
+        self._shape = None   # of the cache and graph (_prepare)
 
     def _prepare(self, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (batch, length, device, dtype, self.compute_dtype)
@@ -137,22 +133,31 @@ class StaticKVDecoder:
         self.cos_table, self.sin_table = cos[0].contiguous(), sin[0].contiguous()  # [L, D]
         self._shape = shape
 
-    def _layer(self, index: int, hidden, cos, sin, slots, mask, kv_length: int):
+    def _forward(self, input_ids, positions, slots, mask) -> torch.Tensor:
+        """input_ids and positions [B, S] into cache `slots` [S]; mask [B, 1, S, kv length] bool -> the
+        logits [B, V] of the last position."""
+        cos = self.cos_table[positions].unsqueeze(1)  # [B, 1, S, D]
+        sin = self.sin_table[positions].unsqueeze(1)
+        hidden = self.body.embed_tokens(input_ids)
+        for index in range(len(self.layers)):
+            hidden = self._layer(index, hidden, cos, sin, slots, mask)
+        return gather_full_logits(self.model.lm_head(self.body.norm(hidden[:, -1:])))[:, 0]
+
+    def _layer(self, index: int, hidden, cos, sin, slots, mask):
         layer = self.layers[index]
         # The attention's intermediates die with _attention's frame, before the MLP's are made (the
         # prefill's peak, which the memory plan counts: plan/generation.py).
-        attended = self._attention(index, layer.input_layernorm(hidden), cos, sin, slots, mask, kv_length)
+        attended = self._attention(index, layer.input_layernorm(hidden), cos, sin, slots, mask)
         hidden = hidden + layer.self_attn.o_proj(attended)
         del attended
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
-    def _attention(self, index: int, x, cos, sin, slots, mask, kv_length: int):
+    def _attention(self, index: int, x, cos, sin, slots, mask):
         attention = self.layers[index].self_attn
         head_dim = attention.head_dim
         batch, steps, _ = x.shape
-        q = attention.q_proj(x).view(batch, steps, -1, head_dim).transpose(1, 2)
-        k = attention.k_proj(x).view(batch, steps, -1, head_dim).transpose(1, 2)
-        v = attention.v_proj(x).view(batch, steps, -1, head_dim).transpose(1, 2)
+        q, k, v = (proj(x).view(batch, steps, -1, head_dim).transpose(1, 2)
+                   for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
         del x
         # RoPE's tables may be fp32 (fp32 weights under autocast) and promote q and k: attention and
         # the cache stay in the compute dtype, so the cache's bytes do not depend on the cast rules.
@@ -164,12 +169,10 @@ class StaticKVDecoder:
         self.keys[index].index_copy_(2, slots, _apply_rope(k, cos, sin).to(self.compute_dtype))
         self.values[index].index_copy_(2, slots, v.to(self.compute_dtype))
         del k, v
+        kv_length = mask.shape[-1]   # the prompt's length in the prefill, the whole cache in a step
         keys = self.keys[index][:, :, :kv_length]
         values = self.values[index][:, :, :kv_length]
         return _attend(q, keys, values, mask, getattr(attention, "scaling", head_dim**-0.5))
-
-    def _logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
-        return gather_full_logits(self.model.lm_head(self.body.norm(hidden_last)))
 
     @torch.no_grad()
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_steps: int) -> torch.Tensor:
@@ -186,33 +189,22 @@ class StaticKVDecoder:
         self.valid.zero_()
         self.valid[:, :prompt_length] = present
         positions = (present.long().cumsum(-1) - 1).clamp_min(0)  # [B, P]; pads get 0, never attended
-        cos = self.cos_table[positions].unsqueeze(1)  # [B, 1, P, D]
-        sin = self.sin_table[positions].unsqueeze(1)
         causal = torch.ones(prompt_length, prompt_length, dtype=torch.bool, device=input_ids.device).tril()
         # Every query also sees itself, so a padding row is never fully masked (its softmax would be
         # NaN, and NaN values leak through 0-weighted sums into later layers).
         diagonal = torch.eye(prompt_length, dtype=torch.bool, device=input_ids.device)
         mask = ((causal & present[:, None, None, :]) | diagonal)  # [B, 1, P, P]
         slots = torch.arange(prompt_length, device=input_ids.device)
-        hidden = self.body.embed_tokens(input_ids)
-        for index in range(len(self.layers)):
-            hidden = self._layer(index, hidden, cos, sin, slots, mask, prompt_length)
-        logits = self._logits(hidden[:, -1:])[:, 0]
+        logits = self._forward(input_ids, positions, slots, mask)
         self.step_positions.copy_(present.long().sum(-1, keepdim=True))
         self.step_slot.fill_(prompt_length)
         return logits
 
     def _decode_step(self) -> torch.Tensor:
         """One token per row at `step_slot`; only fixed-address buffers are read (graph-safe)."""
-        batch = self.step_tokens.shape[0]
         self.valid.index_fill_(1, self.step_slot, True)
-        mask = self.valid.view(batch, 1, 1, -1)
-        cos = self.cos_table[self.step_positions].unsqueeze(1)  # [B, 1, 1, D]
-        sin = self.sin_table[self.step_positions].unsqueeze(1)
-        hidden = self.body.embed_tokens(self.step_tokens)
-        for index in range(len(self.layers)):
-            hidden = self._layer(index, hidden, cos, sin, self.step_slot, mask, self.valid.shape[1])
-        return self._logits(hidden)[:, 0]
+        mask = self.valid.view(self.valid.shape[0], 1, 1, -1)
+        return self._forward(self.step_tokens, self.step_positions, self.step_slot, mask)
 
     def _capture(self) -> None:
         device = self.step_tokens.device
