@@ -41,8 +41,7 @@ def exact_match(model, examples, scorer, *, tokenizer, max_length, max_new_token
     greedy = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False)
     responses = generate(model, examples, greedy, scorer, tokenizer=tokenizer, max_length=max_length,
                          batch_size=batch_size, progress=progress)
-    hits = sum(list(r) == list(e.response_ids) for r, e in zip(responses, examples))
-    return hits / len(examples), sum(len(r) for r in responses) / len(responses)
+    return fraction_equal_to_gold(examples, responses), sum(len(r) for r in responses) / len(responses)
 
 
 @torch.no_grad()

@@ -139,8 +139,6 @@ def _decode_batch(decoder, batch, examples, limits, sampling, eos_ids, pad_token
         raise ValueError(f"model: the LM head returned {logits.shape[-1]} logit columns for a vocabulary of "
                          f"{vocab_size}; under tensor parallelism it must return a DTensor (use_local_output=False) "
                          "or replicated logits")
-    rows = len(batch)
-    limit = torch.tensor(limits, device=device)
     example_keys = torch.tensor(examples, dtype=torch.long, device=device)
     step_key = torch.zeros((), dtype=torch.long, device=device)  # a device counter: no host value per step
     # A one-token stop sequence is one more EOS id. Before min_new_tokens none of them can be drawn.
@@ -148,31 +146,29 @@ def _decode_batch(decoder, batch, examples, limits, sampling, eos_ids, pad_token
     eos = torch.tensor(end_ids, dtype=torch.long, device=device)
     early_ban = torch.tensor([t for t in end_ids if 0 <= t < logits.shape[-1]], dtype=torch.long, device=device)
     stops = [torch.tensor(stop, dtype=torch.long, device=device) for stop in sampling.stop_sequences if len(stop) > 1]
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    stopped = torch.zeros(rows, dtype=torch.bool, device=device)  # ended by EOS or a stop sequence
-    lengths = limit.clone()
-    tokens = torch.full((rows, max_steps), pad_token_id, dtype=torch.long, device=device)
+    # A row's length is its cap until it ends; it is done at a step >= its length.
+    lengths = torch.tensor(limits, device=device)
+    stopped = torch.zeros_like(lengths, dtype=torch.bool)  # ended by EOS or a stop sequence
+    tokens = torch.full((len(batch), max_steps), pad_token_id, dtype=torch.long, device=device)
     for step in range(max_steps):
         if step > 0:
             logits = decoder.step(next_tokens)
         started = step >= sampling.min_new_tokens
         if not started:
             logits = logits.index_fill(-1, early_ban, float("-inf"))
-        next_tokens = sample_next_tokens(logits, sampling, example_keys, step_key)
-        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
+        done = lengths <= step
+        next_tokens = sample_next_tokens(logits, sampling, example_keys, step_key).masked_fill(done, pad_token_id)
         tokens[:, step] = next_tokens
         if started:
             ends = torch.isin(next_tokens, eos)
             for stop in stops:
                 if len(stop) <= step + 1:
                     ends |= (tokens[:, step + 1 - len(stop):step + 1] == stop).all(dim=-1)
-            ends &= ~finished
+            ends &= ~done
             stopped |= ends
             lengths = torch.where(ends, step + 1, lengths)
-            finished |= ends
-        finished |= limit <= step + 1
         step_key += 1
-        if (step + 1) % EOS_CHECK_INTERVAL == 0 and step + 1 < max_steps and bool(finished.all()):
+        if (step + 1) % EOS_CHECK_INTERVAL == 0 and step + 1 < max_steps and bool((lengths <= step + 1).all()):
             break
     responses = [row[:length] for row, length in zip(tokens[:, :step + 1].tolist(), lengths.tolist())]
     return responses, (~stopped).tolist()

@@ -103,8 +103,7 @@ def generate(model, examples, sampling, scorer, *, tokenizer, max_length, batch_
         responses = generate_responses(
             model, prompts, sampling, eos_token_id=eos_token_ids(model, tokenizer),
             pad_token_id=tokenizer.pad_token_id, max_length=max_length, batch_size=batch_size,
-            progress=progress and ctx.is_main, example_ids=list(range(start, end))
-        ) if prompts else Responses([], [])
+            progress=progress and ctx.is_main, example_ids=list(range(start, end)))
     gathered = gather_objects([(list(r), cut) for r, cut in zip(responses, responses.truncated)],
                               ctx.dp_group, ctx.dp_size)
     return Responses([r for r, _ in gathered], [cut for _, cut in gathered])

@@ -32,14 +32,6 @@ CACHE_LENGTH_MULTIPLE = 64
 GRAPH_WARMUP_STEPS = 2
 
 
-def _rope_type(config) -> str:
-    for name in ("rope_parameters", "rope_scaling"):
-        parameters = getattr(config, name, None)
-        if isinstance(parameters, dict):
-            return str(parameters.get("rope_type", parameters.get("type", "default")))
-    return "default"
-
-
 def static_decoder_unsupported_reason(model) -> str | None:
     """None when `StaticKVDecoder` can run `model`, else why not (for a warning)."""
     config = getattr(model, "config", None)
@@ -62,8 +54,10 @@ def static_decoder_unsupported_reason(model) -> str | None:
     sliding = getattr(config, "sliding_window", None)
     if sliding is not None and (model_type == "mistral" or getattr(config, "use_sliding_window", False)):
         return "sliding-window attention is not supported"
-    if _rope_type(config) in LENGTH_DEPENDENT_ROPE_TYPES:
-        return f"rope type {_rope_type(config)!r} depends on the sequence length"
+    # transformers 5 holds the RoPE settings (4's rope_scaling) in rope_parameters, the type as "rope_type"
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type in LENGTH_DEPENDENT_ROPE_TYPES:
+        return f"rope type {rope_type!r} depends on the sequence length"
     return None
 
 
