@@ -37,14 +37,25 @@ from .logprobs import LabelledLogps
 from .parallel.apply import copy_local_tensors, frozen_copy, sharded
 
 
-class SwappedReference:
+class _HeldReference:
+    """The modes that hold θ_t's weights: its log-probs are the Scorer's on `weights()`."""
+
+    def __init__(self, model, scorer, *, precomputes_logps=False):
+        self.model, self.scorer, self.precomputes_logps = model, scorer, precomputes_logps
+
+    def batch_logps(self, batch):
+        with self.weights() as model:
+            return self.scorer.sequence_logps(model, batch)
+
+    def state(self):
+        return self.weights()
+
+
+class SwappedReference(_HeldReference):
     """Mode swap: θ_t in a WeightBank, swapped into the policy for each reference forward (and mode
     precompute's θ_t where generation runs every epoch: `precomputes_logps`)."""
 
-    def __init__(self, model, scorer, *, precomputes_logps=False):
-        self.model, self.scorer = model, scorer
-        self.precomputes_logps = precomputes_logps
-        self.bank = None
+    bank = None   # from the first begin_iteration or load_state on
 
     def begin_iteration(self):
         with sharded(self.model):   # the bank holds local shards (FSDP may have left some gathered)
@@ -53,18 +64,12 @@ class SwappedReference:
             else:
                 self.bank.update_from(self.model)
 
-    def batch_logps(self, batch):
-        with self.weights() as model:
-            return self.scorer.sequence_logps(model, batch)
-
     @contextmanager
     def weights(self):
         assert self.bank is not None, "begin_iteration (or load_state) first"
         # The swap writes local shards; weights FSDP gathered before it, or while θ_t was in, are dropped.
         with sharded(self.model), swapped(self.model, self.bank):
             yield self.model
-
-    state = weights
 
     @contextmanager
     def load_state(self):
@@ -95,14 +100,10 @@ class PrecomputedReference:
     load_state = state
 
 
-class ResidentReference:
+class ResidentReference(_HeldReference):
     """Mode resident: θ_t as a frozen copy of the model, refreshed in place every iteration."""
 
-    precomputes_logps = False
-
-    def __init__(self, model, scorer):
-        self.model, self.scorer = model, scorer
-        self.copy = None
+    copy = None   # from the first begin_iteration or load_state on
 
     def begin_iteration(self):
         if self.copy is None:   # parallelized like the policy
@@ -110,15 +111,10 @@ class ResidentReference:
         else:
             copy_local_tensors(self.copy, self.model)
 
-    def batch_logps(self, batch):
-        return self.scorer.sequence_logps(self.copy, batch)
-
     @contextmanager
     def weights(self):
         assert self.copy is not None, "begin_iteration (or load_state) first"
         yield self.copy
-
-    state = weights
 
     @contextmanager
     def load_state(self):
