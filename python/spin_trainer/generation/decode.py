@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
@@ -35,7 +36,7 @@ from .sampling import SamplingConfig, is_int, sample_next_tokens
 from .static_decoder import StaticKVDecoder, gather_full_logits, static_decoder_unsupported_reason
 
 BACKENDS = ("auto", "cuda_graph", "static", "hf")
-# Stopping a batch early needs the host to read the `finished` flags (a device sync); every 16
+# Stopping a batch early needs the host to read whether every row is done (a device sync); every 16
 # steps costs at most 15 wasted steps at the end of a batch and no sync on the other steps.
 EOS_CHECK_INTERVAL = 16
 
@@ -79,8 +80,7 @@ class HFDecoder:
         return self._forward(input_ids, positions, **({"logits_to_keep": 1} if self.keeps_last_logits else {}))
 
     def step(self, tokens):
-        ones = self.attention_mask.new_ones(self.attention_mask.shape[0], 1)
-        self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
+        self.attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
         return self._forward(tokens.view(-1, 1), self.next_positions, **{self.cache_argument: self.cache})
 
     def _forward(self, input_ids, positions, **extra):

@@ -20,6 +20,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from spin_kernels.dtensor import is_dtensor
+
 # Families whose decoder layer is exactly: h += o_proj(attn(rope(q, k), v)); h += mlp(norm(h)),
 # with q/k/v/o projections as Linear modules (bias allowed: Qwen2) and no per-head q/k norm.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -39,10 +41,9 @@ def static_decoder_unsupported_reason(model) -> str | None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
     body = getattr(model, "model", None)
-    for owner, names in ((model, ("lm_head",)), (body, ("embed_tokens", "layers", "norm", "rotary_emb"))):
-        for name in names:
-            if not hasattr(owner, name):
-                return f"the model has no `{name}` module where a Llama-family model has one"
+    for owner, name in [(model, "lm_head")] + [(body, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")]:
+        if not hasattr(owner, name):
+            return f"the model has no `{name}` module where a Llama-family model has one"
     for layer in body.layers:
         attention = getattr(layer, "self_attn", None)
         if not all(hasattr(attention, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
@@ -86,8 +87,7 @@ def _attend(q, keys, values, mask, scale: float) -> torch.Tensor:
 
 def gather_full_logits(x: torch.Tensor) -> torch.Tensor:
     # A tensor-parallel LM head may return a vocab-sharded DTensor; sampling needs every column.
-    full_tensor = getattr(x, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else x
+    return x.full_tensor() if is_dtensor(x) else x
 
 
 class StaticKVDecoder:
