@@ -128,6 +128,17 @@ def test_every_eos_id_of_a_list_ends_a_response(model, greedy_reference, backend
     assert all(len(r) == 12 for r, cut in zip(got, got.truncated) if cut)
 
 
+@pytest.mark.parametrize("backend", ["static", "hf"])
+def test_a_response_ends_at_its_first_eos_when_the_model_repeats_it(backend):
+    # Zero logits: greedy draws token 0 at every step, so the EOS comes again right after the first.
+    flat = tiny_llama()
+    with torch.no_grad():
+        flat.lm_head.weight.zero_()
+    got = generate_responses(flat, PROMPTS, SamplingConfig(max_new_tokens=8, do_sample=False), eos_token_id=0,
+                             pad_token_id=5, max_length=64, batch_size=4, progress=False, backend=backend)
+    assert list(got) == [[0]] * len(PROMPTS) and got.truncated == [False] * len(PROMPTS)
+
+
 def test_eos_at_the_length_cap_is_not_truncated(model, greedy_reference):
     eos = greedy_reference[0][4]
     cap = greedy_reference[0].index(eos) + 1

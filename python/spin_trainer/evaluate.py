@@ -28,16 +28,10 @@ def fraction_equal_to_gold(examples, generated):
 def iteration_diagnostics(history):
     """{spin_acc_start, spin_acc_end, margin_start, margin_end}: means over the first and last quarter
     of an iteration's steps. At the first step the policy is the reference: margin 0, acc 0."""
-    if not history:
-        return {"spin_acc_start": None, "spin_acc_end": None, "margin_start": None, "margin_end": None}
     quarter = max(1, math.ceil(len(history) / 4))
-    first, last = history[:quarter], history[-quarter:]
-
-    def mean(records, key):
-        return sum(r[key] for r in records) / len(records)
-
-    return {"spin_acc_start": mean(first, "acc"), "spin_acc_end": mean(last, "acc"),
-            "margin_start": mean(first, "margin_mean"), "margin_end": mean(last, "margin_mean")}
+    parts = {"start": history[:quarter], "end": history[-quarter:]}   # both empty without history: None
+    return {f"{name}_{part}": sum(r[key] for r in records) / len(records) if records else None
+            for name, key in (("spin_acc", "acc"), ("margin", "margin_mean")) for part, records in parts.items()}
 
 
 def exact_match(model, examples, scorer, *, tokenizer, max_length, max_new_tokens, batch_size, progress=False):
@@ -47,8 +41,7 @@ def exact_match(model, examples, scorer, *, tokenizer, max_length, max_new_token
     greedy = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False)
     responses = generate(model, examples, greedy, scorer, tokenizer=tokenizer, max_length=max_length,
                          batch_size=batch_size, progress=progress)
-    hits = sum(list(r) == list(e.response_ids) for r, e in zip(responses, examples))
-    return hits / len(examples), sum(len(r) for r in responses) / len(responses)
+    return fraction_equal_to_gold(examples, responses), sum(len(r) for r in responses) / len(responses)
 
 
 @torch.no_grad()
@@ -59,14 +52,11 @@ def sft_loss(model, examples, scorer, *, micro_batch_size, pad_token_id, max_tok
         return None
     ctx = scorer.ctx
     shards = [shard_range(len(examples), rank, ctx.dp_size) for rank in range(ctx.dp_size)]
-
-    def tokens(i, j):
-        return sft_batch_tokens(examples[i:j], scorer.packing)
-
+    spans = rank_spans(shards, ctx.dp_rank, lambda i, j: sft_batch_tokens(examples[i:j], scorer.packing),
+                       max_items=micro_batch_size, max_tokens=max_tokens)
     totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
     with evaluating(model):
-        for i, j, counted in rank_spans(shards, ctx.dp_rank, tokens, max_items=micro_batch_size,
-                                        max_tokens=max_tokens):
+        for i, j, counted in spans:
             batch = sft_batch(examples[i:j], pad_token_id, scorer.packing).to(ctx.device)
             token_logps = scorer.labelled_logps(model, batch).token_logps
             if counted:
@@ -83,8 +73,8 @@ def spin_pair_accuracy(model, examples, generated, ref_logps, scorer, *, beta, m
         return None, None
     policy = pair_logps(model, examples, generated, scorer, micro_batch_size=micro_batch_size,
                         pad_token_id=pad_token_id, max_tokens=max_tokens)   # [P, 2]
-    losses = spin_loss_from_logps(torch.cat([policy[:, 0], policy[:, 1]]), torch.cat([ref_logps[:, 0], ref_logps[:, 1]]),
-                                  beta=beta)
+    # [2P]: the actual responses' sums, then the generated ones' (a pair batch's layout)
+    losses = spin_loss_from_logps(policy.T.flatten(), ref_logps.T.flatten(), beta=beta)
     rewards = losses.rewards.reshape(2, -1)
     margin = rewards[0] - rewards[1]
     return float((margin > 0).float().mean()), float(margin.mean())
@@ -101,20 +91,17 @@ class HeldOut:
     def __init__(self, test_examples, val_examples, scorer, *, tokenizer, max_length, max_new_tokens,
                  batch_size, micro_batch_size, max_tokens=0, exact_match=False, val_exact_match=False):
         self.test_examples, self.val_examples, self.scorer = test_examples, val_examples, scorer
-        self.tokenizer, self.max_length, self.max_new_tokens = tokenizer, max_length, max_new_tokens
-        self.batch_size, self.micro_batch_size, self.max_tokens = batch_size, micro_batch_size, max_tokens
+        self.tokenizer, self.sft = tokenizer, dict(micro_batch_size=micro_batch_size, max_tokens=max_tokens)
+        self.greedy = dict(tokenizer=tokenizer, max_length=max_length, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size)
         self.exact_match, self.val_exact_match = exact_match, val_exact_match
 
     def __call__(self, model):
         row = {}
         if self.exact_match:
-            row["exact_match"], row["gen_length"] = exact_match(
-                model, self.test_examples, self.scorer, tokenizer=self.tokenizer, max_length=self.max_length,
-                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
-        row["val_sft_loss"] = sft_loss(model, self.val_examples, self.scorer, micro_batch_size=self.micro_batch_size,
-                                       pad_token_id=self.tokenizer.pad_token_id, max_tokens=self.max_tokens)
+            row["exact_match"], row["gen_length"] = exact_match(model, self.test_examples, self.scorer, **self.greedy)
+        row["val_sft_loss"] = sft_loss(model, self.val_examples, self.scorer, pad_token_id=self.tokenizer.pad_token_id,
+                                       **self.sft)
         if self.val_exact_match:
-            row["val_exact_match"], _ = exact_match(model, self.val_examples, self.scorer, tokenizer=self.tokenizer,
-                                                    max_length=self.max_length, max_new_tokens=self.max_new_tokens,
-                                                    batch_size=self.batch_size)
+            row["val_exact_match"], _ = exact_match(model, self.val_examples, self.scorer, **self.greedy)
         return row

@@ -24,7 +24,7 @@ differ wherever the forward reads fp32 weights). Pinned host memory: the local s
 bytes, and as much again for the policy's stash while θ_t is in. The bank persists across
 iterations (`update_from` refills the same arena).
 """
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -37,19 +37,25 @@ from .logprobs import LabelledLogps
 from .parallel.apply import copy_local_tensors, frozen_copy, sharded
 
 
-@contextmanager
-def _nothing():
-    yield None
+class _HeldReference:
+    """The modes that hold θ_t's weights: its log-probs are the Scorer's on `weights()`."""
+
+    def __init__(self, model, scorer, *, precomputes_logps=False):
+        self.model, self.scorer, self.precomputes_logps = model, scorer, precomputes_logps
+
+    def batch_logps(self, batch):
+        with self.weights() as model:
+            return self.scorer.sequence_logps(model, batch)
+
+    def state(self):
+        return self.weights()
 
 
-class SwappedReference:
-    """Mode swap: θ_t in a WeightBank, swapped into the policy for each reference forward."""
+class SwappedReference(_HeldReference):
+    """Mode swap: θ_t in a WeightBank, swapped into the policy for each reference forward (and mode
+    precompute's θ_t where generation runs every epoch: `precomputes_logps`)."""
 
-    precomputes_logps = False
-
-    def __init__(self, model, scorer):
-        self.model, self.scorer = model, scorer
-        self.bank = None
+    bank = None   # from the first begin_iteration or load_state on
 
     def begin_iteration(self):
         with sharded(self.model):   # the bank holds local shards (FSDP may have left some gathered)
@@ -58,19 +64,12 @@ class SwappedReference:
             else:
                 self.bank.update_from(self.model)
 
-    def batch_logps(self, batch):
-        with self.weights() as model:
-            return self.scorer.sequence_logps(model, batch)
-
     @contextmanager
     def weights(self):
         assert self.bank is not None, "begin_iteration (or load_state) first"
         # The swap writes local shards; weights FSDP gathered before it, or while θ_t was in, are dropped.
         with sharded(self.model), swapped(self.model, self.bank):
             yield self.model
-
-    def state(self):
-        return self.weights()
 
     @contextmanager
     def load_state(self):
@@ -84,62 +83,44 @@ class SwappedReference:
 
 
 class PrecomputedReference:
-    """Mode precompute: the iteration's log-probs come from its cache (computed at its start)."""
+    """Mode precompute, generation once per iteration: the log-probs come from the iteration's cache
+    (computed at its start) and no weights are kept."""
 
     precomputes_logps = True
 
-    def __init__(self, model, scorer, *, keep_weights):
-        self.kept = SwappedReference(model, scorer) if keep_weights else None
-
     def begin_iteration(self):
-        if self.kept is not None:
-            self.kept.begin_iteration()
+        pass
 
     def weights(self):
-        assert self.kept is not None, "θ_t's weights are kept only when generation runs every epoch"
-        return self.kept.weights()
+        raise AssertionError("θ_t's weights are kept only when generation runs every epoch")
 
     def state(self):
-        return self.kept.state() if self.kept is not None else _nothing()
+        return nullcontext()
 
-    def load_state(self):
-        return self.kept.load_state() if self.kept is not None else _nothing()
+    load_state = state
 
 
-class ResidentReference:
+class ResidentReference(_HeldReference):
     """Mode resident: θ_t as a frozen copy of the model, refreshed in place every iteration."""
 
-    precomputes_logps = False
-
-    def __init__(self, model, scorer):
-        self.model, self.scorer = model, scorer
-        self.copy = None
-
-    def _ensure_copy(self):
-        if self.copy is None:   # parallelized like the policy
-            self.copy = frozen_copy(self.model, self.scorer.ctx, self.scorer.precision)
-        return self.copy
+    copy = None   # from the first begin_iteration or load_state on
 
     def begin_iteration(self):
-        if self.copy is None:
-            self._ensure_copy()
+        if self.copy is None:   # parallelized like the policy
+            self.copy = frozen_copy(self.model, self.scorer.ctx, self.scorer.precision)
         else:
             copy_local_tensors(self.copy, self.model)
-
-    def batch_logps(self, batch):
-        return self.scorer.sequence_logps(self.copy, batch)
 
     @contextmanager
     def weights(self):
         assert self.copy is not None, "begin_iteration (or load_state) first"
         yield self.copy
 
-    def state(self):
-        return self.weights()
-
     @contextmanager
     def load_state(self):
-        yield self._ensure_copy()
+        if self.copy is None:   # the layout only: every value is replaced inside
+            self.begin_iteration()
+        yield self.copy
 
 
 class StreamedReference(SwappedReference):
@@ -174,11 +155,9 @@ class StreamedReference(SwappedReference):
 
 def make_reference(mode, model, scorer, *, generate_every_epoch):
     """The reference policy of mode `mode` for `model` (generation every epoch samples from θ_t)."""
-    if mode == "precompute":
-        return PrecomputedReference(model, scorer, keep_weights=generate_every_epoch)
-    if mode == "swap":
-        return SwappedReference(model, scorer)
-    if mode == "streamed":
-        return StreamedReference(model, scorer)
-    assert mode == "resident", mode
-    return ResidentReference(model, scorer)
+    if mode != "precompute":
+        modes = {"swap": SwappedReference, "resident": ResidentReference, "streamed": StreamedReference}
+        return modes[mode](model, scorer)
+    if generate_every_epoch:   # θ_t's weights kept (as in swap) for the generation of every epoch
+        return SwappedReference(model, scorer, precomputes_logps=True)
+    return PrecomputedReference()

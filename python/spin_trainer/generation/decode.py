@@ -25,17 +25,18 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from spin_kernels.dtensor import is_dtensor
 
 from ..model import evaluating
-from .sampling import SamplingConfig, sample_next_tokens
+from .sampling import SamplingConfig, is_int, sample_next_tokens
 from .static_decoder import StaticKVDecoder, gather_full_logits, static_decoder_unsupported_reason
 
 BACKENDS = ("auto", "cuda_graph", "static", "hf")
-# Stopping a batch early needs the host to read the `finished` flags (a device sync); every 16
+# Stopping a batch early needs the host to read whether every row is done (a device sync); every 16
 # steps costs at most 15 wasted steps at the end of a batch and no sync on the other steps.
 EOS_CHECK_INTERVAL = 16
 
@@ -76,25 +77,19 @@ class HFDecoder:
         self.attention_mask = attention_mask
         positions = attention_mask.long().cumsum(-1) - 1
         positions.masked_fill_(attention_mask == 0, 1)
-        extra = {"logits_to_keep": 1} if self.keeps_last_logits else {}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                         **extra)
-        self._keep_cache(out)
-        self.next_positions = positions[:, -1:] + 1
-        return gather_full_logits(out.logits)[:, -1]
+        return self._forward(input_ids, positions, **({"logits_to_keep": 1} if self.keeps_last_logits else {}))
 
-    def _keep_cache(self, out):
+    def step(self, tokens):
+        self.attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
+        return self._forward(tokens.view(-1, 1), self.next_positions, **{self.cache_argument: self.cache})
+
+    def _forward(self, input_ids, positions, **extra):
+        out = self.model(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=positions,
+                         use_cache=True, **extra)
         cache = getattr(out, "cache", None)
         self.cache = cache if cache is not None else getattr(out, "past_key_values", None)
         assert self.cache is not None, "the model returned no cache with use_cache=True"
-
-    def step(self, tokens):
-        ones = self.attention_mask.new_ones(self.attention_mask.shape[0], 1)
-        self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
-        out = self.model(input_ids=tokens.view(-1, 1), attention_mask=self.attention_mask,
-                         position_ids=self.next_positions, use_cache=True, **{self.cache_argument: self.cache})
-        self._keep_cache(out)
-        self.next_positions = self.next_positions + 1
+        self.next_positions = positions[:, -1:] + 1
         return gather_full_logits(out.logits)[:, -1]
 
 
@@ -133,59 +128,47 @@ def _validate_prompts(prompts, max_length, vocab_size):
             raise ValueError(f"prompts[{index}] has token ids outside [0, {vocab_size}) (the model's vocabulary)")
 
 
-def _left_padded(batch, pad_token_id, device):
-    """input_ids and attention_mask [B, longest prompt], each prompt right-aligned."""
-    ids = [torch.tensor(prompt, dtype=torch.long) for prompt in batch]
-    input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_token_id, padding_side="left")
-    attention_mask = pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_side="left")
-    return input_ids.to(device), attention_mask.to(device)
-
-
 def _decode_batch(decoder, batch, examples, limits, sampling, eos_ids, pad_token_id, device, vocab_size):
     """(responses, truncated) of one batch; `examples`: the rows' example indices (sampling keys)."""
-    input_ids, attention_mask = _left_padded(batch, pad_token_id, device)
+    ids = [torch.tensor(prompt, dtype=torch.long) for prompt in batch]   # left-padded: each prompt right-aligned
+    input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_token_id, padding_side="left")
+    attention_mask = pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_side="left")
     max_steps = max(limits)
-    logits = decoder.start(input_ids, attention_mask, max_steps)
+    logits = decoder.start(input_ids.to(device), attention_mask.to(device), max_steps)
     if vocab_size is not None and logits.shape[-1] < vocab_size:
         raise ValueError(f"model: the LM head returned {logits.shape[-1]} logit columns for a vocabulary of "
                          f"{vocab_size}; under tensor parallelism it must return a DTensor (use_local_output=False) "
                          "or replicated logits")
-    rows = len(batch)
-    limit = torch.tensor(limits, device=device)
     example_keys = torch.tensor(examples, dtype=torch.long, device=device)
     step_key = torch.zeros((), dtype=torch.long, device=device)  # a device counter: no host value per step
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    stops = [torch.tensor(stop, dtype=torch.long, device=device) for stop in sampling.stop_sequences]
-    # Ids that cannot be drawn before min_new_tokens: EOS and one-token stop sequences.
-    early_ban = [t for t in eos_ids if 0 <= t < logits.shape[-1]] + [
-        s[0] for s in sampling.stop_sequences if len(s) == 1 and s[0] < logits.shape[-1]]
-    early_ban = torch.tensor(early_ban, dtype=torch.long, device=device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    stopped = torch.zeros(rows, dtype=torch.bool, device=device)  # ended by EOS or a stop sequence
-    lengths = limit.clone()
-    tokens = torch.full((rows, max_steps), pad_token_id, dtype=torch.long, device=device)
+    # A one-token stop sequence is one more EOS id. Before min_new_tokens none of them can be drawn.
+    end_ids = eos_ids + [stop[0] for stop in sampling.stop_sequences if len(stop) == 1]
+    eos = torch.tensor(end_ids, dtype=torch.long, device=device)
+    early_ban = torch.tensor([t for t in end_ids if 0 <= t < logits.shape[-1]], dtype=torch.long, device=device)
+    stops = [torch.tensor(stop, dtype=torch.long, device=device) for stop in sampling.stop_sequences if len(stop) > 1]
+    # A row's length is its cap until it ends; it is done at a step >= its length.
+    lengths = torch.tensor(limits, device=device)
+    stopped = torch.zeros_like(lengths, dtype=torch.bool)  # ended by EOS or a stop sequence
+    tokens = torch.full((len(batch), max_steps), pad_token_id, dtype=torch.long, device=device)
     for step in range(max_steps):
         if step > 0:
             logits = decoder.step(next_tokens)
         started = step >= sampling.min_new_tokens
         if not started:
             logits = logits.index_fill(-1, early_ban, float("-inf"))
-        next_tokens = sample_next_tokens(logits, sampling, example_keys, step_key)
-        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
+        done = lengths <= step
+        next_tokens = sample_next_tokens(logits, sampling, example_keys, step_key).masked_fill(done, pad_token_id)
         tokens[:, step] = next_tokens
         if started:
             ends = torch.isin(next_tokens, eos)
             for stop in stops:
                 if len(stop) <= step + 1:
                     ends |= (tokens[:, step + 1 - len(stop):step + 1] == stop).all(dim=-1)
-        else:
-            ends = torch.zeros_like(finished)
-        ends &= ~finished
-        stopped |= ends
-        lengths = torch.where(ends, step + 1, lengths)
-        finished |= ends | (limit <= step + 1)
+            ends &= ~done
+            stopped |= ends
+            lengths = torch.where(ends, step + 1, lengths)
         step_key += 1
-        if (step + 1) % EOS_CHECK_INTERVAL == 0 and step + 1 < max_steps and bool(finished.all()):
+        if (step + 1) % EOS_CHECK_INTERVAL == 0 and step + 1 < max_steps and bool((lengths <= step + 1).all()):
             break
     responses = [row[:length] for row, length in zip(tokens[:, :step + 1].tolist(), lengths.tolist())]
     return responses, (~stopped).tolist()
@@ -207,15 +190,14 @@ def generate_responses(model, prompts: list[list[int]], sampling: SamplingConfig
     if not isinstance(sampling, SamplingConfig):
         raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
     for name, value in (("pad_token_id", pad_token_id), ("max_length", max_length), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise TypeError(f"{name} must be an int, got {value!r}")
     eos_ids = [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) else list(eos_token_id)
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in eos_ids):
+    if not all(map(is_int, eos_ids)):
         raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
     if example_ids is None:
         example_ids = list(range(len(prompts)))
-    elif len(example_ids) != len(prompts) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in example_ids):
+    elif len(example_ids) != len(prompts) or not all(is_int(i) and i >= 0 for i in example_ids):
         raise ValueError(f"example_ids must hold one int >= 0 per prompt ({len(prompts)}), got {example_ids!r}")
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")

@@ -103,8 +103,7 @@ def generate(model, examples, sampling, scorer, *, tokenizer, max_length, batch_
         responses = generate_responses(
             model, prompts, sampling, eos_token_id=eos_token_ids(model, tokenizer),
             pad_token_id=tokenizer.pad_token_id, max_length=max_length, batch_size=batch_size,
-            progress=progress and ctx.is_main, example_ids=list(range(start, end))
-        ) if prompts else Responses([], [])
+            progress=progress and ctx.is_main, example_ids=list(range(start, end)))
     gathered = gather_objects([(list(r), cut) for r, cut in zip(responses, responses.truncated)],
                               ctx.dp_group, ctx.dp_size)
     return Responses([r for r, _ in gathered], [cut for _, cut in gathered])
@@ -126,23 +125,16 @@ def pair_logps(model, examples, generated, scorer, *, micro_batch_size, pad_toke
     rows = []
     with evaluating(model):
         for indices in batches + ([left] if left else []):
-            pairs = [examples[k] for k in indices], [generated[k] for k in indices]
+            actual, samples = [examples[k] for k in indices], [generated[k] for k in indices]
             shards = [shard_range(len(indices), rank, ctx.dp_size) for rank in range(ctx.dp_size)]
-
-            def tokens(i, j):
-                return pair_batch_tokens(pairs[0][i:j], pairs[1][i:j], scorer.packing)
-
-            for i, j, counted in rank_spans(shards, ctx.dp_rank, tokens, max_items=micro_batch_size,
-                                            max_tokens=max_tokens):
-                batch = pair_batch(pairs[0][i:j], pairs[1][i:j], pad_token_id, scorer.packing).to(ctx.device)
+            spans = rank_spans(shards, ctx.dp_rank,
+                               lambda i, j: pair_batch_tokens(actual[i:j], samples[i:j], scorer.packing),
+                               max_items=micro_batch_size, max_tokens=max_tokens)
+            for i, j, counted in spans:
+                batch = pair_batch(actual[i:j], samples[i:j], pad_token_id, scorer.packing).to(ctx.device)
                 logps = scorer.sequence_logps(model, batch).float().cpu()
                 if counted:
-                    b = j - i
-                    rows.extend(zip(indices[i:j], logps[:b].tolist(), logps[b:].tolist()))
-    gathered = gather_objects(rows, ctx.dp_group, ctx.dp_size)
-    assert sorted(row[0] for row in gathered) == list(range(len(examples))), "every pair scored once"
-    result = torch.empty(len(examples), 2, dtype=torch.float32)
-    if gathered:
-        index, actual, generated_sums = zip(*gathered)
-        result[list(index)] = torch.tensor([actual, generated_sums], dtype=torch.float32).T
-    return result
+                    rows.extend(zip(indices[i:j], logps[:j - i].tolist(), logps[j - i:].tolist()))
+    gathered = sorted(gather_objects(rows, ctx.dp_group, ctx.dp_size))
+    assert [row[0] for row in gathered] == list(range(len(examples))), "every pair scored once"
+    return torch.tensor([row[1:] for row in gathered], dtype=torch.float32).reshape(-1, 2)

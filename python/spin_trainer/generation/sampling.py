@@ -23,19 +23,13 @@ import torch
 
 MASK32 = 0xFFFFFFFF
 PHI32 = 0x9E3779B9  # 2^32 / golden ratio: consecutive vocab ids land far apart before mixing
-
-
-def _exact(multiplier: int) -> int:
-    """`multiplier` as a signed value with the same residue modulo 2^32 and |value| < 2^31."""
-    return multiplier - (1 << 32) if multiplier >= 1 << 31 else multiplier
-
-
-_LOWBIAS_1, _LOWBIAS_2 = _exact(0x7FEB352D), _exact(0x846CA68B)
-_LANE2 = _exact(0x21F0AAAD)
+# The multipliers, each >= 2^31 one as c - 2^32 (see above).
+_LOWBIAS_1, _LOWBIAS_2 = 0x7FEB352D, 0x846CA68B - (1 << 32)
+_LANE2 = 0x21F0AAAD
 _LANE_SALTS = (0x3C6EF372, 0xA54FF53A)
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -55,9 +49,9 @@ class SamplingConfig:
     stop_sequences: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if not _is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+        if not is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be an int in [0, max_new_tokens={self.max_new_tokens}], "
                              f"got {self.min_new_tokens!r}")
         if not self.temperature > 0:
@@ -66,13 +60,13 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if not isinstance(self.stop_sequences, (list, tuple)):
             raise TypeError("stop_sequences must be a list of token-id lists, "
                             f"got {type(self.stop_sequences).__name__}")
         for index, stop in enumerate(self.stop_sequences):
-            if not isinstance(stop, (list, tuple)) or not stop or not all(_is_int(t) and t >= 0 for t in stop):
+            if not isinstance(stop, (list, tuple)) or not stop or not all(is_int(t) and t >= 0 for t in stop):
                 raise ValueError(f"stop_sequences[{index}] must be a non-empty list of token ids >= 0, got {stop!r}")
         object.__setattr__(self, "stop_sequences", tuple(map(tuple, self.stop_sequences)))
 
@@ -100,12 +94,8 @@ def row_keys(seed: int, examples: torch.Tensor, step: torch.Tensor) -> tuple[tor
     seed_lo, seed_hi = seed & MASK32, (seed >> 32) & MASK32
     example_lo, example_hi = examples & MASK32, (examples >> 32) & MASK32
     step = step & MASK32
-    keys = []
-    for salt in _LANE_SALTS:
-        key = mix32(mix32(seed_lo ^ salt) ^ seed_hi)  # a Python int: the seed's part costs nothing
-        key = mix32(mix32(mix32(key ^ example_lo) ^ example_hi) ^ step)
-        keys.append(key)
-    return keys[0], keys[1]
+    seed_keys = [mix32(mix32(seed_lo ^ salt) ^ seed_hi) for salt in _LANE_SALTS]  # Python ints: cost nothing
+    return tuple(mix32(mix32(mix32(key ^ example_lo) ^ example_hi) ^ step) for key in seed_keys)
 
 
 def uniform_noise(seed: int, examples: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -20,6 +20,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from spin_kernels.dtensor import is_dtensor
+
 # Families whose decoder layer is exactly: h += o_proj(attn(rope(q, k), v)); h += mlp(norm(h)),
 # with q/k/v/o projections as Linear modules (bias allowed: Qwen2) and no per-head q/k norm.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -32,14 +34,6 @@ CACHE_LENGTH_MULTIPLE = 64
 GRAPH_WARMUP_STEPS = 2
 
 
-def _rope_type(config) -> str:
-    for name in ("rope_parameters", "rope_scaling"):
-        parameters = getattr(config, name, None)
-        if isinstance(parameters, dict):
-            return str(parameters.get("rope_type", parameters.get("type", "default")))
-    return "default"
-
-
 def static_decoder_unsupported_reason(model) -> str | None:
     """None when `StaticKVDecoder` can run `model`, else why not (for a warning)."""
     config = getattr(model, "config", None)
@@ -47,10 +41,9 @@ def static_decoder_unsupported_reason(model) -> str | None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
     body = getattr(model, "model", None)
-    for owner, names in ((model, ("lm_head",)), (body, ("embed_tokens", "layers", "norm", "rotary_emb"))):
-        for name in names:
-            if not hasattr(owner, name):
-                return f"the model has no `{name}` module where a Llama-family model has one"
+    for owner, name in [(model, "lm_head")] + [(body, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")]:
+        if not hasattr(owner, name):
+            return f"the model has no `{name}` module where a Llama-family model has one"
     for layer in body.layers:
         attention = getattr(layer, "self_attn", None)
         if not all(hasattr(attention, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
@@ -62,8 +55,10 @@ def static_decoder_unsupported_reason(model) -> str | None:
     sliding = getattr(config, "sliding_window", None)
     if sliding is not None and (model_type == "mistral" or getattr(config, "use_sliding_window", False)):
         return "sliding-window attention is not supported"
-    if _rope_type(config) in LENGTH_DEPENDENT_ROPE_TYPES:
-        return f"rope type {_rope_type(config)!r} depends on the sequence length"
+    # transformers 5 holds the RoPE settings (4's rope_scaling) in rope_parameters, the type as "rope_type"
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type in LENGTH_DEPENDENT_ROPE_TYPES:
+        return f"rope type {rope_type!r} depends on the sequence length"
     return None
 
 
@@ -92,8 +87,7 @@ def _attend(q, keys, values, mask, scale: float) -> torch.Tensor:
 
 def gather_full_logits(x: torch.Tensor) -> torch.Tensor:
     # A tensor-parallel LM head may return a vocab-sharded DTensor; sampling needs every column.
-    full_tensor = getattr(x, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else x
+    return x.full_tensor() if is_dtensor(x) else x
 
 
 class StaticKVDecoder:
@@ -106,18 +100,14 @@ class StaticKVDecoder:
     """
 
     def __init__(self, model, *, use_cuda_graph: bool):
-        reason = static_decoder_unsupported_reason(model)
-        if reason is not None:
-            raise ValueError(f"model: the static-cache decoder cannot run this model: {reason}")
+        assert static_decoder_unsupported_reason(model) is None, "decode.choose_backend picks the decoder"
         self.model = model
         self.body = model.model
         self.layers = list(self.body.layers)
         self.use_cuda_graph = use_cuda_graph
         self.capture_seconds = 0.0
         self.captures = 0
-        self._shape = None
-        self._graph = None
-        self._graph_logits = None
+        self._shape = None   # of the cache and graph (_prepare)
 
     def _prepare(self, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (batch, length, device, dtype, self.compute_dtype)
@@ -137,22 +127,31 @@ class StaticKVDecoder:
         self.cos_table, self.sin_table = cos[0].contiguous(), sin[0].contiguous()  # [L, D]
         self._shape = shape
 
-    def _layer(self, index: int, hidden, cos, sin, slots, mask, kv_length: int):
+    def _forward(self, input_ids, positions, slots, mask) -> torch.Tensor:
+        """input_ids and positions [B, S] into cache `slots` [S]; mask [B, 1, S, kv length] bool -> the
+        logits [B, V] of the last position."""
+        cos = self.cos_table[positions].unsqueeze(1)  # [B, 1, S, D]
+        sin = self.sin_table[positions].unsqueeze(1)
+        hidden = self.body.embed_tokens(input_ids)
+        for index in range(len(self.layers)):
+            hidden = self._layer(index, hidden, cos, sin, slots, mask)
+        return gather_full_logits(self.model.lm_head(self.body.norm(hidden[:, -1:])))[:, 0]
+
+    def _layer(self, index: int, hidden, cos, sin, slots, mask):
         layer = self.layers[index]
         # The attention's intermediates die with _attention's frame, before the MLP's are made (the
         # prefill's peak, which the memory plan counts: plan/generation.py).
-        attended = self._attention(index, layer.input_layernorm(hidden), cos, sin, slots, mask, kv_length)
+        attended = self._attention(index, layer.input_layernorm(hidden), cos, sin, slots, mask)
         hidden = hidden + layer.self_attn.o_proj(attended)
         del attended
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
-    def _attention(self, index: int, x, cos, sin, slots, mask, kv_length: int):
+    def _attention(self, index: int, x, cos, sin, slots, mask):
         attention = self.layers[index].self_attn
         head_dim = attention.head_dim
         batch, steps, _ = x.shape
-        q = attention.q_proj(x).view(batch, steps, -1, head_dim).transpose(1, 2)
-        k = attention.k_proj(x).view(batch, steps, -1, head_dim).transpose(1, 2)
-        v = attention.v_proj(x).view(batch, steps, -1, head_dim).transpose(1, 2)
+        q, k, v = (proj(x).view(batch, steps, -1, head_dim).transpose(1, 2)
+                   for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
         del x
         # RoPE's tables may be fp32 (fp32 weights under autocast) and promote q and k: attention and
         # the cache stay in the compute dtype, so the cache's bytes do not depend on the cast rules.
@@ -164,12 +163,10 @@ class StaticKVDecoder:
         self.keys[index].index_copy_(2, slots, _apply_rope(k, cos, sin).to(self.compute_dtype))
         self.values[index].index_copy_(2, slots, v.to(self.compute_dtype))
         del k, v
+        kv_length = mask.shape[-1]   # the prompt's length in the prefill, the whole cache in a step
         keys = self.keys[index][:, :, :kv_length]
         values = self.values[index][:, :, :kv_length]
         return _attend(q, keys, values, mask, getattr(attention, "scaling", head_dim**-0.5))
-
-    def _logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
-        return gather_full_logits(self.model.lm_head(self.body.norm(hidden_last)))
 
     @torch.no_grad()
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_steps: int) -> torch.Tensor:
@@ -186,33 +183,22 @@ class StaticKVDecoder:
         self.valid.zero_()
         self.valid[:, :prompt_length] = present
         positions = (present.long().cumsum(-1) - 1).clamp_min(0)  # [B, P]; pads get 0, never attended
-        cos = self.cos_table[positions].unsqueeze(1)  # [B, 1, P, D]
-        sin = self.sin_table[positions].unsqueeze(1)
         causal = torch.ones(prompt_length, prompt_length, dtype=torch.bool, device=input_ids.device).tril()
         # Every query also sees itself, so a padding row is never fully masked (its softmax would be
         # NaN, and NaN values leak through 0-weighted sums into later layers).
         diagonal = torch.eye(prompt_length, dtype=torch.bool, device=input_ids.device)
         mask = ((causal & present[:, None, None, :]) | diagonal)  # [B, 1, P, P]
         slots = torch.arange(prompt_length, device=input_ids.device)
-        hidden = self.body.embed_tokens(input_ids)
-        for index in range(len(self.layers)):
-            hidden = self._layer(index, hidden, cos, sin, slots, mask, prompt_length)
-        logits = self._logits(hidden[:, -1:])[:, 0]
+        logits = self._forward(input_ids, positions, slots, mask)
         self.step_positions.copy_(present.long().sum(-1, keepdim=True))
         self.step_slot.fill_(prompt_length)
         return logits
 
     def _decode_step(self) -> torch.Tensor:
         """One token per row at `step_slot`; only fixed-address buffers are read (graph-safe)."""
-        batch = self.step_tokens.shape[0]
         self.valid.index_fill_(1, self.step_slot, True)
-        mask = self.valid.view(batch, 1, 1, -1)
-        cos = self.cos_table[self.step_positions].unsqueeze(1)  # [B, 1, 1, D]
-        sin = self.sin_table[self.step_positions].unsqueeze(1)
-        hidden = self.body.embed_tokens(self.step_tokens)
-        for index in range(len(self.layers)):
-            hidden = self._layer(index, hidden, cos, sin, self.step_slot, mask, self.valid.shape[1])
-        return self._logits(hidden)[:, 0]
+        mask = self.valid.view(self.valid.shape[0], 1, 1, -1)
+        return self._forward(self.step_tokens, self.step_positions, self.step_slot, mask)
 
     def _capture(self) -> None:
         device = self.step_tokens.device
