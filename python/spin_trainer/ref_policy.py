@@ -25,15 +25,13 @@ bytes, and as much again for the policy's stash while θ_t is in. The bank persi
 iterations (`update_from` refills the same arena).
 """
 from contextlib import contextmanager, nullcontext
+from types import SimpleNamespace
 
 import torch
 
-from spin_kernels.loss import linear_spin_loss, token_logprobs
 from spin_kernels.swap import WeightBank, streamed_reference_forward, swapped
 
 from .errors import UsageError, option
-from .lm_head import output_embedding
-from .logprobs import LabelledLogps
 from .parallel.apply import copy_local_tensors, frozen_copy, sharded
 
 
@@ -135,22 +133,27 @@ class StreamedReference(SwappedReference):
 
     @torch.no_grad()
     def batch_logps(self, batch):
-        """θ_t's hidden states, then the Scorer's own arithmetic of the policy's head (logprobs.py):
-        "logits", the head on the labelled positions, the log-prob kernel and the per-sequence sums;
-        "fused", linear_spin_loss on the padded batch. So π − ref is exactly 0 at θ_t."""
-        hidden = streamed_reference_forward(self.model, self.bank, batch.input_ids, batch.attention_mask,
+        return self.scorer.sequence_logps(_StreamedModel(self.model, self.bank), batch)
+
+
+class _StreamedModel:
+    """θ_t as the Scorer calls a model: the hidden states of its layers streamed from the bank, then
+    the policy's LM head module (with the Scorer's hooks on it) computing with θ_t's head weights. The
+    Scorer's own arithmetic on them makes π − ref exactly 0 at θ_t."""
+
+    def __init__(self, model, bank):
+        self.model, self.bank = model, bank
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def __call__(self, input_ids, attention_mask, use_cache):
+        hidden = streamed_reference_forward(self.model, self.bank, input_ids, attention_mask,
                                             return_hidden=True)   # [2b, T, H]
-        head = output_embedding(self.model)
+        head = self.get_output_embeddings()
         names = {id(p): n for n, p in self.model.named_parameters()}
         weights = {name: self.bank[names[id(p)]].to(hidden.device) for name, p in head.named_parameters()}
-        if self.scorer.head == "fused":
-            unused = torch.zeros(batch.labels.shape[0], device=hidden.device)
-            return linear_spin_loss(hidden, weights["weight"], batch.labels, unused, bias=weights.get("bias"),
-                                    beta=1.0, loss_mask=batch.loss_mask).policy_logps
-        positions = batch.loss_mask.reshape(-1).nonzero().squeeze(1)
-        logits = torch.func.functional_call(head, weights, (hidden.reshape(-1, hidden.shape[-1])[positions],))
-        token_logps = token_logprobs(logits, batch.labels.reshape(-1)[positions])
-        return LabelledLogps(token_logps, positions // batch.labels.shape[1], batch.labels.shape[0]).sequence_sums()
+        return SimpleNamespace(logits=torch.func.functional_call(head, weights, (hidden,)))
 
 
 def make_reference(mode, model, scorer, *, generate_every_epoch):
