@@ -17,7 +17,6 @@ and k = 0 .. S-1 the step within it:
 w = ceil(warmup_ratio · S) as in Hugging Face's Trainer, or --warmup-steps when given.
 """
 import math
-from collections.abc import Mapping
 
 import torch
 
@@ -91,24 +90,7 @@ def make_optimizer(model, *, ctx, lr, name="adamw", weight_decay=0.0, betas=(0.9
 
 def reset_state(optimizer):
     """Forgets every moment and step count: the next step is a fresh optimizer's."""
-    for inner in getattr(optimizer, "optimizers", [optimizer]):   # an InBackwardOptimizer's per-parameter ones
-        inner.state.clear()
-
-
-class _StateByParameter(Mapping):
-    """optimizer.state of an InBackwardOptimizer: each parameter's state lives in its own optimizer."""
-
-    def __init__(self, optimizers):
-        self.optimizers = optimizers
-
-    def __getitem__(self, param):
-        return self.optimizers[param].state[param]
-
-    def __iter__(self):
-        return (p for p, optimizer in self.optimizers.items() if p in optimizer.state)
-
-    def __len__(self):
-        return sum(1 for _ in self)
+    optimizer.state.clear()
 
 
 class InBackwardOptimizer(torch.optim.Optimizer):
@@ -122,8 +104,8 @@ class InBackwardOptimizer(torch.optim.Optimizer):
 
     To the rest of the trainer it is one optimizer: `param_groups` are the per-parameter
     optimizers' own group dicts (a scheduler that sets `lr` here sets it where the step reads it),
-    `state` maps each parameter to its state, and `state_dict()`/`load_state_dict()` use the plain
-    Optimizer format, one parameter per group.
+    `state` is the one dict they all keep their state in, and `state_dict()`/`load_state_dict()`
+    use the plain Optimizer format, one parameter per group.
     """
 
     in_backward = True
@@ -132,10 +114,8 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         params = list(params)
         super().__init__(params, {})
         self.by_param = {p: make_optimizer_of([p]) for p in params}
-        self.optimizers = list(self.by_param.values())
-        self.param_groups = [optimizer.param_groups[0] for optimizer in self.optimizers]
-        self.state = _StateByParameter(self.by_param)
-        self.defaults = self.optimizers[0].defaults
+        self._share_groups_and_state()
+        self.defaults = next(iter(self.by_param.values())).defaults
         self._grad_norms = []
         self.handles = [p.register_post_accumulate_grad_hook(self._step_parameter) for p in params]
 
@@ -158,19 +138,27 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             if param.grad is not None:
                 optimizer.step()
 
+    def _share_groups_and_state(self):
+        """param_groups: the per-parameter optimizers' group dicts; their state: this one dict."""
+        self.param_groups = [optimizer.param_groups[0] for optimizer in self.by_param.values()]
+        for optimizer in self.by_param.values():
+            self.state.update(optimizer.state)
+            optimizer.state = self.state
+
     def load_state_dict(self, state_dict):
         groups = state_dict["param_groups"]
-        if len(groups) != len(self.optimizers):
+        if len(groups) != len(self.by_param):
             raise UsageError(f"optimizer state has {len(groups)} parameter groups, this optimizer-in-backward "
-                             f"has one per parameter ({len(self.optimizers)}); was it saved without "
+                             f"has one per parameter ({len(self.by_param)}); was it saved without "
                              f"{option('optimizer_in_backward')}?")
-        for optimizer, group in zip(self.optimizers, groups):
+        for optimizer, group in zip(self.by_param.values(), groups):
             (index,) = group["params"]
             state = state_dict["state"].get(index)
             optimizer.load_state_dict({"state": {} if state is None else {0: state},
                                        "param_groups": [{**group, "params": [0]}]})
-        # Loading replaced the per-parameter optimizers' group dicts.
-        self.param_groups = [optimizer.param_groups[0] for optimizer in self.optimizers]
+        # Loading replaced the per-parameter optimizers' group dicts and state.
+        self.state.clear()
+        self._share_groups_and_state()
 
     def remove_hooks(self):
         for handle in self.handles:
@@ -271,23 +259,22 @@ class StepScheduler:
     """
 
     def __init__(self, optimizer, lr_at):
-        self.optimizer, self.lr_at, self.steps = optimizer, lr_at, 0
-        self._apply()
+        self.optimizer, self.lr_at = optimizer, lr_at
+        self._go_to(0)
 
-    def _apply(self):
+    def _go_to(self, steps):
+        self.steps = steps
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.steps)
+            group["lr"] = self.lr_at(steps)
 
     def step(self):
-        self.steps += 1
-        self._apply()
+        self._go_to(self.steps + 1)
 
     def state_dict(self):
         return {"steps": self.steps}
 
     def load_state_dict(self, state):
-        self.steps = int(state["steps"])
-        self._apply()
+        self._go_to(int(state["steps"]))
 
 
 def make_scheduler(optimizer, learning_rate_at):
