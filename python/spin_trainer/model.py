@@ -45,6 +45,8 @@ TINY_CHAT_TEMPLATE = (
     "{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
     "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
 )
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, max_position_embeddings=64, tie_word_embeddings=False,
+                  attention_dropout=0.0, initializer_range=0.05, pad_token_id=None, bos_token_id=None, eos_token_id=None)
 
 
 def build_char_tokenizer(alphabet):
@@ -64,18 +66,13 @@ def build_char_tokenizer(alphabet):
     return tokenizer
 
 
-def build_tiny_llama(vocab_size, *, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                     intermediate_size=128, max_position_embeddings=64, pad_token_id=None, bos_token_id=None,
-                     eos_token_id=None, seed=0, dtype=torch.float32, device="cpu", **config):
+def build_tiny_llama(vocab_size, *, num_layers=2, num_heads=4, num_kv_heads=2, seed=0, dtype=torch.float32,
+                     device="cpu", **config):
     """A randomly initialised Llama, by default small enough to train in seconds on a CPU. The weights
     depend only on `seed` (and the device's generator); the global RNG state is left as it was.
-    `config` sets any other `LlamaConfig` field."""
-    config = {"tie_word_embeddings": False, "attention_dropout": 0.0, "initializer_range": 0.05, **config}
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings, pad_token_id=pad_token_id,
-        bos_token_id=bos_token_id, eos_token_id=eos_token_id, **config)
+    `config` sets any other `LlamaConfig` field (TINY_LLAMA: the defaults)."""
+    config = LlamaConfig(vocab_size=vocab_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                         num_key_value_heads=num_kv_heads, **{**TINY_LLAMA, **config})
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -112,19 +109,17 @@ def choose_attention(requested, device, dtype=torch.bfloat16):
 def local_model_dir(name, *, trust_remote_code=False):
     """The local directory of --model: `name` itself, or a Hub id's files from the Hugging Face
     cache (downloaded if missing)."""
-    if os.path.exists(name) or not HUB_ID.fullmatch(name):
-        check_model_dir(name)
-        return name
-    from huggingface_hub import snapshot_download
+    path = name
+    if not os.path.exists(name) and HUB_ID.fullmatch(name):
+        from huggingface_hub import snapshot_download
 
-    patterns = list(HUB_PATTERNS) + (["*.py"] if trust_remote_code else [])
-    try:
-        path = snapshot_download(name, allow_patterns=patterns)
-    except Exception as exc:  # offline, unknown repository, gated, network: all mean the same to the user
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UsageError(f"{option('model')} {name!r}: no such local directory, and the Hugging Face Hub could not "
-                         f"provide it ({type(exc).__name__}: {first_line}); pass a local model directory, or check "
-                         f"the name, the network and HF_HUB_OFFLINE / HF_TOKEN") from exc
+        try:
+            path = snapshot_download(name, allow_patterns=list(HUB_PATTERNS) + (["*.py"] if trust_remote_code else []))
+        except Exception as exc:  # offline, unknown repository, gated, network: all mean the same to the user
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            raise UsageError(f"{option('model')} {name!r}: no such local directory, and the Hugging Face Hub could "
+                             f"not provide it ({type(exc).__name__}: {first_line}); pass a local model directory, or "
+                             f"check the name, the network and HF_HUB_OFFLINE / HF_TOKEN") from exc
     check_model_dir(path)
     return path
 

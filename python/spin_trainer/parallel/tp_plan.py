@@ -18,13 +18,6 @@ LAYER_PLAN = {"self_attn.q_proj": ColwiseParallel, "self_attn.k_proj": ColwisePa
               "self_attn.o_proj": RowwiseParallel, "mlp.down_proj": RowwiseParallel}
 
 
-def llama_tp_plan(num_layers):
-    """{module FQN: ParallelStyle} for a HF *ForCausalLM of the Llama family."""
-    plan = {f"model.layers.{i}.{name}": style() for i in range(num_layers) for name, style in LAYER_PLAN.items()}
-    plan["lm_head"] = ColwiseParallel(use_local_output=True)
-    return plan
-
-
 def check_tensor_parallel(config, tp):
     """UsageError naming the tp setting when the model cannot be split `tp` ways by the plan."""
     if tp == 1:
@@ -45,14 +38,16 @@ def check_tensor_parallel(config, tp):
 
 
 def apply_tensor_parallel(model, ctx):
-    """Shards `model` in place over ctx.tp_mesh (no-op when tp == 1); returns the model."""
+    """Shards `model` in place over ctx.tp_mesh by the plan of a HF *ForCausalLM of the Llama family
+    (no-op when tp == 1); returns the model."""
     if ctx.tp_size == 1:
         return model
     check_tensor_parallel(model.config, ctx.tp_size)
-    plan = llama_tp_plan(model.config.num_hidden_layers)
-    modules = dict(model.named_modules())
+    plan = {f"model.layers.{i}.{name}": style() for i in range(model.config.num_hidden_layers)
+            for name, style in LAYER_PLAN.items()}
+    plan["lm_head"] = ColwiseParallel(use_local_output=True)
     for name in plan:
-        assert isinstance(modules.get(name), torch.nn.Linear), f"plan entry {name} is not a Linear of the model"
+        assert isinstance(model.get_submodule(name), torch.nn.Linear), f"plan entry {name} is not a Linear of the model"
     return parallelize_module(model, ctx.tp_mesh, plan)
 
 
