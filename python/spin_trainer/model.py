@@ -125,7 +125,8 @@ def local_model_dir(name, *, trust_remote_code=False):
 
 
 def check_model_dir(path):
-    """UsageError unless `path` is a local Hugging Face model directory with a usable config.json."""
+    """UsageError unless `path` is a local Hugging Face model directory with a usable config.json;
+    returns its content."""
     if not os.path.isdir(path):
         raise UsageError(f"{option('model')} {path!r}: no such directory (a local Hugging Face model directory "
                          f"with config.json, weights and tokenizer files, or a Hub id, is expected)")
@@ -138,6 +139,7 @@ def check_model_dir(path):
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{option('model')} {path!r}: config.json is not valid JSON ({exc})") from exc
     check_config_values(config, f"{option('model')} {path!r}: config.json")
+    return config
 
 
 def check_config_values(config, where):
@@ -164,8 +166,7 @@ def check_shipped_code(config, where, trust_remote_code):
 
 def read_model_config(path, *, trust_remote_code=False):
     """transformers' config of the model directory `path` (checked by check_model_dir), of a causal LM."""
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        check_shipped_code(json.load(f), f"{option('model')} {path!r}", trust_remote_code)
+    check_shipped_code(check_model_dir(path), f"{option('model')} {path!r}", trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except LOAD_ERRORS as exc:
@@ -236,7 +237,6 @@ def load_model(path, *, attention="auto", dtype="float32", device=torch.device("
     """Loads a causal LM from a local directory with the chosen attention kernel and no dropout.
     `dtype`: what the parameters are stored in; `compute_dtype` (default: the same): what the forward
     computes in, which decides whether flash-attention can run."""
-    check_model_dir(path)
     config = read_model_config(path, trust_remote_code=trust_remote_code)
     attn_implementation = choose_attention(attention, device, DTYPES[compute_dtype or dtype])
     try:

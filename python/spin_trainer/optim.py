@@ -114,6 +114,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         params = list(params)
         super().__init__(params, {})
         self.by_param = {p: make_optimizer_of([p]) for p in params}
+        self.param_groups = [optimizer.param_groups[0] for optimizer in self.by_param.values()]
         self._share_groups_and_state()
         self.defaults = next(iter(self.by_param.values())).defaults
         self._grad_norms = []
@@ -139,11 +140,9 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                 optimizer.step()
 
     def _share_groups_and_state(self):
-        """param_groups: the per-parameter optimizers' group dicts; their state: this one dict."""
-        self.param_groups = [optimizer.param_groups[0] for optimizer in self.by_param.values()]
-        for optimizer in self.by_param.values():
-            self.state.update(optimizer.state)
-            optimizer.state = self.state
+        """Each per-parameter optimizer's group dict is its entry of param_groups, its state this one's."""
+        for optimizer, group in zip(self.by_param.values(), self.param_groups, strict=True):
+            optimizer.param_groups, optimizer.state = [group], self.state
 
     def load_state_dict(self, state_dict):
         groups = state_dict["param_groups"]
@@ -151,13 +150,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             raise UsageError(f"optimizer state has {len(groups)} parameter groups, this optimizer-in-backward "
                              f"has one per parameter ({len(self.by_param)}); was it saved without "
                              f"{option('optimizer_in_backward')}?")
-        for optimizer, group in zip(self.by_param.values(), groups):
-            (index,) = group["params"]
-            state = state_dict["state"].get(index)
-            optimizer.load_state_dict({"state": {} if state is None else {0: state},
-                                       "param_groups": [{**group, "params": [0]}]})
-        # Loading replaced the per-parameter optimizers' group dicts and state.
-        self.state.clear()
+        super().load_state_dict(state_dict)   # new group dicts and state
         self._share_groups_and_state()
 
     def remove_hooks(self):
@@ -184,10 +177,8 @@ def apply_update(model, optimizer, scheduler, *, max_grad_norm, loss):
     gradients clipped, checked to be finite, applied; the schedule moves on. Returns the gradient
     norm (a 0-dim tensor). With an optimizer-in-backward the update already happened in the backward."""
     in_backward = getattr(optimizer, "in_backward", False)
-    if in_backward:
-        grad_norm = optimizer.take_grad_norm()
-    else:
-        grad_norm = clip_gradients([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    grad_norm = (optimizer.take_grad_norm() if in_backward else
+                 clip_gradients([p for p in model.parameters() if p.requires_grad], max_grad_norm))
     if not torch.isfinite(grad_norm):
         applied = ("; the update was applied inside the backward (optimizer in backward), so the weights in "
                    "memory are not usable, but" if in_backward else "; no update was made and")

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from ..checkpoint import single_process_quiet
 from ..errors import UsageError, option
-from ..model import (LOAD_ERRORS, check_model_dir, check_weight_names, choose_attention, disable_dropout, load_failure,
+from ..model import (LOAD_ERRORS, check_weight_names, choose_attention, disable_dropout, load_failure,
                      load_model, read_model_config)
 from .apply import parallelize_model, sharded
 from .precision import DTYPES
@@ -32,7 +32,6 @@ def load_parallel_model(path, ctx, precision, *, attention="auto", compute_dtype
                         trust_remote_code=False):
     """The causal LM of the model directory `path`, parallelized as ctx says, its parameters in
     precision's parameter dtype, no dropout, in eval mode (as model.load_model + parallelize_model)."""
-    check_model_dir(path)
     config = read_model_config(path, trust_remote_code=trust_remote_code)
     locations = weight_locations(path)
     if locations is None:
@@ -115,12 +114,11 @@ def aliases(named_tensors):
 def initialize_buffers(model, file_keys):
     """transformers' initialize_weights on the model whose loaded tensors are marked: it sets the
     buffers no file holds (RoPE's inv_freq). A floating buffer it left unset is an error, not noise."""
-    unset = [(name, buffer) for name, buffer in model.named_buffers() if name not in file_keys]
+    unset = [(name, b) for name, b in model.named_buffers() if name not in file_keys and b.is_floating_point()]
     for _, buffer in unset:
-        if buffer.is_floating_point():
-            buffer.fill_(float("nan"))
+        buffer.fill_(float("nan"))
     model.initialize_weights()
-    left = [name for name, buffer in unset if buffer.is_floating_point() and buffer.isnan().any()]
+    left = [name for name, buffer in unset if buffer.isnan().any()]
     if left:
         raise UsageError(f"{option('model')}: {type(model).__name__} does not initialise its buffer(s) {left} "
                          f"(not in the weight files either)")
