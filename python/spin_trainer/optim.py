@@ -39,11 +39,8 @@ def norm_across_meshes(tensors, norm_of_group):
     """The global 2-norm of `tensors` (local shards, replicas, DTensors on any meshes): `norm_of_group`
     of each mesh's tensors, made whole by DTensor's own reduction (`full_tensor()`, one collective
     per mesh), then the norm of those."""
-    per_mesh = []
-    for group in group_by_mesh(tensors):
-        norm = norm_of_group(group)
-        per_mesh.append((norm.full_tensor() if is_dtensor(norm) else norm).float())
-    return torch.linalg.vector_norm(torch.stack(per_mesh))
+    norms = [norm_of_group(group) for group in group_by_mesh(tensors)]
+    return torch.linalg.vector_norm(torch.stack([(n.full_tensor() if is_dtensor(n) else n).float() for n in norms]))
 
 
 def _single_optimizer(name, params, *, lr, weight_decay, betas, eps, **extra):
@@ -225,17 +222,14 @@ def learning_rate_schedule(lrs, steps_per_iteration, *, shape="constant", warmup
     """global step -> lr: iteration t's peak rate `lrs[t]` times the shape's factor over the span:
     iteration t's own `steps_per_iteration[t]` steps (restarting each iteration), or the run's."""
     assert span in ("iteration", "run"), span
-    total = sum(steps_per_iteration)
-    run_warmup = warmup_steps_for(total, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps)
 
     def lr_at(step):
         start = 0
         for lr, steps in zip(lrs, steps_per_iteration):
             if step < start + steps:
-                if span == "run":
-                    return lr * lr_factor(step, total, run_warmup, shape)
-                warmup = warmup_steps_for(steps, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps)
-                return lr * lr_factor(step - start, steps, warmup, shape)
+                k, span_steps = (step, sum(steps_per_iteration)) if span == "run" else (step - start, steps)
+                warmup = warmup_steps_for(span_steps, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps)
+                return lr * lr_factor(k, span_steps, warmup, shape)
             start += steps
         return lrs[-1]
     return lr_at
@@ -266,8 +260,3 @@ class StepScheduler:
 
     def load_state_dict(self, state):
         self._go_to(int(state["steps"]))
-
-
-def make_scheduler(optimizer, learning_rate_at):
-    """Drives the optimizer's learning rate entirely: step k uses lr_at(k)."""
-    return StepScheduler(optimizer, learning_rate_at)
