@@ -164,8 +164,7 @@ def clip_gradients(parameters, max_norm):
         if max_norm > 0:
             scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for grad in grads:
-                local = local_tensor(grad)
-                local.mul_(scale.to(local.dtype))
+                local_tensor(grad).mul_(scale.to(grad.dtype))
     return norm
 
 

@@ -65,21 +65,19 @@ def load_parallel_model(path, ctx, precision, *, attention="auto", compute_dtype
 
 def weight_locations(path):
     """{weight name: (file, shape)} over the directory's safetensors files; None when it has none."""
-    index = os.path.join(path, SAFETENSORS_INDEX)
+    index, single = os.path.join(path, SAFETENSORS_INDEX), os.path.join(path, SAFETENSORS)
     try:
         if os.path.isfile(index):
             with open(index, encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        elif os.path.isfile(os.path.join(path, SAFETENSORS)):
-            files = [SAFETENSORS]
+                files = sorted({os.path.join(path, name) for name in json.load(f)["weight_map"].values()})
+        elif os.path.isfile(single):
+            files = [single]
         else:
             return None
         locations = {}
-        for name in files:
-            file = os.path.join(path, name)
+        for file in files:
             with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    locations[key] = (file, tuple(f.get_slice(key).get_shape()))
+                locations.update((key, (file, tuple(f.get_slice(key).get_shape()))) for key in f.keys())
     except LOAD_ERRORS as exc:
         raise load_failure(path, exc) from exc
     return locations

@@ -7,7 +7,7 @@ arrive complete on every rank through the column-parallel inputs).
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from ..errors import UsageError, option
@@ -25,10 +25,9 @@ def check_tensor_parallel(config, tp):
     if config.model_type not in LLAMA_FAMILY:
         raise UsageError(f"{option('tp')} {tp}: model type {config.model_type!r} has no tensor-parallel plan "
                          f"(supported: {', '.join(LLAMA_FAMILY)}); use {option('tp')} 1")
-    sizes = {"num_attention_heads": config.num_attention_heads,
-             "num_key_value_heads": getattr(config, "num_key_value_heads", config.num_attention_heads),
-             "vocab_size": config.vocab_size, "intermediate_size": config.intermediate_size}
-    for name, size in sizes.items():
+    heads = config.num_attention_heads
+    for name, size in dict(num_attention_heads=heads, num_key_value_heads=getattr(config, "num_key_value_heads", heads),
+                           vocab_size=config.vocab_size, intermediate_size=config.intermediate_size).items():
         if size % tp != 0:
             raise UsageError(f"{option('tp')} {tp} does not divide the model's {name} ({size})")
     if getattr(config, "tie_word_embeddings", False):
@@ -59,9 +58,7 @@ def full_vocab_logits(model, ctx):
         return
 
     def gather_shards(module, inputs, output):
-        shards = [torch.empty_like(output) for _ in range(ctx.tp_size)]
-        dist.all_gather(shards, output.contiguous(), group=ctx.tp_group)
-        return torch.cat(shards, dim=-1)
+        return DTensor.from_local(output, ctx.tp_mesh, [Shard(output.dim() - 1)]).full_tensor()
 
     handle = model.get_output_embeddings().register_forward_hook(gather_shards)
     try:
