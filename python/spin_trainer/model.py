@@ -40,13 +40,11 @@ LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, SafetensorError)
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # Chat template of the tiny tokenizer, so that {"messages"} data works on the default model too.
-TINY_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
-    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
-)
+TINY_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}"
+                      "{{ eos_token }}{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, max_position_embeddings=64, tie_word_embeddings=False,
-                  attention_dropout=0.0, initializer_range=0.05, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+                  attention_dropout=0.0, initializer_range=0.05, pad_token_id=None, bos_token_id=None,
+                  eos_token_id=None)
 
 
 def build_char_tokenizer(alphabet):

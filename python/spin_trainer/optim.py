@@ -76,10 +76,9 @@ def make_optimizer(model, *, ctx, lr, name="adamw", weight_decay=0.0, betas=(0.9
     with sharded(model):   # FSDP's parameters are the sharded ones (a forward may have left some gathered)
         decays = decayed_parameters(model)
     if in_backward:
-        fused = ctx.device.type == "cuda"
         return InBackwardOptimizer(list(decays), lambda group: _single_optimizer(
             name, group, lr=lr, weight_decay=weight_decay if decays[group[0]] else 0.0, betas=betas, eps=eps,
-            fused=fused))
+            fused=ctx.device.type == "cuda"))
     groups = [{"params": group, "weight_decay": weight_decay if decays[group[0]] else 0.0}
               for decay in (True, False) for group in group_by_mesh([p for p, d in decays.items() if d == decay])]
     return _single_optimizer(name, groups, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
@@ -144,8 +143,8 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         groups = state_dict["param_groups"]
         if len(groups) != len(self.by_param):
-            raise UsageError(f"optimizer state has {len(groups)} parameter groups, this optimizer-in-backward "
-                             f"has one per parameter ({len(self.by_param)}); was it saved without "
+            raise UsageError(f"optimizer state has {len(groups)} parameter groups, this optimizer-in-backward has "
+                             f"one per parameter ({len(self.by_param)}); was it saved without "
                              f"{option('optimizer_in_backward')}?")
         super().load_state_dict(state_dict)   # new group dicts and state
         self._share_groups_and_state()

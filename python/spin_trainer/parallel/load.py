@@ -53,8 +53,7 @@ def load_parallel_model(path, ctx, precision, *, attention="auto", compute_dtype
     with torch.no_grad(), sharded(model):
         loaded = {name: t for name, t in chain(model.named_parameters(), model.named_buffers()) if name in file_keys}
         with single_process_quiet(ctx):
-            load({file_keys[name]: t for name, t in loaded.items()}, storage_reader=HuggingFaceStorageReader(path),
-                 no_dist=ctx.world_size == 1)
+            load({file_keys[name]: t for name, t in loaded.items()}, storage_reader=HuggingFaceStorageReader(path))
         for tensor in loaded.values():
             tensor._is_hf_initialized = True   # initialize_weights leaves it alone
         initialize_buffers(model, file_keys)

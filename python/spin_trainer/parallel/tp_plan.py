@@ -31,9 +31,8 @@ def check_tensor_parallel(config, tp):
         if size % tp != 0:
             raise UsageError(f"{option('tp')} {tp} does not divide the model's {name} ({size})")
     if getattr(config, "tie_word_embeddings", False):
-        raise UsageError(f"{option('tp')} {tp}: the model ties its LM head to the input embeddings "
-                         f"(tie_word_embeddings=True), which the vocab-sharded LM head cannot keep; "
-                         f"use {option('tp')} 1")
+        raise UsageError(f"{option('tp')} {tp}: the model ties its LM head to the input embeddings (tie_word_embeddings"
+                         f"=True), which the vocab-sharded LM head cannot keep; use {option('tp')} 1")
 
 
 def apply_tensor_parallel(model, ctx):
