@@ -24,9 +24,6 @@ from ..model import (LOAD_ERRORS, check_weight_names, choose_attention, disable_
 from .apply import parallelize_model, sharded
 from .precision import DTYPES
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS = "model.safetensors"
-
 
 def load_parallel_model(path, ctx, precision, *, attention="auto", compute_dtype=None, recompute="none",
                         trust_remote_code=False):
@@ -64,7 +61,7 @@ def load_parallel_model(path, ctx, precision, *, attention="auto", compute_dtype
 
 def weight_locations(path):
     """{weight name: (file, shape)} over the directory's safetensors files; None when it has none."""
-    index, single = os.path.join(path, SAFETENSORS_INDEX), os.path.join(path, SAFETENSORS)
+    index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
     try:
         if os.path.isfile(index):
             with open(index, encoding="utf-8") as f:
