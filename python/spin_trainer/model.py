@@ -49,8 +49,7 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, max_position_embeddings
 
 def build_char_tokenizer(alphabet):
     """A character-level PreTrainedTokenizerFast over `alphabet` (plus pad/bos/eos/unk)."""
-    symbols = [PAD, BOS, EOS, UNK] + sorted(set(alphabet))
-    vocab = {symbol: i for i, symbol in enumerate(symbols)}
+    vocab = {symbol: i for i, symbol in enumerate([PAD, BOS, EOS, UNK] + sorted(set(alphabet)))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
@@ -58,10 +57,8 @@ def build_char_tokenizer(alphabet):
     # way training did (the trainer itself encodes with add_special_tokens=False and adds BOS).
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, bos_token=BOS,
-                                        eos_token=EOS, unk_token=UNK)
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                   unk_token=UNK, chat_template=TINY_CHAT_TEMPLATE)
 
 
 def build_tiny_llama(vocab_size, *, num_layers=2, num_heads=4, num_kv_heads=2, seed=0, dtype=torch.float32,
@@ -86,8 +83,7 @@ def create_default_model(out_dir, *, alphabet="0123456789+=", vocab_multiple=4, 
     vocab_size = -(-len(tokenizer) // vocab_multiple) * vocab_multiple
     model = build_tiny_llama(vocab_size, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, seed=seed, **model_kwargs)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)   # (which makes the directory)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
