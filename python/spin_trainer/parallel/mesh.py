@@ -51,10 +51,9 @@ def check_layout(world_size, tp):
                          f"run a multiple of {option('tp')} processes")
 
 
-def setup_parallel(tp, device_type="auto", *, dp_shard=None, fsdp_alone=False):
+def setup_parallel(tp, device_type, *, dp_shard=None, fsdp_alone=False):
     """Initialises the process group (under torchrun; alone, an in-memory one for `fsdp_alone`) and
-    the (dp, tp) mesh of mesh_context."""
-    device_type = choose_device(device_type)
+    the (dp, tp) mesh of mesh_context, on `device_type` "cuda" or "cpu" (choose_device's)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     check_layout(world_size, tp)
