@@ -107,7 +107,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     in_backward = True
 
     def __init__(self, params, make_optimizer_of):
-        params = list(params)
+        """`params`: a list; `make_optimizer_of([param])`: the optimizer of one parameter."""
         super().__init__(params, {})
         self.by_param = {p: make_optimizer_of([p]) for p in params}
         self.param_groups = [optimizer.param_groups[0] for optimizer in self.by_param.values()]
