@@ -72,7 +72,8 @@ def setup_parallel(tp, device_type, *, dp_shard=None, fsdp_alone=False):
 def mesh_context(rank, world_size, tp, device, *, dp_shard=None, fsdp_alone=False):
     """The context of `rank` on a (world_size / tp, tp) mesh of an initialised process group (`--plan`:
     PyTorch's fake one). The dp axis carries FSDP (`dp_shard` False: replicas) when it has more than
-    one rank, or with `fsdp_alone`, for the mixed-precision policy. The layout is checked (check_layout)."""
+    one rank, or with `fsdp_alone`, for the mixed-precision policy. Its callers have checked the layout
+    (check_layout)."""
     dp = world_size // tp
     mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
     if dp > 1 and tp > 1:

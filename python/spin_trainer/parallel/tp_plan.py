@@ -25,14 +25,16 @@ def check_tensor_parallel(config, tp):
     if config.model_type not in LLAMA_FAMILY:
         raise UsageError(f"{option('tp')} {tp}: model type {config.model_type!r} has no tensor-parallel plan "
                          f"(supported: {', '.join(LLAMA_FAMILY)}); use {option('tp')} 1")
-    heads = config.num_attention_heads
-    for name, size in dict(num_attention_heads=heads, num_key_value_heads=getattr(config, "num_key_value_heads", heads),
-                           vocab_size=config.vocab_size, intermediate_size=config.intermediate_size).items():
+    sizes = {"num_attention_heads": config.num_attention_heads,
+             "num_key_value_heads": getattr(config, "num_key_value_heads", config.num_attention_heads),
+             "vocab_size": config.vocab_size, "intermediate_size": config.intermediate_size}
+    for name, size in sizes.items():
         if size % tp != 0:
             raise UsageError(f"{option('tp')} {tp} does not divide the model's {name} ({size})")
     if getattr(config, "tie_word_embeddings", False):
-        raise UsageError(f"{option('tp')} {tp}: the model ties its LM head to the input embeddings (tie_word_embeddings"
-                         f"=True), which the vocab-sharded LM head cannot keep; use {option('tp')} 1")
+        raise UsageError(f"{option('tp')} {tp}: the model ties its LM head to the input embeddings "
+                         f"(tie_word_embeddings=True), which the vocab-sharded LM head cannot keep; "
+                         f"use {option('tp')} 1")
 
 
 def apply_tensor_parallel(model, ctx):
