@@ -8,6 +8,7 @@ import os
 from datetime import timedelta
 
 import pytest
+import safetensors
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -86,6 +87,9 @@ class CountingReads:
             def get_shape(self):
                 return self.weight.get_shape()
 
+            def get_dtype(self):
+                return self.weight.get_dtype()
+
         class Handle:
             def __init__(self, handle):
                 self.handle = handle
@@ -99,6 +103,9 @@ class CountingReads:
 
             def keys(self):
                 return self.inner.keys()
+
+            def metadata(self):
+                return self.inner.metadata()
 
             def get_slice(self, key):
                 return Weight(self.inner.get_slice(key))
@@ -133,12 +140,12 @@ def compare(name, tp, dtype, dp_shard, model_dir, with_step):
     ctx = setup_parallel(tp, "cpu", dp_shard=dp_shard, fsdp_alone=precision.mixed)
     plain = parallelize_model(load_model(model_dir, attention="sdpa", dtype=precision.param_dtype_name,
                                          compute_dtype=dtype), ctx, precision)
-    reads = CountingReads(loading.safe_open)
-    loading.safe_open = reads
+    reads = CountingReads(safetensors.safe_open)   # DCP's reader opens the files through the package's name
+    safetensors.safe_open = reads
     try:
         streamed = load_parallel_model(model_dir, ctx, precision, attention="sdpa", compute_dtype=dtype)
     finally:
-        loading.safe_open = reads.opener
+        safetensors.safe_open = reads.opener
     differing = [n for (n, a), (m, b) in zip(tensors(plain), tensors(streamed), strict=True)
                  if n != m or a.dtype != b.dtype or getattr(a, "placements", None) != getattr(b, "placements", None)
                  or not torch.equal(local_tensor(a), local_tensor(b))]

@@ -9,7 +9,7 @@ from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule
 
 from spin_trainer.options import parse_config
 from spin_trainer.errors import UsageError
-from spin_trainer.optim import (epoch_order, learning_rate_schedule, make_optimizer, make_scheduler,
+from spin_trainer.optim import (StepScheduler, epoch_order, learning_rate_schedule, make_optimizer,
                                 warmup_steps_for)
 from spin_trainer.parallel.mesh import ParallelContext
 
@@ -56,7 +56,7 @@ def test_the_trainers_scheduler_sets_the_rate_the_optimizer_steps_with():
     steps, warmup = 9, 2
     lr_at = learning_rate_schedule([1e-3], [steps], shape="cosine", warmup_steps=warmup)
     optimizer = make_optimizer(model, ctx=CTX, lr=lr_at(0), name="rmsprop", weight_decay=0.1)
-    scheduler = make_scheduler(optimizer, lr_at)
+    scheduler = StepScheduler(optimizer, lr_at)
     used = []
     original_step = optimizer.step
 

@@ -17,7 +17,7 @@ from spin_trainer.data import collate_pairs
 from spin_trainer.errors import TrainingDiverged, UsageError
 from spin_trainer.logprobs import Scorer
 from spin_trainer.model import load_model, load_tokenizer
-from spin_trainer.optim import apply_update, make_optimizer, make_scheduler
+from spin_trainer.optim import StepScheduler, apply_update, make_optimizer
 from spin_trainer.parallel.apply import decoder_layers
 from spin_trainer.parallel.mesh import ParallelContext
 from spin_trainer.parallel.recompute import apply_recompute
@@ -41,7 +41,7 @@ def pairs(tiny):
 def _linear_setup():
     model = torch.nn.Linear(3, 2)
     optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.0, ctx=CTX)
-    return model, optimizer, make_scheduler(optimizer, lambda step: 1e-2)
+    return model, optimizer, StepScheduler(optimizer, lambda step: 1e-2)
 
 
 def test_steps_equal_plain_torch_adamw_on_the_same_gradients():
@@ -52,7 +52,7 @@ def test_steps_equal_plain_torch_adamw_on_the_same_gradients():
     plain = copy.deepcopy(model)
     initial = model.weight.detach().clone()
     optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.1, ctx=CTX)
-    scheduler = make_scheduler(optimizer, lambda step: 1e-2 * (step + 1))
+    scheduler = StepScheduler(optimizer, lambda step: 1e-2 * (step + 1))
     # The bias takes no weight decay (Hugging Face's rule, as the trainer's).
     reference = torch.optim.AdamW([{"params": [plain.weight]}, {"params": [plain.bias], "weight_decay": 0.0}],
                                   lr=1e-2, weight_decay=0.1)

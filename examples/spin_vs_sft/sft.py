@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from spin_trainer.data import collate_sft
 from spin_trainer.errors import UsageError
 from spin_trainer.export import full_state_dict
-from spin_trainer.optim import apply_update, epoch_order, learning_rate_schedule, make_optimizer, make_scheduler
+from spin_trainer.optim import StepScheduler, apply_update, epoch_order, learning_rate_schedule, make_optimizer
 from spin_trainer.parallel.mesh import all_reduce_sum
 
 
@@ -33,7 +33,7 @@ def run_sft(model, tokenizer, examples, scorer, *, steps, lr, micro_batch_size, 
     lr_at = learning_rate_schedule([lr], [steps], shape=lr_schedule, warmup_ratio=warmup_ratio,
                                    warmup_steps=warmup_steps)
     optimizer = make_optimizer(model, ctx=ctx, lr=lr_at(0), name=optimizer, weight_decay=weight_decay)
-    scheduler = make_scheduler(optimizer, lr_at)
+    scheduler = StepScheduler(optimizer, lr_at)
     per_rank = global_batch_size // ctx.dp_size
     steps_per_epoch = len(examples) // global_batch_size
     rows = []

@@ -40,17 +40,16 @@ LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, SafetensorError)
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # Chat template of the tiny tokenizer, so that {"messages"} data works on the default model too.
-TINY_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
-    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
-)
+TINY_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}"
+                      "{{ eos_token }}{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, max_position_embeddings=64, tie_word_embeddings=False,
+                  attention_dropout=0.0, initializer_range=0.05, pad_token_id=None, bos_token_id=None,
+                  eos_token_id=None)
 
 
 def build_char_tokenizer(alphabet):
     """A character-level PreTrainedTokenizerFast over `alphabet` (plus pad/bos/eos/unk)."""
-    symbols = [PAD, BOS, EOS, UNK] + sorted(set(alphabet))
-    vocab = {symbol: i for i, symbol in enumerate(symbols)}
+    vocab = {symbol: i for i, symbol in enumerate([PAD, BOS, EOS, UNK] + sorted(set(alphabet)))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
@@ -58,24 +57,17 @@ def build_char_tokenizer(alphabet):
     # way training did (the trainer itself encodes with add_special_tokens=False and adds BOS).
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, bos_token=BOS,
-                                        eos_token=EOS, unk_token=UNK)
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                   unk_token=UNK, chat_template=TINY_CHAT_TEMPLATE)
 
 
-def build_tiny_llama(vocab_size, *, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                     intermediate_size=128, max_position_embeddings=64, pad_token_id=None, bos_token_id=None,
-                     eos_token_id=None, seed=0, dtype=torch.float32, device="cpu", **config):
+def build_tiny_llama(vocab_size, *, num_layers=2, num_heads=4, num_kv_heads=2, seed=0, dtype=torch.float32,
+                     device="cpu", **config):
     """A randomly initialised Llama, by default small enough to train in seconds on a CPU. The weights
     depend only on `seed` (and the device's generator); the global RNG state is left as it was.
-    `config` sets any other `LlamaConfig` field."""
-    config = {"tie_word_embeddings": False, "attention_dropout": 0.0, "initializer_range": 0.05, **config}
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings, pad_token_id=pad_token_id,
-        bos_token_id=bos_token_id, eos_token_id=eos_token_id, **config)
+    `config` sets any other `LlamaConfig` field (TINY_LLAMA: the defaults)."""
+    config = LlamaConfig(vocab_size=vocab_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                         num_key_value_heads=num_kv_heads, **{**TINY_LLAMA, **config})
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -91,8 +83,7 @@ def create_default_model(out_dir, *, alphabet="0123456789+=", vocab_multiple=4, 
     vocab_size = -(-len(tokenizer) // vocab_multiple) * vocab_multiple
     model = build_tiny_llama(vocab_size, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, seed=seed, **model_kwargs)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)   # (which makes the directory)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
@@ -112,25 +103,24 @@ def choose_attention(requested, device, dtype=torch.bfloat16):
 def local_model_dir(name, *, trust_remote_code=False):
     """The local directory of --model: `name` itself, or a Hub id's files from the Hugging Face
     cache (downloaded if missing)."""
-    if os.path.exists(name) or not HUB_ID.fullmatch(name):
-        check_model_dir(name)
-        return name
-    from huggingface_hub import snapshot_download
+    path = name
+    if not os.path.exists(name) and HUB_ID.fullmatch(name):
+        from huggingface_hub import snapshot_download
 
-    patterns = list(HUB_PATTERNS) + (["*.py"] if trust_remote_code else [])
-    try:
-        path = snapshot_download(name, allow_patterns=patterns)
-    except Exception as exc:  # offline, unknown repository, gated, network: all mean the same to the user
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UsageError(f"{option('model')} {name!r}: no such local directory, and the Hugging Face Hub could not "
-                         f"provide it ({type(exc).__name__}: {first_line}); pass a local model directory, or check "
-                         f"the name, the network and HF_HUB_OFFLINE / HF_TOKEN") from exc
+        try:
+            path = snapshot_download(name, allow_patterns=list(HUB_PATTERNS) + (["*.py"] if trust_remote_code else []))
+        except Exception as exc:  # offline, unknown repository, gated, network: all mean the same to the user
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            raise UsageError(f"{option('model')} {name!r}: no such local directory, and the Hugging Face Hub could "
+                             f"not provide it ({type(exc).__name__}: {first_line}); pass a local model directory, or "
+                             f"check the name, the network and HF_HUB_OFFLINE / HF_TOKEN") from exc
     check_model_dir(path)
     return path
 
 
 def check_model_dir(path):
-    """UsageError unless `path` is a local Hugging Face model directory with a usable config.json."""
+    """UsageError unless `path` is a local Hugging Face model directory with a usable config.json;
+    returns its content."""
     if not os.path.isdir(path):
         raise UsageError(f"{option('model')} {path!r}: no such directory (a local Hugging Face model directory "
                          f"with config.json, weights and tokenizer files, or a Hub id, is expected)")
@@ -143,6 +133,7 @@ def check_model_dir(path):
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{option('model')} {path!r}: config.json is not valid JSON ({exc})") from exc
     check_config_values(config, f"{option('model')} {path!r}: config.json")
+    return config
 
 
 def check_config_values(config, where):
@@ -169,8 +160,7 @@ def check_shipped_code(config, where, trust_remote_code):
 
 def read_model_config(path, *, trust_remote_code=False):
     """transformers' config of the model directory `path` (checked by check_model_dir), of a causal LM."""
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        check_shipped_code(json.load(f), f"{option('model')} {path!r}", trust_remote_code)
+    check_shipped_code(check_model_dir(path), f"{option('model')} {path!r}", trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except LOAD_ERRORS as exc:
@@ -241,8 +231,7 @@ def load_model(path, *, attention="auto", dtype="float32", device=torch.device("
     """Loads a causal LM from a local directory with the chosen attention kernel and no dropout.
     `dtype`: what the parameters are stored in; `compute_dtype` (default: the same): what the forward
     computes in, which decides whether flash-attention can run."""
-    check_model_dir(path)
-    config = read_model_config(path, trust_remote_code=trust_remote_code)
+    read_model_config(path, trust_remote_code=trust_remote_code)   # the directory's checks
     attn_implementation = choose_attention(attention, device, DTYPES[compute_dtype or dtype])
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
@@ -252,7 +241,6 @@ def load_model(path, *, attention="auto", dtype="float32", device=torch.device("
         raise load_failure(path, exc) from exc
     check_weight_names(path, model, missing=info.get("missing_keys"), unexpected=info.get("unexpected_keys"),
                        mismatched=info.get("mismatched_keys"))
-    assert model.config.model_type == config.model_type
     return disable_dropout(model).to(device)
 
 

@@ -17,7 +17,6 @@ and k = 0 .. S-1 the step within it:
 w = ceil(warmup_ratio · S) as in Hugging Face's Trainer, or --warmup-steps when given.
 """
 import math
-from collections.abc import Mapping
 
 import torch
 
@@ -40,11 +39,8 @@ def norm_across_meshes(tensors, norm_of_group):
     """The global 2-norm of `tensors` (local shards, replicas, DTensors on any meshes): `norm_of_group`
     of each mesh's tensors, made whole by DTensor's own reduction (`full_tensor()`, one collective
     per mesh), then the norm of those."""
-    per_mesh = []
-    for group in group_by_mesh(tensors):
-        norm = norm_of_group(group)
-        per_mesh.append((norm.full_tensor() if is_dtensor(norm) else norm).float())
-    return torch.linalg.vector_norm(torch.stack(per_mesh))
+    norms = [norm_of_group(group) for group in group_by_mesh(tensors)]
+    return torch.linalg.vector_norm(torch.stack([(n.full_tensor() if is_dtensor(n) else n).float() for n in norms]))
 
 
 def _single_optimizer(name, params, *, lr, weight_decay, betas, eps, **extra):
@@ -80,10 +76,9 @@ def make_optimizer(model, *, ctx, lr, name="adamw", weight_decay=0.0, betas=(0.9
     with sharded(model):   # FSDP's parameters are the sharded ones (a forward may have left some gathered)
         decays = decayed_parameters(model)
     if in_backward:
-        fused = ctx.device.type == "cuda"
         return InBackwardOptimizer(list(decays), lambda group: _single_optimizer(
             name, group, lr=lr, weight_decay=weight_decay if decays[group[0]] else 0.0, betas=betas, eps=eps,
-            fused=fused))
+            fused=ctx.device.type == "cuda"))
     groups = [{"params": group, "weight_decay": weight_decay if decays[group[0]] else 0.0}
               for decay in (True, False) for group in group_by_mesh([p for p, d in decays.items() if d == decay])]
     return _single_optimizer(name, groups, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
@@ -91,24 +86,7 @@ def make_optimizer(model, *, ctx, lr, name="adamw", weight_decay=0.0, betas=(0.9
 
 def reset_state(optimizer):
     """Forgets every moment and step count: the next step is a fresh optimizer's."""
-    for inner in getattr(optimizer, "optimizers", [optimizer]):   # an InBackwardOptimizer's per-parameter ones
-        inner.state.clear()
-
-
-class _StateByParameter(Mapping):
-    """optimizer.state of an InBackwardOptimizer: each parameter's state lives in its own optimizer."""
-
-    def __init__(self, optimizers):
-        self.optimizers = optimizers
-
-    def __getitem__(self, param):
-        return self.optimizers[param].state[param]
-
-    def __iter__(self):
-        return (p for p, optimizer in self.optimizers.items() if p in optimizer.state)
-
-    def __len__(self):
-        return sum(1 for _ in self)
+    optimizer.state.clear()
 
 
 class InBackwardOptimizer(torch.optim.Optimizer):
@@ -122,20 +100,19 @@ class InBackwardOptimizer(torch.optim.Optimizer):
 
     To the rest of the trainer it is one optimizer: `param_groups` are the per-parameter
     optimizers' own group dicts (a scheduler that sets `lr` here sets it where the step reads it),
-    `state` maps each parameter to its state, and `state_dict()`/`load_state_dict()` use the plain
-    Optimizer format, one parameter per group.
+    `state` is the one dict they all keep their state in, and `state_dict()`/`load_state_dict()`
+    use the plain Optimizer format, one parameter per group.
     """
 
     in_backward = True
 
     def __init__(self, params, make_optimizer_of):
-        params = list(params)
+        """`params`: a list; `make_optimizer_of([param])`: the optimizer of one parameter."""
         super().__init__(params, {})
         self.by_param = {p: make_optimizer_of([p]) for p in params}
-        self.optimizers = list(self.by_param.values())
-        self.param_groups = [optimizer.param_groups[0] for optimizer in self.optimizers]
-        self.state = _StateByParameter(self.by_param)
-        self.defaults = self.optimizers[0].defaults
+        self.param_groups = [optimizer.param_groups[0] for optimizer in self.by_param.values()]
+        self._share_groups_and_state()
+        self.defaults = next(iter(self.by_param.values())).defaults
         self._grad_norms = []
         self.handles = [p.register_post_accumulate_grad_hook(self._step_parameter) for p in params]
 
@@ -158,19 +135,19 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             if param.grad is not None:
                 optimizer.step()
 
+    def _share_groups_and_state(self):
+        """Each per-parameter optimizer's group dict is its entry of param_groups, its state this one's."""
+        for optimizer, group in zip(self.by_param.values(), self.param_groups, strict=True):
+            optimizer.param_groups, optimizer.state = [group], self.state
+
     def load_state_dict(self, state_dict):
         groups = state_dict["param_groups"]
-        if len(groups) != len(self.optimizers):
-            raise UsageError(f"optimizer state has {len(groups)} parameter groups, this optimizer-in-backward "
-                             f"has one per parameter ({len(self.optimizers)}); was it saved without "
+        if len(groups) != len(self.by_param):
+            raise UsageError(f"optimizer state has {len(groups)} parameter groups, this optimizer-in-backward has "
+                             f"one per parameter ({len(self.by_param)}); was it saved without "
                              f"{option('optimizer_in_backward')}?")
-        for optimizer, group in zip(self.optimizers, groups):
-            (index,) = group["params"]
-            state = state_dict["state"].get(index)
-            optimizer.load_state_dict({"state": {} if state is None else {0: state},
-                                       "param_groups": [{**group, "params": [0]}]})
-        # Loading replaced the per-parameter optimizers' group dicts.
-        self.param_groups = [optimizer.param_groups[0] for optimizer in self.optimizers]
+        super().load_state_dict(state_dict)   # new group dicts and state
+        self._share_groups_and_state()
 
     def remove_hooks(self):
         for handle in self.handles:
@@ -186,8 +163,7 @@ def clip_gradients(parameters, max_norm):
         if max_norm > 0:
             scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for grad in grads:
-                local = local_tensor(grad)
-                local.mul_(scale.to(local.dtype))
+                local_tensor(grad).mul_(scale.to(grad.dtype))
     return norm
 
 
@@ -196,10 +172,8 @@ def apply_update(model, optimizer, scheduler, *, max_grad_norm, loss):
     gradients clipped, checked to be finite, applied; the schedule moves on. Returns the gradient
     norm (a 0-dim tensor). With an optimizer-in-backward the update already happened in the backward."""
     in_backward = getattr(optimizer, "in_backward", False)
-    if in_backward:
-        grad_norm = optimizer.take_grad_norm()
-    else:
-        grad_norm = clip_gradients([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    grad_norm = (optimizer.take_grad_norm() if in_backward else
+                 clip_gradients([p for p in model.parameters() if p.requires_grad], max_grad_norm))
     if not torch.isfinite(grad_norm):
         applied = ("; the update was applied inside the backward (optimizer in backward), so the weights in "
                    "memory are not usable, but" if in_backward else "; no update was made and")
@@ -246,17 +220,14 @@ def learning_rate_schedule(lrs, steps_per_iteration, *, shape="constant", warmup
     """global step -> lr: iteration t's peak rate `lrs[t]` times the shape's factor over the span:
     iteration t's own `steps_per_iteration[t]` steps (restarting each iteration), or the run's."""
     assert span in ("iteration", "run"), span
-    total = sum(steps_per_iteration)
-    run_warmup = warmup_steps_for(total, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps)
 
     def lr_at(step):
         start = 0
         for lr, steps in zip(lrs, steps_per_iteration):
             if step < start + steps:
-                if span == "run":
-                    return lr * lr_factor(step, total, run_warmup, shape)
-                warmup = warmup_steps_for(steps, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps)
-                return lr * lr_factor(step - start, steps, warmup, shape)
+                k, span_steps = (step, sum(steps_per_iteration)) if span == "run" else (step - start, steps)
+                warmup = warmup_steps_for(span_steps, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps)
+                return lr * lr_factor(k, span_steps, warmup, shape)
             start += steps
         return lrs[-1]
     return lr_at
@@ -271,25 +242,19 @@ class StepScheduler:
     """
 
     def __init__(self, optimizer, lr_at):
-        self.optimizer, self.lr_at, self.steps = optimizer, lr_at, 0
-        self._apply()
+        self.optimizer, self.lr_at = optimizer, lr_at
+        self._go_to(0)
 
-    def _apply(self):
+    def _go_to(self, steps):
+        self.steps = steps
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.steps)
+            group["lr"] = self.lr_at(steps)
 
     def step(self):
-        self.steps += 1
-        self._apply()
+        self._go_to(self.steps + 1)
 
     def state_dict(self):
         return {"steps": self.steps}
 
     def load_state_dict(self, state):
-        self.steps = int(state["steps"])
-        self._apply()
-
-
-def make_scheduler(optimizer, learning_rate_at):
-    """Drives the optimizer's learning rate entirely: step k uses lr_at(k)."""
-    return StepScheduler(optimizer, learning_rate_at)
+        self._go_to(int(state["steps"]))

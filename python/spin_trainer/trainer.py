@@ -37,7 +37,7 @@ from .generation.rollouts import ParkedOptimizer, generate, iteration_pairs, pai
 from .generations import generation_rows, generations_path, write_generations
 from .loop_state import IterationData, LoopPosition, StopSignal, TrainingStopped
 from .metrics import ProgressLines, flushed_print, global_step_metrics
-from .optim import (apply_update, epoch_order, learning_rate_schedule, make_optimizer, make_scheduler,
+from .optim import (StepScheduler, apply_update, epoch_order, learning_rate_schedule, make_optimizer,
                     reset_state)
 from .micro_batches import rank_spans
 from .packed_scoring import choose_packing, pair_batch, pair_batch_tokens, sequence_tokens
@@ -67,7 +67,7 @@ class SpinTrainer:
                                        warmup_ratio=t.warmup_ratio, warmup_steps=t.warmup_steps, span=t.schedule_span)
         self.optimizer = make_optimizer(model, ctx=self.ctx, lr=lr_at(0), name=t.optimizer, weight_decay=t.weight_decay,
                                         betas=t.adam_betas, eps=t.adam_eps, in_backward=t.optimizer_in_backward)
-        self.scheduler = make_scheduler(self.optimizer, lr_at)
+        self.scheduler = StepScheduler(self.optimizer, lr_at)
         # The Scorer scores what pair_batch and sft_batch make, in the trainer and in evaluate.py alike.
         scorer.packing, padded_because = choose_packing(model, s.reference, t.pack_pairs)
         if padded_because and self.ctx.is_main:

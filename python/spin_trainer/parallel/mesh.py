@@ -51,19 +51,16 @@ def check_layout(world_size, tp):
                          f"run a multiple of {option('tp')} processes")
 
 
-def setup_parallel(tp, device_type="auto", *, dp_shard=None, fsdp_alone=False):
+def setup_parallel(tp, device_type, *, dp_shard=None, fsdp_alone=False):
     """Initialises the process group (under torchrun; alone, an in-memory one for `fsdp_alone`) and
-    the (dp, tp) mesh of mesh_context."""
-    device_type = choose_device(device_type)
+    the (dp, tp) mesh of mesh_context, on `device_type` "cuda" or "cpu" (choose_device's)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     check_layout(world_size, tp)
-    if device_type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world_size == 1 and not fsdp_alone:
         return ParallelContext(0, 1, 1, 1, 0, 0, device)
     if not dist.is_initialized():
@@ -75,8 +72,8 @@ def setup_parallel(tp, device_type="auto", *, dp_shard=None, fsdp_alone=False):
 def mesh_context(rank, world_size, tp, device, *, dp_shard=None, fsdp_alone=False):
     """The context of `rank` on a (world_size / tp, tp) mesh of an initialised process group (`--plan`:
     PyTorch's fake one). The dp axis carries FSDP (`dp_shard` False: replicas) when it has more than
-    one rank, or with `fsdp_alone`, for the mixed-precision policy."""
-    check_layout(world_size, tp)
+    one rank, or with `fsdp_alone`, for the mixed-precision policy. Its callers have checked the layout
+    (check_layout)."""
     dp = world_size // tp
     mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
     if dp > 1 and tp > 1:
@@ -85,12 +82,10 @@ def mesh_context(rank, world_size, tp, device, *, dp_shard=None, fsdp_alone=Fals
         mesh[("dp", "tp")]._flatten("dp_tp")
     tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
     fsdp = dp > 1 or fsdp_alone
-    return ParallelContext(
-        rank=rank, world_size=world_size, tp_size=tp, dp_size=dp,
-        tp_rank=tp_mesh.get_local_rank(), dp_rank=dp_mesh.get_local_rank(), device=device,
-        tp_mesh=tp_mesh if tp > 1 else None, tp_group=tp_mesh.get_group() if tp > 1 else None,
-        dp_group=dp_mesh.get_group() if dp > 1 else None, dp_mesh=dp_mesh if fsdp else None,
-        dp_shard=fsdp and dp_shard is not False)
+    return ParallelContext(rank, world_size, tp, dp, tp_mesh.get_local_rank(), dp_mesh.get_local_rank(), device,
+                           tp_mesh=tp_mesh if tp > 1 else None, tp_group=tp_mesh.get_group() if tp > 1 else None,
+                           dp_group=dp_mesh.get_group() if dp > 1 else None, dp_mesh=dp_mesh if fsdp else None,
+                           dp_shard=fsdp and dp_shard is not False)
 
 
 def teardown_parallel(ctx):

@@ -41,6 +41,5 @@ class Precision:
 
     def mp_policy(self):
         """FSDP2's policy: all-gather in the compute dtype, reduce gradients in fp32 (mixed only)."""
-        if not self.mixed:
-            return MixedPrecisionPolicy()
-        return MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        mixed = dict(param_dtype=self.compute_dtype, reduce_dtype=torch.float32) if self.mixed else {}
+        return MixedPrecisionPolicy(**mixed)

@@ -7,7 +7,7 @@ arrive complete on every rank through the column-parallel inputs).
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from ..errors import UsageError, option
@@ -16,13 +16,6 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 LAYER_PLAN = {"self_attn.q_proj": ColwiseParallel, "self_attn.k_proj": ColwiseParallel,
               "self_attn.v_proj": ColwiseParallel, "mlp.gate_proj": ColwiseParallel, "mlp.up_proj": ColwiseParallel,
               "self_attn.o_proj": RowwiseParallel, "mlp.down_proj": RowwiseParallel}
-
-
-def llama_tp_plan(num_layers):
-    """{module FQN: ParallelStyle} for a HF *ForCausalLM of the Llama family."""
-    plan = {f"model.layers.{i}.{name}": style() for i in range(num_layers) for name, style in LAYER_PLAN.items()}
-    plan["lm_head"] = ColwiseParallel(use_local_output=True)
-    return plan
 
 
 def check_tensor_parallel(config, tp):
@@ -45,14 +38,16 @@ def check_tensor_parallel(config, tp):
 
 
 def apply_tensor_parallel(model, ctx):
-    """Shards `model` in place over ctx.tp_mesh (no-op when tp == 1); returns the model."""
+    """Shards `model` in place over ctx.tp_mesh by the plan of a HF *ForCausalLM of the Llama family
+    (no-op when tp == 1); returns the model."""
     if ctx.tp_size == 1:
         return model
     check_tensor_parallel(model.config, ctx.tp_size)
-    plan = llama_tp_plan(model.config.num_hidden_layers)
-    modules = dict(model.named_modules())
+    plan = {f"model.layers.{i}.{name}": style() for i in range(model.config.num_hidden_layers)
+            for name, style in LAYER_PLAN.items()}
+    plan["lm_head"] = ColwiseParallel(use_local_output=True)
     for name in plan:
-        assert isinstance(modules.get(name), torch.nn.Linear), f"plan entry {name} is not a Linear of the model"
+        assert isinstance(model.get_submodule(name), torch.nn.Linear), f"plan entry {name} is not a Linear of the model"
     return parallelize_module(model, ctx.tp_mesh, plan)
 
 
@@ -64,9 +59,7 @@ def full_vocab_logits(model, ctx):
         return
 
     def gather_shards(module, inputs, output):
-        shards = [torch.empty_like(output) for _ in range(ctx.tp_size)]
-        dist.all_gather(shards, output.contiguous(), group=ctx.tp_group)
-        return torch.cat(shards, dim=-1)
+        return DTensor.from_local(output, ctx.tp_mesh, [Shard(output.dim() - 1)]).full_tensor()
 
     handle = model.get_output_embeddings().register_forward_hook(gather_shards)
     try:
