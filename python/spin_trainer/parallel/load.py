@@ -17,7 +17,7 @@ from safetensors import safe_open
 from torch.distributed.checkpoint import HuggingFaceStorageReader, load
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from ..checkpoint import single_process_quiet
+from ..checkpoint import dcp
 from ..errors import UsageError, option
 from ..model import (LOAD_ERRORS, check_weight_names, choose_attention, disable_dropout, load_failure,
                      load_model, read_model_config)
@@ -49,8 +49,8 @@ def load_parallel_model(path, ctx, precision, *, attention="auto", compute_dtype
     model.tie_weights()   # to_empty gave each name of a tied weight a tensor of its own (without FSDP)
     with torch.no_grad(), sharded(model):
         loaded = {name: t for name, t in chain(model.named_parameters(), model.named_buffers()) if name in file_keys}
-        with single_process_quiet(ctx):
-            load({file_keys[name]: t for name, t in loaded.items()}, storage_reader=HuggingFaceStorageReader(path))
+        dcp(load, {file_keys[name]: t for name, t in loaded.items()}, ctx,
+            storage_reader=HuggingFaceStorageReader(path))
         for tensor in loaded.values():
             tensor._is_hf_initialized = True   # initialize_weights leaves it alone
         initialize_buffers(model, file_keys)
